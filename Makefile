@@ -1,0 +1,30 @@
+# The two commands (see README): `make demo` and `make test`. Both create ./.venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-all venv clean
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Main job on the built-in default: build the offline shapes dataset, train a small cascade
+# on the CPU, sample held-out prompts, write demo_out/samples.png and demo_out/report.json.
+demo: $(STAMP)
+	$(PY) -m imagen_jax.demo --workdir=demo_out
+
+# Default test run (< ~15 min on 2 cores). `make test-all` adds the slow-marked tests.
+test: $(STAMP)
+	$(PY) -m pytest -n 2 -q tests
+
+test-all: $(STAMP)
+	$(PY) -m pytest -n 2 -q -m "" tests
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache
