@@ -1,0 +1,173 @@
+"""Named text encoders: ``get_text_encoder(text_config) -> TextEncoder`` (docs/interfaces.md).
+
+Imagen conditions on a frozen T5-XXL encoder (§2.1, §4.4). Names:
+  * ``byt5-tiny-random``: ByT5 byte tokenizer (no files) + a 2-layer T5 1.1 encoder with fixed
+    random weights from a constant seed; the offline demo and the tests use it.
+  * ``t5-v1_1-{small,base,large,xl,xxl}``, ``flan-t5-*``, ``t5-{small,base,large,3b,11b}``,
+    ``byt5-*`` (any published T5-family name): weights, config and tokenizer from
+    ``text_config.path``, a local Hugging Face directory (nothing is ever downloaded).
+
+``text_config`` fields: ``name``, ``path`` (None for byt5-tiny-random), ``max_length``
+(default 128), ``dtype`` (compute, default float32) and ``param_dtype`` (storage, default
+float32; bfloat16 halves T5-XXL's 19 GB, it is frozen anyway).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from imagen_jax.text import checkpoint, t5, tokenizer
+
+TINY_RANDOM = "byt5-tiny-random"
+# The constant seed of byt5-tiny-random's weights: changing it changes every demo result.
+TINY_RANDOM_SEED = 20220523  # Imagen's arXiv date
+_NAME_PATTERNS = (r"t5-v1_1-[a-z0-9]+", r"flan-t5-[a-z0-9]+", r"t5-[a-z0-9]+",
+                  r"byt5-[a-z0-9]+", r"t5-efficient-[a-z0-9-]+")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def default_text_config(name: str = TINY_RANDOM, path: str | None = None,
+                        max_length: int = 128, dtype: str = "float32",
+                        param_dtype: str = "float32") -> ml_collections.ConfigDict:
+    """The ``config.text`` block of a stage/cascade config."""
+    return ml_collections.ConfigDict(dict(name=name, path=path, max_length=max_length,
+                                          dtype=dtype, param_dtype=param_dtype))
+
+
+def _dtype(value: Any, field: str):
+    if value is None:
+        return jnp.float32
+    if isinstance(value, str):
+        if value not in _DTYPES:
+            raise ValueError(f"text_config.{field}={value!r}; allowed: {sorted(_DTYPES)}")
+        return _DTYPES[value]
+    return jnp.dtype(value).type
+
+
+@dataclasses.dataclass(eq=False)
+class TextEncoder:
+    """A frozen T5 encoder with its tokenizer.
+
+    ``encode_tokens(params, ids [B, L] int32, mask [B, L] bool) -> emb [B, L, D] float32`` is
+    pure and jittable (the training step calls it inside its own jit); embeddings are zero
+    where ``mask`` is False.
+    """
+
+    name: str
+    config: t5.T5Config
+    params: Any
+    tokenizer: Any
+    max_length: int
+
+    def __post_init__(self):
+        self.module = t5.T5Encoder(self.config)
+        self._encode_jit = jax.jit(self.encode_tokens)
+
+    @property
+    def dim(self) -> int:
+        return self.config.d_model
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids int32 [B, L], mask bool [B, L])`` as numpy, L = ``max_length``."""
+        return self.tokenizer(texts)
+
+    def encode_tokens(self, params, ids: jax.Array, mask: jax.Array) -> jax.Array:
+        emb = self.module.apply({"params": params}, jnp.asarray(ids, jnp.int32),
+                                jnp.asarray(mask, bool))
+        return emb.astype(jnp.float32)
+
+    def encode(self, texts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
+        """Tokenizes and encodes (jitted): ``(emb float32 [B, L, D], mask bool [B, L])``."""
+        ids, mask = self.tokenize(texts)
+        return self._encode_jit(self.params, ids, mask), jnp.asarray(mask)
+
+    def logical_specs(self):
+        """Logical ``PartitionSpec`` tree of ``params`` (axes vocab/embed/heads/kv/mlp)."""
+        return t5.logical_specs(self.config)
+
+    def param_shardings(self, mesh: jax.sharding.Mesh, rules):
+        """``NamedSharding`` tree of ``params`` under logical->mesh ``rules``."""
+        return nn.logical_to_mesh_sharding(self.logical_specs(), mesh, rules)
+
+
+@functools.lru_cache(maxsize=4)
+def _tiny_random_params(config: t5.T5Config):
+    # Cached per process: jax arrays are immutable, and the init costs a compile.
+    return t5.init_params(config, TINY_RANDOM_SEED)
+
+
+def _check_name(name: str) -> None:
+    if name == TINY_RANDOM or name in t5.PRESETS:
+        return
+    if not any(re.fullmatch(p, name) for p in _NAME_PATTERNS):
+        raise ValueError(f"unknown text encoder name {name!r}; allowed: {TINY_RANDOM!r}, "
+                         f"{sorted(t5.PRESETS)} or another T5-family name (t5-*, t5-v1_1-*, "
+                         "flan-t5-*, byt5-*) with text_config.path set")
+
+
+def _check_preset(name: str, config: t5.T5Config, path: str) -> None:
+    """A name with a known size must agree with the checkpoint at ``path`` (catches wrong paths)."""
+    if name not in t5.PRESETS:
+        return
+    want = t5.preset_config(name)
+    fields = ("d_model", "d_ff", "num_layers", "num_heads", "d_kv", "is_gated")
+    diff = {f: (getattr(want, f), getattr(config, f)) for f in fields
+            if getattr(want, f) != getattr(config, f)}
+    if diff:
+        raise ValueError(f"text_config.name={name!r} but {path}/config.json differs: "
+                         + ", ".join(f"{k} {a} (name) vs {b} (file)" for k, (a, b) in diff.items()))
+
+
+def get_text_encoder(text_config, *, mesh: jax.sharding.Mesh | None = None,
+                     rules=None, progress: bool = True) -> TextEncoder:
+    """Builds the named encoder; with ``mesh`` + ``rules`` its params are placed sharded.
+
+    ``rules``: logical->mesh axis rules, e.g. ``(("embed", "fsdp"), ("mlp", None), ...)``.
+    Real checkpoints stream each tensor straight into its sharding (see ``checkpoint``).
+    """
+    name = text_config.name
+    _check_name(name)
+    path = text_config.get("path", None)
+    max_length = int(text_config.get("max_length", 128) or 128)
+    dtypes = dict(dtype=_dtype(text_config.get("dtype", None), "dtype"),
+                  param_dtype=_dtype(text_config.get("param_dtype", None), "param_dtype"))
+    if (mesh is None) != (rules is None):
+        raise ValueError("get_text_encoder: pass both mesh and rules, or neither")
+
+    def shardings_for(config):
+        if mesh is None:
+            return None
+        return nn.logical_to_mesh_sharding(t5.logical_specs(config), mesh, rules)
+
+    if name == TINY_RANDOM:
+        if path:
+            raise ValueError(f"{TINY_RANDOM!r} has fixed random weights; text_config.path must "
+                             f"be None, got {path!r}")
+        config = t5.preset_config(TINY_RANDOM, **dtypes)
+        params = _tiny_random_params(config)
+        shardings = shardings_for(config)
+        if shardings is not None:
+            params = jax.device_put(params, shardings)
+        tok = tokenizer.make_tokenizer("byt5", max_length)
+        return TextEncoder(name, config, params, tok, max_length)
+
+    if not path:
+        raise ValueError(
+            f"text_config.path is required for {name!r}: a local Hugging Face directory with "
+            "config.json, model.safetensors (or model.safetensors.index.json) and the "
+            f"tokenizer files; nothing is downloaded. For an offline run use {TINY_RANDOM!r}.")
+    config = checkpoint.read_config(path, **dtypes)
+    _check_preset(name, config, path)
+    params = checkpoint.load_params(path, config, shardings=shardings_for(config),
+                                    progress=progress)
+    kind = "byt5" if name.startswith("byt5") else "sentencepiece"
+    tok = tokenizer.make_tokenizer(kind, max_length, path)
+    return TextEncoder(name, config, params, tok, max_length)

@@ -1,0 +1,342 @@
+"""Flax Linen T5 encoder (the frozen text encoder of Imagen, §2.1 / §4.4).
+
+Imagen conditions every stage on the output sequence of a frozen T5-XXL encoder
+(Saharia et al. 2022, §2.1). This module is a clean re-implementation of the T5 *encoder stack*
+(Raffel et al. 2020, "Exploring the Limits of Transfer Learning", §2.1 and Appendix; the v1.1
+changes are documented in google-research/text-to-text-transfer-transformer, released_checkpoints.md)
+that matches Hugging Face's PyTorch ``T5EncoderModel`` numerically, so real checkpoints load.
+
+For an input of token ids ``x [B, L]`` with a boolean mask ``m [B, L]`` (True = real token):
+
+    h_0 = E[x]                                          # [B, L, D], no sqrt(D) scaling in T5
+    b   = RelPosBias(j - i)                             # [H, L, L], bucketed, computed once
+    for each layer l:
+        h = h + Attn(RMSNorm(h), b, m)                  # pre-norm residual
+        h = h + FF(RMSNorm(h))
+    y = RMSNorm(h) * m[..., None]                       # [B, L, D], zero at padding
+
+    RMSNorm(h) = w * h / sqrt(mean(h^2) + eps)          # no mean subtraction, no bias, float32
+    Attn: softmax(Q K^T + b + mask) V                   # no 1/sqrt(d_kv): T5 folds it into init
+    FF (T5 1.0):            W_o relu(W_i h)
+    FF (T5 1.1/ByT5/Flan):  W_o (act(W_i0 h) * W_i1 h)  # act = gelu_new (tanh approximation)
+
+Params carry logical axis names (``vocab, embed, heads, kv, mlp``) so that a T5-XXL encoder
+(4.6B params, Imagen §4.4) shards over the training mesh; the logical->mesh rules live in config.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# A large finite negative for masked attention logits: -inf would give NaN for a fully
+# masked row (a dropped text has an all-False mask), and exp(-1e9 - max) underflows to exactly 0.
+_MASK_VALUE = -1e9
+
+ACTIVATIONS = ("relu", "gelu_new", "gelu", "silu")
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+    """Hyper-parameters of a T5 encoder stack (field names follow HF ``T5Config``).
+
+    ``is_gated`` + ``act`` encode HF's ``feed_forward_proj``: "relu" (T5 1.0) or "gated-gelu"
+    (T5 1.1, ByT5, Flan-T5; HF maps its activation to ``gelu_new``).
+    """
+
+    vocab_size: int
+    d_model: int
+    d_kv: int
+    d_ff: int
+    num_layers: int
+    num_heads: int
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+    act: str = "gelu_new"
+    is_gated: bool = True
+    # Compute dtype of matmuls; norms and softmax always run in float32 (DESIGN.md, dtype policy).
+    dtype: Any = jnp.float32
+    # Storage dtype of params.
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        if self.act not in ACTIVATIONS:
+            raise ValueError(f"T5Config.act={self.act!r}; allowed: {ACTIVATIONS}")
+        for field in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads"):
+            if int(getattr(self, field)) <= 0:
+                raise ValueError(f"T5Config.{field}={getattr(self, field)!r} must be positive")
+
+    @property
+    def feed_forward_proj(self) -> str:
+        return f"gated-{self.act}" if self.is_gated else self.act
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict, **overrides) -> "T5Config":
+        """Builds a config from a HF ``config.json`` dict (T5 / ByT5 / Flan-T5 / T5 v1.1)."""
+        proj = hf.get("feed_forward_proj", "relu")
+        parts = proj.split("-")
+        is_gated = parts[0] == "gated"
+        act = parts[-1]
+        if len(parts) > 2 or (len(parts) == 2 and not is_gated):
+            raise ValueError(f"config.json feed_forward_proj={proj!r} is not of the form "
+                             "'{ACT}' or 'gated-{ACT}'")
+        if proj == "gated-gelu":
+            act = "gelu_new"  # what HF's T5Config does for backwards compatibility
+        if hf.get("model_type", "t5") not in ("t5", "mt5", "umt5"):
+            raise ValueError(f"config.json model_type={hf.get('model_type')!r}; "
+                             "this encoder loads T5-family checkpoints (model_type 't5')")
+        kwargs = dict(
+            vocab_size=hf["vocab_size"],
+            d_model=hf["d_model"],
+            d_kv=hf["d_kv"],
+            d_ff=hf["d_ff"],
+            num_layers=hf["num_layers"],
+            num_heads=hf["num_heads"],
+            relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
+            relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
+            layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6),
+            act=act,
+            is_gated=is_gated,
+        )
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
+def relative_position_buckets(query_len: int, key_len: int, num_buckets: int,
+                              max_distance: int) -> np.ndarray:
+    """Bidirectional T5 relative-position buckets, ``[query_len, key_len]`` int32.
+
+    T5 paper §2.1 ("Position embeddings"): relative offsets ``n = j - i`` share one scalar bias
+    per head and bucket. Half of the buckets are for n > 0; within a half, offsets
+    ``|n| < max_exact = num_buckets / 4`` each get their own bucket and larger ones are binned
+    logarithmically up to ``max_distance`` (beyond it, the last bucket):
+
+        bucket(n) = (n > 0) * nb/2 + (|n| if |n| < max_exact else
+                    min(nb/2 - 1, max_exact + floor(log(|n| / max_exact)
+                        / log(max_distance / max_exact) * (nb/2 - max_exact))))
+
+    Computed in float32 with truncation exactly as HF's ``T5Attention._relative_position_bucket``
+    does, so bucket boundaries agree bit-for-bit (checked against it in the tests). Sequence
+    lengths are static, so this runs in numpy at trace time.
+    """
+    context = np.arange(query_len, dtype=np.int64)[:, None]
+    memory = np.arange(key_len, dtype=np.int64)[None, :]
+    rel = memory - context
+    half = num_buckets // 2
+    buckets = (rel > 0).astype(np.int64) * half
+    rel = np.abs(rel)
+    max_exact = half // 2
+    is_small = rel < max_exact
+    with np.errstate(divide="ignore"):  # log(0) in the branch that is_small discards
+        large = (np.log(rel.astype(np.float32) / np.float32(max_exact))
+                 / np.float32(math.log(max_distance / max_exact))
+                 * np.float32(half - max_exact))
+    large = max_exact + np.where(is_small, 0, large).astype(np.int64)
+    large = np.minimum(large, half - 1)
+    return (buckets + np.where(is_small, rel, large)).astype(np.int32)
+
+
+def _broadcast_last(v: jax.Array, ndim: int) -> jax.Array:
+    """Reshapes a ``[D]`` vector to ``[1, ..., 1, D]`` (explicit: rank promotion is an error)."""
+    return v.reshape((1,) * (ndim - 1) + v.shape)
+
+
+class RMSNorm(nn.Module):
+    """T5 layer norm: ``w * h / sqrt(mean(h^2) + eps)`` over the last axis, in float32."""
+
+    eps: float = 1e-6
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                           (x.shape[-1],), self.param_dtype)
+        x = x.astype(jnp.float32)
+        var = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+        y = x * jax.lax.rsqrt(var + self.eps)
+        return (y * _broadcast_last(scale.astype(jnp.float32), y.ndim)).astype(self.dtype)
+
+
+def _normal(std: float):
+    return nn.initializers.normal(stddev=std)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention without logit scaling (T5): ``softmax(QK^T + bias) V W_o``.
+
+    x: [B, L, D]; bias: [B or 1, H, L, L] float32, with the padding mask already folded in.
+    Init follows HF ``T5PreTrainedModel._init_weights`` (std (D*d_kv)^-1/2 for Q, which stands in
+    for the missing 1/sqrt(d_kv)).
+    """
+
+    config: T5Config
+
+    def _proj(self, name, shape, axes, std):
+        return self.param(name, nn.with_logical_partitioning(_normal(std), axes), shape,
+                          self.config.param_dtype)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
+        c = self.config
+        d, h, k = c.d_model, c.num_heads, c.d_kv
+        wq = self._proj("query", (d, h, k), ("embed", "heads", "kv"), (d * k) ** -0.5)
+        wk = self._proj("key", (d, h, k), ("embed", "heads", "kv"), d ** -0.5)
+        wv = self._proj("value", (d, h, k), ("embed", "heads", "kv"), d ** -0.5)
+        wo = self._proj("out", (h, k, d), ("heads", "kv", "embed"), (h * k) ** -0.5)
+        x = x.astype(c.dtype)
+        q = jnp.einsum("bld,dhk->blhk", x, wq.astype(c.dtype))
+        kk = jnp.einsum("bld,dhk->blhk", x, wk.astype(c.dtype))
+        v = jnp.einsum("bld,dhk->blhk", x, wv.astype(c.dtype))
+        logits = jnp.einsum("bqhk,bshk->bhqs", q, kk, preferred_element_type=jnp.float32)
+        probs = jax.nn.softmax(logits + bias, axis=-1)  # float32 softmax (HF: .float())
+        out = jnp.einsum("bhqs,bshk->bqhk", probs.astype(c.dtype), v)
+        return jnp.einsum("bqhk,hkd->bqd", out, wo.astype(c.dtype))
+
+
+class FeedForward(nn.Module):
+    """T5 1.0 ``W_o relu(W_i h)`` or gated (T5 1.1) ``W_o (act(W_i0 h) * W_i1 h)``; x: [B, L, D]."""
+
+    config: T5Config
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = self.config
+
+        def kernel(name, shape, axes, std):
+            return self.param(name, nn.with_logical_partitioning(_normal(std), axes), shape,
+                              c.param_dtype).astype(c.dtype)
+
+        act = {"relu": jax.nn.relu, "gelu_new": lambda u: jax.nn.gelu(u, approximate=True),
+               "gelu": lambda u: jax.nn.gelu(u, approximate=False), "silu": jax.nn.silu}[c.act]
+        x = x.astype(c.dtype)
+        std_in = c.d_model ** -0.5
+        if c.is_gated:
+            gate = x @ kernel("wi_0", (c.d_model, c.d_ff), ("embed", "mlp"), std_in)
+            lin = x @ kernel("wi_1", (c.d_model, c.d_ff), ("embed", "mlp"), std_in)
+            hidden = act(gate) * lin
+        else:
+            hidden = act(x @ kernel("wi", (c.d_model, c.d_ff), ("embed", "mlp"), std_in))
+        return hidden @ kernel("wo", (c.d_ff, c.d_model), ("mlp", "embed"), c.d_ff ** -0.5)
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm residual block: ``h += Attn(RMSNorm(h)); h += FF(RMSNorm(h))``."""
+
+    config: T5Config
+
+    @nn.compact
+    def __call__(self, h: jax.Array, bias: jax.Array) -> jax.Array:
+        c = self.config
+        norm = lambda name: RMSNorm(c.layer_norm_epsilon, c.dtype, c.param_dtype, name=name)  # noqa: E731
+        h = h + SelfAttention(c, name="attention")(norm("pre_attention_layer_norm")(h), bias)
+        h = h + FeedForward(c, name="mlp")(norm("pre_mlp_layer_norm")(h))
+        return h
+
+
+class T5Encoder(nn.Module):
+    """The T5 encoder stack: ``(ids [B, L] int32, mask [B, L] bool) -> emb [B, L, D] float32``.
+
+    The output is zero at padding positions (HF returns garbage there; Imagen's consumers mask
+    it anyway, and zeros make a dropped text exactly the null embedding).
+    """
+
+    config: T5Config
+
+    @nn.compact
+    def __call__(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
+        c = self.config
+        if ids.ndim != 2 or mask.shape != ids.shape:
+            raise ValueError(f"ids {ids.shape} and mask {mask.shape} must both be [B, L]")
+        embedding = self.param(
+            "token_embedding",
+            nn.with_logical_partitioning(_normal(1.0), ("vocab", "embed")),
+            (c.vocab_size, c.d_model), c.param_dtype)
+        h = jnp.take(embedding, ids, axis=0).astype(c.dtype)
+
+        # Relative position bias: computed once (in HF it lives in layer 0) and shared by layers.
+        rel_table = self.param(
+            "relative_attention_bias",
+            nn.with_logical_partitioning(_normal(c.d_model ** -0.5), (None, "heads")),
+            (c.relative_attention_num_buckets, c.num_heads), c.param_dtype)
+        length = ids.shape[1]
+        buckets = relative_position_buckets(length, length, c.relative_attention_num_buckets,
+                                            c.relative_attention_max_distance)
+        bias = jnp.take(rel_table.astype(jnp.float32), jnp.asarray(buckets), axis=0)  # [L, L, H]
+        bias = jnp.transpose(bias, (2, 0, 1))[None]  # [1, H, L, L]
+        mask_bias = jnp.where(mask.astype(bool), 0.0, _MASK_VALUE).astype(jnp.float32)
+        bias = bias + mask_bias[:, None, None, :]  # [B, H, L, L]; keys at padding get -1e9
+
+        for i in range(c.num_layers):
+            h = EncoderLayer(c, name=f"layers_{i}")(h, bias)
+        y = RMSNorm(c.layer_norm_epsilon, jnp.float32, c.param_dtype, name="final_layer_norm")(h)
+        return y * mask.astype(jnp.float32)[..., None]
+
+
+def abstract_params(config: T5Config, seq_len: int = 8):
+    """Boxed (logically partitioned) param shapes via ``jax.eval_shape``; allocates nothing."""
+    ids = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+    mask = jax.ShapeDtypeStruct((1, seq_len), jnp.bool_)
+    return jax.eval_shape(
+        lambda i, m: T5Encoder(config).init(jax.random.PRNGKey(0), i, m), ids, mask)["params"]
+
+
+def logical_specs(config: T5Config):
+    """Tree of ``PartitionSpec`` with logical axis names, matching the (unboxed) params tree."""
+    return nn.get_partition_spec(abstract_params(config))
+
+
+def count_params(config: T5Config) -> int:
+    """Number of encoder parameters (from shapes only)."""
+    leaves = jax.tree_util.tree_leaves(nn.unbox(abstract_params(config)))
+    return int(sum(math.prod(x.shape) for x in leaves))
+
+
+def init_params(config: T5Config, seed: int):
+    """Random T5 init (HF ``_init_weights`` scales) from a constant seed, unboxed, float params.
+
+    ``jax.random`` with a fixed seed is deterministic across machines for a given JAX version.
+    """
+    ids = jnp.zeros((1, 8), jnp.int32)
+    mask = jnp.ones((1, 8), bool)
+    variables = jax.jit(T5Encoder(config).init)(jax.random.PRNGKey(seed), ids, mask)
+    return nn.unbox(variables["params"])
+
+
+# Encoder sizes of the published checkpoints (the checkpoint's config.json always wins when a
+# path is given; these serve eval_shape, memory planning and a name/path consistency check).
+_V11 = dict(vocab_size=32128, d_kv=64, act="gelu_new", is_gated=True)
+_V10 = dict(vocab_size=32128, act="relu", is_gated=False)
+_BYT5 = dict(vocab_size=384, d_kv=64, act="gelu_new", is_gated=True)
+PRESETS: dict[str, dict] = {
+    "t5-v1_1-small": dict(_V11, d_model=512, d_ff=1024, num_layers=8, num_heads=6),
+    "t5-v1_1-base": dict(_V11, d_model=768, d_ff=2048, num_layers=12, num_heads=12),
+    "t5-v1_1-large": dict(_V11, d_model=1024, d_ff=2816, num_layers=24, num_heads=16),
+    "t5-v1_1-xl": dict(_V11, d_model=2048, d_ff=5120, num_layers=24, num_heads=32),
+    "t5-v1_1-xxl": dict(_V11, d_model=4096, d_ff=10240, num_layers=24, num_heads=64),
+    "t5-small": dict(_V10, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8),
+    "t5-base": dict(_V10, d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12),
+    "t5-large": dict(_V10, d_model=1024, d_kv=64, d_ff=4096, num_layers=24, num_heads=16),
+    "t5-3b": dict(_V10, d_model=1024, d_kv=128, d_ff=16384, num_layers=24, num_heads=32),
+    "t5-11b": dict(_V10, d_model=1024, d_kv=128, d_ff=65536, num_layers=24, num_heads=128),
+    "byt5-small": dict(_BYT5, d_model=1472, d_ff=3584, num_layers=12, num_heads=6),
+    "byt5-base": dict(_BYT5, d_model=1536, d_ff=3968, num_layers=18, num_heads=12),
+    # Offline demo/test encoder: ByT5 vocabulary, T5 1.1 block, fixed random weights.
+    "byt5-tiny-random": dict(_BYT5, d_model=256, d_kv=64, d_ff=512, num_layers=2, num_heads=4),
+}
+# Flan-T5 checkpoints are T5 1.1 architectures (Chung et al. 2022).
+for _size in ("small", "base", "large", "xl", "xxl"):
+    PRESETS[f"flan-t5-{_size}"] = PRESETS[f"t5-v1_1-{_size}"]
+
+
+def preset_config(name: str, **overrides) -> T5Config:
+    """The ``T5Config`` of a named published encoder (see ``PRESETS``)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown T5 preset {name!r}; known: {sorted(PRESETS)}")
+    return T5Config(**{**PRESETS[name], **overrides})
