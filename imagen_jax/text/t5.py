@@ -298,6 +298,34 @@ def count_params(config: T5Config) -> int:
     return int(sum(math.prod(x.shape) for x in leaves))
 
 
+def per_device_param_bytes(config: T5Config, rules, axis_sizes: dict[str, int]) -> int:
+    """Bytes of params held by one device when sharded by logical ``rules`` over a mesh.
+
+    Computed from shapes and PartitionSpecs only (no devices): each dim is split over the
+    product of the mesh axes it maps to (ceil, as JAX pads uneven shards); unmapped dims and
+    unmapped logical axes are replicated. ``axis_sizes``: e.g. ``{"data": 1, "fsdp": 16}``.
+    """
+    abstract = abstract_params(config)
+    specs = jax.tree_util.tree_leaves(nn.get_partition_spec(abstract),
+                                      is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    leaves = jax.tree_util.tree_leaves(nn.unbox(abstract))
+    itemsize = jnp.dtype(config.param_dtype).itemsize
+    total = 0
+    for leaf, spec in zip(leaves, specs):
+        mesh_axes = nn.logical_to_mesh_axes(spec, rules)
+        local = 1
+        for i, dim in enumerate(leaf.shape):
+            axes = mesh_axes[i] if i < len(mesh_axes) else None
+            axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+            unknown = [a for a in axes if a not in axis_sizes]
+            if unknown:
+                raise ValueError(f"rules map to mesh axes {unknown} not in {sorted(axis_sizes)}")
+            split = math.prod(axis_sizes[a] for a in axes)
+            local *= -(-dim // split)
+        total += local * itemsize
+    return total
+
+
 def init_params(config: T5Config, seed: int):
     """Random T5 init (HF ``_init_weights`` scales) from a constant seed, unboxed, float params.
 
