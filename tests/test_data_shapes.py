@@ -117,3 +117,12 @@ def test_bad_settings_name_the_value(tmp_path):
         shapes.shapes_builder(tmp_path, 32, num_train=0)
     with pytest.raises(ValueError, match="split 'val'"):
         shapes.make_example(0, "val", 0, 32)
+
+
+def test_read_examples_in_generation_order(built):
+    rows = shapes.read_examples(built, "test", limit=5)
+    assert [r["index"] for r in rows] == list(range(5))
+    for r in rows:
+        ex = shapes.make_example(3, "test", r["index"], 32)
+        assert r["caption"] == ex["caption"] and r["held_out"] == ex["held_out"]
+        assert r["attributes"]["num_objects"] == int(ex["num_objects"])

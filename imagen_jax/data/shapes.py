@@ -113,10 +113,15 @@ def render(objects: list[dict], resolution: int) -> np.ndarray:
     image = np.broadcast_to(BACKGROUND, (resolution, resolution, 3)).astype(np.float32)
     for obj in objects:
         cx, cy = POSITION_CENTERS[obj["position"]]
-        alpha = shape_coverage(
-            obj["shape"], (cx * resolution, cy * resolution),
-            SIZE_FRACTIONS[obj["size"]] * resolution, resolution, resolution)
-        image = image * (1.0 - alpha[..., None]) + PALETTE[obj["color"]] * alpha[..., None]
+        cx, cy, box = cx * resolution, cy * resolution, SIZE_FRACTIONS[obj["size"]] * resolution
+        # Only the shape's bounding box (+1 pixel) can be covered: render that window alone
+        # (at 1024 the full 4x grid would be 4096^2 per shape).
+        x0, y0 = max(int(np.floor(cx - box / 2)) - 1, 0), max(int(np.floor(cy - box / 2)) - 1, 0)
+        x1 = min(int(np.ceil(cx + box / 2)) + 1, resolution)
+        y1 = min(int(np.ceil(cy + box / 2)) + 1, resolution)
+        alpha = shape_coverage(obj["shape"], (cx, cy), box, y1 - y0, x1 - x0, origin_xy=(x0, y0))
+        win = image[y0:y1, x0:x1]
+        image[y0:y1, x0:x1] = win * (1.0 - alpha[..., None]) + PALETTE[obj["color"]] * alpha[..., None]
     return np.clip(np.round(image), 0, 255).astype(np.uint8)
 
 
@@ -199,6 +204,22 @@ def attributes_from_example(example: dict) -> dict:
         "position": [int(v) for v in np.asarray(example["position"])[:n]],
         "relation": int(example["relation"]),
     }
+
+
+def read_examples(builder: tfds.core.DatasetBuilder, split: str = "test",
+                  limit: int | None = None) -> list[dict]:
+    """Decoded examples of a built split in generation order (e.g. the demo's test prompts):
+    dicts with 'image' uint8 [R, R, 3], 'caption' str, 'attributes' (for the metric),
+    'held_out' bool, 'index' int."""
+    source = builder.as_data_source()[split]
+    rows = []
+    for i in range(len(source)):
+        ex = source[i]
+        rows.append({"image": ex["image"], "caption": ex["caption"].decode("utf-8"),
+                     "attributes": attributes_from_example(ex),
+                     "held_out": bool(ex["held_out"]), "index": int(ex["index"])})
+    rows.sort(key=lambda r: r["index"])  # TFDS stores records shuffled by key
+    return rows[:limit]
 
 
 @dataclasses.dataclass
