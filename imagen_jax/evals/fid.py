@@ -1,0 +1,138 @@
+"""FID of uint8 image sets with the Flax FID InceptionV3: features, statistics, distances.
+
+    fid = FIDComputer("inception_fid.safetensors", mode="tf")
+    ref = fid.statistics(reference_images)          # or FrechetStats.load("ref.npz", "tf")
+    ref.save("ref.npz")
+    score = fid.fid(generated_images, ref)          # float, Heusel et al. (2017)
+
+Images are uint8 `[N, H, W, 3]`: one array, or any iterable of such batches (a data loader), so
+that 30K or 40K images never have to sit in memory at once. The network runs jitted in batches of
+`batch_size`; the last batch is zero-padded to the full size (one compilation) and the padding
+dropped. When `batch_size` divides over all local devices the batch is sharded over them
+(data parallel; weights replicated); otherwise it runs on the first device. Features come back to
+the host and are accumulated in float64 (`frechet.StreamingMoments`).
+
+Conventions (document them next to every number; Imagen §4.2 / App. C): preprocessing `mode`
+(see `fid_preprocess`), the number of images (FID is biased upwards for small N: FID-10K and
+FID-30K are not comparable), and the reference set.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from imagen_jax.evals import fid_preprocess, inception
+from imagen_jax.evals.frechet import (INCEPTION_FEATURE, FrechetStats, StreamingMoments,
+                                      fid_from_statistics)
+
+ImageSource = np.ndarray | Iterable[np.ndarray]
+
+
+def _batches(images: ImageSource, batch_size: int) -> Iterator[np.ndarray]:
+    """Re-chunk an array or an iterable of arrays into batches of at most `batch_size`."""
+    if isinstance(images, np.ndarray) or hasattr(images, "__array__"):
+        images = [np.asarray(images)]
+    pending: list[np.ndarray] = []
+    count = 0
+    for chunk in images:
+        chunk = fid_preprocess.check_images(chunk)
+        while len(chunk):
+            take = chunk[: batch_size - count]
+            chunk = chunk[len(take):]
+            pending.append(take)
+            count += len(take)
+            if count == batch_size:
+                yield np.concatenate(pending)
+                pending, count = [], 0
+    if count:
+        yield np.concatenate(pending)
+
+
+class FIDComputer:
+    """Holds the FID InceptionV3 and one preprocessing mode.
+
+    Args:
+      weights: path of the safetensors file made by `convert_weights`, or a variables dict
+        `{"params": ..., "batch_stats": ...}` (tests use random weights).
+      mode: `tf` (default), `pytorch_fid` or `clean`; recorded in every statistics object.
+      batch_size: images per network call; a multiple of the device count shards the batch.
+      progress: show a tqdm bar (with `total` if the caller passes it).
+    """
+
+    def __init__(self, weights, *, mode: str = fid_preprocess.DEFAULT_MODE,
+                 batch_size: int = 64, progress: bool = True):
+        self.mode = fid_preprocess.check_mode(mode)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.progress = progress
+        variables = (inception.load_inception_variables(weights) if isinstance(weights, str)
+                     else weights)
+        devices = jax.local_devices()
+        if batch_size % len(devices) == 0:
+            mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+            self._in_sharding = NamedSharding(mesh, P("data"))
+            replicated = NamedSharding(mesh, P())
+        else:
+            self._in_sharding = jax.sharding.SingleDeviceSharding(devices[0])
+            replicated = self._in_sharding
+        self._variables = jax.device_put(variables, replicated)
+        model = inception.FIDInceptionV3()
+        mode_ = self.mode
+
+        def features(variables, images):
+            x = fid_preprocess.device_preprocess(images, mode_)
+            return model.apply(variables, x)["pool3"]
+
+        self._features = jax.jit(features)
+
+    def features(self, images: ImageSource, total: int | None = None) -> np.ndarray:
+        """pool3 features float32 `[N, 2048]` of uint8 images `[N, H, W, 3]` (array or batches)."""
+        out = list(self._iter_features(images, total))
+        if not out:
+            return np.zeros((0, inception.FEATURE_DIM), np.float32)
+        return np.concatenate(out)
+
+    def _iter_features(self, images: ImageSource, total: int | None) -> Iterator[np.ndarray]:
+        from tqdm.auto import tqdm
+
+        if total is None and isinstance(images, np.ndarray):
+            total = len(images)
+        bar = tqdm(total=total, unit="img", desc=f"FID features ({self.mode})",
+                   disable=not self.progress)
+        for batch in _batches(images, self.batch_size):
+            n = len(batch)
+            x = fid_preprocess.host_preprocess(batch, self.mode)
+            if n < self.batch_size:  # pad to one static shape: no recompilation for the tail
+                x = np.concatenate([x, np.zeros((self.batch_size - n,) + x.shape[1:], x.dtype)])
+            feats = self._features(self._variables, jax.device_put(x, self._in_sharding))
+            yield np.asarray(jax.device_get(feats), np.float32)[:n]
+            bar.update(n)
+        bar.close()
+
+    def statistics(self, images: ImageSource, total: int | None = None) -> FrechetStats:
+        """Streaming float64 mean/covariance of the features, tagged with this mode."""
+        moments = StreamingMoments(inception.FEATURE_DIM)
+        for feats in self._iter_features(images, total):
+            moments.update(feats)
+        return FrechetStats.from_moments(moments, self.mode, INCEPTION_FEATURE)
+
+    def fid(self, images: ImageSource, reference: FrechetStats | str,
+            total: int | None = None) -> float:
+        """FID of `images` against reference statistics (object or `.npz` path of the same mode)."""
+        if isinstance(reference, str):
+            reference = FrechetStats.load(reference, expected_mode=self.mode,
+                                          expected_feature=INCEPTION_FEATURE)
+        return fid_from_statistics(self.statistics(images, total), reference)
+
+
+def random_variables(seed: int = 0) -> dict:
+    """Deterministic random weights of the FID network (for tests and smoke runs, never FID)."""
+    from imagen_jax.evals import convert_weights
+
+    flat = convert_weights.convert_state_dict(convert_weights.random_torch_state_dict(seed))
+    return inception.flax_unflatten({k: jnp.asarray(v) for k, v in flat.items()})
