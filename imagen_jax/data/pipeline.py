@@ -23,6 +23,7 @@ import json
 import logging
 from typing import Any, Callable, Sequence
 
+from absl import flags as absl_flags
 import grain.python as grain
 import jax
 import ml_collections
@@ -205,6 +206,10 @@ def make_loader(
         ops.append(preprocess.TextFromCaptions(
             tokenizer=tokenizer, lookup=embedding_lookup,
             keep_caption=bool(data_config.keep_caption)))
+    if int(data_config.num_workers) > 0 and not absl_flags.FLAGS.is_parsed():
+        # grain's worker processes read absl flags; outside absl.app (notebooks, pytest,
+        # plain scripts) they are unparsed and the workers would die on the first access.
+        absl_flags.FLAGS.mark_as_parsed()
     loader = grain.DataLoader(
         data_source=source, sampler=sampler, operations=ops,
         worker_count=int(data_config.num_workers),
