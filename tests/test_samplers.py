@@ -1,0 +1,238 @@
+"""Samplers against exact answers (imagen_jax/diffusion/samplers.py).
+
+Gaussian data x0 ~ N(MU, S^2 I) has the closed-form optimal eps predictor
+
+    E[eps | z_t] = sigma (z_t - alpha MU) / (alpha^2 S^2 + sigma^2)     (elementwise),
+
+and every sampler step is then *affine* in the Gaussian inputs, so the exact law of each
+sampler's output (discretisation error included) follows from a float64 recursion on one
+scalar per step (:func:`_reference`). The tests check three things:
+  1. the float64 recursion's output std is within a stated discretisation budget of S
+     (the sampler converges to the right answer at the given step count);
+  2. the float32 samples match that exact law within 4 standard errors
+     (SE(mean) = std/sqrt(n), SE(std) = std/sqrt(2n), n = number of iid pixels);
+  3. for the deterministic samplers, every pixel equals the exact affine map of its initial
+     noise (a much sharper check than moments).
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from imagen_jax.diffusion import guidance as G
+from imagen_jax.diffusion import samplers as SM
+from imagen_jax.diffusion.schedules import alpha_sigma, get_schedule
+
+MU, S = 0.2, 0.25                 # |x0| > 1 is 3.2 std away; irrelevant anyway: threshold="none"
+SHAPE = (64, 16, 16, 3)           # n = 49152 iid pixels (the analytic denoiser is elementwise)
+N_PIX = math.prod(SHAPE)
+COSINE = get_schedule("cosine")
+
+
+def gaussian_denoiser(z_t, logsnr, cond):
+  """The Bayes-optimal eps_hat for x0 ~ N(MU, S^2) elementwise; ``cond`` is unused."""
+  del cond
+  alpha, sigma = alpha_sigma(logsnr.reshape(-1, 1, 1, 1))
+  return sigma * (z_t - alpha * MU) / (alpha * alpha * S * S + sigma * sigma)
+
+
+def _noise(seed=0):
+  return jnp.asarray(np.random.default_rng(seed).normal(size=SHAPE), jnp.float32)
+
+
+def _reference(sampler, num_steps, eta=0.0):
+  """Exact output law, float64: out = MU + A * (xi0 - alpha_0 MU) + (independent N(0, V)).
+
+  Written from the step equations in centred coordinates y_t = z_t - alpha_t MU, in which the
+  optimal x0_hat - MU = k_t y_t with k_t = alpha_t S^2 / (alpha_t^2 S^2 + sigma_t^2).
+  Returns (A, V): the coefficient on the initial noise and the variance injected by the
+  stochastic steps (0 for deterministic samplers).
+  """
+  lo, hi = -20.0, 20.0
+  b = math.atan(math.exp(-hi / 2))
+  a = math.atan(math.exp(-lo / 2)) - b
+  t = np.linspace(1.0, 0.0, num_steps + 1)
+  lam = -2.0 * np.log(np.tan(b + a * t))
+  al, si = np.sqrt(1 / (1 + np.exp(-lam))), np.sqrt(1 / (1 + np.exp(lam)))
+  k = al * S * S / (al * al * S * S + si * si)
+  coef, var, coef_prev = 1.0, 0.0, 0.0        # y_t = coef * xi0 + N(0, var)
+  for i in range(num_steps - 1):
+    s_, t_ = i + 1, i
+    c = 1.0 - math.exp(lam[t_] - lam[s_])
+    eps_gain = (1.0 - al[t_] * k[t_]) / si[t_]          # eps_hat = eps_gain * y_t
+    if sampler in ("ddim", "ddpm"):
+      e = 1.0 if sampler == "ddpm" else eta
+      gain = al[s_] * k[t_] + si[s_] * math.sqrt(1.0 - e * e * c) * eps_gain
+      coef, var = gain * coef, gain * gain * var + e * e * si[s_] ** 2 * c
+    else:                                               # DPM-Solver++(2M)
+      h = 0.5 * (lam[s_] - lam[t_])
+      kk = 0.0 if i == 0 else 0.5 * h / (0.5 * (lam[t_] - lam[t_ - 1]))
+      d_now, d_prev = (1 + kk) * k[t_] * coef, kk * k[t_ - 1] * coef_prev if i else 0.0
+      coef_prev, coef = coef, si[s_] / si[t_] * coef - al[s_] * math.expm1(-h) * (d_now - d_prev)
+  last = num_steps - 1
+  return k[last] * coef, k[last] ** 2 * var
+
+
+# (sampler, num_steps, eta, discretisation budget on |std_exact / S - 1|). The budgets are what
+# the exact recursion gives for the uniform-t cosine grid (-0.7%, -2.6%, -1.2%, -6.0%), rounded
+# up: DDPM and DDIM are first order (error halves when steps double; DDPM also drops the
+# Var(x0 | z_t) term of the true reverse kernel), DPM-Solver++(2M) is second order.
+CASES = [("ddpm", 1000, 0.0, 0.01), ("ddim", 100, 0.0, 0.03), ("dpmpp_2m", 25, 0.0, 0.015),
+         ("ddim", 100, 1.0, 0.07)]
+
+
+@pytest.mark.parametrize("sampler,num_steps,eta,budget", CASES)
+def test_gaussian_data_moments(sampler, num_steps, eta, budget):
+  coef, var = _reference(sampler, num_steps, eta)
+  std_exact = math.sqrt(coef * coef + var)
+  assert abs(std_exact / S - 1.0) < budget, f"discretisation error {std_exact / S - 1:.4f}"
+  noise = _noise()
+  out = np.asarray(SM.sample(gaussian_denoiser, None, noise, jax.random.PRNGKey(1),
+                             sampler=sampler, num_steps=num_steps, schedule=COSINE, eta=eta,
+                             threshold="none"), np.float64)
+  assert out.shape == SHAPE and np.all(np.isfinite(out))
+  # The mean is exact for every sampler here (each step maps E[z] = alpha MU to alpha MU); the
+  # only offset is the prior's alpha(t_max) MU ~ 1e-5.
+  se_mean, se_std = std_exact / math.sqrt(N_PIX), std_exact / math.sqrt(2 * N_PIX)
+  assert abs(out.mean() - MU) < 4 * se_mean + 1e-4
+  assert abs(out.std() - std_exact) < 4 * se_std + 1e-4
+  # And so against the data distribution itself: within 4 SE plus the discretisation budget.
+  assert abs(out.std() - S) < 4 * se_std + budget * S
+  if var == 0.0:
+    _assert_exact_affine_map(out, noise, coef, num_steps)
+
+
+def _assert_exact_affine_map(out, noise, coef, num_steps):
+  """Deterministic samplers: every pixel is MU + coef * (noise - alpha(t_max) MU)."""
+  alpha0 = float(alpha_sigma(jnp.float32(-20.0))[0])
+  ref = MU + coef * (np.asarray(noise, np.float64) - alpha0 * MU)
+  # float32: the first x0_hat at logsnr = -20 divides by alpha = 4.5e-5, so it carries ~1e-3
+  # absolute rounding error, which the next step multiplies by alpha_s (<= 0.3 for N >= 4);
+  # the later steps add ~1e-6 each.
+  np.testing.assert_allclose(out, ref, atol=1e-4 * max(1, num_steps / 10) + 3e-4)
+
+
+def test_dpmpp_few_steps_exact_affine_map():
+  # 4 steps: large, unequal logSNR steps exercise the multistep ratio r = h_prev / h.
+  noise = _noise(2)[:8]
+  out = SM.sample(gaussian_denoiser, None, noise, jax.random.PRNGKey(0), sampler="dpmpp_2m",
+                  num_steps=4, schedule=COSINE, threshold="none")
+  coef, var = _reference("dpmpp_2m", 4)
+  assert var == 0.0 and abs(coef / S - 1) > 0.05        # 4 steps: visibly off, but exactly so
+  _assert_exact_affine_map(np.asarray(out), noise, coef, 4)
+
+
+def test_ddim_eta0_deterministic_and_ignores_rng():
+  noise = _noise(3)[:8]
+  kw = dict(sampler="ddim", num_steps=20, schedule=COSINE, threshold="none")
+  # One compile per eta: rng and noise are traced arguments.
+  det = jax.jit(lambda n, key: SM.sample(gaussian_denoiser, None, n, key, eta=0.0, **kw))
+  a, b = det(noise, jax.random.PRNGKey(0)), det(noise, jax.random.PRNGKey(123))
+  np.testing.assert_array_equal(a, b)
+  assert not np.allclose(a, det(_noise(4)[:8], jax.random.PRNGKey(0)))
+  # The stochastic sampler does use the key.
+  sto = jax.jit(lambda n, key: SM.sample(gaussian_denoiser, None, n, key, eta=1.0, **kw))
+  assert not np.allclose(sto(noise, jax.random.PRNGKey(0)), sto(noise, jax.random.PRNGKey(1)))
+
+
+def test_ddpm_equals_ddim_eta1_and_gamma_adds_variance():
+  noise = _noise(5)[:16]
+  kw = dict(num_steps=50, schedule=COSINE, threshold="none")
+  ddpm = jax.jit(lambda n, key, gamma: SM.sample(gaussian_denoiser, None, n, key,
+                                                 sampler="ddpm", gamma=gamma, **kw))
+  cold = ddpm(noise, jax.random.PRNGKey(7), 0.0)
+  ddim1 = SM.sample(gaussian_denoiser, None, noise, jax.random.PRNGKey(7), sampler="ddim",
+                    eta=1.0, **kw)
+  np.testing.assert_allclose(cold, ddim1, atol=1e-5)
+  hot = ddpm(noise, jax.random.PRNGKey(7), 1.0)
+  assert float(jnp.std(hot)) > float(jnp.std(cold)) + 0.01   # forward variance > posterior
+
+
+def test_thresholding_applied_every_step_and_output_in_range():
+  # Data far outside [-1, 1] (mean 3, std 2): with thresholding on, the output must land in
+  # [-1, 1] even though the unthresholded sampler would return values around 3.
+  def big_denoiser(z_t, logsnr, cond):
+    del cond
+    alpha, sigma = alpha_sigma(logsnr.reshape(-1, 1, 1, 1))
+    mu, s = 3.0, 2.0
+    return sigma * (z_t - alpha * mu) / (alpha * alpha * s * s + sigma * sigma)
+
+  noise = _noise(6)[:4]
+  for sampler, mode in [("ddpm", "dynamic"), ("ddim", "dynamic"), ("dpmpp_2m", "dynamic"),
+                        ("ddpm", "static")]:
+    out = SM.sample(big_denoiser, None, noise, jax.random.PRNGKey(0), sampler=sampler,
+                    num_steps=10, schedule=COSINE, threshold=mode, eta=0.5)
+    assert float(jnp.max(jnp.abs(out))) <= 1.0 + 1e-6, (mode, sampler)
+    # The output is the last thresholded x0_hat. Static clipping saturates most pixels of
+    # N(3, 2^2) at +1; dynamic thresholding at p = 99.5 rescales, so only the ~0.5% of pixels
+    # above the percentile (4 of 768 per sample) reach |x| = 1.
+    saturated = float(jnp.mean(jnp.abs(out) >= 1.0 - 1e-6))
+    if mode == "dynamic":
+      assert saturated <= 0.01, (sampler, saturated)
+    else:
+      assert saturated >= 0.3, (sampler, saturated)
+
+
+def test_one_scan_compile_and_jit_compatibility():
+  noise = _noise(7)[:4]
+  calls = {"n": 0}
+
+  def counting(z_t, logsnr, cond):
+    calls["n"] += 1                                  # Python side effect: counts traces
+    return gaussian_denoiser(z_t, logsnr, cond)
+
+  eager = SM.sample(counting, None, noise, jax.random.PRNGKey(0), sampler="ddim", num_steps=37,
+                    schedule=COSINE, threshold="dynamic")
+  assert calls["n"] == 1, "the reverse loop must be one lax.scan (one trace of the network)"
+
+  # denoise_fn itself jitted.
+  out1 = SM.sample(jax.jit(gaussian_denoiser), None, noise, jax.random.PRNGKey(0),
+                   sampler="ddim", num_steps=37, schedule="cosine", threshold="dynamic")
+  np.testing.assert_allclose(out1, eager, atol=1e-5)
+  # sample itself jitted with static sampler / num_steps / schedule / threshold / percentile;
+  # eta, t_min and t_max traced.
+  jsample = jax.jit(SM.sample, static_argnums=(0,),
+                    static_argnames=("sampler", "num_steps", "schedule", "threshold",
+                                     "percentile"))
+  out2 = jsample(gaussian_denoiser, None, noise, jax.random.PRNGKey(0), sampler="ddim",
+                 num_steps=37, schedule=COSINE, threshold="dynamic", percentile=99.5,
+                 eta=jnp.float32(0.0), t_min=jnp.float32(0.0), t_max=jnp.float32(1.0))
+  np.testing.assert_allclose(out2, eager, atol=1e-5)
+
+
+def test_cond_is_passed_through_and_logsnr_is_per_example():
+  seen = {}
+
+  def net(z_t, logsnr, cond):
+    seen["logsnr_shape"], seen["cond"] = logsnr.shape, cond
+    return jnp.zeros_like(z_t) + cond["bias"].reshape(-1, 1, 1, 1)
+
+  noise = _noise(8)[:3]
+  SM.sample(net, {"bias": jnp.zeros(3)}, noise, jax.random.PRNGKey(0), sampler="dpmpp_2m",
+            num_steps=3, schedule="linear_beta", threshold="static")
+  assert seen["logsnr_shape"] == (3,)
+  assert set(seen["cond"]) == {"bias"}
+
+
+def test_sample_errors():
+  noise = _noise(9)[:2]
+  kw = dict(num_steps=4, schedule=COSINE)
+  with pytest.raises(ValueError, match="unknown sampler 'euler'.*ddpm"):
+    SM.sample(gaussian_denoiser, None, noise, jax.random.PRNGKey(0), sampler="euler", **kw)
+  with pytest.raises(ValueError, match="num_steps must be a static int >= 1, got 0"):
+    SM.sample(gaussian_denoiser, None, noise, jax.random.PRNGKey(0), sampler="ddim",
+              num_steps=0, schedule=COSINE)
+  with pytest.raises(ValueError, match="unknown threshold mode 'clip'"):
+    SM.sample(gaussian_denoiser, None, noise, jax.random.PRNGKey(0), sampler="ddim",
+              threshold="clip", **kw)
+  with pytest.raises(ValueError, match=r"percentile must be in \(0, 100\].*got 100.5"):
+    SM.sample(gaussian_denoiser, None, noise, jax.random.PRNGKey(0), sampler="ddim",
+              percentile=100.5, **kw)
+  with pytest.raises(ValueError, match="eta must be in"):
+    SM.sample(gaussian_denoiser, None, noise, jax.random.PRNGKey(0), sampler="ddim",
+              eta=1.5, **kw)
+  with pytest.raises(ValueError, match="t_min=0.5, t_max=0.2"):
+    SM.sample(gaussian_denoiser, None, noise, jax.random.PRNGKey(0), sampler="ddim",
+              t_min=0.5, t_max=0.2, **kw)
