@@ -174,3 +174,24 @@ def test_bad_settings_are_named(data_dir):
 
 def test_no_tensorflow_loaded():
     assert "tensorflow" not in sys.modules
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_embedding_lookup_by_example_id(data_dir, keep):
+    seen = []
+
+    def lookup(ids):  # stands in for text.cache.TextEmbeddingCache.get_batch
+        seen.extend(ids)
+        return np.zeros((len(ids), 5, 2), np.float32), np.ones((len(ids), 5), bool)
+
+    extra = ("index",) if keep else ()
+    it = pipeline.make_loader(
+        config(data_dir, embedding_id_key="index", keep_caption=True, extra_keys=extra),
+        image_size=64, global_batch_size=4, seed=0, process_index=0, process_count=1,
+        embedding_lookup=lookup)
+    batch = next(it)
+    assert all(isinstance(i, int) for i in seen) and len(seen) == 4
+    assert ("index" in batch) == keep
+    src = pipeline.open_data_source(config(data_dir), build=False)
+    by_index = {int(src[i]["index"]): src[i]["caption"].decode() for i in range(len(src))}
+    assert [by_index[i] for i in seen] == [str(c) for c in batch["caption"]]

@@ -71,6 +71,9 @@ def default_data_config(name: str = "shapes", **overrides: Any) -> ml_collection
     # ~1.5 GB of decoded 1024 images and fight over 2 cores. Raise both on big hosts.
     c.read_threads = 2
     c.read_buffer = 64
+    # with an embedding_lookup: the feature whose value is the cache key ('' = the caption
+    # text); e.g. 'index' for shapes when the cache was written with the example indices.
+    c.embedding_id_key = ""
     c.keep_caption = False  # keep caption strings in host batches (logging); never to devices
     c.extra_keys = ()  # more features to pass through, e.g. ('color', 'shape') for evals
     unknown = sorted(set(overrides) - set(c.keys()))
@@ -165,8 +168,10 @@ def make_loader(
       seed: shuffling and augmentation seed (the same on every host).
       process_index, process_count: this host and the number of hosts (jax.process_index(),
         jax.process_count()); each host reads a disjoint 1/process_count of the split.
-      embedding_lookup: `texts -> (emb float32 [B, L, D], mask bool [B, L])`, e.g. from the
-        text-embedding cache; replaces the tokenizer.
+      embedding_lookup: `keys -> (emb float32 [B, L, D], mask bool [B, L])`; keys are the
+        captions, or the values of `data_config.embedding_id_key` (e.g.
+        `TextEmbeddingCache(path).get_batch` with the ids it was written with); replaces the
+        tokenizer.
 
     Returns:
       A `HostLoader` of host batches of global_batch_size // process_count examples.
@@ -197,15 +202,21 @@ def make_loader(
         num_records=num_records, shard_options=shard, shuffle=bool(data_config.shuffle),
         num_epochs=None if data_config.repeat else 1,
         seed=int(seed) & 0x7FFFFFFF)  # grain wants a non-negative 32-bit seed
+    extra_keys = tuple(data_config.extra_keys)
+    id_key = data_config.embedding_id_key if embedding_lookup is not None else ""
+    if id_key and id_key not in extra_keys:
+        extra_keys += (id_key,)
     ops: list = [preprocess.StagePreprocess(
         spec, image_key=data_config.image_key, caption_key=data_config.caption_key or None,
-        random_caption=bool(data_config.random_caption),
-        extra_keys=tuple(data_config.extra_keys))]
+        random_caption=bool(data_config.random_caption), extra_keys=extra_keys)]
     ops.append(grain.Batch(host_batch, drop_remainder=bool(data_config.drop_remainder)))
     if data_config.caption_key and (tokenizer is not None or embedding_lookup is not None):
         ops.append(preprocess.TextFromCaptions(
             tokenizer=tokenizer, lookup=embedding_lookup,
-            keep_caption=bool(data_config.keep_caption)))
+            keep_caption=bool(data_config.keep_caption),
+            lookup_id_key=id_key.replace("/", "_") or None,
+            # a feature also asked for in extra_keys stays in the batch
+            keep_ids=id_key in tuple(data_config.extra_keys)))
     if int(data_config.num_workers) > 0 and not absl_flags.FLAGS.is_parsed():
         # grain's worker processes read absl flags; outside absl.app (notebooks, pytest,
         # plain scripts) they are unparsed and the workers would die on the first access.

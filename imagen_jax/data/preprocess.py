@@ -234,12 +234,18 @@ class TextFromCaptions(grain.MapTransform):
     (with `tokenizer`), or 'text_emb' float32 [b, L, D] + 'text_mask' (with `lookup`, e.g. a
     cache of precomputed encoder outputs). Drops 'caption' unless `keep_caption`."""
 
-    def __init__(self, *, tokenizer=None, lookup=None, keep_caption: bool = False):
+    def __init__(self, *, tokenizer=None, lookup=None, keep_caption: bool = False,
+                 lookup_id_key: str | None = None, keep_ids: bool = False):
+        """lookup_id_key: batch field whose values (instead of the captions) are passed to
+        `lookup`, e.g. example ids for `imagen_jax.text.cache.TextEmbeddingCache.get_batch`;
+        the field is removed from the batch afterwards unless `keep_ids`."""
         if (tokenizer is None) == (lookup is None):
             raise ValueError("give exactly one of tokenizer and lookup")
         self.tokenizer = tokenizer
         self.lookup = lookup
         self.keep_caption = keep_caption
+        self.lookup_id_key = lookup_id_key
+        self.keep_ids = keep_ids
 
     def map(self, batch: dict) -> dict:
         batch = dict(batch)
@@ -248,7 +254,13 @@ class TextFromCaptions(grain.MapTransform):
             ids, mask = self.tokenizer(captions)
             batch["text_ids"] = np.asarray(ids, np.int32)
         else:
-            emb, mask = self.lookup(captions)
+            keys = captions
+            if self.lookup_id_key:
+                raw = np.asarray(batch[self.lookup_id_key]).reshape(-1)
+                if not self.keep_ids:
+                    del batch[self.lookup_id_key]
+                keys = [v.decode("utf-8") if isinstance(v, bytes) else v.item() for v in raw]
+            emb, mask = self.lookup(keys)
             batch["text_emb"] = np.asarray(emb, np.float32)
         batch["text_mask"] = np.asarray(mask, bool)
         if batch["text_mask"].shape[0] != len(captions):
