@@ -124,30 +124,31 @@ def test_dpmpp_few_steps_exact_affine_map():
   _assert_exact_affine_map(np.asarray(out), noise, coef, 4)
 
 
+# The next two tests reuse the shapes and static settings of test_gaussian_data_moments, so
+# `sample`'s internal jit cache serves them without new compiles (rng, noise, gamma are traced).
 def test_ddim_eta0_deterministic_and_ignores_rng():
-  noise = _noise(3)[:8]
-  kw = dict(sampler="ddim", num_steps=20, schedule=COSINE, threshold="none")
-  # One compile per eta: rng and noise are traced arguments.
-  det = jax.jit(lambda n, key: SM.sample(gaussian_denoiser, None, n, key, eta=0.0, **kw))
-  a, b = det(noise, jax.random.PRNGKey(0)), det(noise, jax.random.PRNGKey(123))
+  noise = _noise()
+  kw = dict(sampler="ddim", num_steps=100, schedule=COSINE, threshold="none")
+  a = SM.sample(gaussian_denoiser, None, noise, jax.random.PRNGKey(0), eta=0.0, **kw)
+  b = SM.sample(gaussian_denoiser, None, noise, jax.random.PRNGKey(123), eta=0.0, **kw)
   np.testing.assert_array_equal(a, b)
-  assert not np.allclose(a, det(_noise(4)[:8], jax.random.PRNGKey(0)))
+  assert not np.allclose(a, SM.sample(gaussian_denoiser, None, _noise(4), None, eta=0.0, **kw))
   # The stochastic sampler does use the key.
-  sto = jax.jit(lambda n, key: SM.sample(gaussian_denoiser, None, n, key, eta=1.0, **kw))
-  assert not np.allclose(sto(noise, jax.random.PRNGKey(0)), sto(noise, jax.random.PRNGKey(1)))
+  c = SM.sample(gaussian_denoiser, None, noise, jax.random.PRNGKey(0), eta=1.0, **kw)
+  d = SM.sample(gaussian_denoiser, None, noise, jax.random.PRNGKey(1), eta=1.0, **kw)
+  assert not np.allclose(c, d)
 
 
 def test_ddpm_equals_ddim_eta1_and_gamma_adds_variance():
-  noise = _noise(5)[:16]
-  kw = dict(num_steps=50, schedule=COSINE, threshold="none")
-  ddpm = jax.jit(lambda n, key, gamma: SM.sample(gaussian_denoiser, None, n, key,
-                                                 sampler="ddpm", gamma=gamma, **kw))
-  cold = ddpm(noise, jax.random.PRNGKey(7), 0.0)
-  ddim1 = SM.sample(gaussian_denoiser, None, noise, jax.random.PRNGKey(7), sampler="ddim",
-                    eta=1.0, **kw)
+  noise, key = _noise(), jax.random.PRNGKey(1)
+  kw = dict(num_steps=100, schedule=COSINE, threshold="none")
+  cold = SM.sample(gaussian_denoiser, None, noise, key, sampler="ddpm", **kw)
+  ddim1 = SM.sample(gaussian_denoiser, None, noise, key, sampler="ddim", eta=1.0, **kw)
   np.testing.assert_allclose(cold, ddim1, atol=1e-5)
-  hot = ddpm(noise, jax.random.PRNGKey(7), 1.0)
+  hot = SM.sample(gaussian_denoiser, None, noise, key, sampler="ddpm", gamma=1.0, **kw)
   assert float(jnp.std(hot)) > float(jnp.std(cold)) + 0.01   # forward variance > posterior
+  with pytest.raises(ValueError, match="pass a PRNG key"):
+    SM.sample(gaussian_denoiser, None, noise, None, sampler="ddpm", **kw)
 
 
 def test_thresholding_applied_every_step_and_output_in_range():
@@ -161,7 +162,7 @@ def test_thresholding_applied_every_step_and_output_in_range():
 
   noise = _noise(6)[:4]
   for sampler, mode in [("ddpm", "dynamic"), ("ddim", "dynamic"), ("dpmpp_2m", "dynamic"),
-                        ("ddpm", "static")]:
+                        ("dpmpp_2m", "static")]:
     out = SM.sample(big_denoiser, None, noise, jax.random.PRNGKey(0), sampler=sampler,
                     num_steps=10, schedule=COSINE, threshold=mode, eta=0.5)
     assert float(jnp.max(jnp.abs(out))) <= 1.0 + 1e-6, (mode, sampler)

@@ -6,7 +6,8 @@ from imagen_jax.diffusion.forward import noise_condition_augment, q_sample, upsa
 from imagen_jax.diffusion.guidance import (apply_threshold, classifier_free_guidance,
                                            dynamic_threshold, static_threshold)
 from imagen_jax.diffusion.losses import diffusion_loss
-from imagen_jax.diffusion.parameterization import prediction_to_eps, prediction_to_v, prediction_to_x0
+from imagen_jax.diffusion.parameterization import (prediction_to_eps, prediction_to_v,
+                                                   prediction_to_x0)
 from imagen_jax.diffusion.samplers import DenoiseFn, sample
 from imagen_jax.diffusion.schedules import (Schedule, alpha_sigma, cosine_logsnr, cosine_t,
                                             get_schedule, linear_beta_logsnr, linear_beta_t)

@@ -22,6 +22,11 @@ clean image "at t_min" (DDPM's last step outputs its mean, Ho et al. 2020; DPM-S
 start is z = noise ~ N(0, I), exact up to alpha(t_max)^2 (2e-9 for the default cosine schedule).
 
 The reverse loop is one ``jax.lax.scan`` over the grid: one compile whatever ``num_steps``.
+
+float32 note: at t_max = 1 (logsnr -20) x0_hat = (z - sigma eps_hat) / alpha divides by
+alpha = 4.5e-5, so the first x0_hat carries ~1e-3 absolute rounding error. It is harmless
+(the step multiplies it by alpha_s, and thresholding clips it) except for ``num_steps=1``,
+whose output *is* that x0_hat; this is inherent to eps-prediction, not to the sampler.
 """
 from __future__ import annotations
 
@@ -153,8 +158,9 @@ def _check_times(t_min, t_max) -> None:
       raise ValueError(f"need 0 <= t_min < t_max <= 1, got t_min={t_min}, t_max={t_max}")
 
 
-def sample(denoise_fn: DenoiseFn, cond: Any, noise: Array, rng: Array, *, sampler: str,
-           num_steps: int, schedule: Union[Schedule, str], eta=0.0, threshold: str = "dynamic",
+def sample(denoise_fn: DenoiseFn, cond: Any, noise: Array, rng: Optional[Array], *,
+           sampler: str, num_steps: int, schedule: Union[Schedule, str], eta=0.0,
+           threshold: str = "dynamic",
            percentile: float = 99.5, t_min=0.0, t_max=1.0, gamma=0.0,
            max_scale: Optional[float] = None) -> Array:
   """Draw x0 ~ p(x0 | cond) by running the reverse process from z = noise (Imagen App. A).
@@ -163,8 +169,8 @@ def sample(denoise_fn: DenoiseFn, cond: Any, noise: Array, rng: Array, *, sample
     denoise_fn: ``DenoiseFn(z_t, logsnr [B], cond) -> eps_hat`` (may itself be jitted).
     cond: any pytree, passed through to ``denoise_fn`` unchanged.
     noise: the initial z at t_max, N(0, I), ``[B, H, W, C]``.
-    rng: PRNG key for the stochastic samplers (step i uses ``fold_in(rng, i)``); unused by
-      "dpmpp_2m" and by "ddim" with a static ``eta == 0``.
+    rng: PRNG key for the stochastic samplers (step i uses ``fold_in(rng, i)``); unused (and
+      may be None) for "dpmpp_2m" and for "ddim" with a static ``eta == 0``.
     sampler: "ddpm" (ancestral, :func:`ddpm_step`), "ddim" (:func:`ddim_step`) or "dpmpp_2m"
       (:func:`dpmpp_2m_step`). Static.
     num_steps: number of network calls, static int >= 1.
@@ -196,10 +202,27 @@ def sample(denoise_fn: DenoiseFn, cond: Any, noise: Array, rng: Array, *, sample
   if z.ndim < 2:
     raise ValueError(f"noise must be [B, ...] (batch first), got shape {z.shape}")
 
+  needs_noise = sampler == "ddpm" or (sampler == "ddim" and not _is_static_zero(eta))
+  if needs_noise and rng is None:
+    raise ValueError(f"sampler {sampler!r} (eta={eta}) draws noise at every step: pass a PRNG "
+                     f"key as rng")
+  static = (denoise_fn, sampler, int(num_steps), schedule, threshold,
+            check_percentile(percentile) if threshold == "dynamic" else 99.5,
+            None if max_scale is None else float(max_scale), needs_noise)
+  traced = (cond, z, rng, *(jnp.asarray(v, jnp.float32) for v in (eta, t_min, t_max, gamma)))
+  try:
+    hash(static)
+  except TypeError:           # an unhashable denoise_fn cannot be a jit static argument
+    return _reverse_loop(*static, *traced)
+  return _reverse_loop_jit(*static, *traced)
+
+
+def _reverse_loop(denoise_fn, sampler, num_steps, schedule, threshold, percentile, max_scale,
+                  needs_noise, cond, z, rng, eta, t_min, t_max, gamma):
+  """The scan of :func:`sample` (arguments already validated; see there)."""
   logsnrs = schedule.logsnr_fn(time_grid(num_steps, t_min, t_max))        # [N + 1]
   steps = jnp.arange(num_steps, dtype=jnp.int32)
   is_last = steps == num_steps - 1
-  needs_noise = sampler == "ddpm" or (sampler == "ddim" and not _is_static_zero(eta))
 
   def step(carry, xs):
     z_t, x0_prev, logsnr_prev = carry
@@ -222,3 +245,9 @@ def sample(denoise_fn: DenoiseFn, cond: Any, noise: Array, rng: Array, *, sample
   init = (z, jnp.zeros_like(z), logsnrs[0])
   (x0, _, _), _ = jax.lax.scan(step, init, (steps, logsnrs[:-1], logsnrs[1:], is_last))
   return x0
+
+
+# Jitted once per (denoise_fn, sampler, num_steps, schedule, threshold, ...): repeated eager
+# calls of `sample` reuse the compiled loop instead of re-tracing the scan; inside a user's
+# jit it is simply inlined.
+_reverse_loop_jit = jax.jit(_reverse_loop, static_argnums=tuple(range(8)))

@@ -101,7 +101,10 @@ def cosine_t(logsnr: Array, logsnr_min: float = -20.0, logsnr_max: float = 20.0)
 
 
 def _linear_beta_coeffs(beta_start: float, beta_end: float, num_steps: int) -> tuple[float, float]:
-  """``(k1, k2)`` with ``-log alpha_bar(t) = k1 t + k2 t^2``: k1 = beta_0 T, k2 = (beta_1-beta_0) T/2."""
+  """``(k1, k2)`` with ``-log alpha_bar(t) = k1 t + k2 t^2``.
+
+  k1 = beta_0 T and k2 = (beta_1 - beta_0) T / 2 (see :func:`linear_beta_logsnr`).
+  """
   if not 0.0 < beta_start <= beta_end < 1.0:
     raise ValueError(f"need 0 < beta_start <= beta_end < 1, got beta_start={beta_start}, "
                      f"beta_end={beta_end}")
@@ -201,4 +204,9 @@ def get_schedule(name: str, **kwargs) -> Schedule:
   """
   if name not in _SCHEDULES:
     raise ValueError(f"unknown schedule {name!r}; allowed: {sorted(_SCHEDULES)}")
-  return _cached_schedule(name, tuple(sorted(kwargs.items())))
+  key = tuple(sorted(kwargs.items()))
+  try:
+    hash(key)
+  except TypeError:   # e.g. an array-valued bound: build it uncached
+    return _cached_schedule.__wrapped__(name, key)
+  return _cached_schedule(name, key)
