@@ -239,6 +239,8 @@ def test_inception_matches_pytorch_fid_golden(computer):
     # Fed as two 1-image chunks: exercises re-batching and tail padding.
     got = computer.features([images[:1], images[1:]])
     assert got.shape == (2, inception.FEATURE_DIM)
+    assert computer._runner.num_shards == 8
+    print(f"InceptionV3 golden rel err {_rel_err(got, z['features']):.2e}")
     assert _rel_err(got, z["features"]) <= 1e-4
 
 
@@ -260,5 +262,7 @@ def test_inception_matches_pytorch_fid_live(computer, torch_sd, tmp_path):
     # Through the statistics path this time: streaming float64 moments of our features.
     stats = computer.statistics(images)
     assert (stats.n, stats.mode) == (2, "pytorch_fid")
+    print(f"InceptionV3 live rel err: mu {_rel_err(stats.mu, want.mean(0)):.2e}, sigma "
+          f"{_rel_err(stats.sigma, np.cov(want, rowvar=False)):.2e}")
     assert _rel_err(stats.mu, want.mean(0)) <= 1e-4
     assert _rel_err(stats.sigma, np.cov(want, rowvar=False)) <= 1e-4

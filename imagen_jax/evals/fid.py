@@ -7,10 +7,9 @@
 
 Images are uint8 `[N, H, W, 3]`: one array, or any iterable of such batches (a data loader), so
 that 30K or 40K images never have to sit in memory at once. The network runs jitted in batches of
-`batch_size`; the last batch is zero-padded to the full size (one compilation) and the padding
-dropped. When `batch_size` divides over all local devices the batch is sharded over them
-(data parallel; weights replicated); otherwise it runs on the first device. Features come back to
-the host and are accumulated in float64 (`frechet.StreamingMoments`).
+`batch_size` (`batched.BatchRunner`: the last batch zero-padded so it compiles once; sharded over
+all local devices when `batch_size` divides by their number, else on the first device). Features
+come back to the host and are accumulated in float64 (`frechet.StreamingMoments`).
 
 Conventions (document them next to every number; Imagen §4.2 / App. C): preprocessing `mode`
 (see `fid_preprocess`), the number of images (FID is biased upwards for small N: FID-10K and
@@ -20,36 +19,14 @@ from __future__ import annotations
 
 from typing import Iterable, Iterator
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from imagen_jax.evals import fid_preprocess, inception
+from imagen_jax.evals import batched, fid_preprocess, inception
 from imagen_jax.evals.frechet import (INCEPTION_FEATURE, FrechetStats, StreamingMoments,
                                       fid_from_statistics)
 
 ImageSource = np.ndarray | Iterable[np.ndarray]
-
-
-def _batches(images: ImageSource, batch_size: int) -> Iterator[np.ndarray]:
-    """Re-chunk an array or an iterable of arrays into batches of at most `batch_size`."""
-    if isinstance(images, np.ndarray) or hasattr(images, "__array__"):
-        images = [np.asarray(images)]
-    pending: list[np.ndarray] = []
-    count = 0
-    for chunk in images:
-        chunk = fid_preprocess.check_images(chunk)
-        while len(chunk):
-            take = chunk[: batch_size - count]
-            chunk = chunk[len(take):]
-            pending.append(take)
-            count += len(take)
-            if count == batch_size:
-                yield np.concatenate(pending)
-                pending, count = [], 0
-    if count:
-        yield np.concatenate(pending)
 
 
 class FIDComputer:
@@ -66,21 +43,9 @@ class FIDComputer:
     def __init__(self, weights, *, mode: str = fid_preprocess.DEFAULT_MODE,
                  batch_size: int = 64, progress: bool = True):
         self.mode = fid_preprocess.check_mode(mode)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.batch_size = batch_size
         self.progress = progress
         variables = (inception.load_inception_variables(weights) if isinstance(weights, str)
                      else weights)
-        devices = jax.local_devices()
-        if batch_size % len(devices) == 0:
-            mesh = jax.sharding.Mesh(np.array(devices), ("data",))
-            self._in_sharding = NamedSharding(mesh, P("data"))
-            replicated = NamedSharding(mesh, P())
-        else:
-            self._in_sharding = jax.sharding.SingleDeviceSharding(devices[0])
-            replicated = self._in_sharding
-        self._variables = jax.device_put(variables, replicated)
         model = inception.FIDInceptionV3()
         mode_ = self.mode
 
@@ -88,7 +53,8 @@ class FIDComputer:
             x = fid_preprocess.device_preprocess(images, mode_)
             return model.apply(variables, x)["pool3"]
 
-        self._features = jax.jit(features)
+        self._runner = batched.BatchRunner(features, variables, batch_size)
+        self.batch_size = batch_size
 
     def features(self, images: ImageSource, total: int | None = None) -> np.ndarray:
         """pool3 features float32 `[N, 2048]` of uint8 images `[N, H, W, 3]` (array or batches)."""
@@ -104,14 +70,10 @@ class FIDComputer:
             total = len(images)
         bar = tqdm(total=total, unit="img", desc=f"FID features ({self.mode})",
                    disable=not self.progress)
-        for batch in _batches(images, self.batch_size):
-            n = len(batch)
-            x = fid_preprocess.host_preprocess(batch, self.mode)
-            if n < self.batch_size:  # pad to one static shape: no recompilation for the tail
-                x = np.concatenate([x, np.zeros((self.batch_size - n,) + x.shape[1:], x.dtype)])
-            feats = self._features(self._variables, jax.device_put(x, self._in_sharding))
-            yield np.asarray(jax.device_get(feats), np.float32)[:n]
-            bar.update(n)
+        for batch in batched.rebatch(images, self.batch_size, fid_preprocess.check_images):
+            feats = self._runner(fid_preprocess.host_preprocess(batch, self.mode))
+            yield feats.astype(np.float32)
+            bar.update(len(batch))
         bar.close()
 
     def statistics(self, images: ImageSource, total: int | None = None) -> FrechetStats:
