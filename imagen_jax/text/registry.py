@@ -69,7 +69,8 @@ class TextEncoder:
 
     def __post_init__(self):
         self.module = t5.T5Encoder(self.config)
-        self._encode_jit = jax.jit(self.encode_tokens)
+        # Public: the jitted encode_tokens (compiled once per input shape).
+        self.encode_tokens_jit = jax.jit(self.encode_tokens)
 
     @property
     def dim(self) -> int:
@@ -87,7 +88,7 @@ class TextEncoder:
     def encode(self, texts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
         """Tokenizes and encodes (jitted): ``(emb float32 [B, L, D], mask bool [B, L])``."""
         ids, mask = self.tokenize(texts)
-        return self._encode_jit(self.params, ids, mask), jnp.asarray(mask)
+        return self.encode_tokens_jit(self.params, ids, mask), jnp.asarray(mask)
 
     def logical_specs(self):
         """Logical ``PartitionSpec`` tree of ``params`` (axes vocab/embed/heads/kv/mlp)."""
@@ -98,10 +99,19 @@ class TextEncoder:
         return nn.logical_to_mesh_sharding(self.logical_specs(), mesh, rules)
 
 
+@functools.lru_cache(maxsize=1)
+def _tiny_random_f32(config: t5.T5Config):
+    return t5.init_params(config, TINY_RANDOM_SEED)
+
+
 @functools.lru_cache(maxsize=4)
 def _tiny_random_params(config: t5.T5Config):
-    # Cached per process: jax arrays are immutable, and the init costs a compile.
-    return t5.init_params(config, TINY_RANDOM_SEED)
+    # Drawn in float32 whatever param_dtype is (random bits depend on the dtype drawn), then cast,
+    # so a bfloat16 run uses the same weights. Cached per process: arrays are immutable.
+    f32 = dataclasses.replace(config, dtype=jnp.float32, param_dtype=jnp.float32)
+    params = _tiny_random_f32(f32)
+    store = jnp.dtype(config.param_dtype)
+    return jax.tree.map(lambda p: jnp.asarray(np.asarray(p).astype(store)), params)
 
 
 def _check_name(name: str) -> None:

@@ -26,6 +26,7 @@ Params carry logical axis names (``vocab, embed, heads, kv, mlp``) so that a T5-
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -88,9 +89,10 @@ class T5Config:
                              "'{ACT}' or 'gated-{ACT}'")
         if proj == "gated-gelu":
             act = "gelu_new"  # what HF's T5Config does for backwards compatibility
-        if hf.get("model_type", "t5") not in ("t5", "mt5", "umt5"):
+        # umt5 has a relative-position table per layer: a different architecture.
+        if hf.get("model_type", "t5") not in ("t5", "mt5"):
             raise ValueError(f"config.json model_type={hf.get('model_type')!r}; "
-                             "this encoder loads T5-family checkpoints (model_type 't5')")
+                             "this encoder loads T5-family checkpoints (model_type 't5' or 'mt5')")
         kwargs = dict(
             vocab_size=hf["vocab_size"],
             d_model=hf["d_model"],
@@ -164,32 +166,46 @@ class RMSNorm(nn.Module):
         return (y * _broadcast_last(scale.astype(jnp.float32), y.ndim)).astype(self.dtype)
 
 
-def _normal(std: float):
-    return nn.initializers.normal(stddev=std)
+def init_std(config: T5Config, name: str) -> float:
+    """Std of the normal init of param ``name`` (HF ``T5PreTrainedModel._init_weights``, factor 1).
+
+    Q gets (D * d_kv)^-1/2, which stands in for the 1/sqrt(d_kv) logit scale T5 does not apply.
+    """
+    c = config
+    stds = {"token_embedding": 1.0, "relative_attention_bias": c.d_model ** -0.5,
+            "query": (c.d_model * c.d_kv) ** -0.5, "key": c.d_model ** -0.5,
+            "value": c.d_model ** -0.5, "out": (c.num_heads * c.d_kv) ** -0.5,
+            "wi": c.d_model ** -0.5, "wi_0": c.d_model ** -0.5, "wi_1": c.d_model ** -0.5,
+            "wo": c.d_ff ** -0.5}
+    return stds[name]
+
+
+def _normal(config: T5Config, name: str):
+    return nn.initializers.normal(stddev=init_std(config, name))
 
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention without logit scaling (T5): ``softmax(QK^T + bias) V W_o``.
 
     x: [B, L, D]; bias: [B or 1, H, L, L] float32, with the padding mask already folded in.
-    Init follows HF ``T5PreTrainedModel._init_weights`` (std (D*d_kv)^-1/2 for Q, which stands in
-    for the missing 1/sqrt(d_kv)).
+    Init: ``init_std``.
     """
 
     config: T5Config
 
-    def _proj(self, name, shape, axes, std):
-        return self.param(name, nn.with_logical_partitioning(_normal(std), axes), shape,
+    def _proj(self, name, shape, axes):
+        return self.param(name, nn.with_logical_partitioning(_normal(self.config, name), axes),
+                          shape,
                           self.config.param_dtype)
 
     @nn.compact
     def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
         c = self.config
         d, h, k = c.d_model, c.num_heads, c.d_kv
-        wq = self._proj("query", (d, h, k), ("embed", "heads", "kv"), (d * k) ** -0.5)
-        wk = self._proj("key", (d, h, k), ("embed", "heads", "kv"), d ** -0.5)
-        wv = self._proj("value", (d, h, k), ("embed", "heads", "kv"), d ** -0.5)
-        wo = self._proj("out", (h, k, d), ("heads", "kv", "embed"), (h * k) ** -0.5)
+        wq = self._proj("query", (d, h, k), ("embed", "heads", "kv"))
+        wk = self._proj("key", (d, h, k), ("embed", "heads", "kv"))
+        wv = self._proj("value", (d, h, k), ("embed", "heads", "kv"))
+        wo = self._proj("out", (h, k, d), ("heads", "kv", "embed"))
         x = x.astype(c.dtype)
         q = jnp.einsum("bld,dhk->blhk", x, wq.astype(c.dtype))
         kk = jnp.einsum("bld,dhk->blhk", x, wk.astype(c.dtype))
@@ -209,21 +225,20 @@ class FeedForward(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.config
 
-        def kernel(name, shape, axes, std):
-            return self.param(name, nn.with_logical_partitioning(_normal(std), axes), shape,
+        def kernel(name, shape, axes):
+            return self.param(name, nn.with_logical_partitioning(_normal(c, name), axes), shape,
                               c.param_dtype).astype(c.dtype)
 
         act = {"relu": jax.nn.relu, "gelu_new": lambda u: jax.nn.gelu(u, approximate=True),
                "gelu": lambda u: jax.nn.gelu(u, approximate=False), "silu": jax.nn.silu}[c.act]
         x = x.astype(c.dtype)
-        std_in = c.d_model ** -0.5
         if c.is_gated:
-            gate = x @ kernel("wi_0", (c.d_model, c.d_ff), ("embed", "mlp"), std_in)
-            lin = x @ kernel("wi_1", (c.d_model, c.d_ff), ("embed", "mlp"), std_in)
+            gate = x @ kernel("wi_0", (c.d_model, c.d_ff), ("embed", "mlp"))
+            lin = x @ kernel("wi_1", (c.d_model, c.d_ff), ("embed", "mlp"))
             hidden = act(gate) * lin
         else:
-            hidden = act(x @ kernel("wi", (c.d_model, c.d_ff), ("embed", "mlp"), std_in))
-        return hidden @ kernel("wo", (c.d_ff, c.d_model), ("mlp", "embed"), c.d_ff ** -0.5)
+            hidden = act(x @ kernel("wi", (c.d_model, c.d_ff), ("embed", "mlp")))
+        return hidden @ kernel("wo", (c.d_ff, c.d_model), ("mlp", "embed"))
 
 
 class EncoderLayer(nn.Module):
@@ -256,14 +271,14 @@ class T5Encoder(nn.Module):
             raise ValueError(f"ids {ids.shape} and mask {mask.shape} must both be [B, L]")
         embedding = self.param(
             "token_embedding",
-            nn.with_logical_partitioning(_normal(1.0), ("vocab", "embed")),
+            nn.with_logical_partitioning(_normal(c, "token_embedding"), ("vocab", "embed")),
             (c.vocab_size, c.d_model), c.param_dtype)
         h = jnp.take(embedding, ids, axis=0).astype(c.dtype)
 
         # Relative position bias: computed once (in HF it lives in layer 0) and shared by layers.
         rel_table = self.param(
             "relative_attention_bias",
-            nn.with_logical_partitioning(_normal(c.d_model ** -0.5), (None, "heads")),
+            nn.with_logical_partitioning(_normal(c, "relative_attention_bias"), (None, "heads")),
             (c.relative_attention_num_buckets, c.num_heads), c.param_dtype)
         length = ids.shape[1]
         buckets = relative_position_buckets(length, length, c.relative_attention_num_buckets,
@@ -326,15 +341,36 @@ def per_device_param_bytes(config: T5Config, rules, axis_sizes: dict[str, int]) 
     return total
 
 
-def init_params(config: T5Config, seed: int):
-    """Random T5 init (HF ``_init_weights`` scales) from a constant seed, unboxed, float params.
+@functools.partial(jax.jit, static_argnums=(1,))
+def _standard_normal(seed: jax.Array, size: int) -> jax.Array:
+    return jax.random.normal(jax.random.PRNGKey(seed), (size,), jnp.float32)
 
-    ``jax.random`` with a fixed seed is deterministic across machines for a given JAX version.
+
+def init_params(config: T5Config, seed: int):
+    """Random T5 params (``init_std`` scales, unit norm scales) from a constant seed, unboxed.
+
+    One threefry draw of all the normals, sliced per param in tree order, then scaled: the same
+    distribution as ``T5Encoder.init`` but a single small program (``init`` compiles a threefry
+    per param plus the forward pass, tens of seconds on a loaded CPU). ``jax.random``'s threefry
+    is deterministic across machines and backends for a given JAX version.
     """
-    ids = jnp.zeros((1, 8), jnp.int32)
-    mask = jnp.ones((1, 8), bool)
-    variables = jax.jit(T5Encoder(config).init)(jax.random.PRNGKey(seed), ids, mask)
-    return nn.unbox(variables["params"])
+    abstract = nn.unbox(abstract_params(config))
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    names = [path[-1].key for path, _ in leaves]
+    drawn = [math.prod(leaf.shape) for (_, leaf), n in zip(leaves, names) if n != "scale"]
+    # Slicing and scaling on the host: eager jnp ops would each compile a tiny program.
+    flat = np.asarray(_standard_normal(seed, sum(drawn)))
+    out, offset = [], 0
+    for (_, leaf), name in zip(leaves, names):
+        if name == "scale":
+            value = np.ones(leaf.shape, np.float32)
+        else:
+            size = math.prod(leaf.shape)
+            value = flat[offset:offset + size].reshape(leaf.shape) * np.float32(
+                init_std(config, name))
+            offset += size
+        out.append(jnp.asarray(value.astype(jnp.dtype(config.param_dtype))))
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 # Encoder sizes of the published checkpoints (the checkpoint's config.json always wins when a
