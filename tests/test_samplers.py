@@ -29,6 +29,10 @@ MU, S = 0.2, 0.25                 # |x0| > 1 is 3.2 std away; irrelevant anyway:
 SHAPE = (64, 16, 16, 3)           # n = 49152 iid pixels (the analytic denoiser is elementwise)
 N_PIX = math.prod(SHAPE)
 COSINE = get_schedule("cosine")
+# `sample` under jit, as users run it; the Gaussian tests share its compile cache (eta, rng,
+# noise are traced; a module-level denoiser closes over nothing).
+_jsample = jax.jit(SM.sample, static_argnums=(0,),
+                   static_argnames=("sampler", "num_steps", "schedule", "threshold", "percentile"))
 
 
 def gaussian_denoiser(z_t, logsnr, cond):
@@ -89,9 +93,9 @@ def test_gaussian_data_moments(sampler, num_steps, eta, budget):
   std_exact = math.sqrt(coef * coef + var)
   assert abs(std_exact / S - 1.0) < budget, f"discretisation error {std_exact / S - 1:.4f}"
   noise = _noise()
-  out = np.asarray(SM.sample(gaussian_denoiser, None, noise, jax.random.PRNGKey(1),
-                             sampler=sampler, num_steps=num_steps, schedule=COSINE, eta=eta,
-                             threshold="none"), np.float64)
+  out = np.asarray(_jsample(gaussian_denoiser, None, noise, jax.random.PRNGKey(1),
+                            sampler=sampler, num_steps=num_steps, schedule=COSINE, eta=eta,
+                            threshold="none"), np.float64)
   assert out.shape == SHAPE and np.all(np.isfinite(out))
   # The mean is exact for every sampler here (each step maps E[z] = alpha MU to alpha MU); the
   # only offset is the prior's alpha(t_max) MU ~ 1e-5.
@@ -125,27 +129,28 @@ def test_dpmpp_few_steps_exact_affine_map():
 
 
 # The next two tests reuse the shapes and static settings of test_gaussian_data_moments, so
-# `sample`'s internal jit cache serves them without new compiles (rng, noise, gamma are traced).
+# _jsample's cache serves them without new compiles (rng, noise, eta, gamma are traced).
 def test_ddim_eta0_deterministic_and_ignores_rng():
   noise = _noise()
   kw = dict(sampler="ddim", num_steps=100, schedule=COSINE, threshold="none")
-  a = SM.sample(gaussian_denoiser, None, noise, jax.random.PRNGKey(0), eta=0.0, **kw)
-  b = SM.sample(gaussian_denoiser, None, noise, jax.random.PRNGKey(123), eta=0.0, **kw)
+  a = _jsample(gaussian_denoiser, None, noise, jax.random.PRNGKey(0), eta=0.0, **kw)
+  b = _jsample(gaussian_denoiser, None, noise, jax.random.PRNGKey(123), eta=0.0, **kw)
   np.testing.assert_array_equal(a, b)
-  assert not np.allclose(a, SM.sample(gaussian_denoiser, None, _noise(4), None, eta=0.0, **kw))
+  k = jax.random.PRNGKey(0)
+  assert not np.allclose(a, _jsample(gaussian_denoiser, None, _noise(4), k, eta=0.0, **kw))
   # The stochastic sampler does use the key.
-  c = SM.sample(gaussian_denoiser, None, noise, jax.random.PRNGKey(0), eta=1.0, **kw)
-  d = SM.sample(gaussian_denoiser, None, noise, jax.random.PRNGKey(1), eta=1.0, **kw)
+  c = _jsample(gaussian_denoiser, None, noise, jax.random.PRNGKey(0), eta=1.0, **kw)
+  d = _jsample(gaussian_denoiser, None, noise, jax.random.PRNGKey(1), eta=1.0, **kw)
   assert not np.allclose(c, d)
 
 
 def test_ddpm_equals_ddim_eta1_and_gamma_adds_variance():
   noise, key = _noise(), jax.random.PRNGKey(1)
   kw = dict(num_steps=100, schedule=COSINE, threshold="none")
-  cold = SM.sample(gaussian_denoiser, None, noise, key, sampler="ddpm", **kw)
-  ddim1 = SM.sample(gaussian_denoiser, None, noise, key, sampler="ddim", eta=1.0, **kw)
+  cold = _jsample(gaussian_denoiser, None, noise, key, sampler="ddpm", **kw)
+  ddim1 = _jsample(gaussian_denoiser, None, noise, key, sampler="ddim", eta=1.0, **kw)
   np.testing.assert_allclose(cold, ddim1, atol=1e-5)
-  hot = SM.sample(gaussian_denoiser, None, noise, key, sampler="ddpm", gamma=1.0, **kw)
+  hot = _jsample(gaussian_denoiser, None, noise, key, sampler="ddpm", gamma=1.0, **kw)
   assert float(jnp.std(hot)) > float(jnp.std(cold)) + 0.01   # forward variance > posterior
   with pytest.raises(ValueError, match="pass a PRNG key"):
     SM.sample(gaussian_denoiser, None, noise, None, sampler="ddpm", **kw)
@@ -211,8 +216,9 @@ def test_cond_is_passed_through_and_logsnr_is_per_example():
     return jnp.zeros_like(z_t) + cond["bias"].reshape(-1, 1, 1, 1)
 
   noise = _noise(8)[:3]
-  SM.sample(net, {"bias": jnp.zeros(3)}, noise, jax.random.PRNGKey(0), sampler="dpmpp_2m",
-            num_steps=3, schedule="linear_beta", threshold="static")
+  # rng may be None for the deterministic samplers.
+  SM.sample(net, {"bias": jnp.zeros(3)}, noise, None, sampler="dpmpp_2m", num_steps=3,
+            schedule="linear_beta", threshold="static")
   assert seen["logsnr_shape"] == (3,)
   assert set(seen["cond"]) == {"bias"}
 

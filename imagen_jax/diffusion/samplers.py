@@ -22,6 +22,12 @@ clean image "at t_min" (DDPM's last step outputs its mean, Ho et al. 2020; DPM-S
 start is z = noise ~ N(0, I), exact up to alpha(t_max)^2 (2e-9 for the default cosine schedule).
 
 The reverse loop is one ``jax.lax.scan`` over the grid: one compile whatever ``num_steps``.
+To reuse that compile across calls, jit the caller with the params as arguments, e.g.
+
+    @functools.partial(jax.jit, static_argnames=("num_steps",))
+    def run(params, cond, noise, rng, num_steps):
+      fn = make_denoise_fn(model, params, ...)          # closes over traced params
+      return sample(fn, cond, noise, rng, sampler="ddim", num_steps=num_steps, schedule=sched)
 
 float32 note: at t_max = 1 (logsnr -20) x0_hat = (z - sigma eps_hat) / alpha divides by
 alpha = 4.5e-5, so the first x0_hat carries ~1e-3 absolute rounding error. It is harmless
@@ -206,17 +212,18 @@ def sample(denoise_fn: DenoiseFn, cond: Any, noise: Array, rng: Optional[Array],
   if needs_noise and rng is None:
     raise ValueError(f"sampler {sampler!r} (eta={eta}) draws noise at every step: pass a PRNG "
                      f"key as rng")
-  static = (denoise_fn, sampler, int(num_steps), schedule, threshold,
-            check_percentile(percentile) if threshold == "dynamic" else 99.5,
-            None if max_scale is None else float(max_scale), needs_noise)
-  traced = (cond, z, rng, *(jnp.asarray(v, jnp.float32) for v in (eta, t_min, t_max, gamma)))
-  try:
-    hash(static)
-  except TypeError:           # an unhashable denoise_fn cannot be a jit static argument
-    return _reverse_loop(*static, *traced)
-  return _reverse_loop_jit(*static, *traced)
+  return _reverse_loop(
+      denoise_fn, sampler, int(num_steps), schedule, threshold,
+      check_percentile(percentile) if threshold == "dynamic" else 99.5,
+      None if max_scale is None else float(max_scale), needs_noise, cond, z, rng,
+      *(jnp.asarray(v, jnp.float32) for v in (eta, t_min, t_max, gamma)))
 
 
+# Deliberately not jitted here: a jit with `denoise_fn` as a static argument would keep every
+# denoise_fn -- and the network params it closes over -- alive in jit's cache, and embed those
+# params as constants in the program. Callers that sample repeatedly jit `sample` themselves
+# with params as traced arguments (see the module docstring); eager calls compile the scan
+# once per call.
 def _reverse_loop(denoise_fn, sampler, num_steps, schedule, threshold, percentile, max_scale,
                   needs_noise, cond, z, rng, eta, t_min, t_max, gamma):
   """The scan of :func:`sample` (arguments already validated; see there)."""
@@ -245,9 +252,3 @@ def _reverse_loop(denoise_fn, sampler, num_steps, schedule, threshold, percentil
   init = (z, jnp.zeros_like(z), logsnrs[0])
   (x0, _, _), _ = jax.lax.scan(step, init, (steps, logsnrs[:-1], logsnrs[1:], is_last))
   return x0
-
-
-# Jitted once per (denoise_fn, sampler, num_steps, schedule, threshold, ...): repeated eager
-# calls of `sample` reuse the compiled loop instead of re-tracing the scan; inside a user's
-# jit it is simply inlined.
-_reverse_loop_jit = jax.jit(_reverse_loop, static_argnums=tuple(range(8)))
