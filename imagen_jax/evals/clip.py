@@ -117,12 +117,15 @@ def preprocess_images(images: np.ndarray, cfg: ImagePreprocessConfig) -> np.ndar
 
 def load_tokenizer(path: str):
     """The checkpoint's own tokenizer from `path` (no network): fast if possible, else slow."""
-    from transformers import CLIPTokenizer, CLIPTokenizerFast
+    import transformers
 
-    try:
-        return CLIPTokenizerFast.from_pretrained(path, local_files_only=True)
-    except Exception:  # noqa: BLE001 -- e.g. no tokenizer.json and no converter: try the slow one
-        return CLIPTokenizer.from_pretrained(path, local_files_only=True)
+    fast = getattr(transformers, "CLIPTokenizerFast", None)  # transformers 5 has only one class
+    if fast is not None:
+        try:
+            return fast.from_pretrained(path, local_files_only=True)
+        except Exception:  # noqa: BLE001 -- e.g. no tokenizer.json and no converter: try slow
+            pass
+    return transformers.CLIPTokenizer.from_pretrained(path, local_files_only=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,6 +191,8 @@ class CLIPScorer:
         from tqdm.auto import tqdm
 
         images = np.asarray(images)
+        if len(texts) == 0:
+            raise ValueError("CLIP score of zero pairs is undefined")
         if len(images) != len(texts):
             raise ValueError(f"{len(images)} images but {len(texts)} texts; CLIP score pairs "
                              "image i with text i")
