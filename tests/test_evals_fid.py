@@ -88,6 +88,12 @@ def test_streaming_moments_equal_numpy_over_uneven_batches():
     assert m.n == 103
     np.testing.assert_allclose(m.mean, x.mean(0), rtol=1e-13)
     np.testing.assert_allclose(m.covariance(), np.cov(x, rowvar=False), rtol=1e-9, atol=1e-9)
+    # Two accumulators (two hosts, say) merged give the same moments.
+    a, b = StreamingMoments(7), StreamingMoments(7)
+    a.update(x[:30])
+    b.update(x[30:])
+    a.merge(b)
+    np.testing.assert_allclose(a.covariance(), m.covariance(), rtol=1e-9, atol=1e-9)
 
 
 def test_stats_save_load_roundtrip_and_mode_checks(tmp_path):

@@ -75,15 +75,24 @@ class StreamingMoments:
         self.m2 = np.zeros((dim, dim), np.float64)
 
     def update(self, x: np.ndarray) -> None:
+        """Add feature rows `x [B, D]`."""
         x = np.asarray(x, np.float64)
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"expected features [B, {self.dim}], got shape {x.shape}")
-        m = x.shape[0]
-        if m == 0:
+        if x.shape[0] == 0:
             return
         mb = x.mean(axis=0)
         xc = x - mb
-        m2b = xc.T @ xc
+        self._combine(x.shape[0], mb, xc.T @ xc)
+
+    def merge(self, other: "StreamingMoments") -> None:
+        """Add another accumulator (e.g. another host's or another shard's), same formula."""
+        if other.dim != self.dim:
+            raise ValueError(f"cannot merge moments of dim {other.dim} into dim {self.dim}")
+        if other.n:
+            self._combine(other.n, other.mean, other.m2)
+
+    def _combine(self, m: int, mb: np.ndarray, m2b: np.ndarray) -> None:
         total = self.n + m
         delta = mb - self.mean
         self.mean = self.mean + delta * (m / total)
