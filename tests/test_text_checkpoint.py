@@ -101,8 +101,8 @@ def test_weight_layout_conversion():
     assert ours.shape == (32, 4, 8)
     np.testing.assert_array_equal(ours.reshape(32, 32), q.T)
     o = tensors["encoder.block.0.layer.0.SelfAttention.o.weight"]  # [d, h*k]
-    np.testing.assert_array_equal(np.asarray(params["layers_0"]["attention"]["out"]).reshape(32, 32),
-                                  o.T)
+    out = np.asarray(params["layers_0"]["attention"]["out"])  # [h, k, d]
+    np.testing.assert_array_equal(out.reshape(32, 32), o.T)
 
 
 def test_missing_key(tmp_path):
@@ -129,7 +129,8 @@ def test_unknown_key(tmp_path):
 
 def test_family_mismatch_is_unknown_key(tmp_path):
     # ReLU (T5 1.0) weights with a gated (T5 1.1) config.json: 'wi' is unknown.
-    with pytest.raises(checkpoint.CheckpointError, match=r"unknown encoder tensor.*DenseReluDense\.wi"):
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=r"unknown encoder tensor.*DenseReluDense\.wi"):
         load(write_dir(tmp_path, read_all(FULL), config_src=SHARDED))
 
 
@@ -137,7 +138,8 @@ def test_shape_mismatch(tmp_path):
     tensors = read_all(FULL)
     tensors["encoder.final_layer_norm.weight"] = np.ones((31,), np.float32)
     with pytest.raises(checkpoint.CheckpointError,
-                       match=r"shape mismatch for 'encoder.final_layer_norm.weight'.*\(31,\).*\(32,\)"):
+                       match=r"shape mismatch for 'encoder.final_layer_norm.weight'"
+                             r".*\(31,\).*\(32,\)"):
         load(write_dir(tmp_path, tensors))
 
 

@@ -76,7 +76,8 @@ def test_sentencepiece_matches_hf_and_truncates(spiece_dir):
 
     tok = tokenizer.make_tokenizer("sentencepiece", 12, spiece_dir)
     hf = AutoTokenizer.from_pretrained(spiece_dir, local_files_only=True)
-    texts = ["a red circle", "", "Ünïcødé 猫 ✓", "two green triangles above a yellow star " * 3]
+    long = "two green triangles above a yellow star " * 3
+    texts = ["a red circle", "", "Ünïcødé 猫 ✓", long]
     with pytest.warns(tokenizer.TruncationWarning, match="of 4 prompts exceed max_length=12"):
         ids, mask = tok(texts)
     ref = hf(texts, padding="max_length", truncation=True, max_length=12, return_tensors="np")

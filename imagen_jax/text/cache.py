@@ -177,8 +177,10 @@ class TextEmbeddingCache:
         path = os.path.normpath(path)
         manifest_file = os.path.join(path, MANIFEST)
         if not os.path.isdir(path):
-            hint = (f" (a half-written {path + INCOMPLETE_SUFFIX!r} exists: the writer did not "
-                    "finish; rerun write_cache)") if os.path.exists(path + INCOMPLETE_SUFFIX) else ""
+            hint = ""
+            if os.path.exists(path + INCOMPLETE_SUFFIX):
+                hint = (f" (a half-written {path + INCOMPLETE_SUFFIX!r} exists: the writer did "
+                        "not finish; rerun write_cache)")
             raise CacheError(f"text embedding cache {path!r} does not exist{hint}")
         if path.endswith(INCOMPLETE_SUFFIX) or not os.path.isfile(manifest_file):
             raise CacheError(f"{path!r} is a half-written text embedding cache (no {MANIFEST}; "

@@ -3,8 +3,7 @@
 Imagen conditions every stage on the output sequence of a frozen T5-XXL encoder
 (Saharia et al. 2022, §2.1). This module is a clean re-implementation of the T5 *encoder stack*
 (Raffel et al. 2020, "Exploring the Limits of Transfer Learning", §2.1 and Appendix; the v1.1
-changes are documented in google-research/text-to-text-transfer-transformer, released_checkpoints.md)
-that matches Hugging Face's PyTorch ``T5EncoderModel`` numerically, so real checkpoints load.
+changes: google-research/text-to-text-transfer-transformer, released_checkpoints.md) that matches Hugging Face's PyTorch ``T5EncoderModel`` numerically, so real checkpoints load.
 
 For an input of token ids ``x [B, L]`` with a boolean mask ``m [B, L]`` (True = real token):
 
@@ -249,7 +248,11 @@ class EncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, h: jax.Array, bias: jax.Array) -> jax.Array:
         c = self.config
-        norm = lambda name: RMSNorm(c.layer_norm_epsilon, c.dtype, c.param_dtype, name=name)  # noqa: E731
+        def norm(name):
+            return RMSNorm(c.layer_norm_epsilon, c.dtype, c.param_dtype, name=name)
+
+        # The residual stream h stays float32 (bf16 sums drift over 24 layers); the sublayers
+        # compute in c.dtype and their outputs are added in float32.
         h = h + SelfAttention(c, name="attention")(norm("pre_attention_layer_norm")(h), bias)
         h = h + FeedForward(c, name="mlp")(norm("pre_mlp_layer_norm")(h))
         return h
@@ -273,7 +276,7 @@ class T5Encoder(nn.Module):
             "token_embedding",
             nn.with_logical_partitioning(_normal(c, "token_embedding"), ("vocab", "embed")),
             (c.vocab_size, c.d_model), c.param_dtype)
-        h = jnp.take(embedding, ids, axis=0).astype(c.dtype)
+        h = jnp.take(embedding, ids, axis=0).astype(jnp.float32)  # residual stream in float32
 
         # Relative position bias: computed once (in HF it lives in layer 0) and shared by layers.
         rel_table = self.param(
