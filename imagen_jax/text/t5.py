@@ -3,7 +3,8 @@
 Imagen conditions every stage on the output sequence of a frozen T5-XXL encoder
 (Saharia et al. 2022, §2.1). This module is a clean re-implementation of the T5 *encoder stack*
 (Raffel et al. 2020, "Exploring the Limits of Transfer Learning", §2.1 and Appendix; the v1.1
-changes: google-research/text-to-text-transfer-transformer, released_checkpoints.md) that matches Hugging Face's PyTorch ``T5EncoderModel`` numerically, so real checkpoints load.
+changes: google-research/text-to-text-transfer-transformer, released_checkpoints.md) that
+matches Hugging Face's PyTorch ``T5EncoderModel`` numerically, so real checkpoints load.
 
 For an input of token ids ``x [B, L]`` with a boolean mask ``m [B, L]`` (True = real token):
 
