@@ -46,7 +46,19 @@ def _noise(seed=0):
   return jnp.asarray(np.random.default_rng(seed).normal(size=SHAPE), jnp.float32)
 
 
-def _reference(sampler, num_steps, eta=0.0):
+def _lambda_grid(schedule, num_steps):
+  """float64 logSNR on the sampler's grid, from the closed forms (not the float32 code)."""
+  t = np.linspace(1.0, 0.0, num_steps + 1)
+  if schedule == "cosine":
+    b = math.atan(math.exp(-20.0 / 2))
+    a = math.atan(math.exp(20.0 / 2)) - b
+    return -2.0 * np.log(np.tan(b + a * t))
+  g = 0.1 * t + 0.5 * (0.02 - 1e-4) * 1000 * t**2            # -log alpha_bar, linear beta
+  with np.errstate(divide="ignore"):
+    return np.minimum(-np.log(np.expm1(g)), 20.0)
+
+
+def _reference(sampler, num_steps, eta=0.0, schedule="cosine"):
   """Exact output law, float64: out = MU + A * (xi0 - alpha_0 MU) + (independent N(0, V)).
 
   Written from the step equations in centred coordinates y_t = z_t - alpha_t MU, in which the
@@ -54,11 +66,7 @@ def _reference(sampler, num_steps, eta=0.0):
   Returns (A, V): the coefficient on the initial noise and the variance injected by the
   stochastic steps (0 for deterministic samplers).
   """
-  lo, hi = -20.0, 20.0
-  b = math.atan(math.exp(-hi / 2))
-  a = math.atan(math.exp(-lo / 2)) - b
-  t = np.linspace(1.0, 0.0, num_steps + 1)
-  lam = -2.0 * np.log(np.tan(b + a * t))
+  lam = _lambda_grid(schedule, num_steps)
   al, si = np.sqrt(1 / (1 + np.exp(-lam))), np.sqrt(1 / (1 + np.exp(lam)))
   k = al * S * S / (al * al * S * S + si * si)
   coef, var, coef_prev = 1.0, 0.0, 0.0        # y_t = coef * xi0 + N(0, var)
@@ -83,34 +91,35 @@ def _reference(sampler, num_steps, eta=0.0):
 # the exact recursion gives for the uniform-t cosine grid (-0.7%, -2.6%, -1.2%, -6.0%), rounded
 # up: DDPM and DDIM are first order (error halves when steps double; DDPM also drops the
 # Var(x0 | z_t) term of the true reverse kernel), DPM-Solver++(2M) is second order.
-CASES = [("ddpm", 1000, 0.0, 0.01), ("ddim", 100, 0.0, 0.03), ("dpmpp_2m", 25, 0.0, 0.015),
-         ("ddim", 100, 1.0, 0.07)]
+CASES = [("ddpm", 1000, 0.0, 0.01, "cosine"), ("ddim", 100, 0.0, 0.03, "cosine"),
+         ("dpmpp_2m", 25, 0.0, 0.015, "cosine"), ("ddim", 100, 1.0, 0.07, "cosine")]
 
 
-@pytest.mark.parametrize("sampler,num_steps,eta,budget", CASES)
-def test_gaussian_data_moments(sampler, num_steps, eta, budget):
-  coef, var = _reference(sampler, num_steps, eta)
+@pytest.mark.parametrize("sampler,num_steps,eta,budget,schedule", CASES)
+def test_gaussian_data_moments(sampler, num_steps, eta, budget, schedule):
+  coef, var = _reference(sampler, num_steps, eta, schedule)
   std_exact = math.sqrt(coef * coef + var)
   assert abs(std_exact / S - 1.0) < budget, f"discretisation error {std_exact / S - 1:.4f}"
   noise = _noise()
   out = np.asarray(_jsample(gaussian_denoiser, None, noise, jax.random.PRNGKey(1),
-                            sampler=sampler, num_steps=num_steps, schedule=COSINE, eta=eta,
-                            threshold="none"), np.float64)
+                            sampler=sampler, num_steps=num_steps,
+                            schedule=get_schedule(schedule), eta=eta, threshold="none"),
+                   np.float64)
   assert out.shape == SHAPE and np.all(np.isfinite(out))
   # The mean is exact for every sampler here (each step maps E[z] = alpha MU to alpha MU); the
   # only offset is the prior's alpha(t_max) MU ~ 1e-5.
   se_mean, se_std = std_exact / math.sqrt(N_PIX), std_exact / math.sqrt(2 * N_PIX)
-  assert abs(out.mean() - MU) < 4 * se_mean + 1e-4
+  alpha_max = math.sqrt(1 / (1 + math.exp(-_lambda_grid(schedule, 1)[0])))
+  assert abs(out.mean() - MU) < 4 * se_mean + 1e-4 + abs(coef) * alpha_max * MU
   assert abs(out.std() - std_exact) < 4 * se_std + 1e-4
   # And so against the data distribution itself: within 4 SE plus the discretisation budget.
   assert abs(out.std() - S) < 4 * se_std + budget * S
   if var == 0.0:
-    _assert_exact_affine_map(out, noise, coef, num_steps)
+    _assert_exact_affine_map(out, noise, coef, num_steps, alpha_max)
 
 
-def _assert_exact_affine_map(out, noise, coef, num_steps):
+def _assert_exact_affine_map(out, noise, coef, num_steps, alpha0=math.exp(-10.0)):
   """Deterministic samplers: every pixel is MU + coef * (noise - alpha(t_max) MU)."""
-  alpha0 = float(alpha_sigma(jnp.float32(-20.0))[0])
   ref = MU + coef * (np.asarray(noise, np.float64) - alpha0 * MU)
   # float32: the first x0_hat at logsnr = -20 divides by alpha = 4.5e-5, so it carries ~1e-3
   # absolute rounding error, which the next step multiplies by alpha_s (<= 0.3 for N >= 4);
@@ -118,14 +127,20 @@ def _assert_exact_affine_map(out, noise, coef, num_steps):
   np.testing.assert_allclose(out, ref, atol=1e-4 * max(1, num_steps / 10) + 3e-4)
 
 
-def test_dpmpp_few_steps_exact_affine_map():
-  # 4 steps: large, unequal logSNR steps exercise the multistep ratio r = h_prev / h.
+@pytest.mark.parametrize("schedule,num_steps", [("cosine", 4), ("linear_beta", 25)])
+def test_dpmpp_exact_affine_map(schedule, num_steps):
+  # cosine, 4 steps: large, unequal logSNR steps exercise the multistep ratio r = h_prev / h.
+  # linear_beta (SR1024; logsnr(1) = -10.05): the schedule's wiring into the sampler, and the
+  # prior mismatch (z_1 = noise ignores alpha(1) MU = 1.3e-3). On the uniform-t grid this
+  # schedule's last network call is at logsnr 3.9 (t = 0.04), so 25 steps give std 13% low;
+  # that is discretisation, which this test does not judge (see the module docstring).
   noise = _noise(2)[:8]
-  out = SM.sample(gaussian_denoiser, None, noise, jax.random.PRNGKey(0), sampler="dpmpp_2m",
-                  num_steps=4, schedule=COSINE, threshold="none")
-  coef, var = _reference("dpmpp_2m", 4)
-  assert var == 0.0 and abs(coef / S - 1) > 0.05        # 4 steps: visibly off, but exactly so
-  _assert_exact_affine_map(np.asarray(out), noise, coef, 4)
+  out = SM.sample(gaussian_denoiser, None, noise, None, sampler="dpmpp_2m",
+                  num_steps=num_steps, schedule=schedule, threshold="none")
+  coef, var = _reference("dpmpp_2m", num_steps, schedule=schedule)
+  assert var == 0.0 and abs(coef / S - 1) > 0.05        # visibly off, but exactly so
+  alpha_max = math.sqrt(1 / (1 + math.exp(-_lambda_grid(schedule, 1)[0])))
+  _assert_exact_affine_map(np.asarray(out), noise, coef, num_steps, alpha_max)
 
 
 # The next two tests reuse the shapes and static settings of test_gaussian_data_moments, so
