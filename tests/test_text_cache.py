@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from imagen_jax.text import cache, registry
+from imagen_jax.text.tokenizer import TruncationWarning
 
 
 @pytest.fixture(scope="module")
@@ -20,14 +21,16 @@ EXAMPLES = [(i * 7, f"caption {i} " + "ab" * i) for i in range(11)] + [("x", "")
 
 def test_roundtrip_float32(encoder, tmp_path):
     out = str(tmp_path / "cache")
-    manifest = cache.write_cache(encoder, EXAMPLES, out, batch_size=4, records_per_shard=5,
-                                 progress=False)
+    with pytest.warns(TruncationWarning):  # the long captions: counted in the manifest
+        manifest = cache.write_cache(encoder, EXAMPLES, out, batch_size=4, records_per_shard=5,
+                                     progress=False)
     assert manifest["num_examples"] == 13 and len(manifest["shards"]) == 3
     assert manifest["num_truncated"] == 4  # captions 7..10 exceed 23 bytes + EOS
     assert not os.path.exists(out + cache.INCOMPLETE_SUFFIX)
     c = cache.TextEmbeddingCache(out)
     assert len(c) == 13 and 14 in c and "y" in c and "nope" not in c
-    want_emb, want_mask = encoder.encode([t for _, t in EXAMPLES])
+    with pytest.warns(TruncationWarning):
+        want_emb, want_mask = encoder.encode([t for _, t in EXAMPLES])
     got_emb, got_mask = c.get_batch([k for k, _ in EXAMPLES])
     assert got_emb.shape == (13, 24, 256) and got_emb.dtype == np.float32
     np.testing.assert_array_equal(got_mask, np.asarray(want_mask))

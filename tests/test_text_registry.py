@@ -129,3 +129,14 @@ def test_hf_config_parsing_errors():
         t5.T5Config.from_hf_dict({**base, "feed_forward_proj": "gated-tanh"})
     with pytest.raises(ValueError, match="model_type='umt5'"):
         t5.T5Config.from_hf_dict({**base, "model_type": "umt5"})
+
+
+def test_default_config_fields_are_settable_when_locked():
+    cfg = registry.default_text_config()
+    cfg.lock()
+    cfg.path = "/ckpt/t5-v1_1-xxl"  # typed placeholder: settable from the command line too
+    cfg.precision = "highest"
+    assert cfg.max_length == 128 and cfg.dtype == "float32"
+    with pytest.raises(ValueError, match="precision='bogus'"):
+        registry.get_text_encoder(ml_collections.ConfigDict(
+            {"name": "byt5-tiny-random", "precision": "bogus"}))

@@ -8,8 +8,9 @@ Imagen conditions on a frozen T5-XXL encoder (§2.1, §4.4). Names:
     ``text_config.path``, a local Hugging Face directory (nothing is ever downloaded).
 
 ``text_config`` fields: ``name``, ``path`` (None for byt5-tiny-random), ``max_length``
-(default 128), ``dtype`` (compute, default float32) and ``param_dtype`` (storage, default
-float32; bfloat16 halves T5-XXL's 19 GB, it is frozen anyway).
+(default 128), ``dtype`` (compute, default float32), ``param_dtype`` (storage, default
+float32; bfloat16 halves T5-XXL's 19 GB, it is frozen anyway) and optional ``precision``
+(matmul precision; None = "highest" for float32 compute, "default" for bfloat16).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from ml_collections import config_dict
 import numpy as np
 
 from imagen_jax.text import checkpoint, t5, tokenizer
@@ -37,9 +39,15 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 def default_text_config(name: str = TINY_RANDOM, path: str | None = None,
                         max_length: int = 128, dtype: str = "float32",
                         param_dtype: str = "float32") -> ml_collections.ConfigDict:
-    """The ``config.text`` block of a stage/cascade config."""
-    return ml_collections.ConfigDict(dict(name=name, path=path, max_length=max_length,
-                                          dtype=dtype, param_dtype=param_dtype))
+    """The ``config.text`` block of a stage/cascade config.
+
+    ``path`` and ``precision`` are typed placeholders when None, so that
+    ``--config.text.path=/ckpt/t5-v1_1-xxl`` can set them from the command line.
+    """
+    return ml_collections.ConfigDict(dict(
+        name=name, path=config_dict.placeholder(str) if path is None else path,
+        max_length=max_length, dtype=dtype, param_dtype=param_dtype,
+        precision=config_dict.placeholder(str)))
 
 
 def _dtype(value: Any, field: str):
@@ -148,7 +156,8 @@ def get_text_encoder(text_config, *, mesh: jax.sharding.Mesh | None = None,
     path = text_config.get("path", None)
     max_length = int(text_config.get("max_length", 128) or 128)
     dtypes = dict(dtype=_dtype(text_config.get("dtype", None), "dtype"),
-                  param_dtype=_dtype(text_config.get("param_dtype", None), "param_dtype"))
+                  param_dtype=_dtype(text_config.get("param_dtype", None), "param_dtype"),
+                  precision=text_config.get("precision", None))
     if (mesh is None) != (rules is None):
         raise ValueError("get_text_encoder: pass both mesh and rules, or neither")
 
