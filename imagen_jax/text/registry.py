@@ -116,7 +116,7 @@ def _tiny_random_f32(config: t5.T5Config):
 def _tiny_random_params(config: t5.T5Config):
     # Drawn in float32 whatever param_dtype is (random bits depend on the dtype drawn), then cast,
     # so a bfloat16 run uses the same weights. Cached per process: arrays are immutable.
-    f32 = dataclasses.replace(config, dtype=jnp.float32, param_dtype=jnp.float32)
+    f32 = dataclasses.replace(config, dtype=jnp.float32, param_dtype=jnp.float32, precision=None)
     params = _tiny_random_f32(f32)
     store = jnp.dtype(config.param_dtype)
     return jax.tree.map(lambda p: jnp.asarray(np.asarray(p).astype(store)), params)
