@@ -1,0 +1,158 @@
+r"""Training-step and denoiser speed of one network preset.
+
+  python benchmarks/unet_step.py --preset=base64:bench --batch=8 --steps=10
+  python benchmarks/unet_step.py --count_only          # paper parameter counts (eval_shape)
+
+Prints: parameter count, XLA's FLOP count for one training step (cost analysis of the compiled
+step), compile time, median train-step time (Adam on an eps-MSE loss; block_until_ready),
+images/s, achieved GFLOP/s, and the median forward-only denoiser time.
+
+The training step is the plain loss of the paper (App. A): x0 ~ batch, t ~ U(0,1),
+logsnr = cosine(t), z_t = alpha x0 + sigma eps, loss = |eps_hat - eps|^2. The diffusion math is
+inlined here (a few lines) so the benchmark depends on nothing but the network.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import optax
+
+from imagen_jax.nn import presets, unet
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("preset", "base64:bench", "stage:size, e.g. base64:bench or sr256:shapes")
+flags.DEFINE_integer("batch", 8, "batch size")
+flags.DEFINE_integer("steps", 10, "timed training steps (after one warm-up step)")
+flags.DEFINE_integer("fwd_steps", 10, "timed forward-only denoiser evaluations")
+flags.DEFINE_string("dtype", None, "override the compute dtype (float32 | bfloat16)")
+flags.DEFINE_integer("text_len", None, "override the text length")
+flags.DEFINE_bool("remat", None, "override remat")
+flags.DEFINE_bool("count_only", False,
+                  "print parameter counts of the paper presets (eval_shape) and exit")
+
+
+def _inputs(cfg, batch, key):
+  s, length = cfg.image_size, FLAGS.text_len or cfg.text_len
+  k = jax.random.split(key, 4)
+  out = dict(
+      x_t=jax.random.normal(k[0], (batch, s, s, 3)),
+      logsnr=jnp.zeros((batch,)),
+      text_emb=jax.random.normal(k[1], (batch, length, cfg.text_dim)),
+      text_mask=jnp.ones((batch, length), bool))
+  if cfg.lowres_cond:
+    out["lowres"] = jax.random.normal(k[2], (batch, s, s, 3))
+    out["aug_level"] = jax.random.uniform(k[3], (batch,))
+  return out
+
+
+def param_count(cfg, batch=1) -> int:
+  model = unet.build_model(cfg)
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), **_inputs(cfg, batch, jax.random.key(0))))
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
+
+
+def count_paper():
+  paper = {"base64": 2.0e9, "sr256": 600e6, "sr1024": 400e6}
+  for stage, ref in paper.items():
+    n = param_count(presets.get_model_config(stage, "paper"))
+    print(f"{stage:7s} paper preset: {n / 1e6:8.1f}M params  (paper: {ref / 1e6:.0f}M, "
+          f"{100 * (n - ref) / ref:+.1f}%)  [4096-dim text]")
+
+
+def _flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax returned one dict per device program
+    cost = cost[0]
+  return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+def _median_time(fn, n):
+  times = []
+  for _ in range(n):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def main(argv):
+  del argv
+  if FLAGS.count_only:
+    count_paper()
+    return
+  stage, size = FLAGS.preset.split(":")
+  cfg = presets.get_model_config(stage, size)
+  if FLAGS.dtype:
+    cfg.dtype = FLAGS.dtype
+  if FLAGS.remat is not None:
+    cfg.remat = FLAGS.remat
+  model = unet.build_model(cfg)
+  b = FLAGS.batch
+  inputs = _inputs(cfg, b, jax.random.key(0))
+  params = model.init(jax.random.key(0), **inputs)
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+  tx = optax.adam(1e-4)
+  opt_state = tx.init(params)
+
+  def train_step(params, opt_state, x0, key):
+    k_t, k_eps, k_drop = jax.random.split(key, 3)
+    t = jax.random.uniform(k_t, (b,))
+    logsnr = -2.0 * jnp.log(jnp.tan(0.5 * math.pi * jnp.clip(t, 1e-4, 1 - 1e-4)))  # cosine
+    alpha = jnp.sqrt(jax.nn.sigmoid(logsnr))[:, None, None, None]
+    sigma = jnp.sqrt(jax.nn.sigmoid(-logsnr))[:, None, None, None]
+    eps = jax.random.normal(k_eps, x0.shape)
+    z_t = alpha * x0 + sigma * eps
+    cond = {k: v for k, v in inputs.items() if k not in ("x_t", "logsnr")}
+
+    def loss_fn(p):
+      eps_hat = model.apply(p, z_t, logsnr, **cond, train=True, rngs={"dropout": k_drop})
+      return jnp.mean((eps_hat - eps) ** 2)
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  x0 = inputs["x_t"]
+  key = jax.random.key(1)
+  t0 = time.perf_counter()
+  compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(
+      params, opt_state, x0, key).compile()
+  compile_s = time.perf_counter() - t0
+  flops = _flops(compiled)
+
+  forward = jax.jit(lambda p, i: model.apply(p, **i))
+  t0 = time.perf_counter()
+  fwd = forward.lower(params, inputs).compile()
+  fwd_compile_s = time.perf_counter() - t0
+
+  state = [params, opt_state]
+
+  def step():
+    state[0], state[1], loss = compiled(state[0], state[1], x0, key)
+    return loss
+
+  jax.block_until_ready(step())  # warm-up
+  step_s = _median_time(step, FLAGS.steps)
+  jax.block_until_ready(fwd(state[0], inputs))
+  fwd_s = _median_time(lambda: fwd(state[0], inputs), FLAGS.fwd_steps)
+
+  print(f"preset              {FLAGS.preset}  (kind={cfg.kind}, dtype={cfg.dtype}, "
+        f"remat={cfg.remat}, image {cfg.image_size}x{cfg.image_size}, batch {b})")
+  print(f"devices             {jax.devices()[0].platform} x{jax.device_count()}")
+  print(f"parameters          {n_params / 1e6:.2f}M")
+  print(f"train-step FLOPs    {flops / 1e9:.1f} GFLOP (XLA cost analysis)")
+  print(f"compile time        {compile_s:.1f} s (train step), {fwd_compile_s:.1f} s (forward)")
+  print(f"train step          {step_s:.3f} s median over {FLAGS.steps}")
+  print(f"images/s            {b / step_s:.2f}")
+  print(f"achieved            {flops / step_s / 1e9:.1f} GFLOP/s")
+  print(f"denoiser forward    {fwd_s:.3f} s median over {FLAGS.fwd_steps}")
+
+
+if __name__ == "__main__":
+  app.run(main)

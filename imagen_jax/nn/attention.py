@@ -1,0 +1,143 @@
+"""Attention over image tokens with the text sequence joined to the keys/values.
+
+Imagen App. F.1 (and GLIDE, which it follows): "text embedding ... concatenated to the
+key-value pairs of each self-attention layer". Efficient U-Net (App. B.1, F.2) uses the same
+layer in its last DBlock/UBlock; F.3 (SR1024) drops the self-attention and keeps the explicit
+text cross-attention, i.e. keys/values come from the text only (`self_attention=False`).
+
+Structure (ADM attention block, residual, pre-norm):
+  h = GroupNorm(x)                                   [B, H, W, C] -> [B, T=H*W, C]
+  q, k_img, v_img = fused Dense(h)                   [B, T, N, D] each   (one matmul for qkv)
+  k_txt, v_txt = Dense(LayerNorm(text))              [B, L, N, D]        (LayerNorm: §2.5)
+  k = [k_null ; k_img ; k_txt],  v likewise          [B, 1+T+L, N, D]
+  o = softmax(q k^T / sqrt(D), masked) v             [B, T, N, D]
+  x + Dense(o)                                       [B, H, W, C]
+
+The learned null key/value (imagen-pytorch's `null_kv`) is a token every query can always
+attend to, so a dropped text (all-False mask) with `self_attention=False` still has a finite
+softmax; masked text tokens get exactly zero weight (their logits are replaced before the max).
+Logits and softmax are float32 regardless of the compute dtype.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from imagen_jax.nn import layers
+
+Dtype = Any
+
+
+def resolve_heads(channels: int, num_heads: int | None, head_dim: int | None) -> tuple[int, int]:
+  """(heads, head_dim) from a config that fixes either or both.
+
+  - only `head_dim` (ADM's num_head_channels; Imagen F.1 uses 64): heads = channels // head_dim.
+  - only `num_heads` (Efficient U-Net's 8 heads, App. F.2): head_dim = channels // num_heads.
+  - both (imagen-pytorch's heads x dim_head): the attention width is heads * head_dim,
+    independent of `channels`.
+  """
+  if num_heads is None and head_dim is None:
+    raise ValueError("attention needs num_heads or head_dim (or both); got neither")
+  if num_heads is not None and head_dim is not None:
+    return int(num_heads), int(head_dim)
+  if head_dim is not None:
+    if channels % head_dim:
+      raise ValueError(f"head_dim={head_dim} must divide the channel count {channels}")
+    return channels // head_dim, int(head_dim)
+  if channels % num_heads:
+    raise ValueError(f"num_heads={num_heads} must divide the channel count {channels}")
+  return int(num_heads), channels // num_heads
+
+
+def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                     dtype: Dtype) -> jax.Array:
+  """softmax(q k^T / sqrt(D) + mask) v with float32 logits and softmax.
+
+  q: [B, T, N, D]; k, v: [B, S, N, D]; mask: bool [B, S] (True = may be attended to; every
+  row needs at least one True, which the null token guarantees). Returns [B, T, N, D].
+  """
+  scale = q.shape[-1] ** -0.5
+  logits = jnp.einsum("btnd,bsnd->bnts", q, k, preferred_element_type=jnp.float32) * scale
+  # `where`, not an additive bias: masked logits become exactly -inf-like before the max, so
+  # their exp underflows to exactly 0 and masked keys/values have no effect at all.
+  logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
+  return jnp.einsum("bnts,bsnd->btnd", weights, v.astype(dtype))
+
+
+class Attention(nn.Module):
+  """Self-attention (optional) + text keys/values (optional) + a learned null key/value.
+
+  __call__(x [B,H,W,C], text [B,L,Dt] or None, text_mask bool [B,L] or None) -> [B,H,W,C].
+  `text` is the (already projected, masked-to-zero) text sequence; pass None for layers
+  without text (e.g. a self-attention-only layer).
+  """
+  num_heads: int | None = None
+  head_dim: int | None = None
+  self_attention: bool = True
+  norm_groups: int = 32
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, text: jax.Array | None = None,
+               text_mask: jax.Array | None = None) -> jax.Array:
+    b, hgt, wid, c = x.shape
+    heads, hd = resolve_heads(c, self.num_heads, self.head_dim)
+    if not self.self_attention and text is None:
+      raise ValueError("a cross-attention-only layer (self_attention=False) needs text")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+    h = layers.GroupNorm(self.norm_groups, self.param_dtype)(x).astype(self.dtype)
+    h = h.reshape(b, hgt * wid, c)
+
+    ks, vs, masks = [], [], []
+    # Learned null key/value: always attendable.
+    null_kv = self.param("null_kv", nn.with_logical_partitioning(
+        nn.initializers.normal(1.0), (None, "heads", "kv")), (2, heads, hd), self.param_dtype)
+    null_kv = jnp.broadcast_to(null_kv.astype(self.dtype)[None], (b, 2, heads, hd))
+    ks.append(null_kv[:, 0:1])
+    vs.append(null_kv[:, 1:2])
+    masks.append(jnp.ones((b, 1), bool))
+
+    if self.self_attention:
+      # One fused matmul for q, k, v (C -> 3 N D).
+      qkv = nn.DenseGeneral((3, heads, hd), axis=-1, name="qkv", **kw, kernel_init=(
+          nn.with_logical_partitioning(init, ("embed", None, "heads", "kv"))),
+          bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                 (None, "heads", "kv")))(h)
+      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+      ks.append(k)
+      vs.append(v)
+      masks.append(jnp.ones((b, hgt * wid), bool))
+    else:
+      q = nn.DenseGeneral((heads, hd), axis=-1, name="q", **kw, kernel_init=(
+          nn.with_logical_partitioning(init, ("embed", "heads", "kv"))),
+          bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                 ("heads", "kv")))(h)
+    q = layers.constrain(q, ("batch", None, "heads", "kv"))
+
+    if text is not None:
+      if text_mask is None:
+        raise ValueError("text given without text_mask")
+      t = layers.LayerNorm(self.param_dtype)(text).astype(self.dtype)
+      kv_txt = nn.DenseGeneral((2, heads, hd), axis=-1, name="text_kv", **kw, kernel_init=(
+          nn.with_logical_partitioning(init, ("text_embed", None, "heads", "kv"))),
+          bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                 (None, "heads", "kv")))(t)
+      ks.append(kv_txt[:, :, 0])
+      vs.append(kv_txt[:, :, 1])
+      masks.append(text_mask.astype(bool))
+
+    k = layers.constrain(jnp.concatenate(ks, axis=1), ("batch", None, "heads", "kv"))
+    v = layers.constrain(jnp.concatenate(vs, axis=1), ("batch", None, "heads", "kv"))
+    out = masked_attention(q, k, v, jnp.concatenate(masks, axis=1), self.dtype)
+    # Zero-initialised output projection (ADM zero_module): the block starts as identity.
+    out = nn.DenseGeneral(c, axis=(-2, -1), name="out", **kw, kernel_init=(
+        nn.with_logical_partitioning(nn.initializers.zeros_init(), ("heads", "kv", "embed"))),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)))(out)
+    out = out.reshape(b, hgt, wid, c)
+    return layers.constrain(x + out.astype(x.dtype), layers.FEATURE_AXES)

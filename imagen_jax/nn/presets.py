@@ -1,0 +1,129 @@
+"""Network sizes per cascade stage: `get_model_config(stage, size) -> ConfigDict`.
+
+Stages: "base64" (64x64 text->image, UNet), "sr256" (64->256, EfficientUNet),
+"sr1024" (256->1024, EfficientUNet). Sizes:
+  paper   Imagen App. F.1 / F.2 / F.3 with T5-XXL (4096-dim) text.
+  tiny    the smallest networks that exercise every feature (CPU unit tests).
+  shapes  the CPU demo on the procedural shapes data: a 32x32 base and a 32->64 SR
+          (for sr1024, the same SR network applied as a 64->128 stage).
+  bench   (base64 only) the speed-comparison config of issue 3: 64x64, width 64,
+          mult (1,2,3,4), 2 res blocks, self+text attention at 32/16/8, 4 heads x 32,
+          512-dim text of 64 tokens.
+
+Fields (all stages): kind, out_channels, lowres_cond, text_dim (input D of text_emb; the
+trainer overrides it from its text encoder), text_len (nominal L, used by benchmarks/tests
+only: the network accepts any L), text_proj_dim, embed_dim, num_heads, head_dim, pool_heads,
+dropout, norm_groups, dtype, param_dtype, remat, image_size (nominal, for benchmarks/tests).
+UNet adds base_channels, channel_mult, num_res_blocks, attn_resolutions, text_cross_attention.
+EfficientUNet adds channels, num_res_blocks, strides, self_attention, text_cross_attention
+(one entry per block), stem_channels, space_to_depth.
+Where the paper is silent the choice is marked "(ours)".
+"""
+from __future__ import annotations
+
+import ml_collections
+
+STAGES = ("base64", "sr256", "sr1024")
+SIZES = ("paper", "tiny", "shapes", "bench")
+
+
+def _common(**overrides) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.kind = "unet"
+  c.image_size = 64
+  c.out_channels = 3
+  c.lowres_cond = False
+  c.text_dim = 4096           # T5-XXL d_model (§2.1)
+  c.text_len = 128            # paper silent; project default max tokens (IMAGEN_FACTS)
+  c.text_proj_dim = 1024      # (ours) width of the shared text projection
+  c.embed_dim = 1024          # conditioning (time + pooled text) width
+  c.num_heads = None
+  c.head_dim = 64
+  c.pool_heads = 8            # (ours) heads of the text attention pooling
+  c.dropout = 0.0             # App. F: dropout 0
+  c.norm_groups = 32
+  c.dtype = "float32"         # compute; use "bfloat16" on accelerators
+  c.param_dtype = "float32"   # storage
+  c.remat = False
+  c.update(overrides)
+  return c
+
+
+def _unet(**kw) -> ml_collections.ConfigDict:
+  c = _common(kind="unet")
+  c.base_channels = 64
+  c.channel_mult = (1, 2, 3, 4)
+  c.num_res_blocks = 3
+  c.attn_resolutions = (32, 16, 8)
+  c.text_cross_attention = True
+  c.update(kw)
+  return c
+
+
+def _efficient(**kw) -> ml_collections.ConfigDict:
+  c = _common(kind="efficient_unet", lowres_cond=True)
+  c.channels = (128, 256, 512, 1024)
+  c.num_res_blocks = (2, 4, 8, 8)
+  c.strides = (2, 2, 2, 2)
+  c.self_attention = (False, False, False, True)
+  c.text_cross_attention = (False, False, False, True)
+  c.stem_channels = 128
+  c.space_to_depth = 1
+  c.num_heads = 8             # App. F.2: 8 attention heads
+  c.head_dim = None
+  c.update(kw)
+  return c
+
+
+def _base64(size: str) -> ml_collections.ConfigDict:
+  if size == "paper":
+    # App. F.1: ADM U-Net, channels 512 ("embed_dim 512"), mult [1,2,3,4], 3 res blocks,
+    # attention + text at 32/16/8, 64 channels per head, dropout 0. ADM's time-embedding
+    # width is 4 x channels = 2048.
+    return _unet(base_channels=512, embed_dim=2048, text_proj_dim=2048)
+  if size == "tiny":
+    return _unet(image_size=16, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                 attn_resolutions=(8,), head_dim=8, embed_dim=32, text_dim=8, text_len=5,
+                 text_proj_dim=16, pool_heads=2, norm_groups=4)
+  if size == "shapes":
+    # 32x32 demo base, 3.7M params: widths 48/96/96, 1 res block per level (2 on the way
+    # up, ADM), attention + text at 16 and 8. (64/128/128 x 2 blocks would be 8.5M here.)
+    return _unet(image_size=32, base_channels=48, channel_mult=(1, 2, 2), num_res_blocks=1,
+                 attn_resolutions=(16, 8), head_dim=32, embed_dim=256, text_dim=128,
+                 text_len=32, text_proj_dim=128, pool_heads=4)
+  if size == "bench":
+    return _unet(image_size=64, base_channels=64, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
+                 attn_resolutions=(32, 16, 8), num_heads=4, head_dim=32, embed_dim=256,
+                 text_dim=512, text_len=64, text_proj_dim=256, pool_heads=4)
+  raise ValueError(f"unknown size {size!r} for stage 'base64'; allowed: {SIZES}")
+
+
+def _sr(stage: str, size: str) -> ml_collections.ConfigDict:
+  self_attn = stage == "sr256"   # F.3 (SR1024) removes self-attention, keeps text attention
+  if size == "paper":
+    # App. F.2 / F.3: channels 128/256/512/1024, strides 2, res blocks 2/4/8/8, attention
+    # (8 heads) with text in the last block. Trained on 64->256 crops at every stage.
+    # Text: no shared projection, the cross-attention layers read T5-XXL directly (ours).
+    return _efficient(image_size=256, self_attention=(False, False, False, self_attn),
+                      text_proj_dim=None)
+  if size == "tiny":
+    return _efficient(image_size=16, channels=(8, 16), num_res_blocks=(1, 2), strides=(2, 2),
+                      self_attention=(False, self_attn), text_cross_attention=(False, True),
+                      stem_channels=8, num_heads=2, embed_dim=32, text_dim=8, text_len=5,
+                      text_proj_dim=16, pool_heads=2, norm_groups=4)
+  if size == "shapes":
+    # 32->64 (sr256) demo: pixel-unshuffle by 4, so the 64x64x6 input runs at 16x16x96.
+    return _efficient(image_size=64, channels=(96, 128), num_res_blocks=(2, 3), strides=(2, 2),
+                      self_attention=(False, self_attn), text_cross_attention=(False, True),
+                      stem_channels=64, space_to_depth=4, num_heads=4, embed_dim=256,
+                      text_dim=128, text_len=32, text_proj_dim=128, pool_heads=4)
+  raise ValueError(f"unknown size {size!r} for stage {stage!r}; allowed: paper, tiny, shapes")
+
+
+def get_model_config(stage: str, size: str) -> ml_collections.ConfigDict:
+  """The network config for a cascade stage at a named size (see the module docstring)."""
+  if stage == "base64":
+    return _base64(size)
+  if stage in ("sr256", "sr1024"):
+    return _sr(stage, size)
+  raise ValueError(f"unknown stage {stage!r}; allowed: {STAGES}")

@@ -1,0 +1,136 @@
+"""Conditioning shared by both U-Nets: logSNR/aug_level embeddings and the text pathway.
+
+Imagen §2.5 and App. F.1: the text enters the network twice,
+  (1) a pooled text vector (attention pooling over the T5 sequence), added to the timestep
+      embedding, and
+  (2) the full sequence, concatenated to the keys/values of the attention layers
+      (`attention.Attention`).
+"We find that LayerNorm for text embeddings in the attention and pooling layers further helps"
+(§2.5): the raw encoder output is layer-normed here and again inside every attention layer.
+
+Masking: tokens with mask False are zeroed on entry (`mask_text`) and excluded from every
+softmax, so their values have exactly no effect. A dropped text (classifier-free guidance: all
+zeros, all-False mask) pools to the learned null token only and stays finite.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from imagen_jax.nn import attention, layers
+
+Dtype = Any
+
+
+def mask_text(text_emb: jax.Array, text_mask: jax.Array) -> jax.Array:
+  """Zero the embeddings of masked tokens. [B,L,D], bool [B,L] -> [B,L,D]."""
+  if text_emb.ndim != 3 or text_mask.shape != text_emb.shape[:2]:
+    raise ValueError(f"text_emb must be [B, L, D] and text_mask [B, L]; got "
+                     f"{text_emb.shape} and {text_mask.shape}")
+  return jnp.where(text_mask.astype(bool)[:, :, None], text_emb, jnp.zeros((), text_emb.dtype))
+
+
+class AttentionPool(nn.Module):
+  """Multi-head attention pooling of a token sequence to one vector (CLIP-style).
+
+  query = Dense(masked mean of tokens)                    [B, 1, N, Dh]
+  keys/values = [null ; Dense(tokens)], masked            [B, 1+L, N, Dh]
+  pooled = Dense(softmax(q k^T / sqrt(Dh)) v)             [B, out_dim]
+  with N = num_heads and N * Dh = out_dim.
+  The paper names "attention pooling" without details (§2.5); this is our choice. The null
+  token keeps the all-masked (dropped-text) case finite and gives it a learned value.
+  """
+  out_dim: int
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+    b, _, d = tokens.shape
+    # Attention width = out_dim (not the text width D, which is 4096 for T5-XXL).
+    heads, hd = attention.resolve_heads(self.out_dim, self.num_heads, None)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+    count = jnp.maximum(mask.sum(axis=1, keepdims=True), 1).astype(jnp.float32)  # [B, 1]
+    mean = tokens.astype(jnp.float32).sum(axis=1) / count                       # [B, D]
+    q = nn.DenseGeneral((heads, hd), name="q", **kw, kernel_init=nn.with_logical_partitioning(
+        init, ("text_embed", "heads", "kv")), bias_init=nn.with_logical_partitioning(
+            nn.initializers.zeros_init(), ("heads", "kv")))(mean.astype(self.dtype))
+    kv = nn.DenseGeneral((2, heads, hd), name="kv", **kw,
+                         kernel_init=nn.with_logical_partitioning(
+                             init, ("text_embed", None, "heads", "kv")),
+                         bias_init=nn.with_logical_partitioning(
+                             nn.initializers.zeros_init(), (None, "heads", "kv")))(tokens)
+    null_kv = self.param("null_kv", nn.with_logical_partitioning(
+        nn.initializers.normal(1.0), (None, "heads", "kv")), (2, heads, hd), self.param_dtype)
+    null_kv = jnp.broadcast_to(null_kv.astype(self.dtype)[None], (b, 2, heads, hd))
+    k = jnp.concatenate([null_kv[:, 0:1], kv[:, :, 0]], axis=1)
+    v = jnp.concatenate([null_kv[:, 1:2], kv[:, :, 1]], axis=1)
+    full_mask = jnp.concatenate([jnp.ones((b, 1), bool), mask.astype(bool)], axis=1)
+    pooled = attention.masked_attention(q[:, None], k, v, full_mask, self.dtype)[:, 0]
+    return nn.DenseGeneral(self.out_dim, axis=(-2, -1), name="out", **kw,
+                           kernel_init=nn.with_logical_partitioning(
+                               init, ("heads", "kv", "embed")),
+                           bias_init=nn.with_logical_partitioning(
+                               nn.initializers.zeros_init(), ("embed",)))(pooled)
+
+
+class Conditioning(nn.Module):
+  """Builds the conditioning vector and the text sequence for the attention layers.
+
+  emb = ScalarEmb(logsnr_to_unit(logsnr)) [+ ScalarEmb(aug_level)] + Dense(AttentionPool(text))
+  Returns (emb [B, embed_dim], text [B, L, text_proj_dim or D] zero at masked tokens, mask).
+
+  With `text_proj_dim` set, the text is projected once (LayerNorm -> Dense(text_dim ->
+  text_proj_dim)) and shared by all attention layers (saves ~130M parameters in the paper base
+  model, which has 22 attention layers); with None, every attention layer and the pooling read
+  the layer-normed encoder output directly, as a plain cross-attention with context_dim = 4096
+  does. The paper is silent on this (ours). Each attention layer layer-norms the sequence again
+  and projects it to its own keys/values.
+  """
+  embed_dim: int
+  sinusoid_dim: int
+  text_proj_dim: int | None
+  pool_heads: int
+  use_aug_level: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, logsnr, text_emb, text_mask, aug_level=None):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    b = logsnr.shape[0]
+    if logsnr.shape != (b,):
+      raise ValueError(f"logsnr must be [B], got shape {logsnr.shape}")
+    if text_emb.shape[0] != b:
+      raise ValueError(f"text_emb batch {text_emb.shape[0]} != logsnr batch {b}")
+    emb = layers.ScalarEmbedding(self.embed_dim, self.sinusoid_dim, name="logsnr_emb", **kw)(
+        layers.logsnr_to_unit(logsnr))
+    if self.use_aug_level:
+      if aug_level is None or aug_level.shape != (b,):
+        raise ValueError("this super-resolution network needs aug_level of shape [B]; got "
+                         f"{None if aug_level is None else aug_level.shape}")
+      emb = emb + layers.ScalarEmbedding(
+          self.embed_dim, self.sinusoid_dim, name="aug_level_emb", **kw)(aug_level)
+    elif aug_level is not None:
+      raise ValueError("aug_level given to a network built without lowres conditioning "
+                       "(lowres_cond=False)")
+
+    mask = text_mask.astype(bool)
+    text = mask_text(text_emb, mask)
+    text = layers.constrain(text, ("batch", "text_len", "text_embed"))
+    text = layers.LayerNorm(self.param_dtype, name="text_norm")(text).astype(self.dtype)
+    if self.text_proj_dim is not None:
+      text = layers.dense(self.text_proj_dim, ("text_embed", "embed"), name="text_proj",
+                          **kw)(text)
+    # Re-zero masked tokens after the affine maps (LayerNorm bias, Dense bias), so that the
+    # sequence handed to attention is exactly zero there too.
+    text = mask_text(text, mask)
+    text = layers.constrain(text, ("batch", "text_len", "text_embed"))
+    pooled = AttentionPool(self.embed_dim, self.pool_heads, name="text_pool", **kw)(text, mask)
+    emb = emb + pooled
+    return layers.constrain(emb, ("batch", "embed")), text, mask

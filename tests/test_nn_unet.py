@@ -1,0 +1,193 @@
+"""Behaviour of the U-Nets on the `tiny` presets (CPU, a few seconds per compile).
+
+To keep compiles few, each stage runs ONE jitted forward on a batch whose rows are variants of
+one example (rows are independent: the networks have no batch statistics), and the tests
+compare rows. Params are random (numpy, from the `eval_shape` of init), not `model.init`'s:
+zero-initialised output layers (ADM's zero_module) would hide every path to the output, and
+compiling `init` (one threefry per param) costs far more CPU time than the forward pass.
+"""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from imagen_jax.nn import presets, unet
+
+STAGES = ("base64", "sr256", "sr1024")
+L = 5  # text length of the tiny presets
+
+
+def _random_params(model, batch, seed=0):
+  """Random params with the structure of model.init(...): no zero layers, O(1) activations."""
+  shapes = nn.meta.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0), **batch)))
+  rng = np.random.default_rng(seed)
+
+  def draw(path, s):
+    name = jax.tree_util.keystr(path)
+    if "scale" in name:                       # norm scales around 1
+      return (1.0 + 0.1 * rng.standard_normal(s.shape)).astype(np.float32)
+    if len(s.shape) <= 1:                     # biases
+      return (0.1 * rng.standard_normal(s.shape)).astype(np.float32)
+    fan_in = int(np.prod(s.shape[:-1]))
+    return (rng.standard_normal(s.shape) / np.sqrt(fan_in)).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def _variants(cfg):
+  """A batch of variants of example 0: rows named in the returned dict."""
+  s, d = cfg.image_size, cfg.text_dim
+  k = jax.random.split(jax.random.key(1), 6)
+  x = jax.random.normal(k[0], (1, s, s, 3))
+  lowres = jax.random.normal(k[1], (1, s, s, 3))
+  text = jax.random.normal(k[2], (1, L, d))
+  mask = jnp.array([[True, True, True, False, False]])
+  rows = {
+      "base": (text, mask, lowres, 0.3),
+      "other_text": (jax.random.normal(k[3], (1, L, d)), mask, lowres, 0.3),
+      # Same real tokens; different (large) embeddings at the masked positions.
+      "masked_changed": (text.at[:, 3:].set(100.0 * jax.random.normal(k[4], (1, 2, d))),
+                         mask, lowres, 0.3),
+      "dropped": (jnp.zeros_like(text), jnp.zeros_like(mask), lowres, 0.3),
+      "other_lowres": (text, mask, lowres + 0.5 * jax.random.normal(k[5], lowres.shape), 0.3),
+      "other_aug": (text, mask, lowres, 0.8),
+  }
+  names = list(rows)
+  cat = lambda i: jnp.concatenate([rows[n][i] for n in names], axis=0)
+  b = len(names)
+  batch = dict(x_t=jnp.broadcast_to(x, (b, s, s, 3)), logsnr=jnp.full((b,), 1.5),
+               text_emb=cat(0), text_mask=cat(1))
+  if cfg.lowres_cond:
+    batch["lowres"] = cat(2)
+    batch["aug_level"] = jnp.array([rows[n][3] for n in names], jnp.float32)
+  return names, batch
+
+
+@functools.lru_cache(maxsize=None)
+def _run(stage):
+  cfg = presets.get_model_config(stage, "tiny")
+  model = unet.build_model(cfg)
+  names, batch = _variants(cfg)
+  params = _random_params(model, batch)
+  out = jax.jit(lambda p, b: model.apply(p, **b))(params, batch)
+  return cfg, {n: np.asarray(out[i]) for i, n in enumerate(names)}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_output_shape_dtype_and_finite(stage):
+  cfg, out = _run(stage)
+  for name, o in out.items():
+    assert o.shape == (cfg.image_size, cfg.image_size, 3), name
+    assert o.dtype == np.float32
+    assert np.isfinite(o).all(), f"non-finite output for row {name!r}"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_text_conditioning_and_mask(stage):
+  _, out = _run(stage)
+  assert np.abs(out["other_text"] - out["base"]).max() > 1e-3, "text has no effect"
+  assert np.abs(out["dropped"] - out["base"]).max() > 1e-3, "dropping text has no effect"
+  # Masked tokens must have exactly no effect (up to float reassociation noise).
+  np.testing.assert_allclose(out["masked_changed"], out["base"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("stage", ("sr256", "sr1024"))
+def test_sr_uses_lowres_and_aug_level(stage):
+  _, out = _run(stage)
+  assert np.abs(out["other_lowres"] - out["base"]).max() > 1e-3, "lowres has no effect"
+  assert np.abs(out["other_aug"] - out["base"]).max() > 1e-3, "aug_level has no effect"
+
+
+def test_base_ignores_no_lowres_and_rejects_it():
+  cfg = presets.get_model_config("base64", "tiny")
+  model = unet.build_model(cfg)
+  _, batch = _variants(cfg)
+  with pytest.raises(ValueError, match="lowres_cond=False"):
+    jax.eval_shape(lambda: model.init(jax.random.key(0), **batch, lowres=batch["x_t"]))
+
+
+def test_sr_requires_lowres_and_aug_level():
+  cfg = presets.get_model_config("sr256", "tiny")
+  model = unet.build_model(cfg)
+  _, batch = _variants(cfg)
+  with pytest.raises(ValueError, match="needs `lowres`"):
+    jax.eval_shape(lambda: model.init(jax.random.key(0), **{**batch, "lowres": None}))
+  with pytest.raises(ValueError, match="aug_level"):
+    jax.eval_shape(lambda: model.init(jax.random.key(0), **{**batch, "aug_level": None}))
+
+
+def _loss_and_grad(stage, remat):
+  cfg = presets.get_model_config(stage, "tiny")
+  cfg.remat = remat
+  cfg.dropout = 0.1  # exercise the dropout rng through remat as well
+  model = unet.build_model(cfg)
+  _, batch = _variants(cfg)
+  params = _random_params(model, batch)
+
+  def loss(p):
+    out = model.apply(p, **batch, train=True, rngs={"dropout": jax.random.key(3)})
+    return jnp.mean(out ** 2), out
+
+  (_, out), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  return out, g
+
+
+@pytest.mark.parametrize("stage", [
+    "sr1024", pytest.param("base64", marks=pytest.mark.slow),
+    pytest.param("sr256", marks=pytest.mark.slow)])
+def test_remat_matches_no_remat(stage):
+  out0, g0 = _loss_and_grad(stage, remat=False)
+  out1, g1 = _loss_and_grad(stage, remat=True)
+  np.testing.assert_allclose(out1, out0, rtol=1e-5, atol=1e-5)
+  # Same param tree (remat must not rename anything), same gradients.
+  assert jax.tree.structure(g0) == jax.tree.structure(g1)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_bfloat16_compute_keeps_float32_params(stage):
+  cfg = presets.get_model_config(stage, "tiny")
+  cfg.dtype = "bfloat16"
+  model = unet.build_model(cfg)
+  _, batch = _variants(cfg)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), **batch))
+  dtypes = {jnp.dtype(x.dtype) for x in jax.tree.leaves(shapes)}
+  assert dtypes == {jnp.dtype(jnp.float32)}, dtypes
+  out = jax.eval_shape(lambda p: model.apply(p, **batch), shapes)
+  assert out.dtype == jnp.float32  # the prediction goes to float32 diffusion math
+
+
+@pytest.mark.slow
+def test_bfloat16_forward_is_finite_and_close():
+  cfg = presets.get_model_config("sr256", "tiny")
+  _, batch = _variants(cfg)
+  outs = []
+  for dtype in ("float32", "bfloat16"):
+    cfg.dtype = dtype
+    model = unet.build_model(cfg)
+    params = _random_params(model, batch)
+    outs.append(np.asarray(jax.jit(lambda p: model.apply(p, **batch))(params)))
+  assert np.isfinite(outs[1]).all()
+  scale = np.abs(outs[0]).max()
+  assert np.abs(outs[1] - outs[0]).max() < 0.1 * scale
+
+
+def test_unknown_kind_is_a_clear_error():
+  cfg = presets.get_model_config("base64", "tiny")
+  cfg.kind = "transformer"
+  with pytest.raises(ValueError, match="unknown model kind 'transformer'"):
+    unet.build_model(cfg)
+
+
+@pytest.mark.slow
+def test_init_compiles_and_is_finite():
+  cfg = presets.get_model_config("sr1024", "tiny")
+  model = unet.build_model(cfg)
+  _, batch = _variants(cfg)
+  params = jax.jit(model.init)(jax.random.key(0), **batch)
+  out = jax.jit(lambda p: model.apply(p, **batch))(params)
+  assert np.isfinite(np.asarray(out)).all()
