@@ -56,11 +56,11 @@ _VARIANTS = {
         lr=1e-4, warmup=10_000, ema_decay=0.9999, log_every=100, ckpt_every=5_000,
         sample_every=20_000, num_samples=16, sample_steps=256, mesh_fsdp=16),
     "tiny": dict(
-        text_name="byt5-tiny-random", max_length=16, batch=8, num_steps=40,
+        text_name="byt5-tiny-random", max_length=64, batch=8, num_steps=40,
         lr=3e-3, warmup=5, ema_decay=0.9, log_every=5, ckpt_every=10,
         sample_every=0, num_samples=2, sample_steps=4, mesh_fsdp=1),
     "shapes": dict(
-        text_name="byt5-tiny-random", max_length=48, batch=32, num_steps=2_000,
+        text_name="byt5-tiny-random", max_length=64, batch=32, num_steps=2_000,
         lr=1e-3, warmup=100, ema_decay=0.999, log_every=50, ckpt_every=500,
         sample_every=500, num_samples=8, sample_steps=32, mesh_fsdp=1),
 }
