@@ -114,20 +114,36 @@ def copy(tree):
     return jax.tree.map(lambda x: np.array(jax.device_get(x)), tree)
 
 
+def fresh(state):
+    """A copy on the same shardings (the jitted step donates its input state)."""
+    return jax.tree.map(lambda x: x.copy(), state)
+
+
+# One compiled setup per stage for the whole module: compiles dominate CPU test time.
+_SETUPS = {}
+
+
+def get_setup(stage):
+    if stage not in _SETUPS:
+        _SETUPS[stage] = setup(stage)
+    return _SETUPS[stage]
+
+
 @pytest.mark.parametrize("stage", ["base64", "sr256"])
 def test_step_trains_and_updates_ema(stage):
-    config, _, step, state, _, batch_sh = setup(stage)
+    config, _, step, state0, _, batch_sh = get_setup(stage)
+    state = fresh(state0)
     p0 = copy(state.params)
     state, ms = run(step, state, batch_sh, stage, 3)
     assert int(state.step) == 3
     assert all(np.isfinite(m["loss"]) and m["finite"] == 1 for m in ms)
     assert ms[0]["lr"] == 0.0 and ms[2]["lr"] > ms[1]["lr"] > 0  # linear warmup from 0
     p3 = copy(state.params)
-    changed = jax.tree.leaves(jax.tree.map(lambda a, b: not np.allclose(a, b), p0, p3))
-    assert any(changed)
+    changed = jax.tree.map(lambda a, b: not np.allclose(a, b), p0, p3)
+    assert all(jax.tree.leaves(changed["conv_in"])) and all(jax.tree.leaves(changed["text"]))
     # The SR-only aug_level path gets gradient (the net sees the augmentation level).
     if stage == "sr256":
-        assert not np.allclose(p0["aug"]["kernel"], p3["aug"]["kernel"])
+        assert changed["aug"]["kernel"]
     # One more step by hand: ema' = d * ema + (1 - d) * params' (float32).
     d = config.train.ema_decay
     ema = copy(state.ema_params)
@@ -138,32 +154,30 @@ def test_step_trains_and_updates_ema(stage):
 
 
 def test_randomness_is_a_function_of_the_step():
-    _, fn, _, state, _, _ = setup("sr256")
-    batch = make_batch("sr256")
+    _, _, step, state0, _, batch_sh = get_setup("sr256")
+    batch = jax.device_put(make_batch("sr256"), batch_sh)
     text = toy_text_params()
-    f = jax.jit(fn)
-    _, m1 = f(state, batch, jax.random.key(3), text)
-    _, m2 = f(state, batch, jax.random.key(3), text)
-    _, m3 = f(state.replace(step=state.step + 1), batch, jax.random.key(3), text)
+    _, m1 = step(fresh(state0), batch, jax.random.key(3), text)
+    _, m2 = step(fresh(state0), batch, jax.random.key(3), text)
+    _, m3 = step(fresh(state0).replace(step=state0.step + 1), batch, jax.random.key(3), text)
     assert float(m1["loss"]) == float(m2["loss"])
     assert float(m1["loss"]) != float(m3["loss"])
 
 
-@pytest.mark.parametrize("drop_prob", [0.0, 1.0])
-def test_text_dropout(drop_prob):
-    # Dropped text = zero embeddings + all-False mask: the text projection then gets no
-    # gradient at all, so Adam leaves it exactly where it was.
-    _, _, step, state, _, batch_sh = setup("sr256", **{"text.drop_prob": drop_prob})
+def test_dropped_text_gets_no_gradient():
+    # Dropped text = zero embeddings + all-False mask: with drop_prob = 1 the text projection
+    # gets no gradient at all, so Adam leaves it exactly where it was (with the default 0.1 it
+    # moves: test_step_trains_and_updates_ema).
+    _, _, step, state, _, batch_sh = setup("sr256", **{"text.drop_prob": 1.0})
     k0 = copy(state.params["text"]["kernel"])
     state, ms = run(step, state, batch_sh, "sr256", 3)
-    assert all(m["text_kept"] == 1.0 - drop_prob for m in ms)
-    same = np.array_equal(k0, copy(state.params["text"]["kernel"]))
-    assert same == (drop_prob == 1.0)
+    assert all(m["text_kept"] == 0.0 for m in ms)
+    np.testing.assert_array_equal(k0, copy(state.params["text"]["kernel"]))
 
 
 def test_nonfinite_step_is_skipped():
-    _, _, step, state, _, batch_sh = setup("base64")
-    state, _ = run(step, state, batch_sh, "base64", 2)
+    _, _, step, state0, _, batch_sh = get_setup("base64")
+    state, _ = run(step, fresh(state0), batch_sh, "base64", 2)
     before = copy(state)
     bad = make_batch("base64")
     bad["image"][0, 0, 0, 0] = np.nan
@@ -176,11 +190,19 @@ def test_nonfinite_step_is_skipped():
         jax.tree.map(np.testing.assert_array_equal, getattr(after, name), getattr(before, name))
 
 
-def test_bad_settings_are_clear_errors():
-    with pytest.raises(ValueError, match="diffusion.target 'w'"):
-        setup("base64", **{"diffusion.target": "w"})
-    with pytest.raises(ValueError, match="aug_level"):
-        setup("sr256", **{"diffusion.aug_level": (0.5, 0.2)})
+@pytest.mark.parametrize("stage, path, value, match", [
+    ("base64", "diffusion.target", "w", "diffusion.target 'w'"),
+    ("sr256", "diffusion.aug_level", (0.5, 0.2), "aug_level"),
+    ("sr256", "diffusion.schedule", "sqrt", "diffusion.schedule 'sqrt'"),
+])
+def test_bad_settings_are_clear_errors(stage, path, value, match):
+    config = load_config(stage)
+    section, field = path.split(".")
+    config[section][field] = value
+    tx, lr = optim.make_optimizer(config.optim, 10)
+    with pytest.raises(ValueError, match=match):
+        step_lib.make_train_step(model=ToyNet(), tx=tx, lr_schedule=lr, config=config,
+                                 encode_tokens=toy_encode)
 
 
 def test_sharded_equals_unsharded():
@@ -189,20 +211,19 @@ def test_sharded_equals_unsharded():
     Tolerance: the programs differ only in how XLA splits reductions (batch means, conv
     weight gradients summed over data shards then all-reduced), i.e. float32 summation order,
     ~1e-7 relative per reduction. Adam divides by sqrt(nu), which can amplify tiny gradient
-    differences to O(lr) where |g| ~ eps, so we allow 1e-5 absolute (lr is 3e-3, the params
-    are O(0.1-1)): far below one update, far above float32 rounding.
+    differences where |g| ~ eps, so we allow 1e-5 (lr is 3e-3, params are O(0.1-1)): far
+    below one update, far above float32 rounding.
     """
     stage = "sr256"
-    _, _, step1, s1, _, sh1 = setup(stage, devices=jax.devices()[:1])
-    _, _, step8, s8, mesh8, sh8 = setup(stage, {"data": 4, "fsdp": 2, "tensor": 1},
-                                        devices=jax.devices())
+    _, _, step1, s1, _, sh1 = get_setup(stage)
+    _, _, step8, s8, _, sh8 = setup(stage, {"data": 4, "fsdp": 2, "tensor": 1},
+                                    devices=jax.devices())
     assert s8.params["conv_in"]["kernel"].sharding.spec == P(None, None, None, "fsdp")
     assert s8.opt_state[1][0].mu["conv_in"]["kernel"].sharding.spec == P(
         None, None, None, "fsdp")
-    s1, m1 = run(step1, s1, sh1, stage, 4)
+    s1, m1 = run(step1, fresh(s1), sh1, stage, 4)
     s8, m8 = run(step8, s8, sh8, stage, 4)
     np.testing.assert_allclose([m["loss"] for m in m1], [m["loss"] for m in m8], rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
-                 copy(s1.params), copy(s8.params))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
-                 copy(s1.ema_params), copy(s8.ema_params))
+    for name in ("params", "ema_params"):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
+                     copy(getattr(s1, name)), copy(getattr(s8, name)))

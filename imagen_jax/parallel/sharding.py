@@ -47,6 +47,11 @@ def fit_spec(shape: Sequence[int], spec: P, mesh) -> P:
     entries = list(spec) + [None] * (len(shape) - len(spec))
     out = []
     for dim, entry in zip(shape, entries):
+        # Rules may name axes this mesh lacks (e.g. 'tensor' on a (data, fsdp) mesh): skip them.
+        if entry is not None:
+            names = tuple(n for n in ((entry,) if isinstance(entry, str) else entry)
+                          if n in sizes)
+            entry = None if not names else names[0] if len(names) == 1 else names
         out.append(entry if dim % _entry_size(entry, sizes) == 0 else None)
     while out and out[-1] is None:
         out.pop()
@@ -143,13 +148,17 @@ def specs_like_params(abstract_tree: Any, abstract_params: Any, param_specs: Any
     return jax.tree_util.tree_map_with_path(one, abstract_tree)
 
 
-def batch_axes(rules: Rules) -> tuple[str, ...]:
-    """Mesh axes the logical ``batch`` axis maps to (the global batch is split over these)."""
+def batch_axes(rules: Rules, mesh=None) -> tuple[str, ...]:
+    """Mesh axes the logical ``batch`` axis maps to (the global batch is split over these),
+    restricted to the axes of ``mesh`` when given."""
     spec = nn.logical_to_mesh_axes(("batch",), rules)
     entry = spec[0] if len(spec) else None
     if entry is None:
         return ()
-    return (entry,) if isinstance(entry, str) else tuple(entry)
+    axes = (entry,) if isinstance(entry, str) else tuple(entry)
+    if mesh is not None:
+        axes = tuple(a for a in axes if a in mesh.axis_names)
+    return axes
 
 
 def per_device_bytes(abstract_tree: Any, specs: Any, mesh) -> int:
