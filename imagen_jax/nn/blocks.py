@@ -128,6 +128,7 @@ class _EfficientStage(nn.Module):
   head_dim: int | None = None
   dropout: float = 0.0
   norm_groups: int = 32
+  attn_impl: str = "auto"
   remat: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -140,7 +141,8 @@ class _EfficientStage(nn.Module):
       h = block(self.channels, self.dropout, self.norm_groups, name=f"ResNetBlock_{i}",
                 **kw)(h, train)
     attn = maybe_remat(attention.Attention, self.remat)
-    heads = dict(num_heads=self.num_heads, head_dim=self.head_dim, norm_groups=self.norm_groups)
+    heads = dict(num_heads=self.num_heads, head_dim=self.head_dim, norm_groups=self.norm_groups,
+                 impl=self.attn_impl)
     # F.2 sets self_attention and text_cross_attention as two options and F.3 removes the
     # first while keeping the second, so they are two layers: self-attention over the image
     # tokens, then cross-attention from the image to the text (each with the null token).

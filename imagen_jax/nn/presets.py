@@ -13,7 +13,8 @@ Stages: "base64" (64x64 text->image, UNet), "sr256" (64->256, EfficientUNet),
 Fields (all stages): kind, out_channels, lowres_cond, text_dim (input D of text_emb; the
 trainer overrides it from its text encoder), text_len (nominal L, used by benchmarks/tests
 only: the network accepts any L), text_proj_dim, embed_dim, num_heads, head_dim, pool_heads,
-dropout, norm_groups, dtype, param_dtype, remat, image_size (nominal, for benchmarks/tests).
+dropout, norm_groups, attn_impl, dtype, param_dtype, remat, image_size (nominal, for
+benchmarks/tests).
 UNet adds base_channels, channel_mult, num_res_blocks, attn_resolutions, text_cross_attention.
 EfficientUNet adds channels, num_res_blocks, strides, self_attention, text_cross_attention
 (one entry per block), stem_channels, space_to_depth.
@@ -42,6 +43,7 @@ def _common(**overrides) -> ml_collections.ConfigDict:
   c.pool_heads = 8            # (ours) heads of the text attention pooling
   c.dropout = 0.0             # App. F: dropout 0
   c.norm_groups = 32
+  c.attn_impl = "auto"        # "dense" | "per_head" | "auto" (per_head on CPU), attention.py
   c.dtype = "float32"         # compute; use "bfloat16" on accelerators
   c.param_dtype = "float32"   # storage
   c.remat = False
@@ -107,10 +109,13 @@ def _sr(stage: str, size: str) -> ml_collections.ConfigDict:
     return _efficient(image_size=256, self_attention=(False, False, False, self_attn),
                       text_proj_dim=None)
   if size == "tiny":
+    # sr1024's tiny also exercises space_to_depth (16x16 -> 8x8x24) and the no-projection
+    # text path; sr256's exercises the shared text projection at full resolution.
     return _efficient(image_size=16, channels=(8, 16), num_res_blocks=(1, 2), strides=(2, 2),
                       self_attention=(False, self_attn), text_cross_attention=(False, True),
                       stem_channels=8, num_heads=2, embed_dim=32, text_dim=8, text_len=5,
-                      text_proj_dim=16, pool_heads=2, norm_groups=4)
+                      text_proj_dim=16 if self_attn else None, pool_heads=2, norm_groups=4,
+                      space_to_depth=1 if self_attn else 2)
   if size == "shapes":
     # 32->64 (sr256) demo: pixel-unshuffle by 4, so the 64x64x6 input runs at 16x16x96.
     return _efficient(image_size=64, channels=(96, 128), num_res_blocks=(2, 3), strides=(2, 2),

@@ -67,6 +67,7 @@ class UNet(nn.Module):
   lowres_cond: bool = False
   dropout: float = 0.0
   norm_groups: int = 32
+  attn_impl: str = "auto"
   remat: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -98,8 +99,8 @@ class UNet(nn.Module):
     def att(h):
       name = f"Attention_{counts['att']}"
       counts["att"] += 1
-      return attn(self.num_heads, self.head_dim, norm_groups=self.norm_groups, name=name,
-                  **kw)(h, *text_kv)
+      return attn(self.num_heads, self.head_dim, norm_groups=self.norm_groups,
+                  impl=self.attn_impl, name=name, **kw)(h, *text_kv)
 
     size = x.shape[1]
     h = layers.conv(self.base_channels, 3, name="conv_in", **kw)(x.astype(self.dtype))
@@ -162,6 +163,7 @@ class EfficientUNet(nn.Module):
   space_to_depth: int = 1
   dropout: float = 0.0
   norm_groups: int = 32
+  attn_impl: str = "auto"
   remat: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -185,7 +187,8 @@ class EfficientUNet(nn.Module):
             logsnr, text_emb, text_mask, aug_level)
 
     common = dict(num_heads=self.num_heads, head_dim=self.head_dim, dropout=self.dropout,
-                  norm_groups=self.norm_groups, remat=self.remat, **kw)
+                  norm_groups=self.norm_groups, attn_impl=self.attn_impl, remat=self.remat,
+                  **kw)
     h = layers.conv(self.stem_channels, 3, name="stem", **kw)(x.astype(self.dtype))
     skips = []
     for i in range(n):
@@ -225,7 +228,8 @@ def build_model(model_config: ml_collections.ConfigDict) -> nn.Module:
       num_heads=c.num_heads, head_dim=c.head_dim, embed_dim=c.embed_dim,
       text_proj_dim=c.text_proj_dim, pool_heads=c.pool_heads, out_channels=c.out_channels,
       lowres_cond=c.lowres_cond, dropout=c.dropout, norm_groups=c.norm_groups,
-      remat=c.remat, dtype=_dtype(c.dtype), param_dtype=_dtype(c.param_dtype))
+      attn_impl=c.attn_impl, remat=c.remat, dtype=_dtype(c.dtype),
+      param_dtype=_dtype(c.param_dtype))
   if c.kind == "unet":
     return UNet(base_channels=c.base_channels, channel_mult=tuple(c.channel_mult),
                 num_res_blocks=c.num_res_blocks, attn_resolutions=tuple(c.attn_resolutions),
