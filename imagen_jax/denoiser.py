@@ -1,0 +1,77 @@
+"""(network, params, stage settings) -> DenoiseFn, with classifier-free guidance built in.
+
+The samplers speak one contract (`imagen_jax.diffusion.samplers`):
+
+    DenoiseFn(z_t [B, H, W, C], logsnr [B], cond) -> eps_hat [B, H, W, C].
+
+A network predicts in its stage's target space (eps as in the paper, or v / x0 where a stage's
+config says so); :func:`make_denoise_fn` converts that to eps and applies classifier-free
+guidance (Imagen §2.2, eq. in §4.1):
+
+    eps_tilde = w * eps(z_t, c) + (1 - w) * eps(z_t, null),     w = guidance_weight,
+
+with the conditional and unconditional halves in ONE batched forward pass of size 2B (the
+"null" text is all-zero embeddings with an all-False mask, exactly what training uses when it
+drops the text with p = 0.1). Guidance in eps space equals guidance in x0 or v space: the
+conversions are affine in the prediction with coefficients shared by both halves.
+
+`cond` is a dict: `text_emb [B, L, D]`, `text_mask bool [B, L]`, and for SR stages `lowres`
+(the low-res image already upsampled to z_t's size and noise-augmented, [B, H, W, C]) and
+`aug_level [B]` (Imagen §2.4, App. D.2).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from imagen_jax.diffusion import guidance as guidance_lib
+from imagen_jax.diffusion import parameterization
+
+Array = jax.Array
+TARGETS = ("eps", "v", "x0")
+
+
+def null_text(text_emb: Array, text_mask: Array) -> tuple[Array, Array]:
+  """The dropped ("null") text of classifier-free guidance: zeros and an all-False mask."""
+  return jnp.zeros_like(text_emb), jnp.zeros_like(text_mask, dtype=bool)
+
+
+def make_denoise_fn(model, params, *, target: str, guidance_weight: float = 1.0
+                    ) -> Callable[[Array, Array, Mapping[str, Any]], Array]:
+  """Wrap a network into a guided `DenoiseFn` (Imagen §2.2).
+
+  Args:
+    model: a Flax module called as `model.apply({'params': params}, z_t, logsnr, text_emb,
+      text_mask, lowres=..., aug_level=..., train=False)` (see `imagen_jax.nn.unet`).
+    params: the network's params (EMA params for sampling).
+    target: what the network predicts: "eps", "v" or "x0".
+    guidance_weight: the paper's w; 1 = no guidance (one forward of size B), 0 = unconditional.
+      May be a traced scalar (so sweeps reuse one compile); a Python 1.0 skips the null half.
+  Returns:
+    `denoise_fn(z_t, logsnr, cond) -> eps_hat`, float32 `[B, H, W, C]`.
+  """
+  if target not in TARGETS:
+    raise ValueError(f"unknown prediction target {target!r}; allowed: {TARGETS}")
+  static_no_guidance = isinstance(guidance_weight, (int, float)) and guidance_weight == 1.0
+
+  def network(z_t, logsnr, text_emb, text_mask, lowres, aug_level):
+    pred = model.apply({"params": params}, z_t, logsnr, text_emb, text_mask, lowres=lowres,
+                       aug_level=aug_level, train=False)
+    return parameterization.prediction_to_eps(pred.astype(jnp.float32), z_t, logsnr, target)
+
+  def denoise_fn(z_t: Array, logsnr: Array, cond: Mapping[str, Any]) -> Array:
+    text_emb, text_mask = cond["text_emb"], cond["text_mask"].astype(bool)
+    lowres, aug_level = cond.get("lowres"), cond.get("aug_level")
+    if static_no_guidance:
+      return network(z_t, logsnr, text_emb, text_mask, lowres, aug_level)
+    null_emb, null_mask = null_text(text_emb, text_mask)
+    double = lambda a, b: None if a is None else jnp.concatenate([a, b], axis=0)
+    eps_both = network(
+        double(z_t, z_t), double(logsnr, logsnr), double(text_emb, null_emb),
+        double(text_mask, null_mask), double(lowres, lowres), double(aug_level, aug_level))
+    eps_cond, eps_uncond = jnp.split(eps_both, 2, axis=0)
+    return guidance_lib.classifier_free_guidance(eps_cond, eps_uncond, guidance_weight)
+
+  return denoise_fn
