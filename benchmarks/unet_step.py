@@ -32,7 +32,7 @@ flags.DEFINE_integer("fwd_steps", 10, "timed forward-only denoiser evaluations")
 flags.DEFINE_string("dtype", None, "override the compute dtype (float32 | bfloat16)")
 flags.DEFINE_integer("text_len", None, "override the text length")
 flags.DEFINE_bool("remat", None, "override remat")
-flags.DEFINE_string("attn_impl", None, "override attention impl (auto | dense | per_head)")
+flags.DEFINE_string("attn_impl", None, "override attention impl (auto | dense | per_example)")
 flags.DEFINE_bool("count_only", False,
                   "print parameter counts of the paper presets (eval_shape) and exit")
 
@@ -74,12 +74,41 @@ def _flops(compiled) -> float:
 
 
 def _median_time(fn, n):
-  times = []
+  """(median wall seconds, median process CPU seconds) of fn() over n calls.
+
+  CPU time (all threads of this process) is the steadier figure on a shared machine: on an
+  otherwise idle C-core CPU the wall time approaches cpu / C.
+  """
+  times, cpu = [], []
   for _ in range(n):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+    cpu.append(time.process_time() - c0)
+  return statistics.median(times), statistics.median(cpu)
+
+
+def make_train_step(model, tx, cond, batch):
+  """Adam step on the eps-MSE loss with the cosine schedule (App. A), x0 given."""
+
+  def train_step(params, opt_state, x0, key):
+    k_t, k_eps, k_drop = jax.random.split(key, 3)
+    t = jax.random.uniform(k_t, (batch,))
+    logsnr = -2.0 * jnp.log(jnp.tan(0.5 * math.pi * jnp.clip(t, 1e-4, 1 - 1e-4)))  # cosine
+    alpha = jnp.sqrt(jax.nn.sigmoid(logsnr))[:, None, None, None]
+    sigma = jnp.sqrt(jax.nn.sigmoid(-logsnr))[:, None, None, None]
+    eps = jax.random.normal(k_eps, x0.shape)
+    z_t = alpha * x0 + sigma * eps
+
+    def loss_fn(p):
+      eps_hat = model.apply(p, z_t, logsnr, **cond, train=True, rngs={"dropout": k_drop})
+      return jnp.mean((eps_hat - eps) ** 2)
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return train_step
 
 
 def main(argv):
@@ -98,41 +127,30 @@ def main(argv):
   model = unet.build_model(cfg)
   b = FLAGS.batch
   inputs = _inputs(cfg, b, jax.random.key(0))
+  cond = {k: v for k, v in inputs.items() if k not in ("x_t", "logsnr")}
   # An "rbg" key: compiling init with threefry costs ~0.1 s of CPU per param leaf here (one
   # threefry kernel per initializer); the benchmark does not care about init quality.
   t0 = time.perf_counter()
-  params = jax.jit(model.init)(jax.random.key(0, impl="rbg"), **inputs)
-  params = jax.block_until_ready(params)
+  params = jax.block_until_ready(jax.jit(model.init)(jax.random.key(0, impl="rbg"), **inputs))
   init_s = time.perf_counter() - t0
   n_params = sum(x.size for x in jax.tree.leaves(params))
   tx = optax.adam(1e-4)
   opt_state = tx.init(params)
+  x0, key = inputs["x_t"], jax.random.key(1)
 
-  def train_step(params, opt_state, x0, key):
-    k_t, k_eps, k_drop = jax.random.split(key, 3)
-    t = jax.random.uniform(k_t, (b,))
-    logsnr = -2.0 * jnp.log(jnp.tan(0.5 * math.pi * jnp.clip(t, 1e-4, 1 - 1e-4)))  # cosine
-    alpha = jnp.sqrt(jax.nn.sigmoid(logsnr))[:, None, None, None]
-    sigma = jnp.sqrt(jax.nn.sigmoid(-logsnr))[:, None, None, None]
-    eps = jax.random.normal(k_eps, x0.shape)
-    z_t = alpha * x0 + sigma * eps
-    cond = {k: v for k, v in inputs.items() if k not in ("x_t", "logsnr")}
-
-    def loss_fn(p):
-      eps_hat = model.apply(p, z_t, logsnr, **cond, train=True, rngs={"dropout": k_drop})
-      return jnp.mean((eps_hat - eps) ** 2)
-
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  x0 = inputs["x_t"]
-  key = jax.random.key(1)
   t0 = time.perf_counter()
-  compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(
+  compiled = jax.jit(make_train_step(model, tx, cond, b), donate_argnums=(0, 1)).lower(
       params, opt_state, x0, key).compile()
   compile_s = time.perf_counter() - t0
   flops = _flops(compiled)
+  if cfg.attn_impl != "dense":
+    # XLA's cost analysis counts a loop body once, so the per-example attention loop
+    # (attn_impl per_example, or auto on one CPU device) hides most attention FLOPs: count
+    # the same step with dense attention instead (analysis of the lowered module, no compile).
+    dense_cfg = cfg.copy_and_resolve_references()
+    dense_cfg.attn_impl = "dense"
+    step = make_train_step(unet.build_model(dense_cfg), tx, cond, b)
+    flops = _flops(jax.jit(step).lower(params, opt_state, x0, key))
 
   forward = jax.jit(lambda p, i: model.apply(p, **i))
   t0 = time.perf_counter()
@@ -146,21 +164,25 @@ def main(argv):
     return loss
 
   jax.block_until_ready(step())  # warm-up
-  step_s = _median_time(step, FLAGS.steps)
+  step_s, step_cpu = _median_time(step, FLAGS.steps)
   jax.block_until_ready(fwd(state[0], inputs))
-  fwd_s = _median_time(lambda: fwd(state[0], inputs), FLAGS.fwd_steps)
+  fwd_s, fwd_cpu = _median_time(lambda: fwd(state[0], inputs), FLAGS.fwd_steps)
 
   print(f"preset              {FLAGS.preset}  (kind={cfg.kind}, dtype={cfg.dtype}, "
-        f"remat={cfg.remat}, attn_impl={cfg.attn_impl}, image {cfg.image_size}x{cfg.image_size}, batch {b})")
+        f"remat={cfg.remat}, attn_impl={cfg.attn_impl}, image {cfg.image_size}x"
+        f"{cfg.image_size}, batch {b})")
   print(f"devices             {jax.devices()[0].platform} x{jax.device_count()}")
   print(f"parameters          {n_params / 1e6:.2f}M")
   print(f"train-step FLOPs    {flops / 1e9:.1f} GFLOP (XLA cost analysis)")
   print(f"compile time        {compile_s:.1f} s (train step), {fwd_compile_s:.1f} s (forward), "
         f"{init_s:.1f} s (init, compile + run)")
-  print(f"train step          {step_s:.3f} s median over {FLAGS.steps}")
+  print(f"train step          {step_s:.3f} s median over {FLAGS.steps} "
+        f"(process CPU time {step_cpu:.3f} s)")
   print(f"images/s            {b / step_s:.2f}")
-  print(f"achieved            {flops / step_s / 1e9:.1f} GFLOP/s")
-  print(f"denoiser forward    {fwd_s:.3f} s median over {FLAGS.fwd_steps}")
+  print(f"achieved            {flops / step_s / 1e9:.1f} GFLOP/s "
+        f"({flops / step_cpu / 1e9:.1f} GFLOP per CPU-second)")
+  print(f"denoiser forward    {fwd_s:.3f} s median over {FLAGS.fwd_steps} "
+        f"(process CPU time {fwd_cpu:.3f} s)")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def test_sinusoidal_embedding():
     layers.sinusoidal_embedding(jnp.zeros((2,)), 7)
 
 
-@pytest.mark.parametrize("impl", ["per_head", "auto"])
+@pytest.mark.parametrize("impl", ["per_example", "auto"])
 def test_attention_impls_agree(impl):
   k = jax.random.split(jax.random.key(0), 3)
   q = jax.random.normal(k[0], (2, 6, 2, 4))

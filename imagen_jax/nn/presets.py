@@ -43,7 +43,7 @@ def _common(**overrides) -> ml_collections.ConfigDict:
   c.pool_heads = 8            # (ours) heads of the text attention pooling
   c.dropout = 0.0             # App. F: dropout 0
   c.norm_groups = 32
-  c.attn_impl = "auto"        # "dense" | "per_head" | "auto" (per_head on CPU), attention.py
+  c.attn_impl = "auto"        # "dense" | "per_example" | "auto": attention.masked_attention
   c.dtype = "float32"         # compute; use "bfloat16" on accelerators
   c.param_dtype = "float32"   # storage
   c.remat = False
