@@ -65,18 +65,20 @@ def toy_text_params():
     return {"table": jax.random.normal(jax.random.key(7), (VOCAB, TEXT_DIM))}
 
 
-def make_batch(stage, seed=0):
+def make_batch(stage, seed=0, size=SIZE, text_len=TEXT_LEN, vocab=VOCAB):
     r = np.random.default_rng(seed)
-    batch = dict(image=r.uniform(-1, 1, (B, SIZE, SIZE, 3)).astype(np.float32),
-                 text_ids=r.integers(1, VOCAB, (B, TEXT_LEN)).astype(np.int32),
-                 text_mask=np.arange(TEXT_LEN)[None, :] < r.integers(1, TEXT_LEN, (B, 1)))
+    batch = dict(image=r.uniform(-1, 1, (B, size, size, 3)).astype(np.float32),
+                 text_ids=r.integers(1, vocab, (B, text_len)).astype(np.int32),
+                 text_mask=np.arange(text_len)[None, :] < r.integers(1, text_len, (B, 1)))
     if stage != "base64":
-        batch["lowres"] = r.uniform(-1, 1, (B, SIZE // 2, SIZE // 2, 3)).astype(np.float32)
+        batch["lowres"] = r.uniform(-1, 1, (B, size // 2, size // 2, 3)).astype(np.float32)
     return batch
 
 
-def setup(stage="base64", mesh_shape=None, devices=None, **overrides):
-    """(config, jitted step, state, shardings, mesh) for ToyNet on a mesh."""
+def setup(stage="base64", mesh_shape=None, devices=None, model=None, encode=toy_encode,
+          text_len=TEXT_LEN, text_dim=TEXT_DIM, size=SIZE, **overrides):
+    """(config, step fn, jitted step, state, mesh, batch sharding) for a net on a mesh
+    (ToyNet and the toy text table unless given)."""
     config = load_config(stage)
     for path, value in overrides.items():
         section, field = path.split(".")
@@ -84,15 +86,15 @@ def setup(stage="base64", mesh_shape=None, devices=None, **overrides):
     devices = devices or jax.devices()[:1]
     mesh = mesh_lib.make_mesh(mesh_shape or {"data": -1}, devices=devices)
     rules = tuple(tuple(r) for r in config.mesh.logical_axis_rules)
-    model = ToyNet()
+    model = model or ToyNet()
     tx, lr = optim.make_optimizer(config.optim, config.train.num_steps)
-    inputs = state_lib.model_inputs(batch=1, image_size=SIZE,
-                                    lowres_size=SIZE // 2 if stage != "base64" else 0,
-                                    text_len=TEXT_LEN, text_dim=TEXT_DIM)
+    inputs = state_lib.model_inputs(batch=1, image_size=size,
+                                    lowres_size=size // 2 if stage != "base64" else 0,
+                                    text_len=text_len, text_dim=text_dim)
     state, shardings = state_lib.create_sharded_state(model, tx, inputs, mesh, rules,
                                                       jax.random.key(0))
     fn = step_lib.make_train_step(model=model, tx=tx, lr_schedule=lr, config=config,
-                                  encode_tokens=toy_encode)
+                                  encode_tokens=encode)
     batch_sh = NamedSharding(mesh, P(sh.batch_axes(rules, mesh)))
     step = step_lib.jit_train_step(fn, mesh=mesh, rules=rules, state_shardings=shardings,
                                    batch_shardings=batch_sh,
@@ -100,11 +102,11 @@ def setup(stage="base64", mesh_shape=None, devices=None, **overrides):
     return config, fn, step, state, mesh, batch_sh
 
 
-def run(step, state, batch_sh, stage, n, text_params=None):
+def run(step, state, batch_sh, stage, n, text_params=None, **batch_kw):
     text_params = text_params or toy_text_params()
     out = []
     for i in range(n):
-        batch = jax.device_put(make_batch(stage, seed=i), batch_sh)
+        batch = jax.device_put(make_batch(stage, seed=i, **batch_kw), batch_sh)
         state, metrics = step(state, batch, jax.random.key(1), text_params)
         out.append(jax.device_get(metrics))
     return state, out
@@ -227,3 +229,26 @@ def test_sharded_equals_unsharded():
     for name in ("params", "ema_params"):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
                      copy(getattr(s1, name)), copy(getattr(s8, name)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["base64", "sr256"])
+def test_sharded_equals_unsharded_tiny_networks(stage):
+    """The same check with the real tiny U-Net / Efficient U-Net and the frozen tiny T5 (same
+    tolerance and reasoning as test_sharded_equals_unsharded)."""
+    from imagen_jax.nn import unet
+    from imagen_jax.text import registry
+
+    config = load_config(stage)
+    encoder = registry.get_text_encoder(config.text)
+    kw = dict(model=unet.build_model(config.model), encode=encoder.encode_tokens,
+              text_len=encoder.max_length, text_dim=encoder.dim, size=config.image_size)
+    batch_kw = dict(size=config.image_size, text_len=encoder.max_length, vocab=200)
+    _, _, step1, s1, _, sh1 = setup(stage, **kw)
+    _, _, step8, s8, _, sh8 = setup(stage, {"data": 4, "fsdp": 2, "tensor": 1},
+                                    devices=jax.devices(), **kw)
+    s1, m1 = run(step1, s1, sh1, stage, 3, encoder.params, **batch_kw)
+    s8, m8 = run(step8, s8, sh8, stage, 3, encoder.params, **batch_kw)
+    np.testing.assert_allclose([m["loss"] for m in m1], [m["loss"] for m in m8], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
+                 copy(s1.params), copy(s8.params))
