@@ -194,3 +194,28 @@ def test_init_compiles_and_is_finite():
   params = jax.jit(model.init)(jax.random.key(0), **batch)
   out = jax.jit(lambda p: model.apply(p, **batch))(params)
   assert np.isfinite(np.asarray(out)).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", STAGES)
+def test_sharded_init_and_apply_with_activation_constraints(stage):
+  """Params sharded over a (data=2, fsdp=4) mesh; activations constrained by local rules."""
+  from jax.sharding import AxisType
+  from imagen_jax.parallel import sharding
+  rules = [("batch", "data"), ("embed", "fsdp"), ("conv_out", "fsdp"),
+           ("text_embed", "fsdp"), ("mlp", None), ("heads", None), ("kv", None),
+           ("conv_in", None), ("text_len", None), ("norm", None), ("height", None),
+           ("width", None)]
+  mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
+  cfg = presets.get_model_config(stage, "tiny")
+  model = unet.build_model(cfg)
+  _, batch = _variants(cfg)
+  batch = jax.tree.map(lambda x: jnp.concatenate([x, x[:2]], axis=0), batch)  # B = 8
+  abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), **batch))
+  shardings = sharding.to_named(sharding.mesh_specs(abstract, mesh, rules), mesh)
+  with jax.set_mesh(mesh):
+    params = jax.jit(lambda: nn.meta.unbox(model.init(jax.random.key(0), **batch)),
+                     out_shardings=shardings)()
+    with nn.logical_axis_rules(rules):
+      out = jax.jit(lambda p: model.apply(p, **batch))(params)
+  assert out.shape == batch["x_t"].shape and np.isfinite(np.asarray(out)).all()

@@ -116,7 +116,6 @@ class Attention(nn.Module):
     if not self.self_attention and text is None:
       raise ValueError("a cross-attention-only layer (self_attention=False) needs text")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
     h = layers.GroupNorm(self.norm_groups, self.param_dtype)(x).astype(self.dtype)
     h = h.reshape(b, hgt * wid, c)
 
@@ -131,29 +130,22 @@ class Attention(nn.Module):
 
     if self.self_attention:
       # One fused matmul for q, k, v (C -> 3 N D).
-      qkv = nn.DenseGeneral((3, heads, hd), axis=-1, name="qkv", **kw, kernel_init=(
-          nn.with_logical_partitioning(init, ("embed", None, "heads", "kv"))),
-          bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
-                                                 (None, "heads", "kv")))(h)
+      qkv = layers.DenseGeneral((3, heads, hd), ("embed", None, "heads", "kv"), name="qkv",
+                                **kw)(h)
       q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
       ks.append(k)
       vs.append(v)
       masks.append(jnp.ones((b, hgt * wid), bool))
     else:
-      q = nn.DenseGeneral((heads, hd), axis=-1, name="q", **kw, kernel_init=(
-          nn.with_logical_partitioning(init, ("embed", "heads", "kv"))),
-          bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
-                                                 ("heads", "kv")))(h)
+      q = layers.DenseGeneral((heads, hd), ("embed", "heads", "kv"), name="q", **kw)(h)
     q = layers.constrain(q, ("batch", None, "heads", "kv"))
 
     if text is not None:
       if text_mask is None:
         raise ValueError("text given without text_mask")
       t = layers.LayerNorm(self.param_dtype)(text).astype(self.dtype)
-      kv_txt = nn.DenseGeneral((2, heads, hd), axis=-1, name="text_kv", **kw, kernel_init=(
-          nn.with_logical_partitioning(init, ("text_embed", None, "heads", "kv"))),
-          bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(),
-                                                 (None, "heads", "kv")))(t)
+      kv_txt = layers.DenseGeneral((2, heads, hd), ("text_embed", None, "heads", "kv"),
+                                   name="text_kv", **kw)(t)
       ks.append(kv_txt[:, :, 0])
       vs.append(kv_txt[:, :, 1])
       masks.append(text_mask.astype(bool))
@@ -162,8 +154,7 @@ class Attention(nn.Module):
     v = layers.constrain(jnp.concatenate(vs, axis=1), ("batch", None, "heads", "kv"))
     out = masked_attention(q, k, v, jnp.concatenate(masks, axis=1), self.dtype, self.impl)
     # Zero-initialised output projection (ADM zero_module): the block starts as identity.
-    out = nn.DenseGeneral(c, axis=(-2, -1), name="out", **kw, kernel_init=(
-        nn.with_logical_partitioning(nn.initializers.zeros_init(), ("heads", "kv", "embed"))),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)))(out)
+    out = layers.DenseGeneral((c,), ("heads", "kv", "embed"), in_axes=2, zero_init=True,
+                              name="out", **kw)(out)
     out = out.reshape(b, hgt, wid, c)
     return layers.constrain(x + out.astype(x.dtype), layers.FEATURE_AXES)

@@ -65,6 +65,43 @@ def dense(features: int, names: tuple[str | None, str | None], *, zero_init: boo
       name=name)
 
 
+class DenseGeneral(nn.Module):
+  """Dense map contracting the last `in_axes` axes of x onto `features` axes.
+
+  y[..., f] = sum_i x[..., i] W[i, f] + b[f],  W: [*in_dims, *features] with logical `names`.
+  Unlike flax's DenseGeneral, the kernel is initialised in its final shape, so its logical
+  partitioning (and the sharding constraint it implies under a mesh) applies to the real
+  array (flax initialises a flattened 2-D kernel and reshapes it afterwards).
+  """
+  features: tuple[int, ...]
+  names: tuple[str | None, ...]
+  in_axes: int = 1
+  zero_init: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    n_in, n_out = self.in_axes, len(self.features)
+    if len(self.names) != n_in + n_out:
+      raise ValueError(f"DenseGeneral names {self.names} must name {n_in} input and "
+                       f"{n_out} output axes")
+    kshape = tuple(x.shape[x.ndim - n_in:]) + tuple(self.features)
+    init = (nn.initializers.zeros_init() if self.zero_init else
+            nn.initializers.variance_scaling(1.0, "fan_avg", "uniform",
+                                             in_axis=tuple(range(n_in)),
+                                             out_axis=tuple(range(n_in, n_in + n_out))))
+    kernel = self.param("kernel", nn.with_logical_partitioning(init, self.names), kshape,
+                        self.param_dtype)
+    bias = self.param("bias", nn.with_logical_partitioning(
+        nn.initializers.zeros_init(), self.names[n_in:]), tuple(self.features),
+                      self.param_dtype)
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    lead = y.ndim - n_out
+    return y + bias.astype(self.dtype).reshape((1,) * lead + tuple(self.features))
+
+
 def num_groups_for(channels: int, max_groups: int = 32) -> int:
   """Largest group count <= max_groups that divides `channels` (32 for every paper width)."""
   for g in range(min(max_groups, channels), 0, -1):

@@ -54,17 +54,12 @@ class AttentionPool(nn.Module):
     # Attention width = out_dim (not the text width D, which is 4096 for T5-XXL).
     heads, hd = attention.resolve_heads(self.out_dim, self.num_heads, None)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
     count = jnp.maximum(mask.sum(axis=1, keepdims=True), 1).astype(jnp.float32)  # [B, 1]
     mean = tokens.astype(jnp.float32).sum(axis=1) / count                       # [B, D]
-    q = nn.DenseGeneral((heads, hd), name="q", **kw, kernel_init=nn.with_logical_partitioning(
-        init, ("text_embed", "heads", "kv")), bias_init=nn.with_logical_partitioning(
-            nn.initializers.zeros_init(), ("heads", "kv")))(mean.astype(self.dtype))
-    kv = nn.DenseGeneral((2, heads, hd), name="kv", **kw,
-                         kernel_init=nn.with_logical_partitioning(
-                             init, ("text_embed", None, "heads", "kv")),
-                         bias_init=nn.with_logical_partitioning(
-                             nn.initializers.zeros_init(), (None, "heads", "kv")))(tokens)
+    q = layers.DenseGeneral((heads, hd), ("text_embed", "heads", "kv"), name="q", **kw)(
+        mean.astype(self.dtype))
+    kv = layers.DenseGeneral((2, heads, hd), ("text_embed", None, "heads", "kv"), name="kv",
+                             **kw)(tokens)
     null_kv = self.param("null_kv", nn.with_logical_partitioning(
         nn.initializers.normal(1.0), (None, "heads", "kv")), (2, heads, hd), self.param_dtype)
     null_kv = jnp.broadcast_to(null_kv.astype(self.dtype)[None], (b, 2, heads, hd))
@@ -72,11 +67,8 @@ class AttentionPool(nn.Module):
     v = jnp.concatenate([null_kv[:, 1:2], kv[:, :, 1]], axis=1)
     full_mask = jnp.concatenate([jnp.ones((b, 1), bool), mask.astype(bool)], axis=1)
     pooled = attention.masked_attention(q[:, None], k, v, full_mask, self.dtype)[:, 0]
-    return nn.DenseGeneral(self.out_dim, axis=(-2, -1), name="out", **kw,
-                           kernel_init=nn.with_logical_partitioning(
-                               init, ("heads", "kv", "embed")),
-                           bias_init=nn.with_logical_partitioning(
-                               nn.initializers.zeros_init(), ("embed",)))(pooled)
+    return layers.DenseGeneral((self.out_dim,), ("heads", "kv", "embed"), in_axes=2,
+                               name="out", **kw)(pooled)
 
 
 class Conditioning(nn.Module):
