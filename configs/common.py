@@ -143,7 +143,8 @@ def data_config(stage: str, variant: str) -> ml_collections.ConfigDict:
         num_train={"paper": 100_000, "tiny": 64, "shapes": 20_000}[variant],
         num_test={"paper": 1_000, "tiny": 16, "shapes": 500}[variant],
         sr_crop_size=crop,
-        crop="center" if variant == "tiny" else "random")
+        crop="center" if variant == "tiny" else "random",
+        keep_caption=True)  # host-side only: the prompts of the sample grids
 
 
 def train_config(v: dict) -> ml_collections.ConfigDict:

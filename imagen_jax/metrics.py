@@ -82,7 +82,14 @@ class MetricWriter:
         return paths
 
     def write_text(self, step: int, name: str, text: str) -> None:
-        if self.enabled and self._tb is not None:
+        """Text to TensorBoard and to `samples/<name>_<step>.txt` (e.g. a grid's prompts)."""
+        if not self.enabled:
+            return
+        out_dir = os.path.join(self.workdir, "samples")
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, f"{name}_{int(step):08d}.txt"), "w") as f:
+            f.write(text + "\n")
+        if self._tb is not None:
             self._tb.add_text(name, text, int(step))
 
     def flush(self) -> None:

@@ -102,3 +102,20 @@ def test_nonfinite_loss_stops_with_the_step(tmp_path, data_dir):
     out = trainer.train_and_evaluate(config, str(tmp_path / "skip"))
     assert out["step"] == 20
     assert any(r["nonfinite_steps"] > 0 for r in losses(str(tmp_path / "skip")))
+
+
+def test_metric_writer_outputs(tmp_path):
+    from imagen_jax import metrics
+
+    w = metrics.MetricWriter(str(tmp_path))
+    w.write_scalars(3, {"loss": 0.5, "grad_norm": float("nan")})
+    paths = w.write_images(3, {"ema_samples": np.zeros((5, 4, 4, 3), np.float32)})
+    w.write_text(3, "ema_samples_prompts", "a red circle\na blue square")
+    w.close()
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {
+        "step": 3, "loss": 0.5, "grad_norm": "nan"}
+    from PIL import Image
+
+    assert Image.open(paths[0]).size == (3 * 5 - 1, 2 * 5 - 1)  # 3 x 2 grid, 1 px gaps
+    assert (tmp_path / "samples" / "ema_samples_prompts_00000003.txt").read_text().startswith(
+        "a red circle")

@@ -267,14 +267,15 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> d
 
     try:
         while step < c.train.num_steps:
-            batch = pipeline.to_global_batch(next(loader), mesh, batch_axes)
+            host_batch = next(loader)
+            batch = pipeline.to_global_batch(host_batch, mesh, batch_axes)
             state, metrics = train_step(state, batch, step_rng, encoder.params)
             step += 1
             steps_since += 1
             pending.append((step, metrics))
             bar.update(1)
             if sampler is not None and sampler.batch is None:
-                sampler.keep(batch)
+                sampler.keep(batch, host_batch.get("caption"))
             for hook in hooks:
                 hook(step, state, metrics)
             if step % c.train.log_every == 0 or step == c.train.num_steps:
@@ -282,6 +283,8 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> d
             if sampler is not None and step % c.train.sample_every == 0:
                 flush()
                 writer.write_images(step, sampler(state, encoder.params, sample_rng))
+                if sampler.captions:
+                    writer.write_text(step, "ema_samples_prompts", "\n".join(sampler.captions))
             if preemption.reached(step, int(c.train.preemption_check_every)):
                 flush()
                 ckpt.save(step, state, data_state=loader.get_state(), config_dict=config_dict)
@@ -310,6 +313,7 @@ class _Sampler:
         self.n = int(config.sample.num_images)
         self.mesh = mesh
         self.batch = None
+        self.captions: list[str] = []
         replicated = NamedSharding(mesh, P())
         fn = sampling.make_sample_fn(model=model, config=config,
                                      schedule=step_lib.make_schedule(config.diffusion),
@@ -318,10 +322,14 @@ class _Sampler:
         self._take = jax.jit(lambda b: jax.tree.map(lambda x: x[:self.n], b),
                              out_shardings=replicated)
 
-    def keep(self, batch: dict) -> None:
+    def keep(self, batch: dict, captions=None) -> None:
+        """Holds the first `n` examples of `batch` (process 0's host batch comes first in the
+        global batch, so its `captions` - kept with data.keep_caption - are their prompts)."""
         if self.n > next(iter(batch.values())).shape[0]:
             raise ValueError(f"sample.num_images={self.n} exceeds the global batch")
         self.batch = self._take(batch)
+        if captions is not None and len(captions) >= self.n:
+            self.captions = [str(c) for c in list(captions)[:self.n]]
 
     def __call__(self, state, text_params, rng) -> dict:
         with jax.set_mesh(self.mesh):
