@@ -1,0 +1,144 @@
+"""Cascade sampling end to end on tiny random stages (issue 7): determinism, prefixes, errors.
+
+Stage workdirs are written the way the trainer writes them (config.json + an Orbax checkpoint of
+the train state), from freshly initialised tiny networks: sampling does not care whether the
+weights were trained, and this keeps the test to seconds.
+"""
+import importlib.util
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from imagen_jax import cascade, denoiser
+from imagen_jax import checkpoint as ckpt_lib
+from imagen_jax.nn import unet
+from imagen_jax.train import optim, state as state_lib, trainer
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(stage, **sizes):
+  spec = importlib.util.spec_from_file_location(
+      f"cfg_{stage}", os.path.join(_REPO, "configs", f"{stage}.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config("tiny")
+  with c.unlocked():
+    for k, v in sizes.items():
+      c[k] = v
+  return c
+
+
+def _write_stage(workdir, config, seed=0):
+  model = unet.build_model(config.model)
+  tx, _ = optim.make_optimizer(config.optim, int(config.train.num_steps))
+  image, lowres = trainer.train_sizes(config)
+  inputs = state_lib.model_inputs(batch=1, image_size=image, lowres_size=lowres,
+                                  text_len=int(config.text.max_length),
+                                  text_dim=int(config.model.text_dim))
+  state = jax.jit(state_lib.make_init_fn(model, tx, inputs))(jax.random.key(seed))
+  # Perturb the weights: a fresh network's zero-initialised output conv would make its output
+  # independent of every input, and these tests check that inputs matter.
+  leaves, tree = jax.tree.flatten(state.ema_params)
+  keys = jax.random.split(jax.random.key(seed + 100), len(leaves))
+  state = state.replace(ema_params=jax.tree.unflatten(tree, [
+      p + 0.05 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)]))
+  os.makedirs(workdir, exist_ok=True)
+  config_dict = trainer.config_to_dict(config)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(config_dict, f)
+  ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+  ck.save(7, state, data_state={}, config_dict=config_dict)
+  ck.close()
+
+
+@pytest.fixture(scope="module")
+def loaded(workdirs):
+  return cascade.Cascade.from_workdirs(workdirs)
+
+
+@pytest.fixture(scope="module")
+def workdirs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("cascade")
+  base = _config("base64")                                   # 16x16 text -> image
+  sr = _config("sr256", image_size=32, lowres_size=16)       # 16 -> 32
+  _write_stage(str(root / "base"), base)
+  _write_stage(str(root / "sr"), sr, seed=1)
+  return str(root / "base"), str(root / "sr")
+
+
+SETTINGS = [cascade.SamplingSettings(num_steps=3, guidance_weight=3.0),
+            cascade.SamplingSettings(num_steps=2, aug_level=0.2)]
+PROMPTS = ["a red circle in the center", "a small blue square on the left", ""]
+
+
+def test_cascade_samples_end_to_end_and_is_deterministic(loaded):
+  model = loaded
+  assert [s.step for s in model.stages] == [7, 7]
+  a = model.sample(PROMPTS, SETTINGS, seed=3, progress=False)
+  assert [x.shape for x in a] == [(3, 16, 16, 3), (3, 32, 32, 3)]
+  assert all(np.isfinite(x).all() and np.abs(x).max() <= 1.0 for x in a)
+  b = model.sample(PROMPTS, SETTINGS, seed=3, progress=False)
+  np.testing.assert_array_equal(a[1], b[1])
+  c = model.sample(PROMPTS, SETTINGS, seed=4, progress=False)
+  assert not np.allclose(a[0], c[0])
+  # The cascade's stage 2 is conditioned on stage 1: the SR stage alone on stage 1's images
+  # reproduces it, and on other low-res images gives other outputs.
+  (sr_same,) = model.sample(PROMPTS, SETTINGS[1:], seed=3, lowres=a[0], progress=False)
+  np.testing.assert_allclose(sr_same, a[1], atol=1e-5)
+  (sr_other,) = model.sample(PROMPTS, SETTINGS[1:], seed=3, lowres=np.zeros_like(a[0]),
+                             progress=False)
+  assert not np.allclose(sr_other, a[1], atol=1e-3)
+  # A prefix (stage 1 only) gives stage 1's images.
+  (x,) = model.sample(PROMPTS, SETTINGS[:1], seed=3, progress=False)
+  np.testing.assert_allclose(x, a[0], atol=1e-6)
+
+
+def test_per_sample_noise_does_not_depend_on_the_batch():
+  key = jax.random.key(0)
+  full = cascade.initial_noise(key, jnp.arange(4), (4, 4, 3))
+  part = cascade.initial_noise(key, jnp.arange(2, 4), (4, 4, 3))
+  np.testing.assert_array_equal(full[2:], part)
+
+
+def test_missing_and_mismatched_stages_fail_clearly(workdirs, tmp_path):
+  with pytest.raises(cascade.StageLoadError, match="config.json does not exist"):
+    cascade.load_stage(str(tmp_path / "nowhere"))
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  with open(workdirs[0] + "/config.json") as f:
+    (empty / "config.json").write_text(f.read())
+  with pytest.raises(cascade.StageLoadError, match="no complete checkpoint"):
+    cascade.load_stage(str(empty))
+  with pytest.raises(cascade.StageLoadError, match="stage 1 .* is an SR stage"):
+    cascade.Cascade.from_workdirs([workdirs[1]])
+  with pytest.raises(cascade.StageLoadError, match="is not an SR stage"):
+    cascade.Cascade.from_workdirs([workdirs[0], workdirs[0]])
+  # A checkpoint whose saved config no longer matches the network (edited config.json).
+  bad = tmp_path / "bad"
+  shutil.copytree(workdirs[0], bad)
+  cfg = json.loads((bad / "config.json").read_text())
+  cfg["model"]["base_channels"] = 2 * cfg["model"]["base_channels"]
+  (bad / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(ckpt_lib.CheckpointMismatchError):
+    cascade.load_stage(str(bad))
+
+
+def test_guided_denoise_fn_is_one_batched_pass_of_cfg(loaded):
+  stage = loaded.stages[0]
+  z = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  logsnr = jnp.array([1.0, -2.0])
+  emb = jax.random.normal(jax.random.key(1), (2, 5, int(stage.config.model.text_dim)))
+  mask = jnp.array([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]], bool)
+  params = stage.params
+  eps = lambda w: denoiser.make_denoise_fn(stage.model, params, target="eps",
+                                           guidance_weight=w)(z, logsnr, {"text_emb": emb,
+                                                                          "text_mask": mask})
+  cond, uncond = eps(1.0), eps(0.0)
+  assert not np.allclose(cond, uncond)
+  np.testing.assert_allclose(eps(3.0), 3.0 * cond - 2.0 * uncond, atol=2e-4)
