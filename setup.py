@@ -26,6 +26,8 @@ INSTALL_REQUIRES = [
     "safetensors==0.8.0",
     "numpy>=1.26,<3",
     "tensorboardX==2.6.5",
+    "scipy==1.17.1",  # shapes alignment metric (scipy.ndimage); jax depends on it too
+    "msgpack==1.2.4",  # text-embedding cache records
 ]
 
 EXTRAS = {
