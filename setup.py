@@ -24,7 +24,7 @@ INSTALL_REQUIRES = [
     "tqdm==4.70.1",
     "absl-py==2.5.1",
     "safetensors==0.8.0",
-    "numpy>=1.26,<3",
+    "numpy==2.4.6",
     "tensorboardX==2.6.5",
     "scipy==1.17.1",  # shapes alignment metric (scipy.ndimage); jax depends on it too
     "msgpack==1.2.4",  # text-embedding cache records

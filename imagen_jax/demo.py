@@ -88,42 +88,22 @@ def train_stage(name, config, workdir, timings):
   timings[f"train_{name}_s"] = round(time.time() - t0, 1)
 
 
-def main(argv):
-  del argv
-  start = time.time()
-  workdir = os.path.abspath(_WORKDIR.value)
-  os.makedirs(workdir, exist_ok=True)
-  print(f"imagen-jax demo: shapes dataset -> base 32x32 stage -> SR 32->64 stage -> samples.\n"
-        f"Expected time on an idle 2-core CPU: about {EXPECTED_MINUTES} minutes (dataset ~1, "
-        f"base stage ~12, SR stage ~7, sampling + scoring ~3). Output: {workdir}", flush=True)
+def evaluate(base_dir: str, sr_dir: str, builder64, cascade_cfg, out_dir: str, *,
+             num_test: int, grid_rows: int) -> dict:
+  """Samples the shapes test prompts through the trained cascade and scores them.
 
+  Writes `<out_dir>/samples.png`; returns the report dict (alignment per stage at the demo's
+  guidance weight and at w = 1, on all / held-out / seen combinations; the SR stage alone on
+  real low-res inputs: PSNR and edge sharpness beside bicubic upsampling and the real images).
+  """
   import numpy as np
-  import PIL.Image
 
   from imagen_jax import cascade, visualize
   from imagen_jax.data import preprocess, shapes
   from imagen_jax.evals import shapes_metric
 
-  timings = {}
-  data_dir = os.path.join(workdir, "data")
-  base_cfg = load_config("configs/base64.py", "shapes")
-  sr_cfg = load_config("configs/sr256.py", "shapes")
-  cascade_cfg = load_config("configs/cascade.py", "shapes")
-  for cfg, steps in ((base_cfg, _BASE_STEPS.value), (sr_cfg, _SR_STEPS.value)):
-    with cfg.unlocked():
-      cfg.data.data_dir = data_dir
-      if steps is not None:
-        cfg.train.num_steps = steps
-
-  # 1. Data: the same scenes at both resolutions (examples depend on (seed, split, index)).
   t0 = time.time()
-  print("\n== building the shapes dataset (32x32 and 64x64)", flush=True)
-  for cfg in (base_cfg, sr_cfg):
-    d = cfg.data
-    builder = shapes.build_shapes(data_dir, int(d.resolution), num_train=int(d.num_train),
-                                  num_test=int(d.num_test), seed=int(d.seed))
-  timings["dataset_s"] = round(time.time() - t0, 1)
-  test = shapes.read_examples(builder, "test", limit=_NUM_TEST.value)  # 64x64 builder
+  test = shapes.read_examples(builder64, "test", limit=num_test)
   prompts = [ex["caption"] for ex in test]
   attributes = [ex["attributes"] for ex in test]
   held_out = [bool(ex["held_out"]) for ex in test]
@@ -131,13 +111,6 @@ def main(argv):
   # The SR stage's real low-res inputs, derived exactly as in training (data.preprocess).
   real32 = np.stack([preprocess.resize(x, 32, 32) for x in real64])
 
-  # 2. Train both stages (each resumes from its latest checkpoint).
-  base_dir, sr_dir = os.path.join(workdir, "base"), os.path.join(workdir, "sr")
-  train_stage("base", base_cfg, base_dir, timings)
-  train_stage("sr", sr_cfg, sr_dir, timings)
-
-  # 3. Sample and score.
-  t0 = time.time()
   model = cascade.Cascade.from_workdirs([base_dir, sr_dir])
   s1 = cascade.SamplingSettings.from_config(cascade_cfg.stage1)
   s2 = cascade.SamplingSettings.from_config(cascade_cfg.stage2)
@@ -148,17 +121,14 @@ def main(argv):
                           seed=0)
   print("== SR stage alone on real low-res test images", flush=True)
   (sr_real,) = model.sample(prompts, [s2], seed=0, lowres=preprocess.to_float(real32))
-  timings["sampling_s"] = round(time.time() - t0, 1)
+  timings = {"sampling_s": round(time.time() - t0, 1)}
 
   u8 = cascade.to_uint8
   t0 = time.time()
   bicubic = np.stack([preprocess.resize(x, 64, 64) for x in real32])
   report = {
       "settings": {"stage1": vars(s1), "stage2": vars(s2), "num_test_prompts": len(prompts),
-                   "base_config": "configs/base64.py:shapes", "sr_config": "configs/sr256.py:shapes",
-                   "base_steps": int(base_cfg.train.num_steps),
-                   "sr_steps": int(sr_cfg.train.num_steps),
-                   "base_target": base_cfg.diffusion.target, "sr_target": sr_cfg.diffusion.target},
+                   "stage_checkpoint_steps": [s.step for s in model.stages]},
       "alignment": {
           f"w={w}": {"stage1": _scores(u8(guided[0]), attributes, held_out),
                      "stage2": _scores(u8(guided[1]), attributes, held_out)},
@@ -176,23 +146,70 @@ def main(argv):
       },
       "chance": shapes_metric.CHANCE,
   }
-  timings["scoring_s"] = round(time.time() - t0, 1)
-  timings["total_s"] = round(time.time() - start, 1)
-  report["timings"] = timings
-
-  # 4. Write the sheet and the report.
-  n = min(_GRID_ROWS.value, len(prompts))
+  n = min(grid_rows, len(prompts))
   rows = [[u8(guided[0][i]), u8(guided[1][i]), u8(unguided[1][i]), real64[i]] for i in range(n)]
   labels = [("[held-out] " if held_out[i] else "") + prompts[i] for i in range(n)]
   sheet = visualize.labelled_grid(
       rows, labels, [f"stage 1 (w={w})", f"stage 2 (w={w})", "stage 2 (w=1)", "real 64x64"])
-  sheet.save(os.path.join(workdir, "samples.png"))
+  sheet.save(os.path.join(out_dir, "samples.png"))
+  timings["scoring_s"] = round(time.time() - t0, 1)
+  report["timings"] = timings
+  return report
+
+
+def main(argv):
+  del argv
+  start = time.time()
+  workdir = os.path.abspath(_WORKDIR.value)
+  os.makedirs(workdir, exist_ok=True)
+  print(f"imagen-jax demo: shapes dataset -> base 32x32 stage -> SR 32->64 stage -> samples.\n"
+        f"Expected time on an idle 2-core CPU: about {EXPECTED_MINUTES} minutes (dataset ~1, "
+        f"base stage ~12, SR stage ~7, sampling + scoring ~3). Output: {workdir}", flush=True)
+
+  from imagen_jax.data import shapes
+
+  timings = {}
+  data_dir = os.path.join(workdir, "data")
+  base_cfg = load_config("configs/base64.py", "shapes")
+  sr_cfg = load_config("configs/sr256.py", "shapes")
+  cascade_cfg = load_config("configs/cascade.py", "shapes")
+  for cfg, steps in ((base_cfg, _BASE_STEPS.value), (sr_cfg, _SR_STEPS.value)):
+    with cfg.unlocked():
+      cfg.data.data_dir = data_dir
+      if steps is not None:
+        cfg.train.num_steps = steps
+
+  # 1. Data: the same scenes at both resolutions (examples depend on (seed, split, index)).
+  t0 = time.time()
+  print("\n== building the shapes dataset (32x32 and 64x64)", flush=True)
+  builders = {}
+  for cfg in (base_cfg, sr_cfg):
+    d = cfg.data
+    builders[int(d.resolution)] = shapes.build_shapes(
+        data_dir, int(d.resolution), num_train=int(d.num_train), num_test=int(d.num_test),
+        seed=int(d.shapes_seed))
+  timings["dataset_s"] = round(time.time() - t0, 1)
+  # 2. Train both stages (each resumes from its latest checkpoint).
+  base_dir, sr_dir = os.path.join(workdir, "base"), os.path.join(workdir, "sr")
+  train_stage("base", base_cfg, base_dir, timings)
+  train_stage("sr", sr_cfg, sr_dir, timings)
+
+  # 3. Sample and score; 4. write the sheet and the report.
+  report = evaluate(base_dir, sr_dir, builders[int(sr_cfg.data.resolution)], cascade_cfg, workdir, num_test=_NUM_TEST.value,
+                    grid_rows=_GRID_ROWS.value)
+  report["settings"].update(base_steps=int(base_cfg.train.num_steps),
+                            sr_steps=int(sr_cfg.train.num_steps),
+                            base_target=base_cfg.diffusion.target,
+                            sr_target=sr_cfg.diffusion.target)
+  timings.update(report.pop("timings"))
+  timings["total_s"] = round(time.time() - start, 1)
+  report["timings"] = timings
   with open(os.path.join(workdir, "report.json"), "w") as f:
     json.dump(report, f, indent=2)
-  a = report["alignment"][f"w={w}"]["stage2"]["all"]
-  print(f"\nstage 2 at w={w}: colour {a['color']:.3f}, shape {a['shape']:.3f}; "
-        f"SR PSNR {report['super_resolution_on_real_lowres']['psnr_db']} dB. "
-        f"Wrote {workdir}/samples.png and report.json in {timings['total_s'] / 60:.1f} min.")
+  a = report["alignment"][f"w={report['settings']['stage1']['guidance_weight']}"]["stage2"]["all"]
+  print(f"\nstage 2: colour {a['color']:.3f}, shape {a['shape']:.3f}; SR PSNR "
+        f"{report['super_resolution_on_real_lowres']['psnr_db']} dB. Wrote {workdir}/samples.png "
+        f"and report.json in {timings['total_s'] / 60:.1f} min.")
 
 
 if __name__ == "__main__":
