@@ -1,0 +1,152 @@
+"""COCO FID-30K (Imagen §4.2, Table 1): prompts, reference images and a resumable sampling loop.
+
+Two protocols, both from a local COCO 2014 copy (`annotations/captions_val2014.json` and the
+`val2014/` image folder; https://cocodataset.org/#download):
+
+* `paper` (Imagen §4.2, following DALL-E 2 / GLIDE / Make-A-Scene): `num_samples` (30,000)
+  captions drawn at random, seeded, without replacement, from all val2014 captions (~202K, ~5
+  per image); the reference statistics come from the full validation set, 40,504 images.
+* `pairs` (the common variant): `num_samples` distinct val2014 images drawn at random, seeded,
+  each with one of its captions drawn at random; the reference statistics come from exactly
+  those images (sample i and reference i share a caption).
+
+Resize conventions (state them next to every number):
+* reference images: decoded to RGB, centre-cropped to a square (the shorter side), resized to
+  256x256 with PIL bicubic (antialiased) -> uint8 `[256, 256, 3]`;
+* generated images: the cascade's last stage in [-1, 1] -> uint8 (`cascade.to_uint8`), resized
+  to 256x256 with PIL bicubic only when the stage's size differs (e.g. 64 or 1024);
+* both then go through the same FID preprocessing (`fid_preprocess` mode: `tf` by default,
+  which resizes 256 -> 299 with the TF1 legacy bilinear resize) and the FID InceptionV3.
+FID-30K is biased upwards for small N: a `--num_samples=1000` smoke run is not comparable.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterator, Sequence
+
+import numpy as np
+
+PROTOCOLS = ("paper", "pairs")
+REFERENCE_SIZE = 256
+VAL2014_IMAGES = 40_504
+
+
+def load_captions(captions_json: str) -> tuple[list[dict], dict[int, str]]:
+  """(annotations [{'image_id', 'caption'}] sorted by id, image_id -> file_name)."""
+  if not os.path.exists(captions_json):
+    raise ValueError(f"COCO captions file {captions_json!r} does not exist (expected "
+                     "annotations/captions_val2014.json from cocodataset.org)")
+  with open(captions_json) as f:
+    data = json.load(f)
+  files = {int(im["id"]): im["file_name"] for im in data["images"]}
+  anns = sorted(({"id": int(a["id"]), "image_id": int(a["image_id"]),
+                  "caption": " ".join(a["caption"].split())} for a in data["annotations"]),
+                key=lambda a: a["id"])  # a fixed order, so the seeded draw is reproducible
+  return anns, files
+
+
+def draw(anns: Sequence[dict], files: dict[int, str], protocol: str, num_samples: int,
+         seed: int) -> tuple[list[str], list[str]]:
+  """(prompts [num_samples], reference file names) for `protocol` (see the module doc)."""
+  if protocol not in PROTOCOLS:
+    raise ValueError(f"protocol {protocol!r} is not one of {PROTOCOLS}")
+  rng = np.random.default_rng(seed)
+  if protocol == "paper":
+    if num_samples > len(anns):
+      raise ValueError(f"num_samples={num_samples} exceeds the {len(anns)} captions")
+    pick = rng.choice(len(anns), num_samples, replace=False)
+    return [anns[i]["caption"] for i in pick], sorted(files.values())
+  by_image: dict[int, list[str]] = {}
+  for a in anns:
+    by_image.setdefault(a["image_id"], []).append(a["caption"])
+  ids = sorted(by_image)
+  if num_samples > len(ids):
+    raise ValueError(f"num_samples={num_samples} exceeds the {len(ids)} captioned images")
+  pick = [ids[i] for i in rng.choice(len(ids), num_samples, replace=False)]
+  prompts = [by_image[i][rng.integers(len(by_image[i]))] for i in pick]
+  return prompts, [files[i] for i in pick]
+
+
+def load_reference_image(path: str, size: int = REFERENCE_SIZE) -> np.ndarray:
+  """RGB, centre crop to the shorter side, PIL bicubic resize to `size` -> uint8 [size, size, 3]."""
+  import PIL.Image
+
+  with PIL.Image.open(path) as im:
+    im = im.convert("RGB")
+    w, h = im.size
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    im = im.crop((left, top, left + s, top + s)).resize((size, size), PIL.Image.BICUBIC)
+    return np.asarray(im, np.uint8)
+
+
+def resize_generated(images: np.ndarray, size: int = REFERENCE_SIZE) -> np.ndarray:
+  """uint8 [N, S, S, 3] -> [N, size, size, 3] with PIL bicubic (identity when S == size)."""
+  import PIL.Image
+
+  images = np.asarray(images, np.uint8)
+  if images.shape[1:3] == (size, size):
+    return images
+  return np.stack([np.asarray(PIL.Image.fromarray(x).resize((size, size), PIL.Image.BICUBIC))
+                   for x in images])
+
+
+def iter_reference(images_dir: str, names: Sequence[str], batch: int = 256,
+                   size: int = REFERENCE_SIZE) -> Iterator[np.ndarray]:
+  """Batches of reference images (the full set never sits in memory)."""
+  missing = [n for n in names[:5] if not os.path.exists(os.path.join(images_dir, n))]
+  if missing:
+    raise ValueError(f"reference images missing from {images_dir!r}, e.g. {missing}")
+  for a in range(0, len(names), batch):
+    yield np.stack([load_reference_image(os.path.join(images_dir, n), size)
+                    for n in names[a:a + batch]])
+
+
+def reference_statistics(computer, images_dir: str, names: Sequence[str], path: str):
+  """FID statistics of the reference images, cached in `path` (npz with mode and feature)."""
+  from imagen_jax.evals import frechet
+
+  if os.path.exists(path):
+    stats = frechet.FrechetStats.load(path, expected_mode=computer.mode)
+    if stats.n == len(names):
+      return stats
+  stats = computer.statistics(iter_reference(images_dir, names), total=len(names))
+  stats.save(path + ".tmp.npz")
+  os.replace(path + ".tmp.npz", path)
+  return stats
+
+
+def sample_chunks(model, prompts: Sequence[str], settings, outdir: str, *, seed: int,
+                  chunk: int, batch_size: int, size: int = REFERENCE_SIZE,
+                  progress: bool = True) -> list[str]:
+  """Samples the prompts in chunks saved as `<outdir>/samples/chunk_<start>.npz` (uint8
+  `images [n, size, size, 3]` + prompts), written atomically; existing chunks are skipped, so
+  an interrupted run resumes. Sample i uses the global index i (per-sample seeds)."""
+  from tqdm import tqdm
+
+  from imagen_jax import cascade as cascade_lib
+
+  sdir = os.path.join(outdir, "samples")
+  os.makedirs(sdir, exist_ok=True)
+  paths = []
+  for start in tqdm(range(0, len(prompts), chunk), desc="COCO samples", unit="chunk",
+                    disable=not progress):
+    path = os.path.join(sdir, f"chunk_{start:06d}.npz")
+    paths.append(path)
+    if os.path.exists(path):
+      continue
+    part = list(prompts[start:start + chunk])
+    pad = (-len(part)) % batch_size  # one static batch shape for the jitted sampler
+    out = model.sample(part + [""] * pad, settings, seed=seed, batch_size=batch_size,
+                       first_index=start, progress=False)[-1][:len(part)]
+    images = resize_generated(cascade_lib.to_uint8(out), size)
+    np.savez(path + ".tmp.npz", images=images, prompts=np.array(part))
+    os.replace(path + ".tmp.npz", path)
+  return paths
+
+
+def iter_chunks(paths: Sequence[str]) -> Iterator[np.ndarray]:
+  for p in paths:
+    with np.load(p, allow_pickle=False) as z:
+      yield z["images"]

@@ -1,0 +1,117 @@
+"""Guidance sweep end to end on tiny random stages (issue 8): outputs, resume, the CLI."""
+import csv
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from imagen_jax import cascade
+from imagen_jax.evals import frechet, sweep
+from tests import cascade_fixtures
+
+STEPS = 2
+NUM_PROMPTS = 8
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  root = tmp_path_factory.mktemp("sweep")
+  workdirs = cascade_fixtures.write_tiny_cascade(str(root))
+  model = cascade.Cascade.from_workdirs(workdirs)
+  d = model.stages[1].config.data  # the tiny data config: 64 train / 16 test, seed 0
+  data = sweep.shapes_test_prompts(str(root / "data"), 32, num_train=int(d.num_train),
+                                   num_test=int(d.num_test), seed=int(d.shapes_seed),
+                                   limit=NUM_PROMPTS)
+  return root, workdirs, model, data
+
+
+def _base():  # what the CLI builds from configs/cascade.py:shapes with the overrides below
+  c = cascade.SamplingSettings
+  return [c(num_steps=STEPS, guidance_weight=3.0), c(num_steps=STEPS, aug_level=0.1)]
+
+
+def test_sweep_writes_outputs_and_resumes(setup, monkeypatch):
+  root, workdirs, model, (prompts, attributes, reference) = setup
+  outdir = str(root / "out")
+  # Both weights guided (w != 1): one compiled sampler per threshold mode and stage.
+  points = sweep.make_points([2.0, 4.0], ["dynamic", "static"])
+  calls = []
+  real_sample = model.sample
+  monkeypatch.setattr(model, "sample", lambda *a, **k: calls.append(1) or real_sample(*a, **k))
+  r = sweep.run_sweep(model, prompts, _base(), points, outdir, sweep_stage=0,
+                      attributes=attributes, reference_images=reference, batch_size=8,
+                      progress=False)
+  assert (r.computed, r.cached, len(calls)) == (4, 0, 4)
+  paths = sweep.write_outputs(r, outdir, "test sweep")
+  assert all(os.path.getsize(p) > 0 for p in paths.values())
+  with open(paths["csv"]) as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == 4 and {r_["threshold"] for r_ in rows} == {"dynamic", "static"}
+  for row in rows:
+    assert 0.0 <= float(row["saturation_final"]) <= 1.0
+    assert float(row["fd"]) >= 0.0 and row["fd_feature"].startswith("random-conv")
+    assert 0.0 <= float(row["alignment_color_shape"]) <= 1.0
+  md = open(paths["md"]).read()
+  assert sweep.RANDOM_CONV_LABEL in md and "not FID" in md
+  with open(paths["png"], "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  # Each point: uint8 samples per stage, prompts, metrics; no temporary folders left.
+  names = sorted(os.listdir(os.path.join(outdir, "points")))
+  assert len(names) == 4 and not any(n.startswith(".tmp") for n in names)
+  with np.load(os.path.join(outdir, "points", names[0], "samples.npz")) as z:
+    assert z["stage1"].shape == (NUM_PROMPTS, 16, 16, 3) and z["stage1"].dtype == np.uint8
+    assert z["stage2"].shape == (NUM_PROMPTS, 32, 32, 3)
+  mtimes = {n: os.path.getmtime(os.path.join(outdir, "points", n, "metrics.json"))
+            for n in names}
+
+  # Resume: nothing is sampled again, rows are identical.
+  r2 = sweep.run_sweep(model, prompts, _base(), points, outdir, sweep_stage=0,
+                       attributes=attributes, reference_images=reference, batch_size=8,
+                       progress=False)
+  assert (r2.computed, r2.cached, len(calls)) == (0, 4, 4)
+  assert [x["fd"] for x in r2.rows] == [x["fd"] for x in r.rows]
+  # A changed setting is a new point (the key hashes the settings), not a stale cache hit.
+  ident = {"settings": [1]}
+  assert sweep.point_key(points[0], ident) != sweep.point_key(points[0], {"settings": [2]})
+
+  # The CLI on the same outdir and settings: every point comes from the cache.
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  out = subprocess.run(
+      [sys.executable, os.path.join(cascade_fixtures.REPO, "experiments", "guidance_sweep.py"),
+       f"--workdirs={workdirs[0]},{workdirs[1]}", "--weights=2,4",
+       "--thresholds=dynamic,static", f"--num_prompts={NUM_PROMPTS}", "--batch_size=8",
+       f"--data_dir={root / 'data'}", f"--outdir={outdir}",
+       f"--config.stage1.num_steps={STEPS}", f"--config.stage2.num_steps={STEPS}"],
+      capture_output=True, text=True, env=env, cwd=cascade_fixtures.REPO, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "0 points sampled, 4 read from cache" in out.stdout, out.stdout[-2000:]
+  for n, t in mtimes.items():
+    assert os.path.getmtime(os.path.join(outdir, "points", n, "metrics.json")) == t
+
+
+def test_random_conv_fd_is_labelled_and_separates_distributions():
+  rng = np.random.default_rng(0)
+  feats = sweep.RandomConvFeatures(batch_size=8)
+  a = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+  b = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+  black = np.zeros_like(a)
+  black[:, 8:24, 8:24, 0] = 255
+  sa, sb, sk = feats.statistics(a), feats.statistics(b), feats.statistics(black)
+  assert sa.feature != frechet.INCEPTION_FEATURE
+  assert frechet.fid_from_statistics(sa, sb) < frechet.fid_from_statistics(sa, sk)
+  inception_like = frechet.FrechetStats(sa.mu, sa.sigma, sa.n, "tf")
+  with pytest.raises(ValueError, match="differ"):
+    frechet.fid_from_statistics(sa, inception_like)
+
+
+def test_saturation_and_bad_points_are_named():
+  x = np.array([-1.0, -0.995, 0.0, 0.5, 0.99, 0.2, 0.3, 0.1])
+  assert sweep.saturation_fraction(x) == pytest.approx(3 / 8)
+  with pytest.raises(ValueError, match="'clip'"):
+    sweep.make_points([1.0], ["clip"])
+  with pytest.raises(ValueError, match="0.5"):
+    sweep.make_points([0.5], ["static"])
+  with pytest.raises(ValueError, match="sweep_stage 2"):
+    sweep.point_settings(_base(), 2, sweep.SweepPoint(1.0, "static"))
