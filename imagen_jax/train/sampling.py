@@ -1,7 +1,8 @@
 """Periodic EMA sample grids during training (a progress check, not the paper's evaluation).
 
-Builds a `DenoiseFn(z_t, logsnr, cond) -> eps_hat` from the stage network and its EMA params,
-wraps it in classifier-free guidance (Imagen §2.2: eps~ = w * eps(z, c) + (1 - w) *
+Builds a `DenoiseFn(z_t, logsnr, cond) -> eps_hat` from the stage network and its EMA params
+(`imagen_jax.denoiser`, the same guided denoiser the cascade samples with), with classifier-free
+guidance (Imagen §2.2: eps~ = w * eps(z, c) + (1 - w) *
 eps(z, null), null = zero embeddings + all-False mask), and runs
 `imagen_jax.diffusion.samplers.sample` for a few steps. Prompts are the text of real training
 examples; SR stages condition on those examples' real low-res images, upsampled and
@@ -15,36 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from imagen_jax.diffusion import forward, guidance, parameterization, samplers
-
-
-def make_denoise_fn(model: nn.Module, params: Any, *, target: str,
-                    guidance_weight: float) -> Callable:
-    """`denoise(z_t, logsnr, cond) -> eps_hat` with CFG (w = 1: the conditional model only).
-
-    `cond` holds `text_emb [B, L, D]`, `text_mask [B, L]` and, for SR, `lowres [B, H, W, C]`
-    (upsampled + augmented) and `aug_level [B]`.
-    """
-
-    def eps_of(z, logsnr, emb, mask, extra):
-        pred = model.apply({"params": params}, z, logsnr, emb, mask, train=False, **extra)
-        return parameterization.prediction_to_eps(pred.astype(jnp.float32), z, logsnr, target)
-
-    def denoise(z_t, logsnr, cond):
-        emb, mask = cond["text_emb"], cond["text_mask"]
-        extra = {k: cond[k] for k in ("lowres", "aug_level") if k in cond}
-        if guidance_weight == 1.0:
-            return eps_of(z_t, logsnr, emb, mask, extra)
-        # One batched call for the conditional and the unconditional halves.
-        two = lambda x: jnp.concatenate([x, x], axis=0)
-        eps = eps_of(two(z_t), two(logsnr),
-                     jnp.concatenate([emb, jnp.zeros_like(emb)], axis=0),
-                     jnp.concatenate([mask, jnp.zeros_like(mask)], axis=0),
-                     {k: two(v) for k, v in extra.items()})
-        eps_cond, eps_uncond = jnp.split(eps, 2, axis=0)
-        return guidance.classifier_free_guidance(eps_cond, eps_uncond, guidance_weight)
-
-    return denoise
+from imagen_jax.denoiser import make_denoise_fn
+from imagen_jax.diffusion import forward, samplers
 
 
 def make_sample_fn(*, model: nn.Module, config, schedule, encode_tokens: Callable | None
