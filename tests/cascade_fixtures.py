@@ -1,14 +1,20 @@
 """Tiny random cascade stages written like trainer workdirs, shared by the experiments tests.
 
-Copied from tests/test_cascade.py (its helpers are private to that module): config.json plus an
-Orbax checkpoint of a freshly initialised, slightly perturbed tiny network. Sampling does not
+Adapted from tests/test_cascade.py (its helpers are private to that module): config.json plus an
+Orbax checkpoint of a tiny network with random weights (shapes traced, values drawn directly). Sampling does not
 care whether the weights were trained, so end-to-end tests of the experiments take seconds.
 """
+import atexit
+import functools
 import importlib.util
 import json
 import os
+import shutil
+import tempfile
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from imagen_jax import checkpoint as ckpt_lib
 from imagen_jax.nn import unet
@@ -38,12 +44,24 @@ def write_stage(workdir, config, seed=0, step=7):
   inputs = state_lib.model_inputs(batch=1, image_size=image, lowres_size=lowres,
                                   text_len=int(config.text.max_length),
                                   text_dim=int(config.model.text_dim))
-  state = jax.jit(state_lib.make_init_fn(model, tx, inputs))(jax.random.key(seed))
-  # A fresh network's zero-initialised output conv ignores its inputs; perturb every weight.
-  leaves, tree = jax.tree.flatten(state.ema_params)
-  keys = jax.random.split(jax.random.key(seed + 100), len(leaves))
-  state = state.replace(ema_params=jax.tree.unflatten(tree, [
-      p + 0.05 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)]))
+  # No real initialisation: compiling the U-Net's init costs ~40 s per stage on a busy 2-core
+  # CPU, while tracing its shapes takes ~1 s. Sampling does not care how weights were drawn;
+  # fan-in-scaled normal kernels (and 1 +- noise norm scales) keep activations O(1), and unlike
+  # a fresh init (zero output conv) every input changes the output.
+  abstract = jax.eval_shape(state_lib.make_init_fn(model, tx, inputs), jax.random.key(seed))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, a):
+    if a.ndim >= 2:
+      return jnp.asarray(rng.standard_normal(a.shape, np.float32)
+                         / np.sqrt(np.prod(a.shape[:-1])), a.dtype)
+    base = 1.0 if "scale" in jax.tree_util.keystr(path) else 0.0
+    return jnp.asarray(base + 0.05 * rng.standard_normal(a.shape, np.float32), a.dtype)
+
+  params = jax.tree_util.tree_map_with_path(fill, abstract.params)
+  state = abstract.replace(
+      step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+      opt_state=jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract.opt_state))
   os.makedirs(workdir, exist_ok=True)
   config_dict = trainer.config_to_dict(config)
   with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -59,3 +77,12 @@ def write_tiny_cascade(root):
   write_stage(base, tiny_config("base64"))
   write_stage(sr, tiny_config("sr256", image_size=32, lowres_size=16), seed=1)
   return base, sr
+
+
+@functools.lru_cache(maxsize=None)
+def shared_tiny_cascade():
+  """`write_tiny_cascade` once per test process (several test modules share the stages: the
+  jitted init and the checkpoint writes dominate their setup on a small CPU)."""
+  root = tempfile.mkdtemp(prefix="imagen_jax_tiny_cascade_")
+  atexit.register(shutil.rmtree, root, True)
+  return write_tiny_cascade(root)

@@ -18,8 +18,8 @@ from tests import cascade_fixtures
 
 
 @pytest.fixture(scope="module")
-def workdirs(tmp_path_factory):
-  return cascade_fixtures.write_tiny_cascade(str(tmp_path_factory.mktemp("stages")))
+def workdirs():
+  return cascade_fixtures.shared_tiny_cascade()
 
 
 def _run(script, args):

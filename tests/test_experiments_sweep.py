@@ -18,7 +18,7 @@ NUM_PROMPTS = 8
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   root = tmp_path_factory.mktemp("sweep")
-  workdirs = cascade_fixtures.write_tiny_cascade(str(root))
+  workdirs = cascade_fixtures.shared_tiny_cascade()
   model = cascade.Cascade.from_workdirs(workdirs)
   d = model.stages[1].config.data  # the tiny data config: 64 train / 16 test, seed 0
   data = sweep.shapes_test_prompts(str(root / "data"), 32, num_train=int(d.num_train),
