@@ -54,7 +54,8 @@ def test_sweep_writes_outputs_and_resumes(setup, monkeypatch):
     assert float(row["fd"]) >= 0.0 and row["fd_feature"].startswith("random-conv")
     assert 0.0 <= float(row["alignment_color_shape"]) <= 1.0
   md = open(paths["md"]).read()
-  assert sweep.RANDOM_CONV_LABEL in md and "not FID" in md
+  assert sweep.RANDOM_CONV_LABEL in md and "not FID" in md and "Real reference images" in md
+  assert r.reference_saturation > 0.5  # shapes: pure colours on black
   with open(paths["png"], "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   # Each point: uint8 samples per stage, prompts, metrics; no temporary folders left.

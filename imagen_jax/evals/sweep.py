@@ -25,7 +25,9 @@ Metrics per point (on the last stage's images `[N, S, S, 3]`):
   "FD (random-conv features; not FID)" everywhere; see that class for why);
 * saturation: the fraction of pixel values with |x| >= 0.99 in [-1, 1] of the swept stage's and
   the last stage's float output (static thresholding clips x0_hat to [-1, 1] at every step and
-  saturates at high w; dynamic thresholding avoids it, §2.3, Fig. A.31).
+  saturates at high w; dynamic thresholding avoids it, §2.3, Fig. A.31), and the same fraction
+  of the reference images: on data with saturated colours (the shapes dataset: pure colours on
+  black, most pixels at +-1) the target is the reference value, not 0.
 """
 from __future__ import annotations
 
@@ -102,11 +104,9 @@ class InceptionFeatures:
   """FID features (`fid.FIDComputer`) behind the same interface as `RandomConvFeatures`."""
 
   def __init__(self, computer):
-    from imagen_jax.evals import frechet as fr
-
     self.computer = computer
     self.mode = computer.mode
-    self.name = fr.INCEPTION_FEATURE
+    self.name = frechet.INCEPTION_FEATURE
     self.label = f"FID ({computer.mode} preprocessing; small-N FID is biased upwards)"
 
   def statistics(self, images: np.ndarray) -> frechet.FrechetStats:
@@ -203,6 +203,7 @@ class SweepResult:
   cached: int     # points read from <outdir>/points
   fd_label: str
   x_metric: str
+  reference_saturation: float | None = None  # the same fraction on the real images
 
 
 def _pad(prompts: list[str], batch_size: int) -> list[str]:
@@ -291,10 +292,13 @@ def run_sweep(model: cascade_lib.Cascade, prompts: Sequence[str],
                              "prompts.json": prompts, "metrics.json": row})
     rows.append(row)
     computed += 1
+  ref_sat = None
+  if reference_images is not None:  # uint8 -> [-1, 1] exactly as to_uint8 inverts
+    ref_sat = saturation_fraction(np.asarray(reference_images, np.float32) / 127.5 - 1.0)
   x_metric = ("clip_score" if clip_scorer is not None else
               "alignment_color_shape" if attributes is not None else "")
   fd_label = "" if features is None else features.label
-  return SweepResult(rows, computed, cached, fd_label, x_metric)
+  return SweepResult(rows, computed, cached, fd_label, x_metric, ref_sat)
 
 
 TABLE_COLUMNS = ("setting", "weight", "alignment_color_shape", "shapes_color", "shapes_shape",
@@ -325,6 +329,11 @@ def write_outputs(result: SweepResult, outdir: str, title: str = "") -> dict[str
       "|" + "---|" * len(cols)]
   lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
   lines += ["", f"Saturation: fraction of pixel values with |x| >= {SATURATION_LEVEL} in [-1, 1]."]
+  if result.reference_saturation is not None:
+    # Read saturation against the data: shapes images are pure colours on black, so most real
+    # pixels are "saturated"; lower is not better there, closer to the reference is.
+    lines[-1] += (f" Real reference images: {result.reference_saturation:.4g} (compare with "
+                  "this, not with 0: e.g. shapes images are pure colours on a black background).")
   with open(paths["md"], "w") as f:
     f.write("\n".join(lines) + "\n")
   plot_pareto(rows, paths["png"], x_metric=result.x_metric, fd_label=result.fd_label,
@@ -355,6 +364,7 @@ def plot_pareto(rows: Sequence[dict], path: str, *, x_metric: str, fd_label: str
   ax.set_xlabel(xlabels.get(x_metric, x_metric))
   ax.set_ylabel(fd_label if y_metric == "fd" else "fraction of saturated pixels (final)")
   ax.set_title(title or "guidance sweep")
+  ax.margins(0.12)  # room for the w labels at the edges
   ax.grid(alpha=0.3)
   ax.legend(title="thresholding")
   fig.tight_layout()
