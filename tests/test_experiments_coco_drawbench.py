@@ -119,3 +119,17 @@ def test_drawbench_sides_are_seeded_and_mixed():
   a, b = drawbench.assign_sides(200, 1), drawbench.assign_sides(200, 1)
   np.testing.assert_array_equal(a, b)
   assert 60 < a.sum() < 140
+
+
+def test_rating_sheet_survives_markup_in_prompts(tmp_path):
+  items = [("Text", 'A sign that says "</script><b>hi"'), ("Colors", "a red car")]
+  a = np.zeros((2, 1, 8, 8, 3), np.uint8)
+  path = str(tmp_path / "sheet.html")
+  sides = drawbench.write_rating_sheet(path, items, a, a + 255, "A", "B", seed=0)
+  page = open(path).read()
+  assert page.count("</script>") == 1 and "&lt;/script&gt;" in page
+  meta = json.loads(re.search(r"const ITEMS = (\[.*?\]);", page).group(1))
+  assert meta[0]["prompt"] == items[0][1]
+  assert [m["left"] == "A" for m in meta] == sides["a_on_left"]
+  with pytest.raises(ValueError, match="different names"):
+    drawbench.write_rating_sheet(path, items, a, a, "A", "A", seed=0)

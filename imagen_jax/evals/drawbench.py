@@ -117,6 +117,9 @@ def write_rating_sheet(path: str, items: Sequence[tuple[str, str]], images_a: np
         f'{imgs(left)}</div><div class="side"><h4>right</h4>{imgs(right)}</div></div>'
         f'<p>Which set better represents the text? {radios("alignment")}</p>'
         f'<p>Which set is of higher quality (photorealism)? {radios("fidelity")}</p></div>')
+  # "</" inside a <script> would end it (a prompt may contain "</script>"); "<\\/" is the same
+  # JSON string.
+  items_json = json.dumps(meta).replace("</", "<\\/")
   doc = f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>DrawBench rating sheet</title>
 <style>
@@ -133,7 +136,7 @@ model of each answer).</p>
 {''.join(body)}
 <p><button onclick="exportCSV()">export CSV</button></p>
 <script>
-const ITEMS = {json.dumps(meta)};
+const ITEMS = {items_json};
 const SIDES_SEED = {seed};
 {_JS}
 </script></body></html>
