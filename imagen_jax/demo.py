@@ -29,7 +29,8 @@ _SR_STEPS = flags.DEFINE_integer("sr_steps", None, "override the SR stage's step
 _NUM_TEST = flags.DEFINE_integer("num_test", 192, "test prompts to sample and score")
 _GRID_ROWS = flags.DEFINE_integer("grid_rows", 16, "prompts shown in samples.png")
 
-# Expected wall time on an idle 2-core CPU (measured; see README "The demo").
+# Expected wall time on an idle 2-core CPU: an estimate from the step rates seen unloaded
+# (base 5-10 steps/s, SR ~5 steps/s at batch 16); a shared machine takes longer.
 EXPECTED_MINUTES = 24
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
