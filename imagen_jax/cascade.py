@@ -10,8 +10,13 @@ is loaded from its training workdir: the config saved there (`config.json`) rebu
 network, and the EMA params of its latest complete checkpoint are restored. Any prefix of the
 cascade runs (only stage 1, stages 1-2, ...), so a partly trained cascade is usable.
 
-Determinism: sample i of a call draws its initial noise from `fold_in(stage_key, i)`, so the
-images do not depend on the batch they are drawn in, and the same seed gives the same images.
+Determinism: sample i of a call draws its initial noise (and, for stochastic samplers, its
+per-step noise) from `fold_in(stage_key, i)`, so the images do not depend on the batch they are
+drawn in or on the number of devices, and the same seed gives the same images.
+
+Devices: each batch is sharded over a 1-D mesh of this process's devices (axis "batch"; params
+replicated), so one jitted sampler runs data-parallel on all local devices. A multi-host job
+gives each process its own prompts (e.g. `first_index` = the process's offset).
 """
 from __future__ import annotations
 
@@ -172,6 +177,8 @@ def _sample_stage(params, text_emb, text_mask, lowres, guidance_weight, key, ind
   shape = (image_size, image_size, 3)
   key_noise, key_aug, key_sampler = jax.random.split(key, 3)
   noise = initial_noise(key_noise, indices, shape)
+  # One sampler noise stream per sample (used by stochastic samplers only).
+  sample_keys = jax.vmap(lambda i: jax.random.fold_in(key_sampler, i))(indices)
   cond = {"text_emb": text_emb, "text_mask": text_mask}
   if lowres is not None:
     # §2.4: upsample the previous stage's output, then corrupt it with the forward process at
@@ -184,7 +191,7 @@ def _sample_stage(params, text_emb, text_mask, lowres, guidance_weight, key, ind
   w = guidance_weight if guided else 1.0
   denoise_fn = denoiser.make_denoise_fn(model, params, target=target, guidance_weight=w)
   return samplers.sample(
-      denoise_fn, cond, noise, key_sampler, sampler=settings.sampler,
+      denoise_fn, cond, noise, sample_keys, sampler=settings.sampler,
       num_steps=settings.num_steps, schedule=schedule, eta=settings.eta,
       threshold=settings.threshold, percentile=settings.percentile)
 
@@ -216,10 +223,24 @@ def sample_stage(stage: Stage, settings: SamplingSettings, text_emb: Array, text
 class Cascade:
   """A loaded cascade (a prefix of base -> SR -> SR) with one frozen text encoder."""
 
-  def __init__(self, stages: Sequence[Stage]):
+  def __init__(self, stages: Sequence[Stage], devices: Sequence[Any] | None = None):
+    """devices: where to sample (default: all of this process's devices); batches are split
+    over them and every stage's params are replicated on each."""
     check_cascade(stages)
-    self.stages = list(stages)
+    self.mesh = jax.sharding.Mesh(np.array(list(devices or jax.local_devices())), ("batch",))
+    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    self.stages = [dataclasses.replace(s, params=jax.device_put(s.params, replicated))
+                   for s in stages]
     self.encoder = registry.get_text_encoder(self.stages[0].config.text)
+
+  @property
+  def num_devices(self) -> int:
+    return self.mesh.size
+
+  def _shard(self, x: Array) -> Array:
+    """`[B, ...]` -> split over the mesh's batch axis (B a multiple of the device count)."""
+    spec = jax.sharding.PartitionSpec("batch", *([None] * (x.ndim - 1)))
+    return jax.device_put(x, jax.sharding.NamedSharding(self.mesh, spec))
 
   @classmethod
   def from_workdirs(cls, workdirs: Sequence[str]) -> "Cascade":
@@ -238,6 +259,8 @@ class Cascade:
       first_index: global index of the first prompt (per-sample seeds, for resumable sweeps).
       lowres: optional `[N, s, s, 3]` images in [-1, 1] that replace stage 1's output (to run
         the SR stages alone on real low-res inputs); then `settings[0]` is for stage 2.
+      batch_size: prompts per jitted call, rounded up to a multiple of the device count (a
+        short batch is padded with empty prompts whose samples are dropped).
     """
     from tqdm import tqdm
 
@@ -246,19 +269,30 @@ class Cascade:
     if not 1 <= n_stages + offset <= len(self.stages):
       raise ValueError(f"got {n_stages} stage settings for a {len(self.stages)}-stage "
                        f"cascade{' starting at stage 2' if offset else ''}")
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n_dev = self.num_devices
+    batch_size = -(-batch_size // n_dev) * n_dev
     key = jax.random.key(seed)
     outs = [[] for _ in range(n_stages)]
     chunks = range(0, len(prompts), batch_size)
     for start in tqdm(chunks, desc="cascade", unit="batch", disable=not progress):
       chunk = list(prompts[start:start + batch_size])
-      emb, mask = self.encode(chunk)
-      idx = jnp.arange(first_index + start, first_index + start + len(chunk))
-      prev = None if lowres is None else jnp.asarray(lowres[start:start + batch_size])
+      n = len(chunk)
+      pad = (-n) % n_dev  # padded samples get the following indices; their outputs are dropped
+      emb, mask = self.encode(chunk + [""] * pad)
+      idx = jnp.arange(first_index + start, first_index + start + n + pad)
+      prev = None
+      if lowres is not None:
+        prev = np.asarray(lowres[start:start + n], np.float32)
+        prev = np.concatenate([prev, np.zeros((pad,) + prev.shape[1:], np.float32)])
+        prev = self._shard(jnp.asarray(prev))
+      emb, mask, idx = self._shard(emb), self._shard(mask), self._shard(idx)
       for k, s in enumerate(settings):
         stage = self.stages[k + offset]
         prev = sample_stage(stage, s, emb, mask, jax.random.fold_in(key, k + offset), idx,
                             lowres=prev)
-        outs[k].append(np.asarray(prev))
+        outs[k].append(np.asarray(prev)[:n])
     return [np.concatenate(o) for o in outs]
 
 

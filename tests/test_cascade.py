@@ -4,6 +4,7 @@ Stage workdirs are written the way the trainer writes them (config.json + an Orb
 the train state), from freshly initialised tiny networks: sampling does not care whether the
 weights were trained, and this keeps the test to seconds.
 """
+import dataclasses
 import importlib.util
 import json
 import os
@@ -97,6 +98,21 @@ def test_cascade_samples_end_to_end_and_is_deterministic(loaded):
   # A prefix (stage 1 only) gives stage 1's images.
   (x,) = model.sample(PROMPTS, SETTINGS[:1], seed=3, progress=False)
   np.testing.assert_allclose(x, a[0], atol=1e-6)
+
+
+def test_sampling_is_sharded_over_devices_and_does_not_depend_on_them(loaded):
+  # 8 fake CPU devices (conftest): each batch is split over all of them, params replicated.
+  assert loaded.num_devices == jax.local_device_count() == 8
+  stochastic = [dataclasses.replace(SETTINGS[0], eta=1.0),
+                dataclasses.replace(SETTINGS[1], sampler="ddpm")]
+  prompts = PROMPTS + ["a large green triangle above a small red circle"] * 7  # 10: padded
+  sharded = loaded.sample(prompts, stochastic, seed=5, batch_size=16, progress=False)
+  single = cascade.Cascade(loaded.stages, devices=jax.local_devices()[:1])
+  # ... and in batches of 3: a sample's noise (initial and per step) depends on its index only.
+  alone = single.sample(prompts, stochastic, seed=5, batch_size=3, progress=False)
+  for a, b in zip(sharded, alone):
+    np.testing.assert_allclose(a, b, atol=2e-5)
+  assert not np.allclose(sharded[1][3], sharded[1][4])  # same prompt, other sample index
 
 
 def test_per_sample_noise_does_not_depend_on_the_batch():

@@ -56,6 +56,9 @@ def test_sweep_writes_outputs_and_resumes(setup, monkeypatch):
   md = open(paths["md"]).read()
   assert sweep.RANDOM_CONV_LABEL in md and "not FID" in md and "Real reference images" in md
   assert r.reference_saturation > 0.5  # shapes: pure colours on black
+  assert r.reference_saturation_upper == 0.0  # ... none of them clipped at the top
+  assert all(0.0 <= float(row["saturation_upper_final"]) <= float(row["saturation_final"])
+             for row in rows)
   with open(paths["png"], "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   # Each point: uint8 samples per stage, prompts, metrics; no temporary folders left.
@@ -110,6 +113,7 @@ def test_random_conv_fd_is_labelled_and_separates_distributions():
 def test_saturation_and_bad_points_are_named():
   x = np.array([-1.0, -0.995, 0.0, 0.5, 0.99, 0.2, 0.3, 0.1])
   assert sweep.saturation_fraction(x) == pytest.approx(3 / 8)
+  assert sweep.saturation_fraction(x, upper_only=True) == pytest.approx(1 / 8)
   with pytest.raises(ValueError, match="'clip'"):
     sweep.make_points([1.0], ["clip"])
   with pytest.raises(ValueError, match="0.5"):

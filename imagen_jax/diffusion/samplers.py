@@ -180,8 +180,10 @@ def sample(denoise_fn: DenoiseFn, cond: Any, noise: Array, rng: Optional[Array],
     denoise_fn: ``DenoiseFn(z_t, logsnr [B], cond) -> eps_hat`` (may itself be jitted).
     cond: any pytree, passed through to ``denoise_fn`` unchanged.
     noise: the initial z at t_max, N(0, I), ``[B, H, W, C]``.
-    rng: PRNG key for the stochastic samplers (step i uses ``fold_in(rng, i)``); unused (and
-      may be None) for "dpmpp_2m" and for "ddim" with a static ``eta == 0``.
+    rng: PRNG key for the stochastic samplers (step i uses ``fold_in(rng, i)``), or a ``[B]``
+      array of typed keys (``jax.random.key``), one stream per sample, so that a sample's noise
+      does not depend on the batch it is drawn in; unused (and may be None) for "dpmpp_2m" and
+      for "ddim" with a static ``eta == 0``.
     sampler: "ddpm" (ancestral, :func:`ddpm_step`), "ddim" (:func:`ddim_step`) or "dpmpp_2m"
       (:func:`dpmpp_2m_step`). Static.
     num_steps: number of network calls, static int >= 1.
@@ -217,10 +219,15 @@ def sample(denoise_fn: DenoiseFn, cond: Any, noise: Array, rng: Optional[Array],
   if needs_noise and rng is None:
     raise ValueError(f"sampler {sampler!r} (eta={eta}) draws noise at every step: pass a PRNG "
                      f"key as rng")
+  per_sample = (needs_noise and jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+                and rng.ndim > 0)
+  if per_sample and rng.shape != z.shape[:1]:
+    raise ValueError(f"rng must be one PRNG key or [B] = [{z.shape[0]}] typed keys (one per "
+                     f"sample), got keys of shape {rng.shape}")
   return _reverse_loop(
       denoise_fn, sampler, int(num_steps), schedule, threshold,
       check_percentile(percentile) if threshold == "dynamic" else 99.5,
-      None if max_scale is None else float(max_scale), needs_noise, cond, z, rng,
+      None if max_scale is None else float(max_scale), needs_noise, per_sample, cond, z, rng,
       *(jnp.asarray(v, jnp.float32) for v in (eta, t_min, t_max, gamma)))
 
 
@@ -230,7 +237,7 @@ def sample(denoise_fn: DenoiseFn, cond: Any, noise: Array, rng: Optional[Array],
 # with params as traced arguments (see the module docstring); eager calls compile the scan
 # once per call.
 def _reverse_loop(denoise_fn, sampler, num_steps, schedule, threshold, percentile, max_scale,
-                  needs_noise, cond, z, rng, eta, t_min, t_max, gamma):
+                  needs_noise, per_sample, cond, z, rng, eta, t_min, t_max, gamma):
   """The scan of :func:`sample` (arguments already validated; see there)."""
   logsnrs = schedule.logsnr_fn(time_grid(num_steps, t_min, t_max))        # [N + 1]
   steps = jnp.arange(num_steps, dtype=jnp.int32)
@@ -242,7 +249,10 @@ def _reverse_loop(denoise_fn, sampler, num_steps, schedule, threshold, percentil
     x0_hat, eps_hat = predict_x0_eps(denoise_fn, z_t, logsnr_t, cond, threshold=threshold,
                                      percentile=percentile, max_scale=max_scale)
     step_noise = None
-    if needs_noise:
+    if needs_noise and per_sample:
+      step_noise = jax.vmap(lambda k: jax.random.normal(
+          jax.random.fold_in(k, i), z_t.shape[1:], jnp.float32))(rng)
+    elif needs_noise:
       step_noise = jax.random.normal(jax.random.fold_in(rng, i), z_t.shape, jnp.float32)
     if sampler == "ddpm":
       z_s = ddpm_step(z_t, x0_hat, eps_hat, logsnr_t, logsnr_s, step_noise, gamma)

@@ -27,7 +27,10 @@ Metrics per point (on the last stage's images `[N, S, S, 3]`):
   the last stage's float output (static thresholding clips x0_hat to [-1, 1] at every step and
   saturates at high w; dynamic thresholding avoids it, §2.3, Fig. A.31), and the same fraction
   of the reference images: on data with saturated colours (the shapes dataset: pure colours on
-  black, most pixels at +-1) the target is the reference value, not 0.
+  black, most pixels at +-1) the target is the reference value, not 0. So the sweep also gives
+  the upper-saturated fraction (x >= 0.99, values clipped at the top): over-saturated colours
+  are what static thresholding produces at high w, while black backgrounds sit at the bottom.
+  On the shapes data it is exactly 0 for real images (the palette's brightest channel is 240).
 """
 from __future__ import annotations
 
@@ -113,9 +116,12 @@ class InceptionFeatures:
     return self.computer.statistics(np.asarray(images, np.uint8))
 
 
-def saturation_fraction(images: np.ndarray, level: float = SATURATION_LEVEL) -> float:
-  """Fraction of values with |x| >= level of float images in [-1, 1] (any shape)."""
-  return float(np.mean(np.abs(np.asarray(images, np.float32)) >= level))
+def saturation_fraction(images: np.ndarray, level: float = SATURATION_LEVEL, *,
+                        upper_only: bool = False) -> float:
+  """Fraction of values with |x| >= level (or x >= level when `upper_only`) of float images in
+  [-1, 1] (any shape)."""
+  x = np.asarray(images, np.float32)
+  return float(np.mean((x if upper_only else np.abs(x)) >= level))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +210,7 @@ class SweepResult:
   fd_label: str
   x_metric: str
   reference_saturation: float | None = None  # the same fraction on the real images
+  reference_saturation_upper: float | None = None  # x >= 0.99 only, on the real images
 
 
 def _pad(prompts: list[str], batch_size: int) -> list[str]:
@@ -275,7 +282,8 @@ def run_sweep(model: cascade_lib.Cascade, prompts: Sequence[str],
            "aug_level": settings[sweep_stage].aug_level, "setting": point.setting,
            "num_samples": len(prompts), "sample_seconds": round(time.time() - t0, 2),
            "saturation_final": saturation_fraction(outs[-1]),
-           "saturation_swept_stage": saturation_fraction(outs[sweep_stage])}
+           "saturation_swept_stage": saturation_fraction(outs[sweep_stage]),
+           "saturation_upper_final": saturation_fraction(outs[-1], upper_only=True)}
     if attributes is not None:
       s = shapes_metric.score_images(list(final), list(attributes))["mean"]
       row.update({f"shapes_{a}": s[a] for a in shapes_metric.ATTRIBUTES})
@@ -292,18 +300,20 @@ def run_sweep(model: cascade_lib.Cascade, prompts: Sequence[str],
                              "prompts.json": prompts, "metrics.json": row})
     rows.append(row)
     computed += 1
-  ref_sat = None
+  ref_sat = ref_sat_upper = None
   if reference_images is not None:  # uint8 -> [-1, 1] exactly as to_uint8 inverts
-    ref_sat = saturation_fraction(np.asarray(reference_images, np.float32) / 127.5 - 1.0)
+    ref = np.asarray(reference_images, np.float32) / 127.5 - 1.0
+    ref_sat = saturation_fraction(ref)
+    ref_sat_upper = saturation_fraction(ref, upper_only=True)
   x_metric = ("clip_score" if clip_scorer is not None else
               "alignment_color_shape" if attributes is not None else "")
   fd_label = "" if features is None else features.label
-  return SweepResult(rows, computed, cached, fd_label, x_metric, ref_sat)
+  return SweepResult(rows, computed, cached, fd_label, x_metric, ref_sat, ref_sat_upper)
 
 
 TABLE_COLUMNS = ("setting", "weight", "alignment_color_shape", "shapes_color", "shapes_shape",
                  "shapes_exact", "clip_score", "fd", "saturation_swept_stage",
-                 "saturation_final", "num_samples")
+                 "saturation_final", "saturation_upper_final", "num_samples")
 
 
 def write_outputs(result: SweepResult, outdir: str, title: str = "") -> dict[str, str]:
@@ -321,6 +331,7 @@ def write_outputs(result: SweepResult, outdir: str, title: str = "") -> dict[str
   os.replace(paths["csv"] + ".tmp", paths["csv"])
   names = {"alignment_color_shape": "align (colour+shape)/2", "fd": result.fd_label or "FD",
            "saturation_swept_stage": "sat. swept stage", "saturation_final": "sat. final",
+           "saturation_upper_final": "upper sat. final",
            "shapes_color": "colour", "shapes_shape": "shape", "shapes_exact": "exact",
            "clip_score": "CLIP score", "num_samples": "N", "weight": "w"}
   fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
@@ -328,12 +339,14 @@ def write_outputs(result: SweepResult, outdir: str, title: str = "") -> dict[str
       "| " + " | ".join(names.get(c, c) for c in cols) + " |",
       "|" + "---|" * len(cols)]
   lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
-  lines += ["", f"Saturation: fraction of pixel values with |x| >= {SATURATION_LEVEL} in [-1, 1]."]
+  lines += ["", f"Saturation: fraction of pixel values with |x| >= {SATURATION_LEVEL} in [-1, 1]; "
+            f"upper saturation: x >= {SATURATION_LEVEL} only (colours clipped at the top)."]
   if result.reference_saturation is not None:
     # Read saturation against the data: shapes images are pure colours on black, so most real
     # pixels are "saturated"; lower is not better there, closer to the reference is.
-    lines[-1] += (f" Real reference images: {result.reference_saturation:.4g} (compare with "
-                  "this, not with 0: e.g. shapes images are pure colours on a black background).")
+    lines[-1] += (f" Real reference images: {result.reference_saturation:.4g} and "
+                  f"{result.reference_saturation_upper:.4g} (compare with these, not with 0: "
+                  "e.g. shapes images are pure colours on a black background).")
   with open(paths["md"], "w") as f:
     f.write("\n".join(lines) + "\n")
   plot_pareto(rows, paths["png"], x_metric=result.x_metric, fd_label=result.fd_label,
