@@ -1,11 +1,10 @@
 """Cascade sampling end to end on tiny random stages (issue 7): determinism, prefixes, errors.
 
 Stage workdirs are written the way the trainer writes them (config.json + an Orbax checkpoint of
-the train state), from freshly initialised tiny networks: sampling does not care whether the
-weights were trained, and this keeps the test to seconds.
+the train state) by tests/cascade_fixtures.py, with random weights of traced shapes: sampling
+does not care whether the weights were trained, and this skips the U-Net's init compile.
 """
 import dataclasses
-import importlib.util
 import json
 import os
 import shutil
@@ -17,45 +16,7 @@ import pytest
 
 from imagen_jax import cascade, denoiser
 from imagen_jax import checkpoint as ckpt_lib
-from imagen_jax.nn import unet
-from imagen_jax.train import optim, state as state_lib, trainer
-
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _config(stage, **sizes):
-  spec = importlib.util.spec_from_file_location(
-      f"cfg_{stage}", os.path.join(_REPO, "configs", f"{stage}.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config("tiny")
-  with c.unlocked():
-    for k, v in sizes.items():
-      c[k] = v
-  return c
-
-
-def _write_stage(workdir, config, seed=0):
-  model = unet.build_model(config.model)
-  tx, _ = optim.make_optimizer(config.optim, int(config.train.num_steps))
-  image, lowres = trainer.train_sizes(config)
-  inputs = state_lib.model_inputs(batch=1, image_size=image, lowres_size=lowres,
-                                  text_len=int(config.text.max_length),
-                                  text_dim=int(config.model.text_dim))
-  state = jax.jit(state_lib.make_init_fn(model, tx, inputs))(jax.random.key(seed))
-  # Perturb the weights: a fresh network's zero-initialised output conv would make its output
-  # independent of every input, and these tests check that inputs matter.
-  leaves, tree = jax.tree.flatten(state.ema_params)
-  keys = jax.random.split(jax.random.key(seed + 100), len(leaves))
-  state = state.replace(ema_params=jax.tree.unflatten(tree, [
-      p + 0.05 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)]))
-  os.makedirs(workdir, exist_ok=True)
-  config_dict = trainer.config_to_dict(config)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(config_dict, f)
-  ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-  ck.save(7, state, data_state={}, config_dict=config_dict)
-  ck.close()
+from tests import cascade_fixtures
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +26,8 @@ def loaded(workdirs):
 
 @pytest.fixture(scope="module")
 def workdirs(tmp_path_factory):
-  root = tmp_path_factory.mktemp("cascade")
-  base = _config("base64")                                   # 16x16 text -> image
-  sr = _config("sr256", image_size=32, lowres_size=16)       # 16 -> 32
-  _write_stage(str(root / "base"), base)
-  _write_stage(str(root / "sr"), sr, seed=1)
-  return str(root / "base"), str(root / "sr")
+  # base: 16x16 text -> image; sr: 16 -> 32 (random weights with traced shapes, no init compile)
+  return cascade_fixtures.write_tiny_cascade(str(tmp_path_factory.mktemp("cascade")))
 
 
 SETTINGS = [cascade.SamplingSettings(num_steps=3, guidance_weight=3.0),
