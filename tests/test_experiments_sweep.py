@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import PIL.Image
 import pytest
 
 from imagen_jax import cascade
@@ -61,6 +62,8 @@ def test_sweep_writes_outputs_and_resumes(setup, monkeypatch):
              for row in rows)
   with open(paths["png"], "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  with PIL.Image.open(paths["grid"]) as grid:  # 4 points as columns beside the prompt labels
+    assert grid.size[0] == 200 + 4 * (96 + 4) + 4
   # Each point: uint8 samples per stage, prompts, metrics; no temporary folders left.
   names = sorted(os.listdir(os.path.join(outdir, "points")))
   assert len(names) == 4 and not any(n.startswith(".tmp") for n in names)

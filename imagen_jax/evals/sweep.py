@@ -316,14 +316,17 @@ TABLE_COLUMNS = ("setting", "weight", "alignment_color_shape", "shapes_color", "
                  "saturation_final", "saturation_upper_final", "num_samples")
 
 
-def write_outputs(result: SweepResult, outdir: str, title: str = "") -> dict[str, str]:
-  """`results.csv` (every column), `results.md` (the main columns) and `pareto.png`."""
+def write_outputs(result: SweepResult, outdir: str, title: str = "",
+                  grid_prompts: int = 6) -> dict[str, str]:
+  """`results.csv` (every column), `results.md` (the main columns), `pareto.png` and
+  `samples.png` (the first `grid_prompts` prompts' final images at every point)."""
   rows = sorted(result.rows, key=lambda r: (r["setting"], r["weight"]))
   cols = [c for c in TABLE_COLUMNS if any(c in r for r in rows)]
   extra = sorted({k for r in rows for k in r} - set(cols) - {"settings"})
   paths = {"csv": os.path.join(outdir, "results.csv"),
            "md": os.path.join(outdir, "results.md"),
-           "png": os.path.join(outdir, "pareto.png")}
+           "png": os.path.join(outdir, "pareto.png"),
+           "grid": os.path.join(outdir, "samples.png")}
   with open(paths["csv"] + ".tmp", "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=cols + extra, extrasaction="ignore")
     w.writeheader()
@@ -351,7 +354,27 @@ def write_outputs(result: SweepResult, outdir: str, title: str = "") -> dict[str
     f.write("\n".join(lines) + "\n")
   plot_pareto(rows, paths["png"], x_metric=result.x_metric, fd_label=result.fd_label,
               title=title)
+  write_sample_grid(rows, outdir, paths["grid"], grid_prompts)
   return paths
+
+
+def write_sample_grid(rows: Sequence[dict], outdir: str, path: str, num_prompts: int) -> None:
+  """One row per prompt, one column per point (ordered by setting, then w): the final stage's
+  images, read back from each point's cached `samples.npz`."""
+  from imagen_jax import visualize
+
+  images, prompts = [], None
+  for r in rows:  # already sorted by (setting, weight)
+    pdir = os.path.join(outdir, "points", r["key"])
+    with np.load(os.path.join(pdir, "samples.npz")) as z:
+      images.append(z[sorted(z.files)[-1]][:num_prompts])
+    if prompts is None:
+      with open(os.path.join(pdir, "prompts.json")) as f:
+        prompts = json.load(f)[:num_prompts]
+  cols = [f"{r['setting']} w={r['weight']:g}" for r in rows]
+  grid = [[im[i] for im in images] for i in range(len(prompts))]
+  visualize.labelled_grid(grid, prompts, cols, cell=96, label_width=200).save(path + ".tmp.png")
+  os.replace(path + ".tmp.png", path)
 
 
 def plot_pareto(rows: Sequence[dict], path: str, *, x_metric: str, fd_label: str,
