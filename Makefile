@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all venv clean
+.PHONY: demo test test-all sweep venv clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,12 @@ venv: $(STAMP)
 # on the CPU, sample held-out prompts, write demo_out/samples.png and demo_out/report.json.
 demo: $(STAMP)
 	$(PY) -m imagen_jax.demo --workdir=demo_out
+
+# Guidance sweep on the demo's checkpoints (after `make demo`): the README's results section.
+sweep: $(STAMP)
+	$(PY) experiments/guidance_sweep.py --workdirs=demo_out/base,demo_out/sr \
+	    --data_dir=demo_out/data --weights=1,2,3,5,8 --thresholds=dynamic,static \
+	    --num_prompts=64 --outdir=demo_out/guidance_sweep
 
 # Default test run (< ~15 min on 2 cores). `make test-all` adds the slow-marked tests.
 test: $(STAMP)
