@@ -29,9 +29,10 @@ _SR_STEPS = flags.DEFINE_integer("sr_steps", None, "override the SR stage's step
 _NUM_TEST = flags.DEFINE_integer("num_test", 192, "test prompts to sample and score")
 _GRID_ROWS = flags.DEFINE_integer("grid_rows", 16, "prompts shown in samples.png")
 
-# Expected wall time on an idle 2-core CPU: an estimate from the step rates seen unloaded
-# (base 5-10 steps/s, SR ~5 steps/s at batch 16); a shared machine takes longer.
-EXPECTED_MINUTES = 24
+# Wall time measured on an idle 2-core CPU (2.1 GHz VM) from a fresh clone: 29.3 minutes after
+# the install (dataset 0.4, base 17.0 at ~2.6 steps/s, SR 8.9 at ~4.3 steps/s, sampling +
+# scoring 2.9); a shared machine takes longer.
+EXPECTED_MINUTES = 30
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -164,8 +165,8 @@ def main(argv):
   workdir = os.path.abspath(_WORKDIR.value)
   os.makedirs(workdir, exist_ok=True)
   print(f"imagen-jax demo: shapes dataset -> base 32x32 stage -> SR 32->64 stage -> samples.\n"
-        f"Expected time on an idle 2-core CPU: about {EXPECTED_MINUTES} minutes (dataset ~1, "
-        f"base stage ~12, SR stage ~7, sampling + scoring ~3). Output: {workdir}", flush=True)
+        f"Expected time on an idle 2-core CPU: about {EXPECTED_MINUTES} minutes (dataset ~0.5, "
+        f"base stage ~17, SR stage ~9, sampling + scoring ~3). Output: {workdir}", flush=True)
 
   from imagen_jax.data import shapes
 
