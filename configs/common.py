@@ -149,6 +149,10 @@ def text_config(v: dict) -> ml_collections.ConfigDict:
     c.dtype = "float32"  # compute; the encoder is frozen
     c.param_dtype = "float32"  # storage; "bfloat16" halves T5-XXL's memory
     c.drop_prob = 0.1  # classifier-free guidance training (§2.2): zero text with p = 0.1
+    # The encoder is frozen (§2.1), so training can read each caption's embedding from a cache
+    # written once (imagen_jax/text/cache.py, keyed by data.embedding_id_key; '' = caption text)
+    # instead of running the encoder in every step. '' = encode in the step.
+    c.embedding_cache = ""
     return c
 
 

@@ -126,3 +126,11 @@ def test_read_examples_in_generation_order(built):
         ex = shapes.make_example(3, "test", r["index"], 32)
         assert r["caption"] == ex["caption"] and r["held_out"] == ex["held_out"]
         assert r["attributes"]["num_objects"] == int(ex["num_objects"])
+
+
+def test_captions_without_rendering_match_the_built_splits(built):
+    for split, n in (("train", 64), ("test", 48)):
+        rows = shapes.read_examples(built, split)
+        assert shapes.captions(3, split, n) == [r["caption"] for r in rows]
+    # the scene does not depend on the resolution: an SR stage's captions are the base's
+    assert shapes.make_example(3, "train", 5, 64)["caption"] == shapes.captions(3, "train", 6)[5]

@@ -99,3 +99,14 @@ def test_duplicate_ids_and_bad_dtype(encoder, tmp_path):
     assert not os.path.exists(str(tmp_path / "c"))  # nothing that looks finished
     with pytest.raises(ValueError, match="cache dtype 'float16'"):
         cache.write_cache(encoder, [], str(tmp_path / "d"), dtype="float16", progress=False)
+
+
+def test_check_encoder_names_the_mismatch(encoder, tmp_path):
+    out = str(tmp_path / "c")
+    cache.write_cache(encoder, [("a", "a red circle")], out, progress=False)
+    c = cache.TextEmbeddingCache(out)
+    c.check_encoder("byt5-tiny-random", 256, 24)  # the writer's own settings pass
+    with pytest.raises(cache.CacheError, match=r"max_length=24 \(config: 64\)"):
+        c.check_encoder("byt5-tiny-random", 256, 64)
+    with pytest.raises(cache.CacheError, match=r"encoder='byt5-tiny-random' \(config: 't5-v1_1-xxl'\)"):
+        c.check_encoder("t5-v1_1-xxl", 256, 24)

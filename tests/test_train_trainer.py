@@ -94,6 +94,28 @@ def test_tiny_sr_stages_train(tmp_path, data_dir, stage):
     assert any(p.startswith("real_lowres") for p in pngs)
 
 
+def test_text_embedding_cache_trains_like_the_encoder(tmp_path, data_dir):
+    """`text.embedding_cache` feeds the step the embeddings the frozen encoder would compute:
+    same batches, same losses; a cache from another encoder setting is refused up front."""
+    from imagen_jax import demo
+    from imagen_jax.text import cache as text_cache
+
+    cut = {"train.num_steps": 4, "train.ckpt_every": 100, "train.log_every": 1,
+           "model.channel_mult": (1,), "model.attn_resolutions": (16,)}
+    encoded = tiny_config("base64", data_dir, **cut)
+    trainer.train_and_evaluate(encoded, str(tmp_path / "encode"))
+    cached = tiny_config("base64", data_dir, **cut)
+    cached.text.embedding_cache = demo.build_text_cache(cached, str(tmp_path))
+    trainer.train_and_evaluate(cached, str(tmp_path / "cache"))
+    want = [r["loss"] for r in losses(str(tmp_path / "encode"))]
+    got = [r["loss"] for r in losses(str(tmp_path / "cache"))]
+    assert len(got) == 4
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    cached.text.max_length = 32
+    with pytest.raises(text_cache.CacheError, match=r"max_length=\d+ \(config: 32\)"):
+        trainer.train_and_evaluate(cached, str(tmp_path / "mismatch"))
+
+
 @pytest.mark.slow
 def test_nonfinite_loss_stops_with_the_step(tmp_path, data_dir):
     # An absurd learning rate overflows the params within a few steps.

@@ -167,8 +167,9 @@ def sample_scene(rng: np.random.Generator, *, held_out: bool | None) -> tuple[li
             return objects, relation
 
 
-def make_example(seed: int, split: str, index: int, resolution: int) -> dict:
-    """One example as a dict of features (image as a PIL image, for TFDS's PNG encoder)."""
+def scene(seed: int, split: str, index: int) -> tuple[list[dict], int, bool]:
+    """(objects, relation id, held_out) of example `index`: independent of the resolution, so
+    every resolution of a split shows the same scenes under the same captions."""
     if split not in _SPLIT_IDS:
         raise ValueError(f"split {split!r} is not one of {sorted(_SPLIT_IDS)}")
     rng = np.random.default_rng([seed, _SPLIT_IDS[split], index])
@@ -177,6 +178,18 @@ def make_example(seed: int, split: str, index: int, resolution: int) -> dict:
     else:  # half the test examples contain a never-seen colour+kind pair
         held = bool(rng.random() < 0.5)
     objects, relation = sample_scene(rng, held_out=held)
+    return objects, relation, held
+
+
+def captions(seed: int, split: str, num: int) -> list[str]:
+    """The captions of examples 0..num-1 of a split, without rendering (e.g. to precompute
+    their text embeddings once)."""
+    return [caption_for(*scene(seed, split, i)[:2]) for i in range(num)]
+
+
+def make_example(seed: int, split: str, index: int, resolution: int) -> dict:
+    """One example as a dict of features (image as a PIL image, for TFDS's PNG encoder)."""
+    objects, relation, held = scene(seed, split, index)
     pad = MAX_OBJECTS - len(objects)
     field = lambda k: np.array([o[k] for o in objects] + [-1] * pad, np.int32)  # noqa: E731
     return {

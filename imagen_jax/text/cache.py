@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 from typing import Hashable, Iterable, Sequence
 
 import msgpack
@@ -101,7 +102,8 @@ def write_cache(encoder, examples: Iterable[tuple[Hashable, str]], out_dir: str,
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(desc=f"text cache -> {os.path.basename(out_dir)}", unit="caption")
+        bar = tqdm(desc=f"text cache -> {os.path.basename(out_dir)}", unit="caption",
+                   total=len(examples) if hasattr(examples, "__len__") else None)
 
     def flush(batch):
         nonlocal writer, truncated
@@ -175,6 +177,7 @@ class TextEmbeddingCache:
         from array_record.python.array_record_module import ArrayRecordReader
 
         path = os.path.normpath(path)
+        self.path = path
         manifest_file = os.path.join(path, MANIFEST)
         if not os.path.isdir(path):
             hint = ""
@@ -202,6 +205,7 @@ class TextEmbeddingCache:
             raise ValueError(f"dtype={dtype!r}; allowed: 'float32', 'stored'")
         self._out = np.dtype(np.float32) if dtype == "float32" else self._stored
         self._readers, self._where = [], {}
+        self._lock = threading.Lock()
         for s, shard in enumerate(self.manifest["shards"]):
             reader = ArrayRecordReader(os.path.join(path, shard["file"]))
             if reader.num_records() != shard["num_records"]:
@@ -215,6 +219,17 @@ class TextEmbeddingCache:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def check_encoder(self, name: str, dim: int, max_length: int) -> None:
+        """Raises CacheError unless the cache was written by encoder `name` with this `dim` and
+        `max_length` (embeddings from another encoder would train silently wrong)."""
+        want = dict(encoder=name, dim=int(dim), max_length=int(max_length))
+        have = {k: self.manifest.get(k) for k in want}
+        if have != want:
+            bad = ", ".join(f"{k}={have[k]!r} (config: {want[k]!r})" for k in want
+                            if have[k] != want[k])
+            raise CacheError(f"text embedding cache {self.path!r} does not match the text "
+                             f"encoder: {bad}; rewrite it with write_cache")
+
     def __contains__(self, example_id) -> bool:
         return str(example_id) in self._where
 
@@ -223,7 +238,8 @@ class TextEmbeddingCache:
         if key not in self._where:
             raise KeyError(f"example id {key!r} is not in the text embedding cache")
         shard, index = self._where[key]
-        rec = msgpack.unpackb(self._readers[shard].read([index])[0])
+        with self._lock:  # grain may call the lookup from its reader threads
+            rec = msgpack.unpackb(self._readers[shard].read([index])[0])
         if rec["id"] != key:
             raise CacheError(f"record {index} of shard {shard} has id {rec['id']!r}, "
                              f"expected {key!r}")
