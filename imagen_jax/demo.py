@@ -30,11 +30,10 @@ _SR_STEPS = flags.DEFINE_integer("sr_steps", None, "override the SR stage's step
 _NUM_TEST = flags.DEFINE_integer("num_test", 192, "test prompts to sample and score")
 _GRID_ROWS = flags.DEFINE_integer("grid_rows", 16, "prompts shown in samples.png")
 
-# Wall time from a fresh clone on the 2-core CPU (2.1 GHz VM), after the install: 29.3 minutes
-# (2026-11-27 morning, before the text cache) and 31.7 (same day, with the cache, in a slow
-# window: the unchanged dataset build and sampling took 38% and 12% longer than in the morning;
-# dataset 0.6, text cache 0.2, base 18.1, SR 9.5, sampling + scoring 3.3). The VM's speed varies
-# by that much hour to hour (the bare base step measured 3.1 and 3.9 steps/s an hour apart).
+# Wall time from a fresh clone on the 2-core CPU (2.1 GHz VM), after the install (2026-11-27):
+# 26.9 minutes at 22239e7 (dataset 0.4, text cache 0.2, base 14.5 at ~3.0 steps/s, SR 8.4 at
+# ~4.2 steps/s, sampling + scoring 3.3); 31.7 an hour earlier in a slow window of the VM (the
+# unchanged dataset build took 38% longer). The VM's speed varies by that much hour to hour.
 EXPECTED_MINUTES = 30
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -191,7 +190,7 @@ def main(argv):
   os.makedirs(workdir, exist_ok=True)
   print(f"imagen-jax demo: shapes dataset -> base 32x32 stage -> SR 32->64 stage -> samples.\n"
         f"Expected time on a 2-core CPU: about {EXPECTED_MINUTES} minutes (dataset ~0.5, text "
-        f"cache ~0.2, base stage ~17, SR stage ~9, sampling + scoring ~3; more on a loaded "
+        f"cache ~0.2, base stage ~15, SR stage ~9, sampling + scoring ~3; more on a loaded "
         f"host). Output: {workdir}", flush=True)
 
   from imagen_jax.data import shapes
