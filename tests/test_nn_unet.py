@@ -219,3 +219,36 @@ def test_sharded_init_and_apply_with_activation_constraints(stage):
     with nn.logical_axis_rules(rules):
       out = jax.jit(lambda p: model.apply(p, **batch))(params)
   assert out.shape == batch["x_t"].shape and np.isfinite(np.asarray(out)).all()
+
+
+@pytest.mark.parametrize("stage", ("base64", "sr256"))
+def test_text_positions_make_the_text_pathway_order_aware(stage):
+  """Without positions the text is a set (pooling and cross-attention are permutation
+  invariant), so reordering the real tokens changes nothing; with `text_positions` it does,
+  while masked tokens still have exactly no effect and no parameters are added."""
+  outs, param_counts = {}, {}
+  for positions in (False, True):
+    cfg = presets.get_model_config(stage, "tiny")
+    cfg.text_positions = positions
+    model = unet.build_model(cfg)
+    _, batch = _variants(cfg)
+    text, mask = batch["text_emb"][:1], batch["text_mask"][:1]
+    order = jnp.array([2, 0, 1, 3, 4])  # the 3 real tokens rotated; the 2 masked ones kept
+    junk = text.at[:, 3:].set(50.0)     # other values at the masked positions
+    batch = {k: jnp.concatenate([v[:1]] * 3) for k, v in batch.items()}
+    batch["text_emb"] = jnp.concatenate([text, text[:, order], junk])
+    batch["text_mask"] = jnp.concatenate([mask, mask[:, order], mask])
+    params = _random_params(model, batch)
+    param_counts[positions] = sum(p.size for p in jax.tree.leaves(params))
+    outs[positions] = np.asarray(jax.jit(lambda p, b: model.apply(p, **b))(params, batch))
+  for positions, o in outs.items():
+    np.testing.assert_allclose(o[2], o[0], atol=1e-5, rtol=0, err_msg=f"{positions=}")
+  np.testing.assert_allclose(outs[False][1], outs[False][0], atol=1e-5, rtol=0)
+  assert np.abs(outs[True][1] - outs[True][0]).max() > 1e-3, "token order has no effect"
+  assert param_counts[True] == param_counts[False]
+
+
+def test_text_positions_default_off_except_for_the_shapes_demo():
+  for stage in STAGES:
+    assert not presets.get_model_config(stage, "paper").text_positions
+    assert presets.get_model_config(stage, "shapes").text_positions

@@ -62,6 +62,7 @@ class UNet(nn.Module):
   embed_dim: int
   text_proj_dim: int | None
   pool_heads: int
+  text_positions: bool = False
   text_cross_attention: bool = True
   out_channels: int = 3
   lowres_cond: bool = False
@@ -79,7 +80,8 @@ class UNet(nn.Module):
     x = _check_inputs(x_t, lowres, self.lowres_cond)
     emb, text, mask = text_conditioning.Conditioning(
         self.embed_dim, self.base_channels, self.text_proj_dim, self.pool_heads,
-        use_aug_level=self.lowres_cond, name="conditioning", **kw)(
+        use_aug_level=self.lowres_cond, text_positions=self.text_positions,
+        name="conditioning", **kw)(
             logsnr, text_emb, text_mask, aug_level)
     text_kv = (text, mask) if self.text_cross_attention else (None, None)
 
@@ -158,6 +160,7 @@ class EfficientUNet(nn.Module):
   embed_dim: int
   text_proj_dim: int | None
   pool_heads: int
+  text_positions: bool = False
   out_channels: int = 3
   lowres_cond: bool = True
   space_to_depth: int = 1
@@ -183,7 +186,8 @@ class EfficientUNet(nn.Module):
       x = layers.space_to_depth(x, f)
     emb, text, mask = text_conditioning.Conditioning(
         self.embed_dim, self.stem_channels, self.text_proj_dim, self.pool_heads,
-        use_aug_level=self.lowres_cond, name="conditioning", **kw)(
+        use_aug_level=self.lowres_cond, text_positions=self.text_positions,
+        name="conditioning", **kw)(
             logsnr, text_emb, text_mask, aug_level)
 
     common = dict(num_heads=self.num_heads, head_dim=self.head_dim, dropout=self.dropout,
@@ -226,7 +230,9 @@ def build_model(model_config: ml_collections.ConfigDict) -> nn.Module:
   c = model_config
   common = dict(
       num_heads=c.num_heads, head_dim=c.head_dim, embed_dim=c.embed_dim,
-      text_proj_dim=c.text_proj_dim, pool_heads=c.pool_heads, out_channels=c.out_channels,
+      text_proj_dim=c.text_proj_dim, pool_heads=c.pool_heads,
+      # .get: checkpoints written before the field existed were trained without positions.
+      text_positions=bool(c.get("text_positions", False)), out_channels=c.out_channels,
       lowres_cond=c.lowres_cond, dropout=c.dropout, norm_groups=c.norm_groups,
       attn_impl=c.attn_impl, remat=c.remat, dtype=_dtype(c.dtype),
       param_dtype=_dtype(c.param_dtype))
