@@ -92,14 +92,16 @@ def build_text_cache(config, data_dir: str) -> str:
   path = os.path.join(data_dir, f"text_cache_{t.name}_L{int(t.max_length)}_n{int(d.num_train)}"
                       f"_seed{int(d.shapes_seed)}")
   wanted = sorted(set(shapes.captions(int(d.shapes_seed), "train", int(d.num_train))))
+  encoder = registry.get_text_encoder(t)
   if os.path.exists(os.path.join(path, text_cache.MANIFEST)):
     existing = text_cache.TextEmbeddingCache(path)
-    complete = all(c in existing for c in wanted)
+    # Reused only when written by these very weights (an older checkout's cache is rewritten).
+    reusable = (existing.manifest.get("fingerprint") == encoder.fingerprint
+                and all(c in existing for c in wanted))
     existing.close()
-    if complete:
+    if reusable:
       return path
   print(f"\n== encoding the {len(wanted)} distinct training captions once -> {path}", flush=True)
-  encoder = registry.get_text_encoder(t)
   text_cache.write_cache(encoder, [(c, c) for c in wanted], path, overwrite=True)
   return path
 
@@ -228,8 +230,8 @@ def main(argv):
   train_stage("sr", sr_cfg, sr_dir, timings)
 
   # 3. Sample and score; 4. write the sheet and the report.
-  report = evaluate(base_dir, sr_dir, builders[int(sr_cfg.data.resolution)], cascade_cfg, workdir, num_test=_NUM_TEST.value,
-                    grid_rows=_GRID_ROWS.value)
+  report = evaluate(base_dir, sr_dir, builders[int(sr_cfg.data.resolution)], cascade_cfg,
+                    workdir, num_test=_NUM_TEST.value, grid_rows=_GRID_ROWS.value)
   report["settings"].update(base_steps=int(base_cfg.train.num_steps),
                             sr_steps=int(sr_cfg.train.num_steps),
                             base_target=base_cfg.diffusion.target,

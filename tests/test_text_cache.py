@@ -1,4 +1,5 @@
 """Text embedding cache: roundtrip (float32 / bfloat16), lookup by id, half-written refusal."""
+import dataclasses
 import json
 import os
 import shutil
@@ -110,3 +111,10 @@ def test_check_encoder_names_the_mismatch(encoder, tmp_path):
         c.check_encoder("byt5-tiny-random", 256, 64)
     with pytest.raises(cache.CacheError, match=r"encoder='byt5-tiny-random' \(config: 't5-v1_1-xxl'\)"):
         c.check_encoder("t5-v1_1-xxl", 256, 24)
+    # Same name and sizes, other weights: refused by the fingerprint.
+    c.check_encoder("byt5-tiny-random", 256, 24, encoder.fingerprint)
+    other = dataclasses.replace(
+        encoder, params={**encoder.params, "token_embedding": encoder.params["token_embedding"] + 1})
+    assert other.fingerprint != encoder.fingerprint
+    with pytest.raises(cache.CacheError, match=f"fingerprint='{encoder.fingerprint}'"):
+        c.check_encoder("byt5-tiny-random", 256, 24, other.fingerprint)

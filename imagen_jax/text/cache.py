@@ -150,7 +150,8 @@ def write_cache(encoder, examples: Iterable[tuple[Hashable, str]], out_dir: str,
             bar.close()
 
     manifest = dict(
-        format=FORMAT, encoder=encoder.name, dim=int(encoder.dim),
+        format=FORMAT, encoder=encoder.name, fingerprint=encoder.fingerprint,
+        dim=int(encoder.dim),
         max_length=int(encoder.max_length), dtype=dtype, num_examples=len(ids_written),
         num_truncated=int(truncated),
         shards=[dict(file=_shard_name(i), num_records=c) for i, c in enumerate(shard_counts)])
@@ -219,10 +220,15 @@ class TextEmbeddingCache:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def check_encoder(self, name: str, dim: int, max_length: int) -> None:
+    def check_encoder(self, name: str, dim: int, max_length: int,
+                      fingerprint: str | None = None) -> None:
         """Raises CacheError unless the cache was written by encoder `name` with this `dim` and
-        `max_length` (embeddings from another encoder would train silently wrong)."""
+        `max_length` and, when given, these weights (`TextEncoder.fingerprint`; a cache from
+        before fingerprints has none and fails this check): embeddings from another encoder
+        would train silently wrong."""
         want = dict(encoder=name, dim=int(dim), max_length=int(max_length))
+        if fingerprint is not None:
+            want["fingerprint"] = fingerprint
         have = {k: self.manifest.get(k) for k in want}
         if have != want:
             bad = ", ".join(f"{k}={have[k]!r} (config: {want[k]!r})" for k in want

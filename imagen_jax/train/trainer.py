@@ -174,7 +174,7 @@ def open_text_cache(text_config, encoder) -> text_cache_lib.TextEmbeddingCache |
     if not path:
         return None
     cache = text_cache_lib.TextEmbeddingCache(path)
-    cache.check_encoder(encoder.name, encoder.dim, encoder.max_length)
+    cache.check_encoder(encoder.name, encoder.dim, encoder.max_length, encoder.fingerprint)
     logging.info("text embeddings from the cache %s (%d captions)", path, len(cache))
     return cache
 
