@@ -31,9 +31,10 @@ _NUM_TEST = flags.DEFINE_integer("num_test", 192, "test prompts to sample and sc
 _GRID_ROWS = flags.DEFINE_integer("grid_rows", 16, "prompts shown in samples.png")
 
 # Wall time from a fresh clone on the 2-core CPU (2.1 GHz VM), after the install (2026-11-27):
-# 26.9 minutes at 22239e7 (dataset 0.4, text cache 0.2, base 14.5 at ~3.0 steps/s, SR 8.4 at
-# ~4.2 steps/s, sampling + scoring 3.3); 31.7 an hour earlier in a slow window of the VM (the
-# unchanged dataset build took 38% longer). The VM's speed varies by that much hour to hour.
+# 28.7 minutes at 1023645 (dataset 0.5, text cache 0.2, base 15.6 at median 2.8 steps/s, SR
+# 9.2 at 3.9 steps/s, sampling + scoring 3.3); 26.9 at 22239e7; 31.7 an hour before that in a
+# slow window of the VM (the unchanged dataset build took 38% longer). The VM's speed varies by
+# that much hour to hour.
 EXPECTED_MINUTES = 30
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
