@@ -76,6 +76,19 @@ def _json_normal(x: Any) -> Any:
                                  else str(o)))
 
 
+# Model fields added after checkpoints were written, with the value that reproduces what those
+# checkpoints were trained with: a config without the field (an older checkpoint's, or a
+# hand-written one) compares as if it had that value.
+MODEL_FIELDS_ADDED = {"text_positions": False}
+
+
+def _with_added_fields(config: dict) -> dict:
+    model = config.get("model")
+    if not isinstance(model, dict):
+        return config
+    return {**config, "model": {**MODEL_FIELDS_ADDED, **model}}
+
+
 def _diff(saved: Any, current: Any, prefix: str = "") -> list[str]:
     if isinstance(saved, dict) and isinstance(current, dict):
         out = []
@@ -159,8 +172,8 @@ class Checkpointer:
         state). Nothing is loaded into the train state before this passes.
         """
         where = self.directory / str(step)
-        saved = self.saved_config(step)
-        current = _json_normal(config_dict)
+        saved = _with_added_fields(self.saved_config(step))
+        current = _with_added_fields(_json_normal(config_dict))
         diffs = []
         for section in ("stage", "model"):
             diffs += _diff(saved.get(section), current.get(section), section)

@@ -73,6 +73,23 @@ def test_restore_into_another_model_fails_before_loading(tmp_path, mesh):
     ck.close()
 
 
+def test_model_fields_added_later_compare_at_their_old_behaviour(tmp_path, mesh):
+    """A checkpoint from before `model.text_positions` existed (trained without positions)
+    resumes under text_positions=False and is refused under True."""
+    ck = ckpt_lib.Checkpointer(tmp_path / "ckpt")
+    state = toy_state(mesh)
+    ck.save(3, state, data_state={}, config_dict=CONFIG)  # CONFIG has no text_positions
+    ck.wait()
+    model = CONFIG["model"]
+    ck.restore(3, abstract_of(state), config_dict={**CONFIG, "model": {
+        **model, "text_positions": False}})
+    with pytest.raises(ckpt_lib.CheckpointMismatchError,
+                       match=r"model\.text_positions: False in checkpoint, now True"):
+        ck.restore(3, abstract_of(state), config_dict={**CONFIG, "model": {
+            **model, "text_positions": True}})
+    ck.close()
+
+
 def test_unfinalized_save_is_not_a_checkpoint(tmp_path, mesh):
     ck = ckpt_lib.Checkpointer(tmp_path / "ckpt")
     ck.save(3, toy_state(mesh), data_state={}, config_dict=CONFIG)
