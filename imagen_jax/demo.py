@@ -108,12 +108,18 @@ def build_text_cache(config, data_dir: str) -> str:
 
 
 def train_stage(name, config, workdir, timings):
+  from imagen_jax import checkpoint as ckpt_lib
   from imagen_jax.train import trainer
 
   t0 = time.time()
   print(f"\n== training the {name} stage: {config.train.num_steps} steps at batch "
         f"{config.train.global_batch_size} -> {workdir}", flush=True)
-  trainer.train_and_evaluate(config, workdir)
+  try:
+    trainer.train_and_evaluate(config, workdir)
+  except ckpt_lib.CheckpointMismatchError as e:
+    # Most likely a demo_out from an older checkout whose stage networks have since changed.
+    raise SystemExit(f"{workdir} holds a {name} checkpoint of another network ({e}). Delete "
+                     f"{workdir} (or run with another --workdir) to train the current one.")
   timings[f"train_{name}_s"] = round(time.time() - t0, 1)
 
 

@@ -60,6 +60,15 @@ def test_tiny_base_trains_survives_sigterm_and_resumes(tmp_path, data_dir):
     ck.close()
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["stage"] == "base64"
+    # Resuming with another network is refused, and leaves config.json describing the
+    # checkpoint (the sampler rebuilds the network from it).
+    other = tiny_config("base64", data_dir, **{
+        "train.num_steps": 30, "model.channel_mult": (1,), "model.attn_resolutions": (16,),
+        "model.text_positions": True})
+    with pytest.raises(ckpt_lib.CheckpointMismatchError, match="model.text_positions"):
+        trainer.train_and_evaluate(other, workdir)
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["model"]["text_positions"] is False
 
     out = trainer.train_and_evaluate(config, workdir)
     assert not out["preempted"] and out["step"] == 30

@@ -197,9 +197,6 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> d
     config_dict = config_to_dict(c)
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
-    if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(config_dict, f, indent=2, sort_keys=True)
 
     mesh = mesh_lib.make_mesh(dict(c.mesh.shape))
     rules = tuple(tuple(r) for r in c.mesh.logical_axis_rules)
@@ -244,6 +241,11 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> d
         # compiles in 4 s instead of 19 (same values up to float rounding).
         options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
         state = init.lower(init_rng).compile(options)(init_rng)
+    # Written once the checkpoint (if any) is known to fit this config: a refused resume leaves
+    # the workdir's config.json describing its checkpoints.
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(config_dict, f, indent=2, sort_keys=True)
     step = int(jax.device_get(state.step))
     logging.info("%d params", state_lib.param_count(abstract.params))
 
