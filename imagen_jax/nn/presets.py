@@ -81,10 +81,12 @@ def _efficient(**kw) -> ml_collections.ConfigDict:
   return c
 
 
-# The shapes stages read a frozen random encoder (byt5-tiny-random) whose token features are
-# nearly context-free: a caption and the same caption with the two objects' colours swapped give
-# token sets whose nearest-neighbour cosine similarity is 0.99995 (measured, 2026-11-27), so a
-# set-based text pathway cannot tell which colour belongs to which shape or side.
+# Added when the shapes stages' frozen random encoder (byt5-tiny-random) gave context-free
+# tokens (a caption and its colour-swapped twin: token sets matching to cosine 0.99995), so a
+# set-based text pathway could not tell which colour belongs to which shape or side. Since the
+# encoder's tokens carry their context (registry.TINY_RANDOM_BIAS_STD), a CPU ablation scored
+# no worse without positions (stage-1 colour 0.893 vs 0.865 at w = 3, one run each; see
+# experiments/README.md); kept on because the demo's measured runs used it.
 _SHAPES_TEXT_POSITIONS = True
 
 
