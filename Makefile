@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all sweep venv clean
+.PHONY: demo test test-all lint format sweep venv clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,17 @@ sweep: $(STAMP)
 	    --num_prompts=64 --outdir=demo_out/guidance_sweep
 
 # Default test run (< ~15 min on 2 cores). `make test-all` adds the slow-marked tests.
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest -n 2 -q tests
+
+# One style (pyproject.toml): pyink (Google 2-space) and ruff; `make format` applies both.
+lint: $(STAMP)
+	$(VENV)/bin/pyink --check --quiet .
+	$(VENV)/bin/ruff check --quiet .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --quiet --fix .
+	$(VENV)/bin/pyink --quiet .
 
 test-all: $(STAMP)
 	$(PY) -m pytest -n 2 -q -m "" tests

@@ -4,6 +4,7 @@ Dependencies are pinned to the versions this codebase is tested with (see DESIGN
 "Environment facts"). TensorFlow is optional: TFDS builders here write array_record files and
 are read with `tfds.data_source`, which needs no TensorFlow.
 """
+
 from setuptools import find_packages, setup
 
 INSTALL_REQUIRES = [
@@ -33,7 +34,7 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     # What the test suite needs beyond the runtime (torch is deliberately not here: the
     # golden-file tests always run, the live parity tests run where torch is installed).
-    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0"],
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "pyink==26.5.1", "ruff==0.17.5"],
     # TFDS datasets that need TensorFlow to *prepare* (e.g. coco_captions).
     "tf": ["tensorflow-cpu"],
     "gpu": ["jax[cuda12]==0.10.2"],

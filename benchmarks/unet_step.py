@@ -11,16 +11,17 @@ The training step is the plain loss of the paper (App. A): x0 ~ batch, t ~ U(0,1
 logsnr = cosine(t), z_t = alpha x0 + sigma eps, loss = |eps_hat - eps|^2. The diffusion math is
 inlined here (a few lines) so the benchmark depends on nothing but the network.
 """
+
 from __future__ import annotations
 
 import math
 import statistics
 import time
 
-from absl import app, flags
 import jax
 import jax.numpy as jnp
 import optax
+from absl import app, flags
 
 from imagen_jax.nn import presets, unet
 
@@ -33,8 +34,9 @@ flags.DEFINE_string("dtype", None, "override the compute dtype (float32 | bfloat
 flags.DEFINE_integer("text_len", None, "override the text length")
 flags.DEFINE_bool("remat", None, "override remat")
 flags.DEFINE_string("attn_impl", None, "override attention impl (auto | dense | per_example)")
-flags.DEFINE_bool("count_only", False,
-                  "print parameter counts of the paper presets (eval_shape) and exit")
+flags.DEFINE_bool(
+    "count_only", False, "print parameter counts of the paper presets (eval_shape) and exit"
+)
 
 
 def _inputs(cfg, batch, key):
@@ -44,7 +46,8 @@ def _inputs(cfg, batch, key):
       x_t=jax.random.normal(k[0], (batch, s, s, 3)),
       logsnr=jnp.zeros((batch,)),
       text_emb=jax.random.normal(k[1], (batch, length, cfg.text_dim)),
-      text_mask=jnp.ones((batch, length), bool))
+      text_mask=jnp.ones((batch, length), bool),
+  )
   if cfg.lowres_cond:
     out["lowres"] = jax.random.normal(k[2], (batch, s, s, 3))
     out["aug_level"] = jax.random.uniform(k[3], (batch,))
@@ -54,7 +57,8 @@ def _inputs(cfg, batch, key):
 def param_count(cfg, batch=1) -> int:
   model = unet.build_model(cfg)
   shapes = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), **_inputs(cfg, batch, jax.random.key(0))))
+      lambda: model.init(jax.random.key(0), **_inputs(cfg, batch, jax.random.key(0)))
+  )
   return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
 
 
@@ -62,8 +66,10 @@ def count_paper():
   paper = {"base64": 2.0e9, "sr256": 600e6, "sr1024": 400e6}
   for stage, ref in paper.items():
     n = param_count(presets.get_model_config(stage, "paper"))
-    print(f"{stage:7s} paper preset: {n / 1e6:8.1f}M params  (paper: {ref / 1e6:.0f}M, "
-          f"{100 * (n - ref) / ref:+.1f}%)  [4096-dim text]")
+    print(
+        f"{stage:7s} paper preset: {n / 1e6:8.1f}M params  (paper: {ref / 1e6:.0f}M, "
+        f"{100 * (n - ref) / ref:+.1f}%)  [4096-dim text]"
+    )
 
 
 def _flops(compiled) -> float:
@@ -139,8 +145,11 @@ def main(argv):
   x0, key = inputs["x_t"], jax.random.key(1)
 
   t0 = time.perf_counter()
-  compiled = jax.jit(make_train_step(model, tx, cond, b), donate_argnums=(0, 1)).lower(
-      params, opt_state, x0, key).compile()
+  compiled = (
+      jax.jit(make_train_step(model, tx, cond, b), donate_argnums=(0, 1))
+      .lower(params, opt_state, x0, key)
+      .compile()
+  )
   compile_s = time.perf_counter() - t0
   flops = _flops(compiled)
   if cfg.attn_impl != "dense":
@@ -168,21 +177,31 @@ def main(argv):
   jax.block_until_ready(fwd(state[0], inputs))
   fwd_s, fwd_cpu = _median_time(lambda: fwd(state[0], inputs), FLAGS.fwd_steps)
 
-  print(f"preset              {FLAGS.preset}  (kind={cfg.kind}, dtype={cfg.dtype}, "
-        f"remat={cfg.remat}, attn_impl={cfg.attn_impl}, image {cfg.image_size}x"
-        f"{cfg.image_size}, batch {b})")
+  print(
+      f"preset              {FLAGS.preset}  (kind={cfg.kind}, dtype={cfg.dtype}, "
+      f"remat={cfg.remat}, attn_impl={cfg.attn_impl}, image {cfg.image_size}x"
+      f"{cfg.image_size}, batch {b})"
+  )
   print(f"devices             {jax.devices()[0].platform} x{jax.device_count()}")
   print(f"parameters          {n_params / 1e6:.2f}M")
   print(f"train-step FLOPs    {flops / 1e9:.1f} GFLOP (XLA cost analysis)")
-  print(f"compile time        {compile_s:.1f} s (train step), {fwd_compile_s:.1f} s (forward), "
-        f"{init_s:.1f} s (init, compile + run)")
-  print(f"train step          {step_s:.3f} s median over {FLAGS.steps} "
-        f"(process CPU time {step_cpu:.3f} s)")
+  print(
+      f"compile time        {compile_s:.1f} s (train step), {fwd_compile_s:.1f} s (forward), "
+      f"{init_s:.1f} s (init, compile + run)"
+  )
+  print(
+      f"train step          {step_s:.3f} s median over {FLAGS.steps} "
+      f"(process CPU time {step_cpu:.3f} s)"
+  )
   print(f"images/s            {b / step_s:.2f}")
-  print(f"achieved            {flops / step_s / 1e9:.1f} GFLOP/s "
-        f"({flops / step_cpu / 1e9:.1f} GFLOP per CPU-second)")
-  print(f"denoiser forward    {fwd_s:.3f} s median over {FLAGS.fwd_steps} "
-        f"(process CPU time {fwd_cpu:.3f} s)")
+  print(
+      f"achieved            {flops / step_s / 1e9:.1f} GFLOP/s "
+      f"({flops / step_cpu / 1e9:.1f} GFLOP per CPU-second)"
+  )
+  print(
+      f"denoiser forward    {fwd_s:.3f} s median over {FLAGS.fwd_steps} "
+      f"(process CPU time {fwd_cpu:.3f} s)"
+  )
 
 
 if __name__ == "__main__":

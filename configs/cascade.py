@@ -8,39 +8,40 @@ in the center"`; variants:
   with the guidance weights of the paper's COCO table (w = 1.35 base, 8.0 SR; §4.1).
 Override any field, e.g. `--config.stage2.aug_level=0.2 --config.num_stages=1`.
 """
+
 import ml_collections
 
 
 def _stage(workdir, *, w, steps, aug_level=0.0, sampler="ddim", threshold="dynamic"):
-    s = ml_collections.ConfigDict()
-    s.workdir = workdir
-    s.sampler = sampler           # ddpm | ddim | dpmpp_2m
-    s.num_steps = steps           # the paper does not state steps per stage (a setting)
-    s.guidance_weight = w         # the paper's w; 1 = no guidance (§2.2)
-    s.threshold = threshold       # none | static | dynamic (§2.3)
-    s.percentile = 99.5           # dynamic thresholding percentile, 0-100 scale (Fig. A.31)
-    s.eta = 0.0                   # DDIM stochasticity
-    s.aug_level = aug_level       # SR only: noise conditioning augmentation level (§2.4)
-    return s
+  s = ml_collections.ConfigDict()
+  s.workdir = workdir
+  s.sampler = sampler  # ddpm | ddim | dpmpp_2m
+  s.num_steps = steps  # the paper does not state steps per stage (a setting)
+  s.guidance_weight = w  # the paper's w; 1 = no guidance (§2.2)
+  s.threshold = threshold  # none | static | dynamic (§2.3)
+  s.percentile = 99.5  # dynamic thresholding percentile, 0-100 scale (Fig. A.31)
+  s.eta = 0.0  # DDIM stochasticity
+  s.aug_level = aug_level  # SR only: noise conditioning augmentation level (§2.4)
+  return s
 
 
 def get_config(variant: str = "shapes"):
-    c = ml_collections.ConfigDict()
-    if variant == "shapes":
-        c.num_stages = 2
-        c.stage1 = _stage("demo_out/base", w=3.0, steps=25)
-        # The demo's SR stage predicts x0 and is sampled without guidance (see
-        # configs/common.py, variant `shapes`).
-        c.stage2 = _stage("demo_out/sr", w=1.0, steps=20, aug_level=0.1)
-        c.stage3 = _stage("", w=1.0, steps=20)
-    elif variant == "paper":
-        c.num_stages = 3
-        c.stage1 = _stage("workdirs/base64", w=1.35, steps=256)
-        c.stage2 = _stage("workdirs/sr256", w=8.0, steps=128, aug_level=0.0)
-        c.stage3 = _stage("workdirs/sr1024", w=8.0, steps=64, aug_level=0.0)
-    else:
-        raise ValueError(f"unknown cascade variant {variant!r}; allowed: shapes, paper")
-    c.seed = 0
-    c.batch_size = 64
-    c.lock()
-    return c
+  c = ml_collections.ConfigDict()
+  if variant == "shapes":
+    c.num_stages = 2
+    c.stage1 = _stage("demo_out/base", w=3.0, steps=25)
+    # The demo's SR stage predicts x0 and is sampled without guidance (see
+    # configs/common.py, variant `shapes`).
+    c.stage2 = _stage("demo_out/sr", w=1.0, steps=20, aug_level=0.1)
+    c.stage3 = _stage("", w=1.0, steps=20)
+  elif variant == "paper":
+    c.num_stages = 3
+    c.stage1 = _stage("workdirs/base64", w=1.35, steps=256)
+    c.stage2 = _stage("workdirs/sr256", w=8.0, steps=128, aug_level=0.0)
+    c.stage3 = _stage("workdirs/sr1024", w=8.0, steps=64, aug_level=0.0)
+  else:
+    raise ValueError(f"unknown cascade variant {variant!r}; allowed: shapes, paper")
+  c.seed = 0
+  c.batch_size = 64
+  c.lock()
+  return c

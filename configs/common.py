@@ -14,6 +14,7 @@
 
 Where the paper is silent we choose, and say so next to the value.
 """
+
 from __future__ import annotations
 
 import ml_collections
@@ -52,20 +53,53 @@ _SIZES = {
 
 _VARIANTS = {
     "paper": dict(
-        text_name="t5-v1_1-xxl", max_length=128, batch=2048, num_steps=2_500_000,
-        lr=1e-4, warmup=10_000, ema_decay=0.9999, log_every=100, ckpt_every=5_000,
-        sample_every=20_000, num_samples=16, sample_steps=256, mesh_fsdp=16,
-        adafactor_relative=True),
+        text_name="t5-v1_1-xxl",
+        max_length=128,
+        batch=2048,
+        num_steps=2_500_000,
+        lr=1e-4,
+        warmup=10_000,
+        ema_decay=0.9999,
+        log_every=100,
+        ckpt_every=5_000,
+        sample_every=20_000,
+        num_samples=16,
+        sample_steps=256,
+        mesh_fsdp=16,
+        adafactor_relative=True,
+    ),
     "tiny": dict(
-        text_name="byt5-tiny-random", max_length=64, batch=8, num_steps=40,
-        lr=3e-3, warmup=5, ema_decay=0.9, log_every=5, ckpt_every=10,
-        sample_every=0, num_samples=2, sample_steps=4, mesh_fsdp=1,
-        adafactor_relative=False),
+        text_name="byt5-tiny-random",
+        max_length=64,
+        batch=8,
+        num_steps=40,
+        lr=3e-3,
+        warmup=5,
+        ema_decay=0.9,
+        log_every=5,
+        ckpt_every=10,
+        sample_every=0,
+        num_samples=2,
+        sample_steps=4,
+        mesh_fsdp=1,
+        adafactor_relative=False,
+    ),
     "shapes": dict(
-        text_name="byt5-tiny-random", max_length=64, batch=32, num_steps=2_000,
-        lr=1e-3, warmup=100, ema_decay=0.999, log_every=50, ckpt_every=500,
-        sample_every=500, num_samples=8, sample_steps=32, mesh_fsdp=1,
-        adafactor_relative=False),
+        text_name="byt5-tiny-random",
+        max_length=64,
+        batch=32,
+        num_steps=2_000,
+        lr=1e-3,
+        warmup=100,
+        ema_decay=0.999,
+        log_every=50,
+        ckpt_every=500,
+        sample_every=500,
+        num_samples=8,
+        sample_steps=32,
+        mesh_fsdp=1,
+        adafactor_relative=False,
+    ),
 }
 
 
@@ -79,198 +113,210 @@ _VARIANTS = {
 # Adafactor for the base too: one optimizer we tested at this scale. EMA 0.995: a 0.999 EMA
 # lags a 2000-step run (23.3 vs 26.6 dB for the SR stage at step 2000 in that check).
 _SHAPES_DEMO = {
-    "base64": {"train.num_steps": 2500, "train.global_batch_size": 16, "optim.name": "adam",
-               "diffusion.target": "x0"},
-    "sr256": {"train.num_steps": 2000, "train.global_batch_size": 16, "diffusion.target": "x0",
-              # aug_level ~ U(0, 0.5) in training, 0.1 at sampling (§2.4: 0.1-0.3 for the best
-              # samples; the whole [0, 1] range wastes a short run on near-pure-noise inputs).
-              "diffusion.aug_level": (0.0, 0.5), "sample.aug_level": 0.1,
-              "sample.guidance_weight": 1.0},
+    "base64": {
+        "train.num_steps": 2500,
+        "train.global_batch_size": 16,
+        "optim.name": "adam",
+        "diffusion.target": "x0",
+    },
+    "sr256": {
+        "train.num_steps": 2000,
+        "train.global_batch_size": 16,
+        "diffusion.target": "x0",
+        # aug_level ~ U(0, 0.5) in training, 0.1 at sampling (§2.4: 0.1-0.3 for the best
+        # samples; the whole [0, 1] range wastes a short run on near-pure-noise inputs).
+        "diffusion.aug_level": (0.0, 0.5),
+        "sample.aug_level": 0.1,
+        "sample.guidance_weight": 1.0,
+    },
     "sr1024": {"diffusion.target": "x0", "diffusion.aug_level": (0.0, 0.5)},
 }
 _SHAPES_COMMON = {"train.ema_decay": 0.995, "train.sample_every": 0, "optim.warmup_steps": 100}
 
 
 def _check(name: str, value: str, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
+  if value not in allowed:
+    raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
 
 
 def diffusion_config(stage: str) -> ml_collections.ConfigDict:
-    """Continuous-time diffusion settings (Imagen App. A)."""
-    c = ml_collections.ConfigDict()
-    # Cosine schedule for base and SR256; SR1024 uses the 1000-step linear-beta schedule in
-    # continuous time (App. F.3).
-    c.schedule = "linear_beta" if stage == "sr1024" else "cosine"
-    c.logsnr_min = -20.0
-    c.logsnr_max = 20.0
-    c.beta_start = 1e-4
-    c.beta_end = 0.02
-    c.num_timesteps = 1000
-    # What the network predicts: eps as in the paper; v / x0 are supported extensions.
-    c.target = "eps"
-    # Noise conditioning augmentation (§2.4, App. D.2): per-example aug_level ~ U(min, max) at
-    # training time. The paper only says "randomly"; uniform over the whole [0, 1] is our choice.
-    # Ignored by the base stage.
-    c.aug_level = (0.0, 1.0) if stage != "base64" else (0.0, 0.0)
-    return c
+  """Continuous-time diffusion settings (Imagen App. A)."""
+  c = ml_collections.ConfigDict()
+  # Cosine schedule for base and SR256; SR1024 uses the 1000-step linear-beta schedule in
+  # continuous time (App. F.3).
+  c.schedule = "linear_beta" if stage == "sr1024" else "cosine"
+  c.logsnr_min = -20.0
+  c.logsnr_max = 20.0
+  c.beta_start = 1e-4
+  c.beta_end = 0.02
+  c.num_timesteps = 1000
+  # What the network predicts: eps as in the paper; v / x0 are supported extensions.
+  c.target = "eps"
+  # Noise conditioning augmentation (§2.4, App. D.2): per-example aug_level ~ U(min, max) at
+  # training time. The paper only says "randomly"; uniform over the whole [0, 1] is our choice.
+  # Ignored by the base stage.
+  c.aug_level = (0.0, 1.0) if stage != "base64" else (0.0, 0.0)
+  return c
 
 
 def optim_config(stage: str, v: dict) -> ml_collections.ConfigDict:
-    """Optimizer per stage (§4.1): Adafactor for base, Adam(0.9, 0.999, 1e-8) for SR."""
-    c = ml_collections.ConfigDict()
-    c.name = "adafactor" if stage == "base64" else "adam"
-    c.learning_rate = v["lr"]
-    c.warmup_steps = v["warmup"]
-    # "10k linear warmup then cosine" (§4.1); decay length and floor are not stated: we decay
-    # over the whole run to end_learning_rate.
-    c.decay = "cosine"
-    c.end_learning_rate = 0.0
-    c.b1 = 0.9
-    c.b2 = 0.999
-    c.eps = 1e-8
-    c.weight_decay = 0.0
-    # Global-norm gradient clipping: the paper is silent; 1.0 is common in peers. <= 0 disables.
-    c.grad_clip_norm = 1.0
-    # Adafactor: optax defaults (the paper names no settings).
-    c.adafactor_min_dim_size_to_factor = 128
-    c.adafactor_decay_rate = 0.8
-    # Relative (parameter-scale) steps are optax's default; they start zero-initialised output
-    # layers at 1e-3 * lr, which short CPU runs cannot afford, so tiny / shapes turn them off.
-    c.adafactor_multiply_by_parameter_scale = v["adafactor_relative"]
-    c.adafactor_clipping_threshold = 1.0
-    return c
+  """Optimizer per stage (§4.1): Adafactor for base, Adam(0.9, 0.999, 1e-8) for SR."""
+  c = ml_collections.ConfigDict()
+  c.name = "adafactor" if stage == "base64" else "adam"
+  c.learning_rate = v["lr"]
+  c.warmup_steps = v["warmup"]
+  # "10k linear warmup then cosine" (§4.1); decay length and floor are not stated: we decay
+  # over the whole run to end_learning_rate.
+  c.decay = "cosine"
+  c.end_learning_rate = 0.0
+  c.b1 = 0.9
+  c.b2 = 0.999
+  c.eps = 1e-8
+  c.weight_decay = 0.0
+  # Global-norm gradient clipping: the paper is silent; 1.0 is common in peers. <= 0 disables.
+  c.grad_clip_norm = 1.0
+  # Adafactor: optax defaults (the paper names no settings).
+  c.adafactor_min_dim_size_to_factor = 128
+  c.adafactor_decay_rate = 0.8
+  # Relative (parameter-scale) steps are optax's default; they start zero-initialised output
+  # layers at 1e-3 * lr, which short CPU runs cannot afford, so tiny / shapes turn them off.
+  c.adafactor_multiply_by_parameter_scale = v["adafactor_relative"]
+  c.adafactor_clipping_threshold = 1.0
+  return c
 
 
 def text_config(v: dict) -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.name = v["text_name"]
-    c.path = ""  # local HF checkpoint dir for real T5 encoders; must be empty for byt5-tiny-random
-    c.max_length = v["max_length"]  # tokens; the paper does not state it (IMAGEN_FACTS.md)
-    c.dtype = "float32"  # compute; the encoder is frozen
-    c.param_dtype = "float32"  # storage; "bfloat16" halves T5-XXL's memory
-    c.drop_prob = 0.1  # classifier-free guidance training (§2.2): zero text with p = 0.1
-    # The encoder is frozen (§2.1), so training can read each caption's embedding from a cache
-    # written once (imagen_jax/text/cache.py, keyed by data.embedding_id_key; '' = caption text)
-    # instead of running the encoder in every step. '' = encode in the step.
-    c.embedding_cache = ""
-    return c
+  c = ml_collections.ConfigDict()
+  c.name = v["text_name"]
+  c.path = ""  # local HF checkpoint dir for real T5 encoders; must be empty for byt5-tiny-random
+  c.max_length = v["max_length"]  # tokens; the paper does not state it (IMAGEN_FACTS.md)
+  c.dtype = "float32"  # compute; the encoder is frozen
+  c.param_dtype = "float32"  # storage; "bfloat16" halves T5-XXL's memory
+  c.drop_prob = 0.1  # classifier-free guidance training (§2.2): zero text with p = 0.1
+  # The encoder is frozen (§2.1), so training can read each caption's embedding from a cache
+  # written once (imagen_jax/text/cache.py, keyed by data.embedding_id_key; '' = caption text)
+  # instead of running the encoder in every step. '' = encode in the step.
+  c.embedding_cache = ""
+  return c
 
 
 def data_config(stage: str, variant: str) -> ml_collections.ConfigDict:
-    """Dataset settings read by `imagen_jax.data.pipeline.make_loader` (its own defaults)."""
-    from imagen_jax.data import pipeline  # the data package owns the fields
+  """Dataset settings read by `imagen_jax.data.pipeline.make_loader` (its own defaults)."""
+  from imagen_jax.data import pipeline  # the data package owns the fields
 
-    image_size, lowres_size, crop = _SIZES[variant][stage]
-    return pipeline.default_data_config(
-        "shapes",  # offline default; the paper's data (§4.1) is not public
-        data_dir="/tmp/imagen_jax_data",
-        resolution=image_size,  # shapes renders at the stage's output resolution
-        num_train={"paper": 100_000, "tiny": 64, "shapes": 20_000}[variant],
-        num_test={"paper": 1_000, "tiny": 16, "shapes": 500}[variant],
-        sr_crop_size=crop,
-        crop="center" if variant == "tiny" else "random",
-        keep_caption=True)  # host-side only: the prompts of the sample grids
+  image_size, lowres_size, crop = _SIZES[variant][stage]
+  return pipeline.default_data_config(
+      "shapes",  # offline default; the paper's data (§4.1) is not public
+      data_dir="/tmp/imagen_jax_data",
+      resolution=image_size,  # shapes renders at the stage's output resolution
+      num_train={"paper": 100_000, "tiny": 64, "shapes": 20_000}[variant],
+      num_test={"paper": 1_000, "tiny": 16, "shapes": 500}[variant],
+      sr_crop_size=crop,
+      crop="center" if variant == "tiny" else "random",
+      keep_caption=True,
+  )  # host-side only: the prompts of the sample grids
 
 
 def train_config(v: dict) -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.num_steps = v["num_steps"]
-    c.global_batch_size = v["batch"]
-    # EMA decay: not stated in the paper; 0.9999 as in peers for long runs.
-    c.ema_decay = v["ema_decay"]
-    c.log_every = v["log_every"]
-    c.ckpt_every = v["ckpt_every"]
-    c.max_to_keep = 3
-    c.sample_every = v["sample_every"]  # 0 disables periodic sample grids
-    c.seed = 0
-    c.nonfinite = "stop"  # 'stop': raise with the step number; 'skip': keep params, go on
-    c.progress_bar = True
-    # Multi-process: how often the hosts agree on a received SIGTERM (one tiny all-gather).
-    c.preemption_check_every = 1
-    # Data shards (grain loaders) over all processes; 0 = one per process. A fixed value makes
-    # the global batches, and so the run, independent of the process count.
-    c.data_shards = 0
-    return c
+  c = ml_collections.ConfigDict()
+  c.num_steps = v["num_steps"]
+  c.global_batch_size = v["batch"]
+  # EMA decay: not stated in the paper; 0.9999 as in peers for long runs.
+  c.ema_decay = v["ema_decay"]
+  c.log_every = v["log_every"]
+  c.ckpt_every = v["ckpt_every"]
+  c.max_to_keep = 3
+  c.sample_every = v["sample_every"]  # 0 disables periodic sample grids
+  c.seed = 0
+  c.nonfinite = "stop"  # 'stop': raise with the step number; 'skip': keep params, go on
+  c.progress_bar = True
+  # Multi-process: how often the hosts agree on a received SIGTERM (one tiny all-gather).
+  c.preemption_check_every = 1
+  # Data shards (grain loaders) over all processes; 0 = one per process. A fixed value makes
+  # the global batches, and so the run, independent of the process count.
+  c.data_shards = 0
+  return c
 
 
 def sample_config(stage: str, v: dict) -> ml_collections.ConfigDict:
-    """Periodic EMA sample grids written during training (not the paper's evaluation)."""
-    c = ml_collections.ConfigDict()
-    c.num_images = v["num_samples"]
-    c.sampler = "ddim"
-    c.num_steps = v["sample_steps"]
-    c.guidance_weight = 1.35 if stage == "base64" else 8.0  # COCO settings, §4.1 / App.
-    c.threshold = "dynamic"
-    c.percentile = 99.5
-    c.aug_level = 0.0 if stage != "base64" else 0.0  # SR conditioning aug at sampling time
-    return c
+  """Periodic EMA sample grids written during training (not the paper's evaluation)."""
+  c = ml_collections.ConfigDict()
+  c.num_images = v["num_samples"]
+  c.sampler = "ddim"
+  c.num_steps = v["sample_steps"]
+  c.guidance_weight = 1.35 if stage == "base64" else 8.0  # COCO settings, §4.1 / App.
+  c.threshold = "dynamic"
+  c.percentile = 99.5
+  c.aug_level = 0.0 if stage != "base64" else 0.0  # SR conditioning aug at sampling time
+  return c
 
 
 def mesh_config(v: dict) -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.shape = {"data": -1, "fsdp": v["mesh_fsdp"], "tensor": 1}  # -1 = fill the devices
-    c.logical_axis_rules = LOGICAL_AXIS_RULES
-    # Params of at least this many elements whose rules leave them unsplit over fsdp are split
-    # along their largest divisible dim (our choice; see parallel/sharding.fsdp_fallback).
-    c.fsdp_min_size = 1 << 16
-    # Apply the networks' activation sharding constraints (nn.with_logical_constraint) in the
-    # step. Off: XLA propagates layouts from the param / batch shardings (see train/step.py).
-    c.constrain_activations = False
-    return c
+  c = ml_collections.ConfigDict()
+  c.shape = {"data": -1, "fsdp": v["mesh_fsdp"], "tensor": 1}  # -1 = fill the devices
+  c.logical_axis_rules = LOGICAL_AXIS_RULES
+  # Params of at least this many elements whose rules leave them unsplit over fsdp are split
+  # along their largest divisible dim (our choice; see parallel/sharding.fsdp_fallback).
+  c.fsdp_min_size = 1 << 16
+  # Apply the networks' activation sharding constraints (nn.with_logical_constraint) in the
+  # step. Off: XLA propagates layouts from the param / batch shardings (see train/step.py).
+  c.constrain_activations = False
+  return c
 
 
 def distributed_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.initialize = False
-    c.coordinator_address = ""  # e.g. "127.0.0.1:12345"; empty = let jax auto-detect
-    c.num_processes = -1
-    c.process_id = -1
-    c.cpu_collectives = ""  # "gloo" for multi-process CPU runs
-    return c
+  c = ml_collections.ConfigDict()
+  c.initialize = False
+  c.coordinator_address = ""  # e.g. "127.0.0.1:12345"; empty = let jax auto-detect
+  c.num_processes = -1
+  c.process_id = -1
+  c.cpu_collectives = ""  # "gloo" for multi-process CPU runs
+  return c
 
 
 def text_dim(text_cfg) -> int:
-    """d_model of the named encoder (known presets; otherwise read from its checkpoint)."""
-    from imagen_jax.text import checkpoint, t5
+  """d_model of the named encoder (known presets; otherwise read from its checkpoint)."""
+  from imagen_jax.text import checkpoint, t5
 
-    if text_cfg.name in t5.PRESETS:
-        return int(t5.preset_config(text_cfg.name).d_model)
-    if not text_cfg.path:
-        raise ValueError(f"text.name={text_cfg.name!r} is not a known preset "
-                 f"({sorted(t5.PRESETS)}); set text.path to its local checkpoint")
-    return int(checkpoint.read_config(text_cfg.path).d_model)
+  if text_cfg.name in t5.PRESETS:
+    return int(t5.preset_config(text_cfg.name).d_model)
+  if not text_cfg.path:
+    raise ValueError(
+        f"text.name={text_cfg.name!r} is not a known preset "
+        f"({sorted(t5.PRESETS)}); set text.path to its local checkpoint"
+    )
+  return int(checkpoint.read_config(text_cfg.path).d_model)
 
 
 def stage_config(stage: str, variant: str) -> ml_collections.ConfigDict:
-    """The full, locked config for one cascade stage and variant."""
-    _check("stage", stage, STAGES)
-    _check("variant", variant, VARIANTS)
-    from imagen_jax.nn import presets  # the model sections live with the networks
+  """The full, locked config for one cascade stage and variant."""
+  _check("stage", stage, STAGES)
+  _check("variant", variant, VARIANTS)
+  from imagen_jax.nn import presets  # the model sections live with the networks
 
-    v = _VARIANTS[variant]
-    c = ml_collections.ConfigDict()
-    c.stage = stage
-    c.variant = variant
-    c.model = presets.get_model_config(stage, variant)
-    # The network's text input width is the encoder's d_model (T5-XXL: 4096, §2.1).
-    c.model.text_dim = text_dim(c_text := text_config(v))
-    c.model.text_len = c_text.max_length
-    # The stage's output / input resolutions (the network trains on data.sr_crop_size crops
-    # when that is set, App. F.3); lowres_size 0 = base stage.
-    c.image_size, c.lowres_size, crop = _SIZES[variant][stage]
-    c.model.image_size = crop or c.image_size  # nominal; the networks are convolutional
-    c.diffusion = diffusion_config(stage)
-    c.text = c_text
-    c.data = data_config(stage, variant)
-    c.optim = optim_config(stage, v)
-    c.train = train_config(v)
-    c.sample = sample_config(stage, v)
-    c.mesh = mesh_config(v)
-    c.distributed = distributed_config()
-    if variant == "shapes":
-        for key, value in {**_SHAPES_COMMON, **_SHAPES_DEMO[stage]}.items():
-            section, field = key.split(".")
-            c[section][field] = value
-    c.lock()
-    return c
+  v = _VARIANTS[variant]
+  c = ml_collections.ConfigDict()
+  c.stage = stage
+  c.variant = variant
+  c.model = presets.get_model_config(stage, variant)
+  # The network's text input width is the encoder's d_model (T5-XXL: 4096, §2.1).
+  c.model.text_dim = text_dim(c_text := text_config(v))
+  c.model.text_len = c_text.max_length
+  # The stage's output / input resolutions (the network trains on data.sr_crop_size crops
+  # when that is set, App. F.3); lowres_size 0 = base stage.
+  c.image_size, c.lowres_size, crop = _SIZES[variant][stage]
+  c.model.image_size = crop or c.image_size  # nominal; the networks are convolutional
+  c.diffusion = diffusion_config(stage)
+  c.text = c_text
+  c.data = data_config(stage, variant)
+  c.optim = optim_config(stage, v)
+  c.train = train_config(v)
+  c.sample = sample_config(stage, v)
+  c.mesh = mesh_config(v)
+  c.distributed = distributed_config()
+  if variant == "shapes":
+    for key, value in {**_SHAPES_COMMON, **_SHAPES_DEMO[stage]}.items():
+      section, field = key.split(".")
+      c[section][field] = value
+  c.lock()
+  return c

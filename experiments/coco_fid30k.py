@@ -11,6 +11,7 @@
 interrupted run resumes. The FID network shards its batches over all local devices; cascade
 sampling runs on the first device (see experiments/README.md).
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,12 @@ from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "configs", "cascade.py:paper"), "cascade sampling settings")
+    "config",
+    os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "cascade.py:paper"
+    ),
+    "cascade sampling settings",
+)
 _WORKDIRS = flags.DEFINE_list("workdirs", None, "stage workdirs; default: the config's")
 _COCO = flags.DEFINE_string("coco_dir", None, "folder with annotations/ and val2014/")
 _CAPTIONS = flags.DEFINE_string("captions_json", None, "captions_val2014.json")
@@ -29,8 +34,11 @@ _IMAGES = flags.DEFINE_string("images_dir", None, "the val2014/ image folder")
 _PROTOCOL = flags.DEFINE_enum("protocol", "paper", ["paper", "pairs"], "see evals/coco.py")
 _NUM = flags.DEFINE_integer("num_samples", 30000, "generated images (FID-30K: 30000)")
 _SEED = flags.DEFINE_integer("seed", 0, "seed of the caption draw and of the sampler")
-_INCEPTION = flags.DEFINE_string("inception", None, "FID InceptionV3 safetensors (made by "
-                                 "python -m imagen_jax.evals.convert_weights)")
+_INCEPTION = flags.DEFINE_string(
+    "inception",
+    None,
+    "FID InceptionV3 safetensors (made by " "python -m imagen_jax.evals.convert_weights)",
+)
 _MODE = flags.DEFINE_string("fid_mode", "tf", "FID preprocessing: tf | pytorch_fid | clean")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "sampling and FID batch size")
 _CHUNK = flags.DEFINE_integer("chunk", 1024, "prompts per saved sample chunk")
@@ -44,38 +52,58 @@ def main(argv):
 
   if not _INCEPTION.value:
     raise app.UsageError("--inception is required (FID needs the InceptionV3 weights)")
-  captions = _CAPTIONS.value or (_COCO.value and os.path.join(
-      _COCO.value, "annotations", "captions_val2014.json"))
+  captions = _CAPTIONS.value or (
+      _COCO.value and os.path.join(_COCO.value, "annotations", "captions_val2014.json")
+  )
   images_dir = _IMAGES.value or (_COCO.value and os.path.join(_COCO.value, "val2014"))
   if not captions or not images_dir:
     raise app.UsageError("give --coco_dir, or --captions_json and --images_dir")
   cfg = _CONFIG.value
-  workdirs = _WORKDIRS.value or [cfg[f"stage{k + 1}"].workdir
-                                 for k in range(int(cfg.num_stages))]
-  settings = [cascade.SamplingSettings.from_config(cfg[f"stage{k + 1}"])
-              for k in range(len(workdirs))]
+  workdirs = _WORKDIRS.value or [cfg[f"stage{k + 1}"].workdir for k in range(int(cfg.num_stages))]
+  settings = [
+      cascade.SamplingSettings.from_config(cfg[f"stage{k + 1}"]) for k in range(len(workdirs))
+  ]
   os.makedirs(_OUTDIR.value, exist_ok=True)
 
   anns, files = coco.load_captions(captions)
   prompts, ref_names = coco.draw(anns, files, _PROTOCOL.value, _NUM.value, _SEED.value)
   computer = fid.FIDComputer(_INCEPTION.value, mode=_MODE.value, batch_size=_BATCH.value)
-  ref_path = os.path.join(_OUTDIR.value, f"reference_{_PROTOCOL.value}_{_MODE.value}_"
-                          f"{len(ref_names)}_seed{_SEED.value}.npz")
+  ref_path = os.path.join(
+      _OUTDIR.value,
+      f"reference_{_PROTOCOL.value}_{_MODE.value}_" f"{len(ref_names)}_seed{_SEED.value}.npz",
+  )
   ref = coco.reference_statistics(computer, images_dir, ref_names, ref_path)
   model = cascade.Cascade.from_workdirs(workdirs)
-  chunks = coco.sample_chunks(model, prompts, settings, _OUTDIR.value, seed=_SEED.value,
-                              chunk=_CHUNK.value, batch_size=_BATCH.value)
+  chunks = coco.sample_chunks(
+      model,
+      prompts,
+      settings,
+      _OUTDIR.value,
+      seed=_SEED.value,
+      chunk=_CHUNK.value,
+      batch_size=_BATCH.value,
+  )
   score = computer.fid(coco.iter_chunks(chunks), ref, total=len(prompts))
-  report = {"fid": score, "protocol": _PROTOCOL.value, "num_samples": len(prompts),
-            "num_reference": ref.n, "fid_mode": _MODE.value, "seed": _SEED.value,
-            "reference_size": coco.REFERENCE_SIZE, "workdirs": workdirs,
-            "steps": [s.step for s in model.stages], "settings": [vars(s) for s in settings],
-            "conventions": "reference: centre crop + PIL bicubic to 256; generated: PIL "
-                           "bicubic to 256 if needed; then FID preprocessing mode above"}
+  report = {
+      "fid": score,
+      "protocol": _PROTOCOL.value,
+      "num_samples": len(prompts),
+      "num_reference": ref.n,
+      "fid_mode": _MODE.value,
+      "seed": _SEED.value,
+      "reference_size": coco.REFERENCE_SIZE,
+      "workdirs": workdirs,
+      "steps": [s.step for s in model.stages],
+      "settings": [vars(s) for s in settings],
+      "conventions": "reference: centre crop + PIL bicubic to 256; generated: PIL "
+      "bicubic to 256 if needed; then FID preprocessing mode above",
+  }
   with open(os.path.join(_OUTDIR.value, "fid.json"), "w") as f:
     json.dump(report, f, indent=2)
-  print(f"FID-{len(prompts)} ({_PROTOCOL.value} protocol, {_MODE.value} preprocessing, "
-        f"{ref.n} reference images): {score:.3f}")
+  print(
+      f"FID-{len(prompts)} ({_PROTOCOL.value} protocol, {_MODE.value} preprocessing, "
+      f"{ref.n} reference images): {score:.3f}"
+  )
 
 
 if __name__ == "__main__":

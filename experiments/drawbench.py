@@ -12,6 +12,7 @@ https://imagen.research.google as `category<TAB>prompt` lines (see imagen_jax/ev
 Writes <outdir>/rating_sheet.html (self-contained; open it, rate, "export CSV"), its
 left/right assignment rating_sheet.html.sides.json, and grids/<category>.png.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,13 +20,15 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-_DEFAULT_CFG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                            "configs", "cascade.py:shapes")
+_DEFAULT_CFG = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "cascade.py:shapes"
+)
 _CONFIG_A = config_flags.DEFINE_config_file("config_a", _DEFAULT_CFG, "model A's settings")
 _CONFIG_B = config_flags.DEFINE_config_file("config_b", _DEFAULT_CFG, "model B's settings")
 _PROMPTS = flags.DEFINE_string("prompts", None, "category<TAB>prompt file", required=True)
-_WORKDIRS_A = flags.DEFINE_list("workdirs_a", None, "model A's stage workdirs (default: "
-                                "config_a's)")
+_WORKDIRS_A = flags.DEFINE_list(
+    "workdirs_a", None, "model A's stage workdirs (default: " "config_a's)"
+)
 _WORKDIRS_B = flags.DEFINE_list("workdirs_b", None, "model B's (default: model A's)")
 _NAME_A = flags.DEFINE_string("name_a", "A", "model A's name in the exported CSV")
 _NAME_B = flags.DEFINE_string("name_b", "B", "model B's name")
@@ -44,8 +47,9 @@ def _model(cfg, workdirs, cache):
   key = tuple(os.path.abspath(w) for w in workdirs)
   if key not in cache:  # two settings of one cascade load it once
     cache[key] = cascade.Cascade.from_workdirs(workdirs)
-  settings = [cascade.SamplingSettings.from_config(cfg[f"stage{k + 1}"])
-              for k in range(len(workdirs))]
+  settings = [
+      cascade.SamplingSettings.from_config(cfg[f"stage{k + 1}"]) for k in range(len(workdirs))
+  ]
   return cache[key], settings, workdirs
 
 
@@ -53,23 +57,29 @@ def main(argv):
   del argv
   from imagen_jax.evals import drawbench
 
-  items = drawbench.read_prompts(_PROMPTS.value)[:_LIMIT.value]
+  items = drawbench.read_prompts(_PROMPTS.value)[: _LIMIT.value]
   cache = {}
   model_a, settings_a, wd_a = _model(_CONFIG_A.value, _WORKDIRS_A.value, cache)
   model_b, settings_b, _ = _model(_CONFIG_B.value, _WORKDIRS_B.value or wd_a, cache)
   prompts = [p for _, p in items]
-  images_a = drawbench.sample_k(model_a, prompts, settings_a, _K.value, seed=_SEED.value,
-                                batch_size=_BATCH.value)
-  images_b = drawbench.sample_k(model_b, prompts, settings_b, _K.value, seed=_SEED.value,
-                                batch_size=_BATCH.value)
+  images_a = drawbench.sample_k(
+      model_a, prompts, settings_a, _K.value, seed=_SEED.value, batch_size=_BATCH.value
+  )
+  images_b = drawbench.sample_k(
+      model_b, prompts, settings_b, _K.value, seed=_SEED.value, batch_size=_BATCH.value
+  )
   os.makedirs(_OUTDIR.value, exist_ok=True)
   sheet = os.path.join(_OUTDIR.value, "rating_sheet.html")
-  drawbench.write_rating_sheet(sheet, items, images_a, images_b, _NAME_A.value, _NAME_B.value,
-                               _SIDES_SEED.value)
-  grids = drawbench.write_category_grids(os.path.join(_OUTDIR.value, "grids"), items,
-                                         images_a, images_b, _NAME_A.value, _NAME_B.value)
-  print(f"wrote {sheet} ({len(items)} prompts x {_K.value} images per model) and "
-        f"{len(grids)} category grids in {_OUTDIR.value}/grids")
+  drawbench.write_rating_sheet(
+      sheet, items, images_a, images_b, _NAME_A.value, _NAME_B.value, _SIDES_SEED.value
+  )
+  grids = drawbench.write_category_grids(
+      os.path.join(_OUTDIR.value, "grids"), items, images_a, images_b, _NAME_A.value, _NAME_B.value
+  )
+  print(
+      f"wrote {sheet} ({len(items)} prompts x {_K.value} images per model) and "
+      f"{len(grids)} category grids in {_OUTDIR.value}/grids"
+  )
 
 
 if __name__ == "__main__":

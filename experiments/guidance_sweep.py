@@ -12,6 +12,7 @@ a Frechet distance on fixed random-conv features, labelled "not FID" (see
 
 Interrupt and rerun freely: finished points are read from <outdir>/points/.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,29 +21,46 @@ from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "configs", "cascade.py:shapes"),
-    "cascade sampling settings (steps, sampler, the non-swept stages' w, aug levels)")
-_WORKDIRS = flags.DEFINE_list("workdirs", None, "stage workdirs (a cascade prefix); default: "
-                              "the config's stage workdirs")
+    "config",
+    os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "cascade.py:shapes"
+    ),
+    "cascade sampling settings (steps, sampler, the non-swept stages' w, aug levels)",
+)
+_WORKDIRS = flags.DEFINE_list(
+    "workdirs", None, "stage workdirs (a cascade prefix); default: " "the config's stage workdirs"
+)
 _SWEEP_STAGE = flags.DEFINE_integer("sweep_stage", 1, "which stage's w is swept (1-based)")
-_WEIGHTS = flags.DEFINE_list("weights", None, "guidance weights; default: the paper's grid "
-                             "(base: Fig. A.8, SR: Fig. A.11)")
+_WEIGHTS = flags.DEFINE_list(
+    "weights",
+    None,
+    "guidance weights; default: the paper's grid " "(base: Fig. A.8, SR: Fig. A.11)",
+)
 _THRESHOLDS = flags.DEFINE_list("thresholds", ["dynamic", "static"], "thresholding modes")
-_AUG_LEVELS = flags.DEFINE_list("aug_levels", None, "aug levels of the swept SR stage "
-                                "(one curve each); default: the config's")
-_PROMPTS_FROM = flags.DEFINE_string("prompts_from", "shapes", "`shapes` (the shapes test split "
-                                    "of the last stage's data config) or a prompt file")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "shapes data dir (default: the last stage's "
-                                "config.data.data_dir)")
+_AUG_LEVELS = flags.DEFINE_list(
+    "aug_levels",
+    None,
+    "aug levels of the swept SR stage " "(one curve each); default: the config's",
+)
+_PROMPTS_FROM = flags.DEFINE_string(
+    "prompts_from",
+    "shapes",
+    "`shapes` (the shapes test split " "of the last stage's data config) or a prompt file",
+)
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", None, "shapes data dir (default: the last stage's " "config.data.data_dir)"
+)
 _NUM_PROMPTS = flags.DEFINE_integer("num_prompts", 64, "prompts (samples) per point")
 _SEED = flags.DEFINE_integer("seed", 0, "sampling seed (sample i uses fold_in(seed, i))")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "sampling batch size")
 _CLIP = flags.DEFINE_string("clip_path", None, "local HF CLIP folder: CLIP score on x")
 _INCEPTION = flags.DEFINE_string("inception", None, "FID Inception safetensors: FID on y")
 _FID_MODE = flags.DEFINE_string("fid_mode", "tf", "FID preprocessing mode")
-_REFERENCE = flags.DEFINE_string("reference_npz", None, "uint8 reference images (key "
-                                 "`images`) for the distance when prompts come from a file")
+_REFERENCE = flags.DEFINE_string(
+    "reference_npz",
+    None,
+    "uint8 reference images (key " "`images`) for the distance when prompts come from a file",
+)
 _OUTDIR = flags.DEFINE_string("outdir", "guidance_sweep", "output folder")
 
 
@@ -54,16 +72,15 @@ def main(argv):
   from imagen_jax.evals import shapes_metric, sweep
 
   cfg = _CONFIG.value
-  workdirs = _WORKDIRS.value or [cfg[f"stage{k + 1}"].workdir
-                                 for k in range(int(cfg.num_stages))]
+  workdirs = _WORKDIRS.value or [cfg[f"stage{k + 1}"].workdir for k in range(int(cfg.num_stages))]
   model = cascade.Cascade.from_workdirs(workdirs)
-  base = [cascade.SamplingSettings.from_config(cfg[f"stage{k + 1}"])
-          for k in range(len(workdirs))]
+  base = [cascade.SamplingSettings.from_config(cfg[f"stage{k + 1}"]) for k in range(len(workdirs))]
   stage = _SWEEP_STAGE.value - 1
   if not 0 <= stage < len(workdirs):
     raise app.UsageError(f"--sweep_stage={_SWEEP_STAGE.value} is not in 1..{len(workdirs)}")
-  weights = ([float(w) for w in _WEIGHTS.value] if _WEIGHTS.value
-             else sweep.default_weights(model, stage))
+  weights = (
+      [float(w) for w in _WEIGHTS.value] if _WEIGHTS.value else sweep.default_weights(model, stage)
+  )
   augs = [float(a) for a in _AUG_LEVELS.value] if _AUG_LEVELS.value else None
   if augs and not model.stages[stage].is_sr:
     raise app.UsageError("--aug_levels applies to an SR stage; the swept stage is a base stage")
@@ -74,11 +91,15 @@ def main(argv):
   if _PROMPTS_FROM.value == "shapes":
     d = last.data
     prompts, attributes, reference = sweep.shapes_test_prompts(
-        _DATA_DIR.value or d.data_dir, int(model.stages[len(workdirs) - 1].image_size),
-        num_train=int(d.num_train), num_test=int(d.num_test), seed=int(d.shapes_seed),
-        limit=_NUM_PROMPTS.value)
+        _DATA_DIR.value or d.data_dir,
+        int(model.stages[len(workdirs) - 1].image_size),
+        num_train=int(d.num_train),
+        num_test=int(d.num_test),
+        seed=int(d.shapes_seed),
+        limit=_NUM_PROMPTS.value,
+    )
   else:
-    prompts = sweep.read_prompt_file(_PROMPTS_FROM.value)[:_NUM_PROMPTS.value]
+    prompts = sweep.read_prompt_file(_PROMPTS_FROM.value)[: _NUM_PROMPTS.value]
     try:  # shapes captions in a file still get the exact alignment metric
       attributes = [shapes_metric.parse_caption(p) for p in prompts]
     except ValueError:
@@ -89,18 +110,32 @@ def main(argv):
   features = None
   if _INCEPTION.value:
     from imagen_jax.evals import fid
+
     features = sweep.InceptionFeatures(fid.FIDComputer(_INCEPTION.value, mode=_FID_MODE.value))
   clip = None
   if _CLIP.value:
     from imagen_jax.evals import clip as clip_lib
+
     clip = clip_lib.CLIPScorer(_CLIP.value)
 
-  result = sweep.run_sweep(model, prompts, base, points, _OUTDIR.value, sweep_stage=stage,
-                           attributes=attributes, reference_images=reference,
-                           features=features, clip_scorer=clip, seed=_SEED.value,
-                           batch_size=_BATCH.value)
-  title = (f"stage {stage + 1} guidance sweep, {len(prompts)} prompts, "
-           f"{' -> '.join(str(s.image_size) for s in model.stages[:len(workdirs)])}px")
+  result = sweep.run_sweep(
+      model,
+      prompts,
+      base,
+      points,
+      _OUTDIR.value,
+      sweep_stage=stage,
+      attributes=attributes,
+      reference_images=reference,
+      features=features,
+      clip_scorer=clip,
+      seed=_SEED.value,
+      batch_size=_BATCH.value,
+  )
+  title = (
+      f"stage {stage + 1} guidance sweep, {len(prompts)} prompts, "
+      f"{' -> '.join(str(s.image_size) for s in model.stages[:len(workdirs)])}px"
+  )
   paths = sweep.write_outputs(result, _OUTDIR.value, title)
   print(f"{result.computed} points sampled, {result.cached} read from cache")
   with open(paths["md"]) as f:

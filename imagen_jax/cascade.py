@@ -18,6 +18,7 @@ Devices: each batch is sharded over a 1-D mesh of this process's devices (axis "
 replicated), so one jitted sampler runs data-parallel on all local devices. A multi-host job
 gives each process its own prompts (e.g. `first_index` = the process's offset).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -52,6 +53,7 @@ class SamplingSettings:
   aug_level: noise-conditioning-augmentation level of the low-res input, in [0, 1] (SR only;
     §2.4: 0 gives the best FID, 0.1-0.3 the "best samples").
   """
+
   sampler: str = "ddim"
   num_steps: int = 50
   guidance_weight: float = 1.0
@@ -62,14 +64,21 @@ class SamplingSettings:
 
   @classmethod
   def from_config(cls, c) -> "SamplingSettings":
-    return cls(sampler=str(c.sampler), num_steps=int(c.num_steps),
-               guidance_weight=float(c.guidance_weight), threshold=str(c.threshold),
-               percentile=float(c.percentile), eta=float(c.eta), aug_level=float(c.aug_level))
+    return cls(
+        sampler=str(c.sampler),
+        num_steps=int(c.num_steps),
+        guidance_weight=float(c.guidance_weight),
+        threshold=str(c.threshold),
+        percentile=float(c.percentile),
+        eta=float(c.eta),
+        aug_level=float(c.aug_level),
+    )
 
 
 @dataclasses.dataclass
 class Stage:
   """One trained stage: its config, network and EMA params."""
+
   workdir: str
   config: ml_collections.ConfigDict
   model: Any
@@ -92,18 +101,25 @@ class Stage:
   def schedule(self) -> schedules.Schedule:
     d = self.config.diffusion
     if d.schedule == "cosine":
-      return schedules.get_schedule("cosine", logsnr_min=float(d.logsnr_min),
-                                    logsnr_max=float(d.logsnr_max))
-    return schedules.get_schedule(d.schedule, beta_start=float(d.beta_start),
-                                  beta_end=float(d.beta_end), num_steps=int(d.num_timesteps))
+      return schedules.get_schedule(
+          "cosine", logsnr_min=float(d.logsnr_min), logsnr_max=float(d.logsnr_max)
+      )
+    return schedules.get_schedule(
+        d.schedule,
+        beta_start=float(d.beta_start),
+        beta_end=float(d.beta_end),
+        num_steps=int(d.num_timesteps),
+    )
 
 
 def read_stage_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a stage was trained with (`<workdir>/config.json`, written by the trainer)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
-    raise StageLoadError(f"no trained stage in {workdir!r}: {path} does not exist (train it "
-                         "with `python -m imagen_jax.main --config=... --workdir=...`)")
+    raise StageLoadError(
+        f"no trained stage in {workdir!r}: {path} does not exist (train it "
+        "with `python -m imagen_jax.main --config=... --workdir=...`)"
+    )
   with open(path) as f:
     return ml_collections.ConfigDict(json.load(f))
 
@@ -115,7 +131,8 @@ def load_stage(workdir: str, step: int | None = None) -> Stage:
   `checkpoint.CheckpointMismatchError` when the checkpoint does not fit the saved config.
   """
   # Local imports: the training package is only needed to rebuild the train-state structure.
-  from imagen_jax.train import optim, state as state_lib, trainer
+  from imagen_jax.train import optim, trainer
+  from imagen_jax.train import state as state_lib
 
   config = read_stage_config(workdir)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
@@ -124,17 +141,23 @@ def load_stage(workdir: str, step: int | None = None) -> Stage:
     if step is None or step not in ckpt.all_steps():
       raise StageLoadError(
           f"no complete checkpoint{'' if step is None else f' at step {step}'} in "
-          f"{os.path.join(workdir, 'checkpoints')} (complete steps: {ckpt.all_steps()})")
+          f"{os.path.join(workdir, 'checkpoints')} (complete steps: {ckpt.all_steps()})"
+      )
     model = unet.build_model(config.model)
     tx, _ = optim.make_optimizer(config.optim, int(config.train.num_steps))
     image_size, lowres_size = trainer.train_sizes(config)
-    inputs = state_lib.model_inputs(batch=1, image_size=image_size, lowres_size=lowres_size,
-                                    text_len=int(config.text.max_length),
-                                    text_dim=int(config.model.text_dim))
+    inputs = state_lib.model_inputs(
+        batch=1,
+        image_size=image_size,
+        lowres_size=lowres_size,
+        text_len=int(config.text.max_length),
+        text_dim=int(config.model.text_dim),
+    )
     abstract = jax.eval_shape(state_lib.make_init_fn(model, tx, inputs), jax.random.key(0))
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                          abstract)
+    target = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract
+    )
     state, _ = ckpt.restore(step, target, config_dict=config.to_dict())
   finally:
     ckpt.close()
@@ -147,21 +170,28 @@ def check_cascade(stages: Sequence[Stage]) -> None:
   if not stages:
     raise StageLoadError("a cascade needs at least one stage")
   if stages[0].is_sr:
-    raise StageLoadError(f"stage 1 ({stages[0].workdir}) is an SR stage "
-                         f"({stages[0].config.stage}); the first stage must be text->image")
+    raise StageLoadError(
+        f"stage 1 ({stages[0].workdir}) is an SR stage "
+        f"({stages[0].config.stage}); the first stage must be text->image"
+    )
   for i, (prev, cur) in enumerate(zip(stages, stages[1:]), start=2):
     if not cur.is_sr:
-      raise StageLoadError(f"stage {i} ({cur.workdir}) is not an SR stage "
-                           f"({cur.config.stage}): stages after the first must take a low-res input")
+      raise StageLoadError(
+          f"stage {i} ({cur.workdir}) is not an SR stage "
+          f"({cur.config.stage}): stages after the first must take a low-res input"
+      )
     if cur.lowres_size != prev.image_size:
       raise StageLoadError(
           f"stage {i} ({cur.workdir}) expects {cur.lowres_size}x{cur.lowres_size} inputs but "
-          f"stage {i - 1} makes {prev.image_size}x{prev.image_size} images")
+          f"stage {i - 1} makes {prev.image_size}x{prev.image_size} images"
+      )
   for i, s in enumerate(stages[1:], start=2):
     a, b = stages[0].config.text, s.config.text
     if (a.name, a.path, int(a.max_length)) != (b.name, b.path, int(b.max_length)):
-      raise StageLoadError(f"stage {i} uses text encoder {b.name!r} (max_length "
-                           f"{b.max_length}) but stage 1 uses {a.name!r} ({a.max_length})")
+      raise StageLoadError(
+          f"stage {i} uses text encoder {b.name!r} (max_length "
+          f"{b.max_length}) but stage 1 uses {a.name!r} ({a.max_length})"
+      )
 
 
 def initial_noise(key: Array, indices: Array, shape: tuple[int, ...]) -> Array:
@@ -169,11 +199,25 @@ def initial_noise(key: Array, indices: Array, shape: tuple[int, ...]) -> Array:
   return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape))(indices)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "schedule", "target", "image_size",
-                                             "settings", "guided"))
-def _sample_stage(params, text_emb, text_mask, lowres, guidance_weight, key, indices, *,
-                  model, schedule, target, image_size, settings: SamplingSettings,
-                  guided: bool):
+@functools.partial(
+    jax.jit, static_argnames=("model", "schedule", "target", "image_size", "settings", "guided")
+)
+def _sample_stage(
+    params,
+    text_emb,
+    text_mask,
+    lowres,
+    guidance_weight,
+    key,
+    indices,
+    *,
+    model,
+    schedule,
+    target,
+    image_size,
+    settings: SamplingSettings,
+    guided: bool,
+):
   shape = (image_size, image_size, 3)
   key_noise, key_aug, key_sampler = jax.random.split(key, 3)
   noise = initial_noise(key_noise, indices, shape)
@@ -191,13 +235,28 @@ def _sample_stage(params, text_emb, text_mask, lowres, guidance_weight, key, ind
   w = guidance_weight if guided else 1.0
   denoise_fn = denoiser.make_denoise_fn(model, params, target=target, guidance_weight=w)
   return samplers.sample(
-      denoise_fn, cond, noise, sample_keys, sampler=settings.sampler,
-      num_steps=settings.num_steps, schedule=schedule, eta=settings.eta,
-      threshold=settings.threshold, percentile=settings.percentile)
+      denoise_fn,
+      cond,
+      noise,
+      sample_keys,
+      sampler=settings.sampler,
+      num_steps=settings.num_steps,
+      schedule=schedule,
+      eta=settings.eta,
+      threshold=settings.threshold,
+      percentile=settings.percentile,
+  )
 
 
-def sample_stage(stage: Stage, settings: SamplingSettings, text_emb: Array, text_mask: Array,
-                 key: Array, indices: Array, lowres: Array | None = None) -> Array:
+def sample_stage(
+    stage: Stage,
+    settings: SamplingSettings,
+    text_emb: Array,
+    text_mask: Array,
+    key: Array,
+    indices: Array,
+    lowres: Array | None = None,
+) -> Array:
   """Samples one stage for a batch: `[B, S, S, 3]` in [-1, 1] (S = the stage's image size).
 
   Args:
@@ -206,18 +265,31 @@ def sample_stage(stage: Stage, settings: SamplingSettings, text_emb: Array, text
     lowres: `[B, s, s, 3]`, the previous stage's output (SR stages only).
   """
   if stage.is_sr != (lowres is not None):
-    raise ValueError(f"stage {stage.config.stage} {'needs' if stage.is_sr else 'takes no'} "
-                     "low-res input")
+    raise ValueError(
+        f"stage {stage.config.stage} {'needs' if stage.is_sr else 'takes no'} " "low-res input"
+    )
   if lowres is not None and lowres.shape[1] != stage.lowres_size:
-    raise ValueError(f"stage {stage.config.stage} expects {stage.lowres_size}px low-res "
-                     f"inputs, got {lowres.shape}")
+    raise ValueError(
+        f"stage {stage.config.stage} expects {stage.lowres_size}px low-res "
+        f"inputs, got {lowres.shape}"
+    )
   guided = settings.guidance_weight != 1.0
   static = dataclasses.replace(settings, guidance_weight=0.0)  # w is traced, not static
-  return _sample_stage(stage.params, text_emb, text_mask, lowres,
-                       jnp.float32(settings.guidance_weight), key, indices,
-                       model=stage.model, schedule=stage.schedule,
-                       target=str(stage.config.diffusion.target),
-                       image_size=stage.image_size, settings=static, guided=guided)
+  return _sample_stage(
+      stage.params,
+      text_emb,
+      text_mask,
+      lowres,
+      jnp.float32(settings.guidance_weight),
+      key,
+      indices,
+      model=stage.model,
+      schedule=stage.schedule,
+      target=str(stage.config.diffusion.target),
+      image_size=stage.image_size,
+      settings=static,
+      guided=guided,
+  )
 
 
 class Cascade:
@@ -229,8 +301,9 @@ class Cascade:
     check_cascade(stages)
     self.mesh = jax.sharding.Mesh(np.array(list(devices or jax.local_devices())), ("batch",))
     replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-    self.stages = [dataclasses.replace(s, params=jax.device_put(s.params, replicated))
-                   for s in stages]
+    self.stages = [
+        dataclasses.replace(s, params=jax.device_put(s.params, replicated)) for s in stages
+    ]
     self.encoder = registry.get_text_encoder(self.stages[0].config.text)
 
   @property
@@ -249,9 +322,17 @@ class Cascade:
   def encode(self, prompts: Sequence[str]) -> tuple[Array, Array]:
     return self.encoder.encode(list(prompts))
 
-  def sample(self, prompts: Sequence[str], settings: Sequence[SamplingSettings], *,
-             seed: int = 0, batch_size: int = 64, first_index: int = 0,
-             lowres: np.ndarray | None = None, progress: bool = True) -> list[np.ndarray]:
+  def sample(
+      self,
+      prompts: Sequence[str],
+      settings: Sequence[SamplingSettings],
+      *,
+      seed: int = 0,
+      batch_size: int = 64,
+      first_index: int = 0,
+      lowres: np.ndarray | None = None,
+      progress: bool = True,
+  ) -> list[np.ndarray]:
     """Runs the cascade on `prompts`; returns one `[N, S_k, S_k, 3]` float array per stage.
 
     Args:
@@ -267,8 +348,10 @@ class Cascade:
     offset = 1 if lowres is not None else 0
     n_stages = len(settings)
     if not 1 <= n_stages + offset <= len(self.stages):
-      raise ValueError(f"got {n_stages} stage settings for a {len(self.stages)}-stage "
-                       f"cascade{' starting at stage 2' if offset else ''}")
+      raise ValueError(
+          f"got {n_stages} stage settings for a {len(self.stages)}-stage "
+          f"cascade{' starting at stage 2' if offset else ''}"
+      )
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n_dev = self.num_devices
@@ -277,21 +360,22 @@ class Cascade:
     outs = [[] for _ in range(n_stages)]
     chunks = range(0, len(prompts), batch_size)
     for start in tqdm(chunks, desc="cascade", unit="batch", disable=not progress):
-      chunk = list(prompts[start:start + batch_size])
+      chunk = list(prompts[start : start + batch_size])
       n = len(chunk)
       pad = (-n) % n_dev  # padded samples get the following indices; their outputs are dropped
       emb, mask = self.encode(chunk + [""] * pad)
       idx = jnp.arange(first_index + start, first_index + start + n + pad)
       prev = None
       if lowres is not None:
-        prev = np.asarray(lowres[start:start + n], np.float32)
+        prev = np.asarray(lowres[start : start + n], np.float32)
         prev = np.concatenate([prev, np.zeros((pad,) + prev.shape[1:], np.float32)])
         prev = self._shard(jnp.asarray(prev))
       emb, mask, idx = self._shard(emb), self._shard(mask), self._shard(idx)
       for k, s in enumerate(settings):
         stage = self.stages[k + offset]
-        prev = sample_stage(stage, s, emb, mask, jax.random.fold_in(key, k + offset), idx,
-                            lowres=prev)
+        prev = sample_stage(
+            stage, s, emb, mask, jax.random.fold_in(key, k + offset), idx, lowres=prev
+        )
         outs[k].append(np.asarray(prev)[:n])
     return [np.concatenate(o) for o in outs]
 

@@ -15,6 +15,7 @@
 
 Everything resumes: a second `make demo` reuses the dataset and the finished checkpoints.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -22,7 +23,7 @@ import json
 import os
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
 
 _WORKDIR = flags.DEFINE_string("workdir", "demo_out", "where data, checkpoints and results go")
 _BASE_STEPS = flags.DEFINE_integer("base_steps", None, "override the base stage's steps")
@@ -43,7 +44,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def load_config(path: str, variant: str):
   """`configs/<file>.py:<variant>` from the repo (configs/ is not a package)."""
   spec = importlib.util.spec_from_file_location(
-      f"imagen_configs_{os.path.basename(path)[:-3]}", os.path.join(REPO, path))
+      f"imagen_configs_{os.path.basename(path)[:-3]}", os.path.join(REPO, path)
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(variant)
@@ -68,9 +70,8 @@ def psnr(a_u8, b_u8) -> float:
   """Mean over images of 10 log10(255^2 / MSE)."""
   import numpy as np
 
-  mse = np.mean((np.asarray(a_u8, np.float64) - np.asarray(b_u8, np.float64)) ** 2,
-                axis=(1, 2, 3))
-  return float(np.mean(10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-10))))
+  mse = np.mean((np.asarray(a_u8, np.float64) - np.asarray(b_u8, np.float64)) ** 2, axis=(1, 2, 3))
+  return float(np.mean(10 * np.log10(255.0**2 / np.maximum(mse, 1e-10))))
 
 
 def _scores(images, attributes, held_out):
@@ -78,27 +79,35 @@ def _scores(images, attributes, held_out):
 
   s = shapes_metric.score_images(list(images), attributes, held_out)
   r = lambda d: {k: round(v, 4) for k, v in d.items()}  # noqa: E731
-  return {"all": r(s["mean"]), "held_out_combinations": r(s["held_out"]),
-          "seen_combinations": r(s["seen"]), "num": s["num"],
-          "num_held_out": s["num_held_out"]}
+  return {
+      "all": r(s["mean"]),
+      "held_out_combinations": r(s["held_out"]),
+      "seen_combinations": r(s["seen"]),
+      "num": s["num"],
+      "num_held_out": s["num_held_out"],
+  }
 
 
 def build_text_cache(config, data_dir: str) -> str:
   """Writes (or reuses) the embeddings of the stage's distinct training captions, keyed by the
   caption text; returns the cache directory (for `text.embedding_cache`)."""
   from imagen_jax.data import shapes
-  from imagen_jax.text import cache as text_cache, registry
+  from imagen_jax.text import cache as text_cache
+  from imagen_jax.text import registry
 
   d, t = config.data, config.text
-  path = os.path.join(data_dir, f"text_cache_{t.name}_L{int(t.max_length)}_n{int(d.num_train)}"
-                      f"_seed{int(d.shapes_seed)}")
+  path = os.path.join(
+      data_dir,
+      f"text_cache_{t.name}_L{int(t.max_length)}_n{int(d.num_train)}" f"_seed{int(d.shapes_seed)}",
+  )
   wanted = sorted(set(shapes.captions(int(d.shapes_seed), "train", int(d.num_train))))
   encoder = registry.get_text_encoder(t)
   if os.path.exists(os.path.join(path, text_cache.MANIFEST)):
     existing = text_cache.TextEmbeddingCache(path)
     # Reused only when written by these very weights (an older checkout's cache is rewritten).
-    reusable = (existing.manifest.get("fingerprint") == encoder.fingerprint
-                and all(c in existing for c in wanted))
+    reusable = existing.manifest.get("fingerprint") == encoder.fingerprint and all(
+        c in existing for c in wanted
+    )
     existing.close()
     if reusable:
       return path
@@ -112,19 +121,32 @@ def train_stage(name, config, workdir, timings):
   from imagen_jax.train import trainer
 
   t0 = time.time()
-  print(f"\n== training the {name} stage: {config.train.num_steps} steps at batch "
-        f"{config.train.global_batch_size} -> {workdir}", flush=True)
+  print(
+      f"\n== training the {name} stage: {config.train.num_steps} steps at batch "
+      f"{config.train.global_batch_size} -> {workdir}",
+      flush=True,
+  )
   try:
     trainer.train_and_evaluate(config, workdir)
   except ckpt_lib.CheckpointMismatchError as e:
     # Most likely a demo_out from an older checkout whose stage networks have since changed.
-    raise SystemExit(f"{workdir} holds a {name} checkpoint of another network ({e}). Delete "
-                     f"{workdir} (or run with another --workdir) to train the current one.")
+    raise SystemExit(
+        f"{workdir} holds a {name} checkpoint of another network ({e}). Delete "
+        f"{workdir} (or run with another --workdir) to train the current one."
+    ) from e
   timings[f"train_{name}_s"] = round(time.time() - t0, 1)
 
 
-def evaluate(base_dir: str, sr_dir: str, builder64, cascade_cfg, out_dir: str, *,
-             num_test: int, grid_rows: int) -> dict:
+def evaluate(
+    base_dir: str,
+    sr_dir: str,
+    builder64,
+    cascade_cfg,
+    out_dir: str,
+    *,
+    num_test: int,
+    grid_rows: int,
+) -> dict:
   """Samples the shapes test prompts through the trained cascade and scores them.
 
   Writes `<out_dir>/samples.png`; returns the report dict (alignment per stage at the demo's
@@ -152,8 +174,9 @@ def evaluate(base_dir: str, sr_dir: str, builder64, cascade_cfg, out_dir: str, *
   w = s1.guidance_weight
   print(f"\n== sampling {len(prompts)} held-out test prompts at w = {w} and w = 1", flush=True)
   guided = model.sample(prompts, [s1, s2], seed=0)
-  unguided = model.sample(prompts, [cascade.dataclasses.replace(s1, guidance_weight=1.0), s2],
-                          seed=0)
+  unguided = model.sample(
+      prompts, [cascade.dataclasses.replace(s1, guidance_weight=1.0), s2], seed=0
+  )
   print("== SR stage alone on real low-res test images", flush=True)
   (sr_real,) = model.sample(prompts, [s2], seed=0, lowres=preprocess.to_float(real32))
   timings = {"sampling_s": round(time.time() - t0, 1)}
@@ -162,21 +185,31 @@ def evaluate(base_dir: str, sr_dir: str, builder64, cascade_cfg, out_dir: str, *
   t0 = time.time()
   bicubic = np.stack([preprocess.resize(x, 64, 64) for x in real32])
   report = {
-      "settings": {"stage1": vars(s1), "stage2": vars(s2), "num_test_prompts": len(prompts),
-                   "stage_checkpoint_steps": [s.step for s in model.stages]},
+      "settings": {
+          "stage1": vars(s1),
+          "stage2": vars(s2),
+          "num_test_prompts": len(prompts),
+          "stage_checkpoint_steps": [s.step for s in model.stages],
+      },
       "alignment": {
-          f"w={w}": {"stage1": _scores(u8(guided[0]), attributes, held_out),
-                     "stage2": _scores(u8(guided[1]), attributes, held_out)},
-          "w=1": {"stage1": _scores(u8(unguided[0]), attributes, held_out),
-                  "stage2": _scores(u8(unguided[1]), attributes, held_out)},
+          f"w={w}": {
+              "stage1": _scores(u8(guided[0]), attributes, held_out),
+              "stage2": _scores(u8(guided[1]), attributes, held_out),
+          },
+          "w=1": {
+              "stage1": _scores(u8(unguided[0]), attributes, held_out),
+              "stage2": _scores(u8(unguided[1]), attributes, held_out),
+          },
           "real_images": _scores(real64, attributes, held_out)["all"],
       },
       "super_resolution_on_real_lowres": {
           "psnr_db": round(psnr(u8(sr_real), real64), 2),
           "bicubic_psnr_db": round(psnr(bicubic, real64), 2),
-          "edge_sharpness_p99": {"sr_stage": round(edge_sharpness(u8(sr_real)), 2),
-                                 "bicubic": round(edge_sharpness(bicubic), 2),
-                                 "real": round(edge_sharpness(real64), 2)},
+          "edge_sharpness_p99": {
+              "sr_stage": round(edge_sharpness(u8(sr_real)), 2),
+              "bicubic": round(edge_sharpness(bicubic), 2),
+              "real": round(edge_sharpness(real64), 2),
+          },
           "alignment_of_sr_outputs": _scores(u8(sr_real), attributes, held_out)["all"],
       },
       "chance": shapes_metric.CHANCE,
@@ -185,7 +218,8 @@ def evaluate(base_dir: str, sr_dir: str, builder64, cascade_cfg, out_dir: str, *
   rows = [[u8(guided[0][i]), u8(guided[1][i]), u8(unguided[1][i]), real64[i]] for i in range(n)]
   labels = [("[held-out] " if held_out[i] else "") + prompts[i] for i in range(n)]
   sheet = visualize.labelled_grid(
-      rows, labels, [f"stage 1 (w={w})", f"stage 2 (w={w})", "stage 2 (w=1)", "real 64x64"])
+      rows, labels, [f"stage 1 (w={w})", f"stage 2 (w={w})", "stage 2 (w=1)", "real 64x64"]
+  )
   sheet.save(os.path.join(out_dir, "samples.png"))
   timings["scoring_s"] = round(time.time() - t0, 1)
   report["timings"] = timings
@@ -197,10 +231,13 @@ def main(argv):
   start = time.time()
   workdir = os.path.abspath(_WORKDIR.value)
   os.makedirs(workdir, exist_ok=True)
-  print(f"imagen-jax demo: shapes dataset -> base 32x32 stage -> SR 32->64 stage -> samples.\n"
-        f"Expected time on a 2-core CPU: about {EXPECTED_MINUTES} minutes (dataset ~0.5, text "
-        f"cache ~0.2, base stage ~15, SR stage ~9, sampling + scoring ~3; more on a loaded "
-        f"host). Output: {workdir}", flush=True)
+  print(
+      f"imagen-jax demo: shapes dataset -> base 32x32 stage -> SR 32->64 stage -> samples.\n"
+      f"Expected time on a 2-core CPU: about {EXPECTED_MINUTES} minutes (dataset ~0.5, text "
+      f"cache ~0.2, base stage ~15, SR stage ~9, sampling + scoring ~3; more on a loaded "
+      f"host). Output: {workdir}",
+      flush=True,
+  )
 
   from imagen_jax.data import shapes
 
@@ -222,8 +259,12 @@ def main(argv):
   for cfg in (base_cfg, sr_cfg):
     d = cfg.data
     builders[int(d.resolution)] = shapes.build_shapes(
-        data_dir, int(d.resolution), num_train=int(d.num_train), num_test=int(d.num_test),
-        seed=int(d.shapes_seed))
+        data_dir,
+        int(d.resolution),
+        num_train=int(d.num_train),
+        num_test=int(d.num_test),
+        seed=int(d.shapes_seed),
+    )
   timings["dataset_s"] = round(time.time() - t0, 1)
   # 1b. The text encoder is frozen: encode each distinct training caption once.
   t0 = time.time()
@@ -237,21 +278,32 @@ def main(argv):
   train_stage("sr", sr_cfg, sr_dir, timings)
 
   # 3. Sample and score; 4. write the sheet and the report.
-  report = evaluate(base_dir, sr_dir, builders[int(sr_cfg.data.resolution)], cascade_cfg,
-                    workdir, num_test=_NUM_TEST.value, grid_rows=_GRID_ROWS.value)
-  report["settings"].update(base_steps=int(base_cfg.train.num_steps),
-                            sr_steps=int(sr_cfg.train.num_steps),
-                            base_target=base_cfg.diffusion.target,
-                            sr_target=sr_cfg.diffusion.target)
+  report = evaluate(
+      base_dir,
+      sr_dir,
+      builders[int(sr_cfg.data.resolution)],
+      cascade_cfg,
+      workdir,
+      num_test=_NUM_TEST.value,
+      grid_rows=_GRID_ROWS.value,
+  )
+  report["settings"].update(
+      base_steps=int(base_cfg.train.num_steps),
+      sr_steps=int(sr_cfg.train.num_steps),
+      base_target=base_cfg.diffusion.target,
+      sr_target=sr_cfg.diffusion.target,
+  )
   timings.update(report.pop("timings"))
   timings["total_s"] = round(time.time() - start, 1)
   report["timings"] = timings
   with open(os.path.join(workdir, "report.json"), "w") as f:
     json.dump(report, f, indent=2)
   a = report["alignment"][f"w={report['settings']['stage1']['guidance_weight']}"]["stage2"]["all"]
-  print(f"\nstage 2: colour {a['color']:.3f}, shape {a['shape']:.3f}; SR PSNR "
-        f"{report['super_resolution_on_real_lowres']['psnr_db']} dB. Wrote {workdir}/samples.png "
-        f"and report.json in {timings['total_s'] / 60:.1f} min.")
+  print(
+      f"\nstage 2: colour {a['color']:.3f}, shape {a['shape']:.3f}; SR PSNR "
+      f"{report['super_resolution_on_real_lowres']['psnr_db']} dB. Wrote {workdir}/samples.png "
+      f"and report.json in {timings['total_s'] / 60:.1f} min."
+  )
 
 
 if __name__ == "__main__":

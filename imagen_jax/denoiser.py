@@ -19,6 +19,7 @@ conversions are affine in the prediction with coefficients shared by both halves
 (the low-res image already upsampled to z_t's size and noise-augmented, [B, H, W, C]) and
 `aug_level [B]` (Imagen §2.4, App. D.2).
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping
@@ -38,8 +39,9 @@ def null_text(text_emb: Array, text_mask: Array) -> tuple[Array, Array]:
   return jnp.zeros_like(text_emb), jnp.zeros_like(text_mask, dtype=bool)
 
 
-def make_denoise_fn(model, params, *, target: str, guidance_weight: float = 1.0
-                    ) -> Callable[[Array, Array, Mapping[str, Any]], Array]:
+def make_denoise_fn(
+    model, params, *, target: str, guidance_weight: float = 1.0
+) -> Callable[[Array, Array, Mapping[str, Any]], Array]:
   """Wrap a network into a guided `DenoiseFn` (Imagen §2.2).
 
   Args:
@@ -57,8 +59,16 @@ def make_denoise_fn(model, params, *, target: str, guidance_weight: float = 1.0
   static_no_guidance = isinstance(guidance_weight, (int, float)) and guidance_weight == 1.0
 
   def network(z_t, logsnr, text_emb, text_mask, lowres, aug_level):
-    pred = model.apply({"params": params}, z_t, logsnr, text_emb, text_mask, lowres=lowres,
-                       aug_level=aug_level, train=False)
+    pred = model.apply(
+        {"params": params},
+        z_t,
+        logsnr,
+        text_emb,
+        text_mask,
+        lowres=lowres,
+        aug_level=aug_level,
+        train=False,
+    )
     return parameterization.prediction_to_eps(pred.astype(jnp.float32), z_t, logsnr, target)
 
   def denoise_fn(z_t: Array, logsnr: Array, cond: Mapping[str, Any]) -> Array:
@@ -69,8 +79,13 @@ def make_denoise_fn(model, params, *, target: str, guidance_weight: float = 1.0
     null_emb, null_mask = null_text(text_emb, text_mask)
     double = lambda a, b: None if a is None else jnp.concatenate([a, b], axis=0)
     eps_both = network(
-        double(z_t, z_t), double(logsnr, logsnr), double(text_emb, null_emb),
-        double(text_mask, null_mask), double(lowres, lowres), double(aug_level, aug_level))
+        double(z_t, z_t),
+        double(logsnr, logsnr),
+        double(text_emb, null_emb),
+        double(text_mask, null_mask),
+        double(lowres, lowres),
+        double(aug_level, aug_level),
+    )
     eps_cond, eps_uncond = jnp.split(eps_both, 2, axis=0)
     return guidance_lib.classifier_free_guidance(eps_cond, eps_uncond, guidance_weight)
 

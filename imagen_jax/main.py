@@ -6,6 +6,7 @@ The config file's `get_config(variant)` gives a locked ConfigDict (see configs/c
 `--config.distributed.initialize=true` (+ coordinator_address / num_processes / process_id, or
 auto-detection on TPU pods and SLURM) the process joins a multi-process job first.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,32 +15,39 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Stage config file and variant, e.g. configs/base64.py:tiny.",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (resumes if it has "
-                               "checkpoints).")
+    "config", None, "Stage config file and variant, e.g. configs/base64.py:tiny.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Output directory (resumes if it has " "checkpoints)."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = _CONFIG.value
-    # Must precede any use of the jax backend.
-    from imagen_jax.parallel import mesh as mesh_lib
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  # Must precede any use of the jax backend.
+  from imagen_jax.parallel import mesh as mesh_lib
 
-    mesh_lib.maybe_initialize_distributed(config.distributed)
-    import jax
+  mesh_lib.maybe_initialize_distributed(config.distributed)
+  import jax
 
-    from imagen_jax.train import trainer
+  from imagen_jax.train import trainer
 
-    logging.info("process %d/%d, %d local / %d global devices", jax.process_index(),
-                 jax.process_count(), jax.local_device_count(), jax.device_count())
-    os.makedirs(_WORKDIR.value, exist_ok=True)
-    result = trainer.train_and_evaluate(config, _WORKDIR.value)
-    logging.info("finished at step %d%s", result["step"],
-                 " (preempted)" if result["preempted"] else "")
+  logging.info(
+      "process %d/%d, %d local / %d global devices",
+      jax.process_index(),
+      jax.process_count(),
+      jax.local_device_count(),
+      jax.device_count(),
+  )
+  os.makedirs(_WORKDIR.value, exist_ok=True)
+  result = trainer.train_and_evaluate(config, _WORKDIR.value)
+  logging.info(
+      "finished at step %d%s", result["step"], " (preempted)" if result["preempted"] else ""
+  )
 
 
 if __name__ == "__main__":
-    app.run(main)
+  app.run(main)

@@ -6,6 +6,7 @@ Writes, per stage k: `stage{k}_grid.png` (all samples, one row per prompt) and
 `settings.json` (every setting, the stage checkpoints' steps, the prompts). Thin entry point:
 the logic is `imagen_jax.cascade`.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,8 +15,9 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/cascade.py:shapes",
-                                          "cascade config (configs/cascade.py:VARIANT)")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/cascade.py:shapes", "cascade config (configs/cascade.py:VARIANT)"
+)
 _PROMPTS = flags.DEFINE_multi_string("prompt", [], "a prompt (repeat the flag for several)")
 _PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "a text file, one prompt per line")
 _OUTDIR = flags.DEFINE_string("outdir", "samples_out", "where the PNGs and settings go")
@@ -34,7 +36,6 @@ def read_prompts(prompts, prompt_file) -> list[str]:
 
 def main(argv):
   del argv
-  import numpy as np
   import PIL.Image
 
   from imagen_jax import cascade, metrics, visualize
@@ -43,7 +44,7 @@ def main(argv):
   prompts = read_prompts(_PROMPTS.value, _PROMPT_FILE.value)
   if c.num_stages not in (1, 2, 3):
     raise app.UsageError(f"num_stages={c.num_stages}; allowed: 1, 2, 3")
-  blocks = [c.stage1, c.stage2, c.stage3][:c.num_stages]
+  blocks = [c.stage1, c.stage2, c.stage3][: c.num_stages]
   model = cascade.Cascade.from_workdirs([b.workdir for b in blocks])
   settings = [cascade.SamplingSettings.from_config(b) for b in blocks]
   k = _PER_PROMPT.value
@@ -53,17 +54,27 @@ def main(argv):
   for s, images in enumerate(outs, start=1):
     u8 = cascade.to_uint8(images)
     PIL.Image.fromarray(metrics.image_grid(images, ncols=k)).save(
-        os.path.join(_OUTDIR.value, f"stage{s}_grid.png"))
+        os.path.join(_OUTDIR.value, f"stage{s}_grid.png")
+    )
     single = os.path.join(_OUTDIR.value, f"stage{s}")
     os.makedirs(single, exist_ok=True)
     for i, img in enumerate(u8):
       PIL.Image.fromarray(img).save(os.path.join(single, f"{i:04d}.png"))
   rows = [[cascade.to_uint8(o[i]) for o in outs] for i in range(0, len(expanded), k)]
   visualize.labelled_grid(rows, prompts, [f"stage {s}" for s in range(1, len(outs) + 1)]).save(
-      os.path.join(_OUTDIR.value, "samples.png"))
+      os.path.join(_OUTDIR.value, "samples.png")
+  )
   with open(os.path.join(_OUTDIR.value, "settings.json"), "w") as f:
-    json.dump({"config": c.to_dict(), "prompts": prompts, "num_per_prompt": k,
-               "stage_steps": [s.step for s in model.stages]}, f, indent=2)
+    json.dump(
+        {
+            "config": c.to_dict(),
+            "prompts": prompts,
+            "num_per_prompt": k,
+            "stage_steps": [s.step for s in model.stages],
+        },
+        f,
+        indent=2,
+    )
   print(f"wrote {len(expanded)} samples per stage to {_OUTDIR.value}")
 
 

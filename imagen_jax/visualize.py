@@ -1,4 +1,5 @@
 """PNG grids with text labels (sample sheets for people to look at)."""
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -16,9 +17,15 @@ def _font(size: int = 11):
     return PIL.ImageFont.load_default()
 
 
-def labelled_grid(rows: Sequence[Sequence[np.ndarray]], row_labels: Sequence[str],
-                  col_labels: Sequence[str], *, cell: int = 128, label_width: int = 260,
-                  pad: int = 4) -> PIL.Image.Image:
+def labelled_grid(
+    rows: Sequence[Sequence[np.ndarray]],
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    *,
+    cell: int = 128,
+    label_width: int = 260,
+    pad: int = 4,
+) -> PIL.Image.Image:
   """A table of images: one row per prompt, one column per stage.
 
   Args:
@@ -39,8 +46,7 @@ def labelled_grid(rows: Sequence[Sequence[np.ndarray]], row_labels: Sequence[str
     y = header + pad + r * (cell + pad)
     draw.multiline_text((pad, y), _wrap(label, 40), fill=(0, 0, 0), font=font)
     for c, img in enumerate(images):
-      tile = PIL.Image.fromarray(np.asarray(img, np.uint8)).resize((cell, cell),
-                                                                   PIL.Image.NEAREST)
+      tile = PIL.Image.fromarray(np.asarray(img, np.uint8)).resize((cell, cell), PIL.Image.NEAREST)
       sheet.paste(tile, (label_width + pad + c * (cell + pad), y))
   return sheet
 
@@ -55,4 +61,3 @@ def _wrap(text: str, width: int) -> str:
       line = f"{line} {w}".strip()
   lines.append(line)
   return "\n".join(lines)
-

@@ -4,6 +4,7 @@ Adapted from tests/test_cascade.py (its helpers are private to that module): con
 Orbax checkpoint of a tiny network with random weights (shapes traced, values drawn directly). Sampling does not
 care whether the weights were trained, so end-to-end tests of the experiments take seconds.
 """
+
 import atexit
 import functools
 import importlib.util
@@ -18,7 +19,8 @@ import numpy as np
 
 from imagen_jax import checkpoint as ckpt_lib
 from imagen_jax.nn import unet
-from imagen_jax.train import optim, state as state_lib, trainer
+from imagen_jax.train import optim, trainer
+from imagen_jax.train import state as state_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,7 +28,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def tiny_config(stage, **sizes):
   """configs/<stage>.py:tiny with top-level fields overridden (e.g. image_size=32)."""
   spec = importlib.util.spec_from_file_location(
-      f"cfg_{stage}", os.path.join(REPO, "configs", f"{stage}.py"))
+      f"cfg_{stage}", os.path.join(REPO, "configs", f"{stage}.py")
+  )
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   c = mod.get_config("tiny")
@@ -41,9 +44,13 @@ def write_stage(workdir, config, seed=0, step=7):
   model = unet.build_model(config.model)
   tx, _ = optim.make_optimizer(config.optim, int(config.train.num_steps))
   image, lowres = trainer.train_sizes(config)
-  inputs = state_lib.model_inputs(batch=1, image_size=image, lowres_size=lowres,
-                                  text_len=int(config.text.max_length),
-                                  text_dim=int(config.model.text_dim))
+  inputs = state_lib.model_inputs(
+      batch=1,
+      image_size=image,
+      lowres_size=lowres,
+      text_len=int(config.text.max_length),
+      text_dim=int(config.model.text_dim),
+  )
   # No real initialisation: compiling the U-Net's init costs ~40 s per stage on a busy 2-core
   # CPU, while tracing its shapes takes ~1 s. Sampling does not care how weights were drawn;
   # fan-in-scaled normal kernels (and 1 +- noise norm scales) keep activations O(1), and unlike
@@ -53,15 +60,19 @@ def write_stage(workdir, config, seed=0, step=7):
 
   def fill(path, a):
     if a.ndim >= 2:
-      return jnp.asarray(rng.standard_normal(a.shape, np.float32)
-                         / np.sqrt(np.prod(a.shape[:-1])), a.dtype)
+      return jnp.asarray(
+          rng.standard_normal(a.shape, np.float32) / np.sqrt(np.prod(a.shape[:-1])), a.dtype
+      )
     base = 1.0 if "scale" in jax.tree_util.keystr(path) else 0.0
     return jnp.asarray(base + 0.05 * rng.standard_normal(a.shape, np.float32), a.dtype)
 
   params = jax.tree_util.tree_map_with_path(fill, abstract.params)
   state = abstract.replace(
-      step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-      opt_state=jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract.opt_state))
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      ema_params=params,
+      opt_state=jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract.opt_state),
+  )
   os.makedirs(workdir, exist_ok=True)
   config_dict = trainer.config_to_dict(config)
   with open(os.path.join(workdir, "config.json"), "w") as f:

@@ -3,6 +3,7 @@
 XLA_FLAGS must be set before jax initialises its backend, so this runs at import time of the
 test session, before any test module imports jax.
 """
+
 import os
 
 os.environ["XLA_FLAGS"] = (
@@ -17,5 +18,5 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
 def pytest_configure(config):
-    del config
-    assert jax.device_count() == 8, f"expected 8 fake CPU devices, got {jax.devices()}"
+  del config
+  assert jax.device_count() == 8, f"expected 8 fake CPU devices, got {jax.devices()}"

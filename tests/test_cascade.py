@@ -4,9 +4,9 @@ Stage workdirs are written the way the trainer writes them (config.json + an Orb
 the train state) by tests/cascade_fixtures.py, with random weights of traced shapes: sampling
 does not care whether the weights were trained, and this skips the U-Net's init compile.
 """
+
 import dataclasses
 import json
-import os
 import shutil
 
 import jax
@@ -30,8 +30,10 @@ def workdirs(tmp_path_factory):
   return cascade_fixtures.write_tiny_cascade(str(tmp_path_factory.mktemp("cascade")))
 
 
-SETTINGS = [cascade.SamplingSettings(num_steps=3, guidance_weight=3.0),
-            cascade.SamplingSettings(num_steps=2, aug_level=0.2)]
+SETTINGS = [
+    cascade.SamplingSettings(num_steps=3, guidance_weight=3.0),
+    cascade.SamplingSettings(num_steps=2, aug_level=0.2),
+]
 PROMPTS = ["a red circle in the center", "a small blue square on the left", ""]
 
 
@@ -49,8 +51,9 @@ def test_cascade_samples_end_to_end_and_is_deterministic(loaded):
   # reproduces it, and on other low-res images gives other outputs.
   (sr_same,) = model.sample(PROMPTS, SETTINGS[1:], seed=3, lowres=a[0], progress=False)
   np.testing.assert_allclose(sr_same, a[1], atol=1e-5)
-  (sr_other,) = model.sample(PROMPTS, SETTINGS[1:], seed=3, lowres=np.zeros_like(a[0]),
-                             progress=False)
+  (sr_other,) = model.sample(
+      PROMPTS, SETTINGS[1:], seed=3, lowres=np.zeros_like(a[0]), progress=False
+  )
   assert not np.allclose(sr_other, a[1], atol=1e-3)
   # A prefix (stage 1 only) gives stage 1's images.
   (x,) = model.sample(PROMPTS, SETTINGS[:1], seed=3, progress=False)
@@ -60,8 +63,10 @@ def test_cascade_samples_end_to_end_and_is_deterministic(loaded):
 def test_sampling_is_sharded_over_devices_and_does_not_depend_on_them(loaded):
   # 8 fake CPU devices (conftest): each batch is split over all of them, params replicated.
   assert loaded.num_devices == jax.local_device_count() == 8
-  stochastic = [dataclasses.replace(SETTINGS[0], eta=1.0),
-                dataclasses.replace(SETTINGS[1], sampler="ddpm")]
+  stochastic = [
+      dataclasses.replace(SETTINGS[0], eta=1.0),
+      dataclasses.replace(SETTINGS[1], sampler="ddpm"),
+  ]
   prompts = PROMPTS + ["a large green triangle above a small red circle"] * 7  # 10: padded
   sharded = loaded.sample(prompts, stochastic, seed=5, batch_size=16, progress=False)
   single = cascade.Cascade(loaded.stages, devices=jax.local_devices()[:1])
@@ -109,9 +114,9 @@ def test_guided_denoise_fn_is_one_batched_pass_of_cfg(loaded):
   emb = jax.random.normal(jax.random.key(1), (2, 5, int(stage.config.model.text_dim)))
   mask = jnp.array([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]], bool)
   params = stage.params
-  eps = lambda w: denoiser.make_denoise_fn(stage.model, params, target="eps",
-                                           guidance_weight=w)(z, logsnr, {"text_emb": emb,
-                                                                          "text_mask": mask})
+  eps = lambda w: denoiser.make_denoise_fn(stage.model, params, target="eps", guidance_weight=w)(
+      z, logsnr, {"text_emb": emb, "text_mask": mask}
+  )
   cond, uncond = eps(1.0), eps(0.0)
   assert not np.allclose(cond, uncond)
   np.testing.assert_allclose(eps(3.0), 3.0 * cond - 2.0 * uncond, atol=2e-4)

@@ -3,6 +3,7 @@
 Both scripts run as subprocesses (as users run them) on tiny random cascade stages; the COCO
 run uses a random-weights FID InceptionV3 (numbers meaningless, plumbing real).
 """
+
 import json
 import os
 import re
@@ -23,10 +24,14 @@ def workdirs():
 
 
 def _run(script, args):
-  out = subprocess.run([sys.executable, os.path.join(cascade_fixtures.REPO, "experiments",
-                                                     script)] + args,
-                       capture_output=True, text=True, cwd=cascade_fixtures.REPO, timeout=600,
-                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  out = subprocess.run(
+      [sys.executable, os.path.join(cascade_fixtures.REPO, "experiments", script)] + args,
+      capture_output=True,
+      text=True,
+      cwd=cascade_fixtures.REPO,
+      timeout=600,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )
   assert out.returncode == 0, out.stderr[-4000:]
   return out.stdout
 
@@ -39,13 +44,17 @@ def _fake_coco(root, num_images=5):
     name = f"COCO_val2014_{i:012d}.jpg"
     h, w = (30, 44) if i % 2 else (48, 36)  # landscape and portrait: centre crop both ways
     PIL.Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
-        root / "val2014" / name)
+        root / "val2014" / name
+    )
     images.append({"id": 100 + i, "file_name": name})
-    anns += [{"id": 10 * i + j, "image_id": 100 + i, "caption": f"a  photo {i} number {j}"}
-             for j in range(2)]
+    anns += [
+        {"id": 10 * i + j, "image_id": 100 + i, "caption": f"a  photo {i} number {j}"}
+        for j in range(2)
+    ]
   (root / "annotations").mkdir()
   (root / "annotations" / "captions_val2014.json").write_text(
-      json.dumps({"images": images, "annotations": anns}))
+      json.dumps({"images": images, "annotations": anns})
+  )
 
 
 def test_coco_protocols_and_resize_conventions(tmp_path):
@@ -71,14 +80,27 @@ def test_coco_fid30k_script_end_to_end(workdirs, tmp_path):
   _fake_coco(tmp_path)
   weights = str(tmp_path / "inception_random.safetensors")
   convert_weights.save_flax_weights(
-      convert_weights.convert_state_dict(convert_weights.random_torch_state_dict(0)), weights)
-  out = _run("coco_fid30k.py", [
-      f"--workdirs={workdirs[0]},{workdirs[1]}", "--config=configs/cascade.py:shapes",
-      "--config.stage1.num_steps=2", "--config.stage2.num_steps=2",
-      f"--coco_dir={tmp_path}", f"--inception={weights}", "--protocol=paper",
-      "--num_samples=4", "--batch_size=8", "--chunk=4", f"--outdir={tmp_path / 'out'}"])
-  assert re.search(r"FID-4 \(paper protocol, tf preprocessing, 5 reference images\): [\d.]+",
-                   out), out
+      convert_weights.convert_state_dict(convert_weights.random_torch_state_dict(0)), weights
+  )
+  out = _run(
+      "coco_fid30k.py",
+      [
+          f"--workdirs={workdirs[0]},{workdirs[1]}",
+          "--config=configs/cascade.py:shapes",
+          "--config.stage1.num_steps=2",
+          "--config.stage2.num_steps=2",
+          f"--coco_dir={tmp_path}",
+          f"--inception={weights}",
+          "--protocol=paper",
+          "--num_samples=4",
+          "--batch_size=8",
+          "--chunk=4",
+          f"--outdir={tmp_path / 'out'}",
+      ],
+  )
+  assert re.search(
+      r"FID-4 \(paper protocol, tf preprocessing, 5 reference images\): [\d.]+", out
+  ), out
   report = json.loads((tmp_path / "out" / "fid.json").read_text())
   assert report["num_reference"] == 5 and np.isfinite(report["fid"])
   with np.load(tmp_path / "out" / "samples" / "chunk_000000.npz") as z:
@@ -87,15 +109,28 @@ def test_coco_fid30k_script_end_to_end(workdirs, tmp_path):
 
 def test_drawbench_script_writes_sheet_and_grids(workdirs, tmp_path):
   tsv = tmp_path / "prompts.tsv"
-  tsv.write_text("# a comment\nColors\tA red colored car.\nCounting\tThree cats.\n"
-                 "Colors\tA black colored car.\n")
+  tsv.write_text(
+      "# a comment\nColors\tA red colored car.\nCounting\tThree cats.\n"
+      "Colors\tA black colored car.\n"
+  )
   out_dir = tmp_path / "db"
-  _run("drawbench.py", [
-      f"--prompts={tsv}", f"--workdirs_a={workdirs[0]},{workdirs[1]}",
-      "--config_a.stage1.num_steps=2", "--config_a.stage2.num_steps=2",
-      "--config_b.stage1.num_steps=2", "--config_b.stage2.num_steps=2",
-      "--config_b.stage1.guidance_weight=1", "--name_a=w3", "--name_b=w1", "--k=2",
-      "--batch_size=8", f"--outdir={out_dir}"])
+  _run(
+      "drawbench.py",
+      [
+          f"--prompts={tsv}",
+          f"--workdirs_a={workdirs[0]},{workdirs[1]}",
+          "--config_a.stage1.num_steps=2",
+          "--config_a.stage2.num_steps=2",
+          "--config_b.stage1.num_steps=2",
+          "--config_b.stage2.num_steps=2",
+          "--config_b.stage1.guidance_weight=1",
+          "--name_a=w3",
+          "--name_b=w1",
+          "--k=2",
+          "--batch_size=8",
+          f"--outdir={out_dir}",
+      ],
+  )
   page = (out_dir / "rating_sheet.html").read_text()
   assert page.count("data:image/png;base64,") == 3 * 2 * 2
   assert "http" not in page.replace("https://imagen", "")  # self-contained: nothing fetched

@@ -1,4 +1,5 @@
 """experiments/guidance_gap.py: overrides, the gain table, and (slow) a tiny end-to-end run."""
+
 import json
 import os
 import subprocess
@@ -24,10 +25,12 @@ def test_overrides_parse_literals_and_refuse_unknown_fields():
 
 
 def test_gap_table_reports_the_best_gain_over_w1():
-  rows = [dict(step=100, w=1.0, colour=0.70, held_colour=0.60),
-          dict(step=100, w=3.0, colour=0.80, held_colour=0.65),
-          dict(step=200, w=1.0, colour=0.85, held_colour=0.80),
-          dict(step=200, w=3.0, colour=0.84, held_colour=0.78)]
+  rows = [
+      dict(step=100, w=1.0, colour=0.70, held_colour=0.60),
+      dict(step=100, w=3.0, colour=0.80, held_colour=0.65),
+      dict(step=200, w=1.0, colour=0.85, held_colour=0.80),
+      dict(step=200, w=3.0, colour=0.84, held_colour=0.78),
+  ]
   table = guidance_gap.gap_table(rows, [1.0, 3.0], overrides=["text.drop_prob=0.3"])
   assert "text.drop_prob=0.3" in table
   assert "| 100 | 0.700 (0.600) | 0.800 (0.650) | +0.100 |" in table
@@ -38,10 +41,23 @@ def test_gap_table_reports_the_best_gain_over_w1():
 def test_tiny_run_writes_a_row_per_step_and_weight(tmp_path):
   out = tmp_path / "out"
   subprocess.run(
-      [sys.executable, os.path.join(REPO, "experiments", "guidance_gap.py"),
-       f"--data_dir={tmp_path / 'data'}", f"--outdir={out}", "--variant=tiny", "--steps=4",
-       "--eval_steps=0,4", "--weights=1,3", "--num_prompts=4", "--sample_steps=2"],
-      check=True, cwd=REPO, capture_output=True, text=True)
+      [
+          sys.executable,
+          os.path.join(REPO, "experiments", "guidance_gap.py"),
+          f"--data_dir={tmp_path / 'data'}",
+          f"--outdir={out}",
+          "--variant=tiny",
+          "--steps=4",
+          "--eval_steps=0,4",
+          "--weights=1,3",
+          "--num_prompts=4",
+          "--sample_steps=2",
+      ],
+      check=True,
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+  )
   rows = [json.loads(l) for l in open(out / "rows.jsonl")]
   assert [(r["step"], r["w"]) for r in rows] == [(0, 1.0), (0, 3.0), (4, 1.0), (4, 3.0)]
   assert all(0.0 <= r["colour"] <= 1.0 and r["n"] == 4 for r in rows)

@@ -1,4 +1,5 @@
 """Guidance sweep end to end on tiny random stages (issue 8): outputs, resume, the CLI."""
+
 import csv
 import os
 import subprocess
@@ -22,9 +23,14 @@ def setup(tmp_path_factory):
   workdirs = cascade_fixtures.shared_tiny_cascade()
   model = cascade.Cascade.from_workdirs(workdirs)
   d = model.stages[1].config.data  # the tiny data config: 64 train / 16 test, seed 0
-  data = sweep.shapes_test_prompts(str(root / "data"), 32, num_train=int(d.num_train),
-                                   num_test=int(d.num_test), seed=int(d.shapes_seed),
-                                   limit=NUM_PROMPTS)
+  data = sweep.shapes_test_prompts(
+      str(root / "data"),
+      32,
+      num_train=int(d.num_train),
+      num_test=int(d.num_test),
+      seed=int(d.shapes_seed),
+      limit=NUM_PROMPTS,
+  )
   return root, workdirs, model, data
 
 
@@ -41,9 +47,18 @@ def test_sweep_writes_outputs_and_resumes(setup, monkeypatch):
   calls = []
   real_sample = model.sample
   monkeypatch.setattr(model, "sample", lambda *a, **k: calls.append(1) or real_sample(*a, **k))
-  r = sweep.run_sweep(model, prompts, _base(), points, outdir, sweep_stage=0,
-                      attributes=attributes, reference_images=reference, batch_size=8,
-                      progress=False)
+  r = sweep.run_sweep(
+      model,
+      prompts,
+      _base(),
+      points,
+      outdir,
+      sweep_stage=0,
+      attributes=attributes,
+      reference_images=reference,
+      batch_size=8,
+      progress=False,
+  )
   assert (r.computed, r.cached, len(calls)) == (4, 0, 4)
   paths = sweep.write_outputs(r, outdir, "test sweep")
   assert all(os.path.getsize(p) > 0 for p in paths.values())
@@ -58,8 +73,9 @@ def test_sweep_writes_outputs_and_resumes(setup, monkeypatch):
   assert sweep.RANDOM_CONV_LABEL in md and "not FID" in md and "Real reference images" in md
   assert r.reference_saturation > 0.5  # shapes: pure colours on black
   assert r.reference_saturation_upper == 0.0  # ... none of them clipped at the top
-  assert all(0.0 <= float(row["saturation_upper_final"]) <= float(row["saturation_final"])
-             for row in rows)
+  assert all(
+      0.0 <= float(row["saturation_upper_final"]) <= float(row["saturation_final"]) for row in rows
+  )
   with open(paths["png"], "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   with PIL.Image.open(paths["grid"]) as grid:  # 4 points as columns beside the prompt labels
@@ -70,13 +86,21 @@ def test_sweep_writes_outputs_and_resumes(setup, monkeypatch):
   with np.load(os.path.join(outdir, "points", names[0], "samples.npz")) as z:
     assert z["stage1"].shape == (NUM_PROMPTS, 16, 16, 3) and z["stage1"].dtype == np.uint8
     assert z["stage2"].shape == (NUM_PROMPTS, 32, 32, 3)
-  mtimes = {n: os.path.getmtime(os.path.join(outdir, "points", n, "metrics.json"))
-            for n in names}
+  mtimes = {n: os.path.getmtime(os.path.join(outdir, "points", n, "metrics.json")) for n in names}
 
   # Resume: nothing is sampled again, rows are identical.
-  r2 = sweep.run_sweep(model, prompts, _base(), points, outdir, sweep_stage=0,
-                       attributes=attributes, reference_images=reference, batch_size=8,
-                       progress=False)
+  r2 = sweep.run_sweep(
+      model,
+      prompts,
+      _base(),
+      points,
+      outdir,
+      sweep_stage=0,
+      attributes=attributes,
+      reference_images=reference,
+      batch_size=8,
+      progress=False,
+  )
   assert (r2.computed, r2.cached, len(calls)) == (0, 4, 4)
   assert [x["fd"] for x in r2.rows] == [x["fd"] for x in r.rows]
   # A changed setting is a new point (the key hashes the settings), not a stale cache hit.
@@ -86,12 +110,25 @@ def test_sweep_writes_outputs_and_resumes(setup, monkeypatch):
   # The CLI on the same outdir and settings: every point comes from the cache.
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   out = subprocess.run(
-      [sys.executable, os.path.join(cascade_fixtures.REPO, "experiments", "guidance_sweep.py"),
-       f"--workdirs={workdirs[0]},{workdirs[1]}", "--weights=2,4",
-       "--thresholds=dynamic,static", f"--num_prompts={NUM_PROMPTS}", "--batch_size=8",
-       f"--data_dir={root / 'data'}", f"--outdir={outdir}",
-       f"--config.stage1.num_steps={STEPS}", f"--config.stage2.num_steps={STEPS}"],
-      capture_output=True, text=True, env=env, cwd=cascade_fixtures.REPO, timeout=300)
+      [
+          sys.executable,
+          os.path.join(cascade_fixtures.REPO, "experiments", "guidance_sweep.py"),
+          f"--workdirs={workdirs[0]},{workdirs[1]}",
+          "--weights=2,4",
+          "--thresholds=dynamic,static",
+          f"--num_prompts={NUM_PROMPTS}",
+          "--batch_size=8",
+          f"--data_dir={root / 'data'}",
+          f"--outdir={outdir}",
+          f"--config.stage1.num_steps={STEPS}",
+          f"--config.stage2.num_steps={STEPS}",
+      ],
+      capture_output=True,
+      text=True,
+      env=env,
+      cwd=cascade_fixtures.REPO,
+      timeout=300,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   assert "0 points sampled, 4 read from cache" in out.stdout, out.stdout[-2000:]
   for n, t in mtimes.items():

@@ -1,7 +1,7 @@
 """Forward process, eps/x0/v conversions and the per-example loss (imagen_jax/diffusion)."""
+
 import itertools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -48,11 +48,11 @@ def test_noise_condition_augment():
   x0, noise, _ = _batch()
   aug = jnp.asarray([0.0, 0.25, 0.5, 1.0])
   out = np.asarray(F.noise_condition_augment(x0, aug, noise))
-  np.testing.assert_array_equal(out[0], np.asarray(x0)[0])            # 0 = identity, exactly
+  np.testing.assert_array_equal(out[0], np.asarray(x0)[0])  # 0 = identity, exactly
   np.testing.assert_allclose(out[3], np.asarray(noise)[3], atol=1e-6)  # 1 = pure noise
   a, s = np.cos(np.pi / 8), np.sin(np.pi / 8)
   np.testing.assert_allclose(out[1], a * np.asarray(x0)[1] + s * np.asarray(noise)[1], atol=1e-6)
-  np.testing.assert_allclose(a**2 + s**2, 1.0)                        # variance preserving
+  np.testing.assert_allclose(a**2 + s**2, 1.0)  # variance preserving
 
 
 def test_upsample_lowres_shape_range():
@@ -126,15 +126,21 @@ def test_loss_in_another_space(target, space):
   # An error d in `target` space is an error d * k(logsnr) in `space`, so the loss is the
   # familiar SNR weighting d^2 k^2: e.g. x0 -> eps divides by sigma and multiplies by alpha.
   snr = np.exp(np.asarray(logsnr, np.float64))
-  k2 = {("eps", "x0"): 1 / snr, ("x0", "eps"): snr, ("v", "eps"): snr / (1 + snr),
-        ("v", "x0"): 1 / (1 + snr), ("eps", "v"): 1 + 1 / snr, ("x0", "v"): 1 + snr}
+  k2 = {
+      ("eps", "x0"): 1 / snr,
+      ("x0", "eps"): snr,
+      ("v", "eps"): snr / (1 + snr),
+      ("v", "x0"): 1 / (1 + snr),
+      ("eps", "v"): 1 + 1 / snr,
+      ("x0", "v"): 1 + snr,
+  }
   d = 0.1
-  np.testing.assert_allclose(L.diffusion_loss(exact + d, **kw), d**2 * k2[target, space],
-                             rtol=2e-3)
+  np.testing.assert_allclose(L.diffusion_loss(exact + d, **kw), d**2 * k2[target, space], rtol=2e-3)
 
 
 def test_loss_bad_weights():
   x0, noise, logsnr = _batch()
   with pytest.raises(ValueError, match=r"weights must have shape \(4,\).*got \(4, 1\)"):
-    L.diffusion_loss(noise, x0=x0, noise=noise, z_t=x0, logsnr=logsnr, target="eps",
-                     weights=jnp.ones((4, 1)))
+    L.diffusion_loss(
+        noise, x0=x0, noise=noise, z_t=x0, logsnr=logsnr, target="eps", weights=jnp.ones((4, 1))
+    )

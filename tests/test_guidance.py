@@ -1,4 +1,5 @@
 """Classifier-free guidance and thresholding (imagen_jax/diffusion/guidance.py)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -108,8 +109,9 @@ def test_quantile_trap_is_legal_but_different():
 def test_dynamic_threshold_under_jit():
   x = jnp.asarray(_outlier_batch(1))
   f = jax.jit(G.dynamic_threshold, static_argnames=("percentile",))
-  np.testing.assert_allclose(f(x, percentile=99.5), _np_dynamic_threshold(np.asarray(x), 99.5),
-                             rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(
+      f(x, percentile=99.5), _np_dynamic_threshold(np.asarray(x), 99.5), rtol=1e-4, atol=1e-6
+  )
 
 
 def test_static_and_apply_threshold():
@@ -117,8 +119,7 @@ def test_static_and_apply_threshold():
   np.testing.assert_array_equal(G.static_threshold(x), np.clip(np.asarray(x), -1, 1))
   np.testing.assert_array_equal(G.apply_threshold(x, "none"), x)
   np.testing.assert_array_equal(G.apply_threshold(x, "static"), G.static_threshold(x))
-  np.testing.assert_array_equal(G.apply_threshold(x, "dynamic", 90.0),
-                                G.dynamic_threshold(x, 90.0))
+  np.testing.assert_array_equal(G.apply_threshold(x, "dynamic", 90.0), G.dynamic_threshold(x, 90.0))
   with pytest.raises(ValueError, match="unknown threshold mode 'clip'.*dynamic"):
     G.apply_threshold(x, "clip")
 
@@ -130,8 +131,7 @@ def test_classifier_free_guidance():
   np.testing.assert_array_equal(G.classifier_free_guidance(c, u, 1.0), c)
   np.testing.assert_array_equal(G.classifier_free_guidance(c, u, 0.0), u)
   np.testing.assert_allclose(G.classifier_free_guidance(c, u, 2.0), 2 * c - u, atol=1e-6)
-  np.testing.assert_allclose(G.classifier_free_guidance(c, u, 7.5), u + 7.5 * (c - u),
-                             atol=1e-5)
+  np.testing.assert_allclose(G.classifier_free_guidance(c, u, 7.5), u + 7.5 * (c - u), atol=1e-5)
   # One w per example: [B] is broadcast explicitly (rank promotion raises in tests).
   w = jnp.asarray([1.0, 0.0, 2.0])
   out = G.classifier_free_guidance(c, u, w)

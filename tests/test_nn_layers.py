@@ -1,4 +1,5 @@
 """Layers and attention pieces of imagen_jax.nn (small arrays, cheap compiles)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,4 +1,5 @@
 """Paper-size presets, checked with `jax.eval_shape` (nothing is allocated)."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,13 +9,38 @@ from flax.traverse_util import flatten_dict
 
 from imagen_jax.nn import layers, presets, unet
 
-ALLOWED_NAMES = {"batch", "height", "width", "embed", "mlp", "heads", "kv", "conv_in",
-                 "conv_out", "text_len", "text_embed", "vocab", "norm", None}
+ALLOWED_NAMES = {
+    "batch",
+    "height",
+    "width",
+    "embed",
+    "mlp",
+    "heads",
+    "kv",
+    "conv_in",
+    "conv_out",
+    "text_len",
+    "text_embed",
+    "vocab",
+    "norm",
+    None,
+}
 
 # A rules list for these tests only (the project's rules live in configs/common.py).
-TEST_RULES = [("batch", "data"), ("embed", "fsdp"), ("conv_out", "fsdp"), ("mlp", "tensor"),
-              ("heads", "tensor"), ("conv_in", None), ("kv", None), ("text_embed", None),
-              ("text_len", None), ("norm", None), ("height", None), ("width", None)]
+TEST_RULES = [
+    ("batch", "data"),
+    ("embed", "fsdp"),
+    ("conv_out", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("conv_in", None),
+    ("kv", None),
+    ("text_embed", None),
+    ("text_len", None),
+    ("norm", None),
+    ("height", None),
+    ("width", None),
+]
 
 
 def _abstract_params(stage, size="paper", batch=1):
@@ -22,9 +48,12 @@ def _abstract_params(stage, size="paper", batch=1):
   model = unet.build_model(cfg)
   s = cfg.image_size
   x = jax.ShapeDtypeStruct((batch, s, s, 3), jnp.float32)
-  kw = dict(x_t=x, logsnr=jax.ShapeDtypeStruct((batch,), jnp.float32),
-            text_emb=jax.ShapeDtypeStruct((batch, cfg.text_len, cfg.text_dim), jnp.float32),
-            text_mask=jax.ShapeDtypeStruct((batch, cfg.text_len), jnp.bool_))
+  kw = dict(
+      x_t=x,
+      logsnr=jax.ShapeDtypeStruct((batch,), jnp.float32),
+      text_emb=jax.ShapeDtypeStruct((batch, cfg.text_len, cfg.text_dim), jnp.float32),
+      text_mask=jax.ShapeDtypeStruct((batch, cfg.text_len), jnp.bool_),
+  )
   if cfg.lowres_cond:
     kw.update(lowres=x, aug_level=jax.ShapeDtypeStruct((batch,), jnp.float32))
   return cfg, jax.eval_shape(lambda **a: model.init(jax.random.key(0), **a), **kw)
@@ -68,8 +97,9 @@ def test_every_large_param_has_logical_names(stage):
   assert jax.tree.leaves(mesh_specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
 
 
-@pytest.mark.parametrize("stage,size", [("base64", "shapes"), ("sr256", "shapes"),
-                                        ("base64", "bench")])
+@pytest.mark.parametrize(
+    "stage,size", [("base64", "shapes"), ("sr256", "shapes"), ("base64", "bench")]
+)
 def test_small_presets_sizes(stage, size):
   cfg, variables = _abstract_params(stage, size)
   n = _count(variables)

@@ -6,6 +6,7 @@ compare rows. Params are random (numpy, from the `eval_shape` of init), not `mod
 zero-initialised output layers (ADM's zero_module) would hide every path to the output, and
 compiling `init` (one threefry per param) costs far more CPU time than the forward pass.
 """
+
 import functools
 
 import flax.linen as nn
@@ -27,9 +28,9 @@ def _random_params(model, batch, seed=0):
 
   def draw(path, s):
     name = jax.tree_util.keystr(path)
-    if "scale" in name:                       # norm scales around 1
+    if "scale" in name:  # norm scales around 1
       return (1.0 + 0.1 * rng.standard_normal(s.shape)).astype(np.float32)
-    if len(s.shape) <= 1:                     # biases
+    if len(s.shape) <= 1:  # biases
       return (0.1 * rng.standard_normal(s.shape)).astype(np.float32)
     fan_in = int(np.prod(s.shape[:-1]))
     return (rng.standard_normal(s.shape) / np.sqrt(fan_in)).astype(np.float32)
@@ -49,8 +50,12 @@ def _variants(cfg):
       "base": (text, mask, lowres, 0.3),
       "other_text": (jax.random.normal(k[3], (1, L, d)), mask, lowres, 0.3),
       # Same real tokens; different (large) embeddings at the masked positions.
-      "masked_changed": (text.at[:, 3:].set(100.0 * jax.random.normal(k[4], (1, 2, d))),
-                         mask, lowres, 0.3),
+      "masked_changed": (
+          text.at[:, 3:].set(100.0 * jax.random.normal(k[4], (1, 2, d))),
+          mask,
+          lowres,
+          0.3,
+      ),
       "dropped": (jnp.zeros_like(text), jnp.zeros_like(mask), lowres, 0.3),
       "other_lowres": (text, mask, lowres + 0.5 * jax.random.normal(k[5], lowres.shape), 0.3),
       "other_aug": (text, mask, lowres, 0.8),
@@ -58,8 +63,12 @@ def _variants(cfg):
   names = list(rows)
   cat = lambda i: jnp.concatenate([rows[n][i] for n in names], axis=0)
   b = len(names)
-  batch = dict(x_t=jnp.broadcast_to(x, (b, s, s, 3)), logsnr=jnp.full((b,), 1.5),
-               text_emb=cat(0), text_mask=cat(1))
+  batch = dict(
+      x_t=jnp.broadcast_to(x, (b, s, s, 3)),
+      logsnr=jnp.full((b,), 1.5),
+      text_emb=cat(0),
+      text_mask=cat(1),
+  )
   if cfg.lowres_cond:
     batch["lowres"] = cat(2)
     batch["aug_level"] = jnp.array([rows[n][3] for n in names], jnp.float32)
@@ -132,15 +141,20 @@ def _loss_and_grad(stage, remat):
 
   def loss(p):
     out = model.apply(p, **batch, train=True, rngs={"dropout": jax.random.key(3)})
-    return jnp.mean(out ** 2), out
+    return jnp.mean(out**2), out
 
   (_, out), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
   return out, g
 
 
-@pytest.mark.parametrize("stage", [
-    "sr1024", pytest.param("base64", marks=pytest.mark.slow),
-    pytest.param("sr256", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "stage",
+    [
+        "sr1024",
+        pytest.param("base64", marks=pytest.mark.slow),
+        pytest.param("sr256", marks=pytest.mark.slow),
+    ],
+)
 def test_remat_matches_no_remat(stage):
   out0, g0 = _loss_and_grad(stage, remat=False)
   out1, g1 = _loss_and_grad(stage, remat=True)
@@ -173,7 +187,7 @@ def test_bfloat16_forward_is_finite_and_close():
     cfg.dtype = dtype
     model = unet.build_model(cfg)
     params = _random_params(model, batch)
-    outs.append(np.asarray(jax.jit(lambda p: model.apply(p, **batch))(params)))
+    outs.append(np.asarray(jax.jit(lambda p, model=model: model.apply(p, **batch))(params)))
   assert np.isfinite(outs[1]).all()
   scale = np.abs(outs[0]).max()
   assert np.abs(outs[1] - outs[0]).max() < 0.1 * scale
@@ -201,11 +215,23 @@ def test_init_compiles_and_is_finite():
 def test_sharded_init_and_apply_with_activation_constraints(stage):
   """Params sharded over a (data=2, fsdp=4) mesh; activations constrained by local rules."""
   from jax.sharding import AxisType
+
   from imagen_jax.parallel import sharding
-  rules = [("batch", "data"), ("embed", "fsdp"), ("conv_out", "fsdp"),
-           ("text_embed", "fsdp"), ("mlp", None), ("heads", None), ("kv", None),
-           ("conv_in", None), ("text_len", None), ("norm", None), ("height", None),
-           ("width", None)]
+
+  rules = [
+      ("batch", "data"),
+      ("embed", "fsdp"),
+      ("conv_out", "fsdp"),
+      ("text_embed", "fsdp"),
+      ("mlp", None),
+      ("heads", None),
+      ("kv", None),
+      ("conv_in", None),
+      ("text_len", None),
+      ("norm", None),
+      ("height", None),
+      ("width", None),
+  ]
   mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
   cfg = presets.get_model_config(stage, "tiny")
   model = unet.build_model(cfg)
@@ -214,8 +240,9 @@ def test_sharded_init_and_apply_with_activation_constraints(stage):
   abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), **batch))
   shardings = sharding.to_named(sharding.mesh_specs(abstract, mesh, rules), mesh)
   with jax.set_mesh(mesh):
-    params = jax.jit(lambda: nn.meta.unbox(model.init(jax.random.key(0), **batch)),
-                     out_shardings=shardings)()
+    params = jax.jit(
+        lambda: nn.meta.unbox(model.init(jax.random.key(0), **batch)), out_shardings=shardings
+    )()
     with nn.logical_axis_rules(rules):
       out = jax.jit(lambda p: model.apply(p, **batch))(params)
   assert out.shape == batch["x_t"].shape and np.isfinite(np.asarray(out)).all()
@@ -234,13 +261,15 @@ def test_text_positions_make_the_text_pathway_order_aware(stage):
     _, batch = _variants(cfg)
     text, mask = batch["text_emb"][:1], batch["text_mask"][:1]
     order = jnp.array([2, 0, 1, 3, 4])  # the 3 real tokens rotated; the 2 masked ones kept
-    junk = text.at[:, 3:].set(50.0)     # other values at the masked positions
+    junk = text.at[:, 3:].set(50.0)  # other values at the masked positions
     batch = {k: jnp.concatenate([v[:1]] * 3) for k, v in batch.items()}
     batch["text_emb"] = jnp.concatenate([text, text[:, order], junk])
     batch["text_mask"] = jnp.concatenate([mask, mask[:, order], mask])
     params = _random_params(model, batch)
     param_counts[positions] = sum(p.size for p in jax.tree.leaves(params))
-    outs[positions] = np.asarray(jax.jit(lambda p, b: model.apply(p, **b))(params, batch))
+    outs[positions] = np.asarray(
+        jax.jit(lambda p, b, model=model: model.apply(p, **b))(params, batch)
+    )
   for positions, o in outs.items():
     np.testing.assert_allclose(o[2], o[0], atol=1e-5, rtol=0, err_msg=f"{positions=}")
   np.testing.assert_allclose(outs[False][1], outs[False][0], atol=1e-5, rtol=0)

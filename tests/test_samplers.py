@@ -14,6 +14,7 @@ scalar per step (:func:`_reference`). The tests check three things:
   3. for the deterministic samplers, every pixel equals the exact affine map of its initial
      noise (a much sharper check than moments).
 """
+
 import math
 
 import jax
@@ -21,18 +22,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from imagen_jax.diffusion import guidance as G
 from imagen_jax.diffusion import samplers as SM
 from imagen_jax.diffusion.schedules import alpha_sigma, get_schedule
 
-MU, S = 0.2, 0.25                 # |x0| > 1 is 3.2 std away; irrelevant anyway: threshold="none"
-SHAPE = (64, 16, 16, 3)           # n = 49152 iid pixels (the analytic denoiser is elementwise)
+MU, S = 0.2, 0.25  # |x0| > 1 is 3.2 std away; irrelevant anyway: threshold="none"
+SHAPE = (64, 16, 16, 3)  # n = 49152 iid pixels (the analytic denoiser is elementwise)
 N_PIX = math.prod(SHAPE)
 COSINE = get_schedule("cosine")
 # `sample` under jit, as users run it; the Gaussian tests share its compile cache (eta, rng,
 # noise are traced; a module-level denoiser closes over nothing).
-_jsample = jax.jit(SM.sample, static_argnums=(0,),
-                   static_argnames=("sampler", "num_steps", "schedule", "threshold", "percentile"))
+_jsample = jax.jit(
+    SM.sample,
+    static_argnums=(0,),
+    static_argnames=("sampler", "num_steps", "schedule", "threshold", "percentile"),
+)
 
 
 def gaussian_denoiser(z_t, logsnr, cond):
@@ -53,7 +56,7 @@ def _lambda_grid(schedule, num_steps):
     b = math.atan(math.exp(-20.0 / 2))
     a = math.atan(math.exp(20.0 / 2)) - b
     return -2.0 * np.log(np.tan(b + a * t))
-  g = 0.1 * t + 0.5 * (0.02 - 1e-4) * 1000 * t**2            # -log alpha_bar, linear beta
+  g = 0.1 * t + 0.5 * (0.02 - 1e-4) * 1000 * t**2  # -log alpha_bar, linear beta
   with np.errstate(divide="ignore"):
     return np.minimum(-np.log(np.expm1(g)), 20.0)
 
@@ -69,16 +72,16 @@ def _reference(sampler, num_steps, eta=0.0, schedule="cosine"):
   lam = _lambda_grid(schedule, num_steps)
   al, si = np.sqrt(1 / (1 + np.exp(-lam))), np.sqrt(1 / (1 + np.exp(lam)))
   k = al * S * S / (al * al * S * S + si * si)
-  coef, var, coef_prev = 1.0, 0.0, 0.0        # y_t = coef * xi0 + N(0, var)
+  coef, var, coef_prev = 1.0, 0.0, 0.0  # y_t = coef * xi0 + N(0, var)
   for i in range(num_steps - 1):
     s_, t_ = i + 1, i
     c = 1.0 - math.exp(lam[t_] - lam[s_])
-    eps_gain = (1.0 - al[t_] * k[t_]) / si[t_]          # eps_hat = eps_gain * y_t
+    eps_gain = (1.0 - al[t_] * k[t_]) / si[t_]  # eps_hat = eps_gain * y_t
     if sampler in ("ddim", "ddpm"):
       e = 1.0 if sampler == "ddpm" else eta
       gain = al[s_] * k[t_] + si[s_] * math.sqrt(1.0 - e * e * c) * eps_gain
       coef, var = gain * coef, gain * gain * var + e * e * si[s_] ** 2 * c
-    else:                                               # DPM-Solver++(2M)
+    else:  # DPM-Solver++(2M)
       h = 0.5 * (lam[s_] - lam[t_])
       kk = 0.0 if i == 0 else 0.5 * h / (0.5 * (lam[t_] - lam[t_ - 1]))
       d_now, d_prev = (1 + kk) * k[t_] * coef, kk * k[t_ - 1] * coef_prev if i else 0.0
@@ -91,8 +94,12 @@ def _reference(sampler, num_steps, eta=0.0, schedule="cosine"):
 # the exact recursion gives for the uniform-t cosine grid (-0.7%, -2.6%, -1.2%, -6.0%), rounded
 # up: DDPM and DDIM are first order (error halves when steps double; DDPM also drops the
 # Var(x0 | z_t) term of the true reverse kernel), DPM-Solver++(2M) is second order.
-CASES = [("ddpm", 1000, 0.0, 0.01, "cosine"), ("ddim", 100, 0.0, 0.03, "cosine"),
-         ("dpmpp_2m", 25, 0.0, 0.015, "cosine"), ("ddim", 100, 1.0, 0.07, "cosine")]
+CASES = [
+    ("ddpm", 1000, 0.0, 0.01, "cosine"),
+    ("ddim", 100, 0.0, 0.03, "cosine"),
+    ("dpmpp_2m", 25, 0.0, 0.015, "cosine"),
+    ("ddim", 100, 1.0, 0.07, "cosine"),
+]
 
 
 @pytest.mark.parametrize("sampler,num_steps,eta,budget,schedule", CASES)
@@ -101,10 +108,20 @@ def test_gaussian_data_moments(sampler, num_steps, eta, budget, schedule):
   std_exact = math.sqrt(coef * coef + var)
   assert abs(std_exact / S - 1.0) < budget, f"discretisation error {std_exact / S - 1:.4f}"
   noise = _noise()
-  out = np.asarray(_jsample(gaussian_denoiser, None, noise, jax.random.PRNGKey(1),
-                            sampler=sampler, num_steps=num_steps,
-                            schedule=get_schedule(schedule), eta=eta, threshold="none"),
-                   np.float64)
+  out = np.asarray(
+      _jsample(
+          gaussian_denoiser,
+          None,
+          noise,
+          jax.random.PRNGKey(1),
+          sampler=sampler,
+          num_steps=num_steps,
+          schedule=get_schedule(schedule),
+          eta=eta,
+          threshold="none",
+      ),
+      np.float64,
+  )
   assert out.shape == SHAPE and np.all(np.isfinite(out))
   # The mean is exact for every sampler here (each step maps E[z] = alpha MU to alpha MU); the
   # only offset is the prior's alpha(t_max) MU ~ 1e-5.
@@ -118,7 +135,10 @@ def test_gaussian_data_moments(sampler, num_steps, eta, budget, schedule):
     _assert_exact_affine_map(out, noise, coef, num_steps, alpha_max)
 
 
-def _assert_exact_affine_map(out, noise, coef, num_steps, alpha0=math.exp(-10.0)):
+ALPHA_T_MAX = math.exp(-10.0)  # alpha(t_max) of the cosine schedule at logsnr -20
+
+
+def _assert_exact_affine_map(out, noise, coef, num_steps, alpha0=ALPHA_T_MAX):
   """Deterministic samplers: every pixel is MU + coef * (noise - alpha(t_max) MU)."""
   ref = MU + coef * (np.asarray(noise, np.float64) - alpha0 * MU)
   # float32: the first x0_hat at logsnr = -20 divides by alpha = 4.5e-5, so it carries ~1e-3
@@ -135,10 +155,18 @@ def test_dpmpp_exact_affine_map(schedule, num_steps):
   # schedule's last network call is at logsnr 3.9 (t = 0.04), so 25 steps give std 13% low;
   # that is discretisation, which this test does not judge (see the module docstring).
   noise = _noise(2)[:8]
-  out = SM.sample(gaussian_denoiser, None, noise, None, sampler="dpmpp_2m",
-                  num_steps=num_steps, schedule=schedule, threshold="none")
+  out = SM.sample(
+      gaussian_denoiser,
+      None,
+      noise,
+      None,
+      sampler="dpmpp_2m",
+      num_steps=num_steps,
+      schedule=schedule,
+      threshold="none",
+  )
   coef, var = _reference("dpmpp_2m", num_steps, schedule=schedule)
-  assert var == 0.0 and abs(coef / S - 1) > 0.05        # visibly off, but exactly so
+  assert var == 0.0 and abs(coef / S - 1) > 0.05  # visibly off, but exactly so
   alpha_max = math.sqrt(1 / (1 + math.exp(-_lambda_grid(schedule, 1)[0])))
   _assert_exact_affine_map(np.asarray(out), noise, coef, num_steps, alpha_max)
 
@@ -166,7 +194,7 @@ def test_ddpm_equals_ddim_eta1_and_gamma_adds_variance():
   ddim1 = _jsample(gaussian_denoiser, None, noise, key, sampler="ddim", eta=1.0, **kw)
   np.testing.assert_allclose(cold, ddim1, atol=1e-5)
   hot = _jsample(gaussian_denoiser, None, noise, key, sampler="ddpm", gamma=1.0, **kw)
-  assert float(jnp.std(hot)) > float(jnp.std(cold)) + 0.01   # forward variance > posterior
+  assert float(jnp.std(hot)) > float(jnp.std(cold)) + 0.01  # forward variance > posterior
   with pytest.raises(ValueError, match="pass a PRNG key"):
     SM.sample(gaussian_denoiser, None, noise, None, sampler="ddpm", **kw)
 
@@ -181,10 +209,23 @@ def test_thresholding_applied_every_step_and_output_in_range():
     return sigma * (z_t - alpha * mu) / (alpha * alpha * s * s + sigma * sigma)
 
   noise = _noise(6)[:4]
-  for sampler, mode in [("ddpm", "dynamic"), ("ddim", "dynamic"), ("dpmpp_2m", "dynamic"),
-                        ("dpmpp_2m", "static")]:
-    out = SM.sample(big_denoiser, None, noise, jax.random.PRNGKey(0), sampler=sampler,
-                    num_steps=10, schedule=COSINE, threshold=mode, eta=0.5)
+  for sampler, mode in [
+      ("ddpm", "dynamic"),
+      ("ddim", "dynamic"),
+      ("dpmpp_2m", "dynamic"),
+      ("dpmpp_2m", "static"),
+  ]:
+    out = SM.sample(
+        big_denoiser,
+        None,
+        noise,
+        jax.random.PRNGKey(0),
+        sampler=sampler,
+        num_steps=10,
+        schedule=COSINE,
+        threshold=mode,
+        eta=0.5,
+    )
     assert float(jnp.max(jnp.abs(out))) <= 1.0 + 1e-6, (mode, sampler)
     # The output is the last thresholded x0_hat. Static clipping saturates most pixels of
     # N(3, 2^2) at +1; dynamic thresholding at p = 99.5 rescales, so only the ~0.5% of pixels
@@ -201,25 +242,54 @@ def test_one_scan_compile_and_jit_compatibility():
   calls = {"n": 0}
 
   def counting(z_t, logsnr, cond):
-    calls["n"] += 1                                  # Python side effect: counts traces
+    calls["n"] += 1  # Python side effect: counts traces
     return gaussian_denoiser(z_t, logsnr, cond)
 
-  eager = SM.sample(counting, None, noise, jax.random.PRNGKey(0), sampler="ddim", num_steps=37,
-                    schedule=COSINE, threshold="dynamic")
+  eager = SM.sample(
+      counting,
+      None,
+      noise,
+      jax.random.PRNGKey(0),
+      sampler="ddim",
+      num_steps=37,
+      schedule=COSINE,
+      threshold="dynamic",
+  )
   assert calls["n"] == 1, "the reverse loop must be one lax.scan (one trace of the network)"
 
   # denoise_fn itself jitted.
-  out1 = SM.sample(jax.jit(gaussian_denoiser), None, noise, jax.random.PRNGKey(0),
-                   sampler="ddim", num_steps=37, schedule="cosine", threshold="dynamic")
+  out1 = SM.sample(
+      jax.jit(gaussian_denoiser),
+      None,
+      noise,
+      jax.random.PRNGKey(0),
+      sampler="ddim",
+      num_steps=37,
+      schedule="cosine",
+      threshold="dynamic",
+  )
   np.testing.assert_allclose(out1, eager, atol=1e-5)
   # sample itself jitted with static sampler / num_steps / schedule / threshold / percentile;
   # eta, t_min and t_max traced.
-  jsample = jax.jit(SM.sample, static_argnums=(0,),
-                    static_argnames=("sampler", "num_steps", "schedule", "threshold",
-                                     "percentile"))
-  out2 = jsample(gaussian_denoiser, None, noise, jax.random.PRNGKey(0), sampler="ddim",
-                 num_steps=37, schedule=COSINE, threshold="dynamic", percentile=99.5,
-                 eta=jnp.float32(0.0), t_min=jnp.float32(0.0), t_max=jnp.float32(1.0))
+  jsample = jax.jit(
+      SM.sample,
+      static_argnums=(0,),
+      static_argnames=("sampler", "num_steps", "schedule", "threshold", "percentile"),
+  )
+  out2 = jsample(
+      gaussian_denoiser,
+      None,
+      noise,
+      jax.random.PRNGKey(0),
+      sampler="ddim",
+      num_steps=37,
+      schedule=COSINE,
+      threshold="dynamic",
+      percentile=99.5,
+      eta=jnp.float32(0.0),
+      t_min=jnp.float32(0.0),
+      t_max=jnp.float32(1.0),
+  )
   np.testing.assert_allclose(out2, eager, atol=1e-5)
 
 
@@ -232,8 +302,16 @@ def test_cond_is_passed_through_and_logsnr_is_per_example():
 
   noise = _noise(8)[:3]
   # rng may be None for the deterministic samplers.
-  SM.sample(net, {"bias": jnp.zeros(3)}, noise, None, sampler="dpmpp_2m", num_steps=3,
-            schedule="linear_beta", threshold="static")
+  SM.sample(
+      net,
+      {"bias": jnp.zeros(3)},
+      noise,
+      None,
+      sampler="dpmpp_2m",
+      num_steps=3,
+      schedule="linear_beta",
+      threshold="static",
+  )
   assert seen["logsnr_shape"] == (3,)
   assert set(seen["cond"]) == {"bias"}
 
@@ -244,17 +322,45 @@ def test_sample_errors():
   with pytest.raises(ValueError, match="unknown sampler 'euler'.*ddpm"):
     SM.sample(gaussian_denoiser, None, noise, jax.random.PRNGKey(0), sampler="euler", **kw)
   with pytest.raises(ValueError, match="num_steps must be a static int >= 1, got 0"):
-    SM.sample(gaussian_denoiser, None, noise, jax.random.PRNGKey(0), sampler="ddim",
-              num_steps=0, schedule=COSINE)
+    SM.sample(
+        gaussian_denoiser,
+        None,
+        noise,
+        jax.random.PRNGKey(0),
+        sampler="ddim",
+        num_steps=0,
+        schedule=COSINE,
+    )
   with pytest.raises(ValueError, match="unknown threshold mode 'clip'"):
-    SM.sample(gaussian_denoiser, None, noise, jax.random.PRNGKey(0), sampler="ddim",
-              threshold="clip", **kw)
+    SM.sample(
+        gaussian_denoiser,
+        None,
+        noise,
+        jax.random.PRNGKey(0),
+        sampler="ddim",
+        threshold="clip",
+        **kw,
+    )
   with pytest.raises(ValueError, match=r"percentile must be in \(0, 100\].*got 100.5"):
-    SM.sample(gaussian_denoiser, None, noise, jax.random.PRNGKey(0), sampler="ddim",
-              percentile=100.5, **kw)
+    SM.sample(
+        gaussian_denoiser,
+        None,
+        noise,
+        jax.random.PRNGKey(0),
+        sampler="ddim",
+        percentile=100.5,
+        **kw,
+    )
   with pytest.raises(ValueError, match="eta must be in"):
-    SM.sample(gaussian_denoiser, None, noise, jax.random.PRNGKey(0), sampler="ddim",
-              eta=1.5, **kw)
+    SM.sample(gaussian_denoiser, None, noise, jax.random.PRNGKey(0), sampler="ddim", eta=1.5, **kw)
   with pytest.raises(ValueError, match="t_min=0.5, t_max=0.2"):
-    SM.sample(gaussian_denoiser, None, noise, jax.random.PRNGKey(0), sampler="ddim",
-              t_min=0.5, t_max=0.2, **kw)
+    SM.sample(
+        gaussian_denoiser,
+        None,
+        noise,
+        jax.random.PRNGKey(0),
+        sampler="ddim",
+        t_min=0.5,
+        t_max=0.2,
+        **kw,
+    )

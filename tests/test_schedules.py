@@ -1,4 +1,5 @@
 """Closed-form checks of the noise schedules (imagen_jax/diffusion/schedules.py)."""
+
 import math
 
 import jax
@@ -16,7 +17,7 @@ def test_alpha_sigma_unit_norm_and_logsnr(logsnr):
   alpha, sigma = S.alpha_sigma(jnp.float32(logsnr))
   assert alpha.dtype == jnp.float32 and sigma.dtype == jnp.float32
   np.testing.assert_allclose(alpha**2 + sigma**2, 1.0, atol=1e-6)
-  assert float(alpha) > 0 and float(sigma) > 0          # no underflow to exactly 0
+  assert float(alpha) > 0 and float(sigma) > 0  # no underflow to exactly 0
   # logsnr = log(alpha^2 / sigma^2), checked in float64 from the float32 outputs.
   a, s = float(alpha), float(sigma)
   np.testing.assert_allclose(math.log(a * a / (s * s)), logsnr, atol=1e-3 + 1e-5 * abs(logsnr))
@@ -66,7 +67,8 @@ def test_linear_beta_matches_discrete_ddpm_schedule():
   # below 0.1 everywhere (and is ~0.07 at t = 1).
   np.testing.assert_allclose(cont, discrete, atol=0.1)
   assert float(S.linear_beta_logsnr(jnp.float32(1.0))) == pytest.approx(
-      -(0.1 + 0.5 * (0.02 - 1e-4) * 1000) - math.log1p(-math.exp(-10.05)), abs=1e-4)
+      -(0.1 + 0.5 * (0.02 - 1e-4) * 1000) - math.log1p(-math.exp(-10.05)), abs=1e-4
+  )
 
 
 def test_linear_beta_closed_form_monotone_inverse():
@@ -76,24 +78,27 @@ def test_linear_beta_closed_form_monotone_inverse():
     ref = np.minimum(-np.log(np.expm1(g)), 20.0)
   got = np.asarray(S.linear_beta_logsnr(T_GRID))
   np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
-  assert got[0] == 20.0                                       # clipped logsnr_max at t = 0
+  assert got[0] == 20.0  # clipped logsnr_max at t = 0
   assert np.all(np.diff(got) < 0)
   t_back = np.asarray(S.linear_beta_t(got))
   np.testing.assert_allclose(t_back[1:], T_GRID[1:], atol=2e-6, rtol=2e-6)
-  assert float(S.linear_beta_t(jnp.float32(20.0))) < 1e-7     # t where the clip starts
+  assert float(S.linear_beta_t(jnp.float32(20.0))) < 1e-7  # t where the clip starts
 
 
 def test_linear_beta_small_t_no_cancellation():
   # For tiny t, logsnr ~ -log(0.1 t); a naive log(alpha_bar/(1-alpha_bar)) in float32 fails here.
   t = jnp.asarray([1e-6, 1e-5, 1e-4], jnp.float32)
-  np.testing.assert_allclose(S.linear_beta_logsnr(t), -np.log(np.expm1(0.1 * np.asarray(
-      t, np.float64) + 9.95 * np.asarray(t, np.float64)**2)), rtol=1e-5)
+  np.testing.assert_allclose(
+      S.linear_beta_logsnr(t),
+      -np.log(np.expm1(0.1 * np.asarray(t, np.float64) + 9.95 * np.asarray(t, np.float64) ** 2)),
+      rtol=1e-5,
+  )
   np.testing.assert_allclose(S.linear_beta_t(S.linear_beta_logsnr(t)), t, rtol=1e-4)
 
 
 def test_get_schedule_and_errors():
   sched = S.get_schedule("cosine", logsnr_min=-10.0)
-  assert sched is S.get_schedule("cosine", logsnr_min=-10.0)   # cached: a stable jit static arg
+  assert sched is S.get_schedule("cosine", logsnr_min=-10.0)  # cached: a stable jit static arg
   assert float(sched.logsnr_fn(jnp.float32(1.0))) == pytest.approx(-10.0, abs=1e-5)
   lb = S.get_schedule("linear_beta")
   np.testing.assert_allclose(lb.t_fn(lb.logsnr_fn(jnp.float32(0.3))), 0.3, atol=1e-6)

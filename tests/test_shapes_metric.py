@@ -1,4 +1,5 @@
 """The shapes alignment metric: exact on the dataset's own images, near chance on noise."""
+
 import numpy as np
 import pytest
 
@@ -9,85 +10,96 @@ N = 120
 
 
 def dataset(resolution, n=N, split="test", seed=11):
-    images, attrs, held, captions = [], [], [], []
-    for i in range(n):
-        ex = shapes.make_example(seed, split, i, resolution)
-        images.append(np.asarray(ex["image"]))
-        attrs.append(shapes.attributes_from_example(ex))
-        held.append(ex["held_out"])
-        captions.append(ex["caption"])
-    return images, attrs, held, captions
+  images, attrs, held, captions = [], [], [], []
+  for i in range(n):
+    ex = shapes.make_example(seed, split, i, resolution)
+    images.append(np.asarray(ex["image"]))
+    attrs.append(shapes.attributes_from_example(ex))
+    held.append(ex["held_out"])
+    captions.append(ex["caption"])
+  return images, attrs, held, captions
 
 
 @pytest.mark.parametrize("resolution", [32, 64])
 def test_dataset_images_score_at_least_098(resolution):
-    images, attrs, held, _ = dataset(resolution)
-    result = sm.score_images(images, attrs, held_out=held)
-    for attr in sm.ATTRIBUTES:
-        assert result["mean"][attr] >= 0.98, (attr, result["mean"])
-    assert 0 < result["num_held_out"] < N
-    assert result["held_out"]["color"] >= 0.98 and result["seen"]["shape"] >= 0.98
+  images, attrs, held, _ = dataset(resolution)
+  result = sm.score_images(images, attrs, held_out=held)
+  for attr in sm.ATTRIBUTES:
+    assert result["mean"][attr] >= 0.98, (attr, result["mean"])
+  assert 0 < result["num_held_out"] < N
+  assert result["held_out"]["color"] >= 0.98 and result["seen"]["shape"] >= 0.98
 
 
 def test_float_images_in_minus_one_one_score_the_same():
-    images, attrs, _, _ = dataset(32, n=30)
-    floats = [img.astype(np.float32) / 127.5 - 1.0 for img in images]
-    assert sm.score_images(floats, attrs)["mean"] == sm.score_images(images, attrs)["mean"]
+  images, attrs, _, _ = dataset(32, n=30)
+  floats = [img.astype(np.float32) / 127.5 - 1.0 for img in images]
+  assert sm.score_images(floats, attrs)["mean"] == sm.score_images(images, attrs)["mean"]
 
 
 def test_mildly_blurred_noisy_images_still_score_high():
-    # Generated images are never exact: a little blur and noise must not break the recovery.
-    import scipy.ndimage
+  # Generated images are never exact: a little blur and noise must not break the recovery.
+  import scipy.ndimage
 
-    images, attrs, _, _ = dataset(32, n=60)
-    rng = np.random.default_rng(0)
-    degraded = [np.clip(scipy.ndimage.gaussian_filter(img / 127.5 - 1.0, (0.5, 0.5, 0))
-                        + 0.05 * rng.normal(size=img.shape), -1, 1) for img in images]
-    mean = sm.score_images(degraded, attrs)["mean"]
-    assert min(mean["color"], mean["shape"], mean["size"], mean["position"]) >= 0.95, mean
+  images, attrs, _, _ = dataset(32, n=60)
+  rng = np.random.default_rng(0)
+  degraded = [
+      np.clip(
+          scipy.ndimage.gaussian_filter(img / 127.5 - 1.0, (0.5, 0.5, 0))
+          + 0.05 * rng.normal(size=img.shape),
+          -1,
+          1,
+      )
+      for img in images
+  ]
+  mean = sm.score_images(degraded, attrs)["mean"]
+  assert min(mean["color"], mean["shape"], mean["size"], mean["position"]) >= 0.95, mean
 
 
 @pytest.mark.parametrize("kind", ["uniform", "gaussian"])
 def test_noise_scores_near_or_below_chance(kind):
-    images, attrs, _, _ = dataset(32, n=80)
-    rng = np.random.default_rng(1)
-    if kind == "uniform":
-        noise = rng.integers(0, 256, (80, 32, 32, 3)).astype(np.uint8)
-    else:
-        noise = np.clip(rng.normal(size=(80, 32, 32, 3)), -1, 1).astype(np.float32)
-    mean = sm.score_images(list(noise), attrs)["mean"]
-    for attr, chance in sm.CHANCE.items():
-        assert mean[attr] <= chance + 0.1, (attr, mean[attr], chance)
-    assert mean["exact"] <= 0.02
+  images, attrs, _, _ = dataset(32, n=80)
+  rng = np.random.default_rng(1)
+  if kind == "uniform":
+    noise = rng.integers(0, 256, (80, 32, 32, 3)).astype(np.uint8)
+  else:
+    noise = np.clip(rng.normal(size=(80, 32, 32, 3)), -1, 1).astype(np.float32)
+  mean = sm.score_images(list(noise), attrs)["mean"]
+  for attr, chance in sm.CHANCE.items():
+    assert mean[attr] <= chance + 0.1, (attr, mean[attr], chance)
+  assert mean["exact"] <= 0.02
 
 
 def test_wrong_attributes_are_caught():
-    ex = shapes.make_example(0, "train", 0, 32)
-    attrs = shapes.attributes_from_example(ex)
-    wrong = dict(attrs, color=[(c + 1) % 6 for c in attrs["color"]])
-    assert sm.score_example(np.asarray(ex["image"]), wrong)["color"] == 0.0
-    wrong = dict(attrs, shape=[(s + 1) % 3 for s in attrs["shape"]])
-    assert sm.score_example(np.asarray(ex["image"]), wrong)["shape"] == 0.0
-    blank = np.zeros((32, 32, 3), np.uint8)
-    assert sm.score_example(blank, attrs) == {a: 0.0 for a in sm.ATTRIBUTES}
+  ex = shapes.make_example(0, "train", 0, 32)
+  attrs = shapes.attributes_from_example(ex)
+  wrong = dict(attrs, color=[(c + 1) % 6 for c in attrs["color"]])
+  assert sm.score_example(np.asarray(ex["image"]), wrong)["color"] == 0.0
+  wrong = dict(attrs, shape=[(s + 1) % 3 for s in attrs["shape"]])
+  assert sm.score_example(np.asarray(ex["image"]), wrong)["shape"] == 0.0
+  blank = np.zeros((32, 32, 3), np.uint8)
+  assert sm.score_example(blank, attrs) == {a: 0.0 for a in sm.ATTRIBUTES}
 
 
 def test_swapped_relation_scores_zero_position_but_full_objects():
-    objs = [dict(color=0, shape=0, size=1, position=3), dict(color=4, shape=1, size=0, position=4)]
-    image = shapes.render(objs, 32)  # red circle above blue square
-    attrs = sm.parse_caption("a large red circle below a small blue square")
-    scores = sm.score_example(image, attrs)
-    assert scores["position"] == 0.0
-    assert scores["color"] == scores["shape"] == scores["size"] == 1.0
-    assert sm.score_example(image, sm.parse_caption(
-        "a large red circle above a small blue square"))["exact"] == 1.0
+  objs = [dict(color=0, shape=0, size=1, position=3), dict(color=4, shape=1, size=0, position=4)]
+  image = shapes.render(objs, 32)  # red circle above blue square
+  attrs = sm.parse_caption("a large red circle below a small blue square")
+  scores = sm.score_example(image, attrs)
+  assert scores["position"] == 0.0
+  assert scores["color"] == scores["shape"] == scores["size"] == 1.0
+  assert (
+      sm.score_example(image, sm.parse_caption("a large red circle above a small blue square"))[
+          "exact"
+      ]
+      == 1.0
+  )
 
 
 def test_parse_caption_inverts_the_grammar():
-    _, attrs, _, captions = dataset(32, n=50)
-    for caption, attr in zip(captions, attrs):
-        assert sm.parse_caption(caption) == attr
-    with pytest.raises(ValueError, match="not in the shapes grammar"):
-        sm.parse_caption("a dog on a skateboard")
-    with pytest.raises(ValueError, match="'pink'"):
-        sm.parse_caption("a small pink circle on the left")
+  _, attrs, _, captions = dataset(32, n=50)
+  for caption, attr in zip(captions, attrs):
+    assert sm.parse_caption(caption) == attr
+  with pytest.raises(ValueError, match="not in the shapes grammar"):
+    sm.parse_caption("a dog on a skateboard")
+  with pytest.raises(ValueError, match="'pink'"):
+    sm.parse_caption("a small pink circle on the left")

@@ -23,6 +23,7 @@ Rendering: coverage of each shape is computed on a 4x supersampled grid and box-
 (the same anti-aliasing as drawing at 4x and box-downsampling), then alpha-composited.
 Every example is a pure function of (seed, split, index), so builds are reproducible.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -75,200 +76,216 @@ def shape_coverage(
     supersample: int = SUPERSAMPLE,
     origin_xy: tuple[int, int] = (0, 0),
 ) -> np.ndarray:
-    """Anti-aliased coverage in [0, 1] of one shape on a pixel grid.
+  """Anti-aliased coverage in [0, 1] of one shape on a pixel grid.
 
-    Args:
-      kind: index into `SHAPE_NAMES`.
-      center_xy: centre of the shape's bounding box, in pixels (pixel (i, j) spans
-        [j, j+1] x [i, i+1]).
-      box: side of the bounding box in pixels.
-      height, width: size of the returned window.
-      supersample: samples per pixel side (coverage = box average of the samples).
-      origin_xy: pixel coordinates of the window's top-left corner (lets the metric render a
-        template on a crop only).
+  Args:
+    kind: index into `SHAPE_NAMES`.
+    center_xy: centre of the shape's bounding box, in pixels (pixel (i, j) spans
+      [j, j+1] x [i, i+1]).
+    box: side of the bounding box in pixels.
+    height, width: size of the returned window.
+    supersample: samples per pixel side (coverage = box average of the samples).
+    origin_xy: pixel coordinates of the window's top-left corner (lets the metric render a
+      template on a crop only).
 
-    Returns:
-      float32 [height, width].
-    """
-    s = supersample
-    xs = origin_xy[0] + (np.arange(width * s, dtype=np.float32) + 0.5) / s
-    ys = origin_xy[1] + (np.arange(height * s, dtype=np.float32) + 0.5) / s
-    dx = xs[None, :] - center_xy[0]
-    dy = ys[:, None] - center_xy[1]
-    half = box / 2.0
-    if kind == 0:  # circle of diameter `box`
-        inside = dx * dx + dy * dy <= half * half
-    elif kind == 1:  # axis-aligned square
-        inside = (np.abs(dx) <= half) & (np.abs(dy) <= half)
-    elif kind == 2:  # isosceles triangle, apex up, base = height = box
-        # |dx| <= half * (dy + half) / box  for dy in [-half, half]
-        inside = (dy <= half) & (np.abs(dx) * 2.0 <= dy + half)
-    else:
-        raise ValueError(f"shape kind {kind!r} is not one of 0..{len(SHAPE_NAMES) - 1} {SHAPE_NAMES}")
-    return inside.reshape(height, s, width, s).mean(axis=(1, 3), dtype=np.float32)
+  Returns:
+    float32 [height, width].
+  """
+  s = supersample
+  xs = origin_xy[0] + (np.arange(width * s, dtype=np.float32) + 0.5) / s
+  ys = origin_xy[1] + (np.arange(height * s, dtype=np.float32) + 0.5) / s
+  dx = xs[None, :] - center_xy[0]
+  dy = ys[:, None] - center_xy[1]
+  half = box / 2.0
+  if kind == 0:  # circle of diameter `box`
+    inside = dx * dx + dy * dy <= half * half
+  elif kind == 1:  # axis-aligned square
+    inside = (np.abs(dx) <= half) & (np.abs(dy) <= half)
+  elif kind == 2:  # isosceles triangle, apex up, base = height = box
+    # |dx| <= half * (dy + half) / box  for dy in [-half, half]
+    inside = (dy <= half) & (np.abs(dx) * 2.0 <= dy + half)
+  else:
+    raise ValueError(f"shape kind {kind!r} is not one of 0..{len(SHAPE_NAMES) - 1} {SHAPE_NAMES}")
+  return inside.reshape(height, s, width, s).mean(axis=(1, 3), dtype=np.float32)
 
 
 def render(objects: list[dict], resolution: int) -> np.ndarray:
-    """Draws objects (dicts with `color`, `shape`, `size`, `position` ids) -> uint8 [R, R, 3]."""
-    image = np.broadcast_to(BACKGROUND, (resolution, resolution, 3)).astype(np.float32)
-    for obj in objects:
-        cx, cy = POSITION_CENTERS[obj["position"]]
-        cx, cy, box = cx * resolution, cy * resolution, SIZE_FRACTIONS[obj["size"]] * resolution
-        # Only the shape's bounding box (+1 pixel) can be covered: render that window alone
-        # (at 1024 the full 4x grid would be 4096^2 per shape).
-        x0, y0 = max(int(np.floor(cx - box / 2)) - 1, 0), max(int(np.floor(cy - box / 2)) - 1, 0)
-        x1 = min(int(np.ceil(cx + box / 2)) + 1, resolution)
-        y1 = min(int(np.ceil(cy + box / 2)) + 1, resolution)
-        alpha = shape_coverage(obj["shape"], (cx, cy), box, y1 - y0, x1 - x0, origin_xy=(x0, y0))
-        win = image[y0:y1, x0:x1]
-        image[y0:y1, x0:x1] = win * (1.0 - alpha[..., None]) + PALETTE[obj["color"]] * alpha[..., None]
-    return np.clip(np.round(image), 0, 255).astype(np.uint8)
+  """Draws objects (dicts with `color`, `shape`, `size`, `position` ids) -> uint8 [R, R, 3]."""
+  image = np.broadcast_to(BACKGROUND, (resolution, resolution, 3)).astype(np.float32)
+  for obj in objects:
+    cx, cy = POSITION_CENTERS[obj["position"]]
+    cx, cy, box = cx * resolution, cy * resolution, SIZE_FRACTIONS[obj["size"]] * resolution
+    # Only the shape's bounding box (+1 pixel) can be covered: render that window alone
+    # (at 1024 the full 4x grid would be 4096^2 per shape).
+    x0, y0 = max(int(np.floor(cx - box / 2)) - 1, 0), max(int(np.floor(cy - box / 2)) - 1, 0)
+    x1 = min(int(np.ceil(cx + box / 2)) + 1, resolution)
+    y1 = min(int(np.ceil(cy + box / 2)) + 1, resolution)
+    alpha = shape_coverage(obj["shape"], (cx, cy), box, y1 - y0, x1 - x0, origin_xy=(x0, y0))
+    win = image[y0:y1, x0:x1]
+    image[y0:y1, x0:x1] = win * (1.0 - alpha[..., None]) + PALETTE[obj["color"]] * alpha[..., None]
+  return np.clip(np.round(image), 0, 255).astype(np.uint8)
 
 
 def object_phrase(obj: dict) -> str:
-    return f"a {SIZE_NAMES[obj['size']]} {COLOR_NAMES[obj['color']]} {SHAPE_NAMES[obj['shape']]}"
+  return f"a {SIZE_NAMES[obj['size']]} {COLOR_NAMES[obj['color']]} {SHAPE_NAMES[obj['shape']]}"
 
 
 def caption_for(objects: list[dict], relation: int) -> str:
-    """The grammar: one object + position phrase, or two objects joined by a relation."""
-    if len(objects) == 1:
-        return f"{object_phrase(objects[0])} {POSITION_PHRASES[objects[0]['position']]}"
-    if len(objects) == 2 and 0 <= relation < len(RELATION_NAMES):
-        return f"{object_phrase(objects[0])} {RELATION_NAMES[relation]} {object_phrase(objects[1])}"
-    raise ValueError(f"need 1 object, or 2 with a relation id in 0..3; got {len(objects)}, {relation}")
+  """The grammar: one object + position phrase, or two objects joined by a relation."""
+  if len(objects) == 1:
+    return f"{object_phrase(objects[0])} {POSITION_PHRASES[objects[0]['position']]}"
+  if len(objects) == 2 and 0 <= relation < len(RELATION_NAMES):
+    return f"{object_phrase(objects[0])} {RELATION_NAMES[relation]} {object_phrase(objects[1])}"
+  raise ValueError(
+      f"need 1 object, or 2 with a relation id in 0..3; got {len(objects)}, {relation}"
+  )
 
 
 def sample_scene(rng: np.random.Generator, *, held_out: bool | None) -> tuple[list[dict], int]:
-    """Draws (objects, relation id; -1 for one object).
+  """Draws (objects, relation id; -1 for one object).
 
-    held_out=False: no object uses a pair from `HELD_OUT_PAIRS` (train distribution).
-    held_out=True: at least one object does. None: unconstrained.
-    """
-    while True:  # rejection sampling; acceptance is >= 1/6, so this ends fast
-        num = int(rng.integers(1, MAX_OBJECTS + 1))
-        if num == 1:
-            relation = -1
-            positions = [int(rng.integers(len(POSITION_NAMES)))]
-        else:
-            relation = int(rng.integers(len(RELATION_NAMES)))
-            positions = list(RELATION_POSITIONS[relation])
-        objects = []
-        for pos in positions:
-            objects.append(dict(
-                color=int(rng.integers(len(COLOR_NAMES))),
-                shape=int(rng.integers(len(SHAPE_NAMES))),
-                size=int(rng.integers(len(SIZE_NAMES))),
-                position=pos))
-        if num == 2 and (objects[0]["color"], objects[0]["shape"]) == (
-                objects[1]["color"], objects[1]["shape"]):
-            continue  # two identical-looking objects make the caption ambiguous for the metric
-        has_held = any((o["color"], o["shape"]) in HELD_OUT_PAIRS for o in objects)
-        if held_out is None or has_held == held_out:
-            return objects, relation
+  held_out=False: no object uses a pair from `HELD_OUT_PAIRS` (train distribution).
+  held_out=True: at least one object does. None: unconstrained.
+  """
+  while True:  # rejection sampling; acceptance is >= 1/6, so this ends fast
+    num = int(rng.integers(1, MAX_OBJECTS + 1))
+    if num == 1:
+      relation = -1
+      positions = [int(rng.integers(len(POSITION_NAMES)))]
+    else:
+      relation = int(rng.integers(len(RELATION_NAMES)))
+      positions = list(RELATION_POSITIONS[relation])
+    objects = []
+    for pos in positions:
+      objects.append(
+          dict(
+              color=int(rng.integers(len(COLOR_NAMES))),
+              shape=int(rng.integers(len(SHAPE_NAMES))),
+              size=int(rng.integers(len(SIZE_NAMES))),
+              position=pos,
+          )
+      )
+    if num == 2 and (objects[0]["color"], objects[0]["shape"]) == (
+        objects[1]["color"],
+        objects[1]["shape"],
+    ):
+      continue  # two identical-looking objects make the caption ambiguous for the metric
+    has_held = any((o["color"], o["shape"]) in HELD_OUT_PAIRS for o in objects)
+    if held_out is None or has_held == held_out:
+      return objects, relation
 
 
 def scene(seed: int, split: str, index: int) -> tuple[list[dict], int, bool]:
-    """(objects, relation id, held_out) of example `index`: independent of the resolution, so
-    every resolution of a split shows the same scenes under the same captions."""
-    if split not in _SPLIT_IDS:
-        raise ValueError(f"split {split!r} is not one of {sorted(_SPLIT_IDS)}")
-    rng = np.random.default_rng([seed, _SPLIT_IDS[split], index])
-    if split == "train":
-        held = False
-    else:  # half the test examples contain a never-seen colour+kind pair
-        held = bool(rng.random() < 0.5)
-    objects, relation = sample_scene(rng, held_out=held)
-    return objects, relation, held
+  """(objects, relation id, held_out) of example `index`: independent of the resolution, so
+  every resolution of a split shows the same scenes under the same captions."""
+  if split not in _SPLIT_IDS:
+    raise ValueError(f"split {split!r} is not one of {sorted(_SPLIT_IDS)}")
+  rng = np.random.default_rng([seed, _SPLIT_IDS[split], index])
+  if split == "train":
+    held = False
+  else:  # half the test examples contain a never-seen colour+kind pair
+    held = bool(rng.random() < 0.5)
+  objects, relation = sample_scene(rng, held_out=held)
+  return objects, relation, held
 
 
 def captions(seed: int, split: str, num: int) -> list[str]:
-    """The captions of examples 0..num-1 of a split, without rendering (e.g. to precompute
-    their text embeddings once)."""
-    return [caption_for(*scene(seed, split, i)[:2]) for i in range(num)]
+  """The captions of examples 0..num-1 of a split, without rendering (e.g. to precompute
+  their text embeddings once)."""
+  return [caption_for(*scene(seed, split, i)[:2]) for i in range(num)]
 
 
 def make_example(seed: int, split: str, index: int, resolution: int) -> dict:
-    """One example as a dict of features (image as a PIL image, for TFDS's PNG encoder)."""
-    objects, relation, held = scene(seed, split, index)
-    pad = MAX_OBJECTS - len(objects)
-    field = lambda k: np.array([o[k] for o in objects] + [-1] * pad, np.int32)  # noqa: E731
-    return {
-        "image": PIL.Image.fromarray(render(objects, resolution)),
-        "caption": caption_for(objects, relation),
-        "num_objects": np.int32(len(objects)),
-        "color": field("color"),
-        "shape": field("shape"),
-        "size": field("size"),
-        "position": field("position"),
-        "relation": np.int32(relation),
-        "held_out": held,
-        "index": np.int32(index),
-    }
+  """One example as a dict of features (image as a PIL image, for TFDS's PNG encoder)."""
+  objects, relation, held = scene(seed, split, index)
+  pad = MAX_OBJECTS - len(objects)
+  field = lambda k: np.array([o[k] for o in objects] + [-1] * pad, np.int32)  # noqa: E731
+  return {
+      "image": PIL.Image.fromarray(render(objects, resolution)),
+      "caption": caption_for(objects, relation),
+      "num_objects": np.int32(len(objects)),
+      "color": field("color"),
+      "shape": field("shape"),
+      "size": field("size"),
+      "position": field("position"),
+      "relation": np.int32(relation),
+      "held_out": held,
+      "index": np.int32(index),
+  }
 
 
 def attributes_from_example(example: dict) -> dict:
-    """The scoring attributes of a decoded example (numpy values) as plain Python lists."""
-    n = int(example["num_objects"])
-    return {
-        "num_objects": n,
-        "color": [int(v) for v in np.asarray(example["color"])[:n]],
-        "shape": [int(v) for v in np.asarray(example["shape"])[:n]],
-        "size": [int(v) for v in np.asarray(example["size"])[:n]],
-        "position": [int(v) for v in np.asarray(example["position"])[:n]],
-        "relation": int(example["relation"]),
-    }
+  """The scoring attributes of a decoded example (numpy values) as plain Python lists."""
+  n = int(example["num_objects"])
+  return {
+      "num_objects": n,
+      "color": [int(v) for v in np.asarray(example["color"])[:n]],
+      "shape": [int(v) for v in np.asarray(example["shape"])[:n]],
+      "size": [int(v) for v in np.asarray(example["size"])[:n]],
+      "position": [int(v) for v in np.asarray(example["position"])[:n]],
+      "relation": int(example["relation"]),
+  }
 
 
-def read_examples(builder: tfds.core.DatasetBuilder, split: str = "test",
-                  limit: int | None = None) -> list[dict]:
-    """Decoded examples of a built split in generation order (e.g. the demo's test prompts):
-    dicts with 'image' uint8 [R, R, 3], 'caption' str, 'attributes' (for the metric),
-    'held_out' bool, 'index' int."""
-    source = builder.as_data_source()[split]
-    rows = []
-    for i in range(len(source)):
-        ex = source[i]
-        rows.append({"image": ex["image"], "caption": ex["caption"].decode("utf-8"),
-                     "attributes": attributes_from_example(ex),
-                     "held_out": bool(ex["held_out"]), "index": int(ex["index"])})
-    rows.sort(key=lambda r: r["index"])  # TFDS stores records shuffled by key
-    return rows[:limit]
+def read_examples(
+    builder: tfds.core.DatasetBuilder, split: str = "test", limit: int | None = None
+) -> list[dict]:
+  """Decoded examples of a built split in generation order (e.g. the demo's test prompts):
+  dicts with 'image' uint8 [R, R, 3], 'caption' str, 'attributes' (for the metric),
+  'held_out' bool, 'index' int."""
+  source = builder.as_data_source()[split]
+  rows = []
+  for i in range(len(source)):
+    ex = source[i]
+    rows.append(
+        {
+            "image": ex["image"],
+            "caption": ex["caption"].decode("utf-8"),
+            "attributes": attributes_from_example(ex),
+            "held_out": bool(ex["held_out"]),
+            "index": int(ex["index"]),
+        }
+    )
+  rows.sort(key=lambda r: r["index"])  # TFDS stores records shuffled by key
+  return rows[:limit]
 
 
 @dataclasses.dataclass
 class ShapesConfig(tfds.core.BuilderConfig):
-    """resolution: image side in pixels; num_train / num_test: split sizes; seed: base seed."""
-    resolution: int = 64
-    num_train: int = 20000
-    num_test: int = 500
-    seed: int = 0
+  """resolution: image side in pixels; num_train / num_test: split sizes; seed: base seed."""
+
+  resolution: int = 64
+  num_train: int = 20000
+  num_test: int = 500
+  seed: int = 0
 
 
 def config_name(resolution: int, num_train: int, num_test: int, seed: int) -> str:
-    """Default configs are `r{R}`; other sizes/seeds get their own name (own directory)."""
-    if (num_train, num_test, seed) == (ShapesConfig.num_train, ShapesConfig.num_test, 0):
-        return f"r{resolution}"
-    return f"r{resolution}_train{num_train}_test{num_test}_seed{seed}"
+  """Default configs are `r{R}`; other sizes/seeds get their own name (own directory)."""
+  if (num_train, num_test, seed) == (ShapesConfig.num_train, ShapesConfig.num_test, 0):
+    return f"r{resolution}"
+  return f"r{resolution}_train{num_train}_test{num_test}_seed{seed}"
 
 
 class Shapes(tfds.core.GeneratorBasedBuilder):
-    """Procedural coloured shapes with captions and attributes (see module docstring)."""
+  """Procedural coloured shapes with captions and attributes (see module docstring)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First version."}
-    BUILDER_CONFIGS = [
-        ShapesConfig(name=f"r{r}", resolution=r, description=f"{r}x{r} images")
-        for r in (32, 64, 128, 256, 1024)
-    ]
-    DEFAULT_CONFIG_NAME = "r64"
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "First version."}
+  BUILDER_CONFIGS = [
+      ShapesConfig(name=f"r{r}", resolution=r, description=f"{r}x{r} images")
+      for r in (32, 64, 128, 256, 1024)
+  ]
+  DEFAULT_CONFIG_NAME = "r64"
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        r = self.builder_config.resolution
-        ids = lambda: tfds.features.Tensor(shape=(MAX_OBJECTS,), dtype=np.int32)  # noqa: E731
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=tfds.features.FeaturesDict({
+  def _info(self) -> tfds.core.DatasetInfo:
+    r = self.builder_config.resolution
+    ids = lambda: tfds.features.Tensor(shape=(MAX_OBJECTS,), dtype=np.int32)  # noqa: E731
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description=__doc__,
+        features=tfds.features.FeaturesDict(
+            {
                 "image": tfds.features.Image(shape=(r, r, 3), encoding_format="png"),
                 "caption": tfds.features.Text(),
                 "num_objects": np.int32,
@@ -279,54 +296,66 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
                 "relation": np.int32,  # index into RELATION_NAMES, -1 for one object
                 "held_out": np.bool_,  # contains a colour+kind pair never seen in train
                 "index": np.int32,  # generation index (records are stored shuffled)
-            }),
-            supervised_keys=None,
-        )
+            }
+        ),
+        supervised_keys=None,
+    )
 
-    def _split_generators(self, dl_manager):
-        del dl_manager  # nothing to download: the data is drawn
-        cfg = self.builder_config
-        return {
-            "train": self._generate_examples("train", cfg.num_train),
-            "test": self._generate_examples("test", cfg.num_test),
-        }
+  def _split_generators(self, dl_manager):
+    del dl_manager  # nothing to download: the data is drawn
+    cfg = self.builder_config
+    return {
+        "train": self._generate_examples("train", cfg.num_train),
+        "test": self._generate_examples("test", cfg.num_test),
+    }
 
-    def _generate_examples(self, split: str, num: int) -> Iterator[tuple[int, dict]]:
-        cfg = self.builder_config
-        for i in range(num):
-            yield i, make_example(cfg.seed, split, i, cfg.resolution)
+  def _generate_examples(self, split: str, num: int) -> Iterator[tuple[int, dict]]:
+    cfg = self.builder_config
+    for i in range(num):
+      yield i, make_example(cfg.seed, split, i, cfg.resolution)
 
 
 def shapes_builder(
-    data_dir: str | os.PathLike, resolution: int, *, num_train: int = ShapesConfig.num_train,
-    num_test: int = ShapesConfig.num_test, seed: int = 0,
+    data_dir: str | os.PathLike,
+    resolution: int,
+    *,
+    num_train: int = ShapesConfig.num_train,
+    num_test: int = ShapesConfig.num_test,
+    seed: int = 0,
 ) -> Shapes:
-    """The builder for these settings (not built). Names the config after the settings."""
-    if int(resolution) < 16:
-        raise ValueError(f"resolution {resolution!r} is too small; use >= 16 (e.g. 32, 64, 256)")
-    if num_train < 1 or num_test < 1:
-        raise ValueError(f"num_train={num_train} and num_test={num_test} must both be >= 1")
-    name = config_name(resolution, num_train, num_test, seed)
-    if name in Shapes.builder_configs:  # a predefined config: pass its name (no TFDS warning)
-        return Shapes(config=name, data_dir=os.fspath(data_dir), file_format="array_record")
-    cfg = ShapesConfig(
-        name=name, resolution=int(resolution),
-        num_train=int(num_train), num_test=int(num_test), seed=int(seed),
-        description=f"{resolution}x{resolution} images, {num_train}/{num_test}, seed {seed}")
-    return Shapes(config=cfg, data_dir=os.fspath(data_dir), file_format="array_record")
+  """The builder for these settings (not built). Names the config after the settings."""
+  if int(resolution) < 16:
+    raise ValueError(f"resolution {resolution!r} is too small; use >= 16 (e.g. 32, 64, 256)")
+  if num_train < 1 or num_test < 1:
+    raise ValueError(f"num_train={num_train} and num_test={num_test} must both be >= 1")
+  name = config_name(resolution, num_train, num_test, seed)
+  if name in Shapes.builder_configs:  # a predefined config: pass its name (no TFDS warning)
+    return Shapes(config=name, data_dir=os.fspath(data_dir), file_format="array_record")
+  cfg = ShapesConfig(
+      name=name,
+      resolution=int(resolution),
+      num_train=int(num_train),
+      num_test=int(num_test),
+      seed=int(seed),
+      description=f"{resolution}x{resolution} images, {num_train}/{num_test}, seed {seed}",
+  )
+  return Shapes(config=cfg, data_dir=os.fspath(data_dir), file_format="array_record")
 
 
 def build_shapes(
-    data_dir: str | os.PathLike, resolution: int, *, num_train: int = ShapesConfig.num_train,
-    num_test: int = ShapesConfig.num_test, seed: int = 0,
+    data_dir: str | os.PathLike,
+    resolution: int,
+    *,
+    num_train: int = ShapesConfig.num_train,
+    num_test: int = ShapesConfig.num_test,
+    seed: int = 0,
 ) -> Shapes:
-    """Builds (or reuses, when already complete) the shapes dataset; returns the builder.
+  """Builds (or reuses, when already complete) the shapes dataset; returns the builder.
 
-    TFDS writes into an `incomplete.*` directory and renames it on success, so an interrupted
-    build is never read as a finished one; calling again rebuilds it.
-    Read it with `builder.as_data_source()[split]` (no TensorFlow needed).
-    """
-    builder = shapes_builder(
-        data_dir, resolution, num_train=num_train, num_test=num_test, seed=seed)
-    builder.download_and_prepare()
-    return builder
+  TFDS writes into an `incomplete.*` directory and renames it on success, so an interrupted
+  build is never read as a finished one; calling again rebuilds it.
+  Read it with `builder.as_data_source()[split]` (no TensorFlow needed).
+  """
+  builder = shapes_builder(data_dir, resolution, num_train=num_train, num_test=num_test, seed=seed)
+  builder.download_and_prepare()
+  return builder

@@ -4,6 +4,7 @@ Images are ``[B, H, W, C]`` float32 in [-1, 1]; per-example scalars (``logsnr``,
 are ``[B]`` and are reshaped explicitly to ``[B, 1, 1, 1]`` (the project runs with
 ``jax_numpy_rank_promotion="raise"``).
 """
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,10 @@ def per_example(v: Array, x: Array) -> Array:
   if v.ndim == 0:
     return v
   if v.ndim != 1 or v.shape[0] != x.shape[0]:
-    raise ValueError(f"expected a scalar or shape [{x.shape[0]}] (one value per example of an "
-                     f"array of shape {x.shape}), got shape {v.shape}")
+    raise ValueError(
+        f"expected a scalar or shape [{x.shape[0]}] (one value per example of an "
+        f"array of shape {x.shape}), got shape {v.shape}"
+    )
   return v.reshape(v.shape + (1,) * (x.ndim - 1))
 
 
@@ -64,8 +67,9 @@ def upsample_lowres(lowres: Array, size: tuple[int, int], method: str = "bicubic
   if len(size) != 2:
     raise ValueError(f"size must be (H, W), got {size}")
   b, _, _, c = lowres.shape
-  out = jax.image.resize(jnp.asarray(lowres, jnp.float32), (b, int(size[0]), int(size[1]), c),
-                         method=method)
+  out = jax.image.resize(
+      jnp.asarray(lowres, jnp.float32), (b, int(size[0]), int(size[1]), c), method=method
+  )
   return jnp.clip(out, -1.0, 1.0)
 
 

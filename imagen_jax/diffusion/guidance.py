@@ -3,6 +3,7 @@
 Shapes: ``eps_*`` and ``x0`` are ``[B, H, W, C]`` (any rank >= 1 with the batch first);
 per-example scalars are ``[B]``.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -54,17 +55,22 @@ def check_percentile(percentile) -> float:
   thresholding. 0.995 is a legal percentile, so it is not rejected; the paper's value is 99.5.
   """
   if isinstance(percentile, bool) or not isinstance(percentile, numbers.Real):
-    raise TypeError(f"percentile must be a static Python number in (0, 100], got "
-                    f"{percentile!r} of type {type(percentile).__name__}")
+    raise TypeError(
+        f"percentile must be a static Python number in (0, 100], got "
+        f"{percentile!r} of type {type(percentile).__name__}"
+    )
   p = float(percentile)
   if not 0.0 < p <= 100.0:
-    raise ValueError(f"percentile must be in (0, 100] (the 0-100 scale of jnp.percentile; the "
-                     f"paper uses 99.5), got {percentile}")
+    raise ValueError(
+        f"percentile must be in (0, 100] (the 0-100 scale of jnp.percentile; the "
+        f"paper uses 99.5), got {percentile}"
+    )
   return p
 
 
-def dynamic_threshold(x0: Array, percentile: float = 99.5, *,
-                      max_scale: Optional[float] = None) -> Array:
+def dynamic_threshold(
+    x0: Array, percentile: float = 99.5, *, max_scale: Optional[float] = None
+) -> Array:
   """Dynamic thresholding exactly as Imagen Fig. A.31 means it, per sample:
 
       s = percentile(|x0_b|, p)   over all pixels and channels of sample b (p on 0-100 scale)
@@ -85,19 +91,21 @@ def dynamic_threshold(x0: Array, percentile: float = 99.5, *,
   if x0.ndim < 2:
     raise ValueError(f"x0 must be [B, ...] with at least one non-batch axis, got {x0.shape}")
   flat = jnp.abs(x0).reshape(x0.shape[0], -1)
-  s = jnp.percentile(flat, p, axis=1)                      # [B]; method "linear" like NumPy
+  s = jnp.percentile(flat, p, axis=1)  # [B]; method "linear" like NumPy
   s = jnp.maximum(s, 1.0)
   if max_scale is not None:
     if not float(max_scale) >= 1.0:
-      raise ValueError(f"max_scale must be >= 1 (s is clipped to [1, max_scale]), got "
-                       f"{max_scale}")
+      raise ValueError(
+          f"max_scale must be >= 1 (s is clipped to [1, max_scale]), got " f"{max_scale}"
+      )
     s = jnp.minimum(s, float(max_scale))
-  s = per_example(s, x0)                                   # [B, 1, 1, 1]
+  s = per_example(s, x0)  # [B, 1, 1, 1]
   return jnp.clip(x0, -s, s) / s
 
 
-def apply_threshold(x0: Array, mode: str = "dynamic", percentile: float = 99.5, *,
-                    max_scale: Optional[float] = None) -> Array:
+def apply_threshold(
+    x0: Array, mode: str = "dynamic", percentile: float = 99.5, *, max_scale: Optional[float] = None
+) -> Array:
   """Apply the sampler's thresholding choice to x0_hat: ``mode in ("none", "static", "dynamic")``.
 
   ``percentile`` and ``max_scale`` are used only by "dynamic".

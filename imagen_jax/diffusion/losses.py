@@ -7,6 +7,7 @@ prediction ``target``. By default the loss lives in the target's own space; ``sp
 stage regress in a different space (e.g. predict v, measure the error in eps space), converting
 the prediction with ``z_t`` and ``logsnr``. Computed in float32 whatever ``pred``'s dtype.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -30,9 +31,17 @@ def regression_target(*, x0: Array, noise: Array, logsnr: Array, target: str) ->
   return v_from(x0, noise, logsnr)
 
 
-def diffusion_loss(pred: Array, *, x0: Array, noise: Array, z_t: Array, logsnr: Array,
-                   target: str, weights: Optional[Array] = None,
-                   space: Optional[str] = None) -> Array:
+def diffusion_loss(
+    pred: Array,
+    *,
+    x0: Array,
+    noise: Array,
+    z_t: Array,
+    logsnr: Array,
+    target: str,
+    weights: Optional[Array] = None,
+    space: Optional[str] = None,
+) -> Array:
   """Per-example weighted MSE between the network output and its regression target.
 
   Args:
@@ -58,6 +67,7 @@ def diffusion_loss(pred: Array, *, x0: Array, noise: Array, z_t: Array, logsnr: 
     return per_ex
   weights = jnp.asarray(weights, jnp.float32)
   if weights.shape != per_ex.shape:
-    raise ValueError(f"weights must have shape {per_ex.shape} (one per example), "
-                     f"got {weights.shape}")
+    raise ValueError(
+        f"weights must have shape {per_ex.shape} (one per example), " f"got {weights.shape}"
+    )
   return weights * per_ex

@@ -13,6 +13,7 @@ Conditioning trap: x0 from eps divides by alpha (4.5e-5 at logsnr=-20) and eps f
 by sigma (4.5e-5 at logsnr=+20); at those ends the conversions amplify errors by ~2e4. The v
 forms never divide.
 """
+
 from __future__ import annotations
 
 import jax

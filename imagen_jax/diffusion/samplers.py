@@ -39,6 +39,7 @@ alpha = 4.5e-5, so the first x0_hat carries ~1e-3 absolute rounding error. It is
 (the step multiplies it by alpha_s, and thresholding clips it) except for ``num_steps=1``,
 whose output *is* that x0_hat; this is inherent to eps-prediction, not to the sampler.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -62,9 +63,16 @@ def time_grid(num_steps: int, t_min=0.0, t_max=1.0) -> Array:
   return jnp.linspace(jnp.float32(t_max), jnp.float32(t_min), num_steps + 1, dtype=jnp.float32)
 
 
-def predict_x0_eps(denoise_fn: DenoiseFn, z_t: Array, logsnr_t: Array, cond: Any, *,
-                   threshold: str = "dynamic", percentile: float = 99.5,
-                   max_scale: Optional[float] = None) -> tuple[Array, Array]:
+def predict_x0_eps(
+    denoise_fn: DenoiseFn,
+    z_t: Array,
+    logsnr_t: Array,
+    cond: Any,
+    *,
+    threshold: str = "dynamic",
+    percentile: float = 99.5,
+    max_scale: Optional[float] = None,
+) -> tuple[Array, Array]:
   """Call the network once and return the thresholded x0_hat and the eps consistent with it.
 
       eps_hat = denoise_fn(z_t, lambda_t, cond);  x0_hat = T((z_t - sigma_t eps_hat) / alpha_t)
@@ -92,8 +100,15 @@ def _reverse_c(logsnr_t: Array, logsnr_s: Array) -> Array:
   return -jnp.expm1(logsnr_t - logsnr_s)
 
 
-def ddim_step(z_t: Array, x0_hat: Array, eps_hat: Array, logsnr_t: Array, logsnr_s: Array,
-              eta, noise: Optional[Array]) -> Array:
+def ddim_step(
+    z_t: Array,
+    x0_hat: Array,
+    eps_hat: Array,
+    logsnr_t: Array,
+    logsnr_s: Array,
+    eta,
+    noise: Optional[Array],
+) -> Array:
   """One DDIM step t -> s (Song et al. 2021, "DDIM", Eq. 12 and 16, in continuous time):
 
       z_s = alpha_s x0_hat + sqrt(sigma_s^2 - std^2) eps_hat + std * noise,
@@ -114,8 +129,15 @@ def ddim_step(z_t: Array, x0_hat: Array, eps_hat: Array, logsnr_t: Array, logsnr
   return z_s + eta * sigma_s * jnp.sqrt(c) * noise
 
 
-def ddpm_step(z_t: Array, x0_hat: Array, eps_hat: Array, logsnr_t: Array, logsnr_s: Array,
-              noise: Array, gamma=0.0) -> Array:
+def ddpm_step(
+    z_t: Array,
+    x0_hat: Array,
+    eps_hat: Array,
+    logsnr_t: Array,
+    logsnr_s: Array,
+    noise: Array,
+    gamma=0.0,
+) -> Array:
   """One DDPM ancestral step t -> s (Ho et al. 2020; continuous-time VP as in VDM App. A):
 
       z_s ~ N(mu, std^2 I),  mu = alpha_s x0_hat + sigma_s sqrt(1 - c) eps_hat
@@ -133,12 +155,19 @@ def ddpm_step(z_t: Array, x0_hat: Array, eps_hat: Array, logsnr_t: Array, logsnr
   c = _reverse_c(logsnr_t, logsnr_s)
   mean = alpha_s * x0_hat + sigma_s * jnp.sqrt(1.0 - c) * eps_hat
   gamma = jnp.asarray(gamma, jnp.float32)
-  std = jnp.sqrt(c) * sigma_s ** (1.0 - gamma) * sigma_t ** gamma
+  std = jnp.sqrt(c) * sigma_s ** (1.0 - gamma) * sigma_t**gamma
   return mean + std * noise
 
 
-def dpmpp_2m_step(z_t: Array, x0_hat: Array, x0_prev: Array, logsnr_prev: Array,
-                  logsnr_t: Array, logsnr_s: Array, first: Array) -> Array:
+def dpmpp_2m_step(
+    z_t: Array,
+    x0_hat: Array,
+    x0_prev: Array,
+    logsnr_prev: Array,
+    logsnr_t: Array,
+    logsnr_s: Array,
+    first: Array,
+) -> Array:
   """One DPM-Solver++(2M) step t -> s, data-prediction form (Lu et al. 2022, Alg. 2).
 
   Lu et al.'s lambda is log(alpha / sigma) = logsnr / 2, hence the halves:
@@ -153,8 +182,8 @@ def dpmpp_2m_step(z_t: Array, x0_hat: Array, x0_prev: Array, logsnr_prev: Array,
   alpha_s, sigma_s = alpha_sigma(logsnr_s)
   _, sigma_t = alpha_sigma(logsnr_t)
   h = 0.5 * (logsnr_s - logsnr_t)
-  h_prev = jnp.where(first, h, 0.5 * (logsnr_t - logsnr_prev))   # placeholder avoids 1/0
-  k = jnp.where(first, 0.0, 0.5 * h / h_prev)                     # k = 1 / (2 r)
+  h_prev = jnp.where(first, h, 0.5 * (logsnr_t - logsnr_prev))  # placeholder avoids 1/0
+  k = jnp.where(first, 0.0, 0.5 * h / h_prev)  # k = 1 / (2 r)
   d = (1.0 + k) * x0_hat - k * x0_prev
   return (sigma_s / sigma_t) * z_t - alpha_s * jnp.expm1(-h) * d
 
@@ -169,11 +198,23 @@ def _check_times(t_min, t_max) -> None:
       raise ValueError(f"need 0 <= t_min < t_max <= 1, got t_min={t_min}, t_max={t_max}")
 
 
-def sample(denoise_fn: DenoiseFn, cond: Any, noise: Array, rng: Optional[Array], *,
-           sampler: str, num_steps: int, schedule: Union[Schedule, str], eta=0.0,
-           threshold: str = "dynamic",
-           percentile: float = 99.5, t_min=0.0, t_max=1.0, gamma=0.0,
-           max_scale: Optional[float] = None) -> Array:
+def sample(
+    denoise_fn: DenoiseFn,
+    cond: Any,
+    noise: Array,
+    rng: Optional[Array],
+    *,
+    sampler: str,
+    num_steps: int,
+    schedule: Union[Schedule, str],
+    eta=0.0,
+    threshold: str = "dynamic",
+    percentile: float = 99.5,
+    t_min=0.0,
+    t_max=1.0,
+    gamma=0.0,
+    max_scale: Optional[float] = None,
+) -> Array:
   """Draw x0 ~ p(x0 | cond) by running the reverse process from z = noise (Imagen App. A).
 
   Args:
@@ -206,8 +247,9 @@ def sample(denoise_fn: DenoiseFn, cond: Any, noise: Array, rng: Optional[Array],
   if threshold == "dynamic":
     check_percentile(percentile)
   if isinstance(eta, numbers.Real) and not 0.0 <= float(eta) <= 1.0:
-    raise ValueError(f"eta must be in [0, 1] (0 = deterministic DDIM, 1 = DDPM variance), "
-                     f"got {eta}")
+    raise ValueError(
+        f"eta must be in [0, 1] (0 = deterministic DDIM, 1 = DDPM variance), " f"got {eta}"
+    )
   _check_times(t_min, t_max)
   if isinstance(schedule, str):
     schedule = get_schedule(schedule)
@@ -217,18 +259,32 @@ def sample(denoise_fn: DenoiseFn, cond: Any, noise: Array, rng: Optional[Array],
 
   needs_noise = sampler == "ddpm" or (sampler == "ddim" and not _is_static_zero(eta))
   if needs_noise and rng is None:
-    raise ValueError(f"sampler {sampler!r} (eta={eta}) draws noise at every step: pass a PRNG "
-                     f"key as rng")
-  per_sample = (needs_noise and jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
-                and rng.ndim > 0)
+    raise ValueError(
+        f"sampler {sampler!r} (eta={eta}) draws noise at every step: pass a PRNG " f"key as rng"
+    )
+  per_sample = (
+      needs_noise and jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) and rng.ndim > 0
+  )
   if per_sample and rng.shape != z.shape[:1]:
-    raise ValueError(f"rng must be one PRNG key or [B] = [{z.shape[0]}] typed keys (one per "
-                     f"sample), got keys of shape {rng.shape}")
+    raise ValueError(
+        f"rng must be one PRNG key or [B] = [{z.shape[0]}] typed keys (one per "
+        f"sample), got keys of shape {rng.shape}"
+    )
   return _reverse_loop(
-      denoise_fn, sampler, int(num_steps), schedule, threshold,
+      denoise_fn,
+      sampler,
+      int(num_steps),
+      schedule,
+      threshold,
       check_percentile(percentile) if threshold == "dynamic" else 99.5,
-      None if max_scale is None else float(max_scale), needs_noise, per_sample, cond, z, rng,
-      *(jnp.asarray(v, jnp.float32) for v in (eta, t_min, t_max, gamma)))
+      None if max_scale is None else float(max_scale),
+      needs_noise,
+      per_sample,
+      cond,
+      z,
+      rng,
+      *(jnp.asarray(v, jnp.float32) for v in (eta, t_min, t_max, gamma)),
+  )
 
 
 # Deliberately not jitted here: a jit with `denoise_fn` as a static argument would keep every
@@ -236,22 +292,46 @@ def sample(denoise_fn: DenoiseFn, cond: Any, noise: Array, rng: Optional[Array],
 # params as constants in the program. Callers that sample repeatedly jit `sample` themselves
 # with params as traced arguments (see the module docstring); eager calls compile the scan
 # once per call.
-def _reverse_loop(denoise_fn, sampler, num_steps, schedule, threshold, percentile, max_scale,
-                  needs_noise, per_sample, cond, z, rng, eta, t_min, t_max, gamma):
+def _reverse_loop(
+    denoise_fn,
+    sampler,
+    num_steps,
+    schedule,
+    threshold,
+    percentile,
+    max_scale,
+    needs_noise,
+    per_sample,
+    cond,
+    z,
+    rng,
+    eta,
+    t_min,
+    t_max,
+    gamma,
+):
   """The scan of :func:`sample` (arguments already validated; see there)."""
-  logsnrs = schedule.logsnr_fn(time_grid(num_steps, t_min, t_max))        # [N + 1]
+  logsnrs = schedule.logsnr_fn(time_grid(num_steps, t_min, t_max))  # [N + 1]
   steps = jnp.arange(num_steps, dtype=jnp.int32)
   is_last = steps == num_steps - 1
 
   def step(carry, xs):
     z_t, x0_prev, logsnr_prev = carry
     i, logsnr_t, logsnr_s, last = xs
-    x0_hat, eps_hat = predict_x0_eps(denoise_fn, z_t, logsnr_t, cond, threshold=threshold,
-                                     percentile=percentile, max_scale=max_scale)
+    x0_hat, eps_hat = predict_x0_eps(
+        denoise_fn,
+        z_t,
+        logsnr_t,
+        cond,
+        threshold=threshold,
+        percentile=percentile,
+        max_scale=max_scale,
+    )
     step_noise = None
     if needs_noise and per_sample:
-      step_noise = jax.vmap(lambda k: jax.random.normal(
-          jax.random.fold_in(k, i), z_t.shape[1:], jnp.float32))(rng)
+      step_noise = jax.vmap(
+          lambda k: jax.random.normal(jax.random.fold_in(k, i), z_t.shape[1:], jnp.float32)
+      )(rng)
     elif needs_noise:
       step_noise = jax.random.normal(jax.random.fold_in(rng, i), z_t.shape, jnp.float32)
     if sampler == "ddpm":

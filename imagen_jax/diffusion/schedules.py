@@ -15,6 +15,7 @@ Two schedules, as in the paper:
 All functions are pure ``jnp``, float32, and elementwise: ``t`` / ``logsnr`` may have any shape
 (the samplers use scalars, training uses ``[B]``).
 """
+
 from __future__ import annotations
 
 import functools
@@ -29,6 +30,7 @@ Array = jax.Array
 
 class Schedule(NamedTuple):
   """A noise schedule: ``logsnr_fn(t) -> logsnr`` and its inverse ``t_fn(logsnr) -> t``."""
+
   logsnr_fn: Callable[[Array], Array]
   t_fn: Callable[[Array], Array]
 
@@ -36,7 +38,8 @@ class Schedule(NamedTuple):
 def _check_bounds(logsnr_min: float, logsnr_max: float) -> None:
   if not logsnr_min < logsnr_max:
     raise ValueError(
-        f"logsnr_min must be < logsnr_max, got logsnr_min={logsnr_min}, logsnr_max={logsnr_max}")
+        f"logsnr_min must be < logsnr_max, got logsnr_min={logsnr_min}, logsnr_max={logsnr_max}"
+    )
 
 
 def _cosine_angles(logsnr_min: float, logsnr_max: float) -> tuple[float, float, float]:
@@ -75,9 +78,9 @@ def cosine_logsnr(t: Array, logsnr_min: float = -20.0, logsnr_max: float = 20.0)
   """
   b, c, a = _cosine_angles(logsnr_min, logsnr_max)
   t = jnp.clip(jnp.asarray(t, jnp.float32), 0.0, 1.0)
-  lo = -2.0 * jnp.log(jnp.tan(b + a * t))          # accurate while theta <= pi/4
-  hi = 2.0 * jnp.log(jnp.tan(c + a * (1.0 - t)))   # accurate while theta >= pi/4
-  t_mid = (0.25 * math.pi - b) / a                 # theta(t_mid) = pi/4, logsnr = 0
+  lo = -2.0 * jnp.log(jnp.tan(b + a * t))  # accurate while theta <= pi/4
+  hi = 2.0 * jnp.log(jnp.tan(c + a * (1.0 - t)))  # accurate while theta >= pi/4
+  t_mid = (0.25 * math.pi - b) / a  # theta(t_mid) = pi/4, logsnr = 0
   out = jnp.where(t <= t_mid, lo, hi)
   return jnp.clip(out, logsnr_min, logsnr_max)
 
@@ -106,15 +109,21 @@ def _linear_beta_coeffs(beta_start: float, beta_end: float, num_steps: int) -> t
   k1 = beta_0 T and k2 = (beta_1 - beta_0) T / 2 (see :func:`linear_beta_logsnr`).
   """
   if not 0.0 < beta_start <= beta_end < 1.0:
-    raise ValueError(f"need 0 < beta_start <= beta_end < 1, got beta_start={beta_start}, "
-                     f"beta_end={beta_end}")
+    raise ValueError(
+        f"need 0 < beta_start <= beta_end < 1, got beta_start={beta_start}, " f"beta_end={beta_end}"
+    )
   if int(num_steps) != num_steps or num_steps < 1:
     raise ValueError(f"num_steps must be a positive integer, got {num_steps}")
   return beta_start * num_steps, 0.5 * (beta_end - beta_start) * num_steps
 
 
-def linear_beta_logsnr(t: Array, beta_start: float = 1e-4, beta_end: float = 0.02,
-                       num_steps: int = 1000, logsnr_max: float = 20.0) -> Array:
+def linear_beta_logsnr(
+    t: Array,
+    beta_start: float = 1e-4,
+    beta_end: float = 0.02,
+    num_steps: int = 1000,
+    logsnr_max: float = 20.0,
+) -> Array:
   """The DDPM linear beta schedule (Ho et al. 2020) in continuous time (Imagen App. A, SR1024).
 
   Derivation. Discrete DDPM uses beta_i = beta_0 + (beta_1 - beta_0) i / (T - 1), i < T, and
@@ -144,8 +153,13 @@ def linear_beta_logsnr(t: Array, beta_start: float = 1e-4, beta_end: float = 0.0
   return jnp.minimum(logsnr, logsnr_max)
 
 
-def linear_beta_t(logsnr: Array, beta_start: float = 1e-4, beta_end: float = 0.02,
-                  num_steps: int = 1000, logsnr_max: float = 20.0) -> Array:
+def linear_beta_t(
+    logsnr: Array,
+    beta_start: float = 1e-4,
+    beta_end: float = 0.02,
+    num_steps: int = 1000,
+    logsnr_max: float = 20.0,
+) -> Array:
   """Exact inverse of :func:`linear_beta_logsnr`.
 
   g = -log alpha_bar = -log sigmoid(logsnr) = softplus(-logsnr); solve k2 t^2 + k1 t - g = 0
@@ -207,6 +221,6 @@ def get_schedule(name: str, **kwargs) -> Schedule:
   key = tuple(sorted(kwargs.items()))
   try:
     hash(key)
-  except TypeError:   # e.g. an array-valued bound: build it uncached
+  except TypeError:  # e.g. an array-valued bound: build it uncached
     return _cached_schedule.__wrapped__(name, key)
   return _cached_schedule(name, key)

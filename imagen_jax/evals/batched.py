@@ -6,72 +6,79 @@ are dropped from the result. When `batch_size` divides by the number of local de
 axis is sharded over all of them (data parallel, weights replicated); otherwise everything runs on
 the first local device. Results come back to the host as numpy arrays.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 
-def rebatch(source: np.ndarray | Iterable[np.ndarray], batch_size: int,
-            check: Callable[[np.ndarray], np.ndarray] = np.asarray) -> Iterator[np.ndarray]:
-    """Re-chunk one array, or an iterable of arrays (e.g. a data loader), into batches of
-    exactly `batch_size` rows (the last one may be shorter). `check` validates each chunk."""
-    if isinstance(source, np.ndarray) or hasattr(source, "__array__"):
-        source = [np.asarray(source)]
-    pending: list[np.ndarray] = []
-    count = 0
-    for chunk in source:
-        chunk = check(chunk)
-        while len(chunk):
-            take = chunk[: batch_size - count]
-            chunk = chunk[len(take):]
-            pending.append(take)
-            count += len(take)
-            if count == batch_size:
-                yield np.concatenate(pending)
-                pending, count = [], 0
-    if count:
+def rebatch(
+    source: np.ndarray | Iterable[np.ndarray],
+    batch_size: int,
+    check: Callable[[np.ndarray], np.ndarray] = np.asarray,
+) -> Iterator[np.ndarray]:
+  """Re-chunk one array, or an iterable of arrays (e.g. a data loader), into batches of
+  exactly `batch_size` rows (the last one may be shorter). `check` validates each chunk."""
+  if isinstance(source, np.ndarray) or hasattr(source, "__array__"):
+    source = [np.asarray(source)]
+  pending: list[np.ndarray] = []
+  count = 0
+  for chunk in source:
+    chunk = check(chunk)
+    while len(chunk):
+      take = chunk[: batch_size - count]
+      chunk = chunk[len(take) :]
+      pending.append(take)
+      count += len(take)
+      if count == batch_size:
         yield np.concatenate(pending)
+        pending, count = [], 0
+  if count:
+    yield np.concatenate(pending)
 
 
 class BatchRunner:
-    """`runner(*arrays) -> np.ndarray`: `jit(fn)(consts, *arrays)` on one padded, sharded batch.
+  """`runner(*arrays) -> np.ndarray`: `jit(fn)(consts, *arrays)` on one padded, sharded batch.
 
-    Args:
-      fn: `fn(consts, *batch_arrays) -> array [B, ...]`, traceable.
-      consts: pytree of weights; replicated to the devices once.
-      batch_size: the static batch size; every input's leading axis must be <= it.
-    """
+  Args:
+    fn: `fn(consts, *batch_arrays) -> array [B, ...]`, traceable.
+    consts: pytree of weights; replicated to the devices once.
+    batch_size: the static batch size; every input's leading axis must be <= it.
+  """
 
-    def __init__(self, fn: Callable[..., Any], consts: Any, batch_size: int):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.batch_size = batch_size
-        devices = jax.local_devices()
-        if batch_size % len(devices) == 0:
-            mesh = jax.sharding.Mesh(np.array(devices), ("data",))
-            self.sharding = NamedSharding(mesh, P("data"))
-            replicated = NamedSharding(mesh, P())
-        else:
-            self.sharding = jax.sharding.SingleDeviceSharding(devices[0])
-            replicated = self.sharding
-        self.num_shards = len(self.sharding.device_set)
-        self._consts = jax.device_put(consts, replicated)
-        self._fn = jax.jit(fn)
+  def __init__(self, fn: Callable[..., Any], consts: Any, batch_size: int):
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    self.batch_size = batch_size
+    devices = jax.local_devices()
+    if batch_size % len(devices) == 0:
+      mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+      self.sharding = NamedSharding(mesh, P("data"))
+      replicated = NamedSharding(mesh, P())
+    else:
+      self.sharding = jax.sharding.SingleDeviceSharding(devices[0])
+      replicated = self.sharding
+    self.num_shards = len(self.sharding.device_set)
+    self._consts = jax.device_put(consts, replicated)
+    self._fn = jax.jit(fn)
 
-    def __call__(self, *arrays: np.ndarray) -> np.ndarray:
-        n = len(arrays[0])
-        if n > self.batch_size or any(len(a) != n for a in arrays):
-            raise ValueError(f"inputs must share a leading size <= batch_size={self.batch_size}, "
-                             f"got {[np.shape(a) for a in arrays]}")
-        padded = []
-        for a in arrays:
-            a = np.asarray(a)
-            if n < self.batch_size:  # one static shape: no recompilation for the tail batch
-                a = np.concatenate([a, np.zeros((self.batch_size - n,) + a.shape[1:], a.dtype)])
-            padded.append(jax.device_put(a, self.sharding))
-        out = self._fn(self._consts, *padded)
-        return np.asarray(jax.device_get(out))[:n]
+  def __call__(self, *arrays: np.ndarray) -> np.ndarray:
+    n = len(arrays[0])
+    if n > self.batch_size or any(len(a) != n for a in arrays):
+      raise ValueError(
+          f"inputs must share a leading size <= batch_size={self.batch_size}, "
+          f"got {[np.shape(a) for a in arrays]}"
+      )
+    padded = []
+    for a in arrays:
+      a = np.asarray(a)
+      if n < self.batch_size:  # one static shape: no recompilation for the tail batch
+        a = np.concatenate([a, np.zeros((self.batch_size - n,) + a.shape[1:], a.dtype)])
+      padded.append(jax.device_put(a, self.sharding))
+    out = self._fn(self._consts, *padded)
+    return np.asarray(jax.device_get(out))[:n]

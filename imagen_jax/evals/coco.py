@@ -19,6 +19,7 @@ Resize conventions (state them next to every number):
   which resizes 256 -> 299 with the TF1 legacy bilinear resize) and the FID InceptionV3.
 FID-30K is biased upwards for small N: a `--num_samples=1000` smoke run is not comparable.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,19 +36,30 @@ VAL2014_IMAGES = 40_504
 def load_captions(captions_json: str) -> tuple[list[dict], dict[int, str]]:
   """(annotations [{'image_id', 'caption'}] sorted by id, image_id -> file_name)."""
   if not os.path.exists(captions_json):
-    raise ValueError(f"COCO captions file {captions_json!r} does not exist (expected "
-                     "annotations/captions_val2014.json from cocodataset.org)")
+    raise ValueError(
+        f"COCO captions file {captions_json!r} does not exist (expected "
+        "annotations/captions_val2014.json from cocodataset.org)"
+    )
   with open(captions_json) as f:
     data = json.load(f)
   files = {int(im["id"]): im["file_name"] for im in data["images"]}
-  anns = sorted(({"id": int(a["id"]), "image_id": int(a["image_id"]),
-                  "caption": " ".join(a["caption"].split())} for a in data["annotations"]),
-                key=lambda a: a["id"])  # a fixed order, so the seeded draw is reproducible
+  anns = sorted(
+      (
+          {
+              "id": int(a["id"]),
+              "image_id": int(a["image_id"]),
+              "caption": " ".join(a["caption"].split()),
+          }
+          for a in data["annotations"]
+      ),
+      key=lambda a: a["id"],
+  )  # a fixed order, so the seeded draw is reproducible
   return anns, files
 
 
-def draw(anns: Sequence[dict], files: dict[int, str], protocol: str, num_samples: int,
-         seed: int) -> tuple[list[str], list[str]]:
+def draw(
+    anns: Sequence[dict], files: dict[int, str], protocol: str, num_samples: int, seed: int
+) -> tuple[list[str], list[str]]:
   """(prompts [num_samples], reference file names) for `protocol` (see the module doc)."""
   if protocol not in PROTOCOLS:
     raise ValueError(f"protocol {protocol!r} is not one of {PROTOCOLS}")
@@ -88,19 +100,22 @@ def resize_generated(images: np.ndarray, size: int = REFERENCE_SIZE) -> np.ndarr
   images = np.asarray(images, np.uint8)
   if images.shape[1:3] == (size, size):
     return images
-  return np.stack([np.asarray(PIL.Image.fromarray(x).resize((size, size), PIL.Image.BICUBIC))
-                   for x in images])
+  return np.stack(
+      [np.asarray(PIL.Image.fromarray(x).resize((size, size), PIL.Image.BICUBIC)) for x in images]
+  )
 
 
-def iter_reference(images_dir: str, names: Sequence[str], batch: int = 256,
-                   size: int = REFERENCE_SIZE) -> Iterator[np.ndarray]:
+def iter_reference(
+    images_dir: str, names: Sequence[str], batch: int = 256, size: int = REFERENCE_SIZE
+) -> Iterator[np.ndarray]:
   """Batches of reference images (the full set never sits in memory)."""
   missing = [n for n in names[:5] if not os.path.exists(os.path.join(images_dir, n))]
   if missing:
     raise ValueError(f"reference images missing from {images_dir!r}, e.g. {missing}")
   for a in range(0, len(names), batch):
-    yield np.stack([load_reference_image(os.path.join(images_dir, n), size)
-                    for n in names[a:a + batch]])
+    yield np.stack(
+        [load_reference_image(os.path.join(images_dir, n), size) for n in names[a : a + batch]]
+    )
 
 
 def reference_statistics(computer, images_dir: str, names: Sequence[str], path: str):
@@ -117,9 +132,18 @@ def reference_statistics(computer, images_dir: str, names: Sequence[str], path: 
   return stats
 
 
-def sample_chunks(model, prompts: Sequence[str], settings, outdir: str, *, seed: int,
-                  chunk: int, batch_size: int, size: int = REFERENCE_SIZE,
-                  progress: bool = True) -> list[str]:
+def sample_chunks(
+    model,
+    prompts: Sequence[str],
+    settings,
+    outdir: str,
+    *,
+    seed: int,
+    chunk: int,
+    batch_size: int,
+    size: int = REFERENCE_SIZE,
+    progress: bool = True,
+) -> list[str]:
   """Samples the prompts in chunks saved as `<outdir>/samples/chunk_<start>.npz` (uint8
   `images [n, size, size, 3]` + prompts), written atomically; existing chunks are skipped, so
   an interrupted run resumes. Sample i uses the global index i (per-sample seeds)."""
@@ -130,16 +154,23 @@ def sample_chunks(model, prompts: Sequence[str], settings, outdir: str, *, seed:
   sdir = os.path.join(outdir, "samples")
   os.makedirs(sdir, exist_ok=True)
   paths = []
-  for start in tqdm(range(0, len(prompts), chunk), desc="COCO samples", unit="chunk",
-                    disable=not progress):
+  for start in tqdm(
+      range(0, len(prompts), chunk), desc="COCO samples", unit="chunk", disable=not progress
+  ):
     path = os.path.join(sdir, f"chunk_{start:06d}.npz")
     paths.append(path)
     if os.path.exists(path):
       continue
-    part = list(prompts[start:start + chunk])
+    part = list(prompts[start : start + chunk])
     pad = (-len(part)) % batch_size  # one static batch shape for the jitted sampler
-    out = model.sample(part + [""] * pad, settings, seed=seed, batch_size=batch_size,
-                       first_index=start, progress=False)[-1][:len(part)]
+    out = model.sample(
+        part + [""] * pad,
+        settings,
+        seed=seed,
+        batch_size=batch_size,
+        first_index=start,
+        progress=False,
+    )[-1][: len(part)]
     images = resize_generated(cascade_lib.to_uint8(out), size)
     np.savez(path + ".tmp.npz", images=images, prompts=np.array(part))
     os.replace(path + ".tmp.npz", path)

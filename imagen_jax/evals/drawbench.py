@@ -10,6 +10,7 @@ The prompt list is not shipped with this project. Get it from the DrawBench Goog
 from https://imagen.research.google (sheet 1y7nAbmR4FREi6npB1u-Bo3GFdwdOPYJc617rBOxIRHY),
 exported as `category<TAB>prompt` lines (UTF-8; `#` starts a comment line).
 """
+
 from __future__ import annotations
 
 import base64
@@ -27,8 +28,10 @@ CHOICES = ("left", "right", "tie")
 def read_prompts(path: str) -> list[tuple[str, str]]:
   """[(category, prompt)] from a `category<TAB>prompt` file; errors name the bad line."""
   if not os.path.exists(path):
-    raise ValueError(f"DrawBench prompt file {path!r} does not exist; export the sheet linked "
-                     "from imagen.research.google as category<TAB>prompt lines")
+    raise ValueError(
+        f"DrawBench prompt file {path!r} does not exist; export the sheet linked "
+        "from imagen.research.google as category<TAB>prompt lines"
+    )
   out = []
   with open(path, encoding="utf-8") as f:
     for n, line in enumerate(f, start=1):
@@ -87,8 +90,15 @@ function exportCSV() {
 """
 
 
-def write_rating_sheet(path: str, items: Sequence[tuple[str, str]], images_a: np.ndarray,
-                       images_b: np.ndarray, name_a: str, name_b: str, seed: int) -> dict:
+def write_rating_sheet(
+    path: str,
+    items: Sequence[tuple[str, str]],
+    images_a: np.ndarray,
+    images_b: np.ndarray,
+    name_a: str,
+    name_b: str,
+    seed: int,
+) -> dict:
   """A self-contained HTML sheet (images inlined as base64 PNG data URIs).
 
   Args:
@@ -97,8 +107,10 @@ def write_rating_sheet(path: str, items: Sequence[tuple[str, str]], images_a: np
   Returns the assignment {'seed', 'a_on_left': [bool] * P}, also saved as `<path>.sides.json`.
   """
   if images_a.shape[:2] != (len(items), images_a.shape[1]) or images_a.shape != images_b.shape:
-    raise ValueError(f"images must be [P={len(items)}, k, S, S, 3] for both models, got "
-                     f"{images_a.shape} and {images_b.shape}")
+    raise ValueError(
+        f"images must be [P={len(items)}, k, S, S, 3] for both models, got "
+        f"{images_a.shape} and {images_b.shape}"
+    )
   if name_a == name_b:
     raise ValueError(f"the two models need different names, both are {name_a!r}")
   sides = assign_sides(len(items), seed)
@@ -109,14 +121,16 @@ def write_rating_sheet(path: str, items: Sequence[tuple[str, str]], images_a: np
     ln, rn = (name_a, name_b) if a_left else (name_b, name_a)
     meta.append({"index": i, "category": cat, "prompt": prompt, "left": ln, "right": rn})
     imgs = lambda xs: "".join(f'<img src="{png_data_uri(x)}">' for x in xs)  # noqa: E731
-    radios = lambda k: " ".join(  # noqa: E731
-        f'<label><input type="radio" name="{k}_{i}" value="{c}">{c}</label>' for c in CHOICES)
+    radios = lambda k, i=i: " ".join(  # noqa: E731
+        f'<label><input type="radio" name="{k}_{i}" value="{c}">{c}</label>' for c in CHOICES
+    )
     body.append(
         f'<div class="item"><p><b>{i + 1}.</b> <span class="cat">[{html.escape(cat)}]</span> '
         f'{html.escape(prompt)}</p><div class="pair"><div class="side"><h4>left</h4>'
         f'{imgs(left)}</div><div class="side"><h4>right</h4>{imgs(right)}</div></div>'
         f'<p>Which set better represents the text? {radios("alignment")}</p>'
-        f'<p>Which set is of higher quality (photorealism)? {radios("fidelity")}</p></div>')
+        f'<p>Which set is of higher quality (photorealism)? {radios("fidelity")}</p></div>'
+    )
   # "</" inside a <script> would end it (a prompt may contain "</script>"); "<\\/" is the same
   # JSON string.
   items_json = json.dumps(meta).replace("</", "<\\/")
@@ -144,15 +158,25 @@ const SIDES_SEED = {seed};
   with open(path + ".tmp", "w", encoding="utf-8") as f:
     f.write(doc)
   os.replace(path + ".tmp", path)
-  assignment = {"seed": seed, "model_a": name_a, "model_b": name_b,
-                "a_on_left": [bool(s) for s in sides]}
+  assignment = {
+      "seed": seed,
+      "model_a": name_a,
+      "model_b": name_b,
+      "a_on_left": [bool(s) for s in sides],
+  }
   with open(path + ".sides.json", "w") as f:
     json.dump(assignment, f, indent=2)
   return assignment
 
 
-def write_category_grids(outdir: str, items: Sequence[tuple[str, str]], images_a: np.ndarray,
-                         images_b: np.ndarray, name_a: str, name_b: str) -> list[str]:
+def write_category_grids(
+    outdir: str,
+    items: Sequence[tuple[str, str]],
+    images_a: np.ndarray,
+    images_b: np.ndarray,
+    name_a: str,
+    name_b: str,
+) -> list[str]:
   """One PNG per category: a row per prompt, k columns of model A then k of model B."""
   from imagen_jax import visualize
 
@@ -171,8 +195,16 @@ def write_category_grids(outdir: str, items: Sequence[tuple[str, str]], images_a
   return paths
 
 
-def sample_k(model, prompts: Sequence[str], settings, k: int, *, seed: int,
-             batch_size: int, progress: bool = True) -> np.ndarray:
+def sample_k(
+    model,
+    prompts: Sequence[str],
+    settings,
+    k: int,
+    *,
+    seed: int,
+    batch_size: int,
+    progress: bool = True,
+) -> np.ndarray:
   """k samples per prompt from the cascade's last stage: uint8 `[P, k, S, S, 3]`.
 
   Sample j of prompt p has global index p * k + j, so two models sampled with the same seed
@@ -184,7 +216,8 @@ def sample_k(model, prompts: Sequence[str], settings, k: int, *, seed: int,
     raise ValueError(f"k (images per prompt) must be >= 1, got {k}")
   flat = [p for p in prompts for _ in range(k)]
   pad = (-len(flat)) % batch_size  # one static batch shape for the jitted sampler
-  out = model.sample(flat + [""] * pad, settings, seed=seed, batch_size=batch_size,
-                     progress=progress)[-1][:len(flat)]
+  out = model.sample(
+      flat + [""] * pad, settings, seed=seed, batch_size=batch_size, progress=progress
+  )[-1][: len(flat)]
   u8 = cascade_lib.to_uint8(out)
   return u8.reshape((len(prompts), k) + u8.shape[1:])

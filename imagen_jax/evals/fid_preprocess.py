@@ -21,6 +21,7 @@ Input: uint8 `[N, H, W, 3]` in [0, 255]. Output: float32 `[N, 299, 299, 3]`.
 On 299x299 input all three resizes are the identity; only the scaling differs
 (`(x - 128) / 128` vs `x / 127.5 - 1`, a 0.4% difference in scale).
 """
+
 from __future__ import annotations
 
 import jax
@@ -34,97 +35,100 @@ DEFAULT_MODE = "tf"
 
 
 def check_mode(mode: str) -> str:
-    if mode not in MODES:
-        raise ValueError(f"unknown FID preprocessing mode {mode!r}; allowed: {MODES}")
-    return mode
+  if mode not in MODES:
+    raise ValueError(f"unknown FID preprocessing mode {mode!r}; allowed: {MODES}")
+  return mode
 
 
 def check_images(images: np.ndarray) -> np.ndarray:
-    """Validate uint8 `[N, H, W, 3]` (the only input the FID pipeline accepts)."""
-    images = np.asarray(images)
-    if images.dtype != np.uint8:
-        raise ValueError(f"FID expects uint8 images in [0, 255], got dtype {images.dtype}; "
-                         "convert model samples with `to_uint8`")
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"FID expects images [N, H, W, 3], got shape {images.shape}")
-    return images
+  """Validate uint8 `[N, H, W, 3]` (the only input the FID pipeline accepts)."""
+  images = np.asarray(images)
+  if images.dtype != np.uint8:
+    raise ValueError(
+        f"FID expects uint8 images in [0, 255], got dtype {images.dtype}; "
+        "convert model samples with `to_uint8`"
+    )
+  if images.ndim != 4 or images.shape[-1] != 3:
+    raise ValueError(f"FID expects images [N, H, W, 3], got shape {images.shape}")
+  return images
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
-    """Model samples in [-1, 1] -> uint8, `round((x + 1) * 127.5)` clipped: how a PNG stores them."""
-    x = np.asarray(x, dtype=np.float32)
-    return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+  """Model samples in [-1, 1] -> uint8, `round((x + 1) * 127.5)` clipped: how a PNG stores them."""
+  x = np.asarray(x, dtype=np.float32)
+  return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
 def bilinear_matrix(n_in: int, n_out: int, half_pixel: bool) -> np.ndarray:
-    """`R [n_out, n_in]` with `y = R @ x` the 1-D bilinear resize (TF1 legacy or half-pixel).
+  """`R [n_out, n_in]` with `y = R @ x` the 1-D bilinear resize (TF1 legacy or half-pixel).
 
-    Bilinear resize is separable, so an image resizes as `R_h @ X @ R_w^T` per channel; as dense
-    matmuls it runs well on any accelerator and is exact up to float rounding.
-    """
-    scale = n_in / n_out
-    i = np.arange(n_out, dtype=np.float64)
-    src = (i + 0.5) * scale - 0.5 if half_pixel else i * scale
-    src = np.maximum(src, 0.0)  # torch clamps negative source coordinates to 0
-    x0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
-    x1 = np.minimum(x0 + 1, n_in - 1)
-    frac = src - x0
-    r = np.zeros((n_out, n_in), np.float64)
-    np.add.at(r, (np.arange(n_out), x0), 1.0 - frac)
-    np.add.at(r, (np.arange(n_out), x1), frac)
-    return r.astype(np.float32)
+  Bilinear resize is separable, so an image resizes as `R_h @ X @ R_w^T` per channel; as dense
+  matmuls it runs well on any accelerator and is exact up to float rounding.
+  """
+  scale = n_in / n_out
+  i = np.arange(n_out, dtype=np.float64)
+  src = (i + 0.5) * scale - 0.5 if half_pixel else i * scale
+  src = np.maximum(src, 0.0)  # torch clamps negative source coordinates to 0
+  x0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+  x1 = np.minimum(x0 + 1, n_in - 1)
+  frac = src - x0
+  r = np.zeros((n_out, n_in), np.float64)
+  np.add.at(r, (np.arange(n_out), x0), 1.0 - frac)
+  np.add.at(r, (np.arange(n_out), x1), frac)
+  return r.astype(np.float32)
 
 
 def _resize_bilinear(x: jax.Array, half_pixel: bool, size: int) -> jax.Array:
-    """x float32 [N, H, W, C] -> [N, size, size, C] via the separable matrices."""
-    rh = jnp.asarray(bilinear_matrix(x.shape[1], size, half_pixel))
-    rw = jnp.asarray(bilinear_matrix(x.shape[2], size, half_pixel))
-    hi = jax.lax.Precision.HIGHEST
-    x = jnp.einsum("oh,nhwc->nowc", rh, x, precision=hi)
-    return jnp.einsum("pw,nowc->nopc", rw, x, precision=hi)
+  """x float32 [N, H, W, C] -> [N, size, size, C] via the separable matrices."""
+  rh = jnp.asarray(bilinear_matrix(x.shape[1], size, half_pixel))
+  rw = jnp.asarray(bilinear_matrix(x.shape[2], size, half_pixel))
+  hi = jax.lax.Precision.HIGHEST
+  x = jnp.einsum("oh,nhwc->nowc", rh, x, precision=hi)
+  return jnp.einsum("pw,nowc->nopc", rw, x, precision=hi)
 
 
 def device_preprocess(images: jax.Array, mode: str, size: int = INCEPTION_SIZE) -> jax.Array:
-    """Jittable part: for `tf`/`pytorch_fid`, uint8 [N,H,W,3] -> resized, scaled float32.
+  """Jittable part: for `tf`/`pytorch_fid`, uint8 [N,H,W,3] -> resized, scaled float32.
 
-    For `clean`, `images` is the float32 output of `host_preprocess` (already resized, in
-    [0, 255]) and only the scaling happens here.
-    """
-    x = images.astype(jnp.float32)
-    if mode == "tf":
-        return (_resize_bilinear(x, False, size) - 128.0) / 128.0
-    if mode == "pytorch_fid":
-        return 2.0 * _resize_bilinear(x / 255.0, True, size) - 1.0
-    if mode == "clean":
-        if x.shape[1:3] != (size, size):
-            raise ValueError(f"clean mode: run host_preprocess first (got {x.shape})")
-        return (x - 128.0) / 128.0
-    raise ValueError(f"unknown FID preprocessing mode {mode!r}; allowed: {MODES}")
+  For `clean`, `images` is the float32 output of `host_preprocess` (already resized, in
+  [0, 255]) and only the scaling happens here.
+  """
+  x = images.astype(jnp.float32)
+  if mode == "tf":
+    return (_resize_bilinear(x, False, size) - 128.0) / 128.0
+  if mode == "pytorch_fid":
+    return 2.0 * _resize_bilinear(x / 255.0, True, size) - 1.0
+  if mode == "clean":
+    if x.shape[1:3] != (size, size):
+      raise ValueError(f"clean mode: run host_preprocess first (got {x.shape})")
+    return (x - 128.0) / 128.0
+  raise ValueError(f"unknown FID preprocessing mode {mode!r}; allowed: {MODES}")
 
 
 def clean_resize(images: np.ndarray, size: int = INCEPTION_SIZE) -> np.ndarray:
-    """clean-fid's resize: uint8 [N,H,W,3] -> float32 [N,size,size,3] in [0, 255] (PIL, host)."""
-    from PIL import Image
+  """clean-fid's resize: uint8 [N,H,W,3] -> float32 [N,size,size,3] in [0, 255] (PIL, host)."""
+  from PIL import Image
 
-    images = check_images(images)
-    n, h, w, c = images.shape
-    out = np.empty((n, size, size, c), np.float32)
-    for i in range(n):
-        for ch in range(c):
-            # A float32 2-D array becomes a mode 'F' image: PIL filters it in float, no rounding.
-            im = Image.fromarray(images[i, :, :, ch].astype(np.float32))
-            out[i, :, :, ch] = np.asarray(im.resize((size, size), resample=Image.BICUBIC))
-    return np.clip(out, 0.0, 255.0)
+  images = check_images(images)
+  n, h, w, c = images.shape
+  out = np.empty((n, size, size, c), np.float32)
+  for i in range(n):
+    for ch in range(c):
+      # A float32 2-D array becomes a mode 'F' image: PIL filters it in float, no rounding.
+      im = Image.fromarray(images[i, :, :, ch].astype(np.float32))
+      out[i, :, :, ch] = np.asarray(im.resize((size, size), resample=Image.BICUBIC))
+  return np.clip(out, 0.0, 255.0)
 
 
 def host_preprocess(images: np.ndarray, mode: str, size: int = INCEPTION_SIZE) -> np.ndarray:
-    """Host part: `clean` resizes with PIL here; the other modes pass uint8 through unchanged."""
-    check_mode(mode)
-    images = check_images(images)
-    return clean_resize(images, size) if mode == "clean" else images
+  """Host part: `clean` resizes with PIL here; the other modes pass uint8 through unchanged."""
+  check_mode(mode)
+  images = check_images(images)
+  return clean_resize(images, size) if mode == "clean" else images
 
 
-def preprocess(images: np.ndarray, mode: str = DEFAULT_MODE,
-               size: int = INCEPTION_SIZE) -> jax.Array:
-    """Whole pipeline, uint8 `[N, H, W, 3]` -> float32 `[N, size, size, 3]` network input."""
-    return device_preprocess(jnp.asarray(host_preprocess(images, mode, size)), mode, size)
+def preprocess(
+    images: np.ndarray, mode: str = DEFAULT_MODE, size: int = INCEPTION_SIZE
+) -> jax.Array:
+  """Whole pipeline, uint8 `[N, H, W, 3]` -> float32 `[N, size, size, 3]` network input."""
+  return device_preprocess(jnp.asarray(host_preprocess(images, mode, size)), mode, size)

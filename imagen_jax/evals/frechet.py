@@ -18,6 +18,7 @@ Statistics are saved as `.npz` (loaded with `allow_pickle=False`) holding `mu [D
 (float64, ddof=1 like `np.cov`), `n`, the preprocessing `mode` and the `feature` extractor name;
 distances between files of different modes or features are refused.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,134 +32,153 @@ INCEPTION_FEATURE = "inception-2015-12-05/pool3"
 
 
 def sqrtm_psd(a: np.ndarray) -> np.ndarray:
-    """Symmetric PSD square root `V diag(sqrt(max(w, 0))) V^T` of `a [D, D]` via `eigh` (float64)."""
-    a = np.asarray(a, np.float64)
-    w, v = np.linalg.eigh((a + a.T) / 2.0)
-    return (v * np.sqrt(np.maximum(w, 0.0))) @ v.T
+  """Symmetric PSD square root `V diag(sqrt(max(w, 0))) V^T` of `a [D, D]` via `eigh` (float64)."""
+  a = np.asarray(a, np.float64)
+  w, v = np.linalg.eigh((a + a.T) / 2.0)
+  return (v * np.sqrt(np.maximum(w, 0.0))) @ v.T
 
 
 def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
-    """`tr((S_1 S_2)^{1/2})` = sum of sqrt of eigenvalues of `S_1^{1/2} S_2 S_1^{1/2}`."""
-    s1h = sqrtm_psd(sigma1)
-    m = s1h @ np.asarray(sigma2, np.float64) @ s1h
-    w = np.linalg.eigvalsh((m + m.T) / 2.0)
-    return float(np.sum(np.sqrt(np.maximum(w, 0.0))))
+  """`tr((S_1 S_2)^{1/2})` = sum of sqrt of eigenvalues of `S_1^{1/2} S_2 S_1^{1/2}`."""
+  s1h = sqrtm_psd(sigma1)
+  m = s1h @ np.asarray(sigma2, np.float64) @ s1h
+  w = np.linalg.eigvalsh((m + m.T) / 2.0)
+  return float(np.sum(np.sqrt(np.maximum(w, 0.0))))
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """Squared Frechet distance between N(mu1, sigma1) and N(mu2, sigma2); `mu [D]`, `sigma [D, D]`."""
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
-    sigma2 = np.atleast_2d(np.asarray(sigma2, np.float64))
-    d = mu1.shape[0]
-    if mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
-        raise ValueError(f"shape mismatch: mu1 {mu1.shape}, mu2 {mu2.shape}, sigma1 "
-                         f"{sigma1.shape}, sigma2 {sigma2.shape}")
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2)
-                 - 2.0 * trace_sqrt_product(sigma1, sigma2))
+  """Squared Frechet distance between N(mu1, sigma1) and N(mu2, sigma2); `mu [D]`, `sigma [D, D]`."""
+  mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+  sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
+  sigma2 = np.atleast_2d(np.asarray(sigma2, np.float64))
+  d = mu1.shape[0]
+  if mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
+    raise ValueError(
+        f"shape mismatch: mu1 {mu1.shape}, mu2 {mu2.shape}, sigma1 "
+        f"{sigma1.shape}, sigma2 {sigma2.shape}"
+    )
+  diff = mu1 - mu2
+  return float(
+      diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt_product(sigma1, sigma2)
+  )
 
 
 class StreamingMoments:
-    """Mean and covariance of feature rows, accumulated batch by batch in float64.
+  """Mean and covariance of feature rows, accumulated batch by batch in float64.
 
-    Chan et al.'s pairwise update: for the running (n, mu, M2) and a batch (m, mu_b, M2_b),
-    delta = mu_b - mu; mu += delta m / (n + m); M2 += M2_b + delta delta^T n m / (n + m),
-    where M2 = sum (x - mu)(x - mu)^T. Unlike sum(x x^T) - n mu mu^T it does not cancel
-    catastrophically when |mu| is large against the spread. `cov = M2 / (n - 1)`.
-    """
+  Chan et al.'s pairwise update: for the running (n, mu, M2) and a batch (m, mu_b, M2_b),
+  delta = mu_b - mu; mu += delta m / (n + m); M2 += M2_b + delta delta^T n m / (n + m),
+  where M2 = sum (x - mu)(x - mu)^T. Unlike sum(x x^T) - n mu mu^T it does not cancel
+  catastrophically when |mu| is large against the spread. `cov = M2 / (n - 1)`.
+  """
 
-    def __init__(self, dim: int):
-        self.dim = dim
-        self.n = 0
-        self.mean = np.zeros(dim, np.float64)
-        self.m2 = np.zeros((dim, dim), np.float64)
+  def __init__(self, dim: int):
+    self.dim = dim
+    self.n = 0
+    self.mean = np.zeros(dim, np.float64)
+    self.m2 = np.zeros((dim, dim), np.float64)
 
-    def update(self, x: np.ndarray) -> None:
-        """Add feature rows `x [B, D]`."""
-        x = np.asarray(x, np.float64)
-        if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"expected features [B, {self.dim}], got shape {x.shape}")
-        if x.shape[0] == 0:
-            return
-        mb = x.mean(axis=0)
-        xc = x - mb
-        self._combine(x.shape[0], mb, xc.T @ xc)
+  def update(self, x: np.ndarray) -> None:
+    """Add feature rows `x [B, D]`."""
+    x = np.asarray(x, np.float64)
+    if x.ndim != 2 or x.shape[1] != self.dim:
+      raise ValueError(f"expected features [B, {self.dim}], got shape {x.shape}")
+    if x.shape[0] == 0:
+      return
+    mb = x.mean(axis=0)
+    xc = x - mb
+    self._combine(x.shape[0], mb, xc.T @ xc)
 
-    def merge(self, other: "StreamingMoments") -> None:
-        """Add another accumulator (e.g. another host's or another shard's), same formula."""
-        if other.dim != self.dim:
-            raise ValueError(f"cannot merge moments of dim {other.dim} into dim {self.dim}")
-        if other.n:
-            self._combine(other.n, other.mean, other.m2)
+  def merge(self, other: "StreamingMoments") -> None:
+    """Add another accumulator (e.g. another host's or another shard's), same formula."""
+    if other.dim != self.dim:
+      raise ValueError(f"cannot merge moments of dim {other.dim} into dim {self.dim}")
+    if other.n:
+      self._combine(other.n, other.mean, other.m2)
 
-    def _combine(self, m: int, mb: np.ndarray, m2b: np.ndarray) -> None:
-        total = self.n + m
-        delta = mb - self.mean
-        self.mean = self.mean + delta * (m / total)
-        self.m2 = self.m2 + m2b + np.outer(delta, delta) * (self.n * m / total)
-        self.n = total
+  def _combine(self, m: int, mb: np.ndarray, m2b: np.ndarray) -> None:
+    total = self.n + m
+    delta = mb - self.mean
+    self.mean = self.mean + delta * (m / total)
+    self.m2 = self.m2 + m2b + np.outer(delta, delta) * (self.n * m / total)
+    self.n = total
 
-    def covariance(self) -> np.ndarray:
-        if self.n < 2:
-            raise ValueError(f"covariance needs at least 2 samples, have {self.n}")
-        return self.m2 / (self.n - 1)
+  def covariance(self) -> np.ndarray:
+    if self.n < 2:
+      raise ValueError(f"covariance needs at least 2 samples, have {self.n}")
+    return self.m2 / (self.n - 1)
 
 
 @dataclasses.dataclass(frozen=True)
 class FrechetStats:
-    """Gaussian fit of a feature set: `mu [D]`, `sigma [D, D]` (float64), sample count `n`,
-    preprocessing `mode` (see `fid_preprocess.MODES`) and `feature` extractor name."""
+  """Gaussian fit of a feature set: `mu [D]`, `sigma [D, D]` (float64), sample count `n`,
+  preprocessing `mode` (see `fid_preprocess.MODES`) and `feature` extractor name."""
 
-    mu: np.ndarray
-    sigma: np.ndarray
-    n: int
-    mode: str
-    feature: str = INCEPTION_FEATURE
+  mu: np.ndarray
+  sigma: np.ndarray
+  n: int
+  mode: str
+  feature: str = INCEPTION_FEATURE
 
-    @classmethod
-    def from_moments(cls, moments: StreamingMoments, mode: str,
-                     feature: str = INCEPTION_FEATURE) -> "FrechetStats":
-        return cls(moments.mean.copy(), moments.covariance(), moments.n, mode, feature)
+  @classmethod
+  def from_moments(
+      cls, moments: StreamingMoments, mode: str, feature: str = INCEPTION_FEATURE
+  ) -> "FrechetStats":
+    return cls(moments.mean.copy(), moments.covariance(), moments.n, mode, feature)
 
-    @classmethod
-    def from_features(cls, features: np.ndarray, mode: str,
-                      feature: str = INCEPTION_FEATURE) -> "FrechetStats":
-        moments = StreamingMoments(np.shape(features)[1])
-        moments.update(features)
-        return cls.from_moments(moments, mode, feature)
+  @classmethod
+  def from_features(
+      cls, features: np.ndarray, mode: str, feature: str = INCEPTION_FEATURE
+  ) -> "FrechetStats":
+    moments = StreamingMoments(np.shape(features)[1])
+    moments.update(features)
+    return cls.from_moments(moments, mode, feature)
 
-    def save(self, path: str) -> None:
-        """Write an `.npz` (plain arrays and strings only, so it loads without pickle)."""
-        np.savez(path, mu=np.asarray(self.mu, np.float64), sigma=np.asarray(self.sigma, np.float64),
-                 n=np.int64(self.n), mode=np.str_(self.mode), feature=np.str_(self.feature),
-                 format=np.str_(STATS_FORMAT))
+  def save(self, path: str) -> None:
+    """Write an `.npz` (plain arrays and strings only, so it loads without pickle)."""
+    np.savez(
+        path,
+        mu=np.asarray(self.mu, np.float64),
+        sigma=np.asarray(self.sigma, np.float64),
+        n=np.int64(self.n),
+        mode=np.str_(self.mode),
+        feature=np.str_(self.feature),
+        format=np.str_(STATS_FORMAT),
+    )
 
-    @classmethod
-    def load(cls, path: str, expected_mode: str | None = None,
-             expected_feature: str | None = None) -> "FrechetStats":
-        """Read a file written by `save`; with `expected_*` given, a mismatch is an error."""
-        with np.load(path, allow_pickle=False) as z:
-            missing = {"mu", "sigma", "n", "mode", "feature", "format"} - set(z.files)
-            if missing:
-                raise ValueError(f"{path}: not a statistics file of this project (missing "
-                                 f"{sorted(missing)}); pytorch-fid/clean-fid .npz files carry no "
-                                 "mode and must be re-saved with FrechetStats(..., mode=...)")
-            stats = cls(z["mu"], z["sigma"], int(z["n"]), str(z["mode"]), str(z["feature"]))
-        if expected_mode is not None and stats.mode != expected_mode:
-            raise ValueError(f"{path}: statistics were computed with preprocessing mode "
-                             f"{stats.mode!r}, expected {expected_mode!r}")
-        if expected_feature is not None and stats.feature != expected_feature:
-            raise ValueError(f"{path}: statistics are of features {stats.feature!r}, expected "
-                             f"{expected_feature!r}")
-        return stats
+  @classmethod
+  def load(
+      cls, path: str, expected_mode: str | None = None, expected_feature: str | None = None
+  ) -> "FrechetStats":
+    """Read a file written by `save`; with `expected_*` given, a mismatch is an error."""
+    with np.load(path, allow_pickle=False) as z:
+      missing = {"mu", "sigma", "n", "mode", "feature", "format"} - set(z.files)
+      if missing:
+        raise ValueError(
+            f"{path}: not a statistics file of this project (missing "
+            f"{sorted(missing)}); pytorch-fid/clean-fid .npz files carry no "
+            "mode and must be re-saved with FrechetStats(..., mode=...)"
+        )
+      stats = cls(z["mu"], z["sigma"], int(z["n"]), str(z["mode"]), str(z["feature"]))
+    if expected_mode is not None and stats.mode != expected_mode:
+      raise ValueError(
+          f"{path}: statistics were computed with preprocessing mode "
+          f"{stats.mode!r}, expected {expected_mode!r}"
+      )
+    if expected_feature is not None and stats.feature != expected_feature:
+      raise ValueError(
+          f"{path}: statistics are of features {stats.feature!r}, expected " f"{expected_feature!r}"
+      )
+    return stats
 
 
 def fid_from_statistics(a: FrechetStats, b: FrechetStats) -> float:
-    """Frechet distance between two statistics; refuses different modes or feature extractors."""
-    if a.mode != b.mode:
-        raise ValueError(f"preprocessing modes differ: {a.mode!r} vs {b.mode!r}; a distance "
-                         "between them is not an FID. Recompute one side with the other's mode")
-    if a.feature != b.feature:
-        raise ValueError(f"feature extractors differ: {a.feature!r} vs {b.feature!r}")
-    return frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
+  """Frechet distance between two statistics; refuses different modes or feature extractors."""
+  if a.mode != b.mode:
+    raise ValueError(
+        f"preprocessing modes differ: {a.mode!r} vs {b.mode!r}; a distance "
+        "between them is not an FID. Recompute one side with the other's mode"
+    )
+  if a.feature != b.feature:
+    raise ValueError(f"feature extractors differ: {a.feature!r} vs {b.feature!r}")
+  return frechet_distance(a.mu, a.sigma, b.mu, b.sigma)

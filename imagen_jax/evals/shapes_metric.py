@@ -25,6 +25,7 @@ Chance levels (uniformly random guesses, see `CHANCE`): colour 1/6, shape 1/3, s
 position 1/5 for one object and 1/4 for a relation, so ~0.225 on the 50/50 mix. Noise images
 score lower than chance on most attributes because usually nothing is detected (a miss is 0).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,169 +52,197 @@ _UNIT = shapes.PALETTE / np.linalg.norm(shapes.PALETTE, axis=1, keepdims=True)
 
 @dataclasses.dataclass
 class Detection:
-    """One recovered shape. center_xy: box centre in pixels; box: side in pixels."""
-    color: int
-    shape: int
-    size: int
-    position: int
-    center_xy: tuple[float, float]
-    box: float
-    area: float
-    iou: float
+  """One recovered shape. center_xy: box centre in pixels; box: side in pixels."""
+
+  color: int
+  shape: int
+  size: int
+  position: int
+  center_xy: tuple[float, float]
+  box: float
+  area: float
+  iou: float
 
 
 def to_pixels(image: Any) -> np.ndarray:
-    """uint8 [H, W, 3] or float [H, W, 3] in [-1, 1] -> float32 [H, W, 3] in [0, 255]."""
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[-1] != 3:
-        raise ValueError(f"expected an image [H, W, 3], got shape {image.shape}")
-    if image.dtype == np.uint8:
-        return image.astype(np.float32)
-    if not np.issubdtype(image.dtype, np.floating):
-        raise ValueError(f"expected uint8 or float in [-1, 1], got dtype {image.dtype}")
-    return np.clip((image.astype(np.float32) + 1.0) * 127.5, 0.0, 255.0)
+  """uint8 [H, W, 3] or float [H, W, 3] in [-1, 1] -> float32 [H, W, 3] in [0, 255]."""
+  image = np.asarray(image)
+  if image.ndim != 3 or image.shape[-1] != 3:
+    raise ValueError(f"expected an image [H, W, 3], got shape {image.shape}")
+  if image.dtype == np.uint8:
+    return image.astype(np.float32)
+  if not np.issubdtype(image.dtype, np.floating):
+    raise ValueError(f"expected uint8 or float in [-1, 1], got dtype {image.dtype}")
+  return np.clip((image.astype(np.float32) + 1.0) * 127.5, 0.0, 255.0)
 
 
 def classify_pixels(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """[H, W, 3] in [0, 255] -> (colour id [H, W], alpha [H, W, K] per palette colour, fg)."""
-    p = pixels.reshape(-1, 3)
-    norm = np.linalg.norm(p, axis=1) + 1e-6
-    cos = (p @ _UNIT.T) / norm[:, None]  # [N, K]
-    best = np.argmax(cos, axis=1)
-    alpha = (p @ shapes.PALETTE.T) / np.sum(shapes.PALETTE ** 2, axis=1)[None, :]
-    sin = np.sqrt(np.clip(1.0 - np.max(cos, axis=1) ** 2, 0.0, 1.0))
-    fg = (alpha[np.arange(len(p)), best] >= 0.5) & (sin < _MAX_ANGLE_SIN)
-    h, w = pixels.shape[:2]
-    return best.reshape(h, w), np.clip(alpha, 0.0, 1.0).reshape(h, w, -1), fg.reshape(h, w)
+  """[H, W, 3] in [0, 255] -> (colour id [H, W], alpha [H, W, K] per palette colour, fg)."""
+  p = pixels.reshape(-1, 3)
+  norm = np.linalg.norm(p, axis=1) + 1e-6
+  cos = (p @ _UNIT.T) / norm[:, None]  # [N, K]
+  best = np.argmax(cos, axis=1)
+  alpha = (p @ shapes.PALETTE.T) / np.sum(shapes.PALETTE**2, axis=1)[None, :]
+  sin = np.sqrt(np.clip(1.0 - np.max(cos, axis=1) ** 2, 0.0, 1.0))
+  fg = (alpha[np.arange(len(p)), best] >= 0.5) & (sin < _MAX_ANGLE_SIN)
+  h, w = pixels.shape[:2]
+  return best.reshape(h, w), np.clip(alpha, 0.0, 1.0).reshape(h, w, -1), fg.reshape(h, w)
 
 
 def _soft_iou(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.minimum(a, b).sum() / max(np.maximum(a, b).sum(), 1e-6))
+  return float(np.minimum(a, b).sum() / max(np.maximum(a, b).sum(), 1e-6))
 
 
 def detect(image: Any, *, max_objects: int = 4) -> list[Detection]:
-    """Recovers the shapes of one image, largest first (at most `max_objects`)."""
-    pixels = to_pixels(image)
-    res = pixels.shape[0]
-    if pixels.shape[1] != res:
-        raise ValueError(f"shapes images are square, got {pixels.shape[:2]}")
-    best, alpha, fg = classify_pixels(pixels)
-    labels, num = scipy.ndimage.label(fg, structure=np.ones((3, 3), bool))
-    if num == 0:
-        return []
-    counts = np.bincount(labels.ravel())[1:]
-    min_area = 0.25 * min(_AREA_FACTOR) * (shapes.SIZE_FRACTIONS[0] * res) ** 2
-    order = [int(i) + 1 for i in np.argsort(-counts) if counts[i] >= min_area][:max_objects]
-    size_threshold = np.sqrt(shapes.SIZE_FRACTIONS[0] * shapes.SIZE_FRACTIONS[1]) * res
-    cells = np.asarray(shapes.POSITION_CENTERS, np.float32) * res
-    supersample = 4 if res <= 64 else 2  # templates at 2x suffice for big shapes, 4x faster
-    out = []
-    for lab in order:
-        core = labels == lab
-        region = scipy.ndimage.binary_dilation(core, structure=np.ones((3, 3), bool))
-        region &= (labels == 0) | core  # the rim, but not another shape's pixels
-        color = int(np.argmax(np.bincount(best[core], weights=alpha[core, best[core]],
-                                          minlength=len(shapes.COLOR_NAMES))))
-        a = np.where(region, alpha[..., color], 0.0)
-        area = float(a.sum())
-        ys, xs = np.nonzero(region)
-        cx = float((a[ys, xs] * (xs + 0.5)).sum() / area)
-        cy = float((a[ys, xs] * (ys + 0.5)).sum() / area)
-        margin = max(3, int(0.1 * res))
-        y0, y1 = max(ys.min() - margin, 0), min(ys.max() + margin + 1, res)
-        x0, x1 = max(xs.min() - margin, 0), min(xs.max() + margin + 1, res)
-        window = a[y0:y1, x0:x1]
-        best_kind, best_iou, best_box, best_center = 0, -1.0, 0.0, (cx, cy)
-        for kind, factor in enumerate(_AREA_FACTOR):
-            box = float(np.sqrt(area / factor))
-            center = (cx, cy - box / 6.0) if kind == 2 else (cx, cy)
-            template = shapes.shape_coverage(kind, center, box, y1 - y0, x1 - x0,
-                                             origin_xy=(x0, y0), supersample=supersample)
-            iou = _soft_iou(window, template)
-            if iou > best_iou:
-                best_kind, best_iou, best_box, best_center = kind, iou, box, center
-        dist = np.sum((cells - np.asarray(best_center, np.float32)[None]) ** 2, axis=1)
-        out.append(Detection(
-            color=color, shape=best_kind, size=int(best_box > size_threshold),
-            position=int(np.argmin(dist)), center_xy=best_center, box=best_box, area=area,
-            iou=best_iou))
-    return out
+  """Recovers the shapes of one image, largest first (at most `max_objects`)."""
+  pixels = to_pixels(image)
+  res = pixels.shape[0]
+  if pixels.shape[1] != res:
+    raise ValueError(f"shapes images are square, got {pixels.shape[:2]}")
+  best, alpha, fg = classify_pixels(pixels)
+  labels, num = scipy.ndimage.label(fg, structure=np.ones((3, 3), bool))
+  if num == 0:
+    return []
+  counts = np.bincount(labels.ravel())[1:]
+  min_area = 0.25 * min(_AREA_FACTOR) * (shapes.SIZE_FRACTIONS[0] * res) ** 2
+  order = [int(i) + 1 for i in np.argsort(-counts) if counts[i] >= min_area][:max_objects]
+  size_threshold = np.sqrt(shapes.SIZE_FRACTIONS[0] * shapes.SIZE_FRACTIONS[1]) * res
+  cells = np.asarray(shapes.POSITION_CENTERS, np.float32) * res
+  supersample = 4 if res <= 64 else 2  # templates at 2x suffice for big shapes, 4x faster
+  out = []
+  for lab in order:
+    core = labels == lab
+    region = scipy.ndimage.binary_dilation(core, structure=np.ones((3, 3), bool))
+    region &= (labels == 0) | core  # the rim, but not another shape's pixels
+    color = int(
+        np.argmax(
+            np.bincount(
+                best[core], weights=alpha[core, best[core]], minlength=len(shapes.COLOR_NAMES)
+            )
+        )
+    )
+    a = np.where(region, alpha[..., color], 0.0)
+    area = float(a.sum())
+    ys, xs = np.nonzero(region)
+    cx = float((a[ys, xs] * (xs + 0.5)).sum() / area)
+    cy = float((a[ys, xs] * (ys + 0.5)).sum() / area)
+    margin = max(3, int(0.1 * res))
+    y0, y1 = max(ys.min() - margin, 0), min(ys.max() + margin + 1, res)
+    x0, x1 = max(xs.min() - margin, 0), min(xs.max() + margin + 1, res)
+    window = a[y0:y1, x0:x1]
+    best_kind, best_iou, best_box, best_center = 0, -1.0, 0.0, (cx, cy)
+    for kind, factor in enumerate(_AREA_FACTOR):
+      box = float(np.sqrt(area / factor))
+      center = (cx, cy - box / 6.0) if kind == 2 else (cx, cy)
+      template = shapes.shape_coverage(
+          kind, center, box, y1 - y0, x1 - x0, origin_xy=(x0, y0), supersample=supersample
+      )
+      iou = _soft_iou(window, template)
+      if iou > best_iou:
+        best_kind, best_iou, best_box, best_center = kind, iou, box, center
+    dist = np.sum((cells - np.asarray(best_center, np.float32)[None]) ** 2, axis=1)
+    out.append(
+        Detection(
+            color=color,
+            shape=best_kind,
+            size=int(best_box > size_threshold),
+            position=int(np.argmin(dist)),
+            center_xy=best_center,
+            box=best_box,
+            area=area,
+            iou=best_iou,
+        )
+    )
+  return out
 
 
 def _relation_holds(relation: int, first: Detection, second: Detection) -> bool:
-    dx = second.center_xy[0] - first.center_xy[0]
-    dy = second.center_xy[1] - first.center_xy[1]
-    name = shapes.RELATION_NAMES[relation]
-    if name == "above":  # first above second: second lower (larger y)
-        return dy > abs(dx)
-    if name == "below":
-        return -dy > abs(dx)
-    if name == "to the left of":
-        return dx > abs(dy)
-    if name == "to the right of":
-        return -dx > abs(dy)
-    raise ValueError(f"relation id {relation} is not one of 0..{len(shapes.RELATION_NAMES) - 1}")
+  dx = second.center_xy[0] - first.center_xy[0]
+  dy = second.center_xy[1] - first.center_xy[1]
+  name = shapes.RELATION_NAMES[relation]
+  if name == "above":  # first above second: second lower (larger y)
+    return dy > abs(dx)
+  if name == "below":
+    return -dy > abs(dx)
+  if name == "to the left of":
+    return dx > abs(dy)
+  if name == "to the right of":
+    return -dx > abs(dy)
+  raise ValueError(f"relation id {relation} is not one of 0..{len(shapes.RELATION_NAMES) - 1}")
 
 
 def score_example(image: Any, attributes: dict) -> dict[str, float]:
-    """Scores one image against attributes (`shapes.attributes_from_example` or
-    `parse_caption`): {'color', 'shape', 'size', 'position', 'count', 'exact'} in [0, 1]."""
-    n = int(attributes["num_objects"])
-    if n not in (1, 2):
-        raise ValueError(f"num_objects must be 1 or 2, got {n}")
-    expected = [{k: int(attributes[k][i]) for k in ("color", "shape", "size", "position")}
-                for i in range(n)]
-    found = detect(image)
-    # Match caption objects to detections (injective), maximising attribute agreement; a
-    # caption object left without a detection scores 0 on every attribute.
-    best_match, best_key = [None] * n, (-1, 0.0)
-    for k in range(min(n, len(found)), -1, -1):
-        for objs in itertools.permutations(range(n), k):
-            for dets in itertools.permutations(range(len(found)), k):
-                agree = sum((found[d].color == expected[o]["color"]) +
-                            (found[d].shape == expected[o]["shape"]) +
-                            (found[d].size == expected[o]["size"]) for o, d in zip(objs, dets))
-                key = (agree, sum(found[d].area for d in dets))
-                if key > best_key:
-                    best_key = key
-                    best_match = [None] * n
-                    for o, d in zip(objs, dets):
-                        best_match[o] = found[d]
-    scores = {}
-    for attr in ("color", "shape", "size"):
-        scores[attr] = float(np.mean([
-            m is not None and getattr(m, attr) == e[attr] for m, e in zip(best_match, expected)]))
-    if n == 1:
-        scores["position"] = float(best_match[0] is not None and
-                                   best_match[0].position == expected[0]["position"])
-    else:
-        scores["position"] = float(
-            best_match[0] is not None and best_match[1] is not None and
-            _relation_holds(int(attributes["relation"]), best_match[0], best_match[1]))
-    scores["count"] = float(len(found) == n)
-    scores["exact"] = float(all(scores[a] == 1.0 for a in ATTRIBUTES[:5]))
-    return scores
+  """Scores one image against attributes (`shapes.attributes_from_example` or
+  `parse_caption`): {'color', 'shape', 'size', 'position', 'count', 'exact'} in [0, 1]."""
+  n = int(attributes["num_objects"])
+  if n not in (1, 2):
+    raise ValueError(f"num_objects must be 1 or 2, got {n}")
+  expected = [
+      {k: int(attributes[k][i]) for k in ("color", "shape", "size", "position")} for i in range(n)
+  ]
+  found = detect(image)
+  # Match caption objects to detections (injective), maximising attribute agreement; a
+  # caption object left without a detection scores 0 on every attribute.
+  best_match, best_key = [None] * n, (-1, 0.0)
+  for k in range(min(n, len(found)), -1, -1):
+    for objs in itertools.permutations(range(n), k):
+      for dets in itertools.permutations(range(len(found)), k):
+        agree = sum(
+            (found[d].color == expected[o]["color"])
+            + (found[d].shape == expected[o]["shape"])
+            + (found[d].size == expected[o]["size"])
+            for o, d in zip(objs, dets)
+        )
+        key = (agree, sum(found[d].area for d in dets))
+        if key > best_key:
+          best_key = key
+          best_match = [None] * n
+          for o, d in zip(objs, dets):
+            best_match[o] = found[d]
+  scores = {}
+  for attr in ("color", "shape", "size"):
+    scores[attr] = float(
+        np.mean(
+            [m is not None and getattr(m, attr) == e[attr] for m, e in zip(best_match, expected)]
+        )
+    )
+  if n == 1:
+    scores["position"] = float(
+        best_match[0] is not None and best_match[0].position == expected[0]["position"]
+    )
+  else:
+    scores["position"] = float(
+        best_match[0] is not None
+        and best_match[1] is not None
+        and _relation_holds(int(attributes["relation"]), best_match[0], best_match[1])
+    )
+  scores["count"] = float(len(found) == n)
+  scores["exact"] = float(all(scores[a] == 1.0 for a in ATTRIBUTES[:5]))
+  return scores
 
 
 def score_images(
-    images: Sequence[Any] | np.ndarray, attributes: Sequence[dict],
+    images: Sequence[Any] | np.ndarray,
+    attributes: Sequence[dict],
     held_out: Sequence[bool] | None = None,
 ) -> dict[str, Any]:
-    """Scores a set of images. Returns {'mean': {attr: float}, 'per_example': [...], 'num'}
-    plus 'held_out' / 'seen' means when `held_out` flags are given (results on colour+kind
-    combinations never seen in training, reported separately)."""
-    if len(images) != len(attributes):
-        raise ValueError(f"{len(images)} images but {len(attributes)} attribute sets")
-    per = [score_example(img, attr) for img, attr in zip(images, attributes)]
-    mean = lambda rows: {a: float(np.mean([r[a] for r in rows])) if rows else float("nan")  # noqa: E731
-                         for a in ATTRIBUTES}
-    out = {"num": len(per), "mean": mean(per), "per_example": per}
-    if held_out is not None:
-        flags = [bool(f) for f in held_out]
-        out["held_out"] = mean([r for r, f in zip(per, flags) if f])
-        out["seen"] = mean([r for r, f in zip(per, flags) if not f])
-        out["num_held_out"] = int(sum(flags))
-    return out
+  """Scores a set of images. Returns {'mean': {attr: float}, 'per_example': [...], 'num'}
+  plus 'held_out' / 'seen' means when `held_out` flags are given (results on colour+kind
+  combinations never seen in training, reported separately)."""
+  if len(images) != len(attributes):
+    raise ValueError(f"{len(images)} images but {len(attributes)} attribute sets")
+  per = [score_example(img, attr) for img, attr in zip(images, attributes)]
+  mean = lambda rows: {
+      a: float(np.mean([r[a] for r in rows])) if rows else float("nan")  # noqa: E731
+      for a in ATTRIBUTES
+  }
+  out = {"num": len(per), "mean": mean(per), "per_example": per}
+  if held_out is not None:
+    flags = [bool(f) for f in held_out]
+    out["held_out"] = mean([r for r, f in zip(per, flags) if f])
+    out["seen"] = mean([r for r, f in zip(per, flags) if not f])
+    out["num_held_out"] = int(sum(flags))
+  return out
 
 
 _OBJ = r"a (small|large) (\w+) (circle|square|triangle)"
@@ -222,27 +251,35 @@ _TWO = re.compile(rf"^{_OBJ} (above|below|to the left of|to the right of) {_OBJ}
 
 
 def parse_caption(caption: str | bytes) -> dict:
-    """A shapes caption -> attributes (the inverse of `shapes.caption_for`)."""
-    if isinstance(caption, bytes):
-        caption = caption.decode("utf-8")
-    text = caption.strip().lower()
+  """A shapes caption -> attributes (the inverse of `shapes.caption_for`)."""
+  if isinstance(caption, bytes):
+    caption = caption.decode("utf-8")
+  text = caption.strip().lower()
 
-    def obj(size, color, kind, position):
-        if color not in shapes.COLOR_NAMES:
-            raise ValueError(f"colour {color!r} in {caption!r} is not one of {shapes.COLOR_NAMES}")
-        return (shapes.SIZE_NAMES.index(size), shapes.COLOR_NAMES.index(color),
-                shapes.SHAPE_NAMES.index(kind), position)
+  def obj(size, color, kind, position):
+    if color not in shapes.COLOR_NAMES:
+      raise ValueError(f"colour {color!r} in {caption!r} is not one of {shapes.COLOR_NAMES}")
+    return (
+        shapes.SIZE_NAMES.index(size),
+        shapes.COLOR_NAMES.index(color),
+        shapes.SHAPE_NAMES.index(kind),
+        position,
+    )
 
-    if m := _ONE.match(text):
-        objs = [obj(*m.groups()[:3], shapes.POSITION_PHRASES.index(m.group(4)))]
-        relation = -1
-    elif m := _TWO.match(text):
-        relation = shapes.RELATION_NAMES.index(m.group(4))
-        p0, p1 = shapes.RELATION_POSITIONS[relation]
-        objs = [obj(*m.groups()[:3], p0), obj(*m.groups()[4:7], p1)]
-    else:
-        raise ValueError(f"caption {caption!r} is not in the shapes grammar")
-    return {
-        "num_objects": len(objs), "size": [o[0] for o in objs], "color": [o[1] for o in objs],
-        "shape": [o[2] for o in objs], "position": [o[3] for o in objs], "relation": relation,
-    }
+  if m := _ONE.match(text):
+    objs = [obj(*m.groups()[:3], shapes.POSITION_PHRASES.index(m.group(4)))]
+    relation = -1
+  elif m := _TWO.match(text):
+    relation = shapes.RELATION_NAMES.index(m.group(4))
+    p0, p1 = shapes.RELATION_POSITIONS[relation]
+    objs = [obj(*m.groups()[:3], p0), obj(*m.groups()[4:7], p1)]
+  else:
+    raise ValueError(f"caption {caption!r} is not in the shapes grammar")
+  return {
+      "num_objects": len(objs),
+      "size": [o[0] for o in objs],
+      "color": [o[1] for o in objs],
+      "shape": [o[2] for o in objs],
+      "position": [o[3] for o in objs],
+      "relation": relation,
+  }

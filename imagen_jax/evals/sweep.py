@@ -32,6 +32,7 @@ Metrics per point (on the last stage's images `[N, S, S, 3]`):
   are what static thresholding produces at high w, while black backgrounds sit at the bottom.
   On the shapes data it is exactly 0 for real images (the palette's brightest channel is 240).
 """
+
 from __future__ import annotations
 
 import csv
@@ -76,8 +77,10 @@ class RandomConvFeatures:
   def __init__(self, *, seed: int = 0, size: int = 64, dim: int = 64, batch_size: int = 64):
     rng = np.random.default_rng(seed)
     chans = (3, 32, 64, dim)
-    self.weights = [rng.standard_normal((3, 3, a, b)).astype(np.float32) * np.sqrt(2.0 / (9 * a))
-                    for a, b in zip(chans[:-1], chans[1:])]
+    self.weights = [
+        rng.standard_normal((3, 3, a, b)).astype(np.float32) * np.sqrt(2.0 / (9 * a))
+        for a, b in zip(chans[:-1], chans[1:])
+    ]
     self.size, self.dim = size, dim
     self.name = f"random-conv-{dim}d-seed{seed}@{size}px"
     self.mode = "random-conv"
@@ -88,9 +91,16 @@ class RandomConvFeatures:
       x = images.astype(jnp.float32) / 127.5 - 1.0
       x = jax.image.resize(x, (x.shape[0], size_, size_, 3), "bilinear", antialias=True)
       for w in weights:
-        x = jax.nn.relu(jax.lax.conv_general_dilated(
-            x, w, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            precision=jax.lax.Precision.HIGHEST))
+        x = jax.nn.relu(
+            jax.lax.conv_general_dilated(
+                x,
+                w,
+                (2, 2),
+                "SAME",
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                precision=jax.lax.Precision.HIGHEST,
+            )
+        )
       return jnp.mean(x, axis=(1, 2))
 
     self._runner = batched.BatchRunner(features, self.weights, batch_size)
@@ -116,8 +126,9 @@ class InceptionFeatures:
     return self.computer.statistics(np.asarray(images, np.uint8))
 
 
-def saturation_fraction(images: np.ndarray, level: float = SATURATION_LEVEL, *,
-                        upper_only: bool = False) -> float:
+def saturation_fraction(
+    images: np.ndarray, level: float = SATURATION_LEVEL, *, upper_only: bool = False
+) -> float:
   """Fraction of values with |x| >= level (or x >= level when `upper_only`) of float images in
   [-1, 1] (any shape)."""
   x = np.asarray(images, np.float32)
@@ -127,6 +138,7 @@ def saturation_fraction(images: np.ndarray, level: float = SATURATION_LEVEL, *,
 @dataclasses.dataclass(frozen=True)
 class SweepPoint:
   """One point of the sweep: the swept stage's guidance weight, threshold mode, aug level."""
+
   weight: float
   threshold: str
   aug_level: float | None = None  # None: keep the stage's own aug_level
@@ -137,8 +149,9 @@ class SweepPoint:
     return self.threshold + ("" if self.aug_level is None else f", aug={self.aug_level:g}")
 
 
-def make_points(weights: Sequence[float], thresholds: Sequence[str],
-                aug_levels: Sequence[float] | None = None) -> list[SweepPoint]:
+def make_points(
+    weights: Sequence[float], thresholds: Sequence[str], aug_levels: Sequence[float] | None = None
+) -> list[SweepPoint]:
   from imagen_jax.diffusion.guidance import THRESHOLD_MODES
 
   for t in thresholds:
@@ -151,8 +164,12 @@ def make_points(weights: Sequence[float], thresholds: Sequence[str],
     if not 0.0 <= a <= 1.0:
       raise ValueError(f"aug_level {a!r} must be in [0, 1]")
   augs = list(aug_levels) if aug_levels else [None]
-  return [SweepPoint(float(w), t, None if a is None else float(a))
-          for t in thresholds for a in augs for w in weights]
+  return [
+      SweepPoint(float(w), t, None if a is None else float(a))
+      for t in thresholds
+      for a in augs
+      for w in weights
+  ]
 
 
 def default_weights(model: cascade_lib.Cascade, sweep_stage: int) -> tuple[float, ...]:
@@ -160,8 +177,9 @@ def default_weights(model: cascade_lib.Cascade, sweep_stage: int) -> tuple[float
   return SR_WEIGHTS if model.stages[sweep_stage].is_sr else BASE_WEIGHTS
 
 
-def point_settings(base: Sequence[cascade_lib.SamplingSettings], sweep_stage: int,
-                   point: SweepPoint) -> list[cascade_lib.SamplingSettings]:
+def point_settings(
+    base: Sequence[cascade_lib.SamplingSettings], sweep_stage: int, point: SweepPoint
+) -> list[cascade_lib.SamplingSettings]:
   """Per-stage settings of a point: the threshold mode on every stage, w (and aug) on one."""
   if not 0 <= sweep_stage < len(base):
     raise ValueError(f"sweep_stage {sweep_stage} is outside the {len(base)}-stage prefix")
@@ -205,8 +223,8 @@ def _write_atomically(final_dir: str, files: dict[str, Any]) -> None:
 @dataclasses.dataclass
 class SweepResult:
   rows: list[dict]
-  computed: int   # points sampled in this call
-  cached: int     # points read from <outdir>/points
+  computed: int  # points sampled in this call
+  cached: int  # points read from <outdir>/points
   fd_label: str
   x_metric: str
   reference_saturation: float | None = None  # the same fraction on the real images
@@ -220,11 +238,22 @@ def _pad(prompts: list[str], batch_size: int) -> list[str]:
   return prompts + [""] * extra
 
 
-def run_sweep(model: cascade_lib.Cascade, prompts: Sequence[str],
-              base_settings: Sequence[cascade_lib.SamplingSettings], points: Sequence[SweepPoint],
-              outdir: str, *, sweep_stage: int, attributes: Sequence[dict] | None = None,
-              reference_images: np.ndarray | None = None, features=None, clip_scorer=None,
-              seed: int = 0, batch_size: int = 64, progress: bool = True) -> SweepResult:
+def run_sweep(
+    model: cascade_lib.Cascade,
+    prompts: Sequence[str],
+    base_settings: Sequence[cascade_lib.SamplingSettings],
+    points: Sequence[SweepPoint],
+    outdir: str,
+    *,
+    sweep_stage: int,
+    attributes: Sequence[dict] | None = None,
+    reference_images: np.ndarray | None = None,
+    features=None,
+    clip_scorer=None,
+    seed: int = 0,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> SweepResult:
   """Samples and scores every point (skipping finished ones); returns one row per point.
 
   Args:
@@ -254,10 +283,11 @@ def run_sweep(model: cascade_lib.Cascade, prompts: Sequence[str],
       ref_stats = features.statistics(reference_images)
       ref_stats.save(ref_path)
   identity_base = {
-      "workdirs": [os.path.abspath(s.workdir) for s in model.stages[:len(base_settings)]],
-      "steps": [s.step for s in model.stages[:len(base_settings)]],
+      "workdirs": [os.path.abspath(s.workdir) for s in model.stages[: len(base_settings)]],
+      "steps": [s.step for s in model.stages[: len(base_settings)]],
       "prompts": hashlib.sha1("\n".join(prompts).encode()).hexdigest(),
-      "seed": seed, "sweep_stage": sweep_stage,
+      "seed": seed,
+      "sweep_stage": sweep_stage,
       "features": None if features is None else features.name,
       "clip": None if clip_scorer is None else os.path.abspath(clip_scorer.path),
   }
@@ -274,16 +304,28 @@ def run_sweep(model: cascade_lib.Cascade, prompts: Sequence[str],
       cached += 1
       continue
     t0 = time.time()
-    outs = model.sample(_pad(prompts, batch_size), settings, seed=seed, batch_size=batch_size,
-                        first_index=0, progress=False)
-    outs = [o[:len(prompts)] for o in outs]
+    outs = model.sample(
+        _pad(prompts, batch_size),
+        settings,
+        seed=seed,
+        batch_size=batch_size,
+        first_index=0,
+        progress=False,
+    )
+    outs = [o[: len(prompts)] for o in outs]
     final = cascade_lib.to_uint8(outs[-1])
-    row = {"key": key, "weight": point.weight, "threshold": point.threshold,
-           "aug_level": settings[sweep_stage].aug_level, "setting": point.setting,
-           "num_samples": len(prompts), "sample_seconds": round(time.time() - t0, 2),
-           "saturation_final": saturation_fraction(outs[-1]),
-           "saturation_swept_stage": saturation_fraction(outs[sweep_stage]),
-           "saturation_upper_final": saturation_fraction(outs[-1], upper_only=True)}
+    row = {
+        "key": key,
+        "weight": point.weight,
+        "threshold": point.threshold,
+        "aug_level": settings[sweep_stage].aug_level,
+        "setting": point.setting,
+        "num_samples": len(prompts),
+        "sample_seconds": round(time.time() - t0, 2),
+        "saturation_final": saturation_fraction(outs[-1]),
+        "saturation_swept_stage": saturation_fraction(outs[sweep_stage]),
+        "saturation_upper_final": saturation_fraction(outs[-1], upper_only=True),
+    }
     if attributes is not None:
       s = shapes_metric.score_images(list(final), list(attributes))["mean"]
       row.update({f"shapes_{a}": s[a] for a in shapes_metric.ATTRIBUTES})
@@ -295,9 +337,14 @@ def run_sweep(model: cascade_lib.Cascade, prompts: Sequence[str],
       row["fd"] = frechet.fid_from_statistics(features.statistics(final), ref_stats)
       row["fd_feature"] = features.name
     row["settings"] = identity["settings"]
-    _write_atomically(pdir, {"samples.npz": {f"stage{k + 1}": cascade_lib.to_uint8(o)
-                                             for k, o in enumerate(outs)},
-                             "prompts.json": prompts, "metrics.json": row})
+    _write_atomically(
+        pdir,
+        {
+            "samples.npz": {f"stage{k + 1}": cascade_lib.to_uint8(o) for k, o in enumerate(outs)},
+            "prompts.json": prompts,
+            "metrics.json": row,
+        },
+    )
     rows.append(row)
     computed += 1
   ref_sat = ref_sat_upper = None
@@ -305,55 +352,87 @@ def run_sweep(model: cascade_lib.Cascade, prompts: Sequence[str],
     ref = np.asarray(reference_images, np.float32) / 127.5 - 1.0
     ref_sat = saturation_fraction(ref)
     ref_sat_upper = saturation_fraction(ref, upper_only=True)
-  x_metric = ("clip_score" if clip_scorer is not None else
-              "alignment_color_shape" if attributes is not None else "")
+  x_metric = (
+      "clip_score"
+      if clip_scorer is not None
+      else "alignment_color_shape"
+      if attributes is not None
+      else ""
+  )
   fd_label = "" if features is None else features.label
   return SweepResult(rows, computed, cached, fd_label, x_metric, ref_sat, ref_sat_upper)
 
 
-TABLE_COLUMNS = ("setting", "weight", "alignment_color_shape", "shapes_color", "shapes_shape",
-                 "shapes_exact", "clip_score", "fd", "saturation_swept_stage",
-                 "saturation_final", "saturation_upper_final", "num_samples")
+TABLE_COLUMNS = (
+    "setting",
+    "weight",
+    "alignment_color_shape",
+    "shapes_color",
+    "shapes_shape",
+    "shapes_exact",
+    "clip_score",
+    "fd",
+    "saturation_swept_stage",
+    "saturation_final",
+    "saturation_upper_final",
+    "num_samples",
+)
 
 
-def write_outputs(result: SweepResult, outdir: str, title: str = "",
-                  grid_prompts: int = 6) -> dict[str, str]:
+def write_outputs(
+    result: SweepResult, outdir: str, title: str = "", grid_prompts: int = 6
+) -> dict[str, str]:
   """`results.csv` (every column), `results.md` (the main columns), `pareto.png` and
   `samples.png` (the first `grid_prompts` prompts' final images at every point)."""
   rows = sorted(result.rows, key=lambda r: (r["setting"], r["weight"]))
   cols = [c for c in TABLE_COLUMNS if any(c in r for r in rows)]
   extra = sorted({k for r in rows for k in r} - set(cols) - {"settings"})
-  paths = {"csv": os.path.join(outdir, "results.csv"),
-           "md": os.path.join(outdir, "results.md"),
-           "png": os.path.join(outdir, "pareto.png"),
-           "grid": os.path.join(outdir, "samples.png")}
+  paths = {
+      "csv": os.path.join(outdir, "results.csv"),
+      "md": os.path.join(outdir, "results.md"),
+      "png": os.path.join(outdir, "pareto.png"),
+      "grid": os.path.join(outdir, "samples.png"),
+  }
   with open(paths["csv"] + ".tmp", "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=cols + extra, extrasaction="ignore")
     w.writeheader()
     w.writerows(rows)
   os.replace(paths["csv"] + ".tmp", paths["csv"])
-  names = {"alignment_color_shape": "align (colour+shape)/2", "fd": result.fd_label or "FD",
-           "saturation_swept_stage": "sat. swept stage", "saturation_final": "sat. final",
-           "saturation_upper_final": "upper sat. final",
-           "shapes_color": "colour", "shapes_shape": "shape", "shapes_exact": "exact",
-           "clip_score": "CLIP score", "num_samples": "N", "weight": "w"}
+  names = {
+      "alignment_color_shape": "align (colour+shape)/2",
+      "fd": result.fd_label or "FD",
+      "saturation_swept_stage": "sat. swept stage",
+      "saturation_final": "sat. final",
+      "saturation_upper_final": "upper sat. final",
+      "shapes_color": "colour",
+      "shapes_shape": "shape",
+      "shapes_exact": "exact",
+      "clip_score": "CLIP score",
+      "num_samples": "N",
+      "weight": "w",
+  }
   fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
   lines = ([f"### {title}", ""] if title else []) + [
       "| " + " | ".join(names.get(c, c) for c in cols) + " |",
-      "|" + "---|" * len(cols)]
+      "|" + "---|" * len(cols),
+  ]
   lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
-  lines += ["", f"Saturation: fraction of pixel values with |x| >= {SATURATION_LEVEL} in [-1, 1]; "
-            f"upper saturation: x >= {SATURATION_LEVEL} only (colours clipped at the top)."]
+  lines += [
+      "",
+      f"Saturation: fraction of pixel values with |x| >= {SATURATION_LEVEL} in [-1, 1]; "
+      f"upper saturation: x >= {SATURATION_LEVEL} only (colours clipped at the top).",
+  ]
   if result.reference_saturation is not None:
     # Read saturation against the data: shapes images are pure colours on black, so most real
     # pixels are "saturated"; lower is not better there, closer to the reference is.
-    lines[-1] += (f" Real reference images: {result.reference_saturation:.4g} and "
-                  f"{result.reference_saturation_upper:.4g} (compare with these, not with 0: "
-                  "e.g. shapes images are pure colours on a black background).")
+    lines[-1] += (
+        f" Real reference images: {result.reference_saturation:.4g} and "
+        f"{result.reference_saturation_upper:.4g} (compare with these, not with 0: "
+        "e.g. shapes images are pure colours on a black background)."
+    )
   with open(paths["md"], "w") as f:
     f.write("\n".join(lines) + "\n")
-  plot_pareto(rows, paths["png"], x_metric=result.x_metric, fd_label=result.fd_label,
-              title=title)
+  plot_pareto(rows, paths["png"], x_metric=result.x_metric, fd_label=result.fd_label, title=title)
   write_sample_grid(rows, outdir, paths["grid"], grid_prompts)
   return paths
 
@@ -377,11 +456,13 @@ def write_sample_grid(rows: Sequence[dict], outdir: str, path: str, num_prompts:
   os.replace(path + ".tmp.png", path)
 
 
-def plot_pareto(rows: Sequence[dict], path: str, *, x_metric: str, fd_label: str,
-                title: str = "") -> None:
+def plot_pareto(
+    rows: Sequence[dict], path: str, *, x_metric: str, fd_label: str, title: str = ""
+) -> None:
   """Alignment (x) vs Frechet distance (y), one curve per setting, points labelled with w
   (the layout of Imagen Figs. A.8 / A.11). Falls back to saturation on y without an FD."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -393,10 +474,14 @@ def plot_pareto(rows: Sequence[dict], path: str, *, x_metric: str, fd_label: str
     xs, ys = [r.get(x_metric, np.nan) for r in pts], [r.get(y_metric, np.nan) for r in pts]
     ax.plot(xs, ys, "o-", label=setting)
     for r, x, y in zip(pts, xs, ys):
-      ax.annotate(f"w={r['weight']:g}", (x, y), textcoords="offset points", xytext=(4, 4),
-                  fontsize=8)
-  xlabels = {"clip_score": "CLIP score", "weight": "guidance weight w",
-             "alignment_color_shape": "shapes alignment ((colour + shape) / 2)"}
+      ax.annotate(
+          f"w={r['weight']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8
+      )
+  xlabels = {
+      "clip_score": "CLIP score",
+      "weight": "guidance weight w",
+      "alignment_color_shape": "shapes alignment ((colour + shape) / 2)",
+  }
   ax.set_xlabel(xlabels.get(x_metric, x_metric))
   ax.set_ylabel(fd_label if y_metric == "fd" else "fraction of saturated pixels (final)")
   ax.set_title(title or "guidance sweep")
@@ -424,15 +509,20 @@ def read_prompt_file(path: str) -> list[str]:
   return out
 
 
-def shapes_test_prompts(data_dir: str, resolution: int, *, num_train: int, num_test: int,
-                        seed: int, limit: int) -> tuple[list[str], list[dict], np.ndarray]:
+def shapes_test_prompts(
+    data_dir: str, resolution: int, *, num_train: int, num_test: int, seed: int, limit: int
+) -> tuple[list[str], list[dict], np.ndarray]:
   """The shapes test split (built or reused in data_dir): prompts, attributes, real images."""
   from imagen_jax.data import shapes
 
   if limit > num_test:
     raise ValueError(f"num_prompts={limit} exceeds the shapes test split ({num_test})")
-  builder = shapes.build_shapes(data_dir, resolution, num_train=num_train, num_test=num_test,
-                                seed=seed)
+  builder = shapes.build_shapes(
+      data_dir, resolution, num_train=num_train, num_test=num_test, seed=seed
+  )
   test = shapes.read_examples(builder, "test")
-  return ([ex["caption"] for ex in test[:limit]], [ex["attributes"] for ex in test[:limit]],
-          np.stack([ex["image"] for ex in test]))
+  return (
+      [ex["caption"] for ex in test[:limit]],
+      [ex["attributes"] for ex in test[:limit]],
+      np.stack([ex["image"] for ex in test]),
+  )

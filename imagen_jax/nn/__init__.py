@@ -7,6 +7,7 @@ Public API (docs/interfaces.md):
   model.apply(params, x_t, logsnr, text_emb, text_mask, lowres=None, aug_level=None,
               train=False, rngs=...) -> [B, H, W, C_out]
 """
+
 from imagen_jax.nn.presets import get_model_config
 from imagen_jax.nn.unet import EfficientUNet, UNet, build_model
 

@@ -18,6 +18,7 @@ attend to, so a dropped text (all-False mask) with `self_attention=False` still 
 softmax; masked text tokens get exactly zero weight (their logits are replaced before the max).
 Logits and softmax are float32 regardless of the compute dtype.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -66,8 +67,9 @@ def _dense_attention(q, k, v, mask, dtype):
   return jnp.einsum("...nts,...snd->...tnd", weights, v.astype(dtype))
 
 
-def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                     dtype: Dtype, impl: str = "dense") -> jax.Array:
+def masked_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, dtype: Dtype, impl: str = "dense"
+) -> jax.Array:
   """softmax(q k^T / sqrt(D) + mask) v with float32 logits and softmax.
 
   q: [B, T, N, D]; k, v: [B, S, N, D]; mask: bool [B, S] (True = may be attended to; every
@@ -84,7 +86,7 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
   if impl not in ATTN_IMPLS:
     raise ValueError(f"unknown attention impl {impl!r}; allowed: {ATTN_IMPLS}")
   if impl == "auto":
-    big = q.shape[1] * k.shape[1] > 2 ** 16
+    big = q.shape[1] * k.shape[1] > 2**16
     single_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1
     impl = "per_example" if big and single_cpu else "dense"
   if impl == "dense":
@@ -100,6 +102,7 @@ class Attention(nn.Module):
   `text` is the (already projected, masked-to-zero) text sequence; pass None for layers
   without text (e.g. a self-attention-only layer).
   """
+
   num_heads: int | None = None
   head_dim: int | None = None
   self_attention: bool = True
@@ -109,8 +112,9 @@ class Attention(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, text: jax.Array | None = None,
-               text_mask: jax.Array | None = None) -> jax.Array:
+  def __call__(
+      self, x: jax.Array, text: jax.Array | None = None, text_mask: jax.Array | None = None
+  ) -> jax.Array:
     b, hgt, wid, c = x.shape
     heads, hd = resolve_heads(c, self.num_heads, self.head_dim)
     if not self.self_attention and text is None:
@@ -121,8 +125,12 @@ class Attention(nn.Module):
 
     ks, vs, masks = [], [], []
     # Learned null key/value: always attendable.
-    null_kv = self.param("null_kv", nn.with_logical_partitioning(
-        nn.initializers.normal(1.0), (None, "heads", "kv")), (2, heads, hd), self.param_dtype)
+    null_kv = self.param(
+        "null_kv",
+        nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, "heads", "kv")),
+        (2, heads, hd),
+        self.param_dtype,
+    )
     null_kv = jnp.broadcast_to(null_kv.astype(self.dtype)[None], (b, 2, heads, hd))
     ks.append(null_kv[:, 0:1])
     vs.append(null_kv[:, 1:2])
@@ -130,8 +138,7 @@ class Attention(nn.Module):
 
     if self.self_attention:
       # One fused matmul for q, k, v (C -> 3 N D).
-      qkv = layers.DenseGeneral((3, heads, hd), ("embed", None, "heads", "kv"), name="qkv",
-                                **kw)(h)
+      qkv = layers.DenseGeneral((3, heads, hd), ("embed", None, "heads", "kv"), name="qkv", **kw)(h)
       q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
       ks.append(k)
       vs.append(v)
@@ -144,8 +151,9 @@ class Attention(nn.Module):
       if text_mask is None:
         raise ValueError("text given without text_mask")
       t = layers.LayerNorm(self.param_dtype)(text).astype(self.dtype)
-      kv_txt = layers.DenseGeneral((2, heads, hd), ("text_embed", None, "heads", "kv"),
-                                   name="text_kv", **kw)(t)
+      kv_txt = layers.DenseGeneral(
+          (2, heads, hd), ("text_embed", None, "heads", "kv"), name="text_kv", **kw
+      )(t)
       ks.append(kv_txt[:, :, 0])
       vs.append(kv_txt[:, :, 1])
       masks.append(text_mask.astype(bool))
@@ -154,7 +162,8 @@ class Attention(nn.Module):
     v = layers.constrain(jnp.concatenate(vs, axis=1), ("batch", None, "heads", "kv"))
     out = masked_attention(q, k, v, jnp.concatenate(masks, axis=1), self.dtype, self.impl)
     # Zero-initialised output projection (ADM zero_module): the block starts as identity.
-    out = layers.DenseGeneral((c,), ("heads", "kv", "embed"), in_axes=2, zero_init=True,
-                              name="out", **kw)(out)
+    out = layers.DenseGeneral(
+        (c,), ("heads", "kv", "embed"), in_axes=2, zero_init=True, name="out", **kw
+    )(out)
     out = out.reshape(b, hgt, wid, c)
     return layers.constrain(x + out.astype(x.dtype), layers.FEATURE_AXES)

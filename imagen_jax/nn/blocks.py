@@ -20,6 +20,7 @@ Efficient U-Net (Imagen App. B.1, Figs. A.27-A.30):
 Every block takes `dtype`/`param_dtype`; norms run in float32. `remat=True` wraps each residual
 block and attention layer in `nn.remat` (gradient checkpointing), recomputing it on backward.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,6 +45,7 @@ class ResBlock(nn.Module):
 
   __call__(x [B,H,W,Cin], emb [B,E], train) -> [B,H',W',out_channels], H' = H, 2H or H/2.
   """
+
   out_channels: int
   resample: str = "none"  # "none" | "up" | "down"
   dropout: float = 0.0
@@ -56,8 +58,9 @@ class ResBlock(nn.Module):
     if self.resample not in ("none", "up", "down"):
       raise ValueError(f"ResBlock resample must be 'none', 'up' or 'down', got {self.resample!r}")
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    resample = {"none": lambda t: t, "up": layers.upsample_nearest,
-                "down": layers.downsample_avg}[self.resample]
+    resample = {"none": lambda t: t, "up": layers.upsample_nearest, "down": layers.downsample_avg}[
+        self.resample
+    ]
     h = nn.swish(layers.GroupNorm(self.norm_groups, self.param_dtype)(x)).astype(self.dtype)
     h = resample(h)
     x = resample(x)
@@ -81,6 +84,7 @@ class ResNetBlock(nn.Module):
   The figure draws the 1x1 conv on the skip for every block, so it is always there (not only
   when the width changes, as in ADM); it is ~10% of the block's parameters.
   """
+
   out_channels: int
   dropout: float = 0.0
   norm_groups: int = 32
@@ -105,14 +109,16 @@ class CombineEmbs(nn.Module):
   x * (1 + s) + b, (s, b) = Dense_0(swish(emb)): [B,H,W,C], [B,E] -> [B,H,W,C]. The Dense is
   zero-initialised so the block starts unconditioned (identity).
   """
+
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
     c = x.shape[-1]
-    ss = layers.dense(2 * c, ("embed", "mlp"), zero_init=True, dtype=self.dtype,
-                      param_dtype=self.param_dtype)(nn.swish(emb))
+    ss = layers.dense(
+        2 * c, ("embed", "mlp"), zero_init=True, dtype=self.dtype, param_dtype=self.param_dtype
+    )(nn.swish(emb))
     scale, shift = jnp.split(ss.astype(jnp.float32), 2, axis=-1)
     out = x.astype(jnp.float32) * (1.0 + scale[:, None, None, :]) + shift[:, None, None, :]
     return out.astype(self.dtype)
@@ -120,6 +126,7 @@ class CombineEmbs(nn.Module):
 
 class _EfficientStage(nn.Module):
   """Shared body of DBlock/UBlock: CombineEmbs -> ResNetBlock x N -> optional attention."""
+
   channels: int
   num_res_blocks: int
   self_attention: bool = False
@@ -138,19 +145,23 @@ class _EfficientStage(nn.Module):
     h = CombineEmbs(**kw)(h, emb)
     block = maybe_remat(ResNetBlock, self.remat, static_argnums=(2,))
     for i in range(self.num_res_blocks):  # explicit names: independent of remat
-      h = block(self.channels, self.dropout, self.norm_groups, name=f"ResNetBlock_{i}",
-                **kw)(h, train)
+      h = block(self.channels, self.dropout, self.norm_groups, name=f"ResNetBlock_{i}", **kw)(
+          h, train
+      )
     attn = maybe_remat(attention.Attention, self.remat)
-    heads = dict(num_heads=self.num_heads, head_dim=self.head_dim, norm_groups=self.norm_groups,
-                 impl=self.attn_impl)
+    heads = dict(
+        num_heads=self.num_heads,
+        head_dim=self.head_dim,
+        norm_groups=self.norm_groups,
+        impl=self.attn_impl,
+    )
     # F.2 sets self_attention and text_cross_attention as two options and F.3 removes the
     # first while keeping the second, so they are two layers: self-attention over the image
     # tokens, then cross-attention from the image to the text (each with the null token).
     if self.self_attention:
       h = attn(**heads, self_attention=True, name="SelfAttention", **kw)(h, None, None)
     if self.text_cross_attention:
-      h = attn(**heads, self_attention=False, name="TextCrossAttention", **kw)(
-          h, text, text_mask)
+      h = attn(**heads, self_attention=False, name="TextCrossAttention", **kw)(h, text, text_mask)
     return h
 
 
@@ -159,12 +170,19 @@ class DBlock(_EfficientStage):
 
   __call__(x [B,H,W,Cin], emb, text, text_mask, train) -> [B,H/s,W/s,channels].
   """
+
   stride: int = 2
 
   @nn.compact
   def __call__(self, x, emb, text, text_mask, train: bool = False):
-    h = layers.conv(self.channels, 3, stride=self.stride, dtype=self.dtype,
-                    param_dtype=self.param_dtype, name="down")(x)
+    h = layers.conv(
+        self.channels,
+        3,
+        stride=self.stride,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        name="down",
+    )(x)
     return self.body(h, emb, text, text_mask, train)
 
 
@@ -176,6 +194,7 @@ class UBlock(_EfficientStage):
   1/sqrt(2)") and concatenated to the input, as in a standard U-Net and imagen-pytorch; the
   first ResNetBlock's 1x1 skip conv maps the 2C channels back to C.
   """
+
   stride: int = 2
   out_channels: int = 0
 
@@ -187,6 +206,7 @@ class UBlock(_EfficientStage):
     h = self.body(h, emb, text, text_mask, train)
     if self.stride > 1:
       h = layers.upsample_nearest(h, self.stride)
-    h = layers.conv(self.out_channels, 3, dtype=self.dtype, param_dtype=self.param_dtype,
-                    name="up")(h)
+    h = layers.conv(
+        self.out_channels, 3, dtype=self.dtype, param_dtype=self.param_dtype, name="up"
+    )(h)
     return layers.constrain(h, layers.FEATURE_AXES)

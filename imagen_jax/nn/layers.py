@@ -11,6 +11,7 @@ config's logical->mesh rules can shard it. The names used (DESIGN.md, interfaces
 dtype policy (DESIGN.md principle 9): `dtype` is the compute dtype, `param_dtype` the storage
 dtype. Norm statistics and the conditioning MLPs' sinusoids are computed in float32.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,37 +33,64 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   return nn.with_logical_constraint(x, tuple(names))
 
 
-def conv(features: int, kernel: int = 3, stride: int = 1, *, zero_init: bool = False,
-         dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-         name: str | None = None) -> nn.Conv:
+def conv(
+    features: int,
+    kernel: int = 3,
+    stride: int = 1,
+    *,
+    zero_init: bool = False,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    name: str | None = None,
+) -> nn.Conv:
   """A `kernel x kernel` NHWC convolution with symmetric padding `kernel // 2`.
 
   With stride s and even input sizes the output is exactly `H / s` (like PyTorch's padding=1),
   unlike "SAME", which pads asymmetrically for strided convs. `zero_init` zeroes the kernel
   (ADM's zero_module on the last conv of a residual branch, so each block starts as identity).
   """
-  kernel_init = (nn.initializers.zeros_init() if zero_init
-                 else nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"))
+  kernel_init = (
+      nn.initializers.zeros_init()
+      if zero_init
+      else nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+  )
   pad = kernel // 2
   return nn.Conv(
-      features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-      dtype=dtype, param_dtype=param_dtype,
+      features,
+      (kernel, kernel),
+      strides=(stride, stride),
+      padding=((pad, pad), (pad, pad)),
+      dtype=dtype,
+      param_dtype=param_dtype,
       kernel_init=nn.with_logical_partitioning(kernel_init, (None, None, "conv_in", "conv_out")),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
-      name=name)
+      name=name,
+  )
 
 
-def dense(features: int, names: tuple[str | None, str | None], *, zero_init: bool = False,
-          dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-          name: str | None = None) -> nn.Dense:
+def dense(
+    features: int,
+    names: tuple[str | None, str | None],
+    *,
+    zero_init: bool = False,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    name: str | None = None,
+) -> nn.Dense:
   """A Dense layer whose kernel `[in, out]` carries the logical names `names`."""
-  kernel_init = (nn.initializers.zeros_init() if zero_init
-                 else nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"))
+  kernel_init = (
+      nn.initializers.zeros_init()
+      if zero_init
+      else nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+  )
   return nn.Dense(
-      features, dtype=dtype, param_dtype=param_dtype,
+      features,
+      dtype=dtype,
+      param_dtype=param_dtype,
       kernel_init=nn.with_logical_partitioning(kernel_init, names),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (names[1],)),
-      name=name)
+      name=name,
+  )
 
 
 class DenseGeneral(nn.Module):
@@ -73,6 +101,7 @@ class DenseGeneral(nn.Module):
   partitioning (and the sharding constraint it implies under a mesh) applies to the real
   array (flax initialises a flattened 2-D kernel and reshapes it afterwards).
   """
+
   features: tuple[int, ...]
   names: tuple[str | None, ...]
   in_axes: int = 1
@@ -84,18 +113,30 @@ class DenseGeneral(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     n_in, n_out = self.in_axes, len(self.features)
     if len(self.names) != n_in + n_out:
-      raise ValueError(f"DenseGeneral names {self.names} must name {n_in} input and "
-                       f"{n_out} output axes")
-    kshape = tuple(x.shape[x.ndim - n_in:]) + tuple(self.features)
-    init = (nn.initializers.zeros_init() if self.zero_init else
-            nn.initializers.variance_scaling(1.0, "fan_avg", "uniform",
-                                             in_axis=tuple(range(n_in)),
-                                             out_axis=tuple(range(n_in, n_in + n_out))))
-    kernel = self.param("kernel", nn.with_logical_partitioning(init, self.names), kshape,
-                        self.param_dtype)
-    bias = self.param("bias", nn.with_logical_partitioning(
-        nn.initializers.zeros_init(), self.names[n_in:]), tuple(self.features),
-                      self.param_dtype)
+      raise ValueError(
+          f"DenseGeneral names {self.names} must name {n_in} input and " f"{n_out} output axes"
+      )
+    kshape = tuple(x.shape[x.ndim - n_in :]) + tuple(self.features)
+    init = (
+        nn.initializers.zeros_init()
+        if self.zero_init
+        else nn.initializers.variance_scaling(
+            1.0,
+            "fan_avg",
+            "uniform",
+            in_axis=tuple(range(n_in)),
+            out_axis=tuple(range(n_in, n_in + n_out)),
+        )
+    )
+    kernel = self.param(
+        "kernel", nn.with_logical_partitioning(init, self.names), kshape, self.param_dtype
+    )
+    bias = self.param(
+        "bias",
+        nn.with_logical_partitioning(nn.initializers.zeros_init(), self.names[n_in:]),
+        tuple(self.features),
+        self.param_dtype,
+    )
     contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
     y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
     lead = y.ndim - n_out
@@ -115,14 +156,17 @@ class GroupNorm(nn.Module):
 
   Callers cast to the compute dtype after any scale-shift, so the modulation is float32 too.
   """
+
   max_groups: int = 32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     return nn.GroupNorm(
-        num_groups=num_groups_for(x.shape[-1], self.max_groups), epsilon=1e-5,
-        dtype=jnp.float32, param_dtype=self.param_dtype,
+        num_groups=num_groups_for(x.shape[-1], self.max_groups),
+        epsilon=1e-5,
+        dtype=jnp.float32,
+        param_dtype=self.param_dtype,
         scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
     )(x.astype(jnp.float32))
@@ -130,12 +174,15 @@ class GroupNorm(nn.Module):
 
 class LayerNorm(nn.Module):
   """LayerNorm over the last axis in float32 (used on text embeddings, Imagen §2.5)."""
+
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     return nn.LayerNorm(
-        epsilon=1e-5, dtype=jnp.float32, param_dtype=self.param_dtype,
+        epsilon=1e-5,
+        dtype=jnp.float32,
+        param_dtype=self.param_dtype,
         scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
     )(x.astype(jnp.float32))
@@ -209,6 +256,7 @@ class ScalarEmbedding(nn.Module):
   The 1000x scale matches DDPM/ADM's integer timesteps, so the sinusoid's frequencies span
   the unit interval usefully.
   """
+
   embed_dim: int
   sinusoid_dim: int
   dtype: Dtype = jnp.float32

@@ -21,6 +21,7 @@ EfficientUNet adds channels, num_res_blocks, strides, self_attention, text_cross
 (one entry per block), stem_channels, space_to_depth.
 Where the paper is silent the choice is marked "(ours)".
 """
+
 from __future__ import annotations
 
 import ml_collections
@@ -35,21 +36,21 @@ def _common(**overrides) -> ml_collections.ConfigDict:
   c.image_size = 64
   c.out_channels = 3
   c.lowres_cond = False
-  c.text_dim = 4096           # T5-XXL d_model (§2.1)
-  c.text_len = 128            # paper silent; project default max tokens (IMAGEN_FACTS)
-  c.text_proj_dim = 1024      # (ours) width of the shared text projection
-  c.embed_dim = 1024          # conditioning (time + pooled text) width
+  c.text_dim = 4096  # T5-XXL d_model (§2.1)
+  c.text_len = 128  # paper silent; project default max tokens (IMAGEN_FACTS)
+  c.text_proj_dim = 1024  # (ours) width of the shared text projection
+  c.embed_dim = 1024  # conditioning (time + pooled text) width
   c.num_heads = None
   c.head_dim = 64
-  c.pool_heads = 8            # (ours) heads of the text attention pooling
+  c.pool_heads = 8  # (ours) heads of the text attention pooling
   # (ours) add fixed sinusoidal token positions to the text sequence; off as in the paper,
   # whose trained T5 already encodes word order (text_conditioning.Conditioning says why).
   c.text_positions = False
-  c.dropout = 0.0             # App. F: dropout 0
+  c.dropout = 0.0  # App. F: dropout 0
   c.norm_groups = 32
-  c.attn_impl = "auto"        # "dense" | "per_example" | "auto": attention.masked_attention
-  c.dtype = "float32"         # compute; use "bfloat16" on accelerators
-  c.param_dtype = "float32"   # storage
+  c.attn_impl = "auto"  # "dense" | "per_example" | "auto": attention.masked_attention
+  c.dtype = "float32"  # compute; use "bfloat16" on accelerators
+  c.param_dtype = "float32"  # storage
   c.remat = False
   c.update(overrides)
   return c
@@ -75,7 +76,7 @@ def _efficient(**kw) -> ml_collections.ConfigDict:
   c.text_cross_attention = (False, False, False, True)
   c.stem_channels = 128
   c.space_to_depth = 1
-  c.num_heads = 8             # App. F.2: 8 attention heads
+  c.num_heads = 8  # App. F.2: 8 attention heads
   c.head_dim = None
   c.update(kw)
   return c
@@ -97,9 +98,20 @@ def _base64(size: str) -> ml_collections.ConfigDict:
     # width is 4 x channels = 2048.
     return _unet(base_channels=512, embed_dim=2048, text_proj_dim=2048)
   if size == "tiny":
-    return _unet(image_size=16, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                 attn_resolutions=(8,), head_dim=8, embed_dim=32, text_dim=8, text_len=5,
-                 text_proj_dim=16, pool_heads=2, norm_groups=4)
+    return _unet(
+        image_size=16,
+        base_channels=16,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attn_resolutions=(8,),
+        head_dim=8,
+        embed_dim=32,
+        text_dim=8,
+        text_len=5,
+        text_proj_dim=16,
+        pool_heads=2,
+        norm_groups=4,
+    )
   if size == "shapes":
     # 32x32 demo base (ours). An Efficient U-Net without low-res input (App. B.1's design, the
     # paper's answer to "faster U-Net"), pixel-unshuffled by 2: 32x32x3 runs at 16x16x12 ->
@@ -107,41 +119,90 @@ def _base64(size: str) -> ml_collections.ConfigDict:
     # 8.1M params, 38.6 GFLOP per training step at batch 32. The F.1 ADM U-Net at 32x32 (widths
     # 48/96/96, 3.7M params) costs 133 GFLOP per step, 3.4x more, which a 2-core CPU demo cannot
     # afford; the paper-size base stays the F.1 U-Net.
-    return _efficient(image_size=32, lowres_cond=False, channels=(128, 192),
-                      num_res_blocks=(2, 3), strides=(2, 2), self_attention=(False, True),
-                      text_cross_attention=(True, True), stem_channels=64, space_to_depth=2,
-                      num_heads=4, embed_dim=256, text_dim=128, text_len=32, text_proj_dim=128,
-                      pool_heads=4, text_positions=_SHAPES_TEXT_POSITIONS)
+    return _efficient(
+        image_size=32,
+        lowres_cond=False,
+        channels=(128, 192),
+        num_res_blocks=(2, 3),
+        strides=(2, 2),
+        self_attention=(False, True),
+        text_cross_attention=(True, True),
+        stem_channels=64,
+        space_to_depth=2,
+        num_heads=4,
+        embed_dim=256,
+        text_dim=128,
+        text_len=32,
+        text_proj_dim=128,
+        pool_heads=4,
+        text_positions=_SHAPES_TEXT_POSITIONS,
+    )
   if size == "bench":
-    return _unet(image_size=64, base_channels=64, channel_mult=(1, 2, 3, 4), num_res_blocks=2,
-                 attn_resolutions=(32, 16, 8), num_heads=4, head_dim=32, embed_dim=256,
-                 text_dim=512, text_len=64, text_proj_dim=256, pool_heads=4)
+    return _unet(
+        image_size=64,
+        base_channels=64,
+        channel_mult=(1, 2, 3, 4),
+        num_res_blocks=2,
+        attn_resolutions=(32, 16, 8),
+        num_heads=4,
+        head_dim=32,
+        embed_dim=256,
+        text_dim=512,
+        text_len=64,
+        text_proj_dim=256,
+        pool_heads=4,
+    )
   raise ValueError(f"unknown size {size!r} for stage 'base64'; allowed: {SIZES}")
 
 
 def _sr(stage: str, size: str) -> ml_collections.ConfigDict:
-  self_attn = stage == "sr256"   # F.3 (SR1024) removes self-attention, keeps text attention
+  self_attn = stage == "sr256"  # F.3 (SR1024) removes self-attention, keeps text attention
   if size == "paper":
     # App. F.2 / F.3: channels 128/256/512/1024, strides 2, res blocks 2/4/8/8, attention
     # (8 heads) with text in the last block. Trained on 64->256 crops at every stage.
     # Text: no shared projection, the cross-attention layers read T5-XXL directly (ours).
-    return _efficient(image_size=256, self_attention=(False, False, False, self_attn),
-                      text_proj_dim=None)
+    return _efficient(
+        image_size=256, self_attention=(False, False, False, self_attn), text_proj_dim=None
+    )
   if size == "tiny":
     # sr1024's tiny also exercises space_to_depth (16x16 -> 8x8x24) and the no-projection
     # text path; sr256's exercises the shared text projection at full resolution.
-    return _efficient(image_size=16, channels=(8, 16), num_res_blocks=(1, 2), strides=(2, 2),
-                      self_attention=(False, self_attn), text_cross_attention=(False, True),
-                      stem_channels=8, num_heads=2, embed_dim=32, text_dim=8, text_len=5,
-                      text_proj_dim=16 if self_attn else None, pool_heads=2, norm_groups=4,
-                      space_to_depth=1 if self_attn else 2)
+    return _efficient(
+        image_size=16,
+        channels=(8, 16),
+        num_res_blocks=(1, 2),
+        strides=(2, 2),
+        self_attention=(False, self_attn),
+        text_cross_attention=(False, True),
+        stem_channels=8,
+        num_heads=2,
+        embed_dim=32,
+        text_dim=8,
+        text_len=5,
+        text_proj_dim=16 if self_attn else None,
+        pool_heads=2,
+        norm_groups=4,
+        space_to_depth=1 if self_attn else 2,
+    )
   if size == "shapes":
     # 32->64 (sr256) demo: pixel-unshuffle by 4, so the 64x64x6 input runs at 16x16x96.
-    return _efficient(image_size=64, channels=(96, 128), num_res_blocks=(2, 3), strides=(2, 2),
-                      self_attention=(False, self_attn), text_cross_attention=(False, True),
-                      stem_channels=64, space_to_depth=4, num_heads=4, embed_dim=256,
-                      text_dim=128, text_len=32, text_proj_dim=128, pool_heads=4,
-                      text_positions=_SHAPES_TEXT_POSITIONS)
+    return _efficient(
+        image_size=64,
+        channels=(96, 128),
+        num_res_blocks=(2, 3),
+        strides=(2, 2),
+        self_attention=(False, self_attn),
+        text_cross_attention=(False, True),
+        stem_channels=64,
+        space_to_depth=4,
+        num_heads=4,
+        embed_dim=256,
+        text_dim=128,
+        text_len=32,
+        text_proj_dim=128,
+        pool_heads=4,
+        text_positions=_SHAPES_TEXT_POSITIONS,
+    )
   raise ValueError(f"unknown size {size!r} for stage {stage!r}; allowed: paper, tiny, shapes")
 
 

@@ -12,6 +12,7 @@ Masking: tokens with mask False are zeroed on entry (`mask_text`) and excluded f
 softmax, so their values have exactly no effect. A dropped text (classifier-free guidance: all
 zeros, all-False mask) pools to the learned null token only and stays finite.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -28,8 +29,10 @@ Dtype = Any
 def mask_text(text_emb: jax.Array, text_mask: jax.Array) -> jax.Array:
   """Zero the embeddings of masked tokens. [B,L,D], bool [B,L] -> [B,L,D]."""
   if text_emb.ndim != 3 or text_mask.shape != text_emb.shape[:2]:
-    raise ValueError(f"text_emb must be [B, L, D] and text_mask [B, L]; got "
-                     f"{text_emb.shape} and {text_mask.shape}")
+    raise ValueError(
+        f"text_emb must be [B, L, D] and text_mask [B, L]; got "
+        f"{text_emb.shape} and {text_mask.shape}"
+    )
   return jnp.where(text_mask.astype(bool)[:, :, None], text_emb, jnp.zeros((), text_emb.dtype))
 
 
@@ -53,6 +56,7 @@ class AttentionPool(nn.Module):
   The paper names "attention pooling" without details (§2.5); this is our choice. The null
   token keeps the all-masked (dropped-text) case finite and gives it a learned value.
   """
+
   out_dim: int
   num_heads: int
   dtype: Dtype = jnp.float32
@@ -65,20 +69,27 @@ class AttentionPool(nn.Module):
     heads, hd = attention.resolve_heads(self.out_dim, self.num_heads, None)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     count = jnp.maximum(mask.sum(axis=1, keepdims=True), 1).astype(jnp.float32)  # [B, 1]
-    mean = tokens.astype(jnp.float32).sum(axis=1) / count                       # [B, D]
+    mean = tokens.astype(jnp.float32).sum(axis=1) / count  # [B, D]
     q = layers.DenseGeneral((heads, hd), ("text_embed", "heads", "kv"), name="q", **kw)(
-        mean.astype(self.dtype))
-    kv = layers.DenseGeneral((2, heads, hd), ("text_embed", None, "heads", "kv"), name="kv",
-                             **kw)(tokens)
-    null_kv = self.param("null_kv", nn.with_logical_partitioning(
-        nn.initializers.normal(1.0), (None, "heads", "kv")), (2, heads, hd), self.param_dtype)
+        mean.astype(self.dtype)
+    )
+    kv = layers.DenseGeneral((2, heads, hd), ("text_embed", None, "heads", "kv"), name="kv", **kw)(
+        tokens
+    )
+    null_kv = self.param(
+        "null_kv",
+        nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, "heads", "kv")),
+        (2, heads, hd),
+        self.param_dtype,
+    )
     null_kv = jnp.broadcast_to(null_kv.astype(self.dtype)[None], (b, 2, heads, hd))
     k = jnp.concatenate([null_kv[:, 0:1], kv[:, :, 0]], axis=1)
     v = jnp.concatenate([null_kv[:, 1:2], kv[:, :, 1]], axis=1)
     full_mask = jnp.concatenate([jnp.ones((b, 1), bool), mask.astype(bool)], axis=1)
     pooled = attention.masked_attention(q[:, None], k, v, full_mask, self.dtype)[:, 0]
-    return layers.DenseGeneral((self.out_dim,), ("heads", "kv", "embed"), in_axes=2,
-                               name="out", **kw)(pooled)
+    return layers.DenseGeneral(
+        (self.out_dim,), ("heads", "kv", "embed"), in_axes=2, name="out", **kw
+    )(pooled)
 
 
 class Conditioning(nn.Module):
@@ -100,6 +111,7 @@ class Conditioning(nn.Module):
   does. The paper is silent on this (ours). Each attention layer layer-norms the sequence again
   and projects it to its own keys/values.
   """
+
   embed_dim: int
   sinusoid_dim: int
   text_proj_dim: int | None
@@ -118,24 +130,28 @@ class Conditioning(nn.Module):
     if text_emb.shape[0] != b:
       raise ValueError(f"text_emb batch {text_emb.shape[0]} != logsnr batch {b}")
     emb = layers.ScalarEmbedding(self.embed_dim, self.sinusoid_dim, name="logsnr_emb", **kw)(
-        layers.logsnr_to_unit(logsnr))
+        layers.logsnr_to_unit(logsnr)
+    )
     if self.use_aug_level:
       if aug_level is None or aug_level.shape != (b,):
-        raise ValueError("this super-resolution network needs aug_level of shape [B]; got "
-                         f"{None if aug_level is None else aug_level.shape}")
+        raise ValueError(
+            "this super-resolution network needs aug_level of shape [B]; got "
+            f"{None if aug_level is None else aug_level.shape}"
+        )
       emb = emb + layers.ScalarEmbedding(
-          self.embed_dim, self.sinusoid_dim, name="aug_level_emb", **kw)(aug_level)
+          self.embed_dim, self.sinusoid_dim, name="aug_level_emb", **kw
+      )(aug_level)
     elif aug_level is not None:
-      raise ValueError("aug_level given to a network built without lowres conditioning "
-                       "(lowres_cond=False)")
+      raise ValueError(
+          "aug_level given to a network built without lowres conditioning " "(lowres_cond=False)"
+      )
 
     mask = text_mask.astype(bool)
     text = mask_text(text_emb, mask)
     text = layers.constrain(text, ("batch", "text_len", "text_embed"))
     text = layers.LayerNorm(self.param_dtype, name="text_norm")(text).astype(self.dtype)
     if self.text_proj_dim is not None:
-      text = layers.dense(self.text_proj_dim, ("text_embed", "embed"), name="text_proj",
-                          **kw)(text)
+      text = layers.dense(self.text_proj_dim, ("text_embed", "embed"), name="text_proj", **kw)(text)
     if self.text_positions:
       text = text + token_positions(text.shape[1], text.shape[2]).astype(self.dtype)[None]
     # Re-zero masked tokens after the affine maps (LayerNorm bias, Dense bias) and the position

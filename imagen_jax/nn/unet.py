@@ -11,12 +11,12 @@ Both share one call signature (docs/interfaces.md):
 `build_model(model_config)` picks the class from `model_config.kind` ("unet" |
 "efficient_unet"); the configs come from `presets.get_model_config`.
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -30,8 +30,10 @@ def _check_inputs(x_t, lowres, lowres_cond: bool):
     raise ValueError(f"x_t must be [B, H, W, C], got shape {x_t.shape}")
   if lowres_cond:
     if lowres is None:
-      raise ValueError("this super-resolution network (lowres_cond=True) needs `lowres`, the "
-                       "low-res image upsampled to x_t's size")
+      raise ValueError(
+          "this super-resolution network (lowres_cond=True) needs `lowres`, the "
+          "low-res image upsampled to x_t's size"
+      )
     if lowres.shape[:3] != x_t.shape[:3]:
       raise ValueError(f"lowres {lowres.shape} must be upsampled to x_t's size {x_t.shape}")
     return jnp.concatenate([x_t, lowres.astype(x_t.dtype)], axis=-1)
@@ -53,6 +55,7 @@ class UNet(nn.Module):
   Every attention layer also attends to the text sequence when `text_cross_attention`.
   Resolutions in `attn_resolutions` are pixel sizes (32, 16, 8 for a 64x64 input).
   """
+
   base_channels: int
   channel_mult: Sequence[int]
   num_res_blocks: int
@@ -74,15 +77,21 @@ class UNet(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_t, logsnr, text_emb, text_mask, lowres=None, aug_level=None,
-               train: bool = False):
+  def __call__(
+      self, x_t, logsnr, text_emb, text_mask, lowres=None, aug_level=None, train: bool = False
+  ):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = _check_inputs(x_t, lowres, self.lowres_cond)
     emb, text, mask = text_conditioning.Conditioning(
-        self.embed_dim, self.base_channels, self.text_proj_dim, self.pool_heads,
-        use_aug_level=self.lowres_cond, text_positions=self.text_positions,
-        name="conditioning", **kw)(
-            logsnr, text_emb, text_mask, aug_level)
+        self.embed_dim,
+        self.base_channels,
+        self.text_proj_dim,
+        self.pool_heads,
+        use_aug_level=self.lowres_cond,
+        text_positions=self.text_positions,
+        name="conditioning",
+        **kw,
+    )(logsnr, text_emb, text_mask, aug_level)
     text_kv = (text, mask) if self.text_cross_attention else (None, None)
 
     res_block = blocks.maybe_remat(blocks.ResBlock, self.remat, static_argnums=(3,))
@@ -95,14 +104,19 @@ class UNet(nn.Module):
     def res(ch, h, resample="none"):
       name = f"ResBlock_{counts['res']}"
       counts["res"] += 1
-      return res_block(ch, resample, self.dropout, self.norm_groups, name=name, **kw)(
-          h, emb, train)
+      return res_block(ch, resample, self.dropout, self.norm_groups, name=name, **kw)(h, emb, train)
 
     def att(h):
       name = f"Attention_{counts['att']}"
       counts["att"] += 1
-      return attn(self.num_heads, self.head_dim, norm_groups=self.norm_groups,
-                  impl=self.attn_impl, name=name, **kw)(h, *text_kv)
+      return attn(
+          self.num_heads,
+          self.head_dim,
+          norm_groups=self.norm_groups,
+          impl=self.attn_impl,
+          name=name,
+          **kw,
+      )(h, *text_kv)
 
     size = x.shape[1]
     h = layers.conv(self.base_channels, 3, name="conv_in", **kw)(x.astype(self.dtype))
@@ -149,6 +163,7 @@ class EfficientUNet(nn.Module):
   `space_to_depth` (our extension, not in the paper) runs the whole network at 1/f resolution
   with f*f more input channels, a cheap stem for small CPU demos; 1 disables it.
   """
+
   channels: Sequence[int]
   num_res_blocks: Sequence[int]
   strides: Sequence[int]
@@ -172,41 +187,66 @@ class EfficientUNet(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_t, logsnr, text_emb, text_mask, lowres=None, aug_level=None,
-               train: bool = False):
+  def __call__(
+      self, x_t, logsnr, text_emb, text_mask, lowres=None, aug_level=None, train: bool = False
+  ):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     n = len(self.channels)
     for field in ("num_res_blocks", "strides", "self_attention", "text_cross_attention"):
       if len(getattr(self, field)) != n:
-        raise ValueError(f"EfficientUNet.{field} has {len(getattr(self, field))} entries, "
-                         f"channels has {n}; give one per block")
+        raise ValueError(
+            f"EfficientUNet.{field} has {len(getattr(self, field))} entries, "
+            f"channels has {n}; give one per block"
+        )
     x = _check_inputs(x_t, lowres, self.lowres_cond)
     f = self.space_to_depth
     if f > 1:
       x = layers.space_to_depth(x, f)
     emb, text, mask = text_conditioning.Conditioning(
-        self.embed_dim, self.stem_channels, self.text_proj_dim, self.pool_heads,
-        use_aug_level=self.lowres_cond, text_positions=self.text_positions,
-        name="conditioning", **kw)(
-            logsnr, text_emb, text_mask, aug_level)
+        self.embed_dim,
+        self.stem_channels,
+        self.text_proj_dim,
+        self.pool_heads,
+        use_aug_level=self.lowres_cond,
+        text_positions=self.text_positions,
+        name="conditioning",
+        **kw,
+    )(logsnr, text_emb, text_mask, aug_level)
 
-    common = dict(num_heads=self.num_heads, head_dim=self.head_dim, dropout=self.dropout,
-                  norm_groups=self.norm_groups, attn_impl=self.attn_impl, remat=self.remat,
-                  **kw)
+    common = dict(
+        num_heads=self.num_heads,
+        head_dim=self.head_dim,
+        dropout=self.dropout,
+        norm_groups=self.norm_groups,
+        attn_impl=self.attn_impl,
+        remat=self.remat,
+        **kw,
+    )
     h = layers.conv(self.stem_channels, 3, name="stem", **kw)(x.astype(self.dtype))
     skips = []
     for i in range(n):
-      h = blocks.DBlock(self.channels[i], self.num_res_blocks[i],
-                        self.self_attention[i], self.text_cross_attention[i],
-                        stride=self.strides[i], name=f"DBlock_{i}", **common)(
-                            h, emb, text, mask, train)
+      h = blocks.DBlock(
+          self.channels[i],
+          self.num_res_blocks[i],
+          self.self_attention[i],
+          self.text_cross_attention[i],
+          stride=self.strides[i],
+          name=f"DBlock_{i}",
+          **common,
+      )(h, emb, text, mask, train)
       skips.append(h)
     for i in reversed(range(n)):
       out_ch = self.channels[i - 1] if i else self.stem_channels
-      h = blocks.UBlock(self.channels[i], self.num_res_blocks[i],
-                        self.self_attention[i], self.text_cross_attention[i],
-                        stride=self.strides[i], out_channels=out_ch, name=f"UBlock_{i}",
-                        **common)(h, skips[i], emb, text, mask, train)
+      h = blocks.UBlock(
+          self.channels[i],
+          self.num_res_blocks[i],
+          self.self_attention[i],
+          self.text_cross_attention[i],
+          stride=self.strides[i],
+          out_channels=out_ch,
+          name=f"UBlock_{i}",
+          **common,
+      )(h, skips[i], emb, text, mask, train)
     h = nn.swish(layers.GroupNorm(self.norm_groups, self.param_dtype)(h)).astype(self.dtype)
     out = layers.conv(self.out_channels * f * f, 3, zero_init=True, name="conv_out", **kw)(h)
     if f > 1:
@@ -229,21 +269,40 @@ def build_model(model_config: ml_collections.ConfigDict) -> nn.Module:
   """UNet or EfficientUNet from a `presets.get_model_config(...)` ConfigDict."""
   c = model_config
   common = dict(
-      num_heads=c.num_heads, head_dim=c.head_dim, embed_dim=c.embed_dim,
-      text_proj_dim=c.text_proj_dim, pool_heads=c.pool_heads,
+      num_heads=c.num_heads,
+      head_dim=c.head_dim,
+      embed_dim=c.embed_dim,
+      text_proj_dim=c.text_proj_dim,
+      pool_heads=c.pool_heads,
       # .get: checkpoints written before the field existed were trained without positions.
-      text_positions=bool(c.get("text_positions", False)), out_channels=c.out_channels,
-      lowres_cond=c.lowres_cond, dropout=c.dropout, norm_groups=c.norm_groups,
-      attn_impl=c.attn_impl, remat=c.remat, dtype=_dtype(c.dtype),
-      param_dtype=_dtype(c.param_dtype))
+      text_positions=bool(c.get("text_positions", False)),
+      out_channels=c.out_channels,
+      lowres_cond=c.lowres_cond,
+      dropout=c.dropout,
+      norm_groups=c.norm_groups,
+      attn_impl=c.attn_impl,
+      remat=c.remat,
+      dtype=_dtype(c.dtype),
+      param_dtype=_dtype(c.param_dtype),
+  )
   if c.kind == "unet":
-    return UNet(base_channels=c.base_channels, channel_mult=tuple(c.channel_mult),
-                num_res_blocks=c.num_res_blocks, attn_resolutions=tuple(c.attn_resolutions),
-                text_cross_attention=c.text_cross_attention, **common)
+    return UNet(
+        base_channels=c.base_channels,
+        channel_mult=tuple(c.channel_mult),
+        num_res_blocks=c.num_res_blocks,
+        attn_resolutions=tuple(c.attn_resolutions),
+        text_cross_attention=c.text_cross_attention,
+        **common,
+    )
   if c.kind == "efficient_unet":
     return EfficientUNet(
-        channels=tuple(c.channels), num_res_blocks=tuple(c.num_res_blocks),
-        strides=tuple(c.strides), self_attention=tuple(c.self_attention),
-        text_cross_attention=tuple(c.text_cross_attention), stem_channels=c.stem_channels,
-        space_to_depth=c.space_to_depth, **common)
+        channels=tuple(c.channels),
+        num_res_blocks=tuple(c.num_res_blocks),
+        strides=tuple(c.strides),
+        self_attention=tuple(c.self_attention),
+        text_cross_attention=tuple(c.text_cross_attention),
+        stem_channels=c.stem_channels,
+        space_to_depth=c.space_to_depth,
+        **common,
+    )
   raise ValueError(f"unknown model kind {c.kind!r}; allowed: 'unet', 'efficient_unet'")

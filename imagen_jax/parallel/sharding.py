@@ -5,6 +5,7 @@ see docs/interfaces.md); ``config.mesh.logical_axis_rules`` maps them to mesh ax
 here works on abstract trees (``ShapeDtypeStruct``), so shardings for a 2B-param model cost no
 memory, and the same code feeds ``jax.jit(init, out_shardings=...)`` and the memory benchmark.
 """
+
 from __future__ import annotations
 
 import math
@@ -12,163 +13,162 @@ from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 Rules = Sequence[tuple[str, Any]]
 
 
 def _axis_sizes(mesh) -> dict[str, int]:
-    return dict(zip(mesh.axis_names, mesh.axis_sizes))
+  return dict(zip(mesh.axis_names, mesh.axis_sizes))
 
 
 def _entry_size(entry, sizes: Mapping[str, int]) -> int:
-    if entry is None:
-        return 1
-    names = (entry,) if isinstance(entry, str) else tuple(entry)
-    return math.prod(sizes[n] for n in names)
+  if entry is None:
+    return 1
+  names = (entry,) if isinstance(entry, str) else tuple(entry)
+  return math.prod(sizes[n] for n in names)
 
 
 def _used_axes(spec: P) -> set[str]:
-    used = set()
-    for entry in spec:
-        if entry is None:
-            continue
-        used.update((entry,) if isinstance(entry, str) else entry)
-    return used
+  used = set()
+  for entry in spec:
+    if entry is None:
+      continue
+    used.update((entry,) if isinstance(entry, str) else entry)
+  return used
 
 
 def fit_spec(shape: Sequence[int], spec: P, mesh) -> P:
-    """Drops mesh axes from dims they do not divide (a 3-channel conv cannot split over 2).
+  """Drops mesh axes from dims they do not divide (a 3-channel conv cannot split over 2).
 
-    Uneven sharding would need padding; replicating that one dim is always correct and only
-    matters for tiny tensors.
-    """
-    sizes = _axis_sizes(mesh)
-    entries = list(spec) + [None] * (len(shape) - len(spec))
-    out = []
-    for dim, entry in zip(shape, entries):
-        # Rules may name axes this mesh lacks (e.g. 'tensor' on a (data, fsdp) mesh): skip them.
-        if entry is not None:
-            names = tuple(n for n in ((entry,) if isinstance(entry, str) else entry)
-                          if n in sizes)
-            entry = None if not names else names[0] if len(names) == 1 else names
-        out.append(entry if dim % _entry_size(entry, sizes) == 0 else None)
-    while out and out[-1] is None:
-        out.pop()
-    return P(*out)
+  Uneven sharding would need padding; replicating that one dim is always correct and only
+  matters for tiny tensors.
+  """
+  sizes = _axis_sizes(mesh)
+  entries = list(spec) + [None] * (len(shape) - len(spec))
+  out = []
+  for dim, entry in zip(shape, entries):
+    # Rules may name axes this mesh lacks (e.g. 'tensor' on a (data, fsdp) mesh): skip them.
+    if entry is not None:
+      names = tuple(n for n in ((entry,) if isinstance(entry, str) else entry) if n in sizes)
+      entry = None if not names else names[0] if len(names) == 1 else names
+    out.append(entry if dim % _entry_size(entry, sizes) == 0 else None)
+  while out and out[-1] is None:
+    out.pop()
+  return P(*out)
 
 
-def fsdp_fallback(shape: Sequence[int], spec: P, mesh, *, axis: str = "fsdp",
-                                    min_size: int = 0) -> P:
-    """Shards a big tensor whose spec does not use ``axis`` along its largest free, divisible dim.
+def fsdp_fallback(
+    shape: Sequence[int], spec: P, mesh, *, axis: str = "fsdp", min_size: int = 0
+) -> P:
+  """Shards a big tensor whose spec does not use ``axis`` along its largest free, divisible dim.
 
-    Our choice (the paper is silent on partitioning): any param of at least ``min_size`` elements
-    that the logical rules leave unsplit over ``fsdp`` (not annotated, or annotated with axes the
-    rules map elsewhere) is still split ZeRO-3 style, so that per-device param + optimizer bytes
-    always shrink with the fsdp axis. ``min_size <= 0`` disables it.
-    """
-    sizes = _axis_sizes(mesh)
-    if min_size <= 0 or axis not in sizes or sizes[axis] == 1:
-        return spec
-    if math.prod(shape) < min_size or axis in _used_axes(spec):
-        return spec
-    entries = list(spec) + [None] * (len(shape) - len(spec))
-    order = sorted(range(len(shape)), key=lambda i: -shape[i])
-    for i in order:
-        if entries[i] is None and shape[i] % sizes[axis] == 0:
-            entries[i] = axis
-            return P(*entries)
+  Our choice (the paper is silent on partitioning): any param of at least ``min_size`` elements
+  that the logical rules leave unsplit over ``fsdp`` (not annotated, or annotated with axes the
+  rules map elsewhere) is still split ZeRO-3 style, so that per-device param + optimizer bytes
+  always shrink with the fsdp axis. ``min_size <= 0`` disables it.
+  """
+  sizes = _axis_sizes(mesh)
+  if min_size <= 0 or axis not in sizes or sizes[axis] == 1:
     return spec
+  if math.prod(shape) < min_size or axis in _used_axes(spec):
+    return spec
+  entries = list(spec) + [None] * (len(shape) - len(spec))
+  order = sorted(range(len(shape)), key=lambda i: -shape[i])
+  for i in order:
+    if entries[i] is None and shape[i] % sizes[axis] == 0:
+      entries[i] = axis
+      return P(*entries)
+  return spec
 
 
 def mesh_specs(boxed_abstract: Any, mesh, rules: Rules, *, fsdp_min_size: int = 0) -> Any:
-    """Mesh ``PartitionSpec`` tree (unboxed structure) for an abstract, logically boxed tree.
+  """Mesh ``PartitionSpec`` tree (unboxed structure) for an abstract, logically boxed tree.
 
-    Args:
-        boxed_abstract: output of ``jax.eval_shape(model.init, ...)`` (leaves may be
-            ``nn.LogicallyPartitioned``); unannotated leaves are replicated unless the fsdp fallback
-            applies.
-        mesh: a ``Mesh`` or ``AbstractMesh``.
-        rules: logical axis rules, e.g. ``[('embed', 'fsdp'), ('mlp', 'tensor'), ...]``.
-        fsdp_min_size: see ``fsdp_fallback``.
-    """
-    logical = nn.get_partition_spec(boxed_abstract)
-    abstract = nn.unbox(boxed_abstract)
+  Args:
+      boxed_abstract: output of ``jax.eval_shape(model.init, ...)`` (leaves may be
+          ``nn.LogicallyPartitioned``); unannotated leaves are replicated unless the fsdp fallback
+          applies.
+      mesh: a ``Mesh`` or ``AbstractMesh``.
+      rules: logical axis rules, e.g. ``[('embed', 'fsdp'), ('mlp', 'tensor'), ...]``.
+      fsdp_min_size: see ``fsdp_fallback``.
+  """
+  logical = nn.get_partition_spec(boxed_abstract)
+  abstract = nn.unbox(boxed_abstract)
 
-    def one(leaf, logical_spec):
-        spec = nn.logical_to_mesh_axes(tuple(logical_spec), rules)
-        spec = fit_spec(leaf.shape, spec, mesh)
-        spec = fsdp_fallback(leaf.shape, spec, mesh, min_size=fsdp_min_size)
-        return spec
+  def one(leaf, logical_spec):
+    spec = nn.logical_to_mesh_axes(tuple(logical_spec), rules)
+    spec = fit_spec(leaf.shape, spec, mesh)
+    spec = fsdp_fallback(leaf.shape, spec, mesh, min_size=fsdp_min_size)
+    return spec
 
-    return jax.tree.map(one, abstract, logical,
-                                            is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+  return jax.tree.map(one, abstract, logical, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
 
 
 def to_named(specs: Any, mesh) -> Any:
-    """PartitionSpec tree -> NamedSharding tree on ``mesh``."""
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
-                                            is_leaf=lambda x: isinstance(x, P))
+  """PartitionSpec tree -> NamedSharding tree on ``mesh``."""
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
 
 def _path_key(path) -> tuple:
-    out = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                out.append(getattr(k, attr))
-                break
-        else:
-            out.append(str(k))
-    return tuple(out)
+  out = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        out.append(getattr(k, attr))
+        break
+    else:
+      out.append(str(k))
+  return tuple(out)
 
 
 def specs_like_params(abstract_tree: Any, abstract_params: Any, param_specs: Any) -> Any:
-    """Specs for a tree (e.g. optimizer state) whose leaves mirror params by path suffix.
+  """Specs for a tree (e.g. optimizer state) whose leaves mirror params by path suffix.
 
-    Optax states hold per-param slots (Adam's mu/nu, Adafactor's v) under paths that end with the
-    param's path. A leaf with the same shape as the param at the longest matching path suffix gets
-    that param's spec; every other leaf (step counts, Adafactor's factored row/column statistics,
-    whose size is rows + cols, not rows * cols) is replicated.
-    """
-    flat_params = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
-    flat_specs = jax.tree.leaves(param_specs, is_leaf=lambda x: isinstance(x, P))
-    by_path = {_path_key(p): (leaf.shape, s) for (p, leaf), s in zip(flat_params, flat_specs)}
-    max_len = max((len(k) for k in by_path), default=0)
+  Optax states hold per-param slots (Adam's mu/nu, Adafactor's v) under paths that end with the
+  param's path. A leaf with the same shape as the param at the longest matching path suffix gets
+  that param's spec; every other leaf (step counts, Adafactor's factored row/column statistics,
+  whose size is rows + cols, not rows * cols) is replicated.
+  """
+  flat_params = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+  flat_specs = jax.tree.leaves(param_specs, is_leaf=lambda x: isinstance(x, P))
+  by_path = {_path_key(p): (leaf.shape, s) for (p, leaf), s in zip(flat_params, flat_specs)}
+  max_len = max((len(k) for k in by_path), default=0)
 
-    def one(path, leaf):
-        key = _path_key(path)
-        for n in range(min(len(key), max_len), 0, -1):
-            hit = by_path.get(key[-n:])
-            if hit is not None:
-                shape, spec = hit
-                return spec if tuple(shape) == tuple(getattr(leaf, "shape", ())) else P()
-        return P()
+  def one(path, leaf):
+    key = _path_key(path)
+    for n in range(min(len(key), max_len), 0, -1):
+      hit = by_path.get(key[-n:])
+      if hit is not None:
+        shape, spec = hit
+        return spec if tuple(shape) == tuple(getattr(leaf, "shape", ())) else P()
+    return P()
 
-    return jax.tree_util.tree_map_with_path(one, abstract_tree)
+  return jax.tree_util.tree_map_with_path(one, abstract_tree)
 
 
 def batch_axes(rules: Rules, mesh=None) -> tuple[str, ...]:
-    """Mesh axes the logical ``batch`` axis maps to (the global batch is split over these),
-    restricted to the axes of ``mesh`` when given."""
-    spec = nn.logical_to_mesh_axes(("batch",), rules)
-    entry = spec[0] if len(spec) else None
-    if entry is None:
-        return ()
-    axes = (entry,) if isinstance(entry, str) else tuple(entry)
-    if mesh is not None:
-        axes = tuple(a for a in axes if a in mesh.axis_names)
-    return axes
+  """Mesh axes the logical ``batch`` axis maps to (the global batch is split over these),
+  restricted to the axes of ``mesh`` when given."""
+  spec = nn.logical_to_mesh_axes(("batch",), rules)
+  entry = spec[0] if len(spec) else None
+  if entry is None:
+    return ()
+  axes = (entry,) if isinstance(entry, str) else tuple(entry)
+  if mesh is not None:
+    axes = tuple(a for a in axes if a in mesh.axis_names)
+  return axes
 
 
 def per_device_bytes(abstract_tree: Any, specs: Any, mesh) -> int:
-    """Bytes one device holds for ``abstract_tree`` laid out by ``specs`` (no allocation)."""
-    leaves = jax.tree.leaves(abstract_tree)
-    spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
-    if len(leaves) != len(spec_leaves):
-        raise ValueError(f"tree has {len(leaves)} leaves but specs have {len(spec_leaves)}")
-    total = 0
-    for leaf, spec in zip(leaves, spec_leaves):
-        shard = NamedSharding(mesh, spec).shard_shape(leaf.shape)
-        total += math.prod(shard) * jax.numpy.dtype(leaf.dtype).itemsize
-    return total
+  """Bytes one device holds for ``abstract_tree`` laid out by ``specs`` (no allocation)."""
+  leaves = jax.tree.leaves(abstract_tree)
+  spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
+  if len(leaves) != len(spec_leaves):
+    raise ValueError(f"tree has {len(leaves)} leaves but specs have {len(spec_leaves)}")
+  total = 0
+  for leaf, spec in zip(leaves, spec_leaves):
+    shard = NamedSharding(mesh, spec).shard_shape(leaf.shape)
+    total += math.prod(shard) * jax.numpy.dtype(leaf.dtype).itemsize
+  return total

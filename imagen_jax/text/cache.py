@@ -18,6 +18,7 @@ No pickle anywhere. Writing goes to ``<dir>.incomplete`` and is renamed to ``<di
 every record and the manifest are on disk, so a half-written cache is never mistaken for a
 finished one; a directory without the manifest is refused with a clear error.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,228 +39,255 @@ _DTYPES = ("float32", "bfloat16")
 
 
 class CacheError(RuntimeError):
-    """The cache directory is missing, half-written or inconsistent."""
+  """The cache directory is missing, half-written or inconsistent."""
 
 
 def _np_dtype(name: str):
-    if name not in _DTYPES:
-        raise ValueError(f"cache dtype {name!r}; allowed: {_DTYPES}")
-    if name == "bfloat16":
-        import ml_dtypes  # ships with jax
+  if name not in _DTYPES:
+    raise ValueError(f"cache dtype {name!r}; allowed: {_DTYPES}")
+  if name == "bfloat16":
+    import ml_dtypes  # ships with jax
 
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(np.float32)
+    return np.dtype(ml_dtypes.bfloat16)
+  return np.dtype(np.float32)
 
 
 def _shard_name(i: int) -> str:
-    return f"embeddings-{i:05d}.array_record"
+  return f"embeddings-{i:05d}.array_record"
 
 
 def _fsync_write(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+  with open(path, "w") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
 
 
-def write_cache(encoder, examples: Iterable[tuple[Hashable, str]], out_dir: str, *,
-                dtype: str = "float32", batch_size: int = 64,
-                records_per_shard: int = 100_000, overwrite: bool = False,
-                progress: bool = True) -> dict:
-    """Encodes ``(example_id, caption)`` pairs with ``encoder`` and writes a cache to ``out_dir``.
+def write_cache(
+    encoder,
+    examples: Iterable[tuple[Hashable, str]],
+    out_dir: str,
+    *,
+    dtype: str = "float32",
+    batch_size: int = 64,
+    records_per_shard: int = 100_000,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+  """Encodes ``(example_id, caption)`` pairs with ``encoder`` and writes a cache to ``out_dir``.
 
-    Args:
-      encoder: a ``registry.TextEncoder`` (``tokenize`` + ``encode_tokens``).
-      examples: iterable of ``(id, caption)``; ids (str or int) must be unique; they are stored
-        as ``str(id)``.
-      dtype: storage dtype, "float32" or "bfloat16" (halves the size).
-      batch_size: captions per encoder call (one compiled shape; the last batch is padded).
-      records_per_shard: records per array_record file.
-      overwrite: replace an existing finished cache at ``out_dir``.
-    Returns:
-      the manifest dict.
-    """
-    from array_record.python.array_record_module import ArrayRecordWriter
-    import jax
+  Args:
+    encoder: a ``registry.TextEncoder`` (``tokenize`` + ``encode_tokens``).
+    examples: iterable of ``(id, caption)``; ids (str or int) must be unique; they are stored
+      as ``str(id)``.
+    dtype: storage dtype, "float32" or "bfloat16" (halves the size).
+    batch_size: captions per encoder call (one compiled shape; the last batch is padded).
+    records_per_shard: records per array_record file.
+    overwrite: replace an existing finished cache at ``out_dir``.
+  Returns:
+    the manifest dict.
+  """
+  import jax
+  from array_record.python.array_record_module import ArrayRecordWriter
 
-    out_dir = os.path.normpath(out_dir)
-    store = _np_dtype(dtype)
-    if os.path.exists(out_dir) and not overwrite:
-        raise CacheError(f"{out_dir!r} already exists; pass overwrite=True to replace it")
-    tmp = out_dir + INCOMPLETE_SUFFIX
-    if os.path.exists(tmp):
-        logging.warning("removing a half-written cache left at %s", tmp)
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
+  out_dir = os.path.normpath(out_dir)
+  store = _np_dtype(dtype)
+  if os.path.exists(out_dir) and not overwrite:
+    raise CacheError(f"{out_dir!r} already exists; pass overwrite=True to replace it")
+  tmp = out_dir + INCOMPLETE_SUFFIX
+  if os.path.exists(tmp):
+    logging.warning("removing a half-written cache left at %s", tmp)
+    shutil.rmtree(tmp)
+  os.makedirs(tmp)
 
-    encode = jax.jit(encoder.encode_tokens)
-    ids_written: list[str] = []
-    seen: set[str] = set()
-    shard_counts: list[int] = []
-    writer = None
-    truncated = 0
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+  encode = jax.jit(encoder.encode_tokens)
+  ids_written: list[str] = []
+  seen: set[str] = set()
+  shard_counts: list[int] = []
+  writer = None
+  truncated = 0
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm
 
-        bar = tqdm(desc=f"text cache -> {os.path.basename(out_dir)}", unit="caption",
-                   total=len(examples) if hasattr(examples, "__len__") else None)
+    bar = tqdm(
+        desc=f"text cache -> {os.path.basename(out_dir)}",
+        unit="caption",
+        total=len(examples) if hasattr(examples, "__len__") else None,
+    )
 
-    def flush(batch):
-        nonlocal writer, truncated
-        keys = [k for k, _ in batch]
-        texts = [t for _, t in batch]
-        texts += [""] * (batch_size - len(texts))  # one compiled shape for every batch
-        ids, mask = encoder.tokenize(texts)
-        truncated += encoder.tokenizer.last_num_truncated
-        emb = np.asarray(encode(encoder.params, ids, mask))
-        for row, key in enumerate(keys):
-            n = int(mask[row].sum())
-            if not mask[row, :n].all():
-                raise CacheError(f"mask of example {key!r} is not a prefix; cannot store it")
-            if writer is None or shard_counts[-1] >= records_per_shard:
-                if writer is not None:
-                    writer.close()
-                shard_counts.append(0)
-                writer = ArrayRecordWriter(os.path.join(tmp, _shard_name(len(shard_counts) - 1)),
-                                           "group_size:1")
-            payload = np.ascontiguousarray(emb[row, :n].astype(store)).tobytes()
-            writer.write(msgpack.packb({"id": key, "n": n, "emb": payload}))
-            shard_counts[-1] += 1
-            ids_written.append(key)
-        if bar is not None:
-            bar.update(len(keys))
-
-    batch: list[tuple[str, str]] = []
-    try:
-        for example_id, caption in examples:
-            key = str(example_id)
-            if key in seen:
-                raise CacheError(f"duplicate example id {key!r}; ids must be unique")
-            seen.add(key)
-            batch.append((key, caption))
-            if len(batch) == batch_size:
-                flush(batch)
-                batch = []
-        if batch:
-            flush(batch)
-    finally:
+  def flush(batch):
+    nonlocal writer, truncated
+    keys = [k for k, _ in batch]
+    texts = [t for _, t in batch]
+    texts += [""] * (batch_size - len(texts))  # one compiled shape for every batch
+    ids, mask = encoder.tokenize(texts)
+    truncated += encoder.tokenizer.last_num_truncated
+    emb = np.asarray(encode(encoder.params, ids, mask))
+    for row, key in enumerate(keys):
+      n = int(mask[row].sum())
+      if not mask[row, :n].all():
+        raise CacheError(f"mask of example {key!r} is not a prefix; cannot store it")
+      if writer is None or shard_counts[-1] >= records_per_shard:
         if writer is not None:
-            writer.close()
-        if bar is not None:
-            bar.close()
+          writer.close()
+        shard_counts.append(0)
+        writer = ArrayRecordWriter(
+            os.path.join(tmp, _shard_name(len(shard_counts) - 1)), "group_size:1"
+        )
+      payload = np.ascontiguousarray(emb[row, :n].astype(store)).tobytes()
+      writer.write(msgpack.packb({"id": key, "n": n, "emb": payload}))
+      shard_counts[-1] += 1
+      ids_written.append(key)
+    if bar is not None:
+      bar.update(len(keys))
 
-    manifest = dict(
-        format=FORMAT, encoder=encoder.name, fingerprint=encoder.fingerprint,
-        dim=int(encoder.dim),
-        max_length=int(encoder.max_length), dtype=dtype, num_examples=len(ids_written),
-        num_truncated=int(truncated),
-        shards=[dict(file=_shard_name(i), num_records=c) for i, c in enumerate(shard_counts)])
-    _fsync_write(os.path.join(tmp, IDS_FILE), json.dumps(ids_written))
-    _fsync_write(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1))
-    if os.path.exists(out_dir):  # overwrite=True: swap, then drop the old cache
-        old = out_dir + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, out_dir)
-    return manifest
+  batch: list[tuple[str, str]] = []
+  try:
+    for example_id, caption in examples:
+      key = str(example_id)
+      if key in seen:
+        raise CacheError(f"duplicate example id {key!r}; ids must be unique")
+      seen.add(key)
+      batch.append((key, caption))
+      if len(batch) == batch_size:
+        flush(batch)
+        batch = []
+    if batch:
+      flush(batch)
+  finally:
+    if writer is not None:
+      writer.close()
+    if bar is not None:
+      bar.close()
+
+  manifest = dict(
+      format=FORMAT,
+      encoder=encoder.name,
+      fingerprint=encoder.fingerprint,
+      dim=int(encoder.dim),
+      max_length=int(encoder.max_length),
+      dtype=dtype,
+      num_examples=len(ids_written),
+      num_truncated=int(truncated),
+      shards=[dict(file=_shard_name(i), num_records=c) for i, c in enumerate(shard_counts)],
+  )
+  _fsync_write(os.path.join(tmp, IDS_FILE), json.dumps(ids_written))
+  _fsync_write(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1))
+  if os.path.exists(out_dir):  # overwrite=True: swap, then drop the old cache
+    old = out_dir + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    os.rename(out_dir, old)
+    os.rename(tmp, out_dir)
+    shutil.rmtree(old)
+  else:
+    os.rename(tmp, out_dir)
+  return manifest
 
 
 class TextEmbeddingCache:
-    """Read side: ``cache.get(id) -> (emb [L, D], mask [L])``; ``get_batch(ids)`` stacks them.
+  """Read side: ``cache.get(id) -> (emb [L, D], mask [L])``; ``get_batch(ids)`` stacks them.
 
-    Embeddings come back as float32 (``dtype="stored"`` keeps the stored dtype).
-    """
+  Embeddings come back as float32 (``dtype="stored"`` keeps the stored dtype).
+  """
 
-    def __init__(self, path: str, dtype: str = "float32"):
-        from array_record.python.array_record_module import ArrayRecordReader
+  def __init__(self, path: str, dtype: str = "float32"):
+    from array_record.python.array_record_module import ArrayRecordReader
 
-        path = os.path.normpath(path)
-        self.path = path
-        manifest_file = os.path.join(path, MANIFEST)
-        if not os.path.isdir(path):
-            hint = ""
-            if os.path.exists(path + INCOMPLETE_SUFFIX):
-                hint = (f" (a half-written {path + INCOMPLETE_SUFFIX!r} exists: the writer did "
-                        "not finish; rerun write_cache)")
-            raise CacheError(f"text embedding cache {path!r} does not exist{hint}")
-        if path.endswith(INCOMPLETE_SUFFIX) or not os.path.isfile(manifest_file):
-            raise CacheError(f"{path!r} is a half-written text embedding cache (no {MANIFEST}; "
-                             "the writer did not finish); rerun write_cache")
-        with open(manifest_file) as f:
-            self.manifest = json.load(f)
-        if self.manifest.get("format") != FORMAT:
-            raise CacheError(f"{manifest_file}: format {self.manifest.get('format')!r}, "
-                             f"expected {FORMAT!r}")
-        with open(os.path.join(path, IDS_FILE)) as f:
-            self.ids: list[str] = json.load(f)
-        if len(self.ids) != self.manifest["num_examples"]:
-            raise CacheError(f"{path}: {len(self.ids)} ids but manifest says "
-                             f"{self.manifest['num_examples']}")
-        self.max_length = int(self.manifest["max_length"])
-        self.dim = int(self.manifest["dim"])
-        self._stored = _np_dtype(self.manifest["dtype"])
-        if dtype not in ("float32", "stored"):
-            raise ValueError(f"dtype={dtype!r}; allowed: 'float32', 'stored'")
-        self._out = np.dtype(np.float32) if dtype == "float32" else self._stored
-        self._readers, self._where = [], {}
-        self._lock = threading.Lock()
-        for s, shard in enumerate(self.manifest["shards"]):
-            reader = ArrayRecordReader(os.path.join(path, shard["file"]))
-            if reader.num_records() != shard["num_records"]:
-                raise CacheError(f"{shard['file']} holds {reader.num_records()} records, "
-                                 f"manifest says {shard['num_records']}")
-            start = len(self._where)
-            for i in range(shard["num_records"]):
-                self._where[self.ids[start + i]] = (s, i)
-            self._readers.append(reader)
+    path = os.path.normpath(path)
+    self.path = path
+    manifest_file = os.path.join(path, MANIFEST)
+    if not os.path.isdir(path):
+      hint = ""
+      if os.path.exists(path + INCOMPLETE_SUFFIX):
+        hint = (
+            f" (a half-written {path + INCOMPLETE_SUFFIX!r} exists: the writer did "
+            "not finish; rerun write_cache)"
+        )
+      raise CacheError(f"text embedding cache {path!r} does not exist{hint}")
+    if path.endswith(INCOMPLETE_SUFFIX) or not os.path.isfile(manifest_file):
+      raise CacheError(
+          f"{path!r} is a half-written text embedding cache (no {MANIFEST}; "
+          "the writer did not finish); rerun write_cache"
+      )
+    with open(manifest_file) as f:
+      self.manifest = json.load(f)
+    if self.manifest.get("format") != FORMAT:
+      raise CacheError(
+          f"{manifest_file}: format {self.manifest.get('format')!r}, " f"expected {FORMAT!r}"
+      )
+    with open(os.path.join(path, IDS_FILE)) as f:
+      self.ids: list[str] = json.load(f)
+    if len(self.ids) != self.manifest["num_examples"]:
+      raise CacheError(
+          f"{path}: {len(self.ids)} ids but manifest says " f"{self.manifest['num_examples']}"
+      )
+    self.max_length = int(self.manifest["max_length"])
+    self.dim = int(self.manifest["dim"])
+    self._stored = _np_dtype(self.manifest["dtype"])
+    if dtype not in ("float32", "stored"):
+      raise ValueError(f"dtype={dtype!r}; allowed: 'float32', 'stored'")
+    self._out = np.dtype(np.float32) if dtype == "float32" else self._stored
+    self._readers, self._where = [], {}
+    self._lock = threading.Lock()
+    for s, shard in enumerate(self.manifest["shards"]):
+      reader = ArrayRecordReader(os.path.join(path, shard["file"]))
+      if reader.num_records() != shard["num_records"]:
+        raise CacheError(
+            f"{shard['file']} holds {reader.num_records()} records, "
+            f"manifest says {shard['num_records']}"
+        )
+      start = len(self._where)
+      for i in range(shard["num_records"]):
+        self._where[self.ids[start + i]] = (s, i)
+      self._readers.append(reader)
 
-    def __len__(self) -> int:
-        return len(self.ids)
+  def __len__(self) -> int:
+    return len(self.ids)
 
-    def check_encoder(self, name: str, dim: int, max_length: int,
-                      fingerprint: str | None = None) -> None:
-        """Raises CacheError unless the cache was written by encoder `name` with this `dim` and
-        `max_length` and, when given, these weights (`TextEncoder.fingerprint`; a cache from
-        before fingerprints has none and fails this check): embeddings from another encoder
-        would train silently wrong."""
-        want = dict(encoder=name, dim=int(dim), max_length=int(max_length))
-        if fingerprint is not None:
-            want["fingerprint"] = fingerprint
-        have = {k: self.manifest.get(k) for k in want}
-        if have != want:
-            bad = ", ".join(f"{k}={have[k]!r} (config: {want[k]!r})" for k in want
-                            if have[k] != want[k])
-            raise CacheError(f"text embedding cache {self.path!r} does not match the text "
-                             f"encoder: {bad}; rewrite it with write_cache")
+  def check_encoder(
+      self, name: str, dim: int, max_length: int, fingerprint: str | None = None
+  ) -> None:
+    """Raises CacheError unless the cache was written by encoder `name` with this `dim` and
+    `max_length` and, when given, these weights (`TextEncoder.fingerprint`; a cache from
+    before fingerprints has none and fails this check): embeddings from another encoder
+    would train silently wrong."""
+    want = dict(encoder=name, dim=int(dim), max_length=int(max_length))
+    if fingerprint is not None:
+      want["fingerprint"] = fingerprint
+    have = {k: self.manifest.get(k) for k in want}
+    if have != want:
+      bad = ", ".join(f"{k}={have[k]!r} (config: {want[k]!r})" for k in want if have[k] != want[k])
+      raise CacheError(
+          f"text embedding cache {self.path!r} does not match the text "
+          f"encoder: {bad}; rewrite it with write_cache"
+      )
 
-    def __contains__(self, example_id) -> bool:
-        return str(example_id) in self._where
+  def __contains__(self, example_id) -> bool:
+    return str(example_id) in self._where
 
-    def get(self, example_id) -> tuple[np.ndarray, np.ndarray]:
-        key = str(example_id)
-        if key not in self._where:
-            raise KeyError(f"example id {key!r} is not in the text embedding cache")
-        shard, index = self._where[key]
-        with self._lock:  # grain may call the lookup from its reader threads
-            rec = msgpack.unpackb(self._readers[shard].read([index])[0])
-        if rec["id"] != key:
-            raise CacheError(f"record {index} of shard {shard} has id {rec['id']!r}, "
-                             f"expected {key!r}")
-        n = int(rec["n"])
-        emb = np.zeros((self.max_length, self.dim), self._out)
-        emb[:n] = np.frombuffer(rec["emb"], self._stored).reshape(n, self.dim)
-        return emb, np.arange(self.max_length) < n
+  def get(self, example_id) -> tuple[np.ndarray, np.ndarray]:
+    key = str(example_id)
+    if key not in self._where:
+      raise KeyError(f"example id {key!r} is not in the text embedding cache")
+    shard, index = self._where[key]
+    with self._lock:  # grain may call the lookup from its reader threads
+      rec = msgpack.unpackb(self._readers[shard].read([index])[0])
+    if rec["id"] != key:
+      raise CacheError(
+          f"record {index} of shard {shard} has id {rec['id']!r}, " f"expected {key!r}"
+      )
+    n = int(rec["n"])
+    emb = np.zeros((self.max_length, self.dim), self._out)
+    emb[:n] = np.frombuffer(rec["emb"], self._stored).reshape(n, self.dim)
+    return emb, np.arange(self.max_length) < n
 
-    def get_batch(self, example_ids: Sequence) -> tuple[np.ndarray, np.ndarray]:
-        """``(emb [B, L, D], mask bool [B, L])`` for a batch of ids."""
-        pairs = [self.get(i) for i in example_ids]
-        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+  def get_batch(self, example_ids: Sequence) -> tuple[np.ndarray, np.ndarray]:
+    """``(emb [B, L, D], mask bool [B, L])`` for a batch of ids."""
+    pairs = [self.get(i) for i in example_ids]
+    return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
-    def close(self) -> None:
-        for r in self._readers:
-            r.close()
-        self._readers = []
+  def close(self) -> None:
+    for r in self._readers:
+      r.close()
+    self._readers = []

@@ -12,6 +12,7 @@ Imagen conditions on a frozen T5-XXL encoder (§2.1, §4.4). Names:
 float32; bfloat16 halves T5-XXL's 19 GB, it is frozen anyway) and optional ``precision``
 (matmul precision; None = "highest" for float32 compute, "default" for bfloat16).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,8 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-from ml_collections import config_dict
 import numpy as np
+from ml_collections import config_dict
 
 from imagen_jax.text import checkpoint, t5, tokenizer
 
@@ -41,188 +42,216 @@ TINY_RANDOM_SEED = 20220523  # Imagen's arXiv date
 # With std 6 each head attends to a few fixed relative offsets and a token carries its
 # neighbours (same byte in two words: 0.62; colour-swapped captions: 0.90; 2026-11-27).
 TINY_RANDOM_BIAS_STD = 6.0
-_NAME_PATTERNS = (r"t5-v1_1-[a-z0-9]+", r"flan-t5-[a-z0-9]+", r"t5-[a-z0-9]+",
-                  r"byt5-[a-z0-9]+", r"t5-efficient-[a-z0-9-]+")
+_NAME_PATTERNS = (
+    r"t5-v1_1-[a-z0-9]+",
+    r"flan-t5-[a-z0-9]+",
+    r"t5-[a-z0-9]+",
+    r"byt5-[a-z0-9]+",
+    r"t5-efficient-[a-z0-9-]+",
+)
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def default_text_config(name: str = TINY_RANDOM, path: str | None = None,
-                        max_length: int = 128, dtype: str = "float32",
-                        param_dtype: str = "float32") -> ml_collections.ConfigDict:
-    """The ``config.text`` block of a stage/cascade config.
+def default_text_config(
+    name: str = TINY_RANDOM,
+    path: str | None = None,
+    max_length: int = 128,
+    dtype: str = "float32",
+    param_dtype: str = "float32",
+) -> ml_collections.ConfigDict:
+  """The ``config.text`` block of a stage/cascade config.
 
-    ``path`` and ``precision`` are typed placeholders when None, so that
-    ``--config.text.path=/ckpt/t5-v1_1-xxl`` can set them from the command line.
-    """
-    return ml_collections.ConfigDict(dict(
-        name=name, path=config_dict.placeholder(str) if path is None else path,
-        max_length=max_length, dtype=dtype, param_dtype=param_dtype,
-        precision=config_dict.placeholder(str)))
+  ``path`` and ``precision`` are typed placeholders when None, so that
+  ``--config.text.path=/ckpt/t5-v1_1-xxl`` can set them from the command line.
+  """
+  return ml_collections.ConfigDict(
+      dict(
+          name=name,
+          path=config_dict.placeholder(str) if path is None else path,
+          max_length=max_length,
+          dtype=dtype,
+          param_dtype=param_dtype,
+          precision=config_dict.placeholder(str),
+      )
+  )
 
 
 def _dtype(value: Any, field: str):
-    if value is None:
-        return jnp.float32
-    if isinstance(value, str):
-        if value not in _DTYPES:
-            raise ValueError(f"text_config.{field}={value!r}; allowed: {sorted(_DTYPES)}")
-        return _DTYPES[value]
-    return jnp.dtype(value).type
+  if value is None:
+    return jnp.float32
+  if isinstance(value, str):
+    if value not in _DTYPES:
+      raise ValueError(f"text_config.{field}={value!r}; allowed: {sorted(_DTYPES)}")
+    return _DTYPES[value]
+  return jnp.dtype(value).type
 
 
 @dataclasses.dataclass(eq=False)
 class TextEncoder:
-    """A frozen T5 encoder with its tokenizer.
+  """A frozen T5 encoder with its tokenizer.
 
-    ``encode_tokens(params, ids [B, L] int32, mask [B, L] bool) -> emb [B, L, D] float32`` is
-    pure and jittable (the training step calls it inside its own jit); embeddings are zero
-    where ``mask`` is False.
+  ``encode_tokens(params, ids [B, L] int32, mask [B, L] bool) -> emb [B, L, D] float32`` is
+  pure and jittable (the training step calls it inside its own jit); embeddings are zero
+  where ``mask`` is False.
+  """
+
+  name: str
+  config: t5.T5Config
+  params: Any
+  tokenizer: Any
+  max_length: int
+
+  def __post_init__(self):
+    self.module = t5.T5Encoder(self.config)
+    # Public: the jitted encode_tokens (compiled once per input shape).
+    self.encode_tokens_jit = jax.jit(self.encode_tokens)
+
+  @property
+  def dim(self) -> int:
+    return self.config.d_model
+
+  @functools.cached_property
+  def fingerprint(self) -> str:
+    """sha256 (16 hex digits) of the weights' tree, shapes, dtypes and first values.
+
+    Tells apart checkpoints (or random inits) behind the same name, e.g. so that a text
+    embedding cache written by other weights is refused. Exact values, no arithmetic: the
+    same weights give the same fingerprint on any device layout.
     """
+    digest = hashlib.sha256(self.name.encode())
+    for path, leaf in jax.tree_util.tree_leaves_with_path(self.params):
+      digest.update(f"{jax.tree_util.keystr(path)}{leaf.shape}{leaf.dtype}".encode())
+      digest.update(np.ascontiguousarray(_first_values(leaf)).tobytes())
+    return digest.hexdigest()[:16]
 
-    name: str
-    config: t5.T5Config
-    params: Any
-    tokenizer: Any
-    max_length: int
+  def tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids int32 [B, L], mask bool [B, L])`` as numpy, L = ``max_length``."""
+    return self.tokenizer(texts)
 
-    def __post_init__(self):
-        self.module = t5.T5Encoder(self.config)
-        # Public: the jitted encode_tokens (compiled once per input shape).
-        self.encode_tokens_jit = jax.jit(self.encode_tokens)
+  def encode_tokens(self, params, ids: jax.Array, mask: jax.Array) -> jax.Array:
+    emb = self.module.apply(
+        {"params": params}, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool)
+    )
+    return emb.astype(jnp.float32)
 
-    @property
-    def dim(self) -> int:
-        return self.config.d_model
+  def encode(self, texts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
+    """Tokenizes and encodes (jitted): ``(emb float32 [B, L, D], mask bool [B, L])``."""
+    ids, mask = self.tokenize(texts)
+    return self.encode_tokens_jit(self.params, ids, mask), jnp.asarray(mask)
 
-    @functools.cached_property
-    def fingerprint(self) -> str:
-        """sha256 (16 hex digits) of the weights' tree, shapes, dtypes and first values.
+  def logical_specs(self):
+    """Logical ``PartitionSpec`` tree of ``params`` (axes vocab/embed/heads/kv/mlp)."""
+    return t5.logical_specs(self.config)
 
-        Tells apart checkpoints (or random inits) behind the same name, e.g. so that a text
-        embedding cache written by other weights is refused. Exact values, no arithmetic: the
-        same weights give the same fingerprint on any device layout.
-        """
-        digest = hashlib.sha256(self.name.encode())
-        for path, leaf in jax.tree_util.tree_leaves_with_path(self.params):
-            digest.update(f"{jax.tree_util.keystr(path)}{leaf.shape}{leaf.dtype}".encode())
-            digest.update(np.ascontiguousarray(_first_values(leaf)).tobytes())
-        return digest.hexdigest()[:16]
-
-    def tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """``(ids int32 [B, L], mask bool [B, L])`` as numpy, L = ``max_length``."""
-        return self.tokenizer(texts)
-
-    def encode_tokens(self, params, ids: jax.Array, mask: jax.Array) -> jax.Array:
-        emb = self.module.apply({"params": params}, jnp.asarray(ids, jnp.int32),
-                                jnp.asarray(mask, bool))
-        return emb.astype(jnp.float32)
-
-    def encode(self, texts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
-        """Tokenizes and encodes (jitted): ``(emb float32 [B, L, D], mask bool [B, L])``."""
-        ids, mask = self.tokenize(texts)
-        return self.encode_tokens_jit(self.params, ids, mask), jnp.asarray(mask)
-
-    def logical_specs(self):
-        """Logical ``PartitionSpec`` tree of ``params`` (axes vocab/embed/heads/kv/mlp)."""
-        return t5.logical_specs(self.config)
-
-    def param_shardings(self, mesh: jax.sharding.Mesh, rules):
-        """``NamedSharding`` tree of ``params`` under logical->mesh ``rules``."""
-        return nn.logical_to_mesh_sharding(self.logical_specs(), mesh, rules)
+  def param_shardings(self, mesh: jax.sharding.Mesh, rules):
+    """``NamedSharding`` tree of ``params`` under logical->mesh ``rules``."""
+    return nn.logical_to_mesh_sharding(self.logical_specs(), mesh, rules)
 
 
 def _first_values(leaf, n: int = 64) -> np.ndarray:
-    """The first n entries of the leaf's first row, [<= n], fetched to the host (a sharded
-    leaf of a multi-host encoder is gathered, replicated, by one small jitted slice)."""
-    head = lambda a: a[(0,) * (a.ndim - 1)][:n] if a.ndim else a[None]  # noqa: E731
-    if getattr(leaf, "is_fully_addressable", True):
-        return np.asarray(head(leaf))
-    replicated = jax.sharding.NamedSharding(leaf.sharding.mesh, jax.sharding.PartitionSpec())
-    return np.asarray(jax.jit(head, out_shardings=replicated)(leaf))
+  """The first n entries of the leaf's first row, [<= n], fetched to the host (a sharded
+  leaf of a multi-host encoder is gathered, replicated, by one small jitted slice)."""
+  head = lambda a: a[(0,) * (a.ndim - 1)][:n] if a.ndim else a[None]  # noqa: E731
+  if getattr(leaf, "is_fully_addressable", True):
+    return np.asarray(head(leaf))
+  replicated = jax.sharding.NamedSharding(leaf.sharding.mesh, jax.sharding.PartitionSpec())
+  return np.asarray(jax.jit(head, out_shardings=replicated)(leaf))
 
 
 @functools.lru_cache(maxsize=1)
 def _tiny_random_f32(config: t5.T5Config):
-    params = t5.init_params(config, TINY_RANDOM_SEED)
-    scale = TINY_RANDOM_BIAS_STD / t5.init_std(config, "relative_attention_bias")
-    return {**params, "relative_attention_bias": params["relative_attention_bias"] * scale}
+  params = t5.init_params(config, TINY_RANDOM_SEED)
+  scale = TINY_RANDOM_BIAS_STD / t5.init_std(config, "relative_attention_bias")
+  return {**params, "relative_attention_bias": params["relative_attention_bias"] * scale}
 
 
 @functools.lru_cache(maxsize=4)
 def _tiny_random_params(config: t5.T5Config):
-    # Drawn in float32 whatever param_dtype is (random bits depend on the dtype drawn), then cast,
-    # so a bfloat16 run uses the same weights. Cached per process: arrays are immutable.
-    f32 = dataclasses.replace(config, dtype=jnp.float32, param_dtype=jnp.float32, precision=None)
-    params = _tiny_random_f32(f32)
-    store = jnp.dtype(config.param_dtype)
-    return jax.tree.map(lambda p: jnp.asarray(np.asarray(p).astype(store)), params)
+  # Drawn in float32 whatever param_dtype is (random bits depend on the dtype drawn), then cast,
+  # so a bfloat16 run uses the same weights. Cached per process: arrays are immutable.
+  f32 = dataclasses.replace(config, dtype=jnp.float32, param_dtype=jnp.float32, precision=None)
+  params = _tiny_random_f32(f32)
+  store = jnp.dtype(config.param_dtype)
+  return jax.tree.map(lambda p: jnp.asarray(np.asarray(p).astype(store)), params)
 
 
 def _check_name(name: str) -> None:
-    if name == TINY_RANDOM or name in t5.PRESETS:
-        return
-    if not any(re.fullmatch(p, name) for p in _NAME_PATTERNS):
-        raise ValueError(f"unknown text encoder name {name!r}; allowed: {TINY_RANDOM!r}, "
-                         f"{sorted(t5.PRESETS)} or another T5-family name (t5-*, t5-v1_1-*, "
-                         "flan-t5-*, byt5-*) with text_config.path set")
+  if name == TINY_RANDOM or name in t5.PRESETS:
+    return
+  if not any(re.fullmatch(p, name) for p in _NAME_PATTERNS):
+    raise ValueError(
+        f"unknown text encoder name {name!r}; allowed: {TINY_RANDOM!r}, "
+        f"{sorted(t5.PRESETS)} or another T5-family name (t5-*, t5-v1_1-*, "
+        "flan-t5-*, byt5-*) with text_config.path set"
+    )
 
 
 def _check_preset(name: str, config: t5.T5Config, path: str) -> None:
-    """A name with a known size must agree with the checkpoint at ``path`` (catches wrong paths)."""
-    if name not in t5.PRESETS:
-        return
-    want = t5.preset_config(name)
-    fields = ("d_model", "d_ff", "num_layers", "num_heads", "d_kv", "is_gated")
-    diff = {f: (getattr(want, f), getattr(config, f)) for f in fields
-            if getattr(want, f) != getattr(config, f)}
-    if diff:
-        raise ValueError(f"text_config.name={name!r} but {path}/config.json differs: "
-                         + ", ".join(f"{k} {a} (name) vs {b} (file)" for k, (a, b) in diff.items()))
+  """A name with a known size must agree with the checkpoint at ``path`` (catches wrong paths)."""
+  if name not in t5.PRESETS:
+    return
+  want = t5.preset_config(name)
+  fields = ("d_model", "d_ff", "num_layers", "num_heads", "d_kv", "is_gated")
+  diff = {
+      f: (getattr(want, f), getattr(config, f))
+      for f in fields
+      if getattr(want, f) != getattr(config, f)
+  }
+  if diff:
+    raise ValueError(
+        f"text_config.name={name!r} but {path}/config.json differs: "
+        + ", ".join(f"{k} {a} (name) vs {b} (file)" for k, (a, b) in diff.items())
+    )
 
 
-def get_text_encoder(text_config, *, mesh: jax.sharding.Mesh | None = None,
-                     rules=None, progress: bool = True) -> TextEncoder:
-    """Builds the named encoder; with ``mesh`` + ``rules`` its params are placed sharded.
+def get_text_encoder(
+    text_config, *, mesh: jax.sharding.Mesh | None = None, rules=None, progress: bool = True
+) -> TextEncoder:
+  """Builds the named encoder; with ``mesh`` + ``rules`` its params are placed sharded.
 
-    ``rules``: logical->mesh axis rules, e.g. ``(("embed", "fsdp"), ("mlp", None), ...)``.
-    Real checkpoints stream each tensor straight into its sharding (see ``checkpoint``).
-    """
-    name = text_config.name
-    _check_name(name)
-    path = text_config.get("path", None)
-    max_length = int(text_config.get("max_length", 128) or 128)
-    dtypes = dict(dtype=_dtype(text_config.get("dtype", None), "dtype"),
-                  param_dtype=_dtype(text_config.get("param_dtype", None), "param_dtype"),
-                  precision=text_config.get("precision", None))
-    if (mesh is None) != (rules is None):
-        raise ValueError("get_text_encoder: pass both mesh and rules, or neither")
+  ``rules``: logical->mesh axis rules, e.g. ``(("embed", "fsdp"), ("mlp", None), ...)``.
+  Real checkpoints stream each tensor straight into its sharding (see ``checkpoint``).
+  """
+  name = text_config.name
+  _check_name(name)
+  path = text_config.get("path", None)
+  max_length = int(text_config.get("max_length", 128) or 128)
+  dtypes = dict(
+      dtype=_dtype(text_config.get("dtype", None), "dtype"),
+      param_dtype=_dtype(text_config.get("param_dtype", None), "param_dtype"),
+      precision=text_config.get("precision", None),
+  )
+  if (mesh is None) != (rules is None):
+    raise ValueError("get_text_encoder: pass both mesh and rules, or neither")
 
-    def shardings_for(config):
-        if mesh is None:
-            return None
-        return nn.logical_to_mesh_sharding(t5.logical_specs(config), mesh, rules)
+  def shardings_for(config):
+    if mesh is None:
+      return None
+    return nn.logical_to_mesh_sharding(t5.logical_specs(config), mesh, rules)
 
-    if name == TINY_RANDOM:
-        if path:
-            raise ValueError(f"{TINY_RANDOM!r} has fixed random weights; text_config.path must "
-                             f"be None, got {path!r}")
-        config = t5.preset_config(TINY_RANDOM, **dtypes)
-        params = _tiny_random_params(config)
-        shardings = shardings_for(config)
-        if shardings is not None:
-            params = jax.device_put(params, shardings)
-        tok = tokenizer.make_tokenizer("byt5", max_length)
-        return TextEncoder(name, config, params, tok, max_length)
-
-    if not path:
-        raise ValueError(
-            f"text_config.path is required for {name!r}: a local Hugging Face directory with "
-            "config.json, model.safetensors (or model.safetensors.index.json) and the "
-            f"tokenizer files; nothing is downloaded. For an offline run use {TINY_RANDOM!r}.")
-    config = checkpoint.read_config(path, **dtypes)
-    _check_preset(name, config, path)
-    params = checkpoint.load_params(path, config, shardings=shardings_for(config),
-                                    progress=progress)
-    kind = "byt5" if name.startswith("byt5") else "sentencepiece"
-    tok = tokenizer.make_tokenizer(kind, max_length, path)
+  if name == TINY_RANDOM:
+    if path:
+      raise ValueError(
+          f"{TINY_RANDOM!r} has fixed random weights; text_config.path must "
+          f"be None, got {path!r}"
+      )
+    config = t5.preset_config(TINY_RANDOM, **dtypes)
+    params = _tiny_random_params(config)
+    shardings = shardings_for(config)
+    if shardings is not None:
+      params = jax.device_put(params, shardings)
+    tok = tokenizer.make_tokenizer("byt5", max_length)
     return TextEncoder(name, config, params, tok, max_length)
+
+  if not path:
+    raise ValueError(
+        f"text_config.path is required for {name!r}: a local Hugging Face directory with "
+        "config.json, model.safetensors (or model.safetensors.index.json) and the "
+        f"tokenizer files; nothing is downloaded. For an offline run use {TINY_RANDOM!r}."
+    )
+  config = checkpoint.read_config(path, **dtypes)
+  _check_preset(name, config, path)
+  params = checkpoint.load_params(path, config, shardings=shardings_for(config), progress=progress)
+  kind = "byt5" if name.startswith("byt5") else "sentencepiece"
+  tok = tokenizer.make_tokenizer(kind, max_length, path)
+  return TextEncoder(name, config, params, tok, max_length)

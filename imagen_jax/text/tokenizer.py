@@ -7,6 +7,7 @@ each sequence ends with EOS (id 1); a sequence longer than ``max_length`` keeps 
 ``max_length - 1`` tokens plus EOS. Truncation is counted per call (``last_num_truncated``) and
 over the tokenizer's life (``num_truncated``) and warned about, never silent.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,103 +21,112 @@ EOS_ID = 1
 
 
 class TruncationWarning(UserWarning):
-    """Some prompts were longer than ``max_length`` tokens and were cut."""
+  """Some prompts were longer than ``max_length`` tokens and were cut."""
 
 
 class _BaseTokenizer:
-    """Pads/truncates per-text id lists (each already ending in EOS) into ``(ids, mask)``."""
+  """Pads/truncates per-text id lists (each already ending in EOS) into ``(ids, mask)``."""
 
-    def __init__(self, max_length: int):
-        if int(max_length) < 2:
-            raise ValueError(f"max_length={max_length!r}; need at least 2 (one token + EOS)")
-        self.max_length = int(max_length)
-        self.num_truncated = 0
-        self.last_num_truncated = 0
+  def __init__(self, max_length: int):
+    if int(max_length) < 2:
+      raise ValueError(f"max_length={max_length!r}; need at least 2 (one token + EOS)")
+    self.max_length = int(max_length)
+    self.num_truncated = 0
+    self.last_num_truncated = 0
 
-    def _ids_with_eos(self, texts: Sequence[str]) -> list[list[int]]:
-        raise NotImplementedError
+  def _ids_with_eos(self, texts: Sequence[str]) -> list[list[int]]:
+    raise NotImplementedError
 
-    def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        if isinstance(texts, str):
-            raise TypeError("tokenize expects a list of strings, got one str; wrap it in a list")
-        texts = list(texts)
-        for t in texts:
-            if not isinstance(t, str):
-                raise TypeError(f"prompts must be str, got {type(t).__name__}: {t!r}")
-        length = self.max_length
-        ids = np.full((len(texts), length), PAD_ID, np.int32)
-        mask = np.zeros((len(texts), length), bool)
-        truncated, longest = 0, 0
-        for i, seq in enumerate(self._ids_with_eos(texts)):
-            if len(seq) > length:
-                truncated += 1
-                longest = max(longest, len(seq))
-                seq = list(seq[: length - 1]) + [EOS_ID]
-            ids[i, : len(seq)] = seq
-            mask[i, : len(seq)] = True
-        self.last_num_truncated = truncated
-        self.num_truncated += truncated
-        if truncated:
-            warnings.warn(
-                f"{truncated} of {len(texts)} prompts exceed max_length={length} tokens (with "
-                f"EOS; longest {longest}) and were truncated; raise text max_length to keep them",
-                TruncationWarning, stacklevel=2)
-        return ids, mask
+  def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(texts, str):
+      raise TypeError("tokenize expects a list of strings, got one str; wrap it in a list")
+    texts = list(texts)
+    for t in texts:
+      if not isinstance(t, str):
+        raise TypeError(f"prompts must be str, got {type(t).__name__}: {t!r}")
+    length = self.max_length
+    ids = np.full((len(texts), length), PAD_ID, np.int32)
+    mask = np.zeros((len(texts), length), bool)
+    truncated, longest = 0, 0
+    for i, seq in enumerate(self._ids_with_eos(texts)):
+      if len(seq) > length:
+        truncated += 1
+        longest = max(longest, len(seq))
+        seq = list(seq[: length - 1]) + [EOS_ID]
+      ids[i, : len(seq)] = seq
+      mask[i, : len(seq)] = True
+    self.last_num_truncated = truncated
+    self.num_truncated += truncated
+    if truncated:
+      warnings.warn(
+          f"{truncated} of {len(texts)} prompts exceed max_length={length} tokens (with "
+          f"EOS; longest {longest}) and were truncated; raise text max_length to keep them",
+          TruncationWarning,
+          stacklevel=2,
+      )
+    return ids, mask
 
 
 class ByT5Tokenizer(_BaseTokenizer):
-    """ByT5 byte tokenizer (Xue et al. 2022): id = UTF-8 byte + 3 (0 pad, 1 EOS, 2 UNK).
+  """ByT5 byte tokenizer (Xue et al. 2022): id = UTF-8 byte + 3 (0 pad, 1 EOS, 2 UNK).
 
-    Matches HF ``ByT5Tokenizer`` for plain text (it also parses special-token strings such as
-    ``</s>`` inside the text; here every character is data). Vocabulary 384 = 3 + 256 + 125 extra
-    ids. Truncation may cut a multi-byte character, as HF's does.
-    """
+  Matches HF ``ByT5Tokenizer`` for plain text (it also parses special-token strings such as
+  ``</s>`` inside the text; here every character is data). Vocabulary 384 = 3 + 256 + 125 extra
+  ids. Truncation may cut a multi-byte character, as HF's does.
+  """
 
-    vocab_size = 384
-    offset = 3
+  vocab_size = 384
+  offset = 3
 
-    def _ids_with_eos(self, texts):
-        return [[b + self.offset for b in t.encode("utf-8")] + [EOS_ID] for t in texts]
+  def _ids_with_eos(self, texts):
+    return [[b + self.offset for b in t.encode("utf-8")] + [EOS_ID] for t in texts]
 
 
 class SentencePieceT5Tokenizer(_BaseTokenizer):
-    """The T5 sentencepiece tokenizer of a local HF checkpoint directory (never downloads).
+  """The T5 sentencepiece tokenizer of a local HF checkpoint directory (never downloads).
 
-    Uses transformers' ``AutoTokenizer`` with ``local_files_only=True`` on ``path``
-    (``tokenizer.json`` or ``spiece.model``; T5 1.1, Flan-T5 and DeepFloyd's XXL ship both).
-    """
+  Uses transformers' ``AutoTokenizer`` with ``local_files_only=True`` on ``path``
+  (``tokenizer.json`` or ``spiece.model``; T5 1.1, Flan-T5 and DeepFloyd's XXL ship both).
+  """
 
-    def __init__(self, path: str, max_length: int):
-        super().__init__(max_length)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"tokenizer path {path!r} is not a directory")
-        if not any(os.path.exists(os.path.join(path, f))
-                   for f in ("tokenizer.json", "spiece.model", "tokenizer_config.json")):
-            raise FileNotFoundError(
-                f"no T5 tokenizer files in {path!r}: expected tokenizer.json or spiece.model "
-                "(the files a Hugging Face T5 checkpoint directory ships)")
-        from transformers import AutoTokenizer  # lazy: transformers import is slow
+  def __init__(self, path: str, max_length: int):
+    super().__init__(max_length)
+    if not os.path.isdir(path):
+      raise FileNotFoundError(f"tokenizer path {path!r} is not a directory")
+    if not any(
+        os.path.exists(os.path.join(path, f))
+        for f in ("tokenizer.json", "spiece.model", "tokenizer_config.json")
+    ):
+      raise FileNotFoundError(
+          f"no T5 tokenizer files in {path!r}: expected tokenizer.json or spiece.model "
+          "(the files a Hugging Face T5 checkpoint directory ships)"
+      )
+    from transformers import AutoTokenizer  # lazy: transformers import is slow
 
-        self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        if self._tok.pad_token_id != PAD_ID or self._tok.eos_token_id != EOS_ID:
-            raise ValueError(
-                f"tokenizer in {path!r} has pad/eos ids {self._tok.pad_token_id}/"
-                f"{self._tok.eos_token_id}; T5 expects {PAD_ID}/{EOS_ID}")
-        self.vocab_size = len(self._tok)
+    self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if self._tok.pad_token_id != PAD_ID or self._tok.eos_token_id != EOS_ID:
+      raise ValueError(
+          f"tokenizer in {path!r} has pad/eos ids {self._tok.pad_token_id}/"
+          f"{self._tok.eos_token_id}; T5 expects {PAD_ID}/{EOS_ID}"
+      )
+    self.vocab_size = len(self._tok)
 
-    def _ids_with_eos(self, texts):
-        out = self._tok(texts, add_special_tokens=True, padding=False, truncation=False,
-                        verbose=False)["input_ids"]
-        return [seq if seq and seq[-1] == EOS_ID else list(seq) + [EOS_ID] for seq in out]
+  def _ids_with_eos(self, texts):
+    out = self._tok(texts, add_special_tokens=True, padding=False, truncation=False, verbose=False)[
+        "input_ids"
+    ]
+    return [seq if seq and seq[-1] == EOS_ID else list(seq) + [EOS_ID] for seq in out]
 
 
 def make_tokenizer(kind: str, max_length: int, path: str | None = None) -> _BaseTokenizer:
-    """``kind`` is "byt5" (byte tokenizer, no files) or "sentencepiece" (needs ``path``)."""
-    if kind == "byt5":
-        return ByT5Tokenizer(max_length)
-    if kind == "sentencepiece":
-        if not path:
-            raise ValueError("the T5 sentencepiece tokenizer needs text_config.path "
-                             "(a local Hugging Face checkpoint directory)")
-        return SentencePieceT5Tokenizer(path, max_length)
-    raise ValueError(f"tokenizer kind {kind!r}; allowed: 'byt5', 'sentencepiece'")
+  """``kind`` is "byt5" (byte tokenizer, no files) or "sentencepiece" (needs ``path``)."""
+  if kind == "byt5":
+    return ByT5Tokenizer(max_length)
+  if kind == "sentencepiece":
+    if not path:
+      raise ValueError(
+          "the T5 sentencepiece tokenizer needs text_config.path "
+          "(a local Hugging Face checkpoint directory)"
+      )
+    return SentencePieceT5Tokenizer(path, max_length)
+  raise ValueError(f"tokenizer kind {kind!r}; allowed: 'byt5', 'sentencepiece'")

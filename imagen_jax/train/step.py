@@ -20,6 +20,7 @@ The contract of docs/interfaces.md names `train_step(state, batch, rng)`; the fr
 params are the one extra argument (closing over them would bake gigabytes of T5 weights into
 the compiled program as constants). `Trainer` binds them.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -36,129 +37,161 @@ TARGETS = ("eps", "v", "x0")
 
 
 def make_schedule(diffusion_config) -> schedules.Schedule:
-    """The stage's logSNR schedule from `config.diffusion` (cosine or linear_beta, App. A/F)."""
-    c = diffusion_config
-    if c.schedule == "cosine":
-        return schedules.get_schedule("cosine", logsnr_min=c.logsnr_min, logsnr_max=c.logsnr_max)
-    if c.schedule == "linear_beta":
-        return schedules.get_schedule("linear_beta", beta_start=c.beta_start,
-                                      beta_end=c.beta_end, num_steps=c.num_timesteps)
-    raise ValueError(f"unknown diffusion.schedule {c.schedule!r}; allowed: cosine, linear_beta")
+  """The stage's logSNR schedule from `config.diffusion` (cosine or linear_beta, App. A/F)."""
+  c = diffusion_config
+  if c.schedule == "cosine":
+    return schedules.get_schedule("cosine", logsnr_min=c.logsnr_min, logsnr_max=c.logsnr_max)
+  if c.schedule == "linear_beta":
+    return schedules.get_schedule(
+        "linear_beta", beta_start=c.beta_start, beta_end=c.beta_end, num_steps=c.num_timesteps
+    )
+  raise ValueError(f"unknown diffusion.schedule {c.schedule!r}; allowed: cosine, linear_beta")
 
 
 def ema_update(ema: Any, params: Any, decay: float) -> Any:
-    """ema <- decay * ema + (1 - decay) * params, in float32 (the paper does not state the
-    decay; `train.ema_decay`)."""
-    return jax.tree.map(lambda e, p: e + (1.0 - decay) * (p.astype(jnp.float32) - e), ema, params)
+  """ema <- decay * ema + (1 - decay) * params, in float32 (the paper does not state the
+  decay; `train.ema_decay`)."""
+  return jax.tree.map(lambda e, p: e + (1.0 - decay) * (p.astype(jnp.float32) - e), ema, params)
 
 
-def make_train_step(*, model: nn.Module, tx: optax.GradientTransformation,
-                    lr_schedule: optax.Schedule, config,
-                    encode_tokens: Callable | None) -> Callable:
-    """Builds the pure step for `config.stage` (not jitted; see `jit_train_step`).
+def make_train_step(
+    *,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    lr_schedule: optax.Schedule,
+    config,
+    encode_tokens: Callable | None,
+) -> Callable:
+  """Builds the pure step for `config.stage` (not jitted; see `jit_train_step`).
 
-    Args:
-      model: the stage's network (`nn.unet.build_model(config.model)`).
-      tx, lr_schedule: from `train.optim.make_optimizer`.
-      config: the stage config (uses `stage, diffusion, text.drop_prob, train.ema_decay`).
-      encode_tokens: `(params, ids [B, L], mask [B, L]) -> emb [B, L, D]`, the frozen encoder;
-        None when batches carry cached `text_emb`.
-    """
-    schedule = make_schedule(config.diffusion)
-    target = config.diffusion.target
-    if target not in TARGETS:
-        raise ValueError(f"unknown diffusion.target {target!r}; allowed: {', '.join(TARGETS)}")
-    is_sr = config.stage != "base64"
-    aug_lo, aug_hi = (float(a) for a in config.diffusion.aug_level)
-    if is_sr and not 0.0 <= aug_lo <= aug_hi <= 1.0:
-        raise ValueError(f"diffusion.aug_level={tuple(config.diffusion.aug_level)} must be a "
-                         "range (lo, hi) with 0 <= lo <= hi <= 1")
-    drop_prob = float(config.text.drop_prob)
-    if not 0.0 <= drop_prob <= 1.0:
-        raise ValueError(f"text.drop_prob={drop_prob} must be in [0, 1]")
-    decay = float(config.train.ema_decay)
+  Args:
+    model: the stage's network (`nn.unet.build_model(config.model)`).
+    tx, lr_schedule: from `train.optim.make_optimizer`.
+    config: the stage config (uses `stage, diffusion, text.drop_prob, train.ema_decay`).
+    encode_tokens: `(params, ids [B, L], mask [B, L]) -> emb [B, L, D]`, the frozen encoder;
+      None when batches carry cached `text_emb`.
+  """
+  schedule = make_schedule(config.diffusion)
+  target = config.diffusion.target
+  if target not in TARGETS:
+    raise ValueError(f"unknown diffusion.target {target!r}; allowed: {', '.join(TARGETS)}")
+  is_sr = config.stage != "base64"
+  aug_lo, aug_hi = (float(a) for a in config.diffusion.aug_level)
+  if is_sr and not 0.0 <= aug_lo <= aug_hi <= 1.0:
+    raise ValueError(
+        f"diffusion.aug_level={tuple(config.diffusion.aug_level)} must be a "
+        "range (lo, hi) with 0 <= lo <= hi <= 1"
+    )
+  drop_prob = float(config.text.drop_prob)
+  if not 0.0 <= drop_prob <= 1.0:
+    raise ValueError(f"text.drop_prob={drop_prob} must be in [0, 1]")
+  decay = float(config.train.ema_decay)
 
-    def train_step(state: TrainState, batch: dict, rng: jax.Array, text_params: Any
-                   ) -> tuple[TrainState, dict]:
-        rng = jax.random.fold_in(rng, state.step)
-        k_t, k_noise, k_aug, k_aug_noise, k_drop, k_dropout = jax.random.split(rng, 6)
-        x0 = batch["image"].astype(jnp.float32)
-        b = x0.shape[0]
+  def train_step(
+      state: TrainState, batch: dict, rng: jax.Array, text_params: Any
+  ) -> tuple[TrainState, dict]:
+    rng = jax.random.fold_in(rng, state.step)
+    k_t, k_noise, k_aug, k_aug_noise, k_drop, k_dropout = jax.random.split(rng, 6)
+    x0 = batch["image"].astype(jnp.float32)
+    b = x0.shape[0]
 
-        mask = batch["text_mask"].astype(jnp.bool_)
-        if "text_emb" in batch:
-            emb = batch["text_emb"].astype(jnp.float32)
-        elif encode_tokens is None:
-            raise ValueError("the batch has no text_emb and no text encoder was given")
-        else:
-            emb = encode_tokens(text_params, batch["text_ids"], mask)
-        emb = jax.lax.stop_gradient(emb.astype(jnp.float32))
-        keep = jax.random.uniform(k_drop, (b,)) >= drop_prob
-        emb = emb * keep[:, None, None].astype(jnp.float32)
-        mask = mask & keep[:, None]
+    mask = batch["text_mask"].astype(jnp.bool_)
+    if "text_emb" in batch:
+      emb = batch["text_emb"].astype(jnp.float32)
+    elif encode_tokens is None:
+      raise ValueError("the batch has no text_emb and no text encoder was given")
+    else:
+      emb = encode_tokens(text_params, batch["text_ids"], mask)
+    emb = jax.lax.stop_gradient(emb.astype(jnp.float32))
+    keep = jax.random.uniform(k_drop, (b,)) >= drop_prob
+    emb = emb * keep[:, None, None].astype(jnp.float32)
+    mask = mask & keep[:, None]
 
-        t = jax.random.uniform(k_t, (b,), jnp.float32)
-        logsnr = schedule.logsnr_fn(t)
-        noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
-        z_t = forward.q_sample(x0, logsnr, noise)
+    t = jax.random.uniform(k_t, (b,), jnp.float32)
+    logsnr = schedule.logsnr_fn(t)
+    noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
+    z_t = forward.q_sample(x0, logsnr, noise)
 
-        cond = {}
-        if is_sr:
-            lowres_up = forward.upsample_lowres(batch["lowres"].astype(jnp.float32),
-                                                (x0.shape[1], x0.shape[2]))
-            aug = jax.random.uniform(k_aug, (b,), jnp.float32, aug_lo, aug_hi)
-            aug_noise = jax.random.normal(k_aug_noise, lowres_up.shape, jnp.float32)
-            cond = dict(lowres=forward.noise_condition_augment(lowres_up, aug, aug_noise),
-                        aug_level=aug)
+    cond = {}
+    if is_sr:
+      lowres_up = forward.upsample_lowres(
+          batch["lowres"].astype(jnp.float32), (x0.shape[1], x0.shape[2])
+      )
+      aug = jax.random.uniform(k_aug, (b,), jnp.float32, aug_lo, aug_hi)
+      aug_noise = jax.random.normal(k_aug_noise, lowres_up.shape, jnp.float32)
+      cond = dict(lowres=forward.noise_condition_augment(lowres_up, aug, aug_noise), aug_level=aug)
 
-        def loss_fn(params):
-            pred = model.apply({"params": params}, z_t, logsnr, emb, mask, train=True,
-                               rngs={"dropout": k_dropout}, **cond)
-            per_example = losses.diffusion_loss(pred, x0=x0, noise=noise, z_t=z_t,
-                                                logsnr=logsnr, target=target)
-            return jnp.mean(per_example)
+    def loss_fn(params):
+      pred = model.apply(
+          {"params": params},
+          z_t,
+          logsnr,
+          emb,
+          mask,
+          train=True,
+          rngs={"dropout": k_dropout},
+          **cond,
+      )
+      per_example = losses.diffusion_loss(
+          pred, x0=x0, noise=noise, z_t=z_t, logsnr=logsnr, target=target
+      )
+      return jnp.mean(per_example)
 
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
-        grad_norm = optax.global_norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = ema_update(state.ema_params, params, decay)
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = ema_update(state.ema_params, params, decay)
 
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        new_state = TrainState(
-            step=state.step + 1,
-            params=keep_old(params, state.params),
-            ema_params=keep_old(ema, state.ema_params),
-            opt_state=keep_old(opt_state, state.opt_state))
-        metrics = dict(loss=loss, grad_norm=grad_norm, lr=lr_schedule(state.step),
-                       finite=finite.astype(jnp.int32),
-                       text_kept=jnp.mean(keep.astype(jnp.float32)))
-        return new_state, metrics
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = TrainState(
+        step=state.step + 1,
+        params=keep_old(params, state.params),
+        ema_params=keep_old(ema, state.ema_params),
+        opt_state=keep_old(opt_state, state.opt_state),
+    )
+    metrics = dict(
+        loss=loss,
+        grad_norm=grad_norm,
+        lr=lr_schedule(state.step),
+        finite=finite.astype(jnp.int32),
+        text_kept=jnp.mean(keep.astype(jnp.float32)),
+    )
+    return new_state, metrics
 
-    return train_step
+  return train_step
 
 
-def jit_train_step(step_fn: Callable, *, mesh, rules, state_shardings: TrainState,
-                   batch_shardings: dict, text_shardings: Any,
-                   constrain_activations: bool = False) -> Callable:
-    """`jax.jit` with explicit in/out shardings and the state donated (updated in place).
+def jit_train_step(
+    step_fn: Callable,
+    *,
+    mesh,
+    rules,
+    state_shardings: TrainState,
+    batch_shardings: dict,
+    text_shardings: Any,
+    constrain_activations: bool = False,
+) -> Callable:
+  """`jax.jit` with explicit in/out shardings and the state donated (updated in place).
 
-    Tracing happens inside `jax.set_mesh(mesh)`. With `constrain_activations`, also inside
-    `nn.logical_axis_rules(rules)`, so the networks' activation constraints (`batch -> (data,
-    fsdp)`, ...) apply; otherwise XLA propagates the layout from the in/out shardings (params
-    on fsdp, batch on (data, fsdp)). Off by default: flax's `DenseGeneral` re-evaluates a
-    logically partitioned init under the rules at apply time and fails for multi-axis kernels.
-    """
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    jitted = jax.jit(step_fn,
-                     in_shardings=(state_shardings, batch_shardings, replicated, text_shardings),
-                     out_shardings=(state_shardings, replicated),
-                     donate_argnums=(0,))
+  Tracing happens inside `jax.set_mesh(mesh)`. With `constrain_activations`, also inside
+  `nn.logical_axis_rules(rules)`, so the networks' activation constraints (`batch -> (data,
+  fsdp)`, ...) apply; otherwise XLA propagates the layout from the in/out shardings (params
+  on fsdp, batch on (data, fsdp)). Off by default: flax's `DenseGeneral` re-evaluates a
+  logically partitioned init under the rules at apply time and fails for multi-axis kernels.
+  """
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  jitted = jax.jit(
+      step_fn,
+      in_shardings=(state_shardings, batch_shardings, replicated, text_shardings),
+      out_shardings=(state_shardings, replicated),
+      donate_argnums=(0,),
+  )
 
-    def call(state, batch, rng, text_params):
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules if constrain_activations else ()):
-            return jitted(state, batch, rng, text_params)
+  def call(state, batch, rng, text_params):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules if constrain_activations else ()):
+      return jitted(state, batch, rng, text_params)
 
-    call.jitted = jitted
-    return call
+  call.jitted = jitted
+  return call

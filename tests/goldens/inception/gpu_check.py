@@ -1,9 +1,13 @@
 """One-off accelerator check (not a test): parity of FID Inception and CLIP on GPU, precision
-effect, and FID feature throughput. Run: PYTHONPATH=. python3 tests/goldens/inception/gpu_check.py"""
+effect, and FID feature throughput. Run: PYTHONPATH=. python3 tests/goldens/inception/gpu_check.py
+"""
+
 import time
-import numpy as np
+
 import jax
-from imagen_jax.evals import convert_weights, fid, inception, clip
+import numpy as np
+
+from imagen_jax.evals import clip, convert_weights, fid, inception
 
 print("devices", jax.devices(), "jax", jax.__version__)
 z = np.load("tests/goldens/inception/golden.npz")
@@ -18,11 +22,13 @@ c2 = fid.FIDComputer(variables, mode="pytorch_fid", batch_size=2, progress=False
 print("inception DEFAULT-precision rel err", rel(c2.features(z["images"]), z["features"]))
 inception._PRECISION = orig
 for bs in (100, 250):
-    ct = fid.FIDComputer(variables, mode="tf", batch_size=bs, progress=False)
-    imgs = np.random.default_rng(0).integers(0, 256, (bs * 6, 256, 256, 3), dtype=np.uint8)
-    ct.features(imgs[:bs])
-    t = time.time(); st = ct.statistics(imgs); dt = time.time() - t
-    print(f"tf mode 256px batch {bs}: {len(imgs) / dt:.0f} img/s incl host transfer + float64 stats")
+  ct = fid.FIDComputer(variables, mode="tf", batch_size=bs, progress=False)
+  imgs = np.random.default_rng(0).integers(0, 256, (bs * 6, 256, 256, 3), dtype=np.uint8)
+  ct.features(imgs[:bs])
+  t = time.time()
+  st = ct.statistics(imgs)
+  dt = time.time() - t
+  print(f"tf mode 256px batch {bs}: {len(imgs) / dt:.0f} img/s incl host transfer + float64 stats")
 zc = np.load("tests/goldens/clip/golden.npz")
 s = clip.CLIPScorer("tests/goldens/clip/tiny_clip", batch_size=3, progress=False)
 u, v = s.embeddings(zc["images"], list(zc["texts"]))
