@@ -274,25 +274,12 @@ def distributed_config() -> ml_collections.ConfigDict:
   return c
 
 
-def text_dim(text_cfg) -> int:
-  """d_model of the named encoder (known presets; otherwise read from its checkpoint)."""
-  from imagen_jax.text import checkpoint, t5
-
-  if text_cfg.name in t5.PRESETS:
-    return int(t5.preset_config(text_cfg.name).d_model)
-  if not text_cfg.path:
-    raise ValueError(
-        f"text.name={text_cfg.name!r} is not a known preset "
-        f"({sorted(t5.PRESETS)}); set text.path to its local checkpoint"
-    )
-  return int(checkpoint.read_config(text_cfg.path).d_model)
-
-
 def stage_config(stage: str, variant: str) -> ml_collections.ConfigDict:
   """The full, locked config for one cascade stage and variant."""
   _check("stage", stage, STAGES)
   _check("variant", variant, VARIANTS)
   from imagen_jax.nn import presets  # the model sections live with the networks
+  from imagen_jax.text import registry
 
   v = _VARIANTS[variant]
   c = ml_collections.ConfigDict()
@@ -300,7 +287,7 @@ def stage_config(stage: str, variant: str) -> ml_collections.ConfigDict:
   c.variant = variant
   c.model = presets.get_model_config(stage, variant)
   # The network's text input width is the encoder's d_model (T5-XXL: 4096, §2.1).
-  c.model.text_dim = text_dim(c_text := text_config(v))
+  c.model.text_dim = registry.text_dim(c_text := text_config(v))
   c.model.text_len = c_text.max_length
   # The stage's output / input resolutions (the network trains on data.sr_crop_size crops
   # when that is set, App. F.3); lowres_size 0 = base stage.

@@ -255,3 +255,18 @@ def get_text_encoder(
   kind = "byt5" if name.startswith("byt5") else "sentencepiece"
   tok = tokenizer.make_tokenizer(kind, max_length, path)
   return TextEncoder(name, config, params, tok, max_length)
+
+
+def text_dim(text_cfg) -> int:
+  """d_model of the encoder `text_cfg` names: the preset table, else its checkpoint's config.
+
+  The width of the text embeddings `[B, L, D]` the stage networks read (T5-XXL: 4096, §2.1).
+  """
+  if text_cfg.name in t5.PRESETS:
+    return int(t5.preset_config(text_cfg.name).d_model)
+  if not text_cfg.path:
+    raise ValueError(
+        f"text.name={text_cfg.name!r} is not a known preset "
+        f"({sorted(t5.PRESETS)}); set text.path to its local checkpoint"
+    )
+  return int(checkpoint.read_config(text_cfg.path).d_model)
