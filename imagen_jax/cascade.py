@@ -33,9 +33,7 @@ import ml_collections
 import numpy as np
 
 from imagen_jax import checkpoint as ckpt_lib
-from imagen_jax import denoiser
-from imagen_jax.diffusion import forward, samplers, schedules
-from imagen_jax.nn import unet
+from imagen_jax.stage import SamplingSettings, Stage
 from imagen_jax.text import registry
 
 Array = jax.Array
@@ -45,71 +43,30 @@ class StageLoadError(ValueError):
   """A cascade stage's workdir is missing, incomplete, or does not fit the cascade."""
 
 
-@dataclasses.dataclass(frozen=True)
-class SamplingSettings:
-  """How one stage is sampled (all static except `guidance_weight`, a traced scalar).
-
-  guidance_weight: the paper's w (§2.2); 1 = no guidance.
-  aug_level: noise-conditioning-augmentation level of the low-res input, in [0, 1] (SR only;
-    §2.4: 0 gives the best FID, 0.1-0.3 the "best samples").
-  """
-
-  sampler: str = "ddim"
-  num_steps: int = 50
-  guidance_weight: float = 1.0
-  threshold: str = "dynamic"
-  percentile: float = 99.5
-  eta: float = 0.0
-  aug_level: float = 0.0
-
-  @classmethod
-  def from_config(cls, c) -> "SamplingSettings":
-    return cls(
-        sampler=str(c.sampler),
-        num_steps=int(c.num_steps),
-        guidance_weight=float(c.guidance_weight),
-        threshold=str(c.threshold),
-        percentile=float(c.percentile),
-        eta=float(c.eta),
-        aug_level=float(c.aug_level),
-    )
-
-
 @dataclasses.dataclass
-class Stage:
-  """One trained stage: its config, network and EMA params."""
+class LoadedStage:
+  """One trained stage: its stage layer (`imagen_jax.stage.Stage`) and EMA params."""
 
   workdir: str
-  config: ml_collections.ConfigDict
-  model: Any
+  stage: Stage
   params: Any
   step: int
 
   @property
+  def config(self) -> ml_collections.ConfigDict:
+    return self.stage.config
+
+  @property
   def is_sr(self) -> bool:
-    return int(self.config.lowres_size) > 0
+    return self.stage.is_sr
 
   @property
   def image_size(self) -> int:
-    return int(self.config.image_size)
+    return self.stage.image_size
 
   @property
   def lowres_size(self) -> int:
-    return int(self.config.lowres_size)
-
-  @property
-  def schedule(self) -> schedules.Schedule:
-    d = self.config.diffusion
-    if d.schedule == "cosine":
-      return schedules.get_schedule(
-          "cosine", logsnr_min=float(d.logsnr_min), logsnr_max=float(d.logsnr_max)
-      )
-    return schedules.get_schedule(
-        d.schedule,
-        beta_start=float(d.beta_start),
-        beta_end=float(d.beta_end),
-        num_steps=int(d.num_timesteps),
-    )
+    return self.stage.lowres_size
 
 
 def read_stage_config(workdir: str) -> ml_collections.ConfigDict:
@@ -124,17 +81,18 @@ def read_stage_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def load_stage(workdir: str, step: int | None = None) -> Stage:
-  """Rebuilds a stage's network from its saved config and restores its EMA params.
+def load_stage(workdir: str, step: int | None = None) -> LoadedStage:
+  """Rebuilds a stage from its saved config and restores the EMA params alone.
+
+  The params' abstract tree comes from the stage layer; no optimizer is built and no
+  optimizer state is read (the checkpoint keeps the EMA params as their own item).
 
   Raises StageLoadError when the workdir holds no config or no complete checkpoint, and
-  `checkpoint.CheckpointMismatchError` when the checkpoint does not fit the saved config.
+  `checkpoint.CheckpointMismatchError` when the checkpoint does not fit the saved config
+  (`checkpoint.CheckpointLayoutError` when it was written by an older layout).
   """
-  # Local imports: the training package is only needed to rebuild the train-state structure.
-  from imagen_jax.train import optim, trainer
-  from imagen_jax.train import state as state_lib
-
   config = read_stage_config(workdir)
+  stage = Stage.from_config(config)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
   try:
     step = ckpt.latest_step() if step is None else step
@@ -143,28 +101,18 @@ def load_stage(workdir: str, step: int | None = None) -> Stage:
           f"no complete checkpoint{'' if step is None else f' at step {step}'} in "
           f"{os.path.join(workdir, 'checkpoints')} (complete steps: {ckpt.all_steps()})"
       )
-    model = unet.build_model(config.model)
-    tx, _ = optim.make_optimizer(config.optim, int(config.train.num_steps))
-    image_size, lowres_size = trainer.train_sizes(config)
-    inputs = state_lib.model_inputs(
-        batch=1,
-        image_size=image_size,
-        lowres_size=lowres_size,
-        text_len=int(config.text.max_length),
-        text_dim=int(config.model.text_dim),
-    )
-    abstract = jax.eval_shape(state_lib.make_init_fn(model, tx, inputs), jax.random.key(0))
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract
+        lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=device),
+        stage.abstract_params(),
     )
-    state, _ = ckpt.restore(step, target, config_dict=config.to_dict())
+    params = ckpt.restore_ema(step, target, config_dict=config.to_dict())
   finally:
     ckpt.close()
-  return Stage(workdir=workdir, config=config, model=model, params=state.ema_params, step=step)
+  return LoadedStage(workdir=workdir, stage=stage, params=params, step=step)
 
 
-def check_cascade(stages: Sequence[Stage]) -> None:
+def check_cascade(stages: Sequence[LoadedStage]) -> None:
   """Stage 1 is a base stage, every later one an SR stage reading its predecessor's size, and
   all share one text encoder (the embeddings are computed once)."""
   if not stages:
@@ -199,9 +147,7 @@ def initial_noise(key: Array, indices: Array, shape: tuple[int, ...]) -> Array:
   return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape))(indices)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("model", "schedule", "target", "image_size", "settings", "guided")
-)
+@functools.partial(jax.jit, static_argnames=("stage", "settings", "guided"))
 def _sample_stage(
     params,
     text_emb,
@@ -211,45 +157,28 @@ def _sample_stage(
     key,
     indices,
     *,
-    model,
-    schedule,
-    target,
-    image_size,
+    stage: Stage,
     settings: SamplingSettings,
     guided: bool,
 ):
-  shape = (image_size, image_size, 3)
+  shape = (stage.image_size, stage.image_size, 3)
   key_noise, key_aug, key_sampler = jax.random.split(key, 3)
   noise = initial_noise(key_noise, indices, shape)
   # One sampler noise stream per sample (used by stochastic samplers only).
   sample_keys = jax.vmap(lambda i: jax.random.fold_in(key_sampler, i))(indices)
-  cond = {"text_emb": text_emb, "text_mask": text_mask}
+  aug = aug_noise = None
   if lowres is not None:
-    # §2.4: upsample the previous stage's output, then corrupt it with the forward process at
-    # aug_level and tell the network the level.
-    up = forward.upsample_lowres(lowres, (image_size, image_size))
-    aug = jnp.full((up.shape[0],), settings.aug_level, jnp.float32)
+    # §2.4: the previous stage's output, upsampled and noise-augmented at aug_level.
+    aug = jnp.full((lowres.shape[0],), settings.aug_level, jnp.float32)
     aug_noise = initial_noise(key_aug, indices, shape)
-    cond["lowres"] = forward.noise_condition_augment(up, aug, aug_noise)
-    cond["aug_level"] = aug
-  w = guidance_weight if guided else 1.0
-  denoise_fn = denoiser.make_denoise_fn(model, params, target=target, guidance_weight=w)
-  return samplers.sample(
-      denoise_fn,
-      cond,
-      noise,
-      sample_keys,
-      sampler=settings.sampler,
-      num_steps=settings.num_steps,
-      schedule=schedule,
-      eta=settings.eta,
-      threshold=settings.threshold,
-      percentile=settings.percentile,
+  cond = stage.condition(text_emb, text_mask, lowres, aug_level=aug, aug_noise=aug_noise)
+  return stage.sample(
+      params, cond, noise, sample_keys, settings, guidance_weight if guided else 1.0
   )
 
 
 def sample_stage(
-    stage: Stage,
+    stage: LoadedStage,
     settings: SamplingSettings,
     text_emb: Array,
     text_mask: Array,
@@ -283,10 +212,7 @@ def sample_stage(
       jnp.float32(settings.guidance_weight),
       key,
       indices,
-      model=stage.model,
-      schedule=stage.schedule,
-      target=str(stage.config.diffusion.target),
-      image_size=stage.image_size,
+      stage=stage.stage,
       settings=static,
       guided=guided,
   )
@@ -295,7 +221,7 @@ def sample_stage(
 class Cascade:
   """A loaded cascade (a prefix of base -> SR -> SR) with one frozen text encoder."""
 
-  def __init__(self, stages: Sequence[Stage], devices: Sequence[Any] | None = None):
+  def __init__(self, stages: Sequence[LoadedStage], devices: Sequence[Any] | None = None):
     """devices: where to sample (default: all of this process's devices); batches are split
     over them and every stage's params are replicated on each."""
     check_cascade(stages)

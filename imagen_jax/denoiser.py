@@ -31,11 +31,11 @@ from imagen_jax.diffusion import guidance as guidance_lib
 from imagen_jax.diffusion import parameterization
 
 Array = jax.Array
-TARGETS = ("eps", "v", "x0")
 
 
 def null_text(text_emb: Array, text_mask: Array) -> tuple[Array, Array]:
-  """The dropped ("null") text of classifier-free guidance: zeros and an all-False mask."""
+  """The null text of classifier-free guidance (§2.2): zero embeddings `[B, L, D]` and an
+  all-False mask `[B, L]`; training drops the text to it (`stage.Stage.drop_text`)."""
   return jnp.zeros_like(text_emb), jnp.zeros_like(text_mask, dtype=bool)
 
 
@@ -54,8 +54,8 @@ def make_denoise_fn(
   Returns:
     `denoise_fn(z_t, logsnr, cond) -> eps_hat`, float32 `[B, H, W, C]`.
   """
-  if target not in TARGETS:
-    raise ValueError(f"unknown prediction target {target!r}; allowed: {TARGETS}")
+  if target not in parameterization.TARGETS:
+    raise ValueError(f"unknown prediction target {target!r}; allowed: {parameterization.TARGETS}")
   static_no_guidance = isinstance(guidance_weight, (int, float)) and guidance_weight == 1.0
 
   def network(z_t, logsnr, text_emb, text_mask, lowres, aug_level):

@@ -1,13 +1,13 @@
 """Tiny random cascade stages written like trainer workdirs, shared by the experiments tests.
 
-Adapted from tests/test_cascade.py (its helpers are private to that module): config.json plus an
-Orbax checkpoint of a tiny network with random weights (shapes traced, values drawn directly). Sampling does not
-care whether the weights were trained, so end-to-end tests of the experiments take seconds.
+config.json plus an Orbax checkpoint with the trainer's items (train_state, ema_params, config)
+of a tiny network with random weights (shapes traced by the stage layer, values drawn directly).
+Sampling does not care whether the weights were trained, so end-to-end tests take seconds.
 """
 
 import atexit
 import functools
-import importlib.util
+import importlib
 import json
 import os
 import shutil
@@ -18,21 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from imagen_jax import checkpoint as ckpt_lib
-from imagen_jax.nn import unet
+from imagen_jax.stage import Stage
 from imagen_jax.train import optim, trainer
-from imagen_jax.train import state as state_lib
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(stage, **sizes):
-  """configs/<stage>.py:tiny with top-level fields overridden (e.g. image_size=32)."""
-  spec = importlib.util.spec_from_file_location(
-      f"cfg_{stage}", os.path.join(REPO, "configs", f"{stage}.py")
-  )
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config("tiny")
+  """configs.<stage> `tiny` with top-level fields overridden (e.g. image_size=32)."""
+  c = importlib.import_module(f"configs.{stage}").get_config("tiny")
   with c.unlocked():
     for k, v in sizes.items():
       c[k] = v
@@ -40,22 +32,13 @@ def tiny_config(stage, **sizes):
 
 
 def write_stage(workdir, config, seed=0, step=7):
-  """Writes a random stage workdir that `cascade.load_stage` reads."""
-  model = unet.build_model(config.model)
+  """Writes a random stage workdir that `cascade.load_stage` reads; returns its EMA params."""
+  abstract = Stage.from_config(config).abstract_params()
   tx, _ = optim.make_optimizer(config.optim, int(config.train.num_steps))
-  image, lowres = trainer.train_sizes(config)
-  inputs = state_lib.model_inputs(
-      batch=1,
-      image_size=image,
-      lowres_size=lowres,
-      text_len=int(config.text.max_length),
-      text_dim=int(config.model.text_dim),
-  )
-  # No real initialisation: compiling the U-Net's init costs ~40 s per stage on a busy 2-core
-  # CPU, while tracing its shapes takes ~1 s. Sampling does not care how weights were drawn;
-  # fan-in-scaled normal kernels (and 1 +- noise norm scales) keep activations O(1), and unlike
-  # a fresh init (zero output conv) every input changes the output.
-  abstract = jax.eval_shape(state_lib.make_init_fn(model, tx, inputs), jax.random.key(seed))
+  # No real initialisation: compiling the U-Net's init costs far more than tracing its shapes
+  # on a small CPU, and sampling does not care how weights were drawn; fan-in-scaled normal
+  # kernels (and 1 +- noise norm scales) keep activations O(1), and unlike a fresh init (zero
+  # output conv) every input changes the output.
   rng = np.random.default_rng(seed)
 
   def fill(path, a):
@@ -66,20 +49,19 @@ def write_stage(workdir, config, seed=0, step=7):
     base = 1.0 if "scale" in jax.tree_util.keystr(path) else 0.0
     return jnp.asarray(base + 0.05 * rng.standard_normal(a.shape, np.float32), a.dtype)
 
-  params = jax.tree_util.tree_map_with_path(fill, abstract.params)
-  state = abstract.replace(
-      step=jnp.zeros((), jnp.int32),
-      params=params,
-      ema_params=params,
-      opt_state=jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract.opt_state),
-  )
+  ema = jax.tree_util.tree_map_with_path(fill, abstract)
+  # The trained params differ from their EMA (what a sampler must not pick up).
+  params = jax.tree.map(lambda x: x + 1.0, ema)
+  opt_state = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(tx.init, params))
+  train_state = {"step": jnp.asarray(step, jnp.int32), "params": params, "opt_state": opt_state}
   os.makedirs(workdir, exist_ok=True)
   config_dict = trainer.config_to_dict(config)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     json.dump(config_dict, f)
   ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-  ck.save(step, state, data_state={}, config_dict=config_dict)
+  ck.save(step, train_state=train_state, ema_params=ema, config_dict=config_dict)
   ck.close()
+  return ema
 
 
 def write_tiny_cascade(root):

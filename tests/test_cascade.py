@@ -1,8 +1,10 @@
-"""Cascade sampling end to end on tiny random stages (issue 7): determinism, prefixes, errors.
+"""Cascade sampling end to end on tiny random stages: determinism, prefixes, errors, and the
+EMA params restored alone.
 
-Stage workdirs are written the way the trainer writes them (config.json + an Orbax checkpoint of
-the train state) by tests/cascade_fixtures.py, with random weights of traced shapes: sampling
-does not care whether the weights were trained, and this skips the U-Net's init compile.
+Stage workdirs are written the way the trainer writes them (config.json + an Orbax checkpoint
+with the items train_state, ema_params, config) by tests/cascade_fixtures.py, with random
+weights of traced shapes: sampling does not care whether the weights were trained, and this
+skips the U-Net's init compile.
 """
 
 import dataclasses
@@ -14,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from imagen_jax import cascade, denoiser
+from imagen_jax import cascade
 from imagen_jax import checkpoint as ckpt_lib
 from tests import cascade_fixtures
 
@@ -107,15 +109,33 @@ def test_missing_and_mismatched_stages_fail_clearly(workdirs, tmp_path):
     cascade.load_stage(str(bad))
 
 
+def test_load_stage_restores_exactly_the_saved_ema_params(tmp_path):
+  config = cascade_fixtures.tiny_config("base64")
+  ema = cascade_fixtures.write_stage(str(tmp_path / "base"), config, seed=3, step=11)
+  loaded = cascade.load_stage(str(tmp_path / "base"))
+  assert loaded.step == 11 and not loaded.is_sr and loaded.image_size == 16
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded.params), jax.device_get(ema))
+
+
+def test_old_layout_checkpoint_is_refused_for_sampling(workdirs, tmp_path):
+  # The older layout kept the EMA params inside one `state` item with the optimizer.
+  old = tmp_path / "old"
+  shutil.copytree(workdirs[0], old)
+  step_dir = old / "checkpoints" / "7"
+  (step_dir / "train_state").rename(step_dir / "state")
+  shutil.rmtree(step_dir / "ema_params")
+  with pytest.raises(ckpt_lib.CheckpointLayoutError, match="older layout.*'state'.*own item"):
+    cascade.load_stage(str(old))
+
+
 def test_guided_denoise_fn_is_one_batched_pass_of_cfg(loaded):
   stage = loaded.stages[0]
   z = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
   logsnr = jnp.array([1.0, -2.0])
-  emb = jax.random.normal(jax.random.key(1), (2, 5, int(stage.config.model.text_dim)))
+  emb = jax.random.normal(jax.random.key(1), (2, 5, stage.stage.text_dim))
   mask = jnp.array([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]], bool)
-  params = stage.params
-  eps = lambda w: denoiser.make_denoise_fn(stage.model, params, target="eps", guidance_weight=w)(
-      z, logsnr, {"text_emb": emb, "text_mask": mask}
+  eps = lambda w: stage.stage.denoise_fn(stage.params, w)(
+      z, logsnr, stage.stage.condition(emb, mask)
   )
   cond, uncond = eps(1.0), eps(0.0)
   assert not np.allclose(cond, uncond)

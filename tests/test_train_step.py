@@ -2,8 +2,8 @@
 EMA, randomness from fold_in(step), text dropping, SR conditioning, non-finite handling, and
 sharded (8 devices, data=4 x fsdp=2) == unsharded (1 device)."""
 
-import importlib.util
-import os
+import dataclasses
+import importlib
 
 import flax.linen as nn
 import jax
@@ -15,21 +15,29 @@ from jax.sharding import PartitionSpec as P
 
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.parallel import sharding as sh
+from imagen_jax.stage import Stage
 from imagen_jax.train import optim
 from imagen_jax.train import state as state_lib
 from imagen_jax.train import step as step_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB, TEXT_DIM, TEXT_LEN, SIZE, B = 32, 8, 6, 8, 8
 
 
 def load_config(stage, variant="tiny"):
-  spec = importlib.util.spec_from_file_location(
-      f"cfg_{stage}", os.path.join(ROOT, "configs", f"{stage}.py")
+  """`configs.<stage>.get_config(variant)` (a fresh, unlocked-by-field copy per call)."""
+  return importlib.import_module(f"configs.{stage}").get_config(variant)
+
+
+def toy_stage(config, model=None, text_len=TEXT_LEN, text_dim=TEXT_DIM, size=SIZE):
+  """The stage layer of `config` around `model` (ToyNet unless given) at toy sizes."""
+  stage = Stage.from_config(config, model=model or ToyNet())
+  return dataclasses.replace(
+      stage,
+      text_len=text_len,
+      text_dim=text_dim,
+      train_image_size=size,
+      train_lowres_size=size // 2 if stage.is_sr else 0,
   )
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(variant)
 
 
 def _init(names):
@@ -93,7 +101,7 @@ def setup(
     **overrides,
 ):
   """(config, step fn, jitted step, state, mesh, batch sharding) for a net on a mesh
-  (ToyNet and the toy text table unless given)."""
+  (ToyNet and the toy text table unless given), set up the way the trainer does."""
   config = load_config(stage)
   for path, value in overrides.items():
     section, field = path.split(".")
@@ -101,21 +109,12 @@ def setup(
   devices = devices or jax.devices()[:1]
   mesh = mesh_lib.make_mesh(mesh_shape or {"data": -1}, devices=devices)
   rules = tuple(tuple(r) for r in config.mesh.logical_axis_rules)
-  model = model or ToyNet()
+  st = toy_stage(config, model, text_len=text_len, text_dim=text_dim, size=size)
   tx, lr = optim.make_optimizer(config.optim, config.train.num_steps)
-  inputs = state_lib.model_inputs(
-      batch=1,
-      image_size=size,
-      lowres_size=size // 2 if stage != "base64" else 0,
-      text_len=text_len,
-      text_dim=text_dim,
-  )
-  state, shardings = state_lib.create_sharded_state(
-      model, tx, inputs, mesh, rules, jax.random.key(0)
-  )
-  fn = step_lib.make_train_step(
-      model=model, tx=tx, lr_schedule=lr, config=config, encode_tokens=encode
-  )
+  _, specs = state_lib.state_specs(st, tx, mesh, rules)
+  shardings = sh.to_named(specs, mesh)
+  state = state_lib.create_state(st, tx, shardings, jax.random.key(0))
+  fn = step_lib.make_train_step(stage=st, tx=tx, lr_schedule=lr, encode_tokens=encode)
   batch_sh = NamedSharding(mesh, P(sh.batch_axes(rules, mesh)))
   step = step_lib.jit_train_step(
       fn,
@@ -236,7 +235,7 @@ def test_bad_settings_are_clear_errors(stage, path, value, match):
   tx, lr = optim.make_optimizer(config.optim, 10)
   with pytest.raises(ValueError, match=match):
     step_lib.make_train_step(
-        model=ToyNet(), tx=tx, lr_schedule=lr, config=config, encode_tokens=toy_encode
+        stage=toy_stage(config), tx=tx, lr_schedule=lr, encode_tokens=toy_encode
     )
 
 

@@ -139,6 +139,11 @@ class HostLoader:
   def __next__(self) -> dict[str, np.ndarray]:
     return next(self._it)
 
+  @property
+  def iterator(self) -> grain.DataLoaderIterator:
+    """The grain iterator (what `grain.checkpoint.CheckpointHandler` saves and restores)."""
+    return self._it
+
   def get_state(self) -> dict:
     """The position as a JSON-serialisable dict (store it in the training checkpoint)."""
     return json.loads(self._it.get_state().decode("utf-8"))

@@ -5,12 +5,13 @@
      resumed run draws exactly what the uninterrupted run would have drawn.
   2. text: `text_emb [B, L, D]` from the frozen encoder (`stop_gradient`; its params are an
      argument, neither trained nor in the optimizer state) unless the batch carries cached
-     `text_emb`; with probability `text.drop_prob` (0.1, §2.2) an example's text is dropped:
-     zero embeddings and an all-False mask (the null condition for classifier-free guidance).
+     `text_emb` (`Stage.text_embeddings`); with probability `text.drop_prob` (0.1, §2.2) an
+     example's text becomes the null text of classifier-free guidance (`Stage.drop_text`).
   3. t ~ U(0, 1) [B], logsnr = schedule(t), eps ~ N(0, I) [B, H, W, C],
      z_t = alpha x0 + sigma eps (App. A).
   4. SR stages: the low-res image `[B, h, w, C]` is upsampled to `[B, H, W, C]` and noise
-     augmented at aug_level ~ U(lo, hi) per example (§2.4, D.2); the net sees aug_level.
+     augmented at aug_level ~ U(lo, hi) per example (§2.4, D.2; `Stage.condition`); the net
+     sees aug_level.
   5. loss = mean over the batch of `diffusion.losses.diffusion_loss` (MSE in the target space;
      eps in the paper); optax update (global-norm clipping per config); EMA update.
   6. A non-finite loss or gradient norm leaves params, EMA and optimizer state unchanged
@@ -30,22 +31,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from imagen_jax.diffusion import forward, losses, schedules
+from imagen_jax.diffusion import forward, losses
+from imagen_jax.stage import Stage
 from imagen_jax.train.state import TrainState
-
-TARGETS = ("eps", "v", "x0")
-
-
-def make_schedule(diffusion_config) -> schedules.Schedule:
-  """The stage's logSNR schedule from `config.diffusion` (cosine or linear_beta, App. A/F)."""
-  c = diffusion_config
-  if c.schedule == "cosine":
-    return schedules.get_schedule("cosine", logsnr_min=c.logsnr_min, logsnr_max=c.logsnr_max)
-  if c.schedule == "linear_beta":
-    return schedules.get_schedule(
-        "linear_beta", beta_start=c.beta_start, beta_end=c.beta_end, num_steps=c.num_timesteps
-    )
-  raise ValueError(f"unknown diffusion.schedule {c.schedule!r}; allowed: cosine, linear_beta")
 
 
 def ema_update(ema: Any, params: Any, decay: float) -> Any:
@@ -56,28 +44,23 @@ def ema_update(ema: Any, params: Any, decay: float) -> Any:
 
 def make_train_step(
     *,
-    model: nn.Module,
+    stage: Stage,
     tx: optax.GradientTransformation,
     lr_schedule: optax.Schedule,
-    config,
     encode_tokens: Callable | None,
 ) -> Callable:
-  """Builds the pure step for `config.stage` (not jitted; see `jit_train_step`).
+  """Builds the pure step for `stage` (not jitted; see `jit_train_step`).
 
   Args:
-    model: the stage's network (`nn.unet.build_model(config.model)`).
+    stage: the stage layer (network, schedule, target, conditioning); its config gives
+      `diffusion.aug_level` (the training range), `text.drop_prob` and `train.ema_decay`.
     tx, lr_schedule: from `train.optim.make_optimizer`.
-    config: the stage config (uses `stage, diffusion, text.drop_prob, train.ema_decay`).
     encode_tokens: `(params, ids [B, L], mask [B, L]) -> emb [B, L, D]`, the frozen encoder;
       None when batches carry cached `text_emb`.
   """
-  schedule = make_schedule(config.diffusion)
-  target = config.diffusion.target
-  if target not in TARGETS:
-    raise ValueError(f"unknown diffusion.target {target!r}; allowed: {', '.join(TARGETS)}")
-  is_sr = config.stage != "base64"
+  config = stage.config
   aug_lo, aug_hi = (float(a) for a in config.diffusion.aug_level)
-  if is_sr and not 0.0 <= aug_lo <= aug_hi <= 1.0:
+  if stage.is_sr and not 0.0 <= aug_lo <= aug_hi <= 1.0:
     raise ValueError(
         f"diffusion.aug_level={tuple(config.diffusion.aug_level)} must be a "
         "range (lo, hi) with 0 <= lo <= hi <= 1"
@@ -95,45 +78,35 @@ def make_train_step(
     x0 = batch["image"].astype(jnp.float32)
     b = x0.shape[0]
 
-    mask = batch["text_mask"].astype(jnp.bool_)
-    if "text_emb" in batch:
-      emb = batch["text_emb"].astype(jnp.float32)
-    elif encode_tokens is None:
-      raise ValueError("the batch has no text_emb and no text encoder was given")
-    else:
-      emb = encode_tokens(text_params, batch["text_ids"], mask)
-    emb = jax.lax.stop_gradient(emb.astype(jnp.float32))
+    emb, mask = stage.text_embeddings(batch, encode_tokens, text_params)
     keep = jax.random.uniform(k_drop, (b,)) >= drop_prob
-    emb = emb * keep[:, None, None].astype(jnp.float32)
-    mask = mask & keep[:, None]
+    emb, mask = stage.drop_text(emb, mask, keep)
+    lowres = aug = aug_noise = None
+    if stage.is_sr:
+      lowres = batch["lowres"]
+      aug = jax.random.uniform(k_aug, (b,), jnp.float32, aug_lo, aug_hi)
+      aug_noise = jax.random.normal(k_aug_noise, x0.shape, jnp.float32)
+    cond = stage.condition(emb, mask, lowres, aug_level=aug, aug_noise=aug_noise)
 
     t = jax.random.uniform(k_t, (b,), jnp.float32)
-    logsnr = schedule.logsnr_fn(t)
+    logsnr = stage.schedule.logsnr_fn(t)
     noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
     z_t = forward.q_sample(x0, logsnr, noise)
 
-    cond = {}
-    if is_sr:
-      lowres_up = forward.upsample_lowres(
-          batch["lowres"].astype(jnp.float32), (x0.shape[1], x0.shape[2])
-      )
-      aug = jax.random.uniform(k_aug, (b,), jnp.float32, aug_lo, aug_hi)
-      aug_noise = jax.random.normal(k_aug_noise, lowres_up.shape, jnp.float32)
-      cond = dict(lowres=forward.noise_condition_augment(lowres_up, aug, aug_noise), aug_level=aug)
-
     def loss_fn(params):
-      pred = model.apply(
+      pred = stage.model.apply(
           {"params": params},
           z_t,
           logsnr,
-          emb,
-          mask,
+          cond["text_emb"],
+          cond["text_mask"],
+          lowres=cond.get("lowres"),
+          aug_level=cond.get("aug_level"),
           train=True,
           rngs={"dropout": k_dropout},
-          **cond,
       )
       per_example = losses.diffusion_loss(
-          pred, x0=x0, noise=noise, z_t=z_t, logsnr=logsnr, target=target
+          pred, x0=x0, noise=noise, z_t=z_t, logsnr=logsnr, target=stage.target
       )
       return jnp.mean(per_example)
 

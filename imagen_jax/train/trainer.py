@@ -5,12 +5,13 @@ Each Imagen stage (base 64x64, SR 64->256, SR 256->1024) trains as an independen
 One run:
   1. mesh from `config.mesh` (data, fsdp[, tensor]); frozen text encoder placed by the same
      logical rules;
-  2. the train state, either restored from the workdir's latest complete checkpoint (after
+  2. the stage layer (`imagen_jax.stage`: network, schedule, conditioning, abstract params);
+     the train state, either restored from the workdir's latest complete checkpoint (after
      checking it was written for this model) or initialised straight into its shardings;
   3. the data: `train.data_shards` grain loaders (one per process by default) whose host
      batches become one global batch sharded over the batch axes;
   4. the loop: jitted `train_step`, metrics (loss, grad norm, lr, steps/s, images/s) to
-     TensorBoard + JSONL, EMA sample grids as PNG, async Orbax checkpoints every
+     TensorBoard + JSONL, EMA sample grids as PNG (`make_sample_fn`), async Orbax checkpoints every
      `train.ckpt_every` steps, at the end and on SIGTERM.
 
 Exactness of resume: the step's randomness is `fold_in(key(seed), step)` and the data iterator
@@ -29,6 +30,7 @@ import time
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
@@ -37,12 +39,12 @@ from jax.sharding import PartitionSpec as P
 from imagen_jax import checkpoint as ckpt_lib
 from imagen_jax import metrics as metrics_lib
 from imagen_jax.data import pipeline
-from imagen_jax.nn import unet
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.parallel import sharding as sharding_lib
+from imagen_jax.stage import SamplingSettings, Stage
 from imagen_jax.text import cache as text_cache_lib
 from imagen_jax.text import registry
-from imagen_jax.train import optim, sampling
+from imagen_jax.train import optim
 from imagen_jax.train import state as state_lib
 from imagen_jax.train import step as step_lib
 
@@ -57,15 +59,6 @@ class NonFiniteLossError(FloatingPointError):
 def config_to_dict(config) -> dict:
   """The config as plain JSON data (what is written to the workdir and the checkpoint)."""
   return json.loads(config.to_json_best_effort())
-
-
-def train_sizes(config) -> tuple[int, int]:
-  """(image, lowres) sides the network trains at; SR1024 trains on aligned crops (F.3)."""
-  crop = int(config.data.get("sr_crop_size", 0) or 0)
-  image, lowres = int(config.image_size), int(config.lowres_size or 0)
-  if crop and lowres:
-    return crop, crop * lowres // image
-  return image, lowres
 
 
 class _Preemption:
@@ -108,7 +101,8 @@ class _ShardedLoader:
   process_count=S)`); process p owns shards [p*k, (p+1)*k) with k = S / process_count and
   concatenates their batches in order, so the global batch, and hence the whole run, is the
   same for any number of processes (our choice; with S = process_count it is the plain
-  one-loader-per-host setup).
+  one-loader-per-host setup). Each loader's grain iterator is its own checkpoint item
+  (`checkpoint.data_item(k)` for the k-th of this process), saved by grain's handler.
   """
 
   def __init__(self, config, tokenizer, num_shards: int, embedding_lookup=None):
@@ -141,19 +135,10 @@ class _ShardedLoader:
       return batches[0]
     return {key: np.concatenate([b[key] for b in batches], axis=0) for key in batches[0]}
 
-  def get_state(self) -> dict:
-    return {"shards": [it.get_state() for it in self.loaders]}
-
-  def set_state(self, state: dict) -> None:
-    shards = state.get("shards") if isinstance(state, dict) else None
-    if shards is None or len(shards) != len(self.loaders):
-      raise ckpt_lib.CheckpointMismatchError(
-          f"checkpointed data state has {None if shards is None else len(shards)} shard "
-          f"positions for this process, the run has {len(self.loaders)} "
-          "(train.data_shards or the process count changed?)"
-      )
-    for it, s in zip(self.loaders, shards):
-      it.set_state(s)
+  @property
+  def iterators(self) -> list:
+    """This process's grain iterators, in shard order (the checkpoint's data items)."""
+    return [loader.iterator for loader in self.loaders]
 
 
 def _mean_metrics(pending: Sequence[tuple[int, dict]]) -> dict:
@@ -219,24 +204,17 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> d
   logging.info("mesh %s on %d processes", dict(mesh.shape), jax.process_count())
 
   encoder = registry.get_text_encoder(c.text, mesh=mesh, rules=rules)
-  if int(c.model.text_dim) != encoder.dim:
+  stage = Stage.from_config(c)
+  if (stage.text_dim, stage.text_len) != (encoder.dim, encoder.max_length):
     raise ValueError(
-        f"model.text_dim={c.model.text_dim} but text encoder {c.text.name!r} "
-        f"gives {encoder.dim}-dim embeddings"
+        f"text encoder {c.text.name!r} gives [L={encoder.max_length}, D={encoder.dim}] "
+        f"embeddings, the stage expects [L={stage.text_len}, D={stage.text_dim}] (text.path "
+        "names a checkpoint whose width differs from its preset?)"
     )
   text_shardings = encoder.param_shardings(mesh, rules)
-  model = unet.build_model(c.model)
   tx, lr_schedule = optim.make_optimizer(c.optim, c.train.num_steps)
-  image_size, lowres_size = train_sizes(c)
-  inputs = state_lib.model_inputs(
-      batch=1,
-      image_size=image_size,
-      lowres_size=lowres_size,
-      text_len=encoder.max_length,
-      text_dim=encoder.dim,
-  )
   abstract, specs = state_lib.state_specs(
-      model, tx, inputs, mesh, rules, fsdp_min_size=int(c.mesh.fsdp_min_size)
+      stage, tx, mesh, rules, fsdp_min_size=int(c.mesh.fsdp_min_size)
   )
   shardings = sharding_lib.to_named(specs, mesh)
 
@@ -248,7 +226,9 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> d
       embedding_lookup=text_cache.get_batch if text_cache else None,
   )
   ckpt = ckpt_lib.Checkpointer(
-      os.path.join(workdir, "checkpoints"), max_to_keep=int(c.train.max_to_keep)
+      os.path.join(workdir, "checkpoints"),
+      max_to_keep=int(c.train.max_to_keep),
+      num_data_iters=len(loader.loaders),
   )
   base_rng = jax.random.key(int(c.train.seed))
   init_rng, step_rng, sample_rng = jax.random.split(base_rng, 3)
@@ -257,15 +237,18 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> d
     target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
-    state, data_state = ckpt.restore(latest, target, config_dict=config_dict)
-    loader.set_state(data_state)
+    train_target, ema_target = target.checkpoint_items()
+    train_state, ema = ckpt.restore(
+        latest,
+        train_state=train_target,
+        ema_params=ema_target,
+        data_iters=loader.iterators,
+        config_dict=config_dict,
+    )
+    state = state_lib.TrainState.from_checkpoint_items(train_state, ema)
     logging.info("resumed from %s at step %d", ckpt.directory, latest)
   else:
-    init = jax.jit(state_lib.make_init_fn(model, tx, inputs), out_shardings=shardings)
-    # Runs once, so on CPU skip XLA's backend optimizations: the demo base stage's init
-    # compiles in 4 s instead of 19 (same values up to float rounding).
-    options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
-    state = init.lower(init_rng).compile(options)(init_rng)
+    state = state_lib.create_state(stage, tx, shardings, init_rng)
   # Written once the checkpoint (if any) is known to fit this config: a refused resume leaves
   # the workdir's config.json describing its checkpoints.
   if is_main:
@@ -275,10 +258,9 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> d
   logging.info("%d params", state_lib.param_count(abstract.params))
 
   step_fn = step_lib.make_train_step(
-      model=model,
+      stage=stage,
       tx=tx,
       lr_schedule=lr_schedule,
-      config=c,
       encode_tokens=None if text_cache else encoder.encode_tokens,
   )
   batch_sharding = NamedSharding(mesh, P(batch_axes or None))
@@ -293,7 +275,18 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> d
   )
 
   writer = metrics_lib.MetricWriter(workdir)
-  sampler = _Sampler(c, model, encoder, mesh) if c.train.sample_every else None
+  sampler = _Sampler(stage, encoder, mesh) if c.train.sample_every else None
+
+  def save(step: int) -> None:
+    train_state, ema = state.checkpoint_items()
+    ckpt.save(
+        step,
+        train_state=train_state,
+        ema_params=ema,
+        data_iters=loader.iterators,
+        config_dict=config_dict,
+    )
+
   preemption = _Preemption()
   preemption.install()
   history, pending = [], []
@@ -353,17 +346,17 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> d
           writer.write_text(step, "ema_samples_prompts", "\n".join(sampler.captions))
       if preemption.reached(step, int(c.train.preemption_check_every)):
         flush()
-        ckpt.save(step, state, data_state=loader.get_state(), config_dict=config_dict)
+        save(step)
         ckpt.wait()
         logging.warning("SIGTERM: saved step %d, exiting", step)
         preempted = True
         break
       if step % c.train.ckpt_every == 0 or step == c.train.num_steps:
         flush()  # never checkpoint past an unreported non-finite step
-        ckpt.save(step, state, data_state=loader.get_state(), config_dict=config_dict)
+        save(step)
     flush()
     if not preempted and ckpt.latest_step() != step:
-      ckpt.save(step, state, data_state=loader.get_state(), config_dict=config_dict)
+      save(step)
   finally:
     preemption.uninstall()
     bar.close()
@@ -373,21 +366,42 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> d
   return {"step": step, "history": history, "preempted": preempted, "state": state}
 
 
+def make_sample_fn(stage: Stage, encode_tokens: Callable | None) -> Callable:
+  """`sample(ema_params, text_params, batch, rng) -> images [N, H, W, C]` (pure; jit it).
+
+  Periodic EMA sample grids (a progress check, not the paper's evaluation) with the stage's
+  `sample` settings: prompts are the text of real training examples (`batch`: `text_ids` /
+  `text_mask` or `text_emb`, `image` for the size), SR stages condition on those examples' real
+  low-res images at `sample.aug_level` (§2.4), guided by `sample.guidance_weight` (§2.2).
+  """
+  settings = SamplingSettings.from_config(stage.config.sample)
+
+  def sample(ema_params, text_params, batch, rng):
+    emb, mask = stage.text_embeddings(batch, encode_tokens, text_params)
+    shape = batch["image"].shape  # [N, H, W, C]
+    k_noise, k_aug, k_sample = jax.random.split(rng, 3)
+    lowres = aug = aug_noise = None
+    if stage.is_sr:
+      lowres = batch["lowres"]
+      aug = jnp.full(shape[:1], settings.aug_level, jnp.float32)
+      aug_noise = jax.random.normal(k_aug, shape, jnp.float32)
+    cond = stage.condition(emb, mask, lowres, aug_level=aug, aug_noise=aug_noise)
+    noise = jax.random.normal(k_noise, shape, jnp.float32)
+    return stage.sample(ema_params, cond, noise, k_sample, settings)
+
+  return sample
+
+
 class _Sampler:
   """EMA sample grids of `sample.num_images` training examples (prompts + SR low-res)."""
 
-  def __init__(self, config, model, encoder, mesh):
-    self.n = int(config.sample.num_images)
+  def __init__(self, stage: Stage, encoder, mesh):
+    self.n = int(stage.config.sample.num_images)
     self.mesh = mesh
     self.batch = None
     self.captions: list[str] = []
     replicated = NamedSharding(mesh, P())
-    fn = sampling.make_sample_fn(
-        model=model,
-        config=config,
-        schedule=step_lib.make_schedule(config.diffusion),
-        encode_tokens=encoder.encode_tokens,
-    )
+    fn = make_sample_fn(stage, encoder.encode_tokens)
     self._sample = jax.jit(fn, out_shardings=replicated)
     self._take = jax.jit(lambda b: jax.tree.map(lambda x: x[: self.n], b), out_shardings=replicated)
 
