@@ -17,11 +17,10 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 RUNNER = r"""
-import json, os, signal, sys, time, importlib.util
+import json, os, signal, sys, time
 workdir, overrides, kill_at, kill_after_ckpt = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-spec = importlib.util.spec_from_file_location("cfg", os.path.join(sys.argv[5], "configs", "base64.py"))
-mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
-config = mod.get_config("tiny")
+from configs import base64 as base64_config
+config = base64_config.get_config("tiny")
 for path, value in overrides.items():
     *sections, field = path.split(".")
     node = config
@@ -173,9 +172,13 @@ def test_two_processes_match_one(tmp_path, data_dir):
   outs = [p.communicate(timeout=900) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
-  # Each process wrote its own data-iterator position into the checkpoint.
-  files = sorted(os.listdir(tmp_path / "multi" / "checkpoints" / "8" / "data_iter"))
-  assert "process_0-of-2.json" in files and "process_1-of-2.json" in files
+  # Each process wrote its own data-iterator position (grain's handler, one item per
+  # iterator of a process: 2 shards / 2 processes = 1) into the checkpoint.
+  files = sorted(os.listdir(tmp_path / "multi" / "checkpoints" / "8" / "data_iter_0"))
+  assert files == ["process_0-of-2.json", "process_1-of-2.json"]
+  assert not (tmp_path / "multi" / "checkpoints" / "8" / "data_iter_1").exists()
+  single_items = os.listdir(tmp_path / "single" / "checkpoints" / "8")
+  assert {"data_iter_0", "data_iter_1", "ema_params", "train_state"} <= set(single_items)
   a, b = load(tmp_path / "single"), load(tmp_path / "multi")
   for k in a:
     np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-5, err_msg=k)
