@@ -15,7 +15,7 @@ OPTIMIZERS = ("adafactor", "adam", "adamw")
 DECAYS = ("cosine", "constant")
 
 
-def make_schedule(optim_config, num_steps: int) -> optax.Schedule:
+def make_lr_schedule(optim_config, num_steps: int) -> optax.Schedule:
   """Linear warmup from 0 to `learning_rate` over `warmup_steps`, then cosine (or constant)."""
   c = optim_config
   if c.decay not in DECAYS:
@@ -44,7 +44,7 @@ def make_optimizer(
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Returns `(tx, schedule)`: optional global-norm clipping, then the stage's optimizer."""
   c = optim_config
-  schedule = make_schedule(c, num_steps)
+  schedule = make_lr_schedule(c, num_steps)
   if c.name == "adafactor":
     # optax defaults, as the paper names no Adafactor settings (IMAGEN_FACTS.md).
     opt = optax.adafactor(
