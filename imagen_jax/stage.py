@@ -152,9 +152,8 @@ class Stage:
 
   # ----- conditioning (Imagen §2.2, §2.4, App. D.2) -----
 
-  @staticmethod
   def text_embeddings(
-      batch: dict, encode_tokens: Callable | None, text_params: Any
+      self, batch: dict, encode_tokens: Callable | None, text_params: Any
   ) -> tuple[Array, Array]:
     """(text_emb float32 [B, L, D], text_mask bool [B, L]) of a batch.
 
@@ -169,6 +168,11 @@ class Stage:
       raise ValueError("the batch has no text_emb and no text encoder was given")
     else:
       emb = encode_tokens(text_params, batch["text_ids"], mask)
+    if emb.shape[-1] != self.text_dim:
+      raise ValueError(
+          f"text embeddings of width D={emb.shape[-1]} for stage {self.name}, whose network "
+          f"reads D={self.text_dim} (text.registry.text_dim of text.name={self.config.text.name!r})"
+      )
     return jax.lax.stop_gradient(emb.astype(jnp.float32)), mask
 
   @staticmethod

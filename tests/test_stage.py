@@ -94,20 +94,21 @@ def test_condition_refuses_the_wrong_kind_of_input():
 
 
 def test_text_embeddings_come_from_the_cache_or_the_encoder():
+  st = toy_stage(load_config("base64"), text_dim=4)
   emb = jnp.ones((2, 3, 4))
   mask = jnp.array([[1, 0, 0], [1, 1, 1]], bool)
-  got, got_mask = stage_lib.Stage.text_embeddings({"text_emb": emb, "text_mask": mask}, None, None)
+  got, got_mask = st.text_embeddings({"text_emb": emb, "text_mask": mask}, None, None)
   np.testing.assert_array_equal(got, emb)
   table = jnp.arange(20.0).reshape(5, 4)
   encode = lambda params, ids, m: params[ids] * m[..., None]
   ids = jnp.array([[1, 2, 3], [4, 0, 1]])
-  got, got_mask = stage_lib.Stage.text_embeddings(
-      {"text_ids": ids, "text_mask": mask}, encode, table
-  )
+  got, got_mask = st.text_embeddings({"text_ids": ids, "text_mask": mask}, encode, table)
   np.testing.assert_array_equal(got, table[ids] * mask[..., None])
   np.testing.assert_array_equal(got_mask, mask)
   with pytest.raises(ValueError, match="no text_emb and no text encoder"):
-    stage_lib.Stage.text_embeddings({"text_ids": ids, "text_mask": mask}, None, None)
+    st.text_embeddings({"text_ids": ids, "text_mask": mask}, None, None)
+  with pytest.raises(ValueError, match="width D=6 .* reads D=4"):
+    st.text_embeddings({"text_emb": jnp.ones((2, 3, 6)), "text_mask": mask}, None, None)
 
 
 def test_null_condition_for_guidance():
