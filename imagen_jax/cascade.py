@@ -239,12 +239,14 @@ def _sample_stage(
       cond,
       noise,
       sample_keys,
-      sampler=settings.sampler,
-      num_steps=settings.num_steps,
       schedule=schedule,
-      eta=settings.eta,
-      threshold=settings.threshold,
-      percentile=settings.percentile,
+      settings=samplers.SamplerSettings(
+          sampler=settings.sampler,
+          num_steps=settings.num_steps,
+          eta=settings.eta,
+          threshold=settings.threshold,
+          percentile=settings.percentile,
+      ),
   )
 
 

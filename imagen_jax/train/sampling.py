@@ -57,11 +57,13 @@ def make_sample_fn(
         cond,
         noise,
         k_sample,
-        sampler=c.sampler,
-        num_steps=int(c.num_steps),
         schedule=schedule,
-        threshold=c.threshold,
-        percentile=float(c.percentile),
+        settings=samplers.SamplerSettings(
+            sampler=c.sampler,
+            num_steps=int(c.num_steps),
+            threshold=c.threshold,
+            percentile=float(c.percentile),
+        ),
     )
 
   return sample
