@@ -81,6 +81,8 @@ class SamplingSettings:
   guidance_weight: the paper's w (§2.2); 1 = no guidance.
   aug_level: noise-conditioning-augmentation level of the low-res input, in [0, 1] (SR only;
     §2.4: 0 gives the best FID, 0.1-0.3 the "best samples").
+  sampler, num_steps, threshold, percentile, eta, time_grid: the reverse process
+    (`diffusion.samplers.SamplerSettings`, `sampler_settings()`).
   """
 
   sampler: str = "ddim"
@@ -90,11 +92,23 @@ class SamplingSettings:
   percentile: float = 99.5
   eta: float = 0.0
   aug_level: float = 0.0
+  time_grid: str = "uniform_t"
+
+  def sampler_settings(self) -> samplers.SamplerSettings:
+    """The sampler's own settings (checked there: a bad name or range is a clear error)."""
+    return samplers.SamplerSettings(
+        sampler=self.sampler,
+        num_steps=self.num_steps,
+        eta=self.eta,
+        threshold=self.threshold,
+        percentile=self.percentile,
+        time_grid=self.time_grid,
+    )
 
   @classmethod
   def from_config(cls, c) -> "SamplingSettings":
-    """From a `sample` block (a cascade stage's, or a stage config's `sample` section, which
-    has no `eta`: its grids use deterministic DDIM)."""
+    """From a `sample` block (a cascade stage's, or a stage config's `sample` section; a
+    block without `eta` / `time_grid` gets the defaults: deterministic DDIM on uniform t)."""
     return cls(
         sampler=str(c.sampler),
         num_steps=int(c.num_steps),
@@ -103,6 +117,7 @@ class SamplingSettings:
         percentile=float(c.percentile),
         eta=float(c.get("eta", cls.eta)),
         aug_level=float(c.aug_level),
+        time_grid=str(c.get("time_grid", cls.time_grid)),
     )
 
 
@@ -247,12 +262,8 @@ class Stage:
         cond,
         noise,
         rng,
-        sampler=settings.sampler,
-        num_steps=settings.num_steps,
         schedule=self.schedule,
-        eta=settings.eta,
-        threshold=settings.threshold,
-        percentile=settings.percentile,
+        settings=settings.sampler_settings(),
     )
 
   # ----- the abstract param tree -----

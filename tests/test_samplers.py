@@ -13,8 +13,10 @@ scalar per step (:func:`_reference`). The tests check three things:
      (SE(mean) = std/sqrt(n), SE(std) = std/sqrt(2n), n = number of iid pixels);
   3. for the deterministic samplers, every pixel equals the exact affine map of its initial
      noise (a much sharper check than moments).
+Both time grids are covered: the recursion takes the grid's logSNRs from the closed forms.
 """
 
+import dataclasses
 import math
 
 import jax
@@ -29,13 +31,9 @@ MU, S = 0.2, 0.25  # |x0| > 1 is 3.2 std away; irrelevant anyway: threshold="non
 SHAPE = (64, 16, 16, 3)  # n = 49152 iid pixels (the analytic denoiser is elementwise)
 N_PIX = math.prod(SHAPE)
 COSINE = get_schedule("cosine")
-# `sample` under jit, as users run it; the Gaussian tests share its compile cache (eta, rng,
-# noise are traced; a module-level denoiser closes over nothing).
-_jsample = jax.jit(
-    SM.sample,
-    static_argnums=(0,),
-    static_argnames=("sampler", "num_steps", "schedule", "threshold", "percentile"),
-)
+# `sample` under jit, as users run it; the Gaussian tests share its compile cache (rng and
+# noise are traced, the settings static; a module-level denoiser closes over nothing).
+_jsample = jax.jit(SM.sample, static_argnums=(0,), static_argnames=("schedule", "settings"))
 
 
 def gaussian_denoiser(z_t, logsnr, cond):
@@ -49,19 +47,31 @@ def _noise(seed=0):
   return jnp.asarray(np.random.default_rng(seed).normal(size=SHAPE), jnp.float32)
 
 
-def _lambda_grid(schedule, num_steps):
-  """float64 logSNR on the sampler's grid, from the closed forms (not the float32 code)."""
-  t = np.linspace(1.0, 0.0, num_steps + 1)
+def _settings(**kw):
+  """SamplerSettings for the exact-Gaussian tests (no thresholding unless asked)."""
+  return SM.SamplerSettings(**{"threshold": "none", **kw})
+
+
+def _logsnr64(schedule, t):
+  """float64 logSNR(t) from the closed forms (not the float32 code)."""
+  t = np.asarray(t, np.float64)
   if schedule == "cosine":
     b = math.atan(math.exp(-20.0 / 2))
     a = math.atan(math.exp(20.0 / 2)) - b
-    return -2.0 * np.log(np.tan(b + a * t))
+    return np.clip(-2.0 * np.log(np.tan(b + a * t)), -20.0, 20.0)
   g = 0.1 * t + 0.5 * (0.02 - 1e-4) * 1000 * t**2  # -log alpha_bar, linear beta
   with np.errstate(divide="ignore"):
     return np.minimum(-np.log(np.expm1(g)), 20.0)
 
 
-def _reference(sampler, num_steps, eta=0.0, schedule="cosine"):
+def _lambda_grid(schedule, num_steps, grid="uniform_t"):
+  """float64 logSNR on the sampler's grid (t_min = 0, t_max = 1)."""
+  if grid == "uniform_t":
+    return _logsnr64(schedule, np.linspace(1.0, 0.0, num_steps + 1))
+  return np.linspace(_logsnr64(schedule, 1.0), _logsnr64(schedule, 0.0), num_steps + 1)
+
+
+def _reference(sampler, num_steps, eta=0.0, schedule="cosine", grid="uniform_t"):
   """Exact output law, float64: out = MU + A * (xi0 - alpha_0 MU) + (independent N(0, V)).
 
   Written from the step equations in centred coordinates y_t = z_t - alpha_t MU, in which the
@@ -69,7 +79,7 @@ def _reference(sampler, num_steps, eta=0.0, schedule="cosine"):
   Returns (A, V): the coefficient on the initial noise and the variance injected by the
   stochastic steps (0 for deterministic samplers).
   """
-  lam = _lambda_grid(schedule, num_steps)
+  lam = _lambda_grid(schedule, num_steps, grid)
   al, si = np.sqrt(1 / (1 + np.exp(-lam))), np.sqrt(1 / (1 + np.exp(lam)))
   k = al * S * S / (al * al * S * S + si * si)
   coef, var, coef_prev = 1.0, 0.0, 0.0  # y_t = coef * xi0 + N(0, var)
@@ -114,11 +124,8 @@ def test_gaussian_data_moments(sampler, num_steps, eta, budget, schedule):
           None,
           noise,
           jax.random.PRNGKey(1),
-          sampler=sampler,
-          num_steps=num_steps,
           schedule=get_schedule(schedule),
-          eta=eta,
-          threshold="none",
+          settings=_settings(sampler=sampler, num_steps=num_steps, eta=eta),
       ),
       np.float64,
   )
@@ -153,17 +160,16 @@ def test_dpmpp_exact_affine_map(schedule, num_steps):
   # linear_beta (SR1024; logsnr(1) = -10.05): the schedule's wiring into the sampler, and the
   # prior mismatch (z_1 = noise ignores alpha(1) MU = 1.3e-3). On the uniform-t grid this
   # schedule's last network call is at logsnr 3.9 (t = 0.04), so 25 steps give std 13% low;
-  # that is discretisation, which this test does not judge (see the module docstring).
+  # that is discretisation, which this test does not judge (the logSNR-uniform grid removes
+  # it: test_logsnr_uniform_grid_removes_linear_beta_bias).
   noise = _noise(2)[:8]
   out = SM.sample(
       gaussian_denoiser,
       None,
       noise,
       None,
-      sampler="dpmpp_2m",
-      num_steps=num_steps,
       schedule=schedule,
-      threshold="none",
+      settings=_settings(sampler="dpmpp_2m", num_steps=num_steps),
   )
   coef, var = _reference("dpmpp_2m", num_steps, schedule=schedule)
   assert var == 0.0 and abs(coef / S - 1) > 0.05  # visibly off, but exactly so
@@ -172,31 +178,38 @@ def test_dpmpp_exact_affine_map(schedule, num_steps):
 
 
 # The next two tests reuse the shapes and static settings of test_gaussian_data_moments, so
-# _jsample's cache serves them without new compiles (rng, noise, eta, gamma are traced).
+# _jsample's cache serves them mostly without new compiles (rng and noise are traced).
 def test_ddim_eta0_deterministic_and_ignores_rng():
   noise = _noise()
-  kw = dict(sampler="ddim", num_steps=100, schedule=COSINE, threshold="none")
-  a = _jsample(gaussian_denoiser, None, noise, jax.random.PRNGKey(0), eta=0.0, **kw)
-  b = _jsample(gaussian_denoiser, None, noise, jax.random.PRNGKey(123), eta=0.0, **kw)
+  kw = dict(schedule=COSINE)
+  det, sto = _settings(num_steps=100, eta=0.0), _settings(num_steps=100, eta=1.0)
+  a = _jsample(gaussian_denoiser, None, noise, jax.random.PRNGKey(0), settings=det, **kw)
+  b = _jsample(gaussian_denoiser, None, noise, jax.random.PRNGKey(123), settings=det, **kw)
   np.testing.assert_array_equal(a, b)
   k = jax.random.PRNGKey(0)
-  assert not np.allclose(a, _jsample(gaussian_denoiser, None, _noise(4), k, eta=0.0, **kw))
+  assert not np.allclose(a, _jsample(gaussian_denoiser, None, _noise(4), k, settings=det, **kw))
   # The stochastic sampler does use the key.
-  c = _jsample(gaussian_denoiser, None, noise, jax.random.PRNGKey(0), eta=1.0, **kw)
-  d = _jsample(gaussian_denoiser, None, noise, jax.random.PRNGKey(1), eta=1.0, **kw)
+  c = _jsample(gaussian_denoiser, None, noise, jax.random.PRNGKey(0), settings=sto, **kw)
+  d = _jsample(gaussian_denoiser, None, noise, jax.random.PRNGKey(1), settings=sto, **kw)
   assert not np.allclose(c, d)
 
 
 def test_ddpm_equals_ddim_eta1_and_gamma_adds_variance():
   noise, key = _noise(), jax.random.PRNGKey(1)
-  kw = dict(num_steps=100, schedule=COSINE, threshold="none")
-  cold = _jsample(gaussian_denoiser, None, noise, key, sampler="ddpm", **kw)
-  ddim1 = _jsample(gaussian_denoiser, None, noise, key, sampler="ddim", eta=1.0, **kw)
+  kw = dict(schedule=COSINE)
+
+  def run(**s):
+    return _jsample(
+        gaussian_denoiser, None, noise, key, settings=_settings(num_steps=100, **s), **kw
+    )
+
+  cold = run(sampler="ddpm")
+  ddim1 = run(sampler="ddim", eta=1.0)
   np.testing.assert_allclose(cold, ddim1, atol=1e-5)
-  hot = _jsample(gaussian_denoiser, None, noise, key, sampler="ddpm", gamma=1.0, **kw)
+  hot = run(sampler="ddpm", gamma=1.0)
   assert float(jnp.std(hot)) > float(jnp.std(cold)) + 0.01  # forward variance > posterior
   with pytest.raises(ValueError, match="pass a PRNG key"):
-    SM.sample(gaussian_denoiser, None, noise, None, sampler="ddpm", **kw)
+    SM.sample(gaussian_denoiser, None, noise, None, settings=_settings(sampler="ddpm"), **kw)
 
 
 def test_thresholding_applied_every_step_and_output_in_range():
@@ -215,16 +228,11 @@ def test_thresholding_applied_every_step_and_output_in_range():
       ("dpmpp_2m", "dynamic"),
       ("dpmpp_2m", "static"),
   ]:
+    # eta is DDIM's knob only (the settings reject it elsewhere).
+    eta = 0.5 if sampler == "ddim" else 0.0
+    settings = SM.SamplerSettings(sampler=sampler, num_steps=10, threshold=mode, eta=eta)
     out = SM.sample(
-        big_denoiser,
-        None,
-        noise,
-        jax.random.PRNGKey(0),
-        sampler=sampler,
-        num_steps=10,
-        schedule=COSINE,
-        threshold=mode,
-        eta=0.5,
+        big_denoiser, None, noise, jax.random.PRNGKey(0), schedule=COSINE, settings=settings
     )
     assert float(jnp.max(jnp.abs(out))) <= 1.0 + 1e-6, (mode, sampler)
     # The output is the last thresholded x0_hat. Static clipping saturates most pixels of
@@ -237,6 +245,85 @@ def test_thresholding_applied_every_step_and_output_in_range():
       assert saturated >= 0.3, (sampler, saturated)
 
 
+def test_logsnr_uniform_grid_removes_linear_beta_bias():
+  # linear_beta at 25 DPM-Solver++(2M) steps: on the uniform-t grid the last network call is at
+  # logsnr 3.9, so the output std is 13% low; the logSNR-uniform grid's last call is at logsnr
+  # 18.8 and the exact recursion's std is +2.0% off (the solver's own discretisation error).
+  coef_t, _ = _reference("dpmpp_2m", 25, schedule="linear_beta", grid="uniform_t")
+  coef, var = _reference("dpmpp_2m", 25, schedule="linear_beta", grid="logsnr_uniform")
+  assert coef_t / S - 1 < -0.12 and var == 0.0
+  assert abs(coef / S - 1) < 0.025, f"discretisation error {coef / S - 1:.4f}"
+  noise = _noise(3)
+  settings = _settings(sampler="dpmpp_2m", num_steps=25, time_grid="logsnr_uniform")
+  out = np.asarray(
+      SM.sample(gaussian_denoiser, None, noise, None, schedule="linear_beta", settings=settings),
+      np.float64,
+  )
+  se_std = abs(coef) / math.sqrt(2 * N_PIX)
+  assert abs(out.std() - S) < 4 * se_std + 0.025 * S
+  assert abs(out.std() - S) < 0.2 * abs(coef_t - S)  # the bias is gone, not just smaller
+  alpha_max = math.sqrt(1 / (1 + math.exp(-_logsnr64("linear_beta", 1.0))))
+  _assert_exact_affine_map(out, noise, coef, 25, alpha_max)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear_beta"])
+def test_time_grid(schedule):
+  sched = get_schedule(schedule)
+  s = SM.SamplerSettings(num_steps=8, t_min=0.0, t_max=1.0)
+  np.testing.assert_array_equal(
+      SM.time_grid(sched, s), jnp.linspace(jnp.float32(1.0), jnp.float32(0.0), 9)
+  )
+  s = SM.SamplerSettings(num_steps=8, time_grid="logsnr_uniform", t_min=0.05, t_max=0.9)
+  t = np.asarray(SM.time_grid(schedule, s))
+  assert t.shape == (9,) and t.dtype == np.float32 and t[0] == np.float32(0.9)
+  assert t[-1] == np.float32(0.05) and np.all(np.diff(t) < 0)
+  lam = _logsnr64(schedule, t)
+  np.testing.assert_allclose(np.diff(lam), (lam[-1] - lam[0]) / 8, rtol=1e-4)
+  # At t_min = 0 the grid ends at the schedule's finite logsnr_max = 20.
+  t0 = SM.time_grid(sched, dataclasses.replace(s, t_min=0.0))
+  lam_max = float(sched.logsnr_fn(jnp.float32(0.9)))
+  assert t0[-1] == 0.0
+  assert float(sched.logsnr_fn(t0[-2])) == pytest.approx(20.0 - (20.0 - lam_max) / 8, abs=1e-3)
+  # A schedule without that clip is refused, naming the bad ends.
+  unclipped = get_schedule("cosine")._replace(logsnr_fn=lambda t: -2.0 * jnp.log(jnp.tan(t)))
+  with pytest.raises(ValueError, match="finite logsnr.*t_min=0.0"):
+    SM.time_grid(unclipped, dataclasses.replace(s, t_min=0.0))
+
+
+def _uniform_t_formula(denoise_fn, cond, noise, rng, schedule, sampler, num_steps, eta):
+  """The uniform-t reverse process written out from the step functions, as one lax.scan.
+
+  t_i = 1 - i / N; step i moves z from t_i to t_{i+1} (a stochastic step draws
+  normal(fold_in(rng, i))) and the last step returns x0_hat. A scan, like the sampler, so that
+  XLA compiles the same arithmetic (an unrolled eager loop rounds differently in the last bit).
+  """
+  logsnrs = schedule.logsnr_fn(jnp.linspace(jnp.float32(1.0), jnp.float32(0.0), num_steps + 1))
+
+  def body(carry, xs):
+    z, x0_prev, lp = carry
+    i, lt, ls = xs
+    x0, eps = SM.predict_x0_eps(denoise_fn, z, lt, cond, threshold="dynamic")
+    if sampler == "ddim":
+      noise_i = jax.random.normal(jax.random.fold_in(rng, i), z.shape, jnp.float32)
+      z_next = SM.ddim_step(z, x0, eps, lt, ls, jnp.float32(eta), noise_i)
+    else:
+      z_next = SM.dpmpp_2m_step(z, x0, x0_prev, lp, lt, ls, i == 0)
+    return (jnp.where(i == num_steps - 1, x0, z_next), x0, lt), None
+
+  steps = jnp.arange(num_steps, dtype=jnp.int32)
+  init = (noise, jnp.zeros_like(noise), logsnrs[0])
+  return jax.lax.scan(body, init, (steps, logsnrs[:-1], logsnrs[1:]))[0][0]
+
+
+@pytest.mark.parametrize("sampler,eta", [("ddim", 0.5), ("dpmpp_2m", 0.0)])
+def test_uniform_t_matches_the_step_formula_bit_for_bit(sampler, eta):
+  noise, key, sched = _noise(10)[:4], jax.random.PRNGKey(5), get_schedule("linear_beta")
+  settings = SM.SamplerSettings(sampler=sampler, num_steps=6, eta=eta)
+  got = SM.sample(gaussian_denoiser, None, noise, key, schedule=sched, settings=settings)
+  want = _uniform_t_formula(gaussian_denoiser, None, noise, key, sched, sampler, 6, eta)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_one_scan_compile_and_jit_compatibility():
   noise = _noise(7)[:4]
   calls = {"n": 0}
@@ -245,52 +332,62 @@ def test_one_scan_compile_and_jit_compatibility():
     calls["n"] += 1  # Python side effect: counts traces
     return gaussian_denoiser(z_t, logsnr, cond)
 
+  settings = SM.SamplerSettings(sampler="ddim", num_steps=37, threshold="dynamic")
   eager = SM.sample(
-      counting,
-      None,
-      noise,
-      jax.random.PRNGKey(0),
-      sampler="ddim",
-      num_steps=37,
-      schedule=COSINE,
-      threshold="dynamic",
+      counting, None, noise, jax.random.PRNGKey(0), schedule=COSINE, settings=settings
   )
   assert calls["n"] == 1, "the reverse loop must be one lax.scan (one trace of the network)"
 
   # denoise_fn itself jitted.
-  out1 = SM.sample(
-      jax.jit(gaussian_denoiser),
-      None,
-      noise,
-      jax.random.PRNGKey(0),
-      sampler="ddim",
-      num_steps=37,
-      schedule="cosine",
-      threshold="dynamic",
-  )
+  fn = jax.jit(gaussian_denoiser)
+  out1 = SM.sample(fn, None, noise, jax.random.PRNGKey(0), schedule="cosine", settings=settings)
   np.testing.assert_allclose(out1, eager, atol=1e-5)
-  # sample itself jitted with static sampler / num_steps / schedule / threshold / percentile;
-  # eta, t_min and t_max traced.
-  jsample = jax.jit(
-      SM.sample,
-      static_argnums=(0,),
-      static_argnames=("sampler", "num_steps", "schedule", "threshold", "percentile"),
-  )
+  # sample itself jitted with the schedule and the (hashable) settings static.
+  jsample = jax.jit(SM.sample, static_argnums=(0,), static_argnames=("schedule", "settings"))
   out2 = jsample(
-      gaussian_denoiser,
-      None,
-      noise,
-      jax.random.PRNGKey(0),
-      sampler="ddim",
-      num_steps=37,
-      schedule=COSINE,
-      threshold="dynamic",
-      percentile=99.5,
-      eta=jnp.float32(0.0),
-      t_min=jnp.float32(0.0),
-      t_max=jnp.float32(1.0),
+      gaussian_denoiser, None, noise, jax.random.PRNGKey(0), schedule=COSINE, settings=settings
   )
   np.testing.assert_allclose(out2, eager, atol=1e-5)
+  # Equal settings are equal static arguments: no retrace.
+  same = SM.SamplerSettings(sampler="ddim", num_steps=37, percentile=99.5)
+  assert same == settings and hash(same) == hash(settings)
+
+
+def test_callback_once_per_step_and_free_when_absent():
+  noise, n = _noise(11)[:2], 5
+  seen = []
+  settings = SM.SamplerSettings(sampler="dpmpp_2m", num_steps=n, time_grid="logsnr_uniform")
+  out = SM.sample(
+      gaussian_denoiser, None, noise, None, schedule=COSINE, settings=settings, callback=seen.append
+  )
+  jax.effects_barrier()
+  assert len(seen) == n
+  seen.sort(key=lambda d: int(d["i"]))
+  assert [int(d["i"]) for d in seen] == list(range(n))
+  assert set(seen[0]) == {"i", "t", "logsnr", "x", "denoised"}
+  for d in seen:
+    assert d["x"].shape == d["denoised"].shape == noise.shape and np.shape(d["t"]) == ()
+  t = SM.time_grid(COSINE, settings)
+  np.testing.assert_allclose([float(d["t"]) for d in seen], t[:-1])
+  np.testing.assert_array_equal(seen[0]["x"], noise)  # step 0 sees the initial noise
+  np.testing.assert_array_equal(seen[-1]["denoised"], out)  # the output is the last x0_hat
+
+  def jaxpr(callback):
+    return str(
+        jax.make_jaxpr(
+            lambda z: SM.sample(
+                gaussian_denoiser,
+                None,
+                z,
+                None,
+                schedule=COSINE,
+                settings=settings,
+                callback=callback,
+            )
+        )(noise)
+    )
+
+  assert "debug_callback" in jaxpr(seen.append) and "debug_callback" not in jaxpr(None)
 
 
 def test_cond_is_passed_through_and_logsnr_is_per_example():
@@ -307,60 +404,46 @@ def test_cond_is_passed_through_and_logsnr_is_per_example():
       {"bias": jnp.zeros(3)},
       noise,
       None,
-      sampler="dpmpp_2m",
-      num_steps=3,
       schedule="linear_beta",
-      threshold="static",
+      settings=SM.SamplerSettings(sampler="dpmpp_2m", num_steps=3, threshold="static"),
   )
   assert seen["logsnr_shape"] == (3,)
   assert set(seen["cond"]) == {"bias"}
 
 
+@pytest.mark.parametrize(
+    "kw,error,match",
+    [
+        (dict(sampler="euler"), ValueError, "unknown sampler 'euler'.*ddpm"),
+        (dict(num_steps=0), ValueError, "num_steps must be a static int >= 1, got 0"),
+        (dict(num_steps=2.0), ValueError, "num_steps must be a static int >= 1, got 2.0"),
+        (dict(threshold="clip"), ValueError, "unknown threshold mode 'clip'"),
+        (dict(percentile=100.5), ValueError, r"percentile must be in \(0, 100\].*got 100.5"),
+        (dict(eta=1.5), ValueError, "eta must be in"),
+        (dict(eta=jnp.float32(0.5)), TypeError, "eta must be a static Python number"),
+        (dict(sampler="ddpm", eta=0.5), ValueError, "eta=0.5 is DDIM's.*'ddpm' needs eta=0"),
+        (dict(gamma=1.0), ValueError, "gamma=1.0 is DDPM's.*'ddim' needs gamma=0"),
+        (dict(max_scale=0.5), ValueError, "max_scale must be >= 1 or None.*got 0.5"),
+        (dict(time_grid="karras"), ValueError, "unknown time_grid 'karras'.*logsnr_uniform"),
+        (dict(t_min=0.5, t_max=0.2), ValueError, "t_min=0.5, t_max=0.2"),
+        (dict(t_max=1.5), ValueError, "t_min=0.0, t_max=1.5"),
+    ],
+)
+def test_sampler_settings_errors(kw, error, match):
+  with pytest.raises(error, match=match):
+    SM.SamplerSettings(**kw)
+
+
 def test_sample_errors():
   noise = _noise(9)[:2]
-  kw = dict(num_steps=4, schedule=COSINE)
-  with pytest.raises(ValueError, match="unknown sampler 'euler'.*ddpm"):
-    SM.sample(gaussian_denoiser, None, noise, jax.random.PRNGKey(0), sampler="euler", **kw)
-  with pytest.raises(ValueError, match="num_steps must be a static int >= 1, got 0"):
+  with pytest.raises(TypeError, match="settings must be a SamplerSettings, got dict"):
+    SM.sample(gaussian_denoiser, None, noise, None, schedule=COSINE, settings={"sampler": "ddim"})
+  with pytest.raises(ValueError, match="sampler 'ddim' \\(eta=0.5\\).*pass a PRNG key"):
     SM.sample(
         gaussian_denoiser,
         None,
         noise,
-        jax.random.PRNGKey(0),
-        sampler="ddim",
-        num_steps=0,
+        None,
         schedule=COSINE,
-    )
-  with pytest.raises(ValueError, match="unknown threshold mode 'clip'"):
-    SM.sample(
-        gaussian_denoiser,
-        None,
-        noise,
-        jax.random.PRNGKey(0),
-        sampler="ddim",
-        threshold="clip",
-        **kw,
-    )
-  with pytest.raises(ValueError, match=r"percentile must be in \(0, 100\].*got 100.5"):
-    SM.sample(
-        gaussian_denoiser,
-        None,
-        noise,
-        jax.random.PRNGKey(0),
-        sampler="ddim",
-        percentile=100.5,
-        **kw,
-    )
-  with pytest.raises(ValueError, match="eta must be in"):
-    SM.sample(gaussian_denoiser, None, noise, jax.random.PRNGKey(0), sampler="ddim", eta=1.5, **kw)
-  with pytest.raises(ValueError, match="t_min=0.5, t_max=0.2"):
-    SM.sample(
-        gaussian_denoiser,
-        None,
-        noise,
-        jax.random.PRNGKey(0),
-        sampler="ddim",
-        t_min=0.5,
-        t_max=0.2,
-        **kw,
+        settings=SM.SamplerSettings(eta=0.5),
     )

@@ -163,3 +163,23 @@ def test_a_stage_is_a_static_jit_argument():
   assert float(f(1.0, stage=st)) == st.text_dim
   f(2.0, stage=st)
   assert traces == [st]
+
+
+def test_sampling_settings_from_a_stage_config_and_for_the_sampler():
+  config = load_config("sr256")
+  s = stage_lib.SamplingSettings.from_config(config.sample)  # the trainer's grid settings
+  assert (s.num_steps, s.guidance_weight, s.aug_level) == (
+      config.sample.num_steps,
+      config.sample.guidance_weight,
+      config.sample.aug_level,
+  )
+  assert (s.eta, s.time_grid) == (0.0, "uniform_t")
+  ss = s.sampler_settings()
+  assert (ss.sampler, ss.num_steps, ss.threshold, ss.time_grid) == (
+      s.sampler,
+      s.num_steps,
+      s.threshold,
+      "uniform_t",
+  )
+  with pytest.raises(ValueError, match="sqrt_t"):
+    stage_lib.SamplingSettings(time_grid="sqrt_t").sampler_settings()

@@ -16,7 +16,7 @@ from imagen_jax.diffusion.parameterization import (
     prediction_to_v,
     prediction_to_x0,
 )
-from imagen_jax.diffusion.samplers import DenoiseFn, sample
+from imagen_jax.diffusion.samplers import DenoiseFn, SamplerSettings, sample, time_grid
 from imagen_jax.diffusion.schedules import (
     Schedule,
     alpha_sigma,
@@ -29,6 +29,7 @@ from imagen_jax.diffusion.schedules import (
 
 __all__ = [
     "DenoiseFn",
+    "SamplerSettings",
     "Schedule",
     "alpha_sigma",
     "apply_threshold",
@@ -47,5 +48,6 @@ __all__ = [
     "q_sample",
     "sample",
     "static_threshold",
+    "time_grid",
     "upsample_lowres",
 ]

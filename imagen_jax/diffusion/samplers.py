@@ -7,32 +7,48 @@ Every sampler talks to the network through one contract,
 (classifier-free guidance and SR low-res conditioning are wrapped into ``denoise_fn`` by the
 caller). Each step turns eps_hat into x0_hat = (z_t - sigma_t eps_hat) / alpha_t, applies the
 thresholding choice to x0_hat (Imagen §2.3), recomputes the eps consistent with the thresholded
-x0_hat, and moves from time t to the next grid time s < t.
+x0_hat, and moves from time t to the next grid time s < t. All choices of a run live in one
+frozen, hashable :class:`SamplerSettings` (a static ``jax.jit`` argument), as in k-diffusion's
+sampler functions: the solver, the step count, the time grid, thresholding.
 
 Notation: lambda = logsnr, alpha^2 = sigmoid(lambda), sigma^2 = sigmoid(-lambda), and for s < t
     c = 1 - exp(lambda_t - lambda_s) = -expm1(lambda_t - lambda_s)  in (0, 1],
 so that for the continuous-time VP process (Kingma et al. 2021, "VDM", App. A)
     q(z_s | z_t, x) = N(alpha_s x + sigma_s sqrt(1 - c) eps(z_t, x),  sigma_s^2 c I).
 
-Time grid (the paper is silent; we choose): ``num_steps + 1`` points uniform in t from ``t_max``
-to ``t_min``. Step i calls the network once at t_i and moves to t_{i+1}; the last step lands on
-t_min = t_N as if sigma(t_min) were 0, i.e. it returns the (thresholded) x0 prediction, the
+Time grid (the paper is silent; a setting, see :func:`time_grid`): ``num_steps + 1`` times
+t_0 = t_max > ... > t_N = t_min, either uniform in t ("uniform_t") or uniform in logSNR
+("logsnr_uniform"). Step i calls the network once at t_i and moves to t_{i+1}; the last step
+lands on t_N as if sigma(t_min) were 0, i.e. it returns the (thresholded) x0 prediction, the
 clean image "at t_min" (DDPM's last step outputs its mean, Ho et al. 2020; DPM-Solver's
 "denoise to zero", Lu et al. 2022). So a sampler costs exactly ``num_steps`` network calls. The
 start is z = noise ~ N(0, I), exact up to alpha(t_max)^2 (2e-9 for the default cosine schedule).
-Known cost of the uniform-t grid: the last network call is at t = 1/N, so the output is the
-posterior mean E[x0 | z_{1/N}] and lacks Var(x0 | z_{1/N}). For cosine that is logsnr 5.5 at
-N = 25 (Gaussian-data std -1.2% for DPM-Solver++); for linear_beta it is logsnr 3.9 (std -13%).
-A logSNR-uniform grid would fix linear_beta at few steps but is worse for cosine DDIM/DDPM
-(tests/test_samplers.py's float64 recursion gives the numbers); not offered yet.
+
+Choosing the grid. The output is the posterior mean E[x0 | z_{t_{N-1}}] of the last network
+call, so it lacks Var(x0 | z_{t_{N-1}}); on top of that each solver has its own discretisation
+error. For Gaussian data (std 0.25; tests/test_samplers.py's exact float64 recursion) the
+output std is off by, at 25 steps:
+
+    schedule     sampler    uniform_t  logsnr_uniform
+    cosine       dpmpp_2m     -1.2%       +3.0%
+    cosine       ddim (eta=0) -10%        -18%
+    linear_beta  dpmpp_2m     -13%        +2.0%
+    linear_beta  ddim (eta=0) -20%        -14%
+
+On uniform_t, linear_beta's last call is at t = 1/N, logsnr 3.9 (cosine: 5.5), hence its bias;
+the logSNR-uniform grid ends at the schedule's logsnr_max (20), which removes it, but spends
+fewer steps where cosine's first-order DDIM/DDPM need them. So: uniform_t for cosine,
+logsnr_uniform for linear_beta with DPM-Solver++(2M) (the SR1024 stage at few steps).
 
 The reverse loop is one ``jax.lax.scan`` over the grid: one compile whatever ``num_steps``.
 To reuse that compile across calls, jit the caller with the params as arguments, e.g.
 
-    @functools.partial(jax.jit, static_argnames=("num_steps",))
-    def run(params, cond, noise, rng, num_steps):
+    @functools.partial(jax.jit, static_argnames=("settings",))
+    def run(params, cond, noise, rng, settings):
       fn = make_denoise_fn(model, params, ...)          # closes over traced params
-      return sample(fn, cond, noise, rng, sampler="ddim", num_steps=num_steps, schedule=sched)
+      return sample(fn, cond, noise, rng, schedule=sched, settings=settings)
+
+    run(params, cond, noise, rng, SamplerSettings(sampler="dpmpp_2m", num_steps=25))
 
 float32 note: at t_max = 1 (logsnr -20) x0_hat = (z - sigma eps_hat) / alpha divides by
 alpha = 4.5e-5, so the first x0_hat carries ~1e-3 absolute rounding error. It is harmless
@@ -42,11 +58,13 @@ whose output *is* that x0_hat; this is inherent to eps-prediction, not to the sa
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from typing import Any, Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from imagen_jax.diffusion.guidance import THRESHOLD_MODES, apply_threshold, check_percentile
 from imagen_jax.diffusion.parameterization import eps_to_x0, x0_to_eps
@@ -54,13 +72,137 @@ from imagen_jax.diffusion.schedules import Schedule, alpha_sigma, get_schedule
 
 Array = jax.Array
 DenoiseFn = Callable[[Array, Array, Any], Array]
+# callback({"i", "t", "logsnr", "x", "denoised"}) -> None; see :func:`sample`.
+Callback = Callable[[dict], None]
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
+TIME_GRIDS = ("uniform_t", "logsnr_uniform")
 
 
-def time_grid(num_steps: int, t_min=0.0, t_max=1.0) -> Array:
-  """``num_steps + 1`` times, uniform from ``t_max`` down to ``t_min`` (float32 ``[N + 1]``)."""
-  return jnp.linspace(jnp.float32(t_max), jnp.float32(t_min), num_steps + 1, dtype=jnp.float32)
+def _real(name: str, value, allowed: str) -> float:
+  """``value`` as a Python float, or a clear error (settings are static: no jax arrays)."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    raise TypeError(
+        f"{name} must be a static Python number ({allowed}), got {value!r} of type "
+        f"{type(value).__name__}"
+    )
+  return float(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSettings:
+  """How to run the reverse process; frozen and hashable, so a static ``jax.jit`` argument.
+
+  Attributes:
+    sampler: "ddpm" (ancestral, :func:`ddpm_step`), "ddim" (:func:`ddim_step`) or "dpmpp_2m"
+      (DPM-Solver++(2M), :func:`dpmpp_2m_step`).
+    num_steps: number of network calls, int >= 1.
+    eta: DDIM stochasticity in [0, 1] (0 = deterministic DDIM, 1 = DDPM variance); "ddim" only.
+    gamma: DDPM variance interpolation in [0, 1] (0 = posterior variance, 1 = forward
+      variance; Imagen App. A); "ddpm" only.
+    threshold: "none", "static" or "dynamic", applied to x0_hat at every step (Imagen §2.3).
+    percentile: dynamic-thresholding percentile in (0, 100] (paper: 99.5).
+    max_scale: optional cap c >= 1 on the dynamic-thresholding s (DeepFloyd IF); None = none.
+    time_grid: "uniform_t" or "logsnr_uniform" (see :func:`time_grid`).
+    t_min, t_max: ends of the time grid, 0 <= t_min < t_max <= 1.
+  """
+
+  sampler: str = "ddim"
+  num_steps: int = 50
+  eta: float = 0.0
+  gamma: float = 0.0
+  threshold: str = "dynamic"
+  percentile: float = 99.5
+  max_scale: Optional[float] = None
+  time_grid: str = "uniform_t"
+  t_min: float = 0.0
+  t_max: float = 1.0
+
+  def __post_init__(self):
+    def put(name, value):  # normalise to Python scalars: stable hashing and equality
+      object.__setattr__(self, name, value)
+
+    if self.sampler not in SAMPLERS:
+      raise ValueError(f"unknown sampler {self.sampler!r}; allowed: {SAMPLERS}")
+    n = self.num_steps
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+      raise ValueError(f"num_steps must be a static int >= 1, got {n!r}")
+    put("num_steps", int(n))
+    eta = _real("eta", self.eta, "in [0, 1]")
+    if not 0.0 <= eta <= 1.0:
+      raise ValueError(
+          f"eta must be in [0, 1] (0 = deterministic DDIM, 1 = DDPM variance), got {eta}"
+      )
+    if eta != 0.0 and self.sampler != "ddim":
+      raise ValueError(f"eta={eta} is DDIM's stochasticity; sampler {self.sampler!r} needs eta=0")
+    put("eta", eta)
+    gamma = _real("gamma", self.gamma, "in [0, 1]")
+    if not 0.0 <= gamma <= 1.0:
+      raise ValueError(
+          f"gamma must be in [0, 1] (0 = posterior, 1 = forward variance), got {gamma}"
+      )
+    if gamma != 0.0 and self.sampler != "ddpm":
+      raise ValueError(
+          f"gamma={gamma} is DDPM's variance knob; sampler {self.sampler!r} needs gamma=0"
+      )
+    put("gamma", gamma)
+    if self.threshold not in THRESHOLD_MODES:
+      raise ValueError(f"unknown threshold mode {self.threshold!r}; allowed: {THRESHOLD_MODES}")
+    put("percentile", check_percentile(self.percentile))
+    if self.max_scale is not None:
+      max_scale = _real("max_scale", self.max_scale, ">= 1 or None")
+      if not max_scale >= 1.0:
+        raise ValueError(
+            f"max_scale must be >= 1 or None (s is clipped to [1, max_scale]), got {max_scale}"
+        )
+      put("max_scale", max_scale)
+    if self.time_grid not in TIME_GRIDS:
+      raise ValueError(f"unknown time_grid {self.time_grid!r}; allowed: {TIME_GRIDS}")
+    t_min = _real("t_min", self.t_min, "in [0, 1)")
+    t_max = _real("t_max", self.t_max, "in (0, 1]")
+    if not 0.0 <= t_min < t_max <= 1.0:
+      raise ValueError(f"need 0 <= t_min < t_max <= 1, got t_min={t_min}, t_max={t_max}")
+    put("t_min", t_min)
+    put("t_max", t_max)
+
+  @property
+  def needs_noise(self) -> bool:
+    """Whether the sampler draws fresh noise at every step (then ``sample`` needs an rng)."""
+    return self.sampler == "ddpm" or (self.sampler == "ddim" and self.eta != 0.0)
+
+
+def _as_schedule(schedule: Union[Schedule, str]) -> Schedule:
+  return get_schedule(schedule) if isinstance(schedule, str) else schedule
+
+
+def time_grid(schedule: Union[Schedule, str], settings: SamplerSettings) -> Array:
+  """The sampler's ``num_steps + 1`` times, from ``t_max`` down to ``t_min`` (float32 ``[N+1]``).
+
+      "uniform_t":       t_i = t_max + (i / N) (t_min - t_max)
+      "logsnr_uniform":  t_i = t_fn(lambda_max' + (i / N) (lambda_min' - lambda_max')),
+                         lambda_max' = logsnr(t_max),  lambda_min' = logsnr(t_min),
+
+  i = 0..N, with the schedule's ``logsnr_fn`` and its inverse ``t_fn``. At t_min = 0 the
+  schedules give their finite clip logsnr_max (20), so the logSNR grid ends there; a schedule
+  whose logsnr is infinite at t_min is rejected. The last point is never a network call (the
+  last step returns x0_hat), so only its logsnr's role as the end of the grid matters.
+  """
+  schedule = _as_schedule(schedule)
+  n, t_min, t_max = settings.num_steps, settings.t_min, settings.t_max
+  if settings.time_grid == "uniform_t":
+    return jnp.linspace(jnp.float32(t_max), jnp.float32(t_min), n + 1, dtype=jnp.float32)
+  # The ends are constants of the static settings: evaluate them now to check them.
+  with jax.ensure_compile_time_eval():
+    ends = np.asarray(schedule.logsnr_fn(jnp.asarray([t_max, t_min], jnp.float32)))
+  if not np.all(np.isfinite(ends)):
+    raise ValueError(
+        f"time_grid='logsnr_uniform' needs a finite logsnr at t_max={t_max} and t_min={t_min}; "
+        f"the schedule gives {ends.tolist()} (clip it at a logsnr_max)"
+    )
+  logsnrs = jnp.linspace(jnp.float32(ends[0]), jnp.float32(ends[1]), n + 1, dtype=jnp.float32)
+  ts = jnp.asarray(schedule.t_fn(logsnrs), jnp.float32)
+  # The ends exactly (t_fn o logsnr_fn is the identity only to float32 rounding).
+  return ts.at[0].set(t_max).at[-1].set(t_min)
 
 
 def predict_x0_eps(
@@ -188,32 +330,15 @@ def dpmpp_2m_step(
   return (sigma_s / sigma_t) * z_t - alpha_s * jnp.expm1(-h) * d
 
 
-def _is_static_zero(x) -> bool:
-  return isinstance(x, numbers.Real) and float(x) == 0.0
-
-
-def _check_times(t_min, t_max) -> None:
-  if isinstance(t_min, numbers.Real) and isinstance(t_max, numbers.Real):
-    if not 0.0 <= float(t_min) < float(t_max) <= 1.0:
-      raise ValueError(f"need 0 <= t_min < t_max <= 1, got t_min={t_min}, t_max={t_max}")
-
-
 def sample(
     denoise_fn: DenoiseFn,
     cond: Any,
     noise: Array,
     rng: Optional[Array],
     *,
-    sampler: str,
-    num_steps: int,
     schedule: Union[Schedule, str],
-    eta=0.0,
-    threshold: str = "dynamic",
-    percentile: float = 99.5,
-    t_min=0.0,
-    t_max=1.0,
-    gamma=0.0,
-    max_scale: Optional[float] = None,
+    settings: SamplerSettings,
+    callback: Optional[Callback] = None,
 ) -> Array:
   """Draw x0 ~ p(x0 | cond) by running the reverse process from z = noise (Imagen App. A).
 
@@ -223,44 +348,32 @@ def sample(
     noise: the initial z at t_max, N(0, I), ``[B, H, W, C]``.
     rng: PRNG key for the stochastic samplers (step i uses ``fold_in(rng, i)``), or a ``[B]``
       array of typed keys (``jax.random.key``), one stream per sample, so that a sample's noise
-      does not depend on the batch it is drawn in; unused (and may be None) for "dpmpp_2m" and
-      for "ddim" with a static ``eta == 0``.
-    sampler: "ddpm" (ancestral, :func:`ddpm_step`), "ddim" (:func:`ddim_step`) or "dpmpp_2m"
-      (:func:`dpmpp_2m_step`). Static.
-    num_steps: number of network calls, static int >= 1.
+      does not depend on the batch it is drawn in; unused (and may be None) unless
+      ``settings.needs_noise`` ("ddpm", or "ddim" with eta > 0).
     schedule: a :class:`Schedule` or a schedule name for :func:`get_schedule`. Static.
-    eta: DDIM stochasticity in [0, 1] ("ddim" only).
-    threshold: "none", "static" or "dynamic" (applied to x0_hat at every step). Static.
-    percentile: dynamic-thresholding percentile in (0, 100]. Static.
-    t_min, t_max: ends of the time grid, 0 <= t_min < t_max <= 1.
-    gamma: DDPM variance interpolation ("ddpm" only; 0 = posterior variance).
-    max_scale: optional cap on the dynamic-thresholding s (DeepFloyd IF). Static.
+    settings: the :class:`SamplerSettings`. Static.
+    callback: optional ``callback(info)``, called on the host once per step (k-diffusion's
+      convention) with ``info = {"i": step, "t": t_i, "logsnr": lambda_i, "x": z_{t_i},
+      "denoised": x0_hat}`` as numpy arrays (``x``, ``denoised``: ``[B, H, W, C]``; the
+      others scalars); ``denoised`` is the thresholded x0 prediction of step i. It runs
+      through ``jax.debug.callback`` (unordered: use ``info["i"]``, not the call order); with
+      None nothing is added to the program. Static.
   Returns:
     x0 ``[B, H, W, C]`` float32: the thresholded x0 prediction of the last step.
   """
-  if sampler not in SAMPLERS:
-    raise ValueError(f"unknown sampler {sampler!r}; allowed: {SAMPLERS}")
-  if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 1:
-    raise ValueError(f"num_steps must be a static int >= 1, got {num_steps!r}")
-  if threshold not in THRESHOLD_MODES:
-    raise ValueError(f"unknown threshold mode {threshold!r}; allowed: {THRESHOLD_MODES}")
-  if threshold == "dynamic":
-    check_percentile(percentile)
-  if isinstance(eta, numbers.Real) and not 0.0 <= float(eta) <= 1.0:
-    raise ValueError(
-        f"eta must be in [0, 1] (0 = deterministic DDIM, 1 = DDPM variance), " f"got {eta}"
-    )
-  _check_times(t_min, t_max)
-  if isinstance(schedule, str):
-    schedule = get_schedule(schedule)
+  if not isinstance(settings, SamplerSettings):
+    raise TypeError(f"settings must be a SamplerSettings, got {type(settings).__name__}")
+  if callback is not None and not callable(callback):
+    raise TypeError(f"callback must be callable or None, got {callback!r}")
+  schedule = _as_schedule(schedule)
   z = jnp.asarray(noise, jnp.float32)
   if z.ndim < 2:
     raise ValueError(f"noise must be [B, ...] (batch first), got shape {z.shape}")
-
-  needs_noise = sampler == "ddpm" or (sampler == "ddim" and not _is_static_zero(eta))
+  needs_noise = settings.needs_noise
   if needs_noise and rng is None:
     raise ValueError(
-        f"sampler {sampler!r} (eta={eta}) draws noise at every step: pass a PRNG " f"key as rng"
+        f"sampler {settings.sampler!r} (eta={settings.eta}) draws noise at every step: pass a "
+        f"PRNG key as rng"
     )
   per_sample = (
       needs_noise and jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) and rng.ndim > 0
@@ -270,21 +383,7 @@ def sample(
         f"rng must be one PRNG key or [B] = [{z.shape[0]}] typed keys (one per "
         f"sample), got keys of shape {rng.shape}"
     )
-  return _reverse_loop(
-      denoise_fn,
-      sampler,
-      int(num_steps),
-      schedule,
-      threshold,
-      check_percentile(percentile) if threshold == "dynamic" else 99.5,
-      None if max_scale is None else float(max_scale),
-      needs_noise,
-      per_sample,
-      cond,
-      z,
-      rng,
-      *(jnp.asarray(v, jnp.float32) for v in (eta, t_min, t_max, gamma)),
-  )
+  return _reverse_loop(denoise_fn, schedule, settings, callback, per_sample, cond, z, rng)
 
 
 # Deliberately not jitted here: a jit with `denoise_fn` as a static argument would keep every
@@ -292,41 +391,37 @@ def sample(
 # params as constants in the program. Callers that sample repeatedly jit `sample` themselves
 # with params as traced arguments (see the module docstring); eager calls compile the scan
 # once per call.
-def _reverse_loop(
-    denoise_fn,
-    sampler,
-    num_steps,
-    schedule,
-    threshold,
-    percentile,
-    max_scale,
-    needs_noise,
-    per_sample,
-    cond,
-    z,
-    rng,
-    eta,
-    t_min,
-    t_max,
-    gamma,
-):
+def _reverse_loop(denoise_fn, schedule, settings, callback, per_sample, cond, z, rng):
   """The scan of :func:`sample` (arguments already validated; see there)."""
-  logsnrs = schedule.logsnr_fn(time_grid(num_steps, t_min, t_max))  # [N + 1]
+  sampler, num_steps = settings.sampler, settings.num_steps
+  needs_noise = settings.needs_noise
+  ts = time_grid(schedule, settings)  # [N + 1]
+  logsnrs = schedule.logsnr_fn(ts)
   steps = jnp.arange(num_steps, dtype=jnp.int32)
   is_last = steps == num_steps - 1
+  eta, gamma = jnp.float32(settings.eta), jnp.float32(settings.gamma)
 
   def step(carry, xs):
     z_t, x0_prev, logsnr_prev = carry
-    i, logsnr_t, logsnr_s, last = xs
+    i, t, logsnr_t, logsnr_s, last = xs
     x0_hat, eps_hat = predict_x0_eps(
         denoise_fn,
         z_t,
         logsnr_t,
         cond,
-        threshold=threshold,
-        percentile=percentile,
-        max_scale=max_scale,
+        threshold=settings.threshold,
+        percentile=settings.percentile,
+        max_scale=settings.max_scale,
     )
+    if callback is not None:
+      jax.debug.callback(
+          lambda *a: callback(dict(zip(("i", "t", "logsnr", "x", "denoised"), a))),
+          i,
+          t,
+          logsnr_t,
+          z_t,
+          x0_hat,
+      )
     step_noise = None
     if needs_noise and per_sample:
       step_noise = jax.vmap(
@@ -345,5 +440,6 @@ def _reverse_loop(
     return (z_s, x0_hat, logsnr_t), None
 
   init = (z, jnp.zeros_like(z), logsnrs[0])
-  (x0, _, _), _ = jax.lax.scan(step, init, (steps, logsnrs[:-1], logsnrs[1:], is_last))
+  xs = (steps, ts[:-1], logsnrs[:-1], logsnrs[1:], is_last)
+  (x0, _, _), _ = jax.lax.scan(step, init, xs)
   return x0
