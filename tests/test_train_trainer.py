@@ -196,3 +196,25 @@ def test_metric_writer_outputs(tmp_path):
       .read_text()
       .startswith("a red circle")
   )
+
+
+def test_in_training_sample_grid_is_conditioned_like_the_cascade():
+  """The EMA sample grid (`trainer.make_sample_fn`) stands on the stage layer: images of the
+  batch's size in [-1, 1], deterministic in the key, and an SR grid follows its low-res input
+  (upsampled and noise-augmented at sample.aug_level by `Stage.condition`)."""
+  import jax.numpy as jnp
+
+  from tests.test_train_step import make_batch, toy_encode, toy_stage, toy_text_params
+
+  config = load_config("sr256")
+  config.sample.num_steps = 2
+  st = toy_stage(config)
+  params = st.init_params(jax.random.key(0))
+  fn = jax.jit(trainer.make_sample_fn(st, toy_encode))
+  batch = {k: jnp.asarray(v) for k, v in make_batch("sr256").items()}
+  a = np.asarray(fn(params, toy_text_params(), batch, jax.random.key(1)))
+  assert a.shape == batch["image"].shape
+  assert np.isfinite(a).all() and np.abs(a).max() <= 1.0
+  np.testing.assert_array_equal(a, fn(params, toy_text_params(), batch, jax.random.key(1)))
+  other = dict(batch, lowres=-batch["lowres"])
+  assert not np.allclose(a, fn(params, toy_text_params(), other, jax.random.key(1)), atol=1e-4)
