@@ -8,7 +8,8 @@ import inside a function counts, which a `sys.modules` check after importing wou
   * sampling never imports training: cascade, sample, evals/, stage, denoiser, experiments/
     reach no `imagen_jax.train` module;
   * `imagen_jax/diffusion` imports nothing of ours but itself;
-  * `nn/` and `text/` reach no training code.
+  * `nn/` and `text/` reach no training code;
+  * training does not reach the cascade (both stand on `stage`).
 """
 
 import ast
@@ -135,3 +136,10 @@ def test_diffusion_imports_nothing_of_ours(name):
 def test_networks_and_text_import_no_training_code(name):
   chains = _training_reached(name)
   assert not chains, f"{name} imports training code: " + "; ".join(chains)
+
+
+@pytest.mark.parametrize("name", modules_under("imagen_jax/train"))
+def test_training_does_not_import_the_cascade(name):
+  # train/ and cascade both stand on the stage layer; neither imports the other.
+  chain = reachable(name).get("imagen_jax.cascade")
+  assert chain is None, f"{name} imports the cascade: {' -> '.join(chain)}"
