@@ -21,6 +21,8 @@ from imagen_jax import checkpoint as ckpt_lib
 from imagen_jax.stage import Stage
 from imagen_jax.train import optim, trainer
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def tiny_config(stage, **sizes):
   """configs.<stage> `tiny` with top-level fields overridden (e.g. image_size=32)."""
