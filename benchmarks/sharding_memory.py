@@ -58,7 +58,7 @@ def main(argv):
       f"{devices} devices, rules {dict(rules)}"
   )
   first = True
-  for fsdp in (1, 4, 16, 64, devices):
+  for fsdp in sorted({1, 4, 16, 64, devices}):
     if devices % fsdp:
       continue
     shape = {"data": devices // fsdp, "fsdp": fsdp, "tensor": 1}

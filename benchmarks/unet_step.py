@@ -52,7 +52,8 @@ BENCH_TEXT = registry.default_text_config("t5-v1_1-small", max_length=64)
 
 def text_config(size: str, name: str | None = None, length: int | None = None):
   """The text block a preset size is measured with (a copy; `name` / `length` override)."""
-  text = (BENCH_TEXT if size == "bench" else common.text_config(size)).copy_and_resolve_references()
+  text = BENCH_TEXT if size == "bench" else common.text_config(size)
+  text = text.copy_and_resolve_references()
   text.name = name or text.name
   text.max_length = length or text.max_length
   return text

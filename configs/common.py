@@ -27,8 +27,8 @@ text length `config.text.max_length`, both resolved where the encoder is used. V
     SR256, the 1000-step linear-beta schedule (1e-4 -> 0.02) in continuous time for SR1024,
     epsilon-prediction, frozen T5-XXL at 128 tokens (the paper does not state the token count).
 * `tiny`: seconds-per-step CPU sizes for tests.
-* `shapes`: the built-in offline demo (shapes dataset; base at 32x32, SR 32->64). Placeholders
-    that the demo is expected to tune; every number lives in `_VARIANTS` below.
+* `shapes`: the built-in offline demo (shapes dataset; base at 32x32, SR 32->64): the numbers
+    of `_VARIANTS` below, then the demo's per-stage choices `_SHAPES_DEMO`.
 
 Where the paper is silent we choose, and say so next to the value.
 """
@@ -146,15 +146,11 @@ KNOBS = {
     "adafactor_relative": "optim.adafactor_multiply_by_parameter_scale",
 }
 
-# The built-in demo (`make demo`, imagen_jax/demo.py): per-stage choices for a CPU budget of
-# ~10 + ~6 minutes on 2 cores. Both stages predict x0 (the paper predicts eps, §2 / App. A):
-# with a space-to-depth network and a few thousand steps, eps- (and v-) prediction leave
-# per-pixel noise in the samples (a 1500-step eps run of this base scored colour 0.18 on test
-# prompts, at chance; on a GPU, 6900 steps at batch 64, 11x the demo's examples, still 0.27),
-# while x0-prediction learns the content first (a GPU check of this SR
-# stage: 26.6 dB PSNR and perfect alignment after 2000 steps at batch 16). Adam instead of
-# Adafactor for the base too: one optimizer we tested at this scale. EMA 0.995: a 0.999 EMA
-# lags a 2000-step run (23.3 vs 26.6 dB for the SR stage at step 2000 in that check).
+# The built-in demo (`make demo`): per-stage choices for a CPU budget of ~10 + ~6 minutes on
+# 2 cores. Both stages predict x0 (the paper predicts eps, §2 / App. A): with a space-to-depth
+# network and a few thousand steps, eps- and v-prediction leave per-pixel noise in the samples
+# (base colour alignment at chance), while x0-prediction learns the content first. Adam for the
+# base too: the one optimizer tested at this scale. EMA 0.995: a 0.999 EMA lags a 2000-step run.
 _SHAPES_DEMO = {
     "base64": {
         "train.num_steps": 2500,
@@ -377,7 +373,7 @@ def sample_config(stage: str, v: dict) -> ml_collections.ConfigDict:
   c.guidance_weight = 1.35 if stage == "base64" else 8.0  # COCO settings, §4.1 / App.
   c.threshold = "dynamic"
   c.percentile = 99.5
-  c.aug_level = 0.0 if stage != "base64" else 0.0  # SR conditioning aug at sampling time
+  c.aug_level = 0.0  # SR stages: noise conditioning augmentation level at sampling (§2.4)
   return c
 
 

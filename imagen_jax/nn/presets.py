@@ -16,8 +16,8 @@ width, `imagen_jax.text.registry.text_dim(config.text)`, and L = `config.text.ma
 (the networks accept any L and infer D at init).
 
 Fields (all stages): kind, out_channels, lowres_cond, text_proj_dim, embed_dim, num_heads,
-head_dim, pool_heads, text_positions, dropout, norm_groups, attn_impl, dtype, param_dtype, remat, image_size
-(nominal, for benchmarks/tests).
+head_dim, pool_heads, text_positions, dropout, norm_groups, attn_impl, dtype, param_dtype,
+remat, image_size (nominal, for benchmarks/tests).
 UNet adds base_channels, channel_mult, num_res_blocks, attn_resolutions, text_cross_attention.
 EfficientUNet adds channels, num_res_blocks, strides, self_attention, text_cross_attention
 (one entry per block), stem_channels, space_to_depth.
