@@ -151,7 +151,7 @@ def load_stage(workdir: str, step: int | None = None) -> Stage:
         image_size=image_size,
         lowres_size=lowres_size,
         text_len=int(config.text.max_length),
-        text_dim=int(config.model.text_dim),
+        text_dim=registry.text_dim(config.text),
     )
     abstract = jax.eval_shape(state_lib.make_init_fn(model, tx, inputs), jax.random.key(0))
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

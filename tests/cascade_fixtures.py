@@ -7,7 +7,7 @@ care whether the weights were trained, so end-to-end tests of the experiments ta
 
 import atexit
 import functools
-import importlib.util
+import importlib
 import json
 import os
 import shutil
@@ -19,6 +19,7 @@ import numpy as np
 
 from imagen_jax import checkpoint as ckpt_lib
 from imagen_jax.nn import unet
+from imagen_jax.text import registry
 from imagen_jax.train import optim, trainer
 from imagen_jax.train import state as state_lib
 
@@ -27,12 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def tiny_config(stage, **sizes):
   """configs/<stage>.py:tiny with top-level fields overridden (e.g. image_size=32)."""
-  spec = importlib.util.spec_from_file_location(
-      f"cfg_{stage}", os.path.join(REPO, "configs", f"{stage}.py")
-  )
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config("tiny")
+  c = importlib.import_module(f"configs.{stage}").get_config("tiny")
   with c.unlocked():
     for k, v in sizes.items():
       c[k] = v
@@ -49,7 +45,7 @@ def write_stage(workdir, config, seed=0, step=7):
       image_size=image,
       lowres_size=lowres,
       text_len=int(config.text.max_length),
-      text_dim=int(config.model.text_dim),
+      text_dim=registry.text_dim(config.text),
   )
   # No real initialisation: compiling the U-Net's init costs ~40 s per stage on a busy 2-core
   # CPU, while tracing its shapes takes ~1 s. Sampling does not care how weights were drawn;

@@ -16,6 +16,7 @@ import pytest
 
 from imagen_jax import cascade, denoiser
 from imagen_jax import checkpoint as ckpt_lib
+from imagen_jax.text import registry
 from tests import cascade_fixtures
 
 
@@ -111,7 +112,7 @@ def test_guided_denoise_fn_is_one_batched_pass_of_cfg(loaded):
   stage = loaded.stages[0]
   z = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
   logsnr = jnp.array([1.0, -2.0])
-  emb = jax.random.normal(jax.random.key(1), (2, 5, int(stage.config.model.text_dim)))
+  emb = jax.random.normal(jax.random.key(1), (2, 5, registry.text_dim(stage.config.text)))
   mask = jnp.array([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]], bool)
   params = stage.params
   eps = lambda w: denoiser.make_denoise_fn(stage.model, params, target="eps", guidance_weight=w)(

@@ -17,11 +17,10 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 RUNNER = r"""
-import json, os, signal, sys, time, importlib.util
+import json, os, signal, sys, time
 workdir, overrides, kill_at, kill_after_ckpt = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-spec = importlib.util.spec_from_file_location("cfg", os.path.join(sys.argv[5], "configs", "base64.py"))
-mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
-config = mod.get_config("tiny")
+from configs import base64
+config = base64.get_config("tiny")
 for path, value in overrides.items():
     *sections, field = path.split(".")
     node = config

@@ -2,7 +2,7 @@
 EMA, randomness from fold_in(step), text dropping, SR conditioning, non-finite handling, and
 sharded (8 devices, data=4 x fsdp=2) == unsharded (1 device)."""
 
-import importlib.util
+import importlib
 import os
 
 import flax.linen as nn
@@ -24,12 +24,7 @@ VOCAB, TEXT_DIM, TEXT_LEN, SIZE, B = 32, 8, 6, 8, 8
 
 
 def load_config(stage, variant="tiny"):
-  spec = importlib.util.spec_from_file_location(
-      f"cfg_{stage}", os.path.join(ROOT, "configs", f"{stage}.py")
-  )
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(variant)
+  return importlib.import_module(f"configs.{stage}").get_config(variant)
 
 
 def _init(names):

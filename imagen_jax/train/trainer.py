@@ -219,11 +219,6 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> d
   logging.info("mesh %s on %d processes", dict(mesh.shape), jax.process_count())
 
   encoder = registry.get_text_encoder(c.text, mesh=mesh, rules=rules)
-  if int(c.model.text_dim) != encoder.dim:
-    raise ValueError(
-        f"model.text_dim={c.model.text_dim} but text encoder {c.text.name!r} "
-        f"gives {encoder.dim}-dim embeddings"
-    )
   text_shardings = encoder.param_shardings(mesh, rules)
   model = unet.build_model(c.model)
   tx, lr_schedule = optim.make_optimizer(c.optim, c.train.num_steps)
