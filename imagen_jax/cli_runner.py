@@ -63,14 +63,24 @@ def train_stage(
   reached and exits (its preemption path); then the result is False.
   Raises `TrainingFailed` when the trainer exits with an error.
   """
-  command = main_command(config, workdir, overrides)
-  proc = subprocess.Popen(command, env=None if env is None else {**os.environ, **env})
+  return run_until(main_command(config, workdir, overrides), deadline_s=deadline_s, env=env)
+
+
+def run_until(
+    command: Sequence[str], *, deadline_s: float | None = None, env: Mapping[str, str] | None = None
+) -> bool:
+  """Runs `command`; after `deadline_s` seconds sends it SIGTERM and waits for it to exit.
+
+  Returns True when it exited by itself, False when the deadline stopped it; raises
+  `TrainingFailed` on a non-zero exit code.
+  """
+  proc = subprocess.Popen(list(command), env=None if env is None else {**os.environ, **env})
   start, stopped = time.monotonic(), False
   try:
     while True:
-      timeout = None if deadline_s is None else max(deadline_s - (time.monotonic() - start), 0)
+      left = None if deadline_s is None or stopped else deadline_s - (time.monotonic() - start)
       try:
-        code = proc.wait(timeout=timeout if not stopped else None)
+        code = proc.wait(timeout=None if left is None else max(left, 0.0))
         break
       except subprocess.TimeoutExpired:
         proc.send_signal(signal.SIGTERM)
