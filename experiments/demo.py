@@ -68,7 +68,7 @@ def train_stage(name: str, config_module, overrides: dict, workdir: str, timings
   try:
     cli_runner.train_stage(f"{config_module.__file__}:{VARIANT}", workdir, overrides)
   except cli_runner.TrainingFailed as e:
-    # Most likely a workdir of an older checkout whose stage networks have since changed.
+    # A workdir trained with another stage network is refused by the checkpoint check.
     raise SystemExit(
         f"training the {name} stage failed ({e}). If the error above says the checkpoint in "
         f"{workdir} is of another network, delete {workdir} (or run with another --workdir) "

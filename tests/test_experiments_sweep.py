@@ -1,4 +1,4 @@
-"""Guidance sweep end to end on tiny random stages (issue 8): outputs, resume, the CLI."""
+"""Guidance sweep end to end on tiny random stages: outputs, resume, the CLI."""
 
 import csv
 import os

@@ -5,7 +5,7 @@ TensorFlow). Each image holds one or two anti-aliased shapes on a black backgrou
 comes from a small grammar and the structured attributes behind it are stored beside it, so that
 `imagen_jax.evals.shapes_metric` can score generated images exactly.
 
-Design (kept small so that a tiny CPU-trained cascade learns it in minutes, see issue 7):
+Design (kept small so that a tiny CPU-trained cascade learns it in minutes):
 - colours: red, yellow, green, cyan, blue, purple (hues ~30 degrees or more apart; on a black
   background every anti-aliased edge pixel is a scaled palette colour, so the metric can
   recover the colour exactly by projecting onto the palette lines).

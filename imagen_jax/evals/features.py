@@ -46,7 +46,7 @@ class RandomConvFeatures:
     size_ = size
 
     def features(weights, images):
-      x = images.astype(jnp.float32) / 127.5 - 1.0  # images.from_uint8, traced
+      x = images.astype(jnp.float32) / 127.5 - 1.0  # images.from_uint8, on device
       x = jax.image.resize(x, (x.shape[0], size_, size_, 3), "bilinear", antialias=True)
       for w in weights:
         x = jax.nn.relu(
