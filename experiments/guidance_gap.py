@@ -12,8 +12,8 @@ colour and shape.
       --weights=1,2,3,5 --config.data.data_dir=demo_out/data \
       [--config.diffusion.target=eps --config.train.global_batch_size=64 ...]
 
-Writes <outdir>/rows.jsonl (one row per (step, w): colour, shape, exact, and colour / shape on
-the never-seen colour+kind pairs) and <outdir>/table.md, and prints the table; the stage's
+Writes <outdir>/rows.jsonl (one row per (step, w): colour, shape, exact, colour / shape on the
+never-seen colour+kind pairs, and the training wall time train_s) and <outdir>/table.md, and prints the table; the stage's
 workdir is <outdir>/train (rerunning resumes it). --deadline_s stops training early (the
 trainer saves the step reached), and that step is evaluated too.
 """
@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -148,12 +149,14 @@ def main(argv):
       c.data.data_dir = data_dir
     overrides["text.embedding_cache"] = shapes.build_text_cache(c, data_dir)
 
+  t0 = time.time()
   finished = cli_runner.train_stage(
       config_flags.get_config_filename(config_flag),
       workdir,
       overrides,
       deadline_s=_DEADLINE.value or None,
   )
+  train_s = round(time.time() - t0, 1)  # this call's training time (0 + startup when resumed)
   steps = sorted({int(s) for s in _EVAL_STEPS.value})
   if not finished:  # stopped by the deadline: the eval steps reached, then the step reached
     reached = cascade.load_stage(workdir).step
@@ -163,7 +166,7 @@ def main(argv):
   rows = []
   for step in steps:
     stage = cascade.load_stage(workdir, step=step)  # that checkpoint's EMA params
-    rows += evaluate(stage, test, weights, _SAMPLE_STEPS.value)
+    rows += [dict(r, train_s=train_s) for r in evaluate(stage, test, weights, _SAMPLE_STEPS.value)]
     atomic.write_text(
         os.path.join(outdir, "rows.jsonl"), "".join(json.dumps(r) + "\n" for r in rows)
     )
