@@ -14,18 +14,13 @@ sampling runs on the first device (see experiments/README.md).
 
 from __future__ import annotations
 
-import json
 import os
 
 from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config",
-    os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "cascade.py:paper"
-    ),
-    "cascade sampling settings",
+    "config", "configs/cascade.py:paper", "cascade sampling settings"
 )
 _WORKDIRS = flags.DEFINE_list("workdirs", None, "stage workdirs; default: the config's")
 _COCO = flags.DEFINE_string("coco_dir", None, "folder with annotations/ and val2014/")
@@ -47,7 +42,7 @@ _OUTDIR = flags.DEFINE_string("outdir", "coco_fid30k", "output folder")
 
 def main(argv):
   del argv
-  from imagen_jax import cascade
+  from imagen_jax import atomic, cascade
   from imagen_jax.evals import coco, fid
 
   if not _INCEPTION.value:
@@ -98,8 +93,7 @@ def main(argv):
       "conventions": "reference: centre crop + PIL bicubic to 256; generated: PIL "
       "bicubic to 256 if needed; then FID preprocessing mode above",
   }
-  with open(os.path.join(_OUTDIR.value, "fid.json"), "w") as f:
-    json.dump(report, f, indent=2)
+  atomic.write_json(os.path.join(_OUTDIR.value, "fid.json"), report)
   print(
       f"FID-{len(prompts)} ({_PROTOCOL.value} protocol, {_MODE.value} preprocessing, "
       f"{ref.n} reference images): {score:.3f}"

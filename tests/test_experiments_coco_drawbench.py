@@ -1,4 +1,4 @@
-"""COCO FID-30K and DrawBench scripts end to end on tiny synthetic stand-ins (issue 8).
+"""COCO FID-30K and DrawBench scripts end to end on tiny synthetic stand-ins.
 
 Both scripts run as subprocesses (as users run them) on tiny random cascade stages; the COCO
 run uses a random-weights FID InceptionV3 (numbers meaningless, plumbing real).

@@ -122,3 +122,45 @@ def test_check_encoder_names_the_mismatch(encoder, tmp_path):
   assert other.fingerprint != encoder.fingerprint
   with pytest.raises(cache.CacheError, match=f"fingerprint='{encoder.fingerprint}'"):
     c.check_encoder("byt5-tiny-random", 256, 24, other.fingerprint)
+
+
+def test_ensure_cache_reuses_only_a_complete_cache_of_the_same_weights(encoder, tmp_path):
+  out = str(tmp_path / "captions")
+  assert cache.ensure_cache(encoder, ["b", "a", "b"], out, progress=False) == out
+  c = cache.TextEmbeddingCache(out)
+  assert len(c) == 2 and "a" in c and "b" in c  # keyed by the caption text, once each
+  c.close()
+  stamp = os.path.getmtime(os.path.join(out, cache.MANIFEST))
+  cache.ensure_cache(encoder, ["a"], out, progress=False)  # a subset: reused as is
+  assert os.path.getmtime(os.path.join(out, cache.MANIFEST)) == stamp
+  cache.ensure_cache(encoder, ["a", "c"], out, progress=False)  # a new caption: rewritten
+  c = cache.TextEmbeddingCache(out)
+  assert len(c) == 2 and "c" in c and "b" not in c
+  c.close()
+
+  class OtherWeights:  # the same encoder under another weights fingerprint
+    fingerprint = "other weights"
+
+    def __getattr__(self, name):
+      return getattr(encoder, name)
+
+  other = OtherWeights()
+  cache.ensure_cache(other, ["a", "c"], out, progress=False)  # other weights: rewritten
+  assert cache.TextEmbeddingCache(out).manifest["fingerprint"] == "other weights"
+  assert sorted(os.listdir(tmp_path)) == ["captions"]  # no temporary left beside it
+
+
+def test_shapes_text_cache_holds_every_training_caption(tmp_path):
+  from configs import base64 as base64_config
+  from imagen_jax.data import shapes
+
+  c = base64_config.get_config("tiny")
+  path = shapes.build_text_cache(c, str(tmp_path))
+  assert os.path.basename(path) == f"text_cache_{c.text.name}_L{c.text.max_length}_n64_seed0"
+  got = cache.TextEmbeddingCache(path)
+  assert all(cap in got for cap in shapes.captions(0, "train", 64))
+  got.close()
+  with c.unlocked():
+    c.data.name = "coco_captions/2014"
+  with pytest.raises(ValueError, match="data.name='coco_captions/2014'"):
+    shapes.build_text_cache(c, str(tmp_path))

@@ -13,7 +13,7 @@ Two protocols, both from a local COCO 2014 copy (`annotations/captions_val2014.j
 Resize conventions (state them next to every number):
 * reference images: decoded to RGB, centre-cropped to a square (the shorter side), resized to
   256x256 with PIL bicubic (antialiased) -> uint8 `[256, 256, 3]`;
-* generated images: the cascade's last stage in [-1, 1] -> uint8 (`cascade.to_uint8`), resized
+* generated images: the cascade's last stage in [-1, 1] -> uint8 (`images.to_uint8`), resized
   to 256x256 with PIL bicubic only when the stage's size differs (e.g. 64 or 1024);
 * both then go through the same FID preprocessing (`fid_preprocess` mode: `tf` by default,
   which resizes 256 -> 299 with the TF1 legacy bilinear resize) and the FID InceptionV3.
@@ -27,6 +27,8 @@ import os
 from typing import Iterator, Sequence
 
 import numpy as np
+
+from imagen_jax import atomic, images
 
 PROTOCOLS = ("paper", "pairs")
 REFERENCE_SIZE = 256
@@ -127,8 +129,7 @@ def reference_statistics(computer, images_dir: str, names: Sequence[str], path: 
     if stats.n == len(names):
       return stats
   stats = computer.statistics(iter_reference(images_dir, names), total=len(names))
-  stats.save(path + ".tmp.npz")
-  os.replace(path + ".tmp.npz", path)
+  stats.save(path)  # atomic: an interrupted run leaves no half-written statistics
   return stats
 
 
@@ -148,8 +149,6 @@ def sample_chunks(
   `images [n, size, size, 3]` + prompts), written atomically; existing chunks are skipped, so
   an interrupted run resumes. Sample i uses the global index i (per-sample seeds)."""
   from tqdm import tqdm
-
-  from imagen_jax import cascade as cascade_lib
 
   sdir = os.path.join(outdir, "samples")
   os.makedirs(sdir, exist_ok=True)
@@ -171,9 +170,8 @@ def sample_chunks(
         first_index=start,
         progress=False,
     )[-1][: len(part)]
-    images = resize_generated(cascade_lib.to_uint8(out), size)
-    np.savez(path + ".tmp.npz", images=images, prompts=np.array(part))
-    os.replace(path + ".tmp.npz", path)
+    u8 = resize_generated(images.to_uint8(out), size)
+    atomic.save_npz(path, images=u8, prompts=np.array(part))
   return paths
 
 

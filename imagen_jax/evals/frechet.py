@@ -25,6 +25,8 @@ import dataclasses
 
 import numpy as np
 
+from imagen_jax import atomic
+
 STATS_FORMAT = "imagen_jax.frechet_stats.v1"
 # Features of the FID network; other extractors must use another name so their Frechet
 # distances are never mistaken for FID.
@@ -135,8 +137,8 @@ class FrechetStats:
     return cls.from_moments(moments, mode, feature)
 
   def save(self, path: str) -> None:
-    """Write an `.npz` (plain arrays and strings only, so it loads without pickle)."""
-    np.savez(
+    """Write an `.npz` atomically (plain arrays and strings only, so it loads without pickle)."""
+    atomic.save_npz(
         path,
         mu=np.asarray(self.mu, np.float64),
         sigma=np.asarray(self.sigma, np.float64),

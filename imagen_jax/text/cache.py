@@ -24,12 +24,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import threading
 from typing import Hashable, Iterable, Sequence
 
 import msgpack
 import numpy as np
+
+from imagen_jax import atomic
 
 FORMAT = "imagen_jax.text_embedding_cache/v1"
 MANIFEST = "manifest.json"
@@ -56,13 +57,6 @@ def _shard_name(i: int) -> str:
   return f"embeddings-{i:05d}.array_record"
 
 
-def _fsync_write(path: str, text: str) -> None:
-  with open(path, "w") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-
-
 def write_cache(
     encoder,
     examples: Iterable[tuple[Hashable, str]],
@@ -87,19 +81,34 @@ def write_cache(
   Returns:
     the manifest dict.
   """
+  out_dir = os.path.normpath(out_dir)
+  _np_dtype(dtype)  # a bad dtype fails before anything is written
+  if os.path.exists(out_dir) and not overwrite:
+    raise CacheError(f"{out_dir!r} already exists; pass overwrite=True to replace it")
+  incomplete = out_dir + INCOMPLETE_SUFFIX
+  if os.path.exists(incomplete):
+    logging.warning("removing a half-written cache left at %s", incomplete)
+  with atomic.publish_dir(out_dir, overwrite=True, tmp=incomplete) as tmp:
+    return _write_records(
+        encoder,
+        examples,
+        tmp,
+        name=os.path.basename(out_dir),
+        dtype=dtype,
+        batch_size=batch_size,
+        records_per_shard=records_per_shard,
+        progress=progress,
+    )
+
+
+def _write_records(
+    encoder, examples, tmp: str, *, name, dtype, batch_size, records_per_shard, progress
+) -> dict:
+  """Encodes every example and writes the records, ids.json and the manifest into `tmp`."""
   import jax
   from array_record.python.array_record_module import ArrayRecordWriter
 
-  out_dir = os.path.normpath(out_dir)
   store = _np_dtype(dtype)
-  if os.path.exists(out_dir) and not overwrite:
-    raise CacheError(f"{out_dir!r} already exists; pass overwrite=True to replace it")
-  tmp = out_dir + INCOMPLETE_SUFFIX
-  if os.path.exists(tmp):
-    logging.warning("removing a half-written cache left at %s", tmp)
-    shutil.rmtree(tmp)
-  os.makedirs(tmp)
-
   encode = jax.jit(encoder.encode_tokens)
   ids_written: list[str] = []
   seen: set[str] = set()
@@ -111,7 +120,7 @@ def write_cache(
     from tqdm.auto import tqdm
 
     bar = tqdm(
-        desc=f"text cache -> {os.path.basename(out_dir)}",
+        desc=f"text cache -> {name}",
         unit="caption",
         total=len(examples) if hasattr(examples, "__len__") else None,
     )
@@ -172,17 +181,31 @@ def write_cache(
       num_truncated=int(truncated),
       shards=[dict(file=_shard_name(i), num_records=c) for i, c in enumerate(shard_counts)],
   )
-  _fsync_write(os.path.join(tmp, IDS_FILE), json.dumps(ids_written))
-  _fsync_write(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1))
-  if os.path.exists(out_dir):  # overwrite=True: swap, then drop the old cache
-    old = out_dir + ".old"
-    shutil.rmtree(old, ignore_errors=True)
-    os.rename(out_dir, old)
-    os.rename(tmp, out_dir)
-    shutil.rmtree(old)
-  else:
-    os.rename(tmp, out_dir)
+  atomic.write_text(os.path.join(tmp, IDS_FILE), json.dumps(ids_written))
+  atomic.write_text(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1))
   return manifest
+
+
+def ensure_cache(encoder, captions: Sequence[str], out_dir: str, **write_kwargs) -> str:
+  """A cache keyed by the caption text itself holding every one of `captions`; returns out_dir.
+
+  Reuses a finished cache at `out_dir` written by the same encoder weights (fingerprint) that
+  holds every caption; otherwise (re)writes it with `write_cache` (kwargs passed on).
+  """
+  wanted = sorted(set(captions))
+  if os.path.exists(os.path.join(out_dir, MANIFEST)):
+    existing = TextEmbeddingCache(out_dir)
+    try:
+      reusable = existing.manifest.get("fingerprint") == encoder.fingerprint and all(
+          c in existing for c in wanted
+      )
+    finally:
+      existing.close()
+    if reusable:
+      return out_dir
+  logging.info("encoding %d distinct captions once -> %s", len(wanted), out_dir)
+  write_cache(encoder, [(c, c) for c in wanted], out_dir, overwrite=True, **write_kwargs)
+  return out_dir
 
 
 class TextEmbeddingCache:
