@@ -265,9 +265,11 @@ def get_text_encoder(
     )
   config = checkpoint.read_config(path, **dtypes)
   _check_preset(name, config, path)
-  params = checkpoint.load_params(path, config, shardings=shardings_for(config), progress=progress)
+  # The tokenizer before the weights: a directory without tokenizer files fails at once, not
+  # after every weight has loaded (minutes for T5-XXL).
   kind = "byt5" if name.startswith("byt5") else "sentencepiece"
   tok = tokenizer.make_tokenizer(kind, max_length, path)
+  params = checkpoint.load_params(path, config, shardings=shardings_for(config), progress=progress)
   return TextEncoder(name, config, params, tok, max_length)
 
 
