@@ -1,4 +1,5 @@
-"""Text embedding cache: roundtrip (float32 / bfloat16), lookup by id, half-written refusal."""
+"""Text embedding cache: roundtrip (float32 / bfloat16), lookup by id, half-written refusal,
+several writers at once (`-k concurrent`), manifests that do not match their records."""
 
 import dataclasses
 import json
@@ -28,7 +29,7 @@ def test_roundtrip_float32(encoder, tmp_path):
     )
   assert manifest["num_examples"] == 13 and len(manifest["shards"]) == 3
   assert manifest["num_truncated"] == 4  # captions 7..10 exceed 23 bytes + EOS
-  assert not os.path.exists(out + cache.INCOMPLETE_SUFFIX)
+  assert cache._temporaries(out) == []  # the writer's folder became the cache
   c = cache.TextEmbeddingCache(out)
   assert len(c) == 13 and 14 in c and "y" in c and "nope" not in c
   with pytest.warns(TruncationWarning):
@@ -66,31 +67,41 @@ def test_roundtrip_bfloat16(encoder, tmp_path):
 def test_half_written_cache_is_refused(encoder, tmp_path):
   out = str(tmp_path / "cache")
   cache.write_cache(encoder, EXAMPLES[:3], out, progress=False)
-  # A writer that died before finishing leaves only the .incomplete directory.
-  shutil.copytree(out, out + cache.INCOMPLETE_SUFFIX)
-  os.remove(os.path.join(out + cache.INCOMPLETE_SUFFIX, cache.MANIFEST))
+  # A writer that died before finishing leaves only its own folder.
+  dead = out + cache.TMP_INFIX + "abcd1234"
+  shutil.copytree(out, dead)
+  os.remove(os.path.join(dead, cache.MANIFEST))
   shutil.rmtree(out)
-  with pytest.raises(cache.CacheError, match=r"does not exist \(a half-written"):
+  with pytest.raises(cache.CacheError, match=r"does not exist \(writer folders"):
     cache.TextEmbeddingCache(out)
-  with pytest.raises(cache.CacheError, match="half-written"):
-    cache.TextEmbeddingCache(out + cache.INCOMPLETE_SUFFIX)
+  with pytest.raises(cache.CacheError, match="is a writer's folder"):
+    cache.TextEmbeddingCache(dead)
   # A directory with records but no manifest (e.g. copied mid-write) is refused too.
-  os.rename(out + cache.INCOMPLETE_SUFFIX, out)
+  os.rename(dead, out)
   with pytest.raises(cache.CacheError, match="no manifest.json"):
     cache.TextEmbeddingCache(out)
 
 
-def test_inconsistent_counts_and_overwrite(encoder, tmp_path):
+def test_same_content_reused_other_content_refused_and_overwrite(encoder, tmp_path):
   out = str(tmp_path / "cache")
-  cache.write_cache(encoder, EXAMPLES[:3], out, progress=False)
-  with pytest.raises(cache.CacheError, match="already exists"):
-    cache.write_cache(encoder, EXAMPLES[:3], out, progress=False)
+  first = cache.write_cache(encoder, EXAMPLES[:3], out, progress=False)
+  stamp = os.path.getmtime(os.path.join(out, cache.MANIFEST))
+  # The same (id, caption) pairs in another order: the cache there is returned, not rewritten.
+  assert cache.write_cache(encoder, EXAMPLES[:3][::-1], out, progress=False) == first
+  assert os.path.getmtime(os.path.join(out, cache.MANIFEST)) == stamp
+  with pytest.raises(cache.CacheError, match=r"other content is already at .*examples_sha256"):
+    cache.write_cache(encoder, EXAMPLES[:2], out, progress=False)
+  with pytest.raises(cache.CacheError, match=r"other content .*dtype='float32' \(this writer: "):
+    cache.write_cache(encoder, EXAMPLES[:3], out, dtype="bfloat16", progress=False)
+  assert cache.TextEmbeddingCache(out).manifest == first  # the refusals changed nothing
   man_file = os.path.join(out, cache.MANIFEST)
   man = json.load(open(man_file))
   man["shards"][0]["num_records"] = 4
   json.dump(man, open(man_file, "w"))
-  with pytest.raises(cache.CacheError, match="holds 3 records, manifest says 4"):
+  with pytest.raises(cache.CacheError, match="other than 3 records"):
     cache.TextEmbeddingCache(out)
+  with pytest.raises(cache.CacheError, match="is not a whole cache"):
+    cache.write_cache(encoder, EXAMPLES[:3], out, progress=False)
   cache.write_cache(encoder, EXAMPLES[:2], out, overwrite=True, progress=False)
   assert len(cache.TextEmbeddingCache(out)) == 2
 
@@ -98,7 +109,9 @@ def test_inconsistent_counts_and_overwrite(encoder, tmp_path):
 def test_duplicate_ids_and_bad_dtype(encoder, tmp_path):
   with pytest.raises(cache.CacheError, match="duplicate example id '1'"):
     cache.write_cache(encoder, [(1, "a"), ("1", "b")], str(tmp_path / "c"), progress=False)
-  assert not os.path.exists(str(tmp_path / "c"))  # nothing that looks finished
+  assert os.listdir(tmp_path) == []  # refused before any folder or lock was made
+  with pytest.raises(cache.CacheError, match="caption of example 'a' is a list"):
+    cache.write_cache(encoder, [("a", ["x", "y"])], str(tmp_path / "c"), progress=False)
   with pytest.raises(ValueError, match="cache dtype 'float16'"):
     cache.write_cache(encoder, [], str(tmp_path / "d"), dtype="float16", progress=False)
 
@@ -133,9 +146,10 @@ def test_ensure_cache_reuses_only_a_complete_cache_of_the_same_weights(encoder, 
   stamp = os.path.getmtime(os.path.join(out, cache.MANIFEST))
   cache.ensure_cache(encoder, ["a"], out, progress=False)  # a subset: reused as is
   assert os.path.getmtime(os.path.join(out, cache.MANIFEST)) == stamp
-  cache.ensure_cache(encoder, ["a", "c"], out, progress=False)  # a new caption: rewritten
+  # A new caption: rewritten with the cached ones too (another user of the cache keeps its own).
+  cache.ensure_cache(encoder, ["a", "c"], out, progress=False)
   c = cache.TextEmbeddingCache(out)
-  assert len(c) == 2 and "c" in c and "b" not in c
+  assert sorted(c.ids) == ["a", "b", "c"]
   c.close()
 
   class OtherWeights:  # the same encoder under another weights fingerprint
@@ -146,8 +160,18 @@ def test_ensure_cache_reuses_only_a_complete_cache_of_the_same_weights(encoder, 
 
   other = OtherWeights()
   cache.ensure_cache(other, ["a", "c"], out, progress=False)  # other weights: rewritten
-  assert cache.TextEmbeddingCache(out).manifest["fingerprint"] == "other weights"
-  assert sorted(os.listdir(tmp_path)) == ["captions"]  # no temporary left beside it
+  c = cache.TextEmbeddingCache(out)
+  assert c.manifest["fingerprint"] == "other weights" and sorted(c.ids) == ["a", "c"]
+  # No writer's folder left beside it; the lock file stays (deleting one races its users).
+  assert sorted(os.listdir(tmp_path)) == ["captions", "captions.lock"]
+  # A cache keyed by ids other than the captions is never taken for a caption cache.
+  ids_keyed = str(tmp_path / "ids_keyed")
+  cache.write_cache(encoder, [("a", "a blue square")], ids_keyed, progress=False)
+  cache.ensure_cache(encoder, ["a"], ids_keyed, progress=False)
+  emb, _ = cache.TextEmbeddingCache(ids_keyed).get("a")
+  want, _ = encoder.encode(["a", "a blue square"])
+  np.testing.assert_allclose(emb, np.asarray(want[0]), atol=1e-5)  # the caption "a", re-encoded
+  assert np.abs(np.asarray(want[1]) - np.asarray(want[0])).max() > 0.1
 
 
 def test_shapes_text_cache_holds_every_training_caption(tmp_path):
