@@ -5,6 +5,9 @@ import dataclasses
 import json
 import os
 import shutil
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -188,3 +191,211 @@ def test_shapes_text_cache_holds_every_training_caption(tmp_path):
     c.data.name = "coco_captions/2014"
   with pytest.raises(ValueError, match="data.name='coco_captions/2014'"):
     shapes.build_text_cache(c, str(tmp_path))
+
+
+# ---- several writers, interrupted writers, manifests that do not match their records ----
+
+# One writer in its own process: write_cache with an encoder whose tokenize pauses at its
+# `pause_at`-th call (records of the first batches already on disk): with `mode` "meet" it
+# waits there until `writers` writers have arrived (so all are mid-write at once), notes the
+# writers' folders it sees and waits until all have looked; with "hang" it signals and sleeps
+# until killed; with "ensure" it runs ensure_cache on the captions instead.
+WRITER = r"""
+import json, os, sys, time
+from imagen_jax.text import cache, registry
+
+out, tag, examples, overwrite, meet_dir, writers, mode, pause_at = sys.argv[1:]
+examples = json.loads(examples)
+encoder = registry.get_text_encoder(registry.default_text_config("byt5-tiny-random", max_length=16))
+seen = []
+
+
+def meet(step):
+  open(os.path.join(meet_dir, f"{tag}.{step}"), "w").close()
+  deadline = time.time() + 60
+  while time.time() < deadline:
+    if sum(n.endswith("." + step) for n in os.listdir(meet_dir)) >= int(writers):
+      return
+    time.sleep(0.05)
+
+class Paused:
+  def __init__(self, enc):
+    self.enc, self.calls = enc, 0
+
+  def __getattr__(self, name):
+    return getattr(self.enc, name)
+
+  def tokenize(self, texts):
+    self.calls += 1
+    if self.calls == int(pause_at):
+      meet("arrived")
+      if mode == "hang":
+        time.sleep(600)
+      seen.extend(os.path.basename(t) for t in cache._temporaries(out))
+      meet("listed")  # nobody goes on before every writer has looked
+    return self.enc.tokenize(texts)
+
+try:
+  if mode == "ensure":  # the caption-keyed cache of the shapes data set and the apps
+    cache.ensure_cache(Paused(encoder), [t for _, t in examples], out, progress=False)
+    manifest = cache.TextEmbeddingCache(out).manifest
+  else:
+    manifest = cache.write_cache(
+        Paused(encoder), examples, out, batch_size=2, overwrite=overwrite == "1", progress=False
+    )
+  result = dict(ok=True, manifest=manifest, seen=seen)
+except cache.CacheError as e:
+  result = dict(ok=False, error=str(e), seen=seen)
+with open(os.path.join(os.path.dirname(meet_dir), tag + ".json"), "w") as f:
+  json.dump(result, f)
+"""
+
+RED = [(f"k{i}", f"a red shape number {i}") for i in range(5)]
+BLUE = [(f"k{i}", f"a blue shape number {i}") for i in range(5)]  # same ids, other captions
+
+
+def _start_writer(tmp_path, tag, examples, *, overwrite=False, writers=2, mode="meet", pause=2):
+  meet = tmp_path / "meet"
+  meet.mkdir(exist_ok=True)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu")
+  args = [str(tmp_path / "out" / "cache"), tag, json.dumps(examples), "1" if overwrite else "0"]
+  args += [str(meet), str(writers), mode, str(pause)]
+  return subprocess.Popen(
+      [sys.executable, "-c", WRITER, *args], env=env, stderr=subprocess.PIPE, text=True
+  )
+
+
+def _finish(proc, tmp_path, tag):
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-3000:]
+  return json.loads((tmp_path / f"{tag}.json").read_text())
+
+
+def _assert_whole_cache_of(encoder, out, examples):
+  """The published cache holds exactly `examples`, its records match its manifest and its
+  embeddings are the encoder's for those captions."""
+  manifest = cache.verify_records(out)  # every record's id and writer against the manifest
+  c = cache.TextEmbeddingCache(out)
+  assert c.ids == [k for k, _ in examples] and manifest == c.manifest
+  got, got_mask = c.get_batch(c.ids)
+  want, want_mask = encoder.encode([t for _, t in examples])
+  np.testing.assert_array_equal(got_mask, np.asarray(want_mask))
+  np.testing.assert_allclose(got, np.asarray(want), atol=1e-5)
+  c.close()
+  return manifest
+
+
+@pytest.fixture(scope="module")
+def encoder16():
+  return registry.get_text_encoder(registry.default_text_config("byt5-tiny-random", max_length=16))
+
+
+@pytest.mark.parametrize("case", ["same_captions", "other_captions", "other_captions_overwrite"])
+def test_concurrent_writers_publish_one_whole_cache(encoder16, tmp_path, case):
+  second = RED if case == "same_captions" else BLUE
+  overwrite = case == "other_captions_overwrite"
+  procs = [
+      _start_writer(tmp_path, "red", RED, overwrite=overwrite),
+      _start_writer(tmp_path, "blue", second, overwrite=overwrite),
+  ]
+  red, blue = (_finish(p, tmp_path, t) for p, t in zip(procs, ["red", "blue"]))
+  out = str(tmp_path / "out" / "cache")
+  # Both were mid-write at once, each in its own folder, and neither folder was deleted under
+  # its writer (a writer whose folder vanished fails before publishing).
+  assert len(set(red["seen"])) == 2 and set(red["seen"]) == set(blue["seen"])
+  assert cache._temporaries(out) == []  # both folders gone after publishing or dropping them
+  published = cache.TextEmbeddingCache(out).manifest
+  if case == "same_captions":  # one published, the other found the same content and reused it
+    assert red["ok"] and blue["ok"]
+    assert red["manifest"] == blue["manifest"] == published
+    _assert_whole_cache_of(encoder16, out, RED)
+  elif case == "other_captions":  # the later one is refused, naming the conflict
+    assert [red["ok"], blue["ok"]].count(True) == 1
+    loser = blue if red["ok"] else red
+    assert "other content is already at" in loser["error"]
+    assert "while this writer was encoding" in loser["error"]
+    winner, examples = (red, RED) if red["ok"] else (blue, BLUE)
+    assert winner["manifest"] == published
+    _assert_whole_cache_of(encoder16, out, examples)
+  else:  # both replace: the cache is whole, all from one of them
+    assert red["ok"] and blue["ok"]
+    examples = RED if published == red["manifest"] else BLUE
+    assert published in (red["manifest"], blue["manifest"])
+    _assert_whole_cache_of(encoder16, out, examples)
+
+
+def test_concurrent_ensure_cache_keeps_every_callers_captions(encoder16, tmp_path):
+  # Two builders of one caption cache with different captions (pause 0: no pause; ensure_cache
+  # holds the cache lock while it encodes, so they run one after the other in either order).
+  procs = [
+      _start_writer(tmp_path, t, ex, mode="ensure", pause=0) for t, ex in [("r", RED), ("b", BLUE)]
+  ]
+  for proc, tag in zip(procs, ["r", "b"]):
+    assert _finish(proc, tmp_path, tag)["ok"]
+  out = str(tmp_path / "out" / "cache")
+  c = cache.TextEmbeddingCache(out)
+  captions = sorted(t for _, t in RED + BLUE)
+  assert c.ids == captions and c.manifest["keyed_by"] == "caption"
+  c.close()
+  _assert_whole_cache_of(encoder16, out, [(t, t) for t in captions])
+
+
+def test_concurrent_writer_killed_mid_write_blocks_nothing(encoder16, tmp_path):
+  proc = _start_writer(tmp_path, "killed", RED, writers=1, mode="hang")
+  deadline = time.time() + 120
+  while not (tmp_path / "meet" / "killed.arrived").exists():
+    assert proc.poll() is None and time.time() < deadline, "the writer did not start"
+    time.sleep(0.1)
+  proc.kill()  # SIGKILL with its first batch written
+  proc.wait()
+  out = str(tmp_path / "out" / "cache")
+  (dead,) = cache._temporaries(out)
+  assert any(f.endswith(".array_record") for f in os.listdir(dead))  # it died mid-write
+  assert not os.path.exists(out)  # nothing published
+  with pytest.raises(cache.CacheError, match=r"does not exist \(writer folders .* did not finish"):
+    cache.TextEmbeddingCache(out)
+  # The next writer is not blocked: it writes, publishes and removes the dead writer's folder
+  # (its writer lock went with the killed process).
+  cache.write_cache(encoder16, BLUE, out, batch_size=2, progress=False)
+  assert cache._temporaries(out) == []
+  _assert_whole_cache_of(encoder16, out, BLUE)
+
+
+def test_concurrent_live_writer_folder_is_kept(encoder16, tmp_path):
+  out = str(tmp_path / "cache")
+  live, fd = cache._new_temporary(out, lock_held=False)  # a writer of this cache, mid-write
+  try:
+    cache.write_cache(encoder16, RED, out, batch_size=2, progress=False)
+    assert cache._temporaries(out) == [live]  # another writer left it alone
+  finally:
+    os.close(fd)
+  cache.write_cache(encoder16, BLUE, out, overwrite=True, progress=False)
+  assert cache._temporaries(out) == []  # its writer gone, the next writer cleaned it
+
+
+def test_concurrent_manifest_not_matching_records_is_refused(encoder16, tmp_path):
+  red, blue = str(tmp_path / "red"), str(tmp_path / "blue")
+  cache.write_cache(encoder16, RED, red, batch_size=2, progress=False)
+  cache.write_cache(encoder16, BLUE, blue, batch_size=2, progress=False)
+  # One writer's manifest and ids over another writer's records (same ids and counts).
+  for name in (cache.MANIFEST, cache.IDS_FILE):
+    shutil.copy(os.path.join(red, name), os.path.join(blue, name))
+  with pytest.raises(cache.CacheError, match="do not describe these records"):
+    cache.TextEmbeddingCache(blue)
+  with pytest.raises(cache.CacheError, match="record 0 of embeddings-00000.array_record"):
+    cache.verify_records(blue)
+  # ids.json edited under its manifest (two ids swapped: the count still matches).
+  ids_file = os.path.join(red, cache.IDS_FILE)
+  ids = json.load(open(ids_file))
+  ids[0], ids[1] = ids[1], ids[0]
+  open(ids_file, "w").write(json.dumps(ids))
+  with pytest.raises(cache.CacheError, match="ids.json does not match the manifest's ids_sha256"):
+    cache.TextEmbeddingCache(red)
+  # Fewer ids than the manifest's count.
+  manifest = json.load(open(os.path.join(red, cache.MANIFEST)))
+  manifest.pop("ids_sha256")
+  open(os.path.join(red, cache.MANIFEST), "w").write(json.dumps(manifest))
+  open(ids_file, "w").write(json.dumps(ids[:4]))
+  with pytest.raises(cache.CacheError, match="4 ids but manifest says 5"):
+    cache.TextEmbeddingCache(red)
