@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -399,3 +400,34 @@ def test_concurrent_manifest_not_matching_records_is_refused(encoder16, tmp_path
   open(ids_file, "w").write(json.dumps(ids[:4]))
   with pytest.raises(cache.CacheError, match="4 ids but manifest says 5"):
     cache.TextEmbeddingCache(red)
+
+
+def test_concurrent_reader_sees_a_whole_cache_through_overwrites(encoder16, tmp_path):
+  out = str(tmp_path / "cache")
+  sets = {"red": RED, "blue": BLUE}
+  first = {}
+  for examples in sets.values():
+    m = cache.write_cache(encoder16, examples, out, overwrite=True, batch_size=8, progress=False)
+    first[m["examples_sha256"]] = cache.TextEmbeddingCache(out).get("k0")[0]
+  opened, errors, stop = [], [], threading.Event()
+
+  def read():
+    while not stop.is_set():
+      try:
+        c = cache.TextEmbeddingCache(out)
+        opened.append((c.manifest["examples_sha256"], c.get("k0")[0]))
+        c.close()
+      except Exception as e:  # noqa: BLE001  any failure to read is what this test looks for
+        errors.append(repr(e))
+
+  reader = threading.Thread(target=read)
+  reader.start()
+  try:
+    for name in ["red", "blue"] * 3:  # each replace swaps the folders in one rename
+      cache.write_cache(encoder16, sets[name], out, overwrite=True, batch_size=8, progress=False)
+  finally:
+    stop.set()
+    reader.join()
+  assert errors == [] and len(opened) > 0
+  for digest, emb in opened:  # every cache opened was one writer's, whole
+    np.testing.assert_array_equal(emb, first[digest])

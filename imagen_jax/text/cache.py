@@ -98,10 +98,6 @@ def _sha256(data: bytes) -> str:
   return hashlib.sha256(data).hexdigest()
 
 
-def _ids_bytes(ids: Sequence[str]) -> bytes:
-  return json.dumps(list(ids)).encode()
-
-
 def _examples_digest(examples: Sequence[tuple[str, str]]) -> str:
   """sha256 of the sorted (id, caption) pairs: the same pairs in any order give one digest."""
   return _sha256(json.dumps(sorted(examples), ensure_ascii=False).encode())
@@ -200,15 +196,6 @@ def _published_manifest(out_dir: str) -> dict | None:
   return existing.manifest
 
 
-def _other_content(out_dir: str, existing: dict, want: dict) -> str:
-  diff = ", ".join(
-      f"{k}={existing.get(k)!r} (this writer: {want[k]!r})"
-      for k in _CONTENT
-      if existing.get(k) != want[k]
-  )
-  return f"a cache of other content is already at {out_dir!r}: {diff}"
-
-
 def write_cache(
     encoder,
     examples: Iterable[tuple[Hashable, str]],
@@ -219,6 +206,8 @@ def write_cache(
     records_per_shard: int = 100_000,
     overwrite: bool = False,
     progress: bool = True,
+    _keyed_by: str = "id",
+    _lock_held: bool = False,
 ) -> dict:
   """Encodes ``(example_id, caption)`` pairs with ``encoder`` and writes a cache to ``out_dir``.
 
@@ -235,36 +224,11 @@ def write_cache(
     overwrite: always encode, and replace whatever cache is at ``out_dir`` (atomically).
       Without it, a cache of the same content is returned as it is and one of other content
       raises CacheError.
+    _keyed_by: "caption" marks a cache whose ids are its captions (`ensure_cache`).
+    _lock_held: the caller holds the cache lock (`ensure_cache`).
   Returns:
     the manifest dict of the cache at ``out_dir``.
   """
-  return _write(
-      encoder,
-      examples,
-      out_dir,
-      dtype=dtype,
-      batch_size=batch_size,
-      records_per_shard=records_per_shard,
-      overwrite=overwrite,
-      progress=progress,
-  )
-
-
-def _write(
-    encoder,
-    examples,
-    out_dir: str,
-    *,
-    dtype: str = "float32",
-    batch_size: int = 64,
-    records_per_shard: int = 100_000,
-    overwrite: bool = False,
-    progress: bool = True,
-    keyed_by: str = "id",
-    lock_held: bool = False,
-) -> dict:
-  """`write_cache`. `keyed_by="caption"` marks a cache whose ids are its captions
-  (`ensure_cache`); `lock_held`: the caller holds the cache lock."""
   out_dir = os.path.normpath(out_dir)
   _np_dtype(dtype)  # a bad dtype fails before anything is written
   examples = _checked_examples(examples)
@@ -280,7 +244,8 @@ def _write(
     existing = _existing_or_refuse(out_dir, want)
     if existing is not None:
       return existing
-  tmp, writer_lock = _new_temporary(out_dir, lock_held)
+  tmp, writer_lock = _new_temporary(out_dir, _lock_held)
+  published = False
   try:
     manifest = _write_records(
         encoder,
@@ -291,10 +256,10 @@ def _write(
         batch_size=batch_size,
         records_per_shard=records_per_shard,
         progress=progress,
-        content=dict(want, keyed_by=keyed_by),
+        content=dict(want, keyed_by=_keyed_by),
     )
     verify_records(tmp)  # what is on disk matches the manifest, before anyone can see it
-    with _locked(out_dir, lock_held):
+    with _locked(out_dir, _lock_held):
       os.remove(os.path.join(tmp, WRITER_LOCK))  # under the cache lock: never seen lockless
       if not overwrite:
         existing = _existing_or_refuse(out_dir, manifest, " while this writer was encoding")
@@ -302,10 +267,12 @@ def _write(
           logging.info("%s was published meanwhile with the same content; reusing it", out_dir)
           return existing
       atomic.replace_dir(tmp, out_dir)
+      published = True
       return manifest
   finally:
     os.close(writer_lock)
-    shutil.rmtree(tmp, ignore_errors=True)  # already gone once published
+    if not published:
+      shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _existing_or_refuse(out_dir: str, want: dict, when: str = "") -> dict | None:
@@ -320,9 +287,14 @@ def _existing_or_refuse(out_dir: str, want: dict, when: str = "") -> dict | None
     ) from e
   if existing is None or _same_content(existing, want):
     return existing
+  diff = ", ".join(
+      f"{k}={existing.get(k)!r} (this writer: {want[k]!r})"
+      for k in _CONTENT
+      if existing.get(k) != want[k]
+  )
   raise CacheError(
-      f"{_other_content(out_dir, existing, want)}{when}; pass overwrite=True to replace it, or "
-      "write to another directory"
+      f"a cache of other content is already at {out_dir!r}: {diff}{when}; pass overwrite=True "
+      "to replace it, or write to another directory"
   )
 
 
@@ -381,7 +353,7 @@ def _write_records(
     if bar is not None:
       bar.close()
 
-  ids_bytes = _ids_bytes(ids_written)
+  ids_bytes = json.dumps(ids_written).encode()
   manifest = dict(
       format=FORMAT,
       **content,
@@ -414,13 +386,13 @@ def ensure_cache(encoder, captions: Sequence[str], out_dir: str, **write_kwargs)
       return out_dir
     todo = sorted(wanted | have)
     logging.info("encoding %d distinct captions once -> %s", len(todo), out_dir)
-    _write(
+    write_cache(
         encoder,
         [(c, c) for c in todo],
         out_dir,
         overwrite=True,
-        keyed_by="caption",
-        lock_held=True,
+        _keyed_by="caption",
+        _lock_held=True,
         **write_kwargs,
     )
   return out_dir
