@@ -94,6 +94,11 @@ def _shard_name(i: int) -> str:
   return f"embeddings-{i:05d}.array_record"
 
 
+def _file_bytes(path: str) -> bytes:
+  with open(path, "rb") as f:
+    return f.read()
+
+
 def _sha256(data: bytes) -> str:
   return hashlib.sha256(data).hexdigest()
 
@@ -419,13 +424,11 @@ def _read_manifest_and_ids(path: str) -> tuple[dict, list[str], bytes]:
   """The manifest and ids of the cache folder `path`, checked against each other, and the
   manifest's bytes."""
   manifest_file = os.path.join(path, MANIFEST)
-  with open(manifest_file, "rb") as f:
-    raw = f.read()
+  raw = _file_bytes(manifest_file)
   manifest = json.loads(raw)
   if manifest.get("format") != FORMAT:
     raise CacheError(f"{manifest_file}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-  with open(os.path.join(path, IDS_FILE), "rb") as f:
-    ids_bytes = f.read()
+  ids_bytes = _file_bytes(os.path.join(path, IDS_FILE))
   ids = json.loads(ids_bytes)
   if len(ids) != manifest["num_examples"]:
     raise CacheError(f"{path}: {len(ids)} ids but manifest says {manifest['num_examples']}")
@@ -514,13 +517,17 @@ class TextEmbeddingCache:
     if dtype not in ("float32", "stored"):
       raise ValueError(f"dtype={dtype!r}; allowed: 'float32', 'stored'")
     self._readers, self._lock = [], threading.Lock()
-    # A writer may swap in a new cache while this opens (overwrite=True): open again until the
-    # manifest read first is still the one there once every shard is open.
+    # A writer may swap in a new cache while this opens (overwrite=True): open again while the
+    # manifest changes between the start and the end of opening (checks failed or not).
+    manifest_file = os.path.join(path, MANIFEST)
     for _ in range(3):
-      raw = self._open(path)
-      with open(os.path.join(path, MANIFEST), "rb") as f:
-        if f.read() == raw:
+      before = _file_bytes(manifest_file)
+      try:
+        if self._open(path) == before == _file_bytes(manifest_file):
           break
+      except (CacheError, OSError):
+        if _file_bytes(manifest_file) == before:
+          raise
       self.close()
     else:
       raise CacheError(f"{path!r} was replaced by other writers three times while opening it")
