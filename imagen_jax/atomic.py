@@ -4,18 +4,23 @@ Each write goes to a unique temporary name in the destination's folder (same fil
 the rename is atomic on POSIX) and `os.replace` moves it into place; on any error the temporary
 is removed. Temporary names carry the process id and a random suffix (`tempfile`), so
 concurrent writers of the same path never collide; the last rename wins. etils' `epath` (the
-path library in use) writes in place, without a temporary, hence this module.
+path library in use) writes in place, without a temporary, hence this module. A folder that
+replaces another is swapped in with one `renameat2(RENAME_EXCHANGE)` on Linux (a reader sees the
+old folder or the new one, never neither); elsewhere the old one is renamed aside first.
 
     atomic.write_text(path, text)           atomic.write_json(path, obj)
     atomic.write_bytes(path, data)          atomic.save_npz(path, compressed=True, a=x, b=y)
     atomic.save_png(path, image_or_pil)     atomic.save_figure(path, matplotlib_figure)
     with atomic.publish_dir(final) as tmp:  # fill tmp; renamed to `final` on success
       ...
+    atomic.replace_dir(src, final)          # move a finished folder over `final`
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import os
 import shutil
@@ -109,12 +114,13 @@ def publish_dir(final: str, *, overwrite: bool = False, tmp: str | None = None) 
   """Yields a fresh temporary folder next to `final`; renamed to `final` when the block ends.
 
   If the block raises, the temporary is removed and `final` is untouched. If `final` exists
-  when the block ends: with `overwrite` it is swapped out (renamed aside, then deleted);
-  without, the new folder is dropped and the existing one kept (another writer finished the
-  same content first).
+  when the block ends: with `overwrite` it is replaced (`replace_dir`); without, the new folder
+  is dropped and the existing one kept (another writer finished the same content first).
 
   `tmp`: a fixed temporary path instead of a unique one, for a single writer whose readers
-  recognise a leftover by name (e.g. `<dir>.incomplete`); a leftover there is removed first.
+  recognise a leftover by name (e.g. `<dir>.incomplete`); a leftover there is removed first, so
+  it is unsafe with several writers (each would delete the other's folder): leave `tmp` unset
+  for those.
   """
   parent = os.path.dirname(os.path.abspath(final))
   os.makedirs(parent, exist_ok=True)
@@ -132,14 +138,57 @@ def publish_dir(final: str, *, overwrite: bool = False, tmp: str | None = None) 
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  if os.path.exists(final):
-    if not overwrite:
-      shutil.rmtree(tmp, ignore_errors=True)
+  if overwrite:
+    replace_dir(tmp, final)
+    return
+  try:
+    if os.path.exists(final):
+      raise FileExistsError(final)
+    os.rename(tmp, final)
+  except OSError as e:
+    # Another writer published `final` first (before the check or between it and the rename).
+    if not isinstance(e, FileExistsError) and e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+      raise
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _exchange(a: str, b: str) -> bool:
+  """Swaps paths `a` and `b` in one step (Linux `renameat2(RENAME_EXCHANGE)`); False where the
+  OS or file system has no such call."""
+  try:
+    renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+  except (OSError, AttributeError):
+    return False
+  renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+  at_fdcwd, rename_exchange = -100, 2
+  if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+    return True
+  err = ctypes.get_errno()
+  if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+    return False
+  raise OSError(err, os.strerror(err), a, None, b)
+
+
+def replace_dir(src: str, final: str) -> None:
+  """Moves folder `src` to `final` (same file system), replacing any folder there.
+
+  An existing `final` is swapped with `src` in one step where the OS allows (a reader sees the
+  whole old folder or the whole new one); elsewhere it is renamed aside, then `src` renamed in (a
+  reader may see no folder for that instant, never a mix). The old folder is then deleted.
+  """
+  if not os.path.exists(final):
+    try:
+      os.rename(src, final)
       return
-    old = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.path.basename(final)}-old-", dir=parent)
-    os.rmdir(old)  # only the unique name is wanted
-    os.rename(final, old)
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-  else:
-    os.rename(tmp, final)
+    except OSError as e:  # `final` appeared meanwhile: swap it out below
+      if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+        raise
+  if _exchange(src, final):
+    shutil.rmtree(src, ignore_errors=True)  # `src` now holds the old folder
+    return
+  parent = os.path.dirname(os.path.abspath(final))
+  old = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.path.basename(final)}-old-", dir=parent)
+  os.rmdir(old)  # only the unique name is wanted
+  os.rename(final, old)
+  os.rename(src, final)
+  shutil.rmtree(old, ignore_errors=True)

@@ -365,7 +365,8 @@ def build_text_cache(config, data_dir: str) -> str:
   """The text-embedding cache of a shapes stage's distinct training captions, keyed by the
   caption text (for `config.text.embedding_cache`); written once, reused while the encoder's
   weights are unchanged. Returns its directory, `<data_dir>/text_cache_<encoder>_L<len>_n<num>
-  _seed<seed>`.
+  _seed<seed>`. Several processes may call it at once (e.g. every host of one run): one encodes,
+  the others wait on the cache lock and reuse its cache (`text.cache.ensure_cache`).
 
   The text encoder is frozen (Imagen §2.1), so each caption is encoded once, not every step.
   """
