@@ -103,7 +103,8 @@ def test_coco_fid30k_script_end_to_end(workdirs, tmp_path):
   ), out
   report = json.loads((tmp_path / "out" / "fid.json").read_text())
   assert report["num_reference"] == 5 and np.isfinite(report["fid"])
-  with np.load(tmp_path / "out" / "samples" / "chunk_000000.npz") as z:
+  assert os.path.dirname(report["samples_dir"]) == str(tmp_path / "out" / "samples")
+  with np.load(os.path.join(report["samples_dir"], "chunk_000000.npz")) as z:
     assert z["images"].shape == (4, 256, 256, 3)  # generated 32px resized to 256
 
 
