@@ -215,3 +215,38 @@ def test_stale_sweep_point_with_other_settings_is_not_reused(model, tmp_path, mo
   open(mpath, "w").write(json.dumps(r3.rows[0]))  # the old format: a bare row
   with pytest.warns(provenance.StaleArtefactWarning, match="no provenance key"):
     assert sweep.run_sweep(model, PROMPTS, SETTINGS, points, out, **kw).computed == 1
+  # The report reads each point's samples only under its row's key.
+  from imagen_jax.evals import sweep_report
+
+  r5 = sweep.run_sweep(model, PROMPTS, SETTINGS, points, out, **kw)
+  spath = os.path.join(out, "points", r5.rows[0]["key"], "samples.npz")
+  with np.load(spath) as z:
+    arrays = {k: z[k] for k in z.files}
+  arrays[provenance.KEY_FIELD] = np.str_("f" * 64)
+  np.savez(spath, **arrays)
+  with pytest.raises(provenance.StaleArtefactError, match="not the key of its row"):
+    sweep_report.write_sample_grid(r5.rows, out, str(tmp_path / "grid.png"), 2)
+
+
+def test_stale_fid_features_identity_follows_weights_and_mode(tmp_path):
+  from imagen_jax.evals import convert_weights, fid
+
+  weights = str(tmp_path / "inception.safetensors")
+  convert_weights.save_flax_weights(
+      convert_weights.convert_state_dict(convert_weights.random_torch_state_dict(0)), weights
+  )
+  tf = fid.FIDComputer(weights, mode="tf", progress=False)
+  assert tf.identity["weights"]["file"]["path"] == weights and tf.identity["mode"] == "tf"
+  assert features.InceptionFeatures(tf).identity == tf.identity
+  clean = fid.FIDComputer(weights, mode="clean", progress=False)
+  assert provenance.differences(tf.identity, clean.identity) == ['mode: "tf" -> "clean"']
+  # Other weights under the same file name are other features.
+  convert_weights.save_flax_weights(
+      convert_weights.convert_state_dict(convert_weights.random_torch_state_dict(1)), weights
+  )
+  os.utime(weights, ns=(1, 1))
+  again = fid.FIDComputer(weights, mode="tf", progress=False)
+  assert provenance.artefact_key(again.identity) != provenance.artefact_key(tf.identity)
+  # Weights given as variables (tests, smoke runs) are identified by their digest.
+  by_value = [fid.FIDComputer(fid.random_variables(s), progress=False).identity for s in (0, 1)]
+  assert provenance.differences(*by_value)[0].startswith("weights.params_sha256: ")

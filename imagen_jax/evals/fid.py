@@ -55,7 +55,12 @@ class FIDComputer:
   ):
     self.mode = fid_preprocess.check_mode(mode)
     self.progress = progress
-    self._weights = weights
+    # A weights file is identified before it is read (its stat matches the loaded bytes); a
+    # variables dict is hashed on the first use of `identity`.
+    self._weights = (
+        {"file": provenance.file_identity(weights)} if isinstance(weights, str) else None
+    )
+    self._variables = None if isinstance(weights, str) else weights
     self._identity = None
     variables = inception.load_inception_variables(weights) if isinstance(weights, str) else weights
     model = inception.FIDInceptionV3()
@@ -73,8 +78,7 @@ class FIDComputer:
     """What these features depend on (for artefact keys, `provenance`): the feature name, the
     preprocessing mode and the weights (a file by path, size and mtime; a dict by digest)."""
     if self._identity is None:
-      w = self._weights
-      weights = provenance.file_identity(w) if isinstance(w, str) else provenance.tree_digest(w)
+      weights = self._weights or {"params_sha256": provenance.tree_digest(self._variables)}
       self._identity = {"feature": INCEPTION_FEATURE, "mode": self.mode, "weights": weights}
     return self._identity
 

@@ -96,12 +96,12 @@ def write_sample_grid(rows: Sequence[dict], outdir: str, path: str, num_prompts:
   finals, prompts = [], None
   for r in rows:  # already sorted by (setting, weight)
     pdir = os.path.join(outdir, "points", r["key"])
-    path = os.path.join(pdir, "samples.npz")
-    with np.load(path) as z:
+    spath = os.path.join(pdir, "samples.npz")
+    with np.load(spath) as z:
       stored = str(z[provenance.KEY_FIELD]) if provenance.KEY_FIELD in z.files else None
       if stored != r["artefact_key"]:  # the samples were replaced after the metrics were read
         raise provenance.StaleArtefactError(
-            f"{path}: provenance key {stored} is not the key of its row ({r['artefact_key']})"
+            f"{spath}: provenance key {stored} is not the key of its row ({r['artefact_key']})"
         )
       stages = sorted(f for f in z.files if f.startswith("stage"))
       finals.append(z[stages[-1]][:num_prompts])
