@@ -250,3 +250,15 @@ def test_stale_fid_features_identity_follows_weights_and_mode(tmp_path):
   # Weights given as variables (tests, smoke runs) are identified by their digest.
   by_value = [fid.FIDComputer(fid.random_variables(s), progress=False).identity for s in (0, 1)]
   assert provenance.differences(*by_value)[0].startswith("weights.params_sha256: ")
+
+
+def test_stale_truncated_artefact_is_recomputed(tmp_path):
+  ident = {"artefact": "t"}
+  path = str(tmp_path / "chunk.npz")
+  provenance.save_npz(path, ident, images=np.zeros((2, 4, 4, 3), np.uint8))
+  data = open(path, "rb").read()
+  open(path, "wb").write(data[: len(data) // 2])  # a copy cut short
+  with pytest.warns(provenance.StaleArtefactWarning, match="unreadable"):
+    assert provenance.load_if_matches(path, ident) is None
+  with pytest.raises(provenance.StaleArtefactError, match="unreadable"):
+    provenance.require(path, ident)

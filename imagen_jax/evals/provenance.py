@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import warnings
+import zipfile
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -180,10 +181,12 @@ def mismatch(path: str, identity: Mapping[str, Any]) -> tuple[str | None, Any]:
   """(None, contents) when `path` holds an artefact of `identity`; else (why, None)."""
   try:
     key, stored_identity, contents = _stored(path)
-  except (OSError, ValueError, KeyError) as e:  # truncated or not an artefact file
+  except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:  # truncated / foreign
     return f"{path}: unreadable ({type(e).__name__}: {e})", None
   if key is None:
     return f"{path}: carries no provenance key (written by an older version or by hand)", None
+  if not isinstance(stored_identity, Mapping):
+    return f"{path}: its provenance identity is not a JSON object (the file was edited)", None
   if artefact_key(stored_identity) != key:
     return f"{path}: the stored key does not match the stored identity (the file was edited)", None
   if key != artefact_key(identity):
