@@ -8,8 +8,11 @@
 `--coco_dir` holds `annotations/captions_val2014.json` and `val2014/` (or pass
 `--captions_json` and `--images_dir`). Protocols, resize conventions and caveats:
 `imagen_jax.evals.coco`. Samples are saved in chunks and reference statistics cached, so an
-interrupted run resumes. The FID network shards its batches over all local devices; cascade
-sampling runs on the first device (see experiments/README.md).
+interrupted run resumes; both carry the key of what produced them (stages, settings, seed,
+prompts, chunk size; features and reference set) and are reused only when it matches, so a
+rerun into the same --outdir with other inputs recomputes instead of mixing in stale results.
+The FID network shards its batches over all local devices; cascade sampling runs on the first
+device (see experiments/README.md).
 """
 
 from __future__ import annotations
@@ -78,7 +81,7 @@ def main(argv):
       chunk=_CHUNK.value,
       batch_size=_BATCH.value,
   )
-  score = computer.fid(coco.iter_chunks(chunks), ref, total=len(prompts))
+  score = computer.fid(coco.iter_chunks(chunks, total=len(prompts)), ref, total=len(prompts))
   report = {
       "fid": score,
       "protocol": _PROTOCOL.value,
@@ -89,6 +92,7 @@ def main(argv):
       "reference_size": coco.REFERENCE_SIZE,
       "workdirs": workdirs,
       "steps": [s.step for s in model.stages],
+      "samples_dir": os.path.dirname(chunks[0]),
       "settings": [vars(s) for s in settings],
       "conventions": "reference: centre crop + PIL bicubic to 256; generated: PIL "
       "bicubic to 256 if needed; then FID preprocessing mode above",

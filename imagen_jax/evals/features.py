@@ -2,7 +2,8 @@
 
 Both extractors map uint8 images `[N, H, W, 3]` to `frechet.FrechetStats` through
 `statistics(images)` and carry `mode`, `name` (stored with the stats, so distances of different
-extractors never mix) and `label` (how tables and plots name the distance).
+extractors never mix), `label` (how tables and plots name the distance) and `identity` (what the
+features depend on, for the provenance keys of cached statistics and sweep points).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class RandomConvFeatures:
     self.name = f"random-conv-{dim}d-seed{seed}@{size}px"
     self.mode = "random-conv"
     self.label = RANDOM_CONV_LABEL
+    self.identity = {"feature": self.name, "mode": self.mode}  # the name holds seed, size, dim
     size_ = size
 
     def features(weights, images):
@@ -79,6 +81,10 @@ class InceptionFeatures:
     self.mode = computer.mode
     self.name = frechet.INCEPTION_FEATURE
     self.label = f"FID ({computer.mode} preprocessing; small-N FID is biased upwards)"
+
+  @property
+  def identity(self) -> dict:
+    return self.computer.identity
 
   def statistics(self, images: np.ndarray) -> frechet.FrechetStats:
     return self.computer.statistics(np.asarray(images, np.uint8))

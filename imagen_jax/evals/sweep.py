@@ -12,9 +12,12 @@ stage, once per thresholding mode (§2.3: static vs dynamic) or noise-augmentati
   points are due to the settings, not to the noise);
 * each point's uint8 samples (`samples.npz`, one array per stage) and `metrics.json` live in
   `<outdir>/points/<key>/`, written into a temporary folder that is renamed into place, so an
-  interrupted sweep resumes and never reads a half-written point. The key holds a hash of
-  everything that determines the samples (checkpoint steps, settings, prompts, seed), so a
-  changed setting never reuses stale samples.
+  interrupted sweep resumes and never reads a half-written point. The folder name holds the
+  head of the point's provenance key (`provenance`: each stage's workdir, step, config and
+  params digests, the settings, prompts, attributes, seed, feature extractor, reference images
+  and CLIP weights), and `metrics.json` / `samples.npz` store the full key, checked on load:
+  a point produced by anything else is recomputed, never reused. The reference statistics are
+  keyed the same way (feature extractor + reference images).
 
 Metrics per point (on the last stage's images `[N, S, S, 3]`):
 * alignment: the exact shapes metric (`shapes_metric`; x axis = mean of colour and shape
@@ -40,8 +43,6 @@ the shapes test prompts are `prompts`; the feature extractors are `features`.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 import time
 from typing import Sequence
@@ -51,7 +52,7 @@ import numpy as np
 from imagen_jax import atomic, images
 from imagen_jax import cascade as cascade_lib
 from imagen_jax.evals import features as features_lib
-from imagen_jax.evals import frechet, shapes_metric
+from imagen_jax.evals import frechet, provenance, shapes_metric
 
 # The paper's guidance grids (App. D: Fig. A.8 base 64x64; Fig. A.11 SR 64->256).
 BASE_WEIGHTS = (1.0, 1.25, 1.5, 1.75, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0)
@@ -128,9 +129,9 @@ def point_settings(
 
 
 def point_key(point: SweepPoint, identity: dict) -> str:
-  digest = hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
+  """The point's folder name: its settings, readable, and the head of its provenance key."""
   aug = "" if point.aug_level is None else f"_aug{point.aug_level:g}"
-  return f"w{point.weight:g}_{point.threshold}{aug}_{digest}"
+  return f"w{point.weight:g}_{point.threshold}{aug}_{provenance.artefact_key(identity)[:16]}"
 
 
 @dataclasses.dataclass
@@ -188,22 +189,30 @@ def run_sweep(
   if features is None and reference_images is not None:
     features = features_lib.RandomConvFeatures()
   os.makedirs(os.path.join(outdir, "points"), exist_ok=True)
-  ref_stats = None
+  ref_stats, ref_digest = None, None
   if reference_images is not None:
+    ref_digest = provenance.array_digest(np.asarray(reference_images, np.uint8))
     ref_path = os.path.join(outdir, f"reference_{features.name.replace('/', '_')}.npz")
-    if os.path.exists(ref_path):
-      ref_stats = frechet.FrechetStats.load(ref_path, features.mode, features.name)
-    else:
-      ref_stats = features.statistics(reference_images)
-      ref_stats.save(ref_path)
+    ref_stats = frechet.FrechetStats.cached(
+        ref_path,
+        {
+            "artefact": "sweep_reference_statistics",
+            "features": features.identity,
+            "reference_sha256": ref_digest,
+        },
+        lambda: features.statistics(reference_images),
+    )
+  n_stages = len(base_settings)
   identity_base = {
-      "workdirs": [os.path.abspath(s.workdir) for s in model.stages[: len(base_settings)]],
-      "steps": [s.step for s in model.stages[: len(base_settings)]],
-      "prompts": hashlib.sha1("\n".join(prompts).encode()).hexdigest(),
+      "artefact": "sweep_point",
+      "stages": [provenance.stage_identity(s) for s in model.stages[:n_stages]],
+      "prompts_sha256": provenance.digest(prompts),
+      "attributes_sha256": None if attributes is None else provenance.digest(list(attributes)),
       "seed": seed,
       "sweep_stage": sweep_stage,
-      "features": None if features is None else features.name,
-      "clip": None if clip_scorer is None else os.path.abspath(clip_scorer.path),
+      "features": None if features is None else features.identity,
+      "reference_sha256": ref_digest,
+      "clip": None if clip_scorer is None else provenance.file_identity(clip_scorer.path),
   }
   rows, computed, cached = [], 0, 0
   for point in tqdm(points, desc="sweep points", unit="point", disable=not progress):
@@ -211,10 +220,9 @@ def run_sweep(
     identity = {**identity_base, "settings": [dataclasses.asdict(s) for s in settings]}
     key = point_key(point, identity)
     pdir = os.path.join(outdir, "points", key)
-    mpath = os.path.join(pdir, "metrics.json")
-    if os.path.exists(mpath):
-      with open(mpath) as f:
-        rows.append(json.load(f))
+    stored = provenance.load_if_matches(os.path.join(pdir, "metrics.json"), identity)
+    if stored is not None:
+      rows.append(stored)
       cached += 1
       continue
     t0 = time.time()
@@ -230,6 +238,7 @@ def run_sweep(
     final = images.to_uint8(outs[-1])
     row = {
         "key": key,
+        "artefact_key": provenance.artefact_key(identity),
         "weight": point.weight,
         "threshold": point.threshold,
         "aug_level": settings[sweep_stage].aug_level,
@@ -251,15 +260,17 @@ def run_sweep(
       row["fd"] = frechet.fid_from_statistics(features.statistics(final), ref_stats)
       row["fd_feature"] = features.name
     row["settings"] = identity["settings"]
-    # One folder rename publishes the point: a crash leaves the whole point or none.
-    with atomic.publish_dir(pdir) as tmp:
-      atomic.save_npz(
+    # One folder rename publishes the point: a crash leaves the whole point or none; a stale
+    # point in the same folder (a mismatched or edited key) is replaced.
+    with atomic.publish_dir(pdir, overwrite=True) as tmp:
+      provenance.save_npz(
           os.path.join(tmp, "samples.npz"),
+          identity,
           compressed=True,
           **{f"stage{k + 1}": images.to_uint8(o) for k, o in enumerate(outs)},
       )
       atomic.write_json(os.path.join(tmp, "prompts.json"), prompts)
-      atomic.write_json(os.path.join(tmp, "metrics.json"), row)
+      provenance.write_json(os.path.join(tmp, "metrics.json"), identity, row)
     rows.append(row)
     computed += 1
   ref_sat = ref_sat_upper = None

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from imagen_jax import atomic, images
-from imagen_jax.evals import sweep
+from imagen_jax.evals import provenance, sweep
 
 TABLE_COLUMNS = (
     "setting",
@@ -39,7 +39,7 @@ def write_outputs(
   `samples.png` (the first `grid_prompts` prompts' final images at every point)."""
   rows = sorted(result.rows, key=lambda r: (r["setting"], r["weight"]))
   cols = [c for c in TABLE_COLUMNS if any(c in r for r in rows)]
-  extra = sorted({k for r in rows for k in r} - set(cols) - {"settings"})
+  extra = sorted({k for r in rows for k in r} - set(cols) - {"settings", "artefact_key"})
   paths = {
       "csv": os.path.join(outdir, "results.csv"),
       "md": os.path.join(outdir, "results.md"),
@@ -91,12 +91,20 @@ def write_outputs(
 
 def write_sample_grid(rows: Sequence[dict], outdir: str, path: str, num_prompts: int) -> None:
   """One row per prompt, one column per point (ordered by setting, then w): the final stage's
-  images, read back from each point's cached `samples.npz`."""
+  images, read back from each point's cached `samples.npz` (whose provenance key must be its
+  row's)."""
   finals, prompts = [], None
   for r in rows:  # already sorted by (setting, weight)
     pdir = os.path.join(outdir, "points", r["key"])
-    with np.load(os.path.join(pdir, "samples.npz")) as z:
-      finals.append(z[sorted(z.files)[-1]][:num_prompts])
+    spath = os.path.join(pdir, "samples.npz")
+    with np.load(spath) as z:
+      stored = str(z[provenance.KEY_FIELD]) if provenance.KEY_FIELD in z.files else None
+      if stored != r["artefact_key"]:  # the samples were replaced after the metrics were read
+        raise provenance.StaleArtefactError(
+            f"{spath}: provenance key {stored} is not the key of its row ({r['artefact_key']})"
+        )
+      stages = sorted(f for f in z.files if f.startswith("stage"))
+      finals.append(z[stages[-1]][:num_prompts])
     if prompts is None:
       with open(os.path.join(pdir, "prompts.json")) as f:
         prompts = json.load(f)[:num_prompts]
