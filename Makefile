@@ -17,7 +17,7 @@ venv: $(STAMP)
 # Main job on the built-in default: build the offline shapes dataset, train a small cascade
 # on the CPU, sample held-out prompts, write demo_out/samples.png and demo_out/report.json.
 demo: $(STAMP)
-	$(PY) -m imagen_jax.demo --workdir=demo_out
+	$(PY) experiments/demo.py --workdir=demo_out
 
 # Guidance sweep on the demo's checkpoints (after `make demo`): the README's results section.
 sweep: $(STAMP)

@@ -45,7 +45,8 @@ setup(
     name="imagen_jax",
     version="0.1.0",
     description="Imagen text-to-image cascaded diffusion in JAX/Flax",
-    packages=find_packages(include=["imagen_jax", "imagen_jax.*"]),
+    # `configs` is a top-level package: `from configs import base64`.
+    packages=find_packages(include=["imagen_jax", "imagen_jax.*", "configs"]),
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

@@ -5,77 +5,55 @@ allocating anything (`jax.eval_shape` + an `AbstractMesh`), what each device hol
 params, their float32 EMA and the optimizer state under the config's logical axis rules, for
 several (data, fsdp) splits of 256 devices: fsdp divides the per-device bytes (ZeRO-3).
 
-  python benchmarks/sharding_memory.py [--stage=base64] [--variant=paper] [--devices=256]
+  python benchmarks/sharding_memory.py --config=configs/base64.py:paper [--devices=256] \
+      [--config.optim.name=adam ...]
+
+The config is a stage config (`configs/<stage>.py:VARIANT[,key=value,...]`); any field can be
+set with `--config.section.field=value`. The text input is `[1, text.max_length,
+registry.text_dim(text)]`.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
-import os
-import sys
-
 import jax
+from absl import app, flags
+from ml_collections import config_flags
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from imagen_jax.parallel import mesh as mesh_lib
+from imagen_jax.parallel import sharding as sharding_lib
+from imagen_jax.stage import Stage
+from imagen_jax.train import optim
+from imagen_jax.train import state as state_lib
 
-from imagen_jax.nn import unet  # noqa: E402
-from imagen_jax.parallel import mesh as mesh_lib  # noqa: E402
-from imagen_jax.parallel import sharding as sharding_lib  # noqa: E402
-from imagen_jax.train import optim  # noqa: E402
-from imagen_jax.train import state as state_lib  # noqa: E402
-
-
-def load_config(stage: str, variant: str):
-  spec = importlib.util.spec_from_file_location(
-      f"cfg_{stage}", os.path.join(ROOT, "configs", f"{stage}.py")
-  )
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(variant)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/base64.py:paper", "stage config, e.g. configs/sr256.py:paper"
+)
+_DEVICES = flags.DEFINE_integer("devices", 256, "devices of the abstract mesh")
 
 
 def gib(n: int) -> str:
   return f"{n / 2**30:8.3f} GiB"
 
 
-def main():
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--stage", default="base64", choices=("base64", "sr256", "sr1024"))
-  ap.add_argument("--variant", default="paper")
-  ap.add_argument("--devices", type=int, default=256)
-  ap.add_argument("--optimizer", default=None, help="override optim.name (adafactor|adam)")
-  args = ap.parse_args()
-
-  c = load_config(args.stage, args.variant)
-  if args.optimizer:
-    c.optim.name = args.optimizer
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  c, devices = _CONFIG.value, _DEVICES.value
   rules = tuple(tuple(r) for r in c.mesh.logical_axis_rules)
-  model = unet.build_model(c.model)
+  stage = Stage.from_config(c)  # network + abstract params at the train sizes
   tx, _ = optim.make_optimizer(c.optim, c.train.num_steps)
-  crop = int(c.data.sr_crop_size or 0)
-  size = crop or c.image_size
-  lowres = (crop * c.lowres_size // c.image_size) if crop and c.lowres_size else c.lowres_size
-  inputs = state_lib.model_inputs(
-      batch=1,
-      image_size=size,
-      lowres_size=lowres,
-      text_len=c.text.max_length,
-      text_dim=c.model.text_dim,
-  )
   print(
-      f"stage {args.stage} ({args.variant}), optimizer {c.optim.name}, "
-      f"{args.devices} devices, rules {dict(rules)}"
+      f"stage {c.stage} ({c.variant}), optimizer {c.optim.name}, "
+      f"{devices} devices, rules {dict(rules)}"
   )
   first = True
-  for fsdp in (1, 4, 16, 64, args.devices):
-    if args.devices % fsdp:
+  for fsdp in sorted({1, 4, 16, 64, devices}):
+    if devices % fsdp:
       continue
-    shape = {"data": args.devices // fsdp, "fsdp": fsdp, "tensor": 1}
-    mesh = mesh_lib.abstract_mesh(shape, args.devices)
+    shape = {"data": devices // fsdp, "fsdp": fsdp, "tensor": 1}
+    mesh = mesh_lib.abstract_mesh(shape, devices)
     abstract, specs = state_lib.state_specs(
-        model, tx, inputs, mesh, rules, fsdp_min_size=int(c.mesh.fsdp_min_size)
+        stage, tx, mesh, rules, fsdp_min_size=int(c.mesh.fsdp_min_size)
     )
     if first:
       n = state_lib.param_count(abstract.params)
@@ -96,4 +74,4 @@ def main():
 
 if __name__ == "__main__":
   jax.config.update("jax_platforms", "cpu")
-  main()
+  app.run(main)

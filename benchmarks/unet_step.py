@@ -3,6 +3,10 @@ r"""Training-step and denoiser speed of one network preset.
   python benchmarks/unet_step.py --preset=base64:bench --batch=8 --steps=10
   python benchmarks/unet_step.py --count_only          # paper parameter counts (eval_shape)
 
+The text input is `[batch, L, D]` of the text block the preset is measured with: the stage
+config's (`configs.common.text_config(size)`) for paper / tiny / shapes, `BENCH_TEXT` for bench;
+D = `registry.text_dim(text)`, L = `text.max_length` (`--text_name`, `--text_len` override).
+
 Prints: parameter count, XLA's FLOP count for one training step (cost analysis of the compiled
 step), compile time, median train-step time (Adam on an eps-MSE loss; block_until_ready),
 images/s, achieved GFLOP/s, and the median forward-only denoiser time.
@@ -23,7 +27,9 @@ import jax.numpy as jnp
 import optax
 from absl import app, flags
 
+from configs import common
 from imagen_jax.nn import presets, unet
+from imagen_jax.text import registry
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", "base64:bench", "stage:size, e.g. base64:bench or sr256:shapes")
@@ -31,7 +37,8 @@ flags.DEFINE_integer("batch", 8, "batch size")
 flags.DEFINE_integer("steps", 10, "timed training steps (after one warm-up step)")
 flags.DEFINE_integer("fwd_steps", 10, "timed forward-only denoiser evaluations")
 flags.DEFINE_string("dtype", None, "override the compute dtype (float32 | bfloat16)")
-flags.DEFINE_integer("text_len", None, "override the text length")
+flags.DEFINE_string("text_name", None, "override the text encoder (its width D)")
+flags.DEFINE_integer("text_len", None, "override the text length L")
 flags.DEFINE_bool("remat", None, "override remat")
 flags.DEFINE_string("attn_impl", None, "override attention impl (auto | dense | per_example)")
 flags.DEFINE_bool(
@@ -39,13 +46,26 @@ flags.DEFINE_bool(
 )
 
 
-def _inputs(cfg, batch, key):
-  s, length = cfg.image_size, FLAGS.text_len or cfg.text_len
+# The bench preset's text: t5-v1_1-small's width (512) at 64 tokens, a mid-size text input.
+BENCH_TEXT = registry.default_text_config("t5-v1_1-small", max_length=64)
+
+
+def text_config(size: str, name: str | None = None, length: int | None = None):
+  """The text block a preset size is measured with (a copy; `name` / `length` override)."""
+  text = BENCH_TEXT if size == "bench" else common.text_config(size)
+  text = text.copy_and_resolve_references()
+  text.name = name or text.name
+  text.max_length = length or text.max_length
+  return text
+
+
+def _inputs(cfg, text, batch, key):
+  s, length, dim = cfg.image_size, int(text.max_length), registry.text_dim(text)
   k = jax.random.split(key, 4)
   out = dict(
       x_t=jax.random.normal(k[0], (batch, s, s, 3)),
       logsnr=jnp.zeros((batch,)),
-      text_emb=jax.random.normal(k[1], (batch, length, cfg.text_dim)),
+      text_emb=jax.random.normal(k[1], (batch, length, dim)),
       text_mask=jnp.ones((batch, length), bool),
   )
   if cfg.lowres_cond:
@@ -54,21 +74,22 @@ def _inputs(cfg, batch, key):
   return out
 
 
-def param_count(cfg, batch=1) -> int:
+def param_count(cfg, text, batch=1) -> int:
   model = unet.build_model(cfg)
   shapes = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), **_inputs(cfg, batch, jax.random.key(0)))
+      lambda: model.init(jax.random.key(0), **_inputs(cfg, text, batch, jax.random.key(0)))
   )
   return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
 
 
 def count_paper():
   paper = {"base64": 2.0e9, "sr256": 600e6, "sr1024": 400e6}
+  text = text_config("paper")
   for stage, ref in paper.items():
-    n = param_count(presets.get_model_config(stage, "paper"))
+    n = param_count(presets.get_model_config(stage, "paper"), text)
     print(
         f"{stage:7s} paper preset: {n / 1e6:8.1f}M params  (paper: {ref / 1e6:.0f}M, "
-        f"{100 * (n - ref) / ref:+.1f}%)  [4096-dim text]"
+        f"{100 * (n - ref) / ref:+.1f}%)  [{registry.text_dim(text)}-dim text]"
     )
 
 
@@ -124,6 +145,7 @@ def main(argv):
     return
   stage, size = FLAGS.preset.split(":")
   cfg = presets.get_model_config(stage, size)
+  text = text_config(size, FLAGS.text_name, FLAGS.text_len)
   if FLAGS.dtype:
     cfg.dtype = FLAGS.dtype
   if FLAGS.remat is not None:
@@ -132,7 +154,7 @@ def main(argv):
     cfg.attn_impl = FLAGS.attn_impl
   model = unet.build_model(cfg)
   b = FLAGS.batch
-  inputs = _inputs(cfg, b, jax.random.key(0))
+  inputs = _inputs(cfg, text, b, jax.random.key(0))
   cond = {k: v for k, v in inputs.items() if k not in ("x_t", "logsnr")}
   # An "rbg" key: compiling init with threefry costs ~0.1 s of CPU per param leaf here (one
   # threefry kernel per initializer); the benchmark does not care about init quality.
@@ -180,7 +202,8 @@ def main(argv):
   print(
       f"preset              {FLAGS.preset}  (kind={cfg.kind}, dtype={cfg.dtype}, "
       f"remat={cfg.remat}, attn_impl={cfg.attn_impl}, image {cfg.image_size}x"
-      f"{cfg.image_size}, batch {b})"
+      f"{cfg.image_size}, batch {b}, text {text.name} [{text.max_length}, "
+      f"{registry.text_dim(text)}])"
   )
   print(f"devices             {jax.devices()[0].platform} x{jax.device_count()}")
   print(f"parameters          {n_params / 1e6:.2f}M")

@@ -6,10 +6,16 @@ in the center"`; variants:
   `make demo` writes (`demo_out/base`, `demo_out/sr`).
 * `paper`: the three paper stages (64 -> 256 -> 1024) from `workdirs/{base64,sr256,sr1024}`,
   with the guidance weights of the paper's COCO table (w = 1.35 base, 8.0 SR; §4.1).
-Override any field, e.g. `--config.stage2.aug_level=0.2 --config.num_stages=1`.
+`arg` is "VARIANT[,key=value,...]" (see configs/common.py) with field paths as keys, e.g.
+`get_config("shapes,num_stages=1,stage2.aug_level=0.2")`; on the command line
+`--config=configs/cascade.py:shapes,seed=3 --config.stage2.aug_level=0.2`.
 """
 
 import ml_collections
+
+from configs import common
+
+VARIANTS = ("shapes", "paper")
 
 
 def _stage(workdir, *, w, steps, aug_level=0.0, sampler="ddim", threshold="dynamic"):
@@ -25,7 +31,9 @@ def _stage(workdir, *, w, steps, aug_level=0.0, sampler="ddim", threshold="dynam
   return s
 
 
-def get_config(variant: str = "shapes"):
+def get_config(arg: str | None = None):
+  """The locked cascade config; `arg`: "VARIANT[,key=value,...]" (default variant `shapes`)."""
+  variant, overrides = common.parse_arg(arg, VARIANTS, default="shapes")
   c = ml_collections.ConfigDict()
   if variant == "shapes":
     c.num_stages = 2
@@ -34,14 +42,13 @@ def get_config(variant: str = "shapes"):
     # configs/common.py, variant `shapes`).
     c.stage2 = _stage("demo_out/sr", w=1.0, steps=20, aug_level=0.1)
     c.stage3 = _stage("", w=1.0, steps=20)
-  elif variant == "paper":
+  else:
     c.num_stages = 3
     c.stage1 = _stage("workdirs/base64", w=1.35, steps=256)
     c.stage2 = _stage("workdirs/sr256", w=8.0, steps=128, aug_level=0.0)
     c.stage3 = _stage("workdirs/sr1024", w=8.0, steps=64, aug_level=0.0)
-  else:
-    raise ValueError(f"unknown cascade variant {variant!r}; allowed: shapes, paper")
   c.seed = 0
   c.batch_size = 64
+  common.apply_overrides(c, overrides)
   c.lock()
   return c

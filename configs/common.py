@@ -1,7 +1,25 @@
-"""Settings shared by the three cascade-stage configs (base64.py, sr256.py, sr1024.py).
+"""Stage configs (base64.py, sr256.py, sr1024.py) and their argument parser, in big_vision's way.
 
-`stage_config(stage, variant)` assembles one locked `ml_collections.ConfigDict` with the sections
-`stage, model, diffusion, text, data, optim, train, sample, mesh, distributed`. Variants:
+Each stage module has `get_config(arg)`, where `arg` is "VARIANT[,key=value,...]":
+
+    from configs import base64
+    config = base64.get_config("paper,batch=256")   # train.global_batch_size = 256
+    config = base64.get_config("tiny,num_steps=5,optim.name=adam")
+
+or on the command line (ml_collections.config_flags passes the text after ':' to get_config,
+then applies `--config.section.field=value` flags to the locked result):
+
+    python -m imagen_jax.main --config=configs/base64.py:paper,batch=256 \
+        --config.train.num_steps=5 --workdir=DIR
+
+A key is a short knob of `KNOBS` (batch, num_steps, lr, text_name, max_length, ...) or the
+dotted path of any config field (`diffusion.aug_level=(0.0, 0.5)`, `text.path=/ckpt/t5`).
+Values are Python literals (`ast.literal_eval`; true / false too), else strings. An unknown key
+is a ValueError naming it and what is allowed. `stage_config(stage, arg)` assembles one locked
+`ml_collections.ConfigDict` with the sections
+`stage, model, diffusion, text, data, optim, train, sample, mesh, distributed`. Building it reads
+no files: the network's text width is `imagen_jax.text.registry.text_dim(config.text)` and its
+text length `config.text.max_length`, both resolved where the encoder is used. Variants:
 
 * `paper`: what Imagen reports (Saharia et al. 2022, §4.1 and App. F): batch 2048, lr 1e-4 with
     10k linear warmup then cosine decay, Adafactor for the base model and Adam(0.9, 0.999, 1e-8)
@@ -9,15 +27,21 @@
     SR256, the 1000-step linear-beta schedule (1e-4 -> 0.02) in continuous time for SR1024,
     epsilon-prediction, frozen T5-XXL at 128 tokens (the paper does not state the token count).
 * `tiny`: seconds-per-step CPU sizes for tests.
-* `shapes`: the built-in offline demo (shapes dataset; base at 32x32, SR 32->64). Placeholders
-    that the demo is expected to tune; every number lives in `_VARIANTS` below.
+* `shapes`: the built-in offline demo (shapes dataset; base at 32x32, SR 32->64): the numbers
+    of `_VARIANTS` below, then the demo's per-stage choices `_SHAPES_DEMO`.
 
 Where the paper is silent we choose, and say so next to the value.
 """
 
 from __future__ import annotations
 
+import ast
+from typing import Any, Sequence
+
 import ml_collections
+
+from imagen_jax.nn import presets
+from imagen_jax.text import registry
 
 STAGES = ("base64", "sr256", "sr1024")
 VARIANTS = ("paper", "tiny", "shapes")
@@ -103,15 +127,30 @@ _VARIANTS = {
 }
 
 
-# The built-in demo (`make demo`, imagen_jax/demo.py): per-stage choices for a CPU budget of
-# ~10 + ~6 minutes on 2 cores. Both stages predict x0 (the paper predicts eps, §2 / App. A):
-# with a space-to-depth network and a few thousand steps, eps- (and v-) prediction leave
-# per-pixel noise in the samples (a 1500-step eps run of this base scored colour 0.18 on test
-# prompts, at chance; on a GPU, 6900 steps at batch 64, 11x the demo's examples, still 0.27),
-# while x0-prediction learns the content first (a GPU check of this SR
-# stage: 26.6 dB PSNR and perfect alignment after 2000 steps at batch 16). Adam instead of
-# Adafactor for the base too: one optimizer we tested at this scale. EMA 0.995: a 0.999 EMA
-# lags a 2000-step run (23.3 vs 26.6 dB for the SR stage at step 2000 in that check).
+# The short keys of `get_config("VARIANT,key=value")`: each names one field, which it sets after
+# the variant's values (the per-variant numbers above use the same names).
+KNOBS = {
+    "text_name": "text.name",
+    "max_length": "text.max_length",
+    "batch": "train.global_batch_size",
+    "num_steps": "train.num_steps",
+    "lr": "optim.learning_rate",
+    "warmup": "optim.warmup_steps",
+    "ema_decay": "train.ema_decay",
+    "log_every": "train.log_every",
+    "ckpt_every": "train.ckpt_every",
+    "sample_every": "train.sample_every",
+    "num_samples": "sample.num_images",
+    "sample_steps": "sample.num_steps",
+    "mesh_fsdp": "mesh.shape.fsdp",
+    "adafactor_relative": "optim.adafactor_multiply_by_parameter_scale",
+}
+
+# The built-in demo (`make demo`): per-stage choices for a CPU budget of ~10 + ~6 minutes on
+# 2 cores. Both stages predict x0 (the paper predicts eps, §2 / App. A): with a space-to-depth
+# network and a few thousand steps, eps- and v-prediction leave per-pixel noise in the samples
+# (base colour alignment at chance), while x0-prediction learns the content first. Adam for the
+# base too: the one optimizer tested at this scale. EMA 0.995: a 0.999 EMA lags a 2000-step run.
 _SHAPES_DEMO = {
     "base64": {
         "train.num_steps": 2500,
@@ -137,6 +176,98 @@ _SHAPES_COMMON = {"train.ema_decay": 0.995, "train.sample_every": 0, "optim.warm
 def _check(name: str, value: str, allowed) -> None:
   if value not in allowed:
     raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
+
+
+def _split_top_level(text: str) -> list[str]:
+  """Splits at the commas outside brackets and quotes: "a=(1, 2),b=3" -> ["a=(1, 2)", "b=3"]."""
+  parts, depth, quote, start = [], 0, None, 0
+  for i, ch in enumerate(text):
+    if quote:
+      quote = None if ch == quote else quote
+    elif ch in "'\"":
+      quote = ch
+    elif ch in "([{":
+      depth += 1
+    elif ch in ")]}":
+      depth -= 1
+    elif ch == "," and depth == 0:
+      parts.append(text[start:i])
+      start = i + 1
+  parts.append(text[start:])
+  return [p.strip() for p in parts if p.strip()]
+
+
+def parse_value(text: str) -> Any:
+  """A Python literal ("256", "1e-4", "(0.0, 0.5)", "None"), true / false, else the string."""
+  if text.lower() in ("true", "false"):
+    return text.lower() == "true"
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def parse_arg(
+    arg: str | None, variants: Sequence[str], default: str
+) -> tuple[str, list[tuple[str, Any]]]:
+  """ "VARIANT[,key=value,...]" -> (variant, [(key, value), ...]) (big_vision's `arg`).
+
+  The variant may be left out ("batch=8" or None): `default` is used.
+  """
+  parts = _split_top_level(arg or "")
+  variant = default
+  if parts and "=" not in parts[0]:
+    variant = parts.pop(0)
+  _check("variant", variant, variants)
+  overrides = []
+  for part in parts:
+    key, eq, value = part.partition("=")
+    if not eq or not key.strip():
+      raise ValueError(f"config argument {part!r} in {arg!r} is not key=value")
+    overrides.append((key.strip(), parse_value(value.strip())))
+  return variant, overrides
+
+
+def apply_overrides(
+    config: ml_collections.ConfigDict,
+    overrides: Sequence[tuple[str, Any]],
+    knobs: dict[str, str] | None = None,
+    fixed: Sequence[str] = (),
+) -> None:
+  """Sets each (key, value) on the unlocked `config`; key: a `knobs` name or a field path.
+
+  `fixed`: top-level fields that the arg may not set (e.g. `stage`, set by the module).
+  """
+  knobs = knobs or {}
+  for key, value in overrides:
+    path = knobs.get(key, key)
+    names = path.split(".")
+    node = config
+    for depth, name in enumerate(names):
+      allowed = [k for k in node.keys() if depth or k not in fixed]
+      if name not in allowed and depth:
+        raise ValueError(
+            f"unknown config key {key!r}: {'.'.join(names[:depth])} has no field {name!r}; "
+            f"its fields: {', '.join(allowed)}"
+        )
+      if name not in allowed:
+        raise ValueError(
+            f"unknown config key {key!r}; allowed: "
+            + (f"{', '.join(knobs)}, or " if knobs else "")
+            + f"a field path (section.field) in {', '.join(allowed)}"
+        )
+      if depth < len(names) - 1:
+        node = node[name]
+        if not isinstance(node, ml_collections.ConfigDict):
+          raise ValueError(f"config key {key!r}: {'.'.join(names[: depth + 1])} is not a section")
+    field = names[-1]
+    old = node[field]
+    if isinstance(old, tuple) and isinstance(value, list):
+      value = tuple(value)
+    try:
+      node[field] = value
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"config key {key!r}: cannot set {path} = {value!r} ({e})") from e
 
 
 def diffusion_config(stage: str) -> ml_collections.ConfigDict:
@@ -185,19 +316,14 @@ def optim_config(stage: str, v: dict) -> ml_collections.ConfigDict:
   return c
 
 
-def text_config(v: dict) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.name = v["text_name"]
-  c.path = ""  # local HF checkpoint dir for real T5 encoders; must be empty for byt5-tiny-random
-  c.max_length = v["max_length"]  # tokens; the paper does not state it (IMAGEN_FACTS.md)
-  c.dtype = "float32"  # compute; the encoder is frozen
-  c.param_dtype = "float32"  # storage; "bfloat16" halves T5-XXL's memory
-  c.drop_prob = 0.1  # classifier-free guidance training (§2.2): zero text with p = 0.1
-  # The encoder is frozen (§2.1), so training can read each caption's embedding from a cache
-  # written once (imagen_jax/text/cache.py, keyed by data.embedding_id_key; '' = caption text)
-  # instead of running the encoder in every step. '' = encode in the step.
-  c.embedding_cache = ""
-  return c
+def text_config(variant: str) -> ml_collections.ConfigDict:
+  """The variant's `text` block (its fields are defined once, by `registry.default_text_config`).
+
+  The network's text input is `[B, max_length, registry.text_dim(block)]` (T5-XXL: 4096, §2.1).
+  """
+  _check("variant", variant, VARIANTS)
+  v = _VARIANTS[variant]
+  return registry.default_text_config(v["text_name"], max_length=v["max_length"])
 
 
 def data_config(stage: str, variant: str) -> ml_collections.ConfigDict:
@@ -247,7 +373,7 @@ def sample_config(stage: str, v: dict) -> ml_collections.ConfigDict:
   c.guidance_weight = 1.35 if stage == "base64" else 8.0  # COCO settings, §4.1 / App.
   c.threshold = "dynamic"
   c.percentile = 99.5
-  c.aug_level = 0.0 if stage != "base64" else 0.0  # SR conditioning aug at sampling time
+  c.aug_level = 0.0  # SR stages: noise conditioning augmentation level at sampling (§2.4)
   return c
 
 
@@ -274,27 +400,21 @@ def distributed_config() -> ml_collections.ConfigDict:
   return c
 
 
-def stage_config(stage: str, variant: str) -> ml_collections.ConfigDict:
-  """The full, locked config for one cascade stage and variant."""
+def stage_config(stage: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """The full, locked config of one cascade stage; `arg`: "VARIANT[,key=value,...]"."""
   _check("stage", stage, STAGES)
-  _check("variant", variant, VARIANTS)
-  from imagen_jax.nn import presets  # the model sections live with the networks
-  from imagen_jax.text import registry
-
+  variant, overrides = parse_arg(arg, VARIANTS, default="tiny")
   v = _VARIANTS[variant]
   c = ml_collections.ConfigDict()
   c.stage = stage
   c.variant = variant
   c.model = presets.get_model_config(stage, variant)
-  # The network's text input width is the encoder's d_model (T5-XXL: 4096, §2.1).
-  c.model.text_dim = registry.text_dim(c_text := text_config(v))
-  c.model.text_len = c_text.max_length
   # The stage's output / input resolutions (the network trains on data.sr_crop_size crops
   # when that is set, App. F.3); lowres_size 0 = base stage.
   c.image_size, c.lowres_size, crop = _SIZES[variant][stage]
   c.model.image_size = crop or c.image_size  # nominal; the networks are convolutional
   c.diffusion = diffusion_config(stage)
-  c.text = c_text
+  c.text = text_config(variant)
   c.data = data_config(stage, variant)
   c.optim = optim_config(stage, v)
   c.train = train_config(v)
@@ -302,8 +422,7 @@ def stage_config(stage: str, variant: str) -> ml_collections.ConfigDict:
   c.mesh = mesh_config(v)
   c.distributed = distributed_config()
   if variant == "shapes":
-    for key, value in {**_SHAPES_COMMON, **_SHAPES_DEMO[stage]}.items():
-      section, field = key.split(".")
-      c[section][field] = value
+    apply_overrides(c, [*_SHAPES_COMMON.items(), *_SHAPES_DEMO[stage].items()])
+  apply_overrides(c, overrides, KNOBS, fixed=("stage", "variant"))
   c.lock()
   return c

@@ -1,21 +1,17 @@
 """256->1024 super-resolution stage (Imagen App. F.3): Efficient U-Net trained on 64->256 crops,
 Adam, 1000-step linear-beta schedule in continuous time.
 
-Usage: `python -m imagen_jax.main --config=configs/sr1024.py:tiny --workdir=DIR`; variants
-`paper`, `tiny` (CPU tests), `shapes` (offline demo). Every setting is documented in
-configs/common.py; override any with `--config.section.field=value` (the config is locked, so a
-misspelt field is an error).
+Usage: `python -m imagen_jax.main --config=configs/sr1024.py:VARIANT[,key=value,...]
+--workdir=DIR [--config.section.field=value ...]`, or in Python
+`from configs import sr1024; sr1024.get_config("paper,batch=256")`. Variants `paper`, `tiny` (CPU
+tests, the default), `shapes` (offline demo); keys: the knobs of `common.KNOBS` (batch,
+num_steps, lr, text_name, max_length, ...) or any field path (`optim.name=adam`). Every setting
+is documented in configs/common.py; the config is locked, so a misspelt field is an error.
 """
 
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location(
-    "imagen_configs_common", os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py")
-)
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from configs import common
 
 
-def get_config(variant: str = "tiny"):
-  return common.stage_config("sr1024", variant or "tiny")
+def get_config(arg: str | None = None):
+  """The locked sr1024 config; `arg`: "VARIANT[,key=value,...]", e.g. "paper,batch=256"."""
+  return common.stage_config("sr1024", arg)

@@ -8,24 +8,22 @@
 `--coco_dir` holds `annotations/captions_val2014.json` and `val2014/` (or pass
 `--captions_json` and `--images_dir`). Protocols, resize conventions and caveats:
 `imagen_jax.evals.coco`. Samples are saved in chunks and reference statistics cached, so an
-interrupted run resumes. The FID network shards its batches over all local devices; cascade
-sampling runs on the first device (see experiments/README.md).
+interrupted run resumes; both carry the key of what produced them (stages, settings, seed,
+prompts, chunk size; features and reference set) and are reused only when it matches, so a
+rerun into the same --outdir with other inputs recomputes instead of mixing in stale results.
+The FID network shards its batches over all local devices; cascade sampling runs on the first
+device (see experiments/README.md).
 """
 
 from __future__ import annotations
 
-import json
 import os
 
 from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config",
-    os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "cascade.py:paper"
-    ),
-    "cascade sampling settings",
+    "config", "configs/cascade.py:paper", "cascade sampling settings"
 )
 _WORKDIRS = flags.DEFINE_list("workdirs", None, "stage workdirs; default: the config's")
 _COCO = flags.DEFINE_string("coco_dir", None, "folder with annotations/ and val2014/")
@@ -47,7 +45,7 @@ _OUTDIR = flags.DEFINE_string("outdir", "coco_fid30k", "output folder")
 
 def main(argv):
   del argv
-  from imagen_jax import cascade
+  from imagen_jax import atomic, cascade
   from imagen_jax.evals import coco, fid
 
   if not _INCEPTION.value:
@@ -83,7 +81,7 @@ def main(argv):
       chunk=_CHUNK.value,
       batch_size=_BATCH.value,
   )
-  score = computer.fid(coco.iter_chunks(chunks), ref, total=len(prompts))
+  score = computer.fid(coco.iter_chunks(chunks, total=len(prompts)), ref, total=len(prompts))
   report = {
       "fid": score,
       "protocol": _PROTOCOL.value,
@@ -94,12 +92,12 @@ def main(argv):
       "reference_size": coco.REFERENCE_SIZE,
       "workdirs": workdirs,
       "steps": [s.step for s in model.stages],
+      "samples_dir": os.path.dirname(chunks[0]),
       "settings": [vars(s) for s in settings],
       "conventions": "reference: centre crop + PIL bicubic to 256; generated: PIL "
       "bicubic to 256 if needed; then FID preprocessing mode above",
   }
-  with open(os.path.join(_OUTDIR.value, "fid.json"), "w") as f:
-    json.dump(report, f, indent=2)
+  atomic.write_json(os.path.join(_OUTDIR.value, "fid.json"), report)
   print(
       f"FID-{len(prompts)} ({_PROTOCOL.value} protocol, {_MODE.value} preprocessing, "
       f"{ref.n} reference images): {score:.3f}"

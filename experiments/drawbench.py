@@ -20,9 +20,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-_DEFAULT_CFG = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "cascade.py:shapes"
-)
+_DEFAULT_CFG = "configs/cascade.py:shapes"
 _CONFIG_A = config_flags.DEFINE_config_file("config_a", _DEFAULT_CFG, "model A's settings")
 _CONFIG_B = config_flags.DEFINE_config_file("config_b", _DEFAULT_CFG, "model B's settings")
 _PROMPTS = flags.DEFINE_string("prompts", None, "category<TAB>prompt file", required=True)

@@ -1,182 +1,98 @@
-"""How much classifier-free guidance adds over w = 1, as the base stage trains (issue 7).
+"""How much classifier-free guidance (Imagen §2.2) adds over w = 1, as the base stage trains.
 
-Trains the demo's base stage (configs/base64.py:shapes, or any variant and overrides) with the
-real train step, optimizer, EMA and frozen text encoder, from the shapes train split held in
-memory (no grain pipeline: on a GPU the step is fast enough that the host pipeline would
-dominate), and at each of --eval_steps samples the shapes test prompts through
-`cascade.Cascade` at every --weights value (DDIM 25 steps, dynamic thresholding, as the demo's
-stage 1) and scores them with the exact shapes metric. Stage 1 only: the demo's SR stage keeps
-stage 1's colour and shape (issue 7's report).
+Trains a base stage (configs/base64.py:shapes, or any config and `--config.*` overrides) with
+the real trainer, `python -m imagen_jax.main` in a child process, keeping a checkpoint at every
+--eval_steps step. Then, for each eval step, loads that checkpoint's EMA params
+(`cascade.load_stage(workdir, step=s)`), samples the shapes test prompts through
+`cascade.Cascade` at every --weights value (DDIM, dynamic thresholding, as the demo's stage 1)
+and scores them with the exact shapes metric. Stage 1 only: the demo's SR stage keeps stage 1's
+colour and shape.
 
-  python experiments/guidance_gap.py --data_dir=demo_out/data --outdir=gap/x0 \
-      --steps=2500 --eval_steps=1500,2000,2500 --weights=1,2,3,5 \
-      [--set=diffusion.target=eps --set=train.global_batch_size=64 ...]
+  python experiments/guidance_gap.py --outdir=gap/x0 --eval_steps=1500,2000,2500 \
+      --weights=1,2,3,5 --config.data.data_dir=demo_out/data \
+      [--config.diffusion.target=eps --config.train.global_batch_size=64 ...]
 
-Writes <outdir>/rows.jsonl (one row per (step, w): colour, shape, exact, and colour / shape on
-the never-seen colour+kind pairs) and <outdir>/table.md, and prints the table. --deadline_s
-stops training early, with one last evaluation at the step reached.
+Writes <outdir>/rows.jsonl (one row per (step, w): colour, shape, exact, colour / shape on the
+never-seen colour+kind pairs, and the training wall time train_s) and <outdir>/table.md, and prints the table; the stage's
+workdir is <outdir>/train (rerunning resumes it). --deadline_s stops training early (the
+trainer saves the step reached), and that step is evaluated too.
 """
 
 from __future__ import annotations
 
-import ast
 import json
+import math
 import os
-import sys
 import time
 
 from absl import app, flags
+from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-_DATA_DIR = flags.DEFINE_string(
-    "data_dir", None, "shapes data dir (built if missing)", required=True
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "configs/base64.py:shapes", "base stage config; --config.a.b=v overrides"
 )
 _OUTDIR = flags.DEFINE_string("outdir", None, "where rows.jsonl and table.md go", required=True)
-_VARIANT = flags.DEFINE_string("variant", "shapes", "configs/base64.py variant")
-_STEPS = flags.DEFINE_integer("steps", 2500, "training steps")
 _EVAL_STEPS = flags.DEFINE_list("eval_steps", ["1500", "2000", "2500"], "steps to evaluate at")
 _WEIGHTS = flags.DEFINE_list("weights", ["1", "3"], "guidance weights (1 = no guidance)")
 _NUM_PROMPTS = flags.DEFINE_integer("num_prompts", 192, "test prompts per evaluation")
 _SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", 25, "DDIM steps")
-_SET = flags.DEFINE_multi_string("set", [], "config override key=value (python literal)")
+_TEXT_CACHE = flags.DEFINE_bool(
+    "text_cache", True, "encode the training captions once (text.embedding_cache)"
+)
 _DEADLINE = flags.DEFINE_float(
     "deadline_s",
     0.0,
-    "stop training after this many seconds " "(0 = never) and evaluate the step reached",
+    "stop training after this many seconds (0 = never), evaluate the step reached",
 )
 
 
-def apply_overrides(config, overrides):
-  """`section.field=value` strings onto a locked ConfigDict (a misspelt field is an error)."""
-  for item in overrides:
-    if "=" not in item:
-      raise ValueError(f"--set {item!r}: expected key=value")
-    key, text = item.split("=", 1)
-    try:
-      value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      value = text
-    *sections, field = key.split(".")
-    node = config
-    for s in sections:
-      node = node[s]
-    node[field] = value
+def checkpoint_plan(eval_steps, num_steps: int) -> dict:
+  """Trainer overrides that keep a checkpoint at every eval step: `ckpt_every` = the gcd of the
+  steps, `max_to_keep` = every checkpoint of the run."""
+  steps = sorted({int(s) for s in eval_steps})
+  if not steps or steps[0] < 1 or steps[-1] > num_steps:
+    raise ValueError(
+        f"eval steps {list(eval_steps)} must lie in [1, train.num_steps={num_steps}] "
+        "(step 0 has no checkpoint)"
+    )
+  every = math.gcd(*steps)
+  return {
+      "train.num_steps": int(num_steps),
+      "train.ckpt_every": every,
+      "train.max_to_keep": num_steps // every + 1,
+  }
 
 
-def main(argv):
-  del argv
-  import jax
-  import numpy as np
-
-  from imagen_jax import cascade, demo
-  from imagen_jax.data import shapes
+def evaluate(stage, test: list, weights, sample_steps: int) -> list[dict]:
+  """One row per guidance weight: the shapes metric of a loaded stage's samples."""
+  from imagen_jax import cascade, images
   from imagen_jax.evals import shapes_metric
-  from imagen_jax.nn import unet
-  from imagen_jax.text import registry
-  from imagen_jax.train import optim, trainer
-  from imagen_jax.train import state as state_lib
-  from imagen_jax.train import step as step_lib
 
-  c = demo.load_config("configs/base64.py", _VARIANT.value)
-  with c.unlocked():
-    c.train.num_steps = _STEPS.value
-  apply_overrides(c, _SET.value)
-  evals = sorted({int(s) for s in _EVAL_STEPS.value})
-  weights = [float(w) for w in _WEIGHTS.value]
-  if not evals or evals[-1] > _STEPS.value or evals[0] < 0:
-    raise ValueError(f"--eval_steps={_EVAL_STEPS.value} must lie in [0, --steps={_STEPS.value}]")
-  os.makedirs(_OUTDIR.value, exist_ok=True)
-
-  d = c.data
-  builder = shapes.build_shapes(
-      _DATA_DIR.value,
-      int(d.resolution),
-      num_train=int(d.num_train),
-      num_test=int(d.num_test),
-      seed=int(d.shapes_seed),
-  )
-  train = shapes.read_examples(builder, "train")
-  test = shapes.read_examples(builder, "test", limit=_NUM_PROMPTS.value)
-  images = np.stack([e["image"] for e in train]).astype(np.float32) * (2 / 255) - 1
-  encoder = registry.get_text_encoder(c.text)
-  ids, mask = encoder.tokenize([e["caption"] for e in train])
+  model = cascade.Cascade([stage])
   prompts = [e["caption"] for e in test]
-
-  model = unet.build_model(c.model)
-  tx, lr_schedule = optim.make_optimizer(c.optim, _STEPS.value)
-  image_size, _ = trainer.train_sizes(c)
-  inputs = state_lib.model_inputs(
-      batch=1,
-      image_size=image_size,
-      lowres_size=0,
-      text_len=encoder.max_length,
-      text_dim=encoder.dim,
-  )
-  seed = int(c.train.seed)
-  state = jax.jit(state_lib.make_init_fn(model, tx, inputs))(jax.random.key(seed))
-  step_fn = jax.jit(
-      step_lib.make_train_step(
-          model=model, tx=tx, lr_schedule=lr_schedule, config=c, encode_tokens=encoder.encode_tokens
-      ),
-      donate_argnums=0,
-  )
-  rng, key, batch = (
-      np.random.default_rng(seed),
-      jax.random.key(seed),
-      int(c.train.global_batch_size),
-  )
-
-  rows, start = [], time.time()
-
-  def evaluate(step):
-    stage = cascade.Stage(workdir="", config=c, model=model, params=state.ema_params, step=step)
-    model_cascade = cascade.Cascade([stage])
-    for w in weights:
-      settings = cascade.SamplingSettings(
-          sampler="ddim", num_steps=_SAMPLE_STEPS.value, guidance_weight=w, threshold="dynamic"
-      )
-      (img,) = model_cascade.sample(prompts, [settings], seed=0, batch_size=192, progress=False)
-      r = shapes_metric.score_images(
-          list(cascade.to_uint8(img)),
-          [e["attributes"] for e in test],
-          [e["held_out"] for e in test],
-      )
-      row = dict(
-          step=step,
-          w=w,
-          colour=r["mean"]["color"],
-          shape=r["mean"]["shape"],
-          exact=r["mean"]["exact"],
-          held_colour=r["held_out"]["color"],
-          held_shape=r["held_out"]["shape"],
-          n=len(prompts),
-          train_s=round(time.time() - start, 1),
-      )
-      rows.append(row)
-      print(json.dumps(row), flush=True)
-    with open(os.path.join(_OUTDIR.value, "rows.jsonl"), "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in rows)
-
-  from tqdm import tqdm
-
-  bar = tqdm(total=_STEPS.value, desc="train", unit="step")
-  for step in range(_STEPS.value + 1):
-    late = _DEADLINE.value and time.time() - start > _DEADLINE.value
-    if step in evals or late or step == _STEPS.value:
-      evaluate(step)
-    if late or step == _STEPS.value:
-      break
-    idx = rng.integers(0, len(images), batch)
-    host = {"image": images[idx], "text_ids": ids[idx], "text_mask": mask[idx]}
-    state, _ = step_fn(state, host, key, encoder.params)
-    bar.update(1)
-  bar.close()
-
-  table = gap_table(rows, weights, overrides=_SET.value)
-  with open(os.path.join(_OUTDIR.value, "table.md"), "w") as f:
-    f.write(table)
-  print(table)
+  rows = []
+  for w in weights:
+    settings = cascade.SamplingSettings(
+        sampler="ddim", num_steps=sample_steps, guidance_weight=w, threshold="dynamic"
+    )
+    (img,) = model.sample(prompts, [settings], seed=0, batch_size=len(prompts), progress=False)
+    r = shapes_metric.score_images(
+        list(images.to_uint8(img)), [e["attributes"] for e in test], [e["held_out"] for e in test]
+    )
+    rows.append(
+        dict(
+            step=stage.step,
+            w=w,
+            colour=r["mean"]["color"],
+            shape=r["mean"]["shape"],
+            exact=r["mean"]["exact"],
+            held_colour=r["held_out"]["color"],
+            held_shape=r["held_out"]["shape"],
+            n=len(prompts),
+        )
+    )
+    print(json.dumps(rows[-1]), flush=True)
+  return rows
 
 
 def gap_table(rows, weights, overrides=()) -> str:
@@ -201,6 +117,62 @@ def gap_table(rows, weights, overrides=()) -> str:
     )
     lines.append(f"| {step} | {cells} | {gain:+.3f} |")
   return "\n".join(lines) + "\n"
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from imagen_jax import atomic, cascade, cli_runner
+  from imagen_jax.data import shapes
+
+  c = _CONFIG.value
+  config_flag = flags.FLAGS["config"]
+  user = config_flags.get_override_values(config_flag)
+  weights = [float(w) for w in _WEIGHTS.value]
+  plan = checkpoint_plan(_EVAL_STEPS.value, int(c.train.num_steps))
+  outdir = os.path.abspath(_OUTDIR.value)
+  workdir = os.path.join(outdir, "train")
+  os.makedirs(outdir, exist_ok=True)
+
+  d = c.data
+  data_dir = d.data_dir or os.path.join(outdir, "data")
+  builder = shapes.build_shapes(
+      data_dir,
+      int(d.resolution),
+      num_train=int(d.num_train),
+      num_test=int(d.num_test),
+      seed=int(d.shapes_seed),
+  )
+  overrides = {**user, **plan, "data.data_dir": data_dir}
+  if _TEXT_CACHE.value and not c.text.embedding_cache:
+    with c.unlocked():
+      c.data.data_dir = data_dir
+    overrides["text.embedding_cache"] = shapes.build_text_cache(c, data_dir)
+
+  t0 = time.time()
+  finished = cli_runner.train_stage(
+      config_flags.get_config_filename(config_flag),
+      workdir,
+      overrides,
+      deadline_s=_DEADLINE.value or None,
+  )
+  train_s = round(time.time() - t0, 1)  # this call's training time (0 + startup when resumed)
+  steps = sorted({int(s) for s in _EVAL_STEPS.value})
+  if not finished:  # stopped by the deadline: the eval steps reached, then the step reached
+    reached = cascade.load_stage(workdir).step
+    steps = [s for s in steps if s < reached] + [reached]
+
+  test = shapes.read_examples(builder, "test", limit=_NUM_PROMPTS.value)
+  rows = []
+  for step in steps:
+    stage = cascade.load_stage(workdir, step=step)  # that checkpoint's EMA params
+    rows += [dict(r, train_s=train_s) for r in evaluate(stage, test, weights, _SAMPLE_STEPS.value)]
+    atomic.write_text(
+        os.path.join(outdir, "rows.jsonl"), "".join(json.dumps(r) + "\n" for r in rows)
+    )
+  table = gap_table(rows, weights, overrides=[f"{k}={v}" for k, v in user.items()])
+  atomic.write_text(os.path.join(outdir, "table.md"), table)
+  print(table)
 
 
 if __name__ == "__main__":

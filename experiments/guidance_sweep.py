@@ -4,7 +4,8 @@ Imagen §4.2, App. D (Figs. A.8 base, A.11 SR): alignment (CLIP score) against f
 as the guidance weight w grows, one curve per thresholding mode / aug level. On the shapes
 demo the alignment is the exact shapes metric and, without Inception weights, the distance is
 a Frechet distance on fixed random-conv features, labelled "not FID" (see
-`imagen_jax.evals.sweep.RandomConvFeatures`). Logic lives in `imagen_jax.evals.sweep`.
+`imagen_jax.evals.features.RandomConvFeatures`). Logic lives in `imagen_jax.evals.sweep`
+(runner) and `imagen_jax.evals.sweep_report` (outputs).
 
   python experiments/guidance_sweep.py --workdirs=demo_out/base,demo_out/sr \
       --weights=1,2,3,5,8 --thresholds=dynamic,static --num_prompts=64 \
@@ -15,16 +16,12 @@ Interrupt and rerun freely: finished points are read from <outdir>/points/.
 
 from __future__ import annotations
 
-import os
-
 from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
-    os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "cascade.py:shapes"
-    ),
+    "configs/cascade.py:shapes",
     "cascade sampling settings (steps, sampler, the non-swept stages' w, aug levels)",
 )
 _WORKDIRS = flags.DEFINE_list(
@@ -69,7 +66,9 @@ def main(argv):
   import numpy as np
 
   from imagen_jax import cascade
-  from imagen_jax.evals import shapes_metric, sweep
+  from imagen_jax.evals import features as features_lib
+  from imagen_jax.evals import prompts as prompts_lib
+  from imagen_jax.evals import shapes_metric, sweep, sweep_report
 
   cfg = _CONFIG.value
   workdirs = _WORKDIRS.value or [cfg[f"stage{k + 1}"].workdir for k in range(int(cfg.num_stages))]
@@ -90,7 +89,7 @@ def main(argv):
   last = model.stages[len(workdirs) - 1].config
   if _PROMPTS_FROM.value == "shapes":
     d = last.data
-    prompts, attributes, reference = sweep.shapes_test_prompts(
+    prompts, attributes, reference = prompts_lib.shapes_test_prompts(
         _DATA_DIR.value or d.data_dir,
         int(model.stages[len(workdirs) - 1].image_size),
         num_train=int(d.num_train),
@@ -99,7 +98,7 @@ def main(argv):
         limit=_NUM_PROMPTS.value,
     )
   else:
-    prompts = sweep.read_prompt_file(_PROMPTS_FROM.value)[: _NUM_PROMPTS.value]
+    prompts = prompts_lib.read_texts(_PROMPTS_FROM.value)[: _NUM_PROMPTS.value]
     try:  # shapes captions in a file still get the exact alignment metric
       attributes = [shapes_metric.parse_caption(p) for p in prompts]
     except ValueError:
@@ -111,7 +110,9 @@ def main(argv):
   if _INCEPTION.value:
     from imagen_jax.evals import fid
 
-    features = sweep.InceptionFeatures(fid.FIDComputer(_INCEPTION.value, mode=_FID_MODE.value))
+    features = features_lib.InceptionFeatures(
+        fid.FIDComputer(_INCEPTION.value, mode=_FID_MODE.value)
+    )
   clip = None
   if _CLIP.value:
     from imagen_jax.evals import clip as clip_lib
@@ -136,7 +137,7 @@ def main(argv):
       f"stage {stage + 1} guidance sweep, {len(prompts)} prompts, "
       f"{' -> '.join(str(s.image_size) for s in model.stages[:len(workdirs)])}px"
   )
-  paths = sweep.write_outputs(result, _OUTDIR.value, title)
+  paths = sweep_report.write_outputs(result, _OUTDIR.value, title)
   print(f"{result.computed} points sampled, {result.cached} read from cache")
   with open(paths["md"]) as f:
     print(f.read())

@@ -1,10 +1,13 @@
 """Train one cascade stage: `python -m imagen_jax.main --config=configs/base64.py:tiny
 --workdir=DIR [--config.train.num_steps=5 ...]`.
 
-The config file's `get_config(variant)` gives a locked ConfigDict (see configs/common.py);
-`--config.a.b=value` overrides any field, and a misspelt field is an error. With
-`--config.distributed.initialize=true` (+ coordinator_address / num_processes / process_id, or
-auto-detection on TPU pods and SLURM) the process joins a multi-process job first.
+`--config=configs/<stage>.py:VARIANT[,key=value,...]` calls that module's `get_config` with the
+text after ':' (e.g. `configs/base64.py:paper,batch=256`; see configs/common.py), which gives a
+locked ConfigDict; `--config.a.b=value` then overrides any field, and a misspelt field is an
+error. The config package must be importable (installed with the repo, or run from its root).
+With `--config.distributed.initialize=true` (+ coordinator_address / num_processes /
+process_id, or auto-detection on TPU pods and SLURM) the process joins a multi-process job
+first.
 """
 
 from __future__ import annotations
@@ -15,11 +18,12 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Stage config file and variant, e.g. configs/base64.py:tiny.", lock_config=True
+    "config",
+    None,
+    "Stage config file and argument, e.g. configs/base64.py:paper,batch=256.",
+    lock_config=True,
 )
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Output directory (resumes if it has " "checkpoints)."
-)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (resumes if it has checkpoints).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 

@@ -1,9 +1,17 @@
-"""Training metrics and images: TensorBoard (tensorboardX) + JSONL + PNG, on process 0 only.
+"""Metric writing behind one small interface: JSONL + PNG files and TensorBoard, on process 0.
 
-`MetricWriter(workdir)` writes `workdir/metrics.jsonl` (one JSON object per logged step:
-`{"step": s, "loss": ..., ...}`), TensorBoard event files under `workdir/tensorboard`, and image
-grids as `workdir/samples/<name>_<step>.png`. On processes other than 0 every call is a no-op,
-so callers need no `if jax.process_index() == 0`.
+A `Writer` has `write_scalars(step, {name: value})`, `write_images(step, {name: [N, H, W, C] in
+[-1, 1]})`, `write_texts(step, {name: text})`, `flush()` and `close()` (the interface of clu's
+`metric_writers`, which imports TensorFlow; we keep TensorFlow out). Implementations:
+
+* `FileWriter(workdir)`: `workdir/metrics.jsonl` (one JSON object per logged step, `{"step": s,
+  "loss": ..., ...}`; NaN / inf as strings, which JSON lacks), image grids as
+  `workdir/samples/<name>_<step:08d>.png`, texts as `workdir/samples/<name>_<step:08d>.txt`;
+* `TensorBoardWriter(logdir)`: tensorboardX event files;
+* `MultiWriter(writers)`: forwards every call to each;
+* `MetricWriter(workdir)`: the training writer, a `MultiWriter` of both of the above under
+  `workdir` on process 0 and of nothing elsewhere, so callers need no
+  `if jax.process_index() == 0`.
 """
 
 from __future__ import annotations
@@ -12,96 +20,159 @@ import json
 import logging
 import math
 import os
-from typing import Mapping
+from typing import Mapping, Protocol, Sequence, runtime_checkable
 
-import jax
 import numpy as np
 
-
-def image_grid(images: np.ndarray, ncols: int | None = None) -> np.ndarray:
-  """[N, H, W, C] float in [-1, 1] -> one uint8 [rows*H, ncols*W, C] grid (1 px gaps)."""
-  images = np.asarray(images, np.float32)
-  if images.ndim != 4:
-    raise ValueError(f"image_grid wants [N, H, W, C], got shape {images.shape}")
-  n, h, w, c = images.shape
-  ncols = ncols or int(math.ceil(math.sqrt(n)))
-  nrows = int(math.ceil(n / ncols))
-  grid = np.full((nrows * (h + 1) - 1, ncols * (w + 1) - 1, c), 255, np.uint8)
-  u8 = np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
-  for i in range(n):
-    r, col = divmod(i, ncols)
-    grid[r * (h + 1) : r * (h + 1) + h, col * (w + 1) : col * (w + 1) + w] = u8[i]
-  return grid
+from imagen_jax import atomic, images
 
 
-class MetricWriter:
-  """Scalars to TensorBoard + JSONL, images to PNG (+ TensorBoard), on process 0."""
-
-  def __init__(self, workdir: str, *, enabled: bool | None = None):
-    self.enabled = jax.process_index() == 0 if enabled is None else enabled
-    self.workdir = workdir
-    self._tb = None
-    self._jsonl = None
-    if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
-      try:
-        from tensorboardX import SummaryWriter  # only process 0 needs it
-      except ImportError:  # declared in setup.py; JSONL + PNG still work without it
-        logging.warning("tensorboardX is not installed: no TensorBoard events")
-      else:
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+@runtime_checkable
+class Writer(Protocol):
+  """What the trainer writes to; `step` is the training step of the values."""
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
-    if not self.enabled:
-      return
-    row = {"step": int(step)}
-    for k, v in scalars.items():
-      v = float(v)
-      row[k] = v if math.isfinite(v) else str(v)  # JSON has no NaN / inf
-      if self._tb is not None:
-        self._tb.add_scalar(k, v, int(step))
+    ...
+
+  def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+    ...
+
+  def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+    ...
+
+  def flush(self) -> None:
+    ...
+
+  def close(self) -> None:
+    ...
+
+
+def _json_value(v: float) -> float | str:
+  v = float(v)
+  return v if math.isfinite(v) else str(v)  # JSON has no NaN / inf
+
+
+class FileWriter:
+  """Scalars to `metrics.jsonl` (appended), image grids and texts to `samples/`."""
+
+  def __init__(self, workdir: str):
+    self.workdir = workdir
+    self.samples_dir = os.path.join(workdir, "samples")
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+
+  def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+    row = {"step": int(step), **{k: _json_value(v) for k, v in scalars.items()}}
     self._jsonl.write(json.dumps(row) + "\n")
+    self._jsonl.flush()  # a crash loses no logged step
+
+  def image_path(self, name: str, step: int) -> str:
+    return os.path.join(self.samples_dir, f"{name}_{int(step):08d}.png")
+
+  def write_images(self, step: int, images_: Mapping[str, np.ndarray]) -> list[str]:
+    """Each `[N, H, W, C]` batch (float in [-1, 1] or uint8) as one PNG grid; returns the paths."""
+    return [
+        atomic.save_png(self.image_path(name, step), images.image_grid(batch))
+        for name, batch in images_.items()
+    ]
+
+  def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+    for name, text in texts.items():
+      atomic.write_text(os.path.join(self.samples_dir, f"{name}_{int(step):08d}.txt"), text + "\n")
+
+  def flush(self) -> None:
     self._jsonl.flush()
 
-  def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> list[str]:
-    """Saves each [N, H, W, C] batch in [-1, 1] as a PNG grid; returns the paths."""
-    if not self.enabled:
-      return []
-    from PIL import Image
+  def close(self) -> None:
+    self._jsonl.close()
 
-    out_dir = os.path.join(self.workdir, "samples")
-    os.makedirs(out_dir, exist_ok=True)
-    paths = []
-    for name, batch in images.items():
-      grid = image_grid(batch)
-      path = os.path.join(out_dir, f"{name}_{int(step):08d}.png")
-      Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).save(path)
-      if self._tb is not None:
-        self._tb.add_image(name, grid, int(step), dataformats="HWC")
-      paths.append(path)
-    return paths
 
-  def write_text(self, step: int, name: str, text: str) -> None:
-    """Text to TensorBoard and to `samples/<name>_<step>.txt` (e.g. a grid's prompts)."""
-    if not self.enabled:
-      return
-    out_dir = os.path.join(self.workdir, "samples")
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, f"{name}_{int(step):08d}.txt"), "w") as f:
-      f.write(text + "\n")
-    if self._tb is not None:
+class TensorBoardWriter:
+  """tensorboardX event files under `logdir` (scalars, image grids, texts)."""
+
+  def __init__(self, logdir: str):
+    from tensorboardX import SummaryWriter  # only process 0 needs it
+
+    self._tb = SummaryWriter(logdir)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+    for k, v in scalars.items():
+      self._tb.add_scalar(k, float(v), int(step))
+
+  def write_images(self, step: int, images_: Mapping[str, np.ndarray]) -> None:
+    for name, batch in images_.items():
+      self._tb.add_image(name, images.image_grid(batch), int(step), dataformats="HWC")
+
+  def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+    for name, text in texts.items():
       self._tb.add_text(name, text, int(step))
 
   def flush(self) -> None:
-    if self.enabled:
-      if self._tb is not None:
-        self._tb.flush()
-      self._jsonl.flush()
+    self._tb.flush()
 
   def close(self) -> None:
-    if self.enabled:
-      if self._tb is not None:
-        self._tb.close()
-      self._jsonl.close()
-      self.enabled = False
+    self._tb.close()
+
+
+class MultiWriter:
+  """Forwards every call to each writer in order; `MultiWriter([])` writes nothing."""
+
+  def __init__(self, writers: Sequence[Writer]):
+    self.writers = list(writers)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+    for w in self.writers:
+      w.write_scalars(step, scalars)
+
+  def write_images(self, step: int, images_: Mapping[str, np.ndarray]) -> None:
+    for w in self.writers:
+      w.write_images(step, images_)
+
+  def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+    for w in self.writers:
+      w.write_texts(step, texts)
+
+  def flush(self) -> None:
+    for w in self.writers:
+      w.flush()
+
+  def close(self) -> None:
+    for w in self.writers:
+      w.close()
+    self.writers = []  # a second close is a no-op
+
+
+class MetricWriter(MultiWriter):
+  """The training writer: `FileWriter(workdir)` + `TensorBoardWriter(workdir/tensorboard)`.
+
+  enabled: None = only on process 0 (every other process writes nothing). Without tensorboardX
+  installed the TensorBoard part is left out with a warning.
+  """
+
+  def __init__(self, workdir: str, *, enabled: bool | None = None, tensorboard: bool = True):
+    if enabled is None:
+      import jax
+
+      enabled = jax.process_index() == 0
+    writers: list[Writer] = []
+    if enabled:
+      writers.append(FileWriter(workdir))
+      if tensorboard:
+        try:
+          writers.append(TensorBoardWriter(os.path.join(workdir, "tensorboard")))
+        except ImportError:  # declared in setup.py; JSONL + PNG still work without it
+          logging.warning("tensorboardX is not installed: no TensorBoard events")
+    super().__init__(writers)
+    self.enabled = enabled
+
+  def write_images(self, step: int, images_: Mapping[str, np.ndarray]) -> list[str]:
+    """Writes the grids; returns the PNG paths ([] on processes other than 0)."""
+    paths = []
+    for w in self.writers:
+      out = w.write_images(step, images_)
+      paths += out if isinstance(w, FileWriter) else []
+    return paths
+
+  def write_text(self, step: int, name: str, text: str) -> None:
+    """One text (e.g. a sample grid's prompts): `write_texts(step, {name: text})`."""
+    self.write_texts(step, {name: text})

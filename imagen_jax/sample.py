@@ -9,7 +9,6 @@ the logic is `imagen_jax.cascade`.
 
 from __future__ import annotations
 
-import json
 import os
 
 from absl import app, flags
@@ -25,10 +24,10 @@ _PER_PROMPT = flags.DEFINE_integer("num_per_prompt", 4, "samples per prompt")
 
 
 def read_prompts(prompts, prompt_file) -> list[str]:
-  out = list(prompts)
-  if prompt_file:
-    with open(prompt_file, encoding="utf-8") as f:
-      out += [line.strip() for line in f if line.strip() and not line.startswith("#")]
+  """The --prompt values, then the --prompt_file's (`evals.prompts` format)."""
+  from imagen_jax.evals import prompts as prompts_lib
+
+  out = list(prompts) + (prompts_lib.read_texts(prompt_file) if prompt_file else [])
   if not out:
     raise app.UsageError("give at least one --prompt or a --prompt_file")
   return out
@@ -36,9 +35,7 @@ def read_prompts(prompts, prompt_file) -> list[str]:
 
 def main(argv):
   del argv
-  import PIL.Image
-
-  from imagen_jax import cascade, metrics, visualize
+  from imagen_jax import atomic, cascade, images
 
   c = _CONFIG.value
   prompts = read_prompts(_PROMPTS.value, _PROMPT_FILE.value)
@@ -51,30 +48,27 @@ def main(argv):
   expanded = [p for p in prompts for _ in range(k)]
   outs = model.sample(expanded, settings, seed=int(c.seed), batch_size=int(c.batch_size))
   os.makedirs(_OUTDIR.value, exist_ok=True)
-  for s, images in enumerate(outs, start=1):
-    u8 = cascade.to_uint8(images)
-    PIL.Image.fromarray(metrics.image_grid(images, ncols=k)).save(
-        os.path.join(_OUTDIR.value, f"stage{s}_grid.png")
+  for s, out in enumerate(outs, start=1):
+    u8 = images.to_uint8(out)
+    atomic.save_png(
+        os.path.join(_OUTDIR.value, f"stage{s}_grid.png"), images.image_grid(u8, ncols=k)
     )
     single = os.path.join(_OUTDIR.value, f"stage{s}")
     os.makedirs(single, exist_ok=True)
     for i, img in enumerate(u8):
-      PIL.Image.fromarray(img).save(os.path.join(single, f"{i:04d}.png"))
-  rows = [[cascade.to_uint8(o[i]) for o in outs] for i in range(0, len(expanded), k)]
-  visualize.labelled_grid(rows, prompts, [f"stage {s}" for s in range(1, len(outs) + 1)]).save(
-      os.path.join(_OUTDIR.value, "samples.png")
+      atomic.save_png(os.path.join(single, f"{i:04d}.png"), img)
+  rows = [[images.to_uint8(o[i]) for o in outs] for i in range(0, len(expanded), k)]
+  sheet = images.labelled_grid(rows, prompts, [f"stage {s}" for s in range(1, len(outs) + 1)])
+  atomic.save_png(os.path.join(_OUTDIR.value, "samples.png"), sheet)
+  atomic.write_json(
+      os.path.join(_OUTDIR.value, "settings.json"),
+      {
+          "config": c.to_dict(),
+          "prompts": prompts,
+          "num_per_prompt": k,
+          "stage_steps": [s.step for s in model.stages],
+      },
   )
-  with open(os.path.join(_OUTDIR.value, "settings.json"), "w") as f:
-    json.dump(
-        {
-            "config": c.to_dict(),
-            "prompts": prompts,
-            "num_per_prompt": k,
-            "stage_steps": [s.step for s in model.stages],
-        },
-        f,
-        indent=2,
-    )
   print(f"wrote {len(expanded)} samples per stage to {_OUTDIR.value}")
 
 

@@ -1,4 +1,4 @@
-"""COCO FID-30K and DrawBench scripts end to end on tiny synthetic stand-ins (issue 8).
+"""COCO FID-30K and DrawBench scripts end to end on tiny synthetic stand-ins.
 
 Both scripts run as subprocesses (as users run them) on tiny random cascade stages; the COCO
 run uses a random-weights FID InceptionV3 (numbers meaningless, plumbing real).
@@ -82,29 +82,34 @@ def test_coco_fid30k_script_end_to_end(workdirs, tmp_path):
   convert_weights.save_flax_weights(
       convert_weights.convert_state_dict(convert_weights.random_torch_state_dict(0)), weights
   )
-  out = _run(
-      "coco_fid30k.py",
-      [
-          f"--workdirs={workdirs[0]},{workdirs[1]}",
-          "--config=configs/cascade.py:shapes",
-          "--config.stage1.num_steps=2",
-          "--config.stage2.num_steps=2",
-          f"--coco_dir={tmp_path}",
-          f"--inception={weights}",
-          "--protocol=paper",
-          "--num_samples=4",
-          "--batch_size=8",
-          "--chunk=4",
-          f"--outdir={tmp_path / 'out'}",
-      ],
-  )
+  args = [
+      f"--workdirs={workdirs[0]},{workdirs[1]}",
+      "--config=configs/cascade.py:shapes",
+      "--config.stage1.num_steps=2",
+      "--config.stage2.num_steps=2",
+      f"--coco_dir={tmp_path}",
+      f"--inception={weights}",
+      "--protocol=paper",
+      "--num_samples=4",
+      "--batch_size=8",
+      "--chunk=4",
+      f"--outdir={tmp_path / 'out'}",
+  ]
+  out = _run("coco_fid30k.py", args)
   assert re.search(
       r"FID-4 \(paper protocol, tf preprocessing, 5 reference images\): [\d.]+", out
   ), out
   report = json.loads((tmp_path / "out" / "fid.json").read_text())
   assert report["num_reference"] == 5 and np.isfinite(report["fid"])
-  with np.load(tmp_path / "out" / "samples" / "chunk_000000.npz") as z:
+  assert os.path.dirname(report["samples_dir"]) == str(tmp_path / "out" / "samples")
+  with np.load(os.path.join(report["samples_dir"], "chunk_000000.npz")) as z:
     assert z["images"].shape == (4, 256, 256, 3)  # generated 32px resized to 256
+  # Rerun into the same folder with another chunk size: its own chunks, one image per prompt.
+  out = _run("coco_fid30k.py", [a for a in args if a != "--chunk=4"] + ["--chunk=3"])
+  assert "FID-4 (paper protocol" in out, out
+  rerun = json.loads((tmp_path / "out" / "fid.json").read_text())
+  assert rerun["samples_dir"] != report["samples_dir"]
+  assert sorted(os.listdir(rerun["samples_dir"])) == ["chunk_000000.npz", "chunk_000003.npz"]
 
 
 def test_drawbench_script_writes_sheet_and_grids(workdirs, tmp_path):

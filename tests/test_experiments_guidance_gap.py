@@ -1,27 +1,52 @@
-"""experiments/guidance_gap.py: overrides, the gain table, and (slow) a tiny end-to-end run."""
+"""experiments/guidance_gap.py: the checkpoint plan, the gain table, and a tiny end-to-end run
+through the real trainer's command line."""
 
 import json
 import os
 import subprocess
 import sys
 
-import ml_collections
 import pytest
 
+from experiments import guidance_gap
+from imagen_jax import cli_runner
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "experiments"))
-import guidance_gap  # noqa: E402
 
 
-def test_overrides_parse_literals_and_refuse_unknown_fields():
-  c = ml_collections.ConfigDict({"diffusion": {"target": "x0"}, "train": {"global_batch_size": 16}})
-  c.lock()
-  guidance_gap.apply_overrides(c, ["diffusion.target=eps", "train.global_batch_size=64"])
-  assert c.diffusion.target == "eps" and c.train.global_batch_size == 64
-  with pytest.raises(KeyError, match="batch"):  # a locked config refuses new fields
-    guidance_gap.apply_overrides(c, ["train.batch=3"])
-  with pytest.raises(ValueError, match="expected key=value"):
-    guidance_gap.apply_overrides(c, ["train.global_batch_size"])
+def test_checkpoint_plan_keeps_a_checkpoint_at_every_eval_step():
+  plan = guidance_gap.checkpoint_plan(["1500", "2000", "2500"], 2500)
+  assert plan == {"train.num_steps": 2500, "train.ckpt_every": 500, "train.max_to_keep": 6}
+  plan = guidance_gap.checkpoint_plan([3, 7], 10)
+  assert plan["train.ckpt_every"] == 1 and plan["train.max_to_keep"] == 11
+  with pytest.raises(ValueError, match=r"\[1, train.num_steps=10\]"):
+    guidance_gap.checkpoint_plan([0, 10], 10)
+  with pytest.raises(ValueError, match="num_steps=10"):
+    guidance_gap.checkpoint_plan([12], 10)
+
+
+def test_overrides_become_config_flags():
+  cmd = cli_runner.main_command(
+      "configs/base64.py:tiny",
+      "/w",
+      {
+          "train.num_steps": 4,
+          "model.channel_mult": (1, 2),
+          "diffusion.target": "eps",
+          "train.progress_bar": False,
+          "optim.learning_rate": 1e-3,
+      },
+  )
+  assert cmd[1:5] == ["-m", "imagen_jax.main", "--config=configs/base64.py:tiny", "--workdir=/w"]
+  assert cmd[5:] == [
+      "--config.train.num_steps=4",
+      "--config.model.channel_mult=(1, 2)",
+      "--config.diffusion.target=eps",
+      "--config.train.progress_bar=false",
+      "--config.optim.learning_rate=0.001",
+  ]
+  with pytest.raises(ValueError, match="train.x=None"):
+    cli_runner.override_flag("train.x", None)
 
 
 def test_gap_table_reports_the_best_gain_over_w1():
@@ -38,27 +63,33 @@ def test_gap_table_reports_the_best_gain_over_w1():
 
 
 @pytest.mark.slow
-def test_tiny_run_writes_a_row_per_step_and_weight(tmp_path):
+def test_tiny_run_trains_with_the_trainer_and_writes_a_row_per_step_and_weight(tmp_path):
   out = tmp_path / "out"
-  subprocess.run(
+  proc = subprocess.run(
       [
           sys.executable,
           os.path.join(REPO, "experiments", "guidance_gap.py"),
-          f"--data_dir={tmp_path / 'data'}",
           f"--outdir={out}",
-          "--variant=tiny",
-          "--steps=4",
-          "--eval_steps=0,4",
+          "--config=configs/base64.py:tiny",
+          "--config.train.num_steps=4",
+          "--config.train.progress_bar=false",
+          "--eval_steps=2,4",
           "--weights=1,3",
           "--num_prompts=4",
           "--sample_steps=2",
       ],
-      check=True,
       cwd=REPO,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"),
       capture_output=True,
       text=True,
+      timeout=600,
   )
-  rows = [json.loads(l) for l in open(out / "rows.jsonl")]
-  assert [(r["step"], r["w"]) for r in rows] == [(0, 1.0), (0, 3.0), (4, 1.0), (4, 3.0)]
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [json.loads(line) for line in open(out / "rows.jsonl")]
+  assert [(r["step"], r["w"]) for r in rows] == [(2, 1.0), (2, 3.0), (4, 1.0), (4, 3.0)]
   assert all(0.0 <= r["colour"] <= 1.0 and r["n"] == 4 for r in rows)
-  assert "best gain over w=1" in (out / "table.md").read_text()
+  table = (out / "table.md").read_text()
+  assert "best gain over w=1" in table and "train.num_steps=4" in table
+  # The real trainer ran: its metrics log and a checkpoint at each eval step.
+  assert (out / "train" / "metrics.jsonl").exists()
+  assert {"2", "4"} <= set(os.listdir(out / "train" / "checkpoints"))

@@ -1,4 +1,4 @@
-"""Guidance sweep end to end on tiny random stages (issue 8): outputs, resume, the CLI."""
+"""Guidance sweep end to end on tiny random stages: outputs, resume, the CLI."""
 
 import csv
 import os
@@ -10,7 +10,7 @@ import PIL.Image
 import pytest
 
 from imagen_jax import cascade
-from imagen_jax.evals import frechet, sweep
+from imagen_jax.evals import features, frechet, prompts, sweep, sweep_report
 from tests import cascade_fixtures
 
 STEPS = 2
@@ -23,7 +23,7 @@ def setup(tmp_path_factory):
   workdirs = cascade_fixtures.shared_tiny_cascade()
   model = cascade.Cascade.from_workdirs(workdirs)
   d = model.stages[1].config.data  # the tiny data config: 64 train / 16 test, seed 0
-  data = sweep.shapes_test_prompts(
+  data = prompts.shapes_test_prompts(
       str(root / "data"),
       32,
       num_train=int(d.num_train),
@@ -60,7 +60,7 @@ def test_sweep_writes_outputs_and_resumes(setup, monkeypatch):
       progress=False,
   )
   assert (r.computed, r.cached, len(calls)) == (4, 0, 4)
-  paths = sweep.write_outputs(r, outdir, "test sweep")
+  paths = sweep_report.write_outputs(r, outdir, "test sweep")
   assert all(os.path.getsize(p) > 0 for p in paths.values())
   with open(paths["csv"]) as f:
     rows = list(csv.DictReader(f))
@@ -70,7 +70,7 @@ def test_sweep_writes_outputs_and_resumes(setup, monkeypatch):
     assert float(row["fd"]) >= 0.0 and row["fd_feature"].startswith("random-conv")
     assert 0.0 <= float(row["alignment_color_shape"]) <= 1.0
   md = open(paths["md"]).read()
-  assert sweep.RANDOM_CONV_LABEL in md and "not FID" in md and "Real reference images" in md
+  assert features.RANDOM_CONV_LABEL in md and "not FID" in md and "Real reference images" in md
   assert r.reference_saturation > 0.5  # shapes: pure colours on black
   assert r.reference_saturation_upper == 0.0  # ... none of them clipped at the top
   assert all(
@@ -83,6 +83,7 @@ def test_sweep_writes_outputs_and_resumes(setup, monkeypatch):
   # Each point: uint8 samples per stage, prompts, metrics; no temporary folders left.
   names = sorted(os.listdir(os.path.join(outdir, "points")))
   assert len(names) == 4 and not any(n.startswith(".tmp") for n in names)
+  assert not [n for n in os.listdir(outdir) if n.startswith(".tmp")]
   with np.load(os.path.join(outdir, "points", names[0], "samples.npz")) as z:
     assert z["stage1"].shape == (NUM_PROMPTS, 16, 16, 3) and z["stage1"].dtype == np.uint8
     assert z["stage2"].shape == (NUM_PROMPTS, 32, 32, 3)
@@ -137,7 +138,7 @@ def test_sweep_writes_outputs_and_resumes(setup, monkeypatch):
 
 def test_random_conv_fd_is_labelled_and_separates_distributions():
   rng = np.random.default_rng(0)
-  feats = sweep.RandomConvFeatures(batch_size=8)
+  feats = features.RandomConvFeatures(batch_size=8)
   a = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
   b = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
   black = np.zeros_like(a)

@@ -1,5 +1,7 @@
 """Classifier-free guidance and thresholding (imagen_jax/diffusion/guidance.py)."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -138,3 +140,62 @@ def test_classifier_free_guidance():
   np.testing.assert_array_equal(out[0], c[0])
   np.testing.assert_array_equal(out[1], u[1])
   np.testing.assert_allclose(out[2], 2 * c[2] - u[2], atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), np.float32("nan")])
+def test_nonfinite_guidance_weight_refused(bad):
+  c = jnp.ones((2, 4, 4, 3))
+  with pytest.raises(ValueError, match=r"guidance_weight must be finite.*got"):
+    G.classifier_free_guidance(c, c, bad)
+  with pytest.raises(ValueError, match=r"guidance_weight must be finite"):
+    G.check_guidance_weight(bad)
+  with pytest.raises(ValueError, match=r"must be finite.*\[1\.0, (nan|inf|-inf)\]"):
+    G.classifier_free_guidance(c, c, np.asarray([1.0, bad]))
+  with pytest.raises(TypeError, match="guidance_weight must be a Python number"):
+    G.check_guidance_weight("7.5")
+  assert G.check_guidance_weight(np.float32(1.35)) == pytest.approx(1.35)
+
+
+def test_nonfinite_guidance_weight_traced_is_not_checked_inside_jit():
+  # A traced w cannot be inspected; it is checked where it is set (check_guidance_weight).
+  c = jnp.ones((2, 4, 4, 3))
+  out = jax.jit(G.classifier_free_guidance)(c, 2 * c, jnp.float32(3.0))
+  np.testing.assert_allclose(out, 3 * c - 2 * 2 * c)
+
+
+def _zero_denoiser(z, logsnr, cond):
+  del logsnr, cond
+  return jnp.zeros_like(z)
+
+
+def test_percentile_below_one_warns_once_at_settings_time():
+  from imagen_jax.diffusion import samplers
+
+  with pytest.warns(
+      G.PercentileScaleWarning, match=r"0\.995th percentile.*did you mean 99\.5"
+  ) as rec:
+    settings = samplers.SamplerSettings(num_steps=2, percentile=0.995)
+  assert len(rec) == 1 and rec[0].filename == __file__  # points at the line making the setting
+  with pytest.warns(G.PercentileScaleWarning, match="0-100 scale"):
+    assert G.check_percentile(0.5) == 0.5
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # no further warning: not at every step, not for 99.5 / 1
+    samplers.sample(
+        _zero_denoiser,
+        None,
+        jnp.ones((1, 4, 4, 3)),
+        None,
+        schedule="cosine",
+        settings=settings,
+    )
+    G.dynamic_threshold(jnp.ones((1, 4, 4, 3)), 0.995)
+    samplers.SamplerSettings(percentile=99.5)
+    G.check_percentile(1.0)
+
+
+def test_percentile_below_one_is_silent_when_unused():
+  from imagen_jax.diffusion import samplers
+
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    samplers.SamplerSettings(threshold="static", percentile=0.995)

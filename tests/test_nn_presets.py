@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
+from configs import common
 from imagen_jax.nn import layers, presets, unet
+from imagen_jax.text import registry
 
 ALLOWED_NAMES = {
     "batch",
@@ -44,15 +46,17 @@ TEST_RULES = [
 
 
 def _abstract_params(stage, size="paper", batch=1):
+  """(model config, abstract variables) with the text of the same-named stage config."""
   cfg = presets.get_model_config(stage, size)
   model = unet.build_model(cfg)
-  s = cfg.image_size
+  text = common.text_config(size if size in common.VARIANTS else "shapes")
+  s, length, dim = cfg.image_size, text.max_length, registry.text_dim(text)
   x = jax.ShapeDtypeStruct((batch, s, s, 3), jnp.float32)
   kw = dict(
       x_t=x,
       logsnr=jax.ShapeDtypeStruct((batch,), jnp.float32),
-      text_emb=jax.ShapeDtypeStruct((batch, cfg.text_len, cfg.text_dim), jnp.float32),
-      text_mask=jax.ShapeDtypeStruct((batch, cfg.text_len), jnp.bool_),
+      text_emb=jax.ShapeDtypeStruct((batch, length, dim), jnp.float32),
+      text_mask=jax.ShapeDtypeStruct((batch, length), jnp.bool_),
   )
   if cfg.lowres_cond:
     kw.update(lowres=x, aug_level=jax.ShapeDtypeStruct((batch,), jnp.float32))
@@ -66,7 +70,8 @@ def _count(variables):
 @pytest.mark.parametrize("stage,paper", [("base64", 2.0e9), ("sr256", 600e6)])
 def test_paper_counts_within_20_percent(stage, paper):
   cfg, variables = _abstract_params(stage)
-  assert cfg.text_dim == 4096
+  assert registry.text_dim(common.text_config("paper")) == 4096  # T5-XXL (§2.1)
+  assert "text_dim" not in cfg and "text_len" not in cfg  # the text block's, not the network's
   n = _count(variables)
   assert abs(n - paper) / paper < 0.2, f"{stage}: {n / 1e6:.1f}M vs paper {paper / 1e6:.0f}M"
 

@@ -18,7 +18,7 @@ import pytest
 from imagen_jax.nn import presets, unet
 
 STAGES = ("base64", "sr256", "sr1024")
-L = 5  # text length of the tiny presets
+L, D = 5, 8  # text length and width of these tests (the networks infer D at init)
 
 
 def _random_params(model, batch, seed=0):
@@ -40,7 +40,7 @@ def _random_params(model, batch, seed=0):
 
 def _variants(cfg):
   """A batch of variants of example 0: rows named in the returned dict."""
-  s, d = cfg.image_size, cfg.text_dim
+  s, d = cfg.image_size, D
   k = jax.random.split(jax.random.key(1), 6)
   x = jax.random.normal(k[0], (1, s, s, 3))
   lowres = jax.random.normal(k[1], (1, s, s, 3))

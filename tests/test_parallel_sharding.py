@@ -1,8 +1,5 @@
 """Logical rules -> shardings, computed abstractly; optimizer-state layouts; byte counts."""
 
-import importlib.util
-import os
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,19 +7,13 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from configs import common
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.parallel import sharding as sh
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _rules():
-  spec = importlib.util.spec_from_file_location(
-      "cfg_common", os.path.join(ROOT, "configs", "common.py")
-  )
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.LOGICAL_AXIS_RULES
+  return common.LOGICAL_AXIS_RULES
 
 
 class Net(nn.Module):

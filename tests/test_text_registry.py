@@ -171,6 +171,9 @@ def test_default_config_fields_are_settable_when_locked():
   cfg.path = "/ckpt/t5-v1_1-xxl"  # typed placeholder: settable from the command line too
   cfg.precision = "highest"
   assert cfg.max_length == 128 and cfg.dtype == "float32"
+  # Training's fields of the same block: guidance dropout (§2.2) and the embedding cache.
+  assert cfg.drop_prob == 0.1 and cfg.embedding_cache == ""
+  cfg.embedding_cache = "/cache/dir"
   with pytest.raises(ValueError, match="precision='bogus'"):
     registry.get_text_encoder(
         ml_collections.ConfigDict({"name": "byt5-tiny-random", "precision": "bogus"})

@@ -1,5 +1,6 @@
 """Tokenizers: ByT5 bytes (no files) and the T5 sentencepiece tokenizer from a local directory."""
 
+import json
 import os
 import warnings
 
@@ -108,3 +109,57 @@ def test_sentencepiece_missing_files(tmp_path):
     tokenizer.make_tokenizer("sentencepiece", 8, str(tmp_path))
   with pytest.raises(FileNotFoundError, match="not a directory"):
     tokenizer.make_tokenizer("sentencepiece", 8, os.path.join(str(tmp_path), "nope"))
+
+
+def test_sentencepiece_needs_a_real_tokenizer_file(tmp_path):
+  # tokenizer_config.json alone is not a tokenizer: refused by name, not deep inside transformers.
+  (tmp_path / "tokenizer_config.json").write_text("{}")
+  with pytest.raises(FileNotFoundError, match=r"expected tokenizer\.json or spiece\.model.*found"):
+    tokenizer.make_tokenizer("sentencepiece", 8, str(tmp_path))
+
+
+def _checkpoint_without_tokenizer(d):
+  """A T5 checkpoint directory with config.json and a weights file but no tokenizer files."""
+  hf = dict(vocab_size=32, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2)
+  (d / "config.json").write_text(json.dumps({**hf, "feed_forward_proj": "gated-gelu"}))
+  (d / "model.safetensors").write_bytes(b"\0" * 64)
+  return str(d)
+
+
+def test_missing_tokenizer_reported_before_weights_load(tmp_path, monkeypatch):
+  from imagen_jax.text import checkpoint, registry
+
+  def weights_must_not_load(*args, **kwargs):
+    raise AssertionError("weights were read before the tokenizer files were checked")
+
+  monkeypatch.setattr(checkpoint, "load_params", weights_must_not_load)
+  path = _checkpoint_without_tokenizer(tmp_path)
+  cfg = registry.default_text_config("t5-v1_1-custom", path=path)
+  with pytest.raises(FileNotFoundError, match=r"no T5 tokenizer files in .*tokenizer\.json or "):
+    registry.get_text_encoder(cfg)
+
+
+def test_tokenizer_loaded_before_weights(spiece_dir, tmp_path, monkeypatch):
+  import shutil
+
+  from imagen_jax.text import checkpoint, registry
+
+  order = []
+  real_make = tokenizer.make_tokenizer
+
+  def make(*args, **kwargs):
+    order.append("tokenizer")
+    return real_make(*args, **kwargs)
+
+  def load_params(path, config, **kwargs):
+    order.append("weights")
+    return {}
+
+  d = tmp_path / "ckpt"
+  shutil.copytree(spiece_dir, d)
+  _checkpoint_without_tokenizer(d)
+  monkeypatch.setattr(tokenizer, "make_tokenizer", make)
+  monkeypatch.setattr(checkpoint, "load_params", load_params)
+  enc = registry.get_text_encoder(registry.default_text_config("t5-v1_1-custom", path=str(d)))
+  assert order == ["tokenizer", "weights"]
+  assert enc.tokenize(["a red circle"])[0].shape == (1, 128)

@@ -130,7 +130,7 @@ def test_tiny_sr_stages_train(tmp_path, data_dir, stage):
 def test_text_embedding_cache_trains_like_the_encoder(tmp_path, data_dir):
   """`text.embedding_cache` feeds the step the embeddings the frozen encoder would compute:
   same batches, same losses; a cache from another encoder setting is refused up front."""
-  from imagen_jax import demo
+  from imagen_jax.data import shapes
   from imagen_jax.text import cache as text_cache
 
   cut = {
@@ -143,7 +143,7 @@ def test_text_embedding_cache_trains_like_the_encoder(tmp_path, data_dir):
   encoded = tiny_config("base64", data_dir, **cut)
   trainer.train_and_evaluate(encoded, str(tmp_path / "encode"))
   cached = tiny_config("base64", data_dir, **cut)
-  cached.text.embedding_cache = demo.build_text_cache(cached, str(tmp_path))
+  cached.text.embedding_cache = shapes.build_text_cache(cached, str(tmp_path))
   trainer.train_and_evaluate(cached, str(tmp_path / "cache"))
   want = [r["loss"] for r in losses(str(tmp_path / "encode"))]
   got = [r["loss"] for r in losses(str(tmp_path / "cache"))]

@@ -57,6 +57,8 @@ def default_data_config(name: str = "shapes", **overrides: Any) -> ml_collection
   c.shapes_seed = 0
   # image_text only: the folder of images (+ manifest.jsonl or .txt captions).
   c.image_dir = ""
+  # image_text only: the RGB colour under transparent pixels (alpha is composited on it).
+  c.background = (255, 255, 255)
   # preprocessing (see preprocess.StageSpec)
   c.crop = "center"  # 'center' | 'random' (square crop after resizing the shorter side)
   c.sr_crop_size = 0  # SR1024 crop training (App. F.3): 256; 0 = off
@@ -106,7 +108,9 @@ def open_data_source(data_config: ml_collections.ConfigDict, *, build: bool = Tr
 
     if not data_config.image_dir:
       raise ValueError("data_config.image_dir must name the image folder for 'image_text'")
-    builder = image_text.build_image_text(data_config.image_dir, data_dir)
+    builder = image_text.build_image_text(
+        data_config.image_dir, data_dir, background=tuple(data_config.background)
+    )
     return builder.as_data_source(split=data_config.split)
   return tfds.data_source(name, split=data_config.split, data_dir=data_dir, download=False)
 

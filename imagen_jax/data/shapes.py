@@ -5,7 +5,7 @@ TensorFlow). Each image holds one or two anti-aliased shapes on a black backgrou
 comes from a small grammar and the structured attributes behind it are stored beside it, so that
 `imagen_jax.evals.shapes_metric` can score generated images exactly.
 
-Design (kept small so that a tiny CPU-trained cascade learns it in minutes, see issue 7):
+Design (kept small so that a tiny CPU-trained cascade learns it in minutes):
 - colours: red, yellow, green, cyan, blue, purple (hues ~30 degrees or more apart; on a black
   background every anti-aliased edge pixel is a scaled palette colour, so the metric can
   recover the colour exactly by projecting onto the palette lines).
@@ -359,3 +359,26 @@ def build_shapes(
   builder = shapes_builder(data_dir, resolution, num_train=num_train, num_test=num_test, seed=seed)
   builder.download_and_prepare()
   return builder
+
+
+def build_text_cache(config, data_dir: str) -> str:
+  """The text-embedding cache of a shapes stage's distinct training captions, keyed by the
+  caption text (for `config.text.embedding_cache`); written once, reused while the encoder's
+  weights are unchanged. Returns its directory, `<data_dir>/text_cache_<encoder>_L<len>_n<num>
+  _seed<seed>`. Several processes may call it at once (e.g. every host of one run): one encodes,
+  the others wait on the cache lock and reuse its cache (`text.cache.ensure_cache`).
+
+  The text encoder is frozen (Imagen §2.1), so each caption is encoded once, not every step.
+  """
+  from imagen_jax.text import cache as text_cache
+  from imagen_jax.text import registry
+
+  d, t = config.data, config.text
+  if d.name != "shapes":
+    raise ValueError(f"build_text_cache is for the shapes dataset, got data.name={d.name!r}")
+  path = os.path.join(
+      data_dir,
+      f"text_cache_{t.name}_L{int(t.max_length)}_n{int(d.num_train)}_seed{int(d.shapes_seed)}",
+  )
+  wanted = captions(int(d.shapes_seed), "train", int(d.num_train))
+  return text_cache.ensure_cache(registry.get_text_encoder(t), wanted, path)

@@ -6,17 +6,44 @@ per-example scalars are ``[B]``.
 
 from __future__ import annotations
 
+import math
 import numbers
+import warnings
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from imagen_jax.diffusion.forward import per_example
 
 Array = jax.Array
 
 THRESHOLD_MODES = ("none", "static", "dynamic")
+
+
+class PercentileScaleWarning(UserWarning):
+  """A dynamic-thresholding percentile below 1: probably a quantile given on the 0-1 scale."""
+
+
+def check_guidance_weight(guidance_weight) -> float:
+  """A settings-time guidance weight w (a Python number) -> float; non-finite w is refused.
+
+  NaN or inf w turns every guided eps, hence every image, into NaN; refused here where w is
+  set, since inside a jitted sampler w is a traced value that cannot be checked.
+  """
+  if isinstance(guidance_weight, bool) or not isinstance(guidance_weight, numbers.Real):
+    raise TypeError(
+        f"guidance_weight must be a Python number (the paper's w, §2.2: 1 = no guidance), "
+        f"got {guidance_weight!r} of type {type(guidance_weight).__name__}"
+    )
+  w = float(guidance_weight)
+  if not math.isfinite(w):
+    raise ValueError(
+        f"guidance_weight must be finite (the paper's w, §2.2: 1 = no guidance, e.g. 1.35 for "
+        f"the 64px base and 8 for SR on COCO), got {guidance_weight!r}"
+    )
+  return w
 
 
 def classifier_free_guidance(eps_cond: Array, eps_uncond: Array, guidance_weight) -> Array:
@@ -30,10 +57,21 @@ def classifier_free_guidance(eps_cond: Array, eps_uncond: Array, guidance_weight
 
   Args:
     eps_cond, eps_uncond: ``[B, H, W, C]``.
-    guidance_weight: a scalar or ``[B]`` (one w per example).
+    guidance_weight: a scalar or ``[B]`` (one w per example). A Python number or a concrete
+      array must be finite (ValueError otherwise); a traced w is checked where it is set
+      (:func:`check_guidance_weight`).
   Returns:
     ``[B, H, W, C]`` float32.
   """
+  if isinstance(guidance_weight, numbers.Real):
+    check_guidance_weight(guidance_weight)
+  elif not isinstance(guidance_weight, jax.core.Tracer):
+    w_host = np.asarray(guidance_weight, np.float64)
+    if not np.all(np.isfinite(w_host)):
+      raise ValueError(
+          f"guidance_weight must be finite (the paper's w, §2.2: 1 = no guidance), got "
+          f"{w_host.tolist()}"
+      )
   eps_cond = jnp.asarray(eps_cond, jnp.float32)
   eps_uncond = jnp.asarray(eps_uncond, jnp.float32)
   w = per_example(guidance_weight, eps_cond)
@@ -46,13 +84,20 @@ def static_threshold(x0: Array) -> Array:
   return jnp.clip(jnp.asarray(x0, jnp.float32), -1.0, 1.0)
 
 
-def check_percentile(percentile) -> float:
+def check_percentile(percentile, *, warn: bool = True, stacklevel: int = 2) -> float:
   """Validate a dynamic-thresholding percentile: a static number in (0, 100].
 
   Trap (diffusers issue 7165, copied into maxdiffusion): ``jnp.percentile`` takes q on the
   0-100 scale, so passing the *quantile* 0.995 silently computes the 0.995th percentile (about
   the smallest |x0|), which makes s = max(s, 1) = 1 and turns dynamic into static
-  thresholding. 0.995 is a legal percentile, so it is not rejected; the paper's value is 99.5.
+  thresholding. 0.995 is a legal percentile, so it is not rejected; with ``warn`` a percentile
+  below 1 gives a :class:`PercentileScaleWarning`, once, where the setting is made (sampler
+  settings), not at every step. The paper's value is 99.5.
+
+  Args:
+    percentile: the value to check.
+    warn: warn for a percentile below 1.
+    stacklevel: passed to ``warnings.warn`` (2 = the caller of this function).
   """
   if isinstance(percentile, bool) or not isinstance(percentile, numbers.Real):
     raise TypeError(
@@ -64,6 +109,15 @@ def check_percentile(percentile) -> float:
     raise ValueError(
         f"percentile must be in (0, 100] (the 0-100 scale of jnp.percentile; the "
         f"paper uses 99.5), got {percentile}"
+    )
+  if warn and p < 1.0:
+    warnings.warn(
+        f"dynamic-thresholding percentile={p} is on the 0-100 scale: it means the {p}th "
+        f"percentile of |x0|, not the {p * 100:g}th (did you mean {p * 100:g}?); s = max(s, 1) "
+        "is then 1 for almost every sample, the same as static thresholding. The paper uses "
+        "99.5.",
+        PercentileScaleWarning,
+        stacklevel=stacklevel,
     )
   return p
 
@@ -81,12 +135,13 @@ def dynamic_threshold(
 
   Args:
     x0: ``[B, ...]`` predicted clean images.
-    percentile: static number in (0, 100]; the paper uses 99.5. See :func:`check_percentile`.
+    percentile: static number in (0, 100]; the paper uses 99.5. See :func:`check_percentile`
+      (validated here; the below-1 warning is given where the setting is made, not per step).
     max_scale: optional upper cap c >= 1 on s (DeepFloyd IF, s in [1, c]); ``None`` = no cap.
   Returns:
     float32 array, the shape of ``x0``.
   """
-  p = check_percentile(percentile)
+  p = check_percentile(percentile, warn=False)
   x0 = jnp.asarray(x0, jnp.float32)
   if x0.ndim < 2:
     raise ValueError(f"x0 must be [B, ...] with at least one non-batch axis, got {x0.shape}")

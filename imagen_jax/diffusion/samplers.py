@@ -101,7 +101,8 @@ class SamplerSettings:
     gamma: DDPM variance interpolation in [0, 1] (0 = posterior variance, 1 = forward
       variance; Imagen App. A); "ddpm" only.
     threshold: "none", "static" or "dynamic", applied to x0_hat at every step (Imagen §2.3).
-    percentile: dynamic-thresholding percentile in (0, 100] (paper: 99.5).
+    percentile: dynamic-thresholding percentile in (0, 100] (paper: 99.5); below 1 with
+      threshold="dynamic" gives a ``guidance.PercentileScaleWarning`` (0-100 scale, not 0-1).
     max_scale: optional cap c >= 1 on the dynamic-thresholding s (DeepFloyd IF); None = none.
     time_grid: "uniform_t" or "logsnr_uniform" (see :func:`time_grid`).
     t_min, t_max: ends of the time grid, 0 <= t_min < t_max <= 1.
@@ -148,7 +149,10 @@ class SamplerSettings:
     put("gamma", gamma)
     if self.threshold not in THRESHOLD_MODES:
       raise ValueError(f"unknown threshold mode {self.threshold!r}; allowed: {THRESHOLD_MODES}")
-    put("percentile", check_percentile(self.percentile))
+    # Warn only where the percentile is used; stacklevel 4 (check_percentile, __post_init__,
+    # __init__) names the line that builds the settings.
+    dynamic = self.threshold == "dynamic"
+    put("percentile", check_percentile(self.percentile, warn=dynamic, stacklevel=4))
     if self.max_scale is not None:
       max_scale = _real("max_scale", self.max_scale, ">= 1 or None")
       if not max_scale >= 1.0:

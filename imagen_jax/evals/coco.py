@@ -13,20 +13,29 @@ Two protocols, both from a local COCO 2014 copy (`annotations/captions_val2014.j
 Resize conventions (state them next to every number):
 * reference images: decoded to RGB, centre-cropped to a square (the shorter side), resized to
   256x256 with PIL bicubic (antialiased) -> uint8 `[256, 256, 3]`;
-* generated images: the cascade's last stage in [-1, 1] -> uint8 (`cascade.to_uint8`), resized
+* generated images: the cascade's last stage in [-1, 1] -> uint8 (`images.to_uint8`), resized
   to 256x256 with PIL bicubic only when the stage's size differs (e.g. 64 or 1024);
 * both then go through the same FID preprocessing (`fid_preprocess` mode: `tf` by default,
   which resizes 256 -> 299 with the TF1 legacy bilinear resize) and the FID InceptionV3.
 FID-30K is biased upwards for small N: a `--num_samples=1000` smoke run is not comparable.
+
+Resuming: sample chunks and reference statistics carry the provenance key of what produced them
+(`provenance`: stages, settings, seed, prompts, chunk size; features, reference set) and are
+reused only when it matches, so a rerun into the same folder with another model, seed, chunk
+size or reference set never mixes in stale results.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Iterator, Sequence
 
 import numpy as np
+
+from imagen_jax import images
+from imagen_jax.evals import provenance
 
 PROTOCOLS = ("paper", "pairs")
 REFERENCE_SIZE = 256
@@ -118,18 +127,47 @@ def iter_reference(
     )
 
 
-def reference_statistics(computer, images_dir: str, names: Sequence[str], path: str):
-  """FID statistics of the reference images, cached in `path` (npz with mode and feature)."""
+def reference_identity(computer, images_dir: str, names: Sequence[str], size: int) -> dict:
+  """What reference statistics depend on: the FID features (mode, weights), the resize and the
+  reference set (its files' names, sizes and mtimes)."""
+  return {
+      "artefact": "coco_reference_statistics",
+      "features": computer.identity,
+      "reference_size": size,
+      "reference": provenance.file_set_identity(images_dir, names),
+  }
+
+
+def reference_statistics(
+    computer, images_dir: str, names: Sequence[str], path: str, size: int = REFERENCE_SIZE
+):
+  """FID statistics of the reference images, cached in `path` (npz with mode, feature and the
+  provenance key of `reference_identity`); a file of other features or another reference set
+  is recomputed, never reused."""
   from imagen_jax.evals import frechet
 
-  if os.path.exists(path):
-    stats = frechet.FrechetStats.load(path, expected_mode=computer.mode)
-    if stats.n == len(names):
-      return stats
-  stats = computer.statistics(iter_reference(images_dir, names), total=len(names))
-  stats.save(path + ".tmp.npz")
-  os.replace(path + ".tmp.npz", path)
-  return stats
+  return frechet.FrechetStats.cached(
+      path,
+      reference_identity(computer, images_dir, names, size),
+      lambda: computer.statistics(iter_reference(images_dir, names, size=size), total=len(names)),
+  )
+
+
+def samples_identity(
+    model, prompts: Sequence[str], settings, *, seed: int, chunk: int, size: int
+) -> dict:
+  """What a run's sample chunks depend on: each stage (workdir, checkpoint step, config and
+  params digests), the per-stage settings, the seed, the prompts, the chunk size, the size."""
+  return {
+      "artefact": "coco_samples",
+      "stages": [provenance.stage_identity(s) for s in model.stages[: len(settings)]],
+      "settings": [dataclasses.asdict(s) for s in settings],
+      "seed": int(seed),
+      "prompts_sha256": provenance.digest(list(prompts)),
+      "num_prompts": len(prompts),
+      "chunk": int(chunk),
+      "size": int(size),
+  }
 
 
 def sample_chunks(
@@ -144,14 +182,23 @@ def sample_chunks(
     size: int = REFERENCE_SIZE,
     progress: bool = True,
 ) -> list[str]:
-  """Samples the prompts in chunks saved as `<outdir>/samples/chunk_<start>.npz` (uint8
-  `images [n, size, size, 3]` + prompts), written atomically; existing chunks are skipped, so
-  an interrupted run resumes. Sample i uses the global index i (per-sample seeds)."""
+  """Samples the prompts in chunks saved as `<outdir>/samples/<run>/chunk_<start>.npz` (uint8
+  `images [n, size, size, 3]` + prompts + provenance key), written atomically; returns the
+  paths, which together hold exactly `len(prompts)` images in prompt order.
+
+  `<run>` is the head of the key of `samples_identity` (model, settings, seed, prompts, chunk
+  size): a rerun with the same inputs resumes from its finished chunks, a run with other
+  inputs writes its own chunks. Each chunk stores its full key (run + start + count) and is
+  reused only when it matches; otherwise it is recomputed. Sample i uses the global index i
+  (per-sample seeds).
+  """
   from tqdm import tqdm
 
-  from imagen_jax import cascade as cascade_lib
-
-  sdir = os.path.join(outdir, "samples")
+  if chunk < 1:
+    raise ValueError(f"chunk must be >= 1, got {chunk}")
+  prompts = list(prompts)
+  run = samples_identity(model, prompts, settings, seed=seed, chunk=chunk, size=size)
+  sdir = os.path.join(outdir, "samples", provenance.artefact_key(run)[:16])
   os.makedirs(sdir, exist_ok=True)
   paths = []
   for start in tqdm(
@@ -159,9 +206,11 @@ def sample_chunks(
   ):
     path = os.path.join(sdir, f"chunk_{start:06d}.npz")
     paths.append(path)
-    if os.path.exists(path):
+    part = prompts[start : start + chunk]
+    identity = {**run, "start": start, "count": len(part)}
+    stored = provenance.load_if_matches(path, identity)
+    if stored is not None and len(stored["images"]) == len(part):
       continue
-    part = list(prompts[start : start + chunk])
     pad = (-len(part)) % batch_size  # one static batch shape for the jitted sampler
     out = model.sample(
         part + [""] * pad,
@@ -171,13 +220,17 @@ def sample_chunks(
         first_index=start,
         progress=False,
     )[-1][: len(part)]
-    images = resize_generated(cascade_lib.to_uint8(out), size)
-    np.savez(path + ".tmp.npz", images=images, prompts=np.array(part))
-    os.replace(path + ".tmp.npz", path)
+    u8 = resize_generated(images.to_uint8(out), size)
+    provenance.save_npz(path, identity, images=u8, prompts=np.array(part))
   return paths
 
 
-def iter_chunks(paths: Sequence[str]) -> Iterator[np.ndarray]:
+def iter_chunks(paths: Sequence[str], total: int | None = None) -> Iterator[np.ndarray]:
+  """The chunks' images in order; with `total`, a different number of images is an error."""
+  n = 0
   for p in paths:
     with np.load(p, allow_pickle=False) as z:
+      n += len(z["images"])
       yield z["images"]
+  if total is not None and n != total:
+    raise ValueError(f"the sample chunks hold {n} images, expected {total} (one per prompt)")

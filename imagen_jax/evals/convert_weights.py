@@ -158,14 +158,10 @@ def random_torch_state_dict(seed: int) -> dict[str, np.ndarray]:
 def save_flax_weights(flat: Mapping[str, np.ndarray], path: str) -> None:
   from safetensors.numpy import save_file
 
-  save_file(
-      dict(flat),
-      path,
-      metadata={
-          "format": "imagen_jax.evals.inception",
-          "graph": "inception-2015-12-05 (pytorch-fid)",
-      },
-  )
+  from imagen_jax import atomic
+
+  metadata = {"format": "imagen_jax.evals.inception", "graph": "inception-2015-12-05 (pytorch-fid)"}
+  atomic.write_with(path, lambda tmp: save_file(dict(flat), tmp, metadata=metadata))
 
 
 def convert_pth(pth_path: str, out_path: str) -> None:

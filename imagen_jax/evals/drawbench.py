@@ -22,29 +22,21 @@ from typing import Sequence
 
 import numpy as np
 
+from imagen_jax import atomic, images
+from imagen_jax.evals import prompts
+
 CHOICES = ("left", "right", "tie")
 
 
 def read_prompts(path: str) -> list[tuple[str, str]]:
-  """[(category, prompt)] from a `category<TAB>prompt` file; errors name the bad line."""
+  """[(category, prompt)] from a `category<TAB>prompt` file (`evals.prompts`); errors name the
+  bad line."""
   if not os.path.exists(path):
     raise ValueError(
         f"DrawBench prompt file {path!r} does not exist; export the sheet linked "
         "from imagen.research.google as category<TAB>prompt lines"
     )
-  out = []
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, start=1):
-      line = line.rstrip("\n")
-      if not line.strip() or line.lstrip().startswith("#"):
-        continue
-      parts = line.split("\t")
-      if len(parts) != 2 or not parts[0].strip() or not parts[1].strip():
-        raise ValueError(f"{path}:{n}: expected 'category<TAB>prompt', got {line!r}")
-      out.append((parts[0].strip(), parts[1].strip()))
-  if not out:
-    raise ValueError(f"{path}: no prompts")
-  return out
+  return [(p.category, p.text) for p in prompts.read_prompts(path, require_category=True)]
 
 
 def assign_sides(num: int, seed: int) -> np.ndarray:
@@ -155,17 +147,14 @@ const SIDES_SEED = {seed};
 {_JS}
 </script></body></html>
 """
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    f.write(doc)
-  os.replace(path + ".tmp", path)
+  atomic.write_text(path, doc)
   assignment = {
       "seed": seed,
       "model_a": name_a,
       "model_b": name_b,
       "a_on_left": [bool(s) for s in sides],
   }
-  with open(path + ".sides.json", "w") as f:
-    json.dump(assignment, f, indent=2)
+  atomic.write_json(path + ".sides.json", assignment)
   return assignment
 
 
@@ -178,8 +167,6 @@ def write_category_grids(
     name_b: str,
 ) -> list[str]:
   """One PNG per category: a row per prompt, k columns of model A then k of model B."""
-  from imagen_jax import visualize
-
   os.makedirs(outdir, exist_ok=True)
   k = images_a.shape[1]
   cols = [f"{name_a} #{j + 1}" for j in range(k)] + [f"{name_b} #{j + 1}" for j in range(k)]
@@ -187,11 +174,10 @@ def write_category_grids(
   for cat in dict.fromkeys(c for c, _ in items):  # sheet order
     idx = [i for i, (c, _) in enumerate(items) if c == cat]
     rows = [list(images_a[i]) + list(images_b[i]) for i in idx]
-    sheet = visualize.labelled_grid(rows, [items[i][1] for i in idx], cols)
+    sheet = images.labelled_grid(rows, [items[i][1] for i in idx], cols)
     safe = "".join(ch if ch.isalnum() else "_" for ch in cat).strip("_")
     path = os.path.join(outdir, f"{safe}.png")
-    sheet.save(path)
-    paths.append(path)
+    paths.append(atomic.save_png(path, sheet))
   return paths
 
 
@@ -210,8 +196,6 @@ def sample_k(
   Sample j of prompt p has global index p * k + j, so two models sampled with the same seed
   start from the same noise for the same (p, j) (a paired comparison).
   """
-  from imagen_jax import cascade as cascade_lib
-
   if k < 1:
     raise ValueError(f"k (images per prompt) must be >= 1, got {k}")
   flat = [p for p in prompts for _ in range(k)]
@@ -219,5 +203,5 @@ def sample_k(
   out = model.sample(
       flat + [""] * pad, settings, seed=seed, batch_size=batch_size, progress=progress
   )[-1][: len(flat)]
-  u8 = cascade_lib.to_uint8(out)
+  u8 = images.to_uint8(out)
   return u8.reshape((len(prompts), k) + u8.shape[1:])

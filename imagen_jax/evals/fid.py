@@ -23,7 +23,7 @@ from typing import Iterable, Iterator
 import jax.numpy as jnp
 import numpy as np
 
-from imagen_jax.evals import batched, fid_preprocess, inception
+from imagen_jax.evals import batched, fid_preprocess, inception, provenance
 from imagen_jax.evals.frechet import (
     INCEPTION_FEATURE,
     FrechetStats,
@@ -55,6 +55,13 @@ class FIDComputer:
   ):
     self.mode = fid_preprocess.check_mode(mode)
     self.progress = progress
+    # A weights file is identified before it is read (its stat matches the loaded bytes); a
+    # variables dict is hashed on the first use of `identity`.
+    self._weights = (
+        {"file": provenance.file_identity(weights)} if isinstance(weights, str) else None
+    )
+    self._variables = None if isinstance(weights, str) else weights
+    self._identity = None
     variables = inception.load_inception_variables(weights) if isinstance(weights, str) else weights
     model = inception.FIDInceptionV3()
     mode_ = self.mode
@@ -65,6 +72,15 @@ class FIDComputer:
 
     self._runner = batched.BatchRunner(features, variables, batch_size)
     self.batch_size = batch_size
+
+  @property
+  def identity(self) -> dict:
+    """What these features depend on (for artefact keys, `provenance`): the feature name, the
+    preprocessing mode and the weights (a file by path, size and mtime; a dict by digest)."""
+    if self._identity is None:
+      weights = self._weights or {"params_sha256": provenance.tree_digest(self._variables)}
+      self._identity = {"feature": INCEPTION_FEATURE, "mode": self.mode, "weights": weights}
+    return self._identity
 
   def features(self, images: ImageSource, total: int | None = None) -> np.ndarray:
     """pool3 features float32 `[N, 2048]` of uint8 images `[N, H, W, 3]` (array or batches)."""

@@ -46,17 +46,11 @@ def check_images(images: np.ndarray) -> np.ndarray:
   if images.dtype != np.uint8:
     raise ValueError(
         f"FID expects uint8 images in [0, 255], got dtype {images.dtype}; "
-        "convert model samples with `to_uint8`"
+        "convert model samples with `imagen_jax.images.to_uint8`"
     )
   if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f"FID expects images [N, H, W, 3], got shape {images.shape}")
   return images
-
-
-def to_uint8(x: np.ndarray) -> np.ndarray:
-  """Model samples in [-1, 1] -> uint8, `round((x + 1) * 127.5)` clipped: how a PNG stores them."""
-  x = np.asarray(x, dtype=np.float32)
-  return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
 def bilinear_matrix(n_in: int, n_out: int, half_pixel: bool) -> np.ndarray:

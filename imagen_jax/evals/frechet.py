@@ -15,8 +15,10 @@ no iterative `scipy.linalg.sqrtm` (pytorch-fid's route, which can return tiny im
 near-singular products). Eigenvalues below 0 are rounding and clipped to 0.
 
 Statistics are saved as `.npz` (loaded with `allow_pickle=False`) holding `mu [D]`, `sigma [D, D]`
-(float64, ddof=1 like `np.cov`), `n`, the preprocessing `mode` and the `feature` extractor name;
-distances between files of different modes or features are refused.
+(float64, ddof=1 like `np.cov`), `n`, the preprocessing `mode` and the `feature` extractor name,
+and, when saved with an `identity`, the provenance key of what produced them (feature weights,
+reference set; see `provenance`), checked on load. Distances between files of different modes
+or features are refused.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+
+from imagen_jax import atomic
+from imagen_jax.evals import provenance
 
 STATS_FORMAT = "imagen_jax.frechet_stats.v1"
 # Features of the FID network; other extractors must use another name so their Frechet
@@ -134,10 +139,9 @@ class FrechetStats:
     moments.update(features)
     return cls.from_moments(moments, mode, feature)
 
-  def save(self, path: str) -> None:
-    """Write an `.npz` (plain arrays and strings only, so it loads without pickle)."""
-    np.savez(
-        path,
+  def arrays(self) -> dict[str, np.ndarray]:
+    """The `.npz` fields of these statistics (plain arrays and strings: loads without pickle)."""
+    return dict(
         mu=np.asarray(self.mu, np.float64),
         sigma=np.asarray(self.sigma, np.float64),
         n=np.int64(self.n),
@@ -146,29 +150,71 @@ class FrechetStats:
         format=np.str_(STATS_FORMAT),
     )
 
+  def save(self, path: str, identity: dict | None = None) -> None:
+    """Write an `.npz` atomically; with `identity` (what produced the statistics: feature
+    extractor, weights, reference set) its provenance key is stored too (`provenance`)."""
+    if identity is None:
+      atomic.save_npz(path, **self.arrays())
+    else:
+      provenance.save_npz(path, identity, **self.arrays())
+
   @classmethod
-  def load(
-      cls, path: str, expected_mode: str | None = None, expected_feature: str | None = None
+  def from_arrays(cls, arrays, path: str = "<arrays>") -> "FrechetStats":
+    missing = {"mu", "sigma", "n", "mode", "feature", "format"} - set(arrays)
+    if missing:
+      raise ValueError(
+          f"{path}: not a statistics file of this project (missing "
+          f"{sorted(missing)}); pytorch-fid/clean-fid .npz files carry no "
+          "mode and must be re-saved with FrechetStats(..., mode=...)"
+      )
+    return cls(
+        np.asarray(arrays["mu"]),
+        np.asarray(arrays["sigma"]),
+        int(arrays["n"]),
+        str(arrays["mode"]),
+        str(arrays["feature"]),
+    )
+
+  def check(
+      self, path: str, expected_mode: str | None = None, expected_feature: str | None = None
   ) -> "FrechetStats":
-    """Read a file written by `save`; with `expected_*` given, a mismatch is an error."""
-    with np.load(path, allow_pickle=False) as z:
-      missing = {"mu", "sigma", "n", "mode", "feature", "format"} - set(z.files)
-      if missing:
-        raise ValueError(
-            f"{path}: not a statistics file of this project (missing "
-            f"{sorted(missing)}); pytorch-fid/clean-fid .npz files carry no "
-            "mode and must be re-saved with FrechetStats(..., mode=...)"
-        )
-      stats = cls(z["mu"], z["sigma"], int(z["n"]), str(z["mode"]), str(z["feature"]))
-    if expected_mode is not None and stats.mode != expected_mode:
+    if expected_mode is not None and self.mode != expected_mode:
       raise ValueError(
           f"{path}: statistics were computed with preprocessing mode "
-          f"{stats.mode!r}, expected {expected_mode!r}"
+          f"{self.mode!r}, expected {expected_mode!r}"
       )
-    if expected_feature is not None and stats.feature != expected_feature:
+    if expected_feature is not None and self.feature != expected_feature:
       raise ValueError(
-          f"{path}: statistics are of features {stats.feature!r}, expected " f"{expected_feature!r}"
+          f"{path}: statistics are of features {self.feature!r}, expected {expected_feature!r}"
       )
+    return self
+
+  @classmethod
+  def load(
+      cls,
+      path: str,
+      expected_mode: str | None = None,
+      expected_feature: str | None = None,
+      expected_identity: dict | None = None,
+  ) -> "FrechetStats":
+    """Read a file written by `save`; with `expected_*` given, a mismatch is an error
+    (`expected_identity`: `provenance.StaleArtefactError` naming each differing field)."""
+    if expected_identity is not None:
+      arrays = provenance.require(path, expected_identity)
+    else:
+      with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    return cls.from_arrays(arrays, path).check(path, expected_mode, expected_feature)
+
+  @classmethod
+  def cached(cls, path: str, identity: dict, compute) -> "FrechetStats":
+    """The statistics stored at `path` when they were produced by `identity`; otherwise
+    `compute()` (absent, or a mismatch: warned and recomputed, never reused), saved there."""
+    arrays = provenance.load_if_matches(path, identity)
+    if arrays is not None:
+      return cls.from_arrays(arrays, path)
+    stats = compute()
+    stats.save(path, identity)  # atomic: an interrupted run leaves no half-written statistics
     return stats
 
 

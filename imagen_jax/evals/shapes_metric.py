@@ -1,4 +1,4 @@
-"""Exact text-image alignment score for the shapes dataset (issue 7).
+"""Exact text-image alignment score for the shapes dataset.
 
 From an image, recover the shapes (colour, kind, size, position) and compare them with the
 attributes behind the caption. The recovery inverts the renderer of `imagen_jax.data.shapes`:

@@ -78,8 +78,8 @@ def masked_attention(
   impl "dense": one batched einsum; the [B, N, T, S] logits are materialised (best on
   accelerators). "per_example": `lax.map` over the batch, one example's [N, T, S] logits at a
   time, rematerialised on the backward pass (flash-attention's memory idea without a kernel).
-  On CPU the dense logits of a 32x32 layer (143 MB at batch 8) make attention memory-bound;
-  the loop measured ~1.6x faster forward and ~1.2x faster forward+backward there. The loop
+  On CPU the dense logits of a 32x32 layer (143 MB at batch 8) make attention memory-bound,
+  and the loop is faster there, forward and backward (docs/results/cpu_speed.md). The loop
   runs over the batch axis, which a mesh usually shards (GSPMD would gather it), so
   "auto" = "per_example" only on a single CPU device with T * S > 2**16, else "dense".
   """

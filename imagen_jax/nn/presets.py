@@ -2,20 +2,22 @@
 
 Stages: "base64" (64x64 text->image, UNet), "sr256" (64->256, EfficientUNet),
 "sr1024" (256->1024, EfficientUNet). Sizes:
-  paper   Imagen App. F.1 / F.2 / F.3 with T5-XXL (4096-dim) text.
+  paper   Imagen App. F.1 / F.2 / F.3 (sized for T5-XXL's 4096-dim text).
   tiny    the smallest networks that exercise every feature (CPU unit tests).
   shapes  the CPU demo on the procedural shapes data: a 32x32 base (an Efficient U-Net
           without low-res input, for CPU speed) and a 32->64 SR
           (for sr1024, the same SR network applied as a 64->128 stage).
-  bench   (base64 only) the speed-comparison config of issue 3: 64x64, width 64,
-          mult (1,2,3,4), 2 res blocks, self+text attention at 32/16/8, 4 heads x 32,
-          512-dim text of 64 tokens.
+  bench   (base64 only) a mid-size network for speed comparisons (benchmarks/unet_step.py):
+          64x64, width 64, mult (1,2,3,4), 2 res blocks, self+text attention at 32/16/8,
+          4 heads x 32.
 
-Fields (all stages): kind, out_channels, lowres_cond, text_dim (input D of text_emb; the
-trainer overrides it from its text encoder), text_len (nominal L, used by benchmarks/tests
-only: the network accepts any L), text_proj_dim, embed_dim, num_heads, head_dim, pool_heads,
-text_positions, dropout, norm_groups, attn_impl, dtype, param_dtype, remat, image_size
-(nominal, for benchmarks/tests).
+The text input `text_emb [B, L, D]` is not part of the network config: D is the encoder's
+width, `imagen_jax.text.registry.text_dim(config.text)`, and L = `config.text.max_length`
+(the networks accept any L and infer D at init).
+
+Fields (all stages): kind, out_channels, lowres_cond, text_proj_dim, embed_dim, num_heads,
+head_dim, pool_heads, text_positions, dropout, norm_groups, attn_impl, dtype, param_dtype,
+remat, image_size (nominal, for benchmarks/tests).
 UNet adds base_channels, channel_mult, num_res_blocks, attn_resolutions, text_cross_attention.
 EfficientUNet adds channels, num_res_blocks, strides, self_attention, text_cross_attention
 (one entry per block), stem_channels, space_to_depth.
@@ -36,8 +38,6 @@ def _common(**overrides) -> ml_collections.ConfigDict:
   c.image_size = 64
   c.out_channels = 3
   c.lowres_cond = False
-  c.text_dim = 4096  # T5-XXL d_model (§2.1)
-  c.text_len = 128  # paper silent; project default max tokens (IMAGEN_FACTS)
   c.text_proj_dim = 1024  # (ours) width of the shared text projection
   c.embed_dim = 1024  # conditioning (time + pooled text) width
   c.num_heads = None
@@ -82,12 +82,10 @@ def _efficient(**kw) -> ml_collections.ConfigDict:
   return c
 
 
-# Added when the shapes stages' frozen random encoder (byt5-tiny-random) gave context-free
-# tokens (a caption and its colour-swapped twin: token sets matching to cosine 0.99995), so a
-# set-based text pathway could not tell which colour belongs to which shape or side. Since the
-# encoder's tokens carry their context (registry.TINY_RANDOM_BIAS_STD), a CPU ablation scored
-# no worse without positions (stage-1 colour 0.893 vs 0.865 at w = 3, one run each; see
-# experiments/README.md); kept on because the demo's measured runs used it.
+# (ours) Sinusoidal token positions for the shapes stages: with context-free encoder tokens a
+# set-based text pathway cannot tell which colour goes with which shape. byt5-tiny-random's
+# tokens carry their context (registry.TINY_RANDOM_BIAS_STD) and a CPU ablation scored no worse
+# without positions (experiments/README.md); on because the demo's reported figures use them.
 _SHAPES_TEXT_POSITIONS = True
 
 
@@ -106,8 +104,6 @@ def _base64(size: str) -> ml_collections.ConfigDict:
         attn_resolutions=(8,),
         head_dim=8,
         embed_dim=32,
-        text_dim=8,
-        text_len=5,
         text_proj_dim=16,
         pool_heads=2,
         norm_groups=4,
@@ -131,8 +127,6 @@ def _base64(size: str) -> ml_collections.ConfigDict:
         space_to_depth=2,
         num_heads=4,
         embed_dim=256,
-        text_dim=128,
-        text_len=32,
         text_proj_dim=128,
         pool_heads=4,
         text_positions=_SHAPES_TEXT_POSITIONS,
@@ -147,8 +141,6 @@ def _base64(size: str) -> ml_collections.ConfigDict:
         num_heads=4,
         head_dim=32,
         embed_dim=256,
-        text_dim=512,
-        text_len=64,
         text_proj_dim=256,
         pool_heads=4,
     )
@@ -177,8 +169,6 @@ def _sr(stage: str, size: str) -> ml_collections.ConfigDict:
         stem_channels=8,
         num_heads=2,
         embed_dim=32,
-        text_dim=8,
-        text_len=5,
         text_proj_dim=16 if self_attn else None,
         pool_heads=2,
         norm_groups=4,
@@ -197,8 +187,6 @@ def _sr(stage: str, size: str) -> ml_collections.ConfigDict:
         space_to_depth=4,
         num_heads=4,
         embed_dim=256,
-        text_dim=128,
-        text_len=32,
         text_proj_dim=128,
         pool_heads=4,
         text_positions=_SHAPES_TEXT_POSITIONS,

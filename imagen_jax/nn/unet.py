@@ -274,7 +274,7 @@ def build_model(model_config: ml_collections.ConfigDict) -> nn.Module:
       embed_dim=c.embed_dim,
       text_proj_dim=c.text_proj_dim,
       pool_heads=c.pool_heads,
-      # .get: checkpoints written before the field existed were trained without positions.
+      # .get: a saved config may lack the field; absent means off (the paper's networks).
       text_positions=bool(c.get("text_positions", False)),
       out_channels=c.out_channels,
       lowres_cond=c.lowres_cond,

@@ -7,10 +7,11 @@ Imagen conditions on a frozen T5-XXL encoder (§2.1, §4.4). Names:
     ``byt5-*`` (any published T5-family name): weights, config and tokenizer from
     ``text_config.path``, a local Hugging Face directory (nothing is ever downloaded).
 
-``text_config`` fields: ``name``, ``path`` (None for byt5-tiny-random), ``max_length``
-(default 128), ``dtype`` (compute, default float32), ``param_dtype`` (storage, default
-float32; bfloat16 halves T5-XXL's 19 GB, it is frozen anyway) and optional ``precision``
-(matmul precision; None = "highest" for float32 compute, "default" for bfloat16).
+``text_config`` (``default_text_config`` builds it) fields: ``name``, ``path`` (None for
+byt5-tiny-random), ``max_length`` (default 128), ``dtype`` (compute, default float32),
+``param_dtype`` (storage, default float32; bfloat16 halves T5-XXL's 19 GB, it is frozen
+anyway) and optional ``precision`` (matmul precision; None = "highest" for float32 compute,
+"default" for bfloat16); training reads ``drop_prob`` and ``embedding_cache`` too.
 """
 
 from __future__ import annotations
@@ -58,11 +59,22 @@ def default_text_config(
     max_length: int = 128,
     dtype: str = "float32",
     param_dtype: str = "float32",
+    drop_prob: float = 0.1,
+    embedding_cache: str = "",
 ) -> ml_collections.ConfigDict:
-  """The ``config.text`` block of a stage/cascade config.
+  """The ``config.text`` block of a stage config: the one definition of the text settings.
+
+  Encoder fields (read by ``get_text_encoder``): ``name``, ``path`` (a local Hugging Face
+  directory; None for byt5-tiny-random), ``max_length`` (tokens L; the paper does not state it),
+  ``dtype`` (compute), ``param_dtype`` (storage; the encoder is frozen, §2.1) and ``precision``.
+  Training fields (read by the train step, not the encoder):
+  ``drop_prob``: p of zeroing a caption's embeddings for classifier-free guidance (§2.2: 0.1).
+  ``embedding_cache``: a text-embedding cache directory (``imagen_jax.text.cache``) read
+  instead of running the frozen encoder in every step; '' = encode in the step.
 
   ``path`` and ``precision`` are typed placeholders when None, so that
-  ``--config.text.path=/ckpt/t5-v1_1-xxl`` can set them from the command line.
+  ``--config.text.path=/ckpt/t5-v1_1-xxl`` can set them from the command line. Building the
+  block reads no files; the embedding width is ``text_dim(block)``.
   """
   return ml_collections.ConfigDict(
       dict(
@@ -72,6 +84,8 @@ def default_text_config(
           dtype=dtype,
           param_dtype=param_dtype,
           precision=config_dict.placeholder(str),
+          drop_prob=drop_prob,
+          embedding_cache=embedding_cache,
       )
   )
 
@@ -251,9 +265,11 @@ def get_text_encoder(
     )
   config = checkpoint.read_config(path, **dtypes)
   _check_preset(name, config, path)
-  params = checkpoint.load_params(path, config, shardings=shardings_for(config), progress=progress)
+  # The tokenizer before the weights: a directory without tokenizer files fails at once, not
+  # after every weight has loaded (minutes for T5-XXL).
   kind = "byt5" if name.startswith("byt5") else "sentencepiece"
   tok = tokenizer.make_tokenizer(kind, max_length, path)
+  params = checkpoint.load_params(path, config, shardings=shardings_for(config), progress=progress)
   return TextEncoder(name, config, params, tok, max_length)
 
 

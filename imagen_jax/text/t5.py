@@ -66,9 +66,9 @@ class T5Config:
   dtype: Any = jnp.float32
   # Storage dtype of params.
   param_dtype: Any = jnp.float32
-  # Matmul precision; None = "highest" for float32 compute (GPUs otherwise use TF32, which on
-  # an H200 moved outputs by 3e-3 from the float32 reference against 1e-6 at "highest"),
-  # "default" for bf16/fp16 compute.
+  # Matmul precision; None = "highest" for float32 compute (GPUs otherwise use TF32, which
+  # moves the outputs far off the float32 reference: docs/results/numerics.md), "default" for
+  # bf16/fp16 compute.
   precision: str | None = None
 
   def __post_init__(self):

@@ -24,6 +24,26 @@ class TruncationWarning(UserWarning):
   """Some prompts were longer than ``max_length`` tokens and were cut."""
 
 
+# Either file is a whole T5 sentencepiece tokenizer for transformers' AutoTokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
+
+
+def check_tokenizer_files(path: str) -> None:
+  """Raises FileNotFoundError unless ``path`` is a directory holding a T5 tokenizer file.
+
+  Cheap (a directory listing): callers run it before loading any weights, so a checkpoint
+  directory without its tokenizer is reported at once, not after minutes of loading T5-XXL.
+  """
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"tokenizer path {path!r} is not a directory")
+  if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+    present = sorted(os.listdir(path))
+    raise FileNotFoundError(
+        f"no T5 tokenizer files in {path!r}: expected {' or '.join(TOKENIZER_FILES)} (the "
+        f"files a Hugging Face T5 checkpoint directory ships); found {present[:20]}"
+    )
+
+
 class _BaseTokenizer:
   """Pads/truncates per-text id lists (each already ending in EOS) into ``(ids, mask)``."""
 
@@ -91,16 +111,7 @@ class SentencePieceT5Tokenizer(_BaseTokenizer):
 
   def __init__(self, path: str, max_length: int):
     super().__init__(max_length)
-    if not os.path.isdir(path):
-      raise FileNotFoundError(f"tokenizer path {path!r} is not a directory")
-    if not any(
-        os.path.exists(os.path.join(path, f))
-        for f in ("tokenizer.json", "spiece.model", "tokenizer_config.json")
-    ):
-      raise FileNotFoundError(
-          f"no T5 tokenizer files in {path!r}: expected tokenizer.json or spiece.model "
-          "(the files a Hugging Face T5 checkpoint directory ships)"
-      )
+    check_tokenizer_files(path)
     from transformers import AutoTokenizer  # lazy: transformers import is slow
 
     self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)

@@ -5,7 +5,8 @@
    distinct training caption once (a `text.embedding_cache` both stages read).
 2. Trains the `shapes` base stage (configs/base64.py:shapes, 32x32 text->image) and the
    `shapes` SR stage (configs/sr256.py:shapes, 32->64, text-conditioned, with noise
-   conditioning augmentation) for fixed step budgets.
+   conditioning augmentation) for fixed step budgets, each with the trainer's command line
+   (`python -m imagen_jax.main`) in a child process.
 3. Samples the held-out test prompts through the cascade at the demo's guidance weight and at
    w = 1 (no guidance), scores every image with the exact shapes alignment metric
    (imagen_jax.evals.shapes_metric), separately on colour+kind combinations never seen in
@@ -14,16 +15,19 @@
 4. Writes `samples.png` (prompt | stage 1 | stage 2) and `report.json` into --workdir.
 
 Everything resumes: a second `make demo` reuses the dataset and the finished checkpoints.
+Run from the repository root: `make demo` (or `python experiments/demo.py --workdir=demo_out`).
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import os
 import time
 
 from absl import app, flags
+
+from configs import base64 as base64_config
+from configs import cascade as cascade_config
+from configs import sr256 as sr256_config
 
 _WORKDIR = flags.DEFINE_string("workdir", "demo_out", "where data, checkpoints and results go")
 _BASE_STEPS = flags.DEFINE_integer("base_steps", None, "override the base stage's steps")
@@ -31,47 +35,11 @@ _SR_STEPS = flags.DEFINE_integer("sr_steps", None, "override the SR stage's step
 _NUM_TEST = flags.DEFINE_integer("num_test", 192, "test prompts to sample and score")
 _GRID_ROWS = flags.DEFINE_integer("grid_rows", 16, "prompts shown in samples.png")
 
-# Wall time from a fresh clone on the 2-core CPU (2.1 GHz VM), after the install (2026-11-27):
-# 28.7 minutes at 1023645 (dataset 0.5, text cache 0.2, base 15.6 at median 2.8 steps/s, SR
-# 9.2 at 3.9 steps/s, sampling + scoring 3.3); 26.9 at 22239e7; 31.7 an hour before that in a
-# slow window of the VM (the unchanged dataset build took 38% longer). The VM's speed varies by
-# that much hour to hour.
+# Wall time from a fresh clone on a 2-core CPU, after the install (it varies by about 15% with
+# the host's load): dataset ~0.5, text cache ~0.2, base stage ~15, SR stage ~9, sampling and
+# scoring ~3 minutes.
 EXPECTED_MINUTES = 30
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_config(path: str, variant: str):
-  """`configs/<file>.py:<variant>` from the repo (configs/ is not a package)."""
-  spec = importlib.util.spec_from_file_location(
-      f"imagen_configs_{os.path.basename(path)[:-3]}", os.path.join(REPO, path)
-  )
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
-
-
-def edge_sharpness(images_u8) -> float:
-  """99th percentile of the image-gradient magnitude (finite differences, luminance, 0-255).
-
-  The mean gradient does not separate sharp from blurred edges here (the images are mostly flat
-  background); the top percentile measures how steep the edges are.
-  """
-  import numpy as np
-
-  x = np.asarray(images_u8, np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-  gx = x[:, :, 1:] - x[:, :, :-1]
-  gy = x[:, 1:, :] - x[:, :-1, :]
-  mag = np.sqrt(gx[:, :-1, :] ** 2 + gy[:, :, :-1] ** 2)
-  return float(np.percentile(mag, 99))
-
-
-def psnr(a_u8, b_u8) -> float:
-  """Mean over images of 10 log10(255^2 / MSE)."""
-  import numpy as np
-
-  mse = np.mean((np.asarray(a_u8, np.float64) - np.asarray(b_u8, np.float64)) ** 2, axis=(1, 2, 3))
-  return float(np.mean(10 * np.log10(255.0**2 / np.maximum(mse, 1e-10))))
+VARIANT = "shapes"
 
 
 def _scores(images, attributes, held_out):
@@ -88,51 +56,23 @@ def _scores(images, attributes, held_out):
   }
 
 
-def build_text_cache(config, data_dir: str) -> str:
-  """Writes (or reuses) the embeddings of the stage's distinct training captions, keyed by the
-  caption text; returns the cache directory (for `text.embedding_cache`)."""
-  from imagen_jax.data import shapes
-  from imagen_jax.text import cache as text_cache
-  from imagen_jax.text import registry
-
-  d, t = config.data, config.text
-  path = os.path.join(
-      data_dir,
-      f"text_cache_{t.name}_L{int(t.max_length)}_n{int(d.num_train)}" f"_seed{int(d.shapes_seed)}",
-  )
-  wanted = sorted(set(shapes.captions(int(d.shapes_seed), "train", int(d.num_train))))
-  encoder = registry.get_text_encoder(t)
-  if os.path.exists(os.path.join(path, text_cache.MANIFEST)):
-    existing = text_cache.TextEmbeddingCache(path)
-    # Reused only when written by these very weights (an older checkout's cache is rewritten).
-    reusable = existing.manifest.get("fingerprint") == encoder.fingerprint and all(
-        c in existing for c in wanted
-    )
-    existing.close()
-    if reusable:
-      return path
-  print(f"\n== encoding the {len(wanted)} distinct training captions once -> {path}", flush=True)
-  text_cache.write_cache(encoder, [(c, c) for c in wanted], path, overwrite=True)
-  return path
-
-
-def train_stage(name, config, workdir, timings):
-  from imagen_jax import checkpoint as ckpt_lib
-  from imagen_jax.train import trainer
+def train_stage(name: str, config_module, overrides: dict, workdir: str, timings: dict) -> None:
+  """Trains (or resumes) one stage with the trainer's command line in a child process."""
+  from imagen_jax import cli_runner
 
   t0 = time.time()
   print(
-      f"\n== training the {name} stage: {config.train.num_steps} steps at batch "
-      f"{config.train.global_batch_size} -> {workdir}",
+      f"\n== training the {name} stage: {overrides['train.num_steps']} steps -> {workdir}",
       flush=True,
   )
   try:
-    trainer.train_and_evaluate(config, workdir)
-  except ckpt_lib.CheckpointMismatchError as e:
-    # Most likely a demo_out from an older checkout whose stage networks have since changed.
+    cli_runner.train_stage(f"{config_module.__file__}:{VARIANT}", workdir, overrides)
+  except cli_runner.TrainingFailed as e:
+    # A workdir trained with another stage network is refused by the checkpoint check.
     raise SystemExit(
-        f"{workdir} holds a {name} checkpoint of another network ({e}). Delete "
-        f"{workdir} (or run with another --workdir) to train the current one."
+        f"training the {name} stage failed ({e}). If the error above says the checkpoint in "
+        f"{workdir} is of another network, delete {workdir} (or run with another --workdir) "
+        "to train the current one."
     ) from e
   timings[f"train_{name}_s"] = round(time.time() - t0, 1)
 
@@ -153,11 +93,13 @@ def evaluate(
   guidance weight and at w = 1, on all / held-out / seen combinations; the SR stage alone on
   real low-res inputs: PSNR and edge sharpness beside bicubic upsampling and the real images).
   """
+  import dataclasses
+
   import numpy as np
 
-  from imagen_jax import cascade, visualize
+  from imagen_jax import atomic, cascade, images
   from imagen_jax.data import preprocess, shapes
-  from imagen_jax.evals import shapes_metric
+  from imagen_jax.evals import image_metrics, shapes_metric
 
   t0 = time.time()
   test = shapes.read_examples(builder64, "test", limit=num_test)
@@ -174,14 +116,12 @@ def evaluate(
   w = s1.guidance_weight
   print(f"\n== sampling {len(prompts)} held-out test prompts at w = {w} and w = 1", flush=True)
   guided = model.sample(prompts, [s1, s2], seed=0)
-  unguided = model.sample(
-      prompts, [cascade.dataclasses.replace(s1, guidance_weight=1.0), s2], seed=0
-  )
+  unguided = model.sample(prompts, [dataclasses.replace(s1, guidance_weight=1.0), s2], seed=0)
   print("== SR stage alone on real low-res test images", flush=True)
   (sr_real,) = model.sample(prompts, [s2], seed=0, lowres=preprocess.to_float(real32))
   timings = {"sampling_s": round(time.time() - t0, 1)}
 
-  u8 = cascade.to_uint8
+  u8 = images.to_uint8
   t0 = time.time()
   bicubic = np.stack([preprocess.resize(x, 64, 64) for x in real32])
   report = {
@@ -203,12 +143,12 @@ def evaluate(
           "real_images": _scores(real64, attributes, held_out)["all"],
       },
       "super_resolution_on_real_lowres": {
-          "psnr_db": round(psnr(u8(sr_real), real64), 2),
-          "bicubic_psnr_db": round(psnr(bicubic, real64), 2),
+          "psnr_db": round(image_metrics.psnr(u8(sr_real), real64), 2),
+          "bicubic_psnr_db": round(image_metrics.psnr(bicubic, real64), 2),
           "edge_sharpness_p99": {
-              "sr_stage": round(edge_sharpness(u8(sr_real)), 2),
-              "bicubic": round(edge_sharpness(bicubic), 2),
-              "real": round(edge_sharpness(real64), 2),
+              "sr_stage": round(image_metrics.edge_sharpness(u8(sr_real)), 2),
+              "bicubic": round(image_metrics.edge_sharpness(bicubic), 2),
+              "real": round(image_metrics.edge_sharpness(real64), 2),
           },
           "alignment_of_sr_outputs": _scores(u8(sr_real), attributes, held_out)["all"],
       },
@@ -217,10 +157,10 @@ def evaluate(
   n = min(grid_rows, len(prompts))
   rows = [[u8(guided[0][i]), u8(guided[1][i]), u8(unguided[1][i]), real64[i]] for i in range(n)]
   labels = [("[held-out] " if held_out[i] else "") + prompts[i] for i in range(n)]
-  sheet = visualize.labelled_grid(
+  sheet = images.labelled_grid(
       rows, labels, [f"stage 1 (w={w})", f"stage 2 (w={w})", "stage 2 (w=1)", "real 64x64"]
   )
-  sheet.save(os.path.join(out_dir, "samples.png"))
+  atomic.save_png(os.path.join(out_dir, "samples.png"), sheet)
   timings["scoring_s"] = round(time.time() - t0, 1)
   report["timings"] = timings
   return report
@@ -239,18 +179,22 @@ def main(argv):
       flush=True,
   )
 
+  from imagen_jax import atomic
   from imagen_jax.data import shapes
 
   timings = {}
   data_dir = os.path.join(workdir, "data")
-  base_cfg = load_config("configs/base64.py", "shapes")
-  sr_cfg = load_config("configs/sr256.py", "shapes")
-  cascade_cfg = load_config("configs/cascade.py", "shapes")
-  for cfg, steps in ((base_cfg, _BASE_STEPS.value), (sr_cfg, _SR_STEPS.value)):
+  base_cfg = base64_config.get_config(VARIANT)
+  sr_cfg = sr256_config.get_config(VARIANT)
+  cascade_cfg = cascade_config.get_config(VARIANT)
+  # What the demo sets on the stage configs, as the trainer's --config.* flags.
+  overrides = {}
+  for name, cfg, steps in (("base", base_cfg, _BASE_STEPS.value), ("sr", sr_cfg, _SR_STEPS.value)):
     with cfg.unlocked():
       cfg.data.data_dir = data_dir
       if steps is not None:
         cfg.train.num_steps = steps
+    overrides[name] = {"data.data_dir": data_dir, "train.num_steps": int(cfg.train.num_steps)}
 
   # 1. Data: the same scenes at both resolutions (examples depend on (seed, split, index)).
   t0 = time.time()
@@ -268,14 +212,14 @@ def main(argv):
   timings["dataset_s"] = round(time.time() - t0, 1)
   # 1b. The text encoder is frozen: encode each distinct training caption once.
   t0 = time.time()
-  for cfg in (base_cfg, sr_cfg):
-    with cfg.unlocked():
-      cfg.text.embedding_cache = build_text_cache(cfg, data_dir)
+  print("\n== text-embedding cache of the distinct training captions", flush=True)
+  for name, cfg in (("base", base_cfg), ("sr", sr_cfg)):
+    overrides[name]["text.embedding_cache"] = shapes.build_text_cache(cfg, data_dir)
   timings["text_cache_s"] = round(time.time() - t0, 1)
   # 2. Train both stages (each resumes from its latest checkpoint).
   base_dir, sr_dir = os.path.join(workdir, "base"), os.path.join(workdir, "sr")
-  train_stage("base", base_cfg, base_dir, timings)
-  train_stage("sr", sr_cfg, sr_dir, timings)
+  train_stage("base", base64_config, overrides["base"], base_dir, timings)
+  train_stage("sr", sr256_config, overrides["sr"], sr_dir, timings)
 
   # 3. Sample and score; 4. write the sheet and the report.
   report = evaluate(
@@ -296,8 +240,7 @@ def main(argv):
   timings.update(report.pop("timings"))
   timings["total_s"] = round(time.time() - start, 1)
   report["timings"] = timings
-  with open(os.path.join(workdir, "report.json"), "w") as f:
-    json.dump(report, f, indent=2)
+  atomic.write_json(os.path.join(workdir, "report.json"), report)
   a = report["alignment"][f"w={report['settings']['stage1']['guidance_weight']}"]["stage2"]["all"]
   print(
       f"\nstage 2: colour {a['color']:.3f}, shape {a['shape']:.3f}; SR PSNR "

@@ -1,0 +1,194 @@
+"""Atomic file and folder writes: a reader sees the whole new file or none, never a part.
+
+Each write goes to a unique temporary name in the destination's folder (same file system, so
+the rename is atomic on POSIX) and `os.replace` moves it into place; on any error the temporary
+is removed. Temporary names carry the process id and a random suffix (`tempfile`), so
+concurrent writers of the same path never collide; the last rename wins. etils' `epath` (the
+path library in use) writes in place, without a temporary, hence this module. A folder that
+replaces another is swapped in with one `renameat2(RENAME_EXCHANGE)` on Linux (a reader sees the
+old folder or the new one, never neither); elsewhere the old one is renamed aside first.
+
+    atomic.write_text(path, text)           atomic.write_json(path, obj)
+    atomic.write_bytes(path, data)          atomic.save_npz(path, compressed=True, a=x, b=y)
+    atomic.save_png(path, image_or_pil)     atomic.save_figure(path, matplotlib_figure)
+    with atomic.publish_dir(final) as tmp:  # fill tmp; renamed to `final` on success
+      ...
+    atomic.replace_dir(src, final)          # move a finished folder over `final`
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+TMP_PREFIX = ".tmp-"
+
+
+def _tmp_name(path: str, suffix: str = "") -> str:
+  """A fresh, unused file name next to `path` (created empty, so no other writer gets it)."""
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(
+      prefix=f"{TMP_PREFIX}{os.path.basename(path)}-{os.getpid()}-", suffix=suffix, dir=folder
+  )
+  os.close(fd)
+  return tmp
+
+
+def write_with(path: str, write: Callable[[str], None], *, suffix: str = "") -> str:
+  """Calls `write(tmp_path)`, then renames the temporary to `path`; returns `path`.
+
+  `suffix` keeps a file extension on the temporary for writers that choose the format by
+  extension (PIL, matplotlib).
+  """
+  tmp = _tmp_name(path, suffix)
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(tmp)
+    raise
+  return path
+
+
+def write_bytes(path: str, data: bytes) -> str:
+  def write(tmp):
+    with open(tmp, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+
+  return write_with(path, write)
+
+
+def write_text(path: str, text: str, encoding: str = "utf-8") -> str:
+  return write_bytes(path, text.encode(encoding))
+
+
+def write_json(path: str, obj: Any, *, indent: int | None = 2) -> str:
+  return write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def save_npz(path: str, *, compressed: bool = False, **arrays: np.ndarray) -> str:
+  """`np.savez(_compressed)` to `path` (which should end in .npz: numpy appends it otherwise)."""
+  save = np.savez_compressed if compressed else np.savez
+
+  def write(tmp):
+    with open(tmp, "wb") as f:  # a file object: numpy adds no extension
+      save(f, **arrays)
+
+  return write_with(path, write)
+
+
+def save_png(path: str, image) -> str:
+  """A PIL image, or a uint8 array `[H, W]` / `[H, W, C]`, as PNG."""
+  import PIL.Image
+
+  if not isinstance(image, PIL.Image.Image):
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+      raise ValueError(f"save_png wants a PIL image or uint8 array, got dtype {image.dtype}")
+    image = PIL.Image.fromarray(
+        image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image
+    )
+  return write_with(path, lambda tmp: image.save(tmp, format="PNG"), suffix=".png")
+
+
+def save_figure(path: str, figure, **savefig_kwargs) -> str:
+  """A matplotlib figure (format from the extension of `path`)."""
+  ext = os.path.splitext(path)[1]
+  return write_with(path, lambda tmp: figure.savefig(tmp, **savefig_kwargs), suffix=ext)
+
+
+@contextlib.contextmanager
+def publish_dir(final: str, *, overwrite: bool = False, tmp: str | None = None) -> Iterator[str]:
+  """Yields a fresh temporary folder next to `final`; renamed to `final` when the block ends.
+
+  If the block raises, the temporary is removed and `final` is untouched. If `final` exists
+  when the block ends: with `overwrite` it is replaced (`replace_dir`); without, the new folder
+  is dropped and the existing one kept (another writer finished the same content first).
+
+  `tmp`: a fixed temporary path instead of a unique one, for a single writer whose readers
+  recognise a leftover by name (e.g. `<dir>.incomplete`); a leftover there is removed first, so
+  it is unsafe with several writers (each would delete the other's folder): leave `tmp` unset
+  for those.
+  """
+  parent = os.path.dirname(os.path.abspath(final))
+  os.makedirs(parent, exist_ok=True)
+  if tmp is None:
+    tmp = tempfile.mkdtemp(
+        prefix=f"{TMP_PREFIX}{os.path.basename(final)}-{os.getpid()}-", dir=parent
+    )
+  else:
+    if os.path.dirname(os.path.abspath(tmp)) != parent:
+      raise ValueError(f"tmp {tmp!r} must be in the folder of {final!r} (one file system)")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+  try:
+    yield tmp
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  if overwrite:
+    replace_dir(tmp, final)
+    return
+  try:
+    if os.path.exists(final):
+      raise FileExistsError(final)
+    os.rename(tmp, final)
+  except OSError as e:
+    # Another writer published `final` first (before the check or between it and the rename).
+    if not isinstance(e, FileExistsError) and e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+      raise
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _exchange(a: str, b: str) -> bool:
+  """Swaps paths `a` and `b` in one step (Linux `renameat2(RENAME_EXCHANGE)`); False where the
+  OS or file system has no such call."""
+  try:
+    renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+  except (OSError, AttributeError):
+    return False
+  renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+  at_fdcwd, rename_exchange = -100, 2
+  if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+    return True
+  err = ctypes.get_errno()
+  if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+    return False
+  raise OSError(err, os.strerror(err), a, None, b)
+
+
+def replace_dir(src: str, final: str) -> None:
+  """Moves folder `src` to `final` (same file system), replacing any folder there.
+
+  An existing `final` is swapped with `src` in one step where the OS allows (a reader sees the
+  whole old folder or the whole new one); elsewhere it is renamed aside, then `src` renamed in (a
+  reader may see no folder for that instant, never a mix). The old folder is then deleted.
+  """
+  if not os.path.exists(final):
+    try:
+      os.rename(src, final)
+      return
+    except OSError as e:  # `final` appeared meanwhile: swap it out below
+      if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+        raise
+  if _exchange(src, final):
+    shutil.rmtree(src, ignore_errors=True)  # `src` now holds the old folder
+    return
+  parent = os.path.dirname(os.path.abspath(final))
+  old = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.path.basename(final)}-old-", dir=parent)
+  os.rmdir(old)  # only the unique name is wanted
+  os.rename(final, old)
+  os.rename(src, final)
+  shutil.rmtree(old, ignore_errors=True)
