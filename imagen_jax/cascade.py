@@ -305,7 +305,3 @@ class Cascade:
         outs[k].append(np.asarray(prev)[:n])
     return [np.concatenate(o) for o in outs]
 
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-  """[-1, 1] float images -> uint8 [0, 255] (round half up)."""
-  return np.clip(np.floor((np.asarray(images) + 1.0) * 127.5 + 0.5), 0, 255).astype(np.uint8)
