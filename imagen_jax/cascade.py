@@ -304,4 +304,3 @@ class Cascade:
         )
         outs[k].append(np.asarray(prev)[:n])
     return [np.concatenate(o) for o in outs]
-
