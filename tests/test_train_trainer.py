@@ -218,3 +218,34 @@ def test_in_training_sample_grid_is_conditioned_like_the_cascade():
   np.testing.assert_array_equal(a, fn(params, toy_text_params(), batch, jax.random.key(1)))
   other = dict(batch, lowres=-batch["lowres"])
   assert not np.allclose(a, fn(params, toy_text_params(), other, jax.random.key(1)), atol=1e-4)
+
+
+def test_resuming_an_old_layout_checkpoint_fails_clearly(tmp_path, data_dir):
+  """A workdir whose checkpoint has the older items (state with the EMA params inside,
+  data_iter, config) is refused before anything is trained or config.json is written."""
+  import orbax.checkpoint as ocp
+
+  workdir = tmp_path / "old"
+  mngr = ocp.CheckpointManager(
+      workdir / "checkpoints",
+      options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False),
+      item_handlers={
+          "state": ocp.StandardCheckpointHandler(),
+          "data_iter": ocp.JsonCheckpointHandler(),
+          "config": ocp.JsonCheckpointHandler(),
+      },
+  )
+  config = tiny_config("base64", data_dir, **{"train.num_steps": 4})
+  old_state = {"step": np.int32(3), "params": {"w": np.ones(3, np.float32)}}
+  mngr.save(
+      3,
+      args=ocp.args.Composite(
+          state=ocp.args.StandardSave(old_state),
+          data_iter=ocp.args.JsonSave({"shards": []}),
+          config=ocp.args.JsonSave(trainer.config_to_dict(config)),
+      ),
+  )
+  mngr.close()
+  with pytest.raises(ckpt_lib.CheckpointLayoutError, match=r"older layout.*'state'.*Retrain"):
+    trainer.train_and_evaluate(config, str(workdir))
+  assert not (workdir / "config.json").exists()
