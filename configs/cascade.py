@@ -28,6 +28,9 @@ def _stage(workdir, *, w, steps, aug_level=0.0, sampler="ddim", threshold="dynam
   s.percentile = 99.5  # dynamic thresholding percentile, 0-100 scale (Fig. A.31)
   s.eta = 0.0  # DDIM stochasticity
   s.aug_level = aug_level  # SR only: noise conditioning augmentation level (§2.4)
+  # Sampler time grid: uniform_t | logsnr_uniform (the paper is silent; see
+  # diffusion/samplers.py for which suits which schedule).
+  s.time_grid = "uniform_t"
   return s
 
 

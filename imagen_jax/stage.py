@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from imagen_jax import denoiser
-from imagen_jax.diffusion import forward, parameterization, samplers, schedules
+from imagen_jax.diffusion import forward, guidance, parameterization, samplers, schedules
 from imagen_jax.nn import unet
 from imagen_jax.parallel import sharding as sharding_lib
 from imagen_jax.text import registry
@@ -93,6 +93,15 @@ class SamplingSettings:
   eta: float = 0.0
   aug_level: float = 0.0
   time_grid: str = "uniform_t"
+
+  def __post_init__(self):
+    # A NaN / inf w would make every guided eps, hence every image, NaN; inside the jitted
+    # sampler w is traced and cannot be checked, so it is checked here.
+    object.__setattr__(
+        self, "guidance_weight", guidance.check_guidance_weight(self.guidance_weight)
+    )
+    if not 0.0 <= float(self.aug_level) <= 1.0:
+      raise ValueError(f"aug_level={self.aug_level!r} must be in [0, 1] (§2.4)")
 
   def sampler_settings(self) -> samplers.SamplerSettings:
     """The sampler's own settings (checked there: a bad name or range is a clear error)."""

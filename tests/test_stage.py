@@ -183,3 +183,16 @@ def test_sampling_settings_from_a_stage_config_and_for_the_sampler():
   )
   with pytest.raises(ValueError, match="sqrt_t"):
     stage_lib.SamplingSettings(time_grid="sqrt_t").sampler_settings()
+
+
+@pytest.mark.parametrize("w", [math.nan, math.inf, -math.inf])
+def test_nonfinite_guidance_weight_refused_by_the_cascade_settings(w):
+  """Inside the jitted sampler w is traced, so a NaN would only show as NaN images."""
+  with pytest.raises(ValueError, match="guidance_weight"):
+    stage_lib.SamplingSettings(guidance_weight=w)
+
+
+@pytest.mark.parametrize("aug_level", [-0.1, 1.5])
+def test_aug_level_outside_unit_interval_refused(aug_level):
+  with pytest.raises(ValueError, match=r"aug_level=.* must be in \[0, 1\]"):
+    stage_lib.SamplingSettings(aug_level=aug_level)
