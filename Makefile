@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all lint format sweep venv clean
+.PHONY: demo test test-quick lint format sweep venv clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -25,9 +25,14 @@ sweep: $(STAMP)
 	    --data_dir=demo_out/data --weights=1,2,3,5,8 --thresholds=dynamic,static \
 	    --num_prompts=64 --outdir=demo_out/guidance_sweep
 
-# Default test run (< ~15 min on 2 cores). `make test-all` adds the slow-marked tests.
+# The whole suite, the slow-marked distributed checks included (exact resume after SIGKILL,
+# 2 processes == 1, sharded == unsharded): what CI runs, after the linters.
 test: lint
 	$(PY) -m pytest -n 2 -q tests
+
+# A quicker local loop: the same without the tests marked slow.
+test-quick: $(STAMP)
+	$(PY) -m pytest -n 2 -q -m "not slow" tests
 
 # One style (pyproject.toml): pyink (Google 2-space) and ruff; `make format` applies both.
 lint: $(STAMP)
@@ -37,9 +42,6 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(VENV)/bin/ruff check --quiet --fix .
 	$(VENV)/bin/pyink --quiet .
-
-test-all: $(STAMP)
-	$(PY) -m pytest -n 2 -q -m "" tests
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
