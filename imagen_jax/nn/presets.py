@@ -85,7 +85,7 @@ def _efficient(**kw) -> ml_collections.ConfigDict:
 # (ours) Sinusoidal token positions for the shapes stages: with context-free encoder tokens a
 # set-based text pathway cannot tell which colour goes with which shape. byt5-tiny-random's
 # tokens carry their context (registry.TINY_RANDOM_BIAS_STD) and a CPU ablation scored no worse
-# without positions (experiments/README.md); on because the demo's reported figures use them.
+# without positions (docs/results/guidance_gap.md); on because the demo's reported figures use them.
 _SHAPES_TEXT_POSITIONS = True
 
 

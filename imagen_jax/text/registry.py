@@ -41,7 +41,7 @@ TINY_RANDOM_SEED = 20220523  # Imagen's arXiv date
 # objects' colours swapped give token sets matching to cosine 0.99995), so no network reading it
 # can tell which colour goes with which shape. A trained encoder's tokens carry their context.
 # With std 6 each head attends to a few fixed relative offsets and a token carries its
-# neighbours (same byte in two words: 0.62; colour-swapped captions: 0.90; 2026-11-27).
+# neighbours (figures in docs/results/guidance_gap.md).
 TINY_RANDOM_BIAS_STD = 6.0
 _NAME_PATTERNS = (
     r"t5-v1_1-[a-z0-9]+",
