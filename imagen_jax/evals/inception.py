@@ -18,8 +18,8 @@ Input: `[B, 299, 299, 3]` float32, NHWC, already resized and scaled (see `fid_pr
 Output: a dict with `pool3` `[B, 2048]` = mean over H, W of Mixed_7c, and `logits` `[B, 1008]`.
 
 Convolutions and the fc run at `precision=HIGHEST`: TPUs and Ampere+ GPUs otherwise compute
-float32 convolutions in bf16 / tf32, and the features then differ from pytorch-fid's by ~1e-3
-(relative) instead of ~1e-6 (docs/results/numerics.md).
+float32 convolutions in bf16 / tf32, and the features then differ from pytorch-fid's by 6e-4
+(relative) instead of 8e-7 (docs/results/numerics.md).
 
 Parameter names mirror the PyTorch module tree (`Mixed_5b/branch5x5_1/conv/kernel`), so that the
 converter (`convert_weights.py`) is a name-for-name transpose.
