@@ -126,3 +126,12 @@ def test_logsnr_embedding_is_bounded_and_monotone():
   assert np.isfinite(np.asarray(u)).all()
   assert (np.diff(np.asarray(u)) <= 0).all() and 0 <= float(u.min()) and float(u.max()) <= 1
   np.testing.assert_allclose(float(u[3]), 0.5, atol=1e-6)  # logsnr 0 <-> t = 1/2
+
+
+def test_unknown_model_dtype_is_a_clear_error():
+  config = presets.get_model_config("base64", "tiny")
+  config.dtype = "fp8"
+  with pytest.raises(
+      ValueError, match=r"model.dtype='fp8'; allowed: \['bfloat16', 'float16', 'float32'\]"
+  ):
+    unet.build_model(config)

@@ -125,7 +125,7 @@ def test_config_errors():
     registry.get_text_encoder(registry.default_text_config("t5-v1_1-xxl"))
   with pytest.raises(ValueError, match="unknown text encoder name 'clip-vit'"):
     registry.get_text_encoder(registry.default_text_config("clip-vit"))
-  with pytest.raises(ValueError, match="text_config.dtype='fp8'"):
+  with pytest.raises(ValueError, match="text.dtype='fp8'"):
     registry.get_text_encoder(registry.default_text_config(dtype="fp8"))
   with pytest.raises(ValueError, match="fixed random weights"):
     registry.get_text_encoder(registry.default_text_config(path="/some/dir"))

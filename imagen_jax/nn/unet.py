@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
+from imagen_jax import dtypes
 from imagen_jax.nn import attention, blocks, layers, text_conditioning
 
 Dtype = Any
@@ -254,17 +255,6 @@ class EfficientUNet(nn.Module):
     return out.astype(jnp.float32)
 
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def _dtype(name) -> Dtype:
-  if not isinstance(name, str):
-    return name
-  if name not in _DTYPES:
-    raise ValueError(f"unknown dtype {name!r}; allowed: {sorted(_DTYPES)}")
-  return _DTYPES[name]
-
-
 def build_model(model_config: ml_collections.ConfigDict) -> nn.Module:
   """UNet or EfficientUNet from a `presets.get_model_config(...)` ConfigDict."""
   c = model_config
@@ -282,8 +272,8 @@ def build_model(model_config: ml_collections.ConfigDict) -> nn.Module:
       norm_groups=c.norm_groups,
       attn_impl=c.attn_impl,
       remat=c.remat,
-      dtype=_dtype(c.dtype),
-      param_dtype=_dtype(c.param_dtype),
+      dtype=dtypes.get_dtype(c.dtype, "model.dtype"),
+      param_dtype=dtypes.get_dtype(c.param_dtype, "model.param_dtype"),
   )
   if c.kind == "unet":
     return UNet(

@@ -29,6 +29,7 @@ import ml_collections
 import numpy as np
 from ml_collections import config_dict
 
+from imagen_jax import dtypes
 from imagen_jax.text import checkpoint, t5, tokenizer
 
 TINY_RANDOM = "byt5-tiny-random"
@@ -50,7 +51,6 @@ _NAME_PATTERNS = (
     r"byt5-[a-z0-9]+",
     r"t5-efficient-[a-z0-9-]+",
 )
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def default_text_config(
@@ -88,16 +88,6 @@ def default_text_config(
           embedding_cache=embedding_cache,
       )
   )
-
-
-def _dtype(value: Any, field: str):
-  if value is None:
-    return jnp.float32
-  if isinstance(value, str):
-    if value not in _DTYPES:
-      raise ValueError(f"text_config.{field}={value!r}; allowed: {sorted(_DTYPES)}")
-    return _DTYPES[value]
-  return jnp.dtype(value).type
 
 
 @dataclasses.dataclass(eq=False)
@@ -230,9 +220,9 @@ def get_text_encoder(
   _check_name(name)
   path = text_config.get("path", None)
   max_length = int(text_config.get("max_length", 128) or 128)
-  dtypes = dict(
-      dtype=_dtype(text_config.get("dtype", None), "dtype"),
-      param_dtype=_dtype(text_config.get("param_dtype", None), "param_dtype"),
+  precision = dict(
+      dtype=dtypes.get_dtype(text_config.get("dtype", None), "text.dtype"),
+      param_dtype=dtypes.get_dtype(text_config.get("param_dtype", None), "text.param_dtype"),
       precision=text_config.get("precision", None),
   )
   if (mesh is None) != (rules is None):
@@ -249,7 +239,7 @@ def get_text_encoder(
           f"{TINY_RANDOM!r} has fixed random weights; text_config.path must "
           f"be None, got {path!r}"
       )
-    config = t5.preset_config(TINY_RANDOM, **dtypes)
+    config = t5.preset_config(TINY_RANDOM, **precision)
     params = _tiny_random_params(config)
     shardings = shardings_for(config)
     if shardings is not None:
@@ -263,7 +253,7 @@ def get_text_encoder(
         "config.json, model.safetensors (or model.safetensors.index.json) and the "
         f"tokenizer files; nothing is downloaded. For an offline run use {TINY_RANDOM!r}."
     )
-  config = checkpoint.read_config(path, **dtypes)
+  config = checkpoint.read_config(path, **precision)
   _check_preset(name, config, path)
   # The tokenizer before the weights: a directory without tokenizer files fails at once, not
   # after every weight has loaded (minutes for T5-XXL).
