@@ -2,7 +2,7 @@
 
 The models work on images in [-1, 1] (Imagen §2.1 trains on pixels scaled to [-1, 1]); a PNG
 stores uint8. `to_uint8` is the one conversion in the project (one rounding rule), `image_grid`
-tiles a batch into one array, `labelled_grid` lays out a table of images with text labels.
+tiles a batch into one array (`save_grid` writes it as a PNG), `labelled_grid` lays out a table of images with text labels.
 """
 
 from __future__ import annotations
@@ -61,6 +61,17 @@ def image_grid(images, ncols: int | None = None, *, gap: int = 1) -> np.ndarray:
     r, col = divmod(i, ncols)
     grid[r * (h + gap) : r * (h + gap) + h, col * (w + gap) : col * (w + gap) + w] = u8[i]
   return grid
+
+
+def save_grid(images, path: str, ncols: int | None = None) -> str:
+  """`image_grid(images, ncols)` written atomically as a PNG at `path`; returns the path.
+
+  images: `[N, H, W, C]` float in [-1, 1] or uint8 (e.g. one stage's output of
+  `cascade.Cascade.sample`).
+  """
+  from imagen_jax import atomic
+
+  return atomic.save_png(path, image_grid(images, ncols))
 
 
 def to_pil(image: np.ndarray) -> PIL.Image.Image:

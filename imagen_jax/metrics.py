@@ -71,10 +71,7 @@ class FileWriter:
 
   def write_images(self, step: int, images_: Mapping[str, np.ndarray]) -> list[str]:
     """Each `[N, H, W, C]` batch (float in [-1, 1] or uint8) as one PNG grid; returns the paths."""
-    return [
-        atomic.save_png(self.image_path(name, step), images.image_grid(batch))
-        for name, batch in images_.items()
-    ]
+    return [images.save_grid(batch, self.image_path(name, step)) for name, batch in images_.items()]
 
   def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
     for name, text in texts.items():

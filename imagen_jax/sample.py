@@ -50,9 +50,7 @@ def main(argv):
   os.makedirs(_OUTDIR.value, exist_ok=True)
   for s, out in enumerate(outs, start=1):
     u8 = images.to_uint8(out)
-    atomic.save_png(
-        os.path.join(_OUTDIR.value, f"stage{s}_grid.png"), images.image_grid(u8, ncols=k)
-    )
+    images.save_grid(u8, os.path.join(_OUTDIR.value, f"stage{s}_grid.png"), ncols=k)
     single = os.path.join(_OUTDIR.value, f"stage{s}")
     os.makedirs(single, exist_ok=True)
     for i, img in enumerate(u8):

@@ -74,3 +74,12 @@ def test_psnr_and_edge_sharpness():
   assert image_metrics.edge_sharpness(step) > image_metrics.edge_sharpness(blur)
   with pytest.raises(ValueError, match="uint8"):
     image_metrics.psnr(a.astype(np.float32), b)
+
+
+def test_save_grid_writes_the_grid_as_png(tmp_path):
+  import PIL.Image
+
+  batch = np.random.default_rng(0).uniform(-1, 1, (5, 4, 6, 3)).astype(np.float32)
+  path = images.save_grid(batch, str(tmp_path / "grid.png"), ncols=2)
+  np.testing.assert_array_equal(np.asarray(PIL.Image.open(path)), images.image_grid(batch, 2))
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png"]  # no temporary left
