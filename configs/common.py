@@ -146,8 +146,8 @@ KNOBS = {
     "adafactor_relative": "optim.adafactor_multiply_by_parameter_scale",
 }
 
-# The built-in demo (`make demo`): per-stage choices for a CPU budget of ~10 + ~6 minutes on
-# 2 cores. Both stages predict x0 (the paper predicts eps, §2 / App. A): with a space-to-depth
+# The built-in demo (`make demo`): per-stage choices sized for a short CPU budget (minutes per
+# stage on 2 cores). Both stages predict x0 (the paper predicts eps, §2 / App. A): with a space-to-depth
 # network and a few thousand steps, eps- and v-prediction leave per-pixel noise in the samples
 # (base colour alignment at chance), while x0-prediction learns the content first. Adam for the
 # base too: the one optimizer tested at this scale. EMA 0.995: a 0.999 EMA lags a 2000-step run.

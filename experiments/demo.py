@@ -35,10 +35,9 @@ _SR_STEPS = flags.DEFINE_integer("sr_steps", None, "override the SR stage's step
 _NUM_TEST = flags.DEFINE_integer("num_test", 192, "test prompts to sample and score")
 _GRID_ROWS = flags.DEFINE_integer("grid_rows", 16, "prompts shown in samples.png")
 
-# Wall time from a fresh clone on a 2-core CPU, after the install (it varies by about 15% with
-# the host's load): dataset ~0.5, text cache ~0.2, base stage ~15, SR stage ~9, sampling and
-# scoring ~3 minutes.
-EXPECTED_MINUTES = 30
+# Wall time on a 2-core CPU after the install, which depends on the machine and its load
+# (docs/results/demo.md logs the runs): the base stage is about half of it, the SR stage a third.
+EXPECTED_MINUTES = "20-30"
 VARIANT = "shapes"
 
 
@@ -173,9 +172,8 @@ def main(argv):
   os.makedirs(workdir, exist_ok=True)
   print(
       f"imagen-jax demo: shapes dataset -> base 32x32 stage -> SR 32->64 stage -> samples.\n"
-      f"Expected time on a 2-core CPU: about {EXPECTED_MINUTES} minutes (dataset ~0.5, text "
-      f"cache ~0.2, base stage ~15, SR stage ~9, sampling + scoring ~3; more on a loaded "
-      f"host). Output: {workdir}",
+      f"Expected time on a 2-core CPU: {EXPECTED_MINUTES} minutes (about half of it the base "
+      f"stage, a third the SR stage; more on a loaded host). Output: {workdir}",
       flush=True,
   )
 
