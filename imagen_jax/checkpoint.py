@@ -182,6 +182,14 @@ def format_meaning_diff(diffs, old: str = "in checkpoint", new: str = "now") -> 
   return text + (f". The checkpoint's values: {' '.join(flags[:12])}" if flags else "")
 
 
+def meaning_error(where: Any, diffs) -> CheckpointMismatchError:
+  return CheckpointMismatchError(
+      f"checkpoint {where} was written for a different run (model, diffusion, text encoder or "
+      f"sizes); {len(diffs)} difference(s): {format_meaning_diff(diffs)}. Resume with the "
+      "checkpoint's values, or train in a fresh workdir."
+  )
+
+
 def _shapes_by_path(tree: Any) -> dict[str, tuple]:
   """'a/b/c' -> shape for every array-like leaf (metadata or ShapeDtypeStruct)."""
   out = {}
@@ -369,11 +377,7 @@ class Checkpointer:
     saved = self.saved_config(step)
     diffs = meaning_diff(saved, config_dict)
     if diffs:
-      raise CheckpointMismatchError(
-          f"checkpoint {where} was written for a different run (model, diffusion, text encoder "
-          f"or sizes); {len(diffs)} difference(s): {format_meaning_diff(diffs)}. Resume with the "
-          "checkpoint's values, or train in a fresh workdir."
-      )
+      raise meaning_error(where, diffs)
     if (
         _get(saved, TEXT_FINGERPRINT) is _ABSENT
         and _get(config_dict, TEXT_FINGERPRINT) is not _ABSENT
@@ -417,11 +421,12 @@ class Checkpointer:
       train_state, ema_params: trees of `jax.ShapeDtypeStruct` with `.sharding` set.
       config_dict: when given, `check_compatible` runs first.
     """
-    self.check_layout(step, data=True)
     if len(data_iters) != self.num_data_iters:
       raise ValueError(f"got {len(data_iters)} data iterators, expected {self.num_data_iters}")
-    if config_dict is not None:
+    self.check_layout(step, data=False)
+    if config_dict is not None:  # what the run means first: the clearest reason to refuse
       self.check_compatible(step, config_dict, {TRAIN_STATE: train_state, EMA: ema_params})
+    self.check_layout(step, data=True)
     args = {
         TRAIN_STATE: ocp.args.StandardRestore(train_state),
         EMA: ocp.args.StandardRestore(ema_params),
@@ -534,3 +539,29 @@ class Checkpointer:
       except OSError as e:
         if not self._save_failed:
           raise self._save_error(None, e) from e
+
+
+def check_resume_meaning(directory: str | os.PathLike, config_dict: dict) -> int | None:
+  """Before a trainer builds anything: its config's `MEANING_FIELDS` against the newest step
+  whose config item reads (a corrupt one is left to `restore_latest`). Returns that step (None
+  without steps); raises `CheckpointMismatchError` naming each differing field.
+
+  The text fingerprint is compared later, at the restore, once the encoder is built (loading
+  T5-XXL takes minutes: a changed schedule or max_length is refused before that).
+  """
+  if not epath.Path(directory).exists():
+    return None
+  ck = Checkpointer(directory, read_only=True)
+  try:
+    for step in sorted(ck.all_steps(), reverse=True):
+      try:
+        saved = ck.saved_config(step)
+      except Exception:  # noqa: BLE001 - unreadable: restore_latest reports and falls back
+        continue
+      diffs = [d for d in meaning_diff(saved, config_dict) if d[0] != TEXT_FINGERPRINT]
+      if diffs:
+        raise meaning_error(ck.directory / str(step), diffs)
+      return step
+    return None
+  finally:
+    ck.close()
