@@ -321,9 +321,10 @@ class Checkpointer:
     where = self.directory / str(step)
     return sorted(p.name for p in where.iterdir() if p.is_dir()) if where.exists() else []
 
-  def check_layout(self, step: int, *, data: bool) -> None:
+  def check_layout(self, step: int, *, data: bool, iterators: bool | None = None) -> None:
     """Raises `CheckpointLayoutError` if `step` lacks this layout's items (an older layout)
-    or, with `data`, holds another number of data iterators than this process has."""
+    or, with `data` (and `iterators`, default `data`), holds another number of data iterators
+    than this process has."""
     found = self.saved_items(step)
     want = [TRAIN_STATE, EMA, CONFIG] if data else [EMA, CONFIG]
     missing = [i for i in want if i not in found]
@@ -339,7 +340,7 @@ class Checkpointer:
           "grain per iterator. Retrain the stage in a fresh workdir (old checkpoints are not "
           "converted)."
       )
-    if not data:
+    if not (data if iterators is None else iterators):
       return
     saved_iters = sorted(i for i in found if i.startswith(DATA_PREFIX))
     want_iters = [data_item(k) for k in range(self.num_data_iters)]
@@ -423,7 +424,7 @@ class Checkpointer:
     """
     if len(data_iters) != self.num_data_iters:
       raise ValueError(f"got {len(data_iters)} data iterators, expected {self.num_data_iters}")
-    self.check_layout(step, data=False)
+    self.check_layout(step, data=True, iterators=False)
     if config_dict is not None:  # what the run means first: the clearest reason to refuse
       self.check_compatible(step, config_dict, {TRAIN_STATE: train_state, EMA: ema_params})
     self.check_layout(step, data=True)
