@@ -351,7 +351,7 @@ def train_config(v: dict) -> ml_collections.ConfigDict:
   c.ema_decay = v["ema_decay"]
   c.log_every = v["log_every"]
   c.ckpt_every = v["ckpt_every"]
-  c.max_to_keep = 3  # newest checkpoints kept (None: all)
+  c.max_to_keep = 3  # newest checkpoints kept
   c.keep_period = 0  # > 0: also keep every checkpoint whose step it divides (e.g. 50_000)
   c.sample_every = v["sample_every"]  # 0 disables periodic sample grids
   c.seed = 0

@@ -64,7 +64,7 @@ def test_tiny_base_trains_survives_sigterm_and_resumes(tmp_path, data_dir):
   out = trainer.train_and_evaluate(config, workdir, hooks=[sigterm_at_7])
   assert out["preempted"] and out["step"] == 7
   assert signal.getsignal(signal.SIGTERM) is not None  # handler uninstalled, previous back
-  ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+  ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
   assert ck.all_steps() == [7]  # complete (finalized) checkpoint of the current step
   assert ck.saved_config(7)["model"] == trainer.config_to_dict(config)["model"]
   ck.close()

@@ -334,8 +334,8 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> d
         raise NonFiniteLossError(
             f"{in_a_row} non-finite steps in a row ({s - in_a_row + 1}..{s}) with "
             f"train.nonfinite='skip' (train.max_nonfinite_steps={max_in_a_row}): the run "
-            f"diverged; no update was applied since step {s - in_a_row} and no checkpoint was "
-            f"written after it. Lower optim.learning_rate (or clip gradients) and resume."
+            f"diverged; no update was applied since step {s - in_a_row}. Lower "
+            "optim.learning_rate (or clip gradients) and resume, or retrain."
         )
     checked = len(pending)
 
