@@ -149,9 +149,8 @@ def meaning_diff(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
   The text fingerprint is compared when both record one (`check_compatible` warns when the
   checkpoint has none); a field absent from both is equal.
   """
-  saved, current = _with_added_fields(_json_normal(saved)), _with_added_fields(
-      _json_normal(current)
-  )
+  saved = _with_added_fields(_json_normal(saved))
+  current = _with_added_fields(_json_normal(current))
   out = []
   for field in MEANING_FIELDS:
     a, b = _get(saved, field), _get(current, field)
@@ -183,6 +182,7 @@ def format_meaning_diff(diffs, old: str = "in checkpoint", new: str = "now") -> 
 
 
 def meaning_error(where: Any, diffs) -> CheckpointMismatchError:
+  """The refusal of a resume (or restore) of checkpoint `where` under other meaning fields."""
   return CheckpointMismatchError(
       f"checkpoint {where} was written for a different run (model, diffusion, text encoder or "
       f"sizes); {len(diffs)} difference(s): {format_meaning_diff(diffs)}. Resume with the "
