@@ -371,3 +371,38 @@ def test_nonfinite_skip_stops_after_consecutive_steps(tmp_path, data_dir, monkey
         config, str(tmp_path / "run"), hooks=[lambda step, *_: stopped.append(step)]
     )
   assert max(stopped) <= 2 * 3  # found within max_nonfinite_steps of the third bad step
+
+
+def test_disk_full_during_training_is_one_error_and_keeps_the_last_checkpoint(
+    tmp_path, data_dir, monkeypatch
+):
+  import errno
+
+  import orbax.checkpoint as ocp
+
+  write = ocp.StandardCheckpointHandler.async_save
+  full = [False]
+
+  def maybe_full(self, *args, **kwargs):
+    if full[0]:
+      raise OSError(errno.ENOSPC, "No space left on device")
+    return write(self, *args, **kwargs)
+
+  def disk_fills_at_3(step, *_):
+    full[0] = step >= 3
+
+  monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", maybe_full)
+  config = tiny_config(
+      "base64",
+      data_dir,
+      **{"train.num_steps": 6, "train.ckpt_every": 2, "train.log_every": 2, **CUT},
+  )
+  workdir = tmp_path / "run"
+  with pytest.raises(
+      ckpt_lib.CheckpointSaveError,
+      match=r"save of step 4 .* the disk is full\. The last complete checkpoint \(step 2\) is kept",
+  ):
+    trainer.train_and_evaluate(config, str(workdir), hooks=[disk_fills_at_3])
+  ck = ckpt_lib.Checkpointer(workdir / "checkpoints", read_only=True)
+  assert ck.all_steps() == [2]
+  ck.close()
