@@ -235,7 +235,9 @@ class Checkpointer:
     if keep_period:
       keep.append(policies.EveryNSteps(int(keep_period)))
     if read_only:
-      options = ocp.CheckpointManagerOptions(read_only=True, enable_async_checkpointing=False)
+      options = ocp.CheckpointManagerOptions(
+          read_only=True, create=False, save_interval_steps=0, enable_async_checkpointing=False
+      )
     else:
       options = ocp.CheckpointManagerOptions(
           preservation_policy=policies.AnyPreservationPolicy(keep),
