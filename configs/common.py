@@ -351,10 +351,13 @@ def train_config(v: dict) -> ml_collections.ConfigDict:
   c.ema_decay = v["ema_decay"]
   c.log_every = v["log_every"]
   c.ckpt_every = v["ckpt_every"]
-  c.max_to_keep = 3
+  c.max_to_keep = 3  # newest checkpoints kept
+  c.keep_period = 0  # > 0: also keep every checkpoint whose step it divides (e.g. 50_000)
   c.sample_every = v["sample_every"]  # 0 disables periodic sample grids
   c.seed = 0
   c.nonfinite = "stop"  # 'stop': raise with the step number; 'skip': keep params, go on
+  # With 'skip': this many non-finite steps in a row stop the run (it diverged). Our choice.
+  c.max_nonfinite_steps = 10
   c.progress_bar = True
   # Multi-process: how often the hosts agree on a received SIGTERM (one tiny all-gather).
   c.preemption_check_every = 1

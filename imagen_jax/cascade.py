@@ -6,9 +6,13 @@ thresholding (§2.3), and each SR stage conditioned on the previous stage's outp
 and noise-augmented at a chosen `aug_level` (noise conditioning augmentation, §2.4, App. D.2).
 
 Stages train as independent jobs (`imagen_jax.main`); the cascade exists only here. Each stage
-is loaded from its training workdir: the config saved there (`config.json`) rebuilds the
-network, and the EMA params of its latest complete checkpoint are restored. Any prefix of the
-cascade runs (only stage 1, stages 1-2, ...), so a partly trained cascade is usable.
+is loaded from its training workdir: the config recorded in its checkpoint must agree with the
+workdir's `config.json` on every field that defines the stage's meaning
+(`checkpoint.MEANING_FIELDS`: network, diffusion schedule / target, text encoder, sizes), the
+network is rebuilt from it, and the EMA params of the latest complete checkpoint are restored.
+The cascade's text encoder must have the weights the stages were trained with (their recorded
+`text.fingerprint`). Any prefix of the cascade runs (only stage 1, stages 1-2, ...), so a partly
+trained cascade is usable.
 
 Determinism: sample i of a call draws its initial noise (and, for stochastic samplers, its
 per-step noise) from `fold_in(stage_key, i)`, so the images do not depend on the batch they are
@@ -24,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import os
 from typing import Any, Sequence
 
@@ -82,25 +87,47 @@ def read_stage_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def load_stage(workdir: str, step: int | None = None) -> LoadedStage:
-  """Rebuilds a stage from its saved config and restores the EMA params alone.
+  """Rebuilds a stage from its recorded config and restores the EMA params alone.
 
-  The params' abstract tree comes from the stage layer; no optimizer is built and no
-  optimizer state is read (the checkpoint keeps the EMA params as their own item).
+  The config is the checkpoint's (what the weights were trained with); the workdir's
+  `config.json` must agree with it on `checkpoint.MEANING_FIELDS` and then supplies the other
+  settings (e.g. a moved `text.path`). The params' abstract tree comes from the stage layer; no
+  optimizer is built and no optimizer state is read.
 
   Raises StageLoadError when the workdir holds no config or no complete checkpoint, and
-  `checkpoint.CheckpointMismatchError` when the checkpoint does not fit the saved config
-  (`checkpoint.CheckpointLayoutError` when it was written by an older layout).
+  `checkpoint.CheckpointMismatchError` when config.json and the checkpoint disagree on the
+  stage's meaning or the checkpoint's arrays do not fit it (`checkpoint.CheckpointLayoutError`
+  when it was written by an older layout).
   """
-  config = read_stage_config(workdir)
-  stage = Stage.from_config(config)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+  json_path = os.path.join(workdir, "config.json")
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if not os.path.exists(json_path) and not os.path.isdir(ckpt_dir):
+    read_stage_config(workdir)  # raises: no trained stage here
+  if not os.path.isdir(ckpt_dir):
+    raise StageLoadError(f"no complete checkpoint in {ckpt_dir} (the directory does not exist)")
+  ckpt = ckpt_lib.Checkpointer(ckpt_dir, read_only=True)
   try:
     step = ckpt.latest_step() if step is None else step
     if step is None or step not in ckpt.all_steps():
       raise StageLoadError(
           f"no complete checkpoint{'' if step is None else f' at step {step}'} in "
-          f"{os.path.join(workdir, 'checkpoints')} (complete steps: {ckpt.all_steps()})"
+          f"{ckpt_dir} (complete steps: {ckpt.all_steps()})"
       )
+    recorded = ckpt.saved_config(step)
+    if os.path.exists(json_path):
+      config = read_stage_config(workdir)
+      diffs = ckpt_lib.meaning_diff(recorded, config.to_dict())
+      if diffs:
+        raise ckpt_lib.CheckpointMismatchError(
+            f"{json_path} and checkpoint step {step} disagree on what the stage is: "
+            + ckpt_lib.format_meaning_diff(diffs, "in the checkpoint", "config.json has")
+            + ". The checkpoint's config is what the weights were trained with: restore "
+            "config.json from it (or remove config.json to use it as is)."
+        )
+    else:
+      logging.warning("%s is missing: the stage's config is the checkpoint's", json_path)
+      config = ml_collections.ConfigDict(recorded)
+    stage = Stage.from_config(config)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=device),
@@ -110,6 +137,27 @@ def load_stage(workdir: str, step: int | None = None) -> LoadedStage:
   finally:
     ckpt.close()
   return LoadedStage(workdir=workdir, stage=stage, params=params, step=step)
+
+
+def check_text_encoder(stages: Sequence[LoadedStage], encoder) -> None:
+  """Every stage was trained with `encoder`'s weights (its recorded `text.fingerprint`, §2.1:
+  the frozen encoder is part of the model); a stage recording none is let through with a
+  warning."""
+  for i, s in enumerate(stages, start=1):
+    want = s.config.text.get("fingerprint", None)
+    if want is None:
+      logging.warning(
+          "stage %d (%s) records no text encoder fingerprint: its encoder weights are unverified",
+          i,
+          s.workdir,
+      )
+    elif want != encoder.fingerprint:
+      raise StageLoadError(
+          f"stage {i} ({s.workdir}) was trained with text encoder {s.config.text.name!r} weights "
+          f"of fingerprint {want}, but text.path={s.config.text.get('path', None)!r} holds "
+          f"weights of fingerprint {encoder.fingerprint}: other weights under the same name. "
+          "Point text.path (in the stage's config.json) at the weights it was trained with."
+      )
 
 
 def check_cascade(stages: Sequence[LoadedStage]) -> None:
@@ -231,6 +279,7 @@ class Cascade:
         dataclasses.replace(s, params=jax.device_put(s.params, replicated)) for s in stages
     ]
     self.encoder = registry.get_text_encoder(self.stages[0].config.text)
+    check_text_encoder(self.stages, self.encoder)
 
   @property
   def num_devices(self) -> int:

@@ -16,14 +16,29 @@ as a step and the run resumes from the last complete one. Saves are asynchronous
 copied off the devices, then written by a background thread while training continues (the data
 iterator positions are written before `save` returns, so the iterators may move on).
 
-`check_compatible` compares the saved config and array shapes with the current run before
-anything is loaded, so restoring into a different model fails with a clear message instead of a
-partial or mis-shaped load; a checkpoint of an older layout is refused naming what changed.
+The config item records what the run *means* (`MEANING_FIELDS`: stage, network, diffusion
+schedule / target / aug range / logSNR range, text encoder name, max_length and weights
+fingerprint, image sizes and crop). `check_compatible` compares them and the array shapes with the
+current run before anything is loaded, so resuming (or sampling) under another meaning fails
+naming each field, its saved and its current value, instead of training or sampling on silently;
+every other setting (`train.*`, `optim.*`, `sample.*`, `mesh.*`, the data source, text.path /
+dtype / drop_prob / embedding_cache) may change on resume. A checkpoint of an older layout is
+refused naming what changed.
+
+Faults: a latest step that fails to load (a truncated array file, a corrupt item) is moved aside
+to `<step>.corrupt` and the previous complete step is restored, with a loud warning naming the
+bad step (`restore_latest`); a save that fails with an OSError (a full disk) raises one
+`CheckpointSaveError` naming the step and the last complete step, which is kept (Orbax only
+lists a step once it is finalized and deletes old steps only after that). Writers clean Orbax's
+leftover temporary directories at start; readers (`read_only=True`) never touch the directory.
+Retention: the newest `max_to_keep` steps plus every step divisible by `keep_period`.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 from typing import Any, Sequence
 
@@ -46,6 +61,36 @@ class CheckpointLayoutError(CheckpointMismatchError):
   """A checkpoint written with another item layout than this code's."""
 
 
+class CheckpointSaveError(OSError):
+  """A checkpoint could not be written (e.g. a full disk); the last complete step is kept."""
+
+
+class CheckpointCorruptError(RuntimeError):
+  """No complete step of a checkpoint directory could be restored."""
+
+
+# The config fields that define what a run means: a checkpoint resumes, and a stage samples, only
+# under the same values (dotted paths into the config; a section compares all its fields).
+# Everything else may change on resume: train.* (num_steps, log_every, ckpt_every, sample_every,
+# global_batch_size, ema_decay, seed, ...), optim.* (a different optimizer state is caught by
+# the array shapes), sample.*, mesh.*, data.* other than the SR crop, and text.path / dtype /
+# param_dtype / drop_prob / embedding_cache (the weights themselves are `text.fingerprint`).
+MEANING_FIELDS = (
+    "stage",
+    "model",
+    "diffusion",
+    "image_size",
+    "lowres_size",
+    "data.sr_crop_size",
+    "text.name",
+    "text.max_length",
+    "text.fingerprint",
+)
+# Where the trainer records `TextEncoder.fingerprint` in the run's config dict (config.json and
+# the checkpoint's config item): the frozen encoder's weights are part of the meaning (§2.1).
+TEXT_FINGERPRINT = "text.fingerprint"
+
+
 def data_item(k: int) -> str:
   """The item of this process's k-th data iterator."""
   return f"{DATA_PREFIX}{k}"
@@ -62,6 +107,12 @@ def _json_normal(x: Any) -> Any:
 # checkpoints were trained with: a config without the field (an older checkpoint's, or a
 # hand-written one) compares as if it had that value.
 MODEL_FIELDS_ADDED = {"text_positions": False}
+_ABSENT = object()
+
+
+def with_text_fingerprint(config_dict: dict, fingerprint: str) -> dict:
+  """`config_dict` with the frozen encoder's weights fingerprint at `TEXT_FINGERPRINT`."""
+  return {**config_dict, "text": {**config_dict.get("text", {}), "fingerprint": fingerprint}}
 
 
 def _with_added_fields(config: dict) -> dict:
@@ -71,19 +122,72 @@ def _with_added_fields(config: dict) -> dict:
   return {**config, "model": {**MODEL_FIELDS_ADDED, **model}}
 
 
-def _diff(saved: Any, current: Any, prefix: str = "") -> list[str]:
+def _get(config: dict, path: str) -> Any:
+  node = config
+  for key in path.split("."):
+    if not isinstance(node, dict) or key not in node:
+      return _ABSENT
+    node = node[key]
+  return node
+
+
+def _diff(saved: Any, current: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+  """(dotted field, saved value, current value) of every leaf that differs (`_ABSENT` when a
+  side lacks it)."""
   if isinstance(saved, dict) and isinstance(current, dict):
     out = []
     for k in sorted(set(saved) | set(current), key=str):
       where = f"{prefix}.{k}" if prefix else str(k)
-      if k not in saved:
-        out.append(f"{where}: not in checkpoint, now {current[k]!r}")
-      elif k not in current:
-        out.append(f"{where}: {saved[k]!r} in checkpoint, absent now")
-      else:
-        out.extend(_diff(saved[k], current[k], where))
+      out.extend(_diff(saved.get(k, _ABSENT), current.get(k, _ABSENT), where))
     return out
-  return [] if saved == current else [f"{prefix}: {saved!r} in checkpoint, now {current!r}"]
+  return [] if saved == current else [(prefix, saved, current)]
+
+
+def meaning_diff(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
+  """The `MEANING_FIELDS` differences between two config dicts, as `_diff` tuples.
+
+  The text fingerprint is compared when both record one (`check_compatible` warns when the
+  checkpoint has none); a field absent from both is equal.
+  """
+  saved = _with_added_fields(_json_normal(saved))
+  current = _with_added_fields(_json_normal(current))
+  out = []
+  for field in MEANING_FIELDS:
+    a, b = _get(saved, field), _get(current, field)
+    if field == TEXT_FINGERPRINT and _ABSENT in (a, b):
+      continue
+    out.extend(_diff(a, b, field))
+  return out
+
+
+def _show(value: Any) -> str:
+  return "absent" if value is _ABSENT else repr(value)
+
+
+def format_meaning_diff(diffs, old: str = "in checkpoint", new: str = "now") -> str:
+  """'field: <old> in checkpoint, now <new>; ...' and the flags that restore the old values."""
+  parts = [f"{f}: {_show(a)} {old}, {new} {_show(b)}" for f, a, b in diffs[:12]]
+  flags = [
+      f"--config.{f}={a if isinstance(a, str) else json.dumps(a)}"
+      for f, a, _ in diffs
+      if f != TEXT_FINGERPRINT and a is not _ABSENT
+  ]
+  text = "; ".join(parts) + (" ..." if len(diffs) > 12 else "")
+  if any(f == TEXT_FINGERPRINT for f, _, _ in diffs):
+    text += (
+        " (text.fingerprint: the text encoder's weights differ from those the stage was trained "
+        "with: point text.path at those weights)"
+    )
+  return text + (f". The checkpoint's values: {' '.join(flags[:12])}" if flags else "")
+
+
+def meaning_error(where: Any, diffs) -> CheckpointMismatchError:
+  """The refusal of a resume (or restore) of checkpoint `where` under other meaning fields."""
+  return CheckpointMismatchError(
+      f"checkpoint {where} was written for a different run (model, diffusion, text encoder or "
+      f"sizes); {len(diffs)} difference(s): {format_meaning_diff(diffs)}. Resume with the "
+      "checkpoint's values, or train in a fresh workdir."
+  )
 
 
 def _shapes_by_path(tree: Any) -> dict[str, tuple]:
@@ -106,15 +210,42 @@ class Checkpointer:
       directory: str | os.PathLike,
       *,
       max_to_keep: int | None = 3,
+      keep_period: int = 0,
       async_save: bool = True,
       num_data_iters: int = 0,
+      read_only: bool = False,
   ):
-    """num_data_iters: grain iterators this process saves and restores (0 for samplers)."""
+    """
+    Args:
+      max_to_keep: the newest steps kept (None: all).
+      keep_period: > 0 also keeps every step divisible by it (e.g. every 50k steps); 0: none.
+      num_data_iters: grain iterators this process saves and restores (0 for samplers).
+      read_only: for samplers: never creates, cleans or deletes anything (a sampler may read a
+        workdir while its training run is writing a step there).
+    """
+    if max_to_keep is not None and int(max_to_keep) < 1:
+      raise ValueError(f"max_to_keep={max_to_keep}; allowed: None (keep all) or >= 1")
+    if int(keep_period) < 0:
+      raise ValueError(f"keep_period={keep_period}; allowed: 0 (off) or > 0")
     self.directory = epath.Path(directory).absolute()
     self.num_data_iters = int(num_data_iters)
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
-    )
+    self._save_failed = False
+    policies = ocp.checkpoint_managers
+    keep = [policies.LatestN(n=None if max_to_keep is None else int(max_to_keep))]
+    if keep_period:
+      keep.append(policies.EveryNSteps(int(keep_period)))
+    if read_only:
+      options = ocp.CheckpointManagerOptions(
+          read_only=True, create=False, save_interval_steps=0, enable_async_checkpointing=False
+      )
+    else:
+      options = ocp.CheckpointManagerOptions(
+          preservation_policy=policies.AnyPreservationPolicy(keep),
+          create=True,
+          enable_async_checkpointing=async_save,
+          # A save cut short (SIGKILL, full disk) leaves a temporary directory: removed at start.
+          cleanup_tmp_directories=True,
+      )
     handlers = {
         TRAIN_STATE: ocp.StandardCheckpointHandler(),
         EMA: ocp.StandardCheckpointHandler(),
@@ -161,20 +292,41 @@ class Checkpointer:
     }
     for k, it in enumerate(data_iters):
       args[data_item(k)] = grain_ckpt.CheckpointSave(it)
-    return self._mngr.save(step, args=ocp.args.Composite(**args), force=force)
+    try:
+      # Also waits for the previous async save, so its failure surfaces here.
+      return self._mngr.save(step, args=ocp.args.Composite(**args), force=force)
+    except OSError as e:
+      raise self._save_error(step, e) from e
+
+  def _save_error(self, step: int | None, e: OSError) -> CheckpointSaveError:
+    self._save_failed = True
+    self._mngr.reload()
+    last = self._mngr.latest_step()
+    why = "the disk is full" if e.errno == errno.ENOSPC else f"{type(e).__name__}: {e}"
+    return CheckpointSaveError(
+        e.errno,
+        f"checkpoint save{'' if step is None else f' of step {step}'} in {self.directory} "
+        f"failed: {why}. The last complete checkpoint "
+        + (f"(step {last}) is kept" if last is not None else "does not exist (none was saved)")
+        + "; free space (or fix the directory) and rerun to resume from it.",
+    )
 
   def wait(self) -> None:
     """Blocks until the pending async save is finalized (renamed into place)."""
-    self._mngr.wait_until_finished()
+    try:
+      self._mngr.wait_until_finished()
+    except OSError as e:
+      raise self._save_error(None, e) from e
 
   def saved_items(self, step: int) -> list[str]:
     """The item directories of complete step `step`."""
     where = self.directory / str(step)
     return sorted(p.name for p in where.iterdir() if p.is_dir()) if where.exists() else []
 
-  def check_layout(self, step: int, *, data: bool) -> None:
+  def check_layout(self, step: int, *, data: bool, iterators: bool | None = None) -> None:
     """Raises `CheckpointLayoutError` if `step` lacks this layout's items (an older layout)
-    or, with `data`, holds another number of data iterators than this process has."""
+    or, with `data` (and `iterators`, default `data`), holds another number of data iterators
+    than this process has."""
     found = self.saved_items(step)
     want = [TRAIN_STATE, EMA, CONFIG] if data else [EMA, CONFIG]
     missing = [i for i in want if i not in found]
@@ -190,7 +342,7 @@ class Checkpointer:
           "grain per iterator. Retrain the stage in a fresh workdir (old checkpoints are not "
           "converted)."
       )
-    if not data:
+    if not (data if iterators is None else iterators):
       return
     saved_iters = sorted(i for i in found if i.startswith(DATA_PREFIX))
     want_iters = [data_item(k) for k in range(self.num_data_iters)]
@@ -203,6 +355,10 @@ class Checkpointer:
           "train.data_shards or the process count changed? Resume with the same ones."
       )
 
+  def reload(self) -> None:
+    """Rereads the step list from the directory."""
+    self._mngr.reload()
+
   def saved_config(self, step: int) -> dict:
     out = self._mngr.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))
     return out[CONFIG]
@@ -213,24 +369,26 @@ class Checkpointer:
     return _shapes_by_path(meta)
 
   def check_compatible(self, step: int, config_dict: dict, abstract_items: dict) -> None:
-    """Raises `CheckpointMismatchError` if `step` was written for another model or state.
+    """Raises `CheckpointMismatchError` if `step` was written for another run or state.
 
-    Compares the saved config's `stage` and `model` sections with `config_dict`, then the
-    saved array shapes of each item of `abstract_items` ({item name: abstract tree}, e.g.
-    the train state and the EMA params) with the tree. Nothing is loaded before this passes.
+    Compares the saved config's `MEANING_FIELDS` with `config_dict` (a checkpoint without a
+    text fingerprint is let through with a warning: it cannot be verified), then the saved array
+    shapes of each item of `abstract_items` ({item name: abstract tree}, e.g. the train state
+    and the EMA params) with the tree. Nothing is loaded before this passes.
     """
     where = self.directory / str(step)
-    saved = _with_added_fields(self.saved_config(step))
-    current = _with_added_fields(_json_normal(config_dict))
-    diffs = []
-    for section in ("stage", "model"):
-      diffs += _diff(saved.get(section), current.get(section), section)
+    saved = self.saved_config(step)
+    diffs = meaning_diff(saved, config_dict)
     if diffs:
-      raise CheckpointMismatchError(
-          f"checkpoint {where} was written for a different model; differences: "
-          + "; ".join(diffs[:12])
-          + (" ..." if len(diffs) > 12 else "")
-          + ". Use a fresh workdir, or the config saved in the checkpoint."
+      raise meaning_error(where, diffs)
+    if (
+        _get(saved, TEXT_FINGERPRINT) is _ABSENT
+        and _get(config_dict, TEXT_FINGERPRINT) is not _ABSENT
+    ):
+      logging.warning(
+          "checkpoint %s records no text encoder fingerprint: the encoder's weights cannot be "
+          "verified (they must be those it was trained with)",
+          where,
       )
     for item, abstract in abstract_items.items():
       saved_shapes = self.saved_shapes(step, item)
@@ -266,11 +424,12 @@ class Checkpointer:
       train_state, ema_params: trees of `jax.ShapeDtypeStruct` with `.sharding` set.
       config_dict: when given, `check_compatible` runs first.
     """
-    self.check_layout(step, data=True)
     if len(data_iters) != self.num_data_iters:
       raise ValueError(f"got {len(data_iters)} data iterators, expected {self.num_data_iters}")
-    if config_dict is not None:
+    self.check_layout(step, data=True, iterators=False)
+    if config_dict is not None:  # what the run means first: the clearest reason to refuse
       self.check_compatible(step, config_dict, {TRAIN_STATE: train_state, EMA: ema_params})
+    self.check_layout(step, data=True)
     args = {
         TRAIN_STATE: ocp.args.StandardRestore(train_state),
         EMA: ocp.args.StandardRestore(ema_params),
@@ -279,6 +438,78 @@ class Checkpointer:
       args[data_item(k)] = grain_ckpt.CheckpointRestore(it)
     out = self._mngr.restore(step, args=ocp.args.Composite(**args))
     return out[TRAIN_STATE], out[EMA]
+
+  def restore_latest(
+      self,
+      *,
+      train_state: Any,
+      ema_params: Any,
+      data_iters: Sequence[Any] = (),
+      config_dict: dict | None = None,
+  ) -> tuple[int, Any, Any] | None:
+    """(step, train_state, ema_params) of the newest step that restores; None without steps.
+
+    A step that fails to load for another reason than a mismatch (a truncated or corrupt file)
+    is skipped with a loud warning naming it and its error, and the previous complete step is
+    tried; once one restores, the newer bad steps are moved aside to `<step>.corrupt` (kept for
+    inspection; no longer steps, so the run saves those step numbers anew). A mismatch
+    (`CheckpointMismatchError`) is raised at once: an older step of the same run would not fit
+    either. `CheckpointCorruptError` when no step restores (nothing is moved then).
+    """
+    bad: list[tuple[int, Exception]] = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        got = self.restore(
+            step,
+            train_state=train_state,
+            ema_params=ema_params,
+            data_iters=data_iters,
+            config_dict=config_dict,
+        )
+      except CheckpointMismatchError:
+        raise
+      except Exception as e:  # noqa: BLE001 - any read failure of this step means: try the previous
+        logging.error(
+            "CHECKPOINT STEP %d IN %s DOES NOT LOAD (%s: %s); trying the previous step",
+            step,
+            self.directory,
+            type(e).__name__,
+            str(e)[:500],
+        )
+        bad.append((step, e))
+        continue
+      if bad:
+        self._move_aside([s for s, _ in bad])
+        logging.warning(
+            "RESUMED FROM STEP %d, NOT FROM THE LATEST: step(s) %s in %s did not load and were "
+            "moved aside to <step>.corrupt (first error: %s)",
+            step,
+            [s for s, _ in bad],
+            self.directory,
+            str(bad[0][1])[:300],
+        )
+      return (step, *got)
+    if bad:
+      raise CheckpointCorruptError(
+          f"no step of {self.directory} restores: "
+          + "; ".join(f"step {s}: {type(e).__name__}: {str(e)[:300]}" for s, e in bad)
+      ) from bad[0][1]
+    return None
+
+  def _move_aside(self, steps: Sequence[int]) -> None:
+    if jax.process_index() == 0:
+      for step in steps:
+        src = self.directory / str(step)
+        dst = self.directory / f"{step}.corrupt"
+        n = 1
+        while dst.exists():
+          dst, n = self.directory / f"{step}.corrupt{n}", n + 1
+        src.rename(dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices("checkpoint_move_aside")
+    self._mngr.reload()
 
   def restore_ema(self, step: int, ema_params: Any, *, config_dict: dict | None = None) -> Any:
     """The EMA params of `step` alone (what sampling needs; no optimizer state is read).
@@ -296,5 +527,44 @@ class Checkpointer:
     return out[EMA]
 
   def close(self) -> None:
-    self._mngr.wait_until_finished()
-    self._mngr.close()
+    """Waits for the pending save and closes. A save failure already raised is logged, not
+    raised again, so the exception in flight stays the one reported."""
+    failed_before = self._save_failed
+    try:
+      self.wait()
+    except CheckpointSaveError as e:
+      if not failed_before:
+        raise
+      logging.error("%s", e)
+    finally:
+      try:
+        self._mngr.close()
+      except OSError as e:
+        if not self._save_failed:
+          raise self._save_error(None, e) from e
+
+
+def check_resume_meaning(directory: str | os.PathLike, config_dict: dict) -> int | None:
+  """Before a trainer builds anything: its config's `MEANING_FIELDS` against the newest step
+  whose config item reads (a corrupt one is left to `restore_latest`). Returns that step (None
+  without steps); raises `CheckpointMismatchError` naming each differing field.
+
+  The text fingerprint is compared later, at the restore, once the encoder is built (loading
+  T5-XXL takes minutes: a changed schedule or max_length is refused before that).
+  """
+  if not epath.Path(directory).exists():
+    return None
+  ck = Checkpointer(directory, read_only=True)
+  try:
+    for step in sorted(ck.all_steps(), reverse=True):
+      try:
+        saved = ck.saved_config(step)
+      except Exception:  # noqa: BLE001 - unreadable: restore_latest reports and falls back
+        continue
+      diffs = [d for d in meaning_diff(saved, config_dict) if d[0] != TEXT_FINGERPRINT]
+      if diffs:
+        raise meaning_error(ck.directory / str(step), diffs)
+      return step
+    return None
+  finally:
+    ck.close()

@@ -9,9 +9,13 @@ A `Writer` has `write_scalars(step, {name: value})`, `write_images(step, {name: 
   `workdir/samples/<name>_<step:08d>.png`, texts as `workdir/samples/<name>_<step:08d>.txt`;
 * `TensorBoardWriter(logdir)`: tensorboardX event files;
 * `MultiWriter(writers)`: forwards every call to each;
-* `MetricWriter(workdir)`: the training writer, a `MultiWriter` of both of the above under
-  `workdir` on process 0 and of nothing elsewhere, so callers need no
+* `MetricWriter(workdir, start_step=...)`: the training writer, a `MultiWriter` of both of the
+  above under `workdir` on process 0 and of nothing elsewhere, so callers need no
   `if jax.process_index() == 0`.
+
+A resumed run passes the step it resumes from as `start_step`: `metrics.jsonl` rows past it
+(logged by a run killed before its next checkpoint, which the resumed run logs again) are dropped
+first, so every step has one row.
 """
 
 from __future__ import annotations
@@ -52,14 +56,48 @@ def _json_value(v: float) -> float | str:
   return v if math.isfinite(v) else str(v)  # JSON has no NaN / inf
 
 
-class FileWriter:
-  """Scalars to `metrics.jsonl` (appended), image grids and texts to `samples/`."""
+def drop_rows_after(path: str, step: int) -> int:
+  """Rewrites the JSONL file `path` (atomically) without its rows of step > `step` and its
+  unreadable lines (a line cut by a kill mid-write); returns how many were dropped."""
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    lines = f.read().splitlines()
+  keep = []
+  for line in lines:
+    try:
+      row_step = int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+      continue
+    if row_step <= step:
+      keep.append(line)
+  dropped = len(lines) - len(keep)
+  if dropped:
+    atomic.write_text(path, "".join(k + "\n" for k in keep))
+    logging.warning(
+        "%s: dropped %d row(s) past step %d (logged by a run that stopped before checkpointing "
+        "them; they are logged again)",
+        path,
+        dropped,
+        step,
+    )
+  return dropped
 
-  def __init__(self, workdir: str):
+
+class FileWriter:
+  """Scalars to `metrics.jsonl` (appended), image grids and texts to `samples/`.
+
+  start_step: when given, rows past it are dropped first (`drop_rows_after`).
+  """
+
+  def __init__(self, workdir: str, *, start_step: int | None = None):
     self.workdir = workdir
     self.samples_dir = os.path.join(workdir, "samples")
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    path = os.path.join(workdir, "metrics.jsonl")
+    if start_step is not None:
+      drop_rows_after(path, int(start_step))
+    self._jsonl = open(path, "a")
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     row = {"step": int(step), **{k: _json_value(v) for k, v in scalars.items()}}
@@ -143,17 +181,25 @@ class MetricWriter(MultiWriter):
   """The training writer: `FileWriter(workdir)` + `TensorBoardWriter(workdir/tensorboard)`.
 
   enabled: None = only on process 0 (every other process writes nothing). Without tensorboardX
-  installed the TensorBoard part is left out with a warning.
+  installed the TensorBoard part is left out with a warning. start_step: the step the run
+  starts from (`FileWriter`).
   """
 
-  def __init__(self, workdir: str, *, enabled: bool | None = None, tensorboard: bool = True):
+  def __init__(
+      self,
+      workdir: str,
+      *,
+      enabled: bool | None = None,
+      tensorboard: bool = True,
+      start_step: int | None = None,
+  ):
     if enabled is None:
       import jax
 
       enabled = jax.process_index() == 0
     writers: list[Writer] = []
     if enabled:
-      writers.append(FileWriter(workdir))
+      writers.append(FileWriter(workdir, start_step=start_step))
       if tensorboard:
         try:
           writers.append(TensorBoardWriter(os.path.join(workdir, "tensorboard")))

@@ -1,6 +1,7 @@
 """Tiny random cascade stages written like trainer workdirs, shared by the experiments tests.
 
-config.json plus an Orbax checkpoint with the trainer's items (train_state, ema_params, config)
+config.json plus an Orbax checkpoint with the trainer's items (train_state, ema_params, config;
+the config records the text encoder's fingerprint like the trainer's)
 of a tiny network with random weights (shapes traced by the stage layer, values drawn directly).
 Sampling does not care whether the weights were trained, so end-to-end tests take seconds.
 """
@@ -19,6 +20,7 @@ import numpy as np
 
 from imagen_jax import checkpoint as ckpt_lib
 from imagen_jax.stage import Stage
+from imagen_jax.text import registry
 from imagen_jax.train import optim, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,8 +35,12 @@ def tiny_config(stage, **sizes):
   return c
 
 
-def write_stage(workdir, config, seed=0, step=7):
-  """Writes a random stage workdir that `cascade.load_stage` reads; returns its EMA params."""
+def write_stage(workdir, config, seed=0, step=7, fingerprint=None):
+  """Writes a random stage workdir that `cascade.load_stage` reads; returns its EMA params.
+
+  fingerprint: the text encoder fingerprint recorded (default: that of `config.text`'s weights,
+  as the trainer records it).
+  """
   abstract = Stage.from_config(config).abstract_params()
   tx, _ = optim.make_optimizer(config.optim, int(config.train.num_steps))
   # No real initialisation: compiling the U-Net's init costs far more than tracing its shapes
@@ -57,7 +63,9 @@ def write_stage(workdir, config, seed=0, step=7):
   opt_state = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(tx.init, params))
   train_state = {"step": jnp.asarray(step, jnp.int32), "params": params, "opt_state": opt_state}
   os.makedirs(workdir, exist_ok=True)
-  config_dict = trainer.config_to_dict(config)
+  if fingerprint is None:
+    fingerprint = registry.get_text_encoder(config.text).fingerprint
+  config_dict = ckpt_lib.with_text_fingerprint(trainer.config_to_dict(config), fingerprint)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     json.dump(config_dict, f)
   ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)

@@ -140,3 +140,37 @@ def test_guided_denoise_fn_is_one_batched_pass_of_cfg(loaded):
   cond, uncond = eps(1.0), eps(0.0)
   assert not np.allclose(cond, uncond)
   np.testing.assert_allclose(eps(3.0), 3.0 * cond - 2.0 * uncond, atol=2e-4)
+
+
+def test_load_stage_refuses_another_text_encoder_fingerprint(tmp_path):
+  """A stage trained on other weights under the same encoder name: loading it works (no
+  encoder is built), building the cascade's encoder names both fingerprints."""
+  config = cascade_fixtures.tiny_config("base64")
+  cascade_fixtures.write_stage(str(tmp_path / "base"), config, fingerprint="0" * 16)
+  stage = cascade.load_stage(str(tmp_path / "base"))
+  with pytest.raises(
+      cascade.StageLoadError,
+      match=r"stage 1 .* fingerprint 0{16}, but text.path=None holds weights of fingerprint "
+      r"[0-9a-f]{16}: other weights under the same name",
+  ):
+    cascade.Cascade([stage])
+
+
+def test_load_stage_reads_the_checkpoint_config_and_refuses_a_relabelled_config_json(
+    workdirs, tmp_path, caplog
+):
+  relabelled = tmp_path / "relabelled"
+  shutil.copytree(workdirs[0], relabelled)
+  cfg = json.loads((relabelled / "config.json").read_text())
+  cfg["diffusion"]["target"] = "v"
+  (relabelled / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(
+      ckpt_lib.CheckpointMismatchError,
+      match=r"disagree.*diffusion\.target: 'eps' in the checkpoint, config.json has 'v'",
+  ):
+    cascade.load_stage(str(relabelled))
+  # Without config.json the checkpoint's own record rebuilds the stage.
+  (relabelled / "config.json").unlink()
+  loaded = cascade.load_stage(str(relabelled))
+  assert loaded.stage.target == "eps" and loaded.step == 7
+  assert "config.json is missing" in caplog.text

@@ -1,7 +1,11 @@
 """Orbax checkpointer: sharded round trip of {train_state, ema_params, data iterators, config},
-the EMA params restored alone, mismatch errors before any load, an older layout refused with what
-changed, and interrupted (unfinalized) saves never taken for complete ones."""
+the EMA params restored alone, mismatch errors (model, diffusion, text encoder) before any load,
+an older layout refused with what changed, interrupted (unfinalized) saves never taken for
+complete ones and their temporary directories cleaned, a corrupt latest step falling back to the
+previous one, a full disk keeping the last complete step, and keep-period retention."""
 
+import errno
+import logging
 import os
 import shutil
 
@@ -127,7 +131,7 @@ def test_restore_into_another_model_fails_before_loading(tmp_path, mesh):
   wide_state, wide_ema = (abstract_of(t) for t in toy_items(mesh, width=32))
   with pytest.raises(
       ckpt_lib.CheckpointMismatchError,
-      match=r"different model.*model\.base_channels: 16 in checkpoint, now 32",
+      match=r"different run.*model\.base_channels: 16 in checkpoint, now 32",
   ):
     ck.restore(3, train_state=wide_state, ema_params=wide_ema, config_dict=other)
   # Same config but a differently shaped state (e.g. another optimizer / edited code).
@@ -221,6 +225,11 @@ def test_unfinalized_save_is_not_a_checkpoint(tmp_path, mesh):
   # finalize) - here with every file of a real step, just never finalized.
   shutil.copytree(tmp_path / "ckpt" / "3", tmp_path / "ckpt" / "7.orbax-checkpoint-tmp")
   os.makedirs(tmp_path / "ckpt" / "9.orbax-checkpoint-tmp-1234")
+  reader = ckpt_lib.Checkpointer(tmp_path / "ckpt", read_only=True)
+  assert reader.latest_step() == 3 and reader.all_steps() == [3]
+  reader.close()
+  # A sampler (read-only) never removes them: they may be a running trainer's save in flight.
+  assert (tmp_path / "ckpt" / "7.orbax-checkpoint-tmp").exists()
   ck2 = ckpt_lib.Checkpointer(tmp_path / "ckpt")
   assert ck2.latest_step() == 3 and ck2.all_steps() == [3]
   restored, _ = ck2.restore(
@@ -228,6 +237,8 @@ def test_unfinalized_save_is_not_a_checkpoint(tmp_path, mesh):
   )
   assert int(restored["step"]) == 3
   ck2.close()
+  # A writer cleans Orbax's leftover temporary directories when it starts.
+  assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["3"]
 
 
 def test_async_save_returns_before_the_write_and_wait_finalizes(tmp_path, mesh):
@@ -237,3 +248,160 @@ def test_async_save_returns_before_the_write_and_wait_finalizes(tmp_path, mesh):
   assert (tmp_path / "ckpt" / "5").is_dir()
   assert not any(".orbax-checkpoint-tmp" in p.name for p in (tmp_path / "ckpt").iterdir())
   ck.close()
+
+
+RUN = {
+    **CONFIG,
+    "image_size": 16,
+    "lowres_size": 0,
+    "diffusion": {"schedule": "cosine", "target": "eps", "aug_level": [0.0, 0.0]},
+    "text": {"name": "byt5-tiny-random", "max_length": 64, "path": None, "fingerprint": "a" * 16},
+    "optim": {"learning_rate": 1e-4},
+}
+
+
+def _with(config, **changes):
+  """`config` with dotted fields changed: _with(RUN, **{"diffusion.target": "v"})."""
+  out = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
+  for path, value in changes.items():
+    section, field = path.split(".")
+    out[section][field] = value
+  return out
+
+
+def test_resume_refuses_changed_schedule_target_max_length_and_fingerprint(tmp_path, mesh):
+  ck = ckpt_lib.Checkpointer(tmp_path / "ckpt")
+  train_state, ema = save(ck, 3, mesh, config=RUN)
+  target = dict(train_state=abstract_of(train_state), ema_params=abstract_of(ema))
+  other = _with(
+      RUN,
+      **{
+          "diffusion.target": "v",
+          "diffusion.schedule": "linear_beta",
+          "text.max_length": 32,
+          "text.fingerprint": "b" * 16,
+      },
+  )
+  with pytest.raises(ckpt_lib.CheckpointMismatchError) as e:
+    ck.restore(3, **target, config_dict=other)
+  message = str(e.value)
+  for field, old, new in [
+      ("diffusion.schedule", "'cosine'", "'linear_beta'"),
+      ("diffusion.target", "'eps'", "'v'"),
+      ("text.max_length", "64", "32"),
+      ("text.fingerprint", repr("a" * 16), repr("b" * 16)),
+  ]:
+    assert f"{field}: {old} in checkpoint, now {new}" in message, message
+  assert "4 difference(s)" in message
+  assert "--config.diffusion.target=eps" in message and "fresh workdir" in message
+  # The sampler's EMA-only restore checks the same fields.
+  with pytest.raises(ckpt_lib.CheckpointMismatchError, match=r"diffusion\.target: 'eps'"):
+    ck.restore_ema(3, abstract_of(ema), config_dict=other)
+  # Each meaning field alone is refused too: aug range, sizes, the encoder's name.
+  for change in [
+      {"diffusion.aug_level": [0.0, 0.5]},
+      {"text.name": "t5-small"},
+      {"model.base_channels": 8},
+  ]:
+    with pytest.raises(ckpt_lib.CheckpointMismatchError, match=next(iter(change))):
+      ck.restore(3, **target, config_dict=_with(RUN, **change))
+  with pytest.raises(ckpt_lib.CheckpointMismatchError, match=r"image_size: 16 in checkpoint"):
+    ck.restore(3, **target, config_dict={**RUN, "image_size": 32})
+  ck.close()
+
+
+def test_resume_allows_settings_that_keep_the_meaning(tmp_path, mesh):
+  ck = ckpt_lib.Checkpointer(tmp_path / "ckpt")
+  train_state, ema = save(ck, 3, mesh, config=RUN)
+  allowed = _with(
+      RUN,
+      **{"train.num_steps": 500, "optim.learning_rate": 3e-5, "text.path": "/moved/weights"},
+  )
+  got, _ = ck.restore(
+      3, train_state=abstract_of(train_state), ema_params=abstract_of(ema), config_dict=allowed
+  )
+  assert int(got["step"]) == 3
+  assert {"train", "optim"}.isdisjoint(f.split(".")[0] for f in ckpt_lib.MEANING_FIELDS)
+  ck.close()
+
+
+def _truncate_arrays(step_dir, item):
+  files = [p for p in (step_dir / item).rglob("*") if p.is_file() and "/d/" in str(p)]
+  assert files
+  for p in files:
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+
+
+def test_corrupt_latest_checkpoint_fallback(tmp_path, mesh, caplog):
+  ck = ckpt_lib.Checkpointer(tmp_path / "ckpt", num_data_iters=1)
+  it = data_iterator()
+  [next(it) for _ in range(2)]
+  train_state, ema = save(ck, 3, mesh, data_iters=[it])
+  after_3 = [next(it) for _ in range(3)]
+  save(ck, 6, mesh, data_iters=[it])
+  ck.close()
+  _truncate_arrays(tmp_path / "ckpt" / "6", "ema_params")
+  ck = ckpt_lib.Checkpointer(tmp_path / "ckpt", num_data_iters=1)
+  fresh = data_iterator()
+  with caplog.at_level(logging.WARNING):
+    step, got, _ = ck.restore_latest(
+        train_state=abstract_of(train_state),
+        ema_params=abstract_of(ema),
+        data_iters=[fresh],
+        config_dict=CONFIG,
+    )
+  assert step == 3 and int(got["step"]) == 3
+  assert [next(fresh) for _ in range(3)] == after_3  # the data position of step 3 too
+  assert "STEP 6" in caplog.text and "RESUMED FROM STEP 3, NOT FROM THE LATEST" in caplog.text
+  # The bad step is kept aside for inspection and is no longer a step.
+  assert ck.all_steps() == [3] and (tmp_path / "ckpt" / "6.corrupt").is_dir()
+  ck.close()
+
+
+def test_corrupt_only_checkpoint_fallback_fails_clearly(tmp_path, mesh):
+  ck = ckpt_lib.Checkpointer(tmp_path / "ckpt")
+  train_state, ema = save(ck, 3, mesh)
+  ck.close()
+  _truncate_arrays(tmp_path / "ckpt" / "3", "train_state")
+  ck = ckpt_lib.Checkpointer(tmp_path / "ckpt")
+  with pytest.raises(ckpt_lib.CheckpointCorruptError, match=r"no step of .* restores: step 3"):
+    ck.restore_latest(
+        train_state=abstract_of(train_state), ema_params=abstract_of(ema), config_dict=CONFIG
+    )
+  assert ck.all_steps() == [3]  # nothing moved when nothing restores
+  ck.close()
+
+
+def test_disk_full_save_keeps_the_last_complete_checkpoint(tmp_path, mesh, monkeypatch):
+  ck = ckpt_lib.Checkpointer(tmp_path / "ckpt")
+  train_state, ema = save(ck, 3, mesh)
+
+  def full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", full_disk)
+  with pytest.raises(
+      ckpt_lib.CheckpointSaveError, match=r"step 6 .*disk is full.*step 3\) is kept"
+  ):
+    save(ck, 6, mesh)
+  ck.close()  # the failure was reported once: closing does not raise it again
+  monkeypatch.undo()
+  ck = ckpt_lib.Checkpointer(tmp_path / "ckpt")
+  assert ck.all_steps() == [3]
+  got, _ = ck.restore(
+      3, train_state=abstract_of(train_state), ema_params=abstract_of(ema), config_dict=CONFIG
+  )
+  assert int(got["step"]) == 3
+  assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["3"]
+  ck.close()
+
+
+def test_keep_period_keeps_the_period_steps(tmp_path, mesh):
+  ck = ckpt_lib.Checkpointer(tmp_path / "ckpt", max_to_keep=1, keep_period=4, async_save=False)
+  for step in (2, 4, 6, 8, 10):
+    save(ck, step, mesh)
+  assert ck.all_steps() == [4, 8, 10]
+  ck.close()
+  with pytest.raises(ValueError, match=r"keep_period=-1"):
+    ckpt_lib.Checkpointer(tmp_path / "other", keep_period=-1)

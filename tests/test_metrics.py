@@ -78,3 +78,20 @@ def test_multi_writer_forwards_in_order():
       ("a", "close"),
       ("b", "close"),
   ]
+
+
+def test_resumed_writer_drops_rows_past_the_start_step(tmp_path):
+  """A run killed after logging steps 10 and 15 (the last row cut mid-write) but checkpointed
+  at 7: the resumed writer (start_step=7) keeps one row per step."""
+  (tmp_path / "metrics.jsonl").write_text(
+      '{"step": 5, "loss": 1.0}\n{"step": 7, "loss": 0.9}\n{"step": 10, "loss": 0.8}\n'
+      '{"step": 15, "loss": 0.7}\n{"step": 2'
+  )
+  w = metrics.MetricWriter(str(tmp_path), enabled=True, tensorboard=False, start_step=7)
+  w.write_scalars(10, {"loss": 0.5})
+  w.close()
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert rows == [{"step": 5, "loss": 1.0}, {"step": 7, "loss": 0.9}, {"step": 10, "loss": 0.5}]
+  # Without start_step (not a training run) the file is only appended to.
+  metrics.MetricWriter(str(tmp_path), enabled=True, tensorboard=False).close()
+  assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3

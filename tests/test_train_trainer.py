@@ -1,8 +1,12 @@
 """End-to-end training of the tiny stage configs on the shapes data (in process, 8 devices):
 the loss falls, SIGTERM leaves a complete checkpoint of the current step, the run resumes
-from it, a non-finite loss stops with its step number."""
+from it (with settings that keep its meaning; other ones are refused before anything loads and
+leave config.json alone), metric rows are not duplicated by a resume, bad settings are refused
+before the compile, a non-finite loss stops with its step number, and with nonfinite='skip'
+a run of non-finite steps in a row stops while isolated ones are reported at exit."""
 
 import json
+import logging
 import os
 import signal
 
@@ -39,20 +43,17 @@ def losses(workdir):
     return [json.loads(line) for line in f]
 
 
+# The tiny base U-Net cut to one resolution level: the default test suite pays for its compiles
+# (the full tiny presets train in the slow tests).
+CUT = {"model.channel_mult": (1,), "model.attn_resolutions": (16,)}
+
+
 def test_tiny_base_trains_survives_sigterm_and_resumes(tmp_path, data_dir):
   workdir = str(tmp_path / "run")
-  # The tiny base U-Net cut to one resolution level: the default test suite pays for its
-  # compiles (the full tiny presets train in the slow tests).
   config = tiny_config(
       "base64",
       data_dir,
-      **{
-          "train.num_steps": 30,
-          "train.ckpt_every": 100,
-          "train.log_every": 5,
-          "model.channel_mult": (1,),
-          "model.attn_resolutions": (16,),
-      },
+      **{"train.num_steps": 20, "train.ckpt_every": 100, "train.log_every": 5, **CUT},
   )
 
   def sigterm_at_7(step, state, metrics):
@@ -63,7 +64,7 @@ def test_tiny_base_trains_survives_sigterm_and_resumes(tmp_path, data_dir):
   out = trainer.train_and_evaluate(config, workdir, hooks=[sigterm_at_7])
   assert out["preempted"] and out["step"] == 7
   assert signal.getsignal(signal.SIGTERM) is not None  # handler uninstalled, previous back
-  ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+  ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
   assert ck.all_steps() == [7]  # complete (finalized) checkpoint of the current step
   assert ck.saved_config(7)["model"] == trainer.config_to_dict(config)["model"]
   ck.close()
@@ -85,12 +86,25 @@ def test_tiny_base_trains_survives_sigterm_and_resumes(tmp_path, data_dir):
     trainer.train_and_evaluate(other, workdir)
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["model"]["text_positions"] is False
+  # A run killed after logging past its last checkpoint (SIGKILL mid-save) left these rows,
+  # the last one cut mid-write: the resumed run logs those steps again, once.
+  with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+    f.write('{"step": 10, "loss": 99.0}\n{"step": 15, "loss": 99.0}\n{"step": 2')
 
+  # num_steps does not change what the run means: resuming with more steps is allowed.
+  config = tiny_config(
+      "base64",
+      data_dir,
+      **{"train.num_steps": 30, "train.ckpt_every": 100, "train.log_every": 5, **CUT},
+  )
   out = trainer.train_and_evaluate(config, workdir)
   assert not out["preempted"] and out["step"] == 30
   assert int(out["state"].step) == 30
   rows = losses(workdir)
-  assert rows[0]["step"] == 5 and rows[-1]["step"] == 30
+  assert [r["step"] for r in rows] == [5, 7, 10, 15, 20, 25, 30]
+  assert all(r["loss"] != 99.0 for r in rows)
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["train"]["num_steps"] == 30
   assert {"loss", "grad_norm", "lr", "steps_per_sec", "images_per_sec"} <= set(rows[-1])
   first, last = rows[0]["loss"], np.mean([r["loss"] for r in rows[-2:]])
   assert last < 0.8 * first, [r["loss"] for r in rows]
@@ -133,13 +147,7 @@ def test_text_embedding_cache_trains_like_the_encoder(tmp_path, data_dir):
   from imagen_jax.data import shapes
   from imagen_jax.text import cache as text_cache
 
-  cut = {
-      "train.num_steps": 4,
-      "train.ckpt_every": 100,
-      "train.log_every": 1,
-      "model.channel_mult": (1,),
-      "model.attn_resolutions": (16,),
-  }
+  cut = {"train.num_steps": 4, "train.ckpt_every": 100, "train.log_every": 1, **CUT}
   encoded = tiny_config("base64", data_dir, **cut)
   trainer.train_and_evaluate(encoded, str(tmp_path / "encode"))
   cached = tiny_config("base64", data_dir, **cut)
@@ -169,10 +177,10 @@ def test_nonfinite_loss_stops_with_the_step(tmp_path, data_dir):
   )
   with pytest.raises(trainer.NonFiniteLossError, match=r"non-finite loss at step \d+"):
     trainer.train_and_evaluate(config, str(tmp_path / "nan"))
+  # Skipping does not hide a diverged run: every step is non-finite, so it stops.
   config.train.nonfinite = "skip"
-  out = trainer.train_and_evaluate(config, str(tmp_path / "skip"))
-  assert out["step"] == 20
-  assert any(r["nonfinite_steps"] > 0 for r in losses(str(tmp_path / "skip")))
+  with pytest.raises(trainer.NonFiniteLossError, match=r"10 non-finite steps in a row"):
+    trainer.train_and_evaluate(config, str(tmp_path / "skip"))
 
 
 def test_metric_writer_outputs(tmp_path):
@@ -249,3 +257,183 @@ def test_resuming_an_old_layout_checkpoint_fails_clearly(tmp_path, data_dir):
   with pytest.raises(ckpt_lib.CheckpointLayoutError, match=r"older layout.*'state'.*Retrain"):
     trainer.train_and_evaluate(config, str(workdir))
   assert not (workdir / "config.json").exists()
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("train.ckpt_every", 0, r"train.ckpt_every=0; allowed: an int > 0"),
+        ("train.log_every", 0, r"train.log_every=0; allowed: an int > 0"),
+        ("train.sample_every", -1, r"train.sample_every=-1; allowed: an int >= 0"),
+        ("train.num_steps", 0, r"train.num_steps=0"),
+        ("train.nonfinite", "ignore", r"train.nonfinite='ignore'; allowed: stop, skip"),
+        ("train.max_nonfinite_steps", 0, r"train.max_nonfinite_steps=0"),
+        ("train.keep_period", -5, r"train.keep_period=-5"),
+        ("train.data_shards", 3, r"global_batch_size=8 is not divisible by train.data_shards=3"),
+        ("train.ema_decay", 1.5, r"train.ema_decay=1.5"),
+    ],
+)
+def test_bad_settings_refused_before_the_compile(
+    tmp_path, data_dir, monkeypatch, field, value, message
+):
+  def built(*args, **kwargs):
+    raise AssertionError("the mesh was built before the settings were checked")
+
+  monkeypatch.setattr(trainer.mesh_lib, "make_mesh", built)
+  config = tiny_config("base64", data_dir, **{"train.global_batch_size": 8, field: value})
+  with pytest.raises(ValueError, match=message):
+    trainer.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_resume_refuses_changed_meaning_before_loading_and_keeps_config_json(
+    tmp_path, data_dir, monkeypatch
+):
+  """An eps / cosine / 64-token checkpoint resumed with target=v, schedule=linear_beta,
+  max_length=32: refused naming each field, before the text encoder is even built."""
+  from tests import cascade_fixtures
+
+  workdir = tmp_path / "run"
+  config = tiny_config("base64", data_dir, **{"text.max_length": 64})
+  cascade_fixtures.write_stage(str(workdir), config)
+  before = (workdir / "config.json").read_bytes()
+
+  def built(*args, **kwargs):
+    raise AssertionError("the text encoder was built before the resume was checked")
+
+  monkeypatch.setattr(trainer.registry, "get_text_encoder", built)
+  changed = tiny_config(
+      "base64",
+      data_dir,
+      **{
+          "diffusion.target": "v",
+          "diffusion.schedule": "linear_beta",
+          "text.max_length": 32,
+      },
+  )
+  with pytest.raises(ckpt_lib.CheckpointMismatchError) as e:
+    trainer.train_and_evaluate(changed, str(workdir))
+  for text in (
+      "diffusion.schedule: 'cosine' in checkpoint, now 'linear_beta'",
+      "diffusion.target: 'eps' in checkpoint, now 'v'",
+      "text.max_length: 64 in checkpoint, now 32",
+      "--config.diffusion.target=eps",
+  ):
+    assert text in str(e.value)
+  assert (workdir / "config.json").read_bytes() == before
+
+
+def test_resume_refuses_other_text_encoder_weights(tmp_path, data_dir):
+  """Same encoder name, other weights (the recorded fingerprint differs): refused at the
+  restore, naming both fingerprints; config.json untouched."""
+  from tests import cascade_fixtures
+
+  workdir = tmp_path / "run"
+  config = tiny_config("base64", data_dir)
+  cascade_fixtures.write_stage(str(workdir), config, fingerprint="0" * 16)
+  before = (workdir / "config.json").read_bytes()
+  with pytest.raises(
+      ckpt_lib.CheckpointMismatchError,
+      match=r"text.fingerprint: '0{16}' in checkpoint, now '[0-9a-f]{16}'.*point text.path",
+  ):
+    trainer.train_and_evaluate(config, str(workdir))
+  assert (workdir / "config.json").read_bytes() == before
+
+
+def _nan_images_at(monkeypatch, steps):
+  """Makes the batches of `steps` (1-based) all-NaN images: their loss is non-finite."""
+  to_global = trainer.pipeline.to_global_batch
+  count = [0]
+
+  def poisoned(host_batch, *args, **kwargs):
+    count[0] += 1
+    if count[0] in steps:
+      host_batch = dict(host_batch, image=np.full_like(host_batch["image"], np.nan))
+    return to_global(host_batch, *args, **kwargs)
+
+  monkeypatch.setattr(trainer.pipeline, "to_global_batch", poisoned)
+
+
+def test_nonfinite_skip_reports_skipped_steps_at_exit(tmp_path, data_dir, monkeypatch, caplog):
+  _nan_images_at(monkeypatch, {3, 4})
+  config = tiny_config(
+      "base64",
+      data_dir,
+      **{
+          "train.num_steps": 6,
+          "train.log_every": 3,
+          "train.ckpt_every": 100,
+          "train.nonfinite": "skip",
+          "train.max_nonfinite_steps": 3,
+          **CUT,
+      },
+  )
+  with caplog.at_level(logging.WARNING):
+    out = trainer.train_and_evaluate(config, str(tmp_path / "run"))
+  assert out["step"] == 6 and out["skipped_steps"] == [3, 4]
+  assert "2 of the steps of this run were non-finite and skipped" in caplog.text
+  rows = losses(str(tmp_path / "run"))
+  assert [(r["step"], r["nonfinite_steps"], r["nonfinite_steps_total"]) for r in rows] == [
+      (3, 1.0, 1.0),
+      (6, 1.0, 2.0),
+  ]
+
+
+def test_nonfinite_skip_stops_after_consecutive_steps(tmp_path, data_dir, monkeypatch):
+  _nan_images_at(monkeypatch, set(range(2, 100)))
+  config = tiny_config(
+      "base64",
+      data_dir,
+      **{
+          "train.num_steps": 40,
+          "train.log_every": 100,  # the check does not wait for a logged row
+          "train.ckpt_every": 100,
+          "train.nonfinite": "skip",
+          "train.max_nonfinite_steps": 3,
+          **CUT,
+      },
+  )
+  stopped = []
+  with pytest.raises(
+      trainer.NonFiniteLossError,
+      match=r"3 non-finite steps in a row \(2\.\.4\) with train.nonfinite='skip' "
+      r"\(train.max_nonfinite_steps=3\): the run diverged",
+  ):
+    trainer.train_and_evaluate(
+        config, str(tmp_path / "run"), hooks=[lambda step, *_: stopped.append(step)]
+    )
+  assert max(stopped) <= 2 * 3  # found within max_nonfinite_steps of the third bad step
+
+
+def test_disk_full_during_training_is_one_error_and_keeps_the_last_checkpoint(
+    tmp_path, data_dir, monkeypatch
+):
+  import errno
+
+  import orbax.checkpoint as ocp
+
+  write = ocp.StandardCheckpointHandler.async_save
+  full = [False]
+
+  def maybe_full(self, *args, **kwargs):
+    if full[0]:
+      raise OSError(errno.ENOSPC, "No space left on device")
+    return write(self, *args, **kwargs)
+
+  def disk_fills_at_3(step, *_):
+    full[0] = step >= 3
+
+  monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", maybe_full)
+  config = tiny_config(
+      "base64",
+      data_dir,
+      **{"train.num_steps": 6, "train.ckpt_every": 2, "train.log_every": 2, **CUT},
+  )
+  workdir = tmp_path / "run"
+  with pytest.raises(
+      ckpt_lib.CheckpointSaveError,
+      match=r"save of step 4 .* the disk is full\. The last complete checkpoint \(step 2\) is kept",
+  ):
+    trainer.train_and_evaluate(config, str(workdir), hooks=[disk_fills_at_3])
+  ck = ckpt_lib.Checkpointer(workdir / "checkpoints", read_only=True)
+  assert ck.all_steps() == [2]
+  ck.close()

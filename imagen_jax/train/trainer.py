@@ -14,6 +14,15 @@ One run:
      TensorBoard + JSONL, EMA sample grids as PNG (`make_sample_fn`), async Orbax checkpoints every
      `train.ckpt_every` steps, at the end and on SIGTERM.
 
+Faults: the settings are checked before anything is built (`train.settings.check`); a resume
+under another meaning (model, diffusion, text encoder name / max_length / weights fingerprint,
+sizes: `checkpoint.MEANING_FIELDS`) is refused before the encoder loads, and the workdir's
+config.json is only written once the run is known to fit its checkpoints; a latest checkpoint
+that does not load falls back to the previous one (`Checkpointer.restore_latest`); a failed save
+(full disk) is one `CheckpointSaveError`; metric rows past the resumed step (a run killed after
+logging them) are dropped; with `train.nonfinite='skip'`, `train.max_nonfinite_steps` non-finite
+steps in a row stop the run and skipped steps are reported at exit.
+
 Exactness of resume: the step's randomness is `fold_in(key(seed), step)` and the data iterator
 positions are stored in the checkpoint, so a run restarted from step k replays exactly the
 steps an uninterrupted run would have taken.
@@ -36,6 +45,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from imagen_jax import atomic
 from imagen_jax import checkpoint as ckpt_lib
 from imagen_jax import metrics as metrics_lib
 from imagen_jax.data import pipeline
@@ -45,10 +55,10 @@ from imagen_jax.stage import SamplingSettings, Stage
 from imagen_jax.text import cache as text_cache_lib
 from imagen_jax.text import registry
 from imagen_jax.train import optim
+from imagen_jax.train import settings as settings_lib
 from imagen_jax.train import state as state_lib
 from imagen_jax.train import step as step_lib
 
-NONFINITE = ("stop", "skip")
 Hook = Callable[[int, Any, dict], None]
 
 
@@ -150,14 +160,6 @@ def _mean_metrics(pending: Sequence[tuple[int, dict]]) -> dict:
   return out
 
 
-def _first_nonfinite(pending: Sequence[tuple[int, dict]]) -> tuple[int, dict] | None:
-  for step, m in pending:
-    m = jax.device_get(m)
-    if not int(m["finite"]):
-      return step, m
-  return None
-
-
 def open_text_cache(text_config, encoder) -> text_cache_lib.TextEmbeddingCache | None:
   """The `text.embedding_cache` of the stage (None when unset), checked against `encoder`.
 
@@ -183,14 +185,16 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> d
     hooks: callables `hook(step, state, metrics)` run after every step (tests, profiling).
 
   Returns:
-    {"step": last step, "history": logged metric rows, "preempted": bool}.
+    {"step": last step, "history": logged metric rows, "preempted": bool, "state": the train
+    state, "skipped_steps": the steps of this call whose update was skipped as non-finite}.
   """
   c = config
-  if c.train.nonfinite not in NONFINITE:
-    raise ValueError(f"train.nonfinite={c.train.nonfinite!r}; allowed: {NONFINITE}")
+  settings_lib.check(c)
   config_dict = config_to_dict(c)
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
+  # Before the mesh and the encoder (minutes for T5-XXL): a resume under another meaning fails.
+  ckpt_lib.check_resume_meaning(os.path.join(workdir, "checkpoints"), config_dict)
 
   mesh = mesh_lib.make_mesh(dict(c.mesh.shape))
   rules = tuple(tuple(r) for r in c.mesh.logical_axis_rules)
@@ -204,6 +208,7 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> d
   logging.info("mesh %s on %d processes", dict(mesh.shape), jax.process_count())
 
   encoder = registry.get_text_encoder(c.text, mesh=mesh, rules=rules)
+  config_dict = ckpt_lib.with_text_fingerprint(config_dict, encoder.fingerprint)
   stage = Stage.from_config(c)
   if (stage.text_dim, stage.text_len) != (encoder.dim, encoder.max_length):
     raise ValueError(
@@ -227,24 +232,24 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> d
   )
   ckpt = ckpt_lib.Checkpointer(
       os.path.join(workdir, "checkpoints"),
-      max_to_keep=int(c.train.max_to_keep),
+      max_to_keep=c.train.max_to_keep,
+      keep_period=int(c.train.keep_period),
       num_data_iters=len(loader.loaders),
   )
   base_rng = jax.random.key(int(c.train.seed))
   init_rng, step_rng, sample_rng = jax.random.split(base_rng, 3)
-  latest = ckpt.latest_step()
-  if latest is not None:
-    target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-    )
-    train_target, ema_target = target.checkpoint_items()
-    train_state, ema = ckpt.restore(
-        latest,
-        train_state=train_target,
-        ema_params=ema_target,
-        data_iters=loader.iterators,
-        config_dict=config_dict,
-    )
+  target = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+  )
+  train_target, ema_target = target.checkpoint_items()
+  restored = ckpt.restore_latest(
+      train_state=train_target,
+      ema_params=ema_target,
+      data_iters=loader.iterators,
+      config_dict=config_dict,
+  )
+  if restored is not None:
+    latest, train_state, ema = restored
     state = state_lib.TrainState.from_checkpoint_items(train_state, ema)
     logging.info("resumed from %s at step %d", ckpt.directory, latest)
   else:
@@ -252,8 +257,10 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> d
   # Written once the checkpoint (if any) is known to fit this config: a refused resume leaves
   # the workdir's config.json describing its checkpoints.
   if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(config_dict, f, indent=2, sort_keys=True)
+    # Atomic: a crash mid-write never leaves a truncated config.json for the sampler.
+    atomic.write_text(
+        os.path.join(workdir, "config.json"), json.dumps(config_dict, indent=2, sort_keys=True)
+    )
   step = int(jax.device_get(state.step))
   logging.info("%d params", state_lib.param_count(abstract.params))
 
@@ -274,7 +281,8 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> d
       constrain_activations=bool(c.mesh.constrain_activations),
   )
 
-  writer = metrics_lib.MetricWriter(workdir)
+  # Rows past the start step were logged by a run that died before checkpointing them.
+  writer = metrics_lib.MetricWriter(workdir, start_step=step)
   sampler = _Sampler(stage, encoder, mesh) if c.train.sample_every else None
 
   def save(step: int) -> None:
@@ -291,6 +299,10 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> d
   preemption.install()
   history, pending = [], []
   preempted = False
+  skipped: list[int] = []  # steps whose update was skipped (non-finite loss or grad norm)
+  checked = 0  # entries of `pending` whose `finite` flag has been read
+  in_a_row = 0  # non-finite steps in a row
+  max_in_a_row = int(c.train.max_nonfinite_steps)
   from tqdm import tqdm  # local: only the loop needs it
 
   bar = tqdm(
@@ -302,19 +314,38 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> d
   )
   t_log, steps_since = time.perf_counter(), 0
 
+  def check_finite():
+    """Reads the `finite` flags not read yet; raises per `train.nonfinite` (see module doc)."""
+    nonlocal checked, in_a_row
+    for s, m in pending[checked:]:
+      m = jax.device_get(m)
+      if int(m["finite"]):
+        in_a_row = 0
+        continue
+      if c.train.nonfinite == "stop":
+        raise NonFiniteLossError(
+            f"non-finite loss at step {s} (loss={float(m['loss'])}, grad_norm="
+            f"{float(m['grad_norm'])}); the update was not applied. Set "
+            "train.nonfinite='skip' to skip such steps, or lower optim.learning_rate."
+        )
+      skipped.append(s)
+      in_a_row += 1
+      if in_a_row >= max_in_a_row:
+        raise NonFiniteLossError(
+            f"{in_a_row} non-finite steps in a row ({s - in_a_row + 1}..{s}) with "
+            f"train.nonfinite='skip' (train.max_nonfinite_steps={max_in_a_row}): the run "
+            f"diverged; no update was applied since step {s - in_a_row}. Lower "
+            "optim.learning_rate (or clip gradients) and resume, or retrain."
+        )
+    checked = len(pending)
+
   def flush():
-    nonlocal t_log, steps_since
+    nonlocal t_log, steps_since, checked
     if not pending:
       return
-    bad = _first_nonfinite(pending)
-    if bad is not None and c.train.nonfinite == "stop":
-      s, m = bad
-      raise NonFiniteLossError(
-          f"non-finite loss at step {s} (loss={float(m['loss'])}, grad_norm="
-          f"{float(m['grad_norm'])}); the update was not applied. Set "
-          "train.nonfinite='skip' to skip such steps, or lower optim.learning_rate."
-      )
+    check_finite()
     row = _mean_metrics(pending)
+    row["nonfinite_steps_total"] = float(len(skipped))
     dt = time.perf_counter() - t_log
     row["steps_per_sec"] = steps_since / dt
     row["images_per_sec"] = steps_since * c.train.global_batch_size / dt
@@ -322,6 +353,7 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> d
     history.append({"step": pending[-1][0], **row})
     bar.set_postfix(loss=f"{row['loss']:.4f}")
     pending.clear()
+    checked = 0
     t_log, steps_since = time.perf_counter(), 0
 
   try:
@@ -337,9 +369,11 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> d
         sampler.keep(batch, host_batch.get("caption"))
       for hook in hooks:
         hook(step, state, metrics)
-      if step % c.train.log_every == 0 or step == c.train.num_steps:
+      if len(pending) - checked >= max_in_a_row:
+        check_finite()  # a diverged run stops within max_nonfinite_steps, whatever log_every
+      if settings_lib.every(step, c.train.log_every) or step == c.train.num_steps:
         flush()
-      if sampler is not None and step % c.train.sample_every == 0:
+      if sampler is not None and settings_lib.every(step, c.train.sample_every):
         flush()
         writer.write_images(step, sampler(state, encoder.params, sample_rng))
         if sampler.captions:
@@ -351,7 +385,7 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> d
         logging.warning("SIGTERM: saved step %d, exiting", step)
         preempted = True
         break
-      if step % c.train.ckpt_every == 0 or step == c.train.num_steps:
+      if settings_lib.every(step, c.train.ckpt_every) or step == c.train.num_steps:
         flush()  # never checkpoint past an unreported non-finite step
         save(step)
     flush()
@@ -360,10 +394,25 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> d
   finally:
     preemption.uninstall()
     bar.close()
-    ckpt.close()
-    writer.close()
+    try:
+      ckpt.close()  # a save failure surfaces here once (not again if already raised)
+    finally:
+      writer.close()
     # (the text cache stays open: grain's reader threads may still be prefetching with it)
-  return {"step": step, "history": history, "preempted": preempted, "state": state}
+  if skipped:
+    logging.warning(
+        "%d of the steps of this run were non-finite and skipped (no update applied): %s%s",
+        len(skipped),
+        skipped[:20],
+        " ..." if len(skipped) > 20 else "",
+    )
+  return {
+      "step": step,
+      "history": history,
+      "preempted": preempted,
+      "state": state,
+      "skipped_steps": skipped,
+  }
 
 
 def make_sample_fn(stage: Stage, encode_tokens: Callable | None) -> Callable:

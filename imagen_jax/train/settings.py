@@ -1,0 +1,68 @@
+"""The training settings (`config.train`), checked before anything is built or compiled.
+
+A bad value fails at once naming the field, its value and what is allowed, instead of after the
+minutes of a compile (e.g. an interval of 0 taken modulo). Intervals count steps:
+
+  log_every, ckpt_every                 > 0: every that many steps (and at the last step)
+  sample_every                          > 0: a sample grid every that many steps; 0: none
+  num_steps, global_batch_size          > 0
+  max_to_keep                           None (keep all) or >= 1 newest checkpoints kept
+  keep_period                           0 (off) or > 0: also keep every step divisible by it
+  nonfinite                             'stop' (raise at the first non-finite step) or 'skip'
+                                        (leave params unchanged and go on)
+  max_nonfinite_steps                   >= 1: with 'skip', this many non-finite steps in a row
+                                        stop the run (it is diverging, not hitting a bad batch)
+  preemption_check_every                >= 1
+  data_shards                           0 (one per process) or > 0, dividing the global batch
+  ema_decay                             in [0, 1]
+"""
+
+from __future__ import annotations
+
+import math
+
+NONFINITE = ("stop", "skip")
+
+
+def _int(train, field: str, low: int, allowed: str) -> int:
+  value = train[field]
+  if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    raise ValueError(f"train.{field}={value!r}; allowed: {allowed}")
+  return value
+
+
+def every(step: int, interval: int) -> bool:
+  """Whether an `interval` setting fires at `step` (0 = never)."""
+  return interval > 0 and step % interval == 0
+
+
+def check(config) -> None:
+  """Raises ValueError for the first bad `config.train` (and dependent `sample`) setting."""
+  t = config.train
+  _int(t, "num_steps", 1, "an int > 0")
+  batch = _int(t, "global_batch_size", 1, "an int > 0")
+  for field in ("log_every", "ckpt_every"):
+    _int(t, field, 1, "an int > 0 (steps between two)")
+  _int(t, "sample_every", 0, "an int >= 0 (0: no sample grids)")
+  if t.max_to_keep is not None:
+    _int(t, "max_to_keep", 1, "None (keep all) or an int >= 1")
+  _int(t, "keep_period", 0, "an int >= 0 (0 turns it off)")
+  if t.nonfinite not in NONFINITE:
+    raise ValueError(f"train.nonfinite={t.nonfinite!r}; allowed: {', '.join(NONFINITE)}")
+  _int(t, "max_nonfinite_steps", 1, "an int >= 1")
+  _int(t, "preemption_check_every", 1, "an int >= 1")
+  shards = _int(t, "data_shards", 0, "an int >= 0 (0 = one per process)")
+  if shards and batch % shards:
+    raise ValueError(
+        f"train.global_batch_size={batch} is not divisible by train.data_shards={shards}"
+    )
+  decay = t.ema_decay
+  if not isinstance(decay, (int, float)) or not math.isfinite(decay) or not 0 <= decay <= 1:
+    raise ValueError(f"train.ema_decay={decay!r}; allowed: a number in [0, 1]")
+  if t.sample_every:
+    n = config.sample.num_images
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= batch:
+      raise ValueError(
+          f"sample.num_images={n!r}; allowed: 1..train.global_batch_size={batch} (the grid's "
+          "prompts are the first examples of a batch), or train.sample_every=0"
+      )
