@@ -16,12 +16,14 @@ venv: $(STAMP)
 
 # Main job on the built-in default: build the offline shapes dataset, train a small cascade
 # on the CPU, sample held-out prompts, write demo_out/samples.png and demo_out/report.json.
+# The demo is sized for a CPU (the test extra's libtpu would otherwise look for a TPU);
+# `JAX_PLATFORMS=cuda make demo` runs it on a GPU.
 demo: $(STAMP)
-	$(PY) experiments/demo.py --workdir=demo_out
+	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) experiments/demo.py --workdir=demo_out
 
 # Guidance sweep on the demo's checkpoints (after `make demo`): the README's results section.
 sweep: $(STAMP)
-	$(PY) experiments/guidance_sweep.py --workdirs=demo_out/base,demo_out/sr \
+	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) experiments/guidance_sweep.py --workdirs=demo_out/base,demo_out/sr \
 	    --data_dir=demo_out/data --weights=1,2,3,5,8 --thresholds=dynamic,static \
 	    --num_prompts=64 --outdir=demo_out/guidance_sweep
 

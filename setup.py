@@ -34,11 +34,19 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     # What the test suite needs beyond the runtime (torch is deliberately not here: the
     # golden-file tests always run, the live parity tests run where torch is installed).
-    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "pyink==26.5.1", "ruff==0.17.5"],
+    # libtpu (from jax[tpu], a 137 MB wheel) lets tests compile for a TPU slice on the CPU
+    # (launch/aot_compile.py); without a TPU it only describes one.
+    "test": [
+        "pytest==9.2.0",
+        "pytest-xdist==3.8.0",
+        "pyink==26.5.1",
+        "ruff==0.17.5",
+        "jax[tpu]==0.10.2",
+    ],
     # TFDS datasets that need TensorFlow to *prepare* (e.g. coco_captions).
     "tf": ["tensorflow-cpu"],
     "gpu": ["jax[cuda12]==0.10.2"],
-    "tpu": ["jax[tpu]==0.10.2"],
+    "tpu": ["jax[tpu]==0.10.2"],  # TPU VMs, and ahead-of-time compiles for them anywhere
 }
 
 setup(

@@ -50,14 +50,12 @@ from imagen_jax import checkpoint as ckpt_lib
 from imagen_jax import metrics as metrics_lib
 from imagen_jax.data import pipeline
 from imagen_jax.parallel import mesh as mesh_lib
-from imagen_jax.parallel import sharding as sharding_lib
 from imagen_jax.stage import SamplingSettings, Stage
 from imagen_jax.text import cache as text_cache_lib
 from imagen_jax.text import registry
-from imagen_jax.train import optim
+from imagen_jax.train import program as program_lib
 from imagen_jax.train import settings as settings_lib
 from imagen_jax.train import state as state_lib
-from imagen_jax.train import step as step_lib
 
 Hook = Callable[[int, Any, dict], None]
 
@@ -198,32 +196,15 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> d
 
   mesh = mesh_lib.make_mesh(dict(c.mesh.shape))
   rules = tuple(tuple(r) for r in c.mesh.logical_axis_rules)
-  batch_axes = sharding_lib.batch_axes(rules, mesh)
-  num_batch_shards = int(np.prod([mesh.shape[a] for a in batch_axes])) if batch_axes else 1
-  if c.train.global_batch_size % num_batch_shards:
-    raise ValueError(
-        f"train.global_batch_size={c.train.global_batch_size} is not divisible "
-        f"by the {num_batch_shards} batch shards of mesh {dict(mesh.shape)}"
-    )
+  # Before the encoder loads (minutes for T5-XXL): a batch the mesh cannot split fails at once.
+  batch_axes = program_lib.check_batch(c, rules, mesh)
   logging.info("mesh %s on %d processes", dict(mesh.shape), jax.process_count())
 
   encoder = registry.get_text_encoder(c.text, mesh=mesh, rules=rules)
   config_dict = ckpt_lib.with_text_fingerprint(config_dict, encoder.fingerprint)
-  stage = Stage.from_config(c)
-  if (stage.text_dim, stage.text_len) != (encoder.dim, encoder.max_length):
-    raise ValueError(
-        f"text encoder {c.text.name!r} gives [L={encoder.max_length}, D={encoder.dim}] "
-        f"embeddings, the stage expects [L={stage.text_len}, D={stage.text_dim}] (text.path "
-        "names a checkpoint whose width differs from its preset?)"
-    )
-  text_shardings = encoder.param_shardings(mesh, rules)
-  tx, lr_schedule = optim.make_optimizer(c.optim, c.train.num_steps)
-  abstract, specs = state_lib.state_specs(
-      stage, tx, mesh, rules, fsdp_min_size=int(c.mesh.fsdp_min_size)
-  )
-  shardings = sharding_lib.to_named(specs, mesh)
-
   text_cache = open_text_cache(c.text, encoder)
+  program = program_lib.build(c, mesh, encoder, use_cache=text_cache is not None)
+  stage, abstract, shardings = program.stage, program.abstract, program.shardings
   loader = _ShardedLoader(
       c,
       encoder.tokenize,
@@ -253,7 +234,7 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> d
     state = state_lib.TrainState.from_checkpoint_items(train_state, ema)
     logging.info("resumed from %s at step %d", ckpt.directory, latest)
   else:
-    state = state_lib.create_state(stage, tx, shardings, init_rng)
+    state = state_lib.create_state(stage, program.tx, shardings, init_rng)
   # Written once the checkpoint (if any) is known to fit this config: a refused resume leaves
   # the workdir's config.json describing its checkpoints.
   if is_main:
@@ -264,22 +245,7 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> d
   step = int(jax.device_get(state.step))
   logging.info("%d params", state_lib.param_count(abstract.params))
 
-  step_fn = step_lib.make_train_step(
-      stage=stage,
-      tx=tx,
-      lr_schedule=lr_schedule,
-      encode_tokens=None if text_cache else encoder.encode_tokens,
-  )
-  batch_sharding = NamedSharding(mesh, P(batch_axes or None))
-  train_step = step_lib.jit_train_step(
-      step_fn,
-      mesh=mesh,
-      rules=rules,
-      state_shardings=shardings,
-      batch_shardings=batch_sharding,
-      text_shardings=text_shardings,
-      constrain_activations=bool(c.mesh.constrain_activations),
-  )
+  train_step = program.step
 
   # Rows past the start step were logged by a run that died before checkpointing them.
   writer = metrics_lib.MetricWriter(workdir, start_step=step)

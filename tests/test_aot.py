@@ -1,0 +1,122 @@
+"""Ahead-of-time TPU compilation on this CPU machine (libtpu describes the slice).
+
+The script path (`launch/aot_compile.py`) compiles the trainer's own step for a small TPU
+topology; the figures come from XLA's per-chip memory and cost analyses.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from imagen_jax.parallel import aot
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "launch", "aot_compile.py")
+
+
+@pytest.mark.parametrize(
+    "name, generation, chips, grid",
+    [
+        ("v4-8", "v4", 4, (2, 2, 1)),
+        ("v4-512", "v4", 256, (4, 8, 8)),
+        ("v5p-128", "v5p", 64, (4, 4, 4)),
+        ("v5e-256", "v5e", 256, (16, 16)),
+        ("v5litepod-8", "v5e", 8, (2, 4)),
+        ("v4:4x4x8", "v4", 128, (4, 4, 8)),
+    ],
+)
+def test_topology_names(name, generation, chips, grid):
+  t = aot.parse_topology(name)
+  assert (t.generation, t.num_chips, t.grid) == (generation, chips, grid)
+  assert t.libtpu_name == f"{generation}:{'x'.join(map(str, grid))}"
+
+
+@pytest.mark.parametrize("name", ["v3-8", "v4-12", "v4-2", "v5e:4x4x4", "tpu", "v4-"])
+def test_bad_topology_names_are_one_clear_error(name):
+  with pytest.raises(ValueError, match="topology") as e:
+    aot.parse_topology(name)
+  assert name in str(e.value)
+
+
+def test_roofline_is_the_slower_of_compute_and_memory():
+  chip = aot.CHIPS["v4"]
+  r = aot.Report(
+      argument_bytes=3 * aot.GIB,
+      output_bytes=2 * aot.GIB,
+      alias_bytes=2 * aot.GIB,
+      temp_bytes=10 * aot.GIB,
+      flops=275e12 * 2.0,  # 2 s of compute at v4's peak
+      bytes_accessed=1.2e12 * 0.5,  # 0.5 s of HBM traffic
+      chip=chip,
+      hbm_bytes=chip.hbm_gib * aot.GIB,
+  )
+  assert r.peak_bytes == 13 * aot.GIB and r.fits
+  assert r.roofline_s == pytest.approx(2.0) and r.mfu_bound == pytest.approx(1.0)
+  r.bytes_accessed = 1.2e12 * 4.0  # memory bound: 4 s, compute 2 s
+  assert r.roofline_s == pytest.approx(4.0) and r.mfu_bound == pytest.approx(0.5)
+  r.temp_bytes = 40 * aot.GIB
+  assert not r.fits
+
+
+def run_script(tmp_path, *args):
+  report = tmp_path / "report.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  env.pop("XLA_FLAGS", None)  # the tests' 8 fake CPU devices are not the slice's
+  proc = subprocess.run(
+      [sys.executable, SCRIPT, *args, f"--report_json={report}"],
+      capture_output=True,
+      text=True,
+      env=env,
+      cwd=ROOT,
+      timeout=600,
+  )
+  summary = [line for line in proc.stdout.splitlines() if line.startswith("aot: ")]
+  data = json.loads(report.read_text()) if report.exists() else None
+  return proc, summary, data
+
+
+@pytest.mark.slow
+def test_tiny_stage_compiles_and_a_tiny_budget_does_not_fit(tmp_path):
+  proc, summary, data = run_script(
+      tmp_path, "--config=configs/base64.py:tiny", "--topology=v5e-4", "--hbm_gib=1e-6"
+  )
+  assert proc.returncode == 1, proc.stdout + proc.stderr
+  assert len(summary) == 1 and "stage=base64 topology=v5e-4 chips=4" in summary[0]
+  assert "fits=no" in summary[0] and "GiB over" in summary[0]
+  for key in ("argument_gib", "output_gib", "alias_gib", "temp_gib", "peak_gib", "tflop"):
+    assert data[key] > 0, key
+  assert data["hbm_gib"] == pytest.approx(1e-6) and not data["fits"]
+  assert data["peak_gib"] == pytest.approx(
+      data["argument_gib"] + data["output_gib"] - data["alias_gib"] + data["temp_gib"]
+  )
+  # The trainer's step donates its state: the new state is written over the old.
+  assert data["alias_gib"] > 0.5 * data["output_gib"]
+
+
+@pytest.mark.slow
+def test_sr_stage_with_cached_embeddings_fits(tmp_path):
+  proc, summary, data = run_script(
+      tmp_path, "--config=configs/sr256.py:tiny", "--topology=v4-8", "--text=cache"
+  )
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert "fits=yes" in summary[0] and "chips=4" in summary[0]
+  assert data["text"] == "cache" and data["chip"] == "TPU v4" and data["hbm_gib"] == 32.0
+  assert data["roofline_s"] > 0 and 0 < data["mfu_bound"] <= 1
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--topology=v9-8"], "unknown TPU topology 'v9-8'"),
+        (["--topology=v5e-8", "--config.mesh.shape.fsdp=3"], "8 chips"),
+        (["--topology=v5e-8", "--config.train.global_batch_size=6"], "global_batch_size=6"),
+    ],
+)
+def test_bad_input_is_one_line(tmp_path, args, message):
+  proc, _, _ = run_script(tmp_path, "--config=configs/base64.py:tiny", *args)
+  assert proc.returncode == 2, proc.stdout + proc.stderr
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("aot_compile: ")]
+  assert len(errors) == 1 and message in errors[0], proc.stderr
