@@ -236,7 +236,8 @@ class Cascade:
     if mesh is not None and (devices is not None or mesh_shape is not None):
       raise ValueError("Cascade: pass mesh, or devices / mesh_shape, not both")
     self.mesh = ss.default_mesh(devices, mesh_shape) if mesh is None else mesh
-    self.rules = ss.stage_rules(stages[0].config) if rules is None else tuple(rules)
+    rules = ss.stage_rules(stages[0].config) if rules is None else tuple(rules)
+    self.rules = ss.rules_for_mesh(rules, self.mesh)
     self.fsdp_min_sizes = [
         ss.stage_fsdp_min_size(s.config) if fsdp_min_size is None else int(fsdp_min_size)
         for s in stages

@@ -39,8 +39,7 @@ from jax.sharding import PartitionSpec as P
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.parallel import sharding as sharding_lib
 from imagen_jax.stage import SamplingSettings, Stage
-from imagen_jax.text import t5
-from imagen_jax.text.registry import make_encode
+from imagen_jax.text import registry, t5
 
 __all__ = [
     "DEFAULT_MESH_SHAPE",
@@ -57,6 +56,7 @@ __all__ = [
     "make_denoise_step",
     "make_encode",
     "make_stage_sampler",
+    "rules_for_mesh",
     "stage_param_shardings",
     "stage_rules",
 ]
@@ -140,6 +140,20 @@ def abstract_stage_params(
   )
 
 
+def rules_for_mesh(rules: Rules, mesh) -> tuple[tuple[str, Any], ...]:
+  """`rules` with the mesh axes `mesh` lacks dropped (e.g. `tensor` on a (data, fsdp) mesh), so
+  activation constraints never name a missing axis."""
+  names = set(mesh.axis_names)
+
+  def keep(axes):
+    if axes is None or isinstance(axes, str):
+      return axes if axes in names else None
+    kept = tuple(a for a in axes if a in names)
+    return kept[0] if len(kept) == 1 else (kept or None)
+
+  return tuple((name, keep(axes)) for name, axes in rules)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class MeshJit:
   """A `jax.jit` function traced inside `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`
@@ -152,7 +166,7 @@ class MeshJit:
 
   @contextlib.contextmanager
   def _context(self):
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(rules_for_mesh(self.rules, self.mesh)):
       yield
 
   def __call__(self, *args):
@@ -162,6 +176,13 @@ class MeshJit:
   def lower(self, *args):
     with self._context():
       return self.jitted.lower(*args)
+
+
+def make_encode(encoder: "registry.TextEncoder | t5.T5Config", mesh, rules: Rules):
+  """The frozen T5 encode jitted on `mesh` (`text.registry.make_encode`, §2.1): `fn(params,
+  ids [B, L] int32, mask [B, L] bool) -> emb float32 [B, L, D]`, params sharded by their logical
+  specs, the batch over the batch axes; `rules` naming axes the mesh lacks are restricted."""
+  return registry.make_encode(encoder, mesh, rules_for_mesh(rules, mesh))
 
 
 def initial_noise(key: Array, indices: Array, shape: tuple[int, ...]) -> Array:
@@ -313,7 +334,9 @@ def abstract_encode_inputs(
   """Sharded `ShapeDtypeStruct`s of `make_encode`'s arguments: `(params, ids [B, L] int32,
   mask [B, L] bool)` (params in the config's `param_dtype`, sharded by their logical specs)."""
   _check_batch(batch, mesh, rules)
-  shardings = nn.logical_to_mesh_sharding(t5.logical_specs(config), mesh, rules)
+  shardings = nn.logical_to_mesh_sharding(
+      t5.logical_specs(config), mesh, rules_for_mesh(rules, mesh)
+  )
   params = jax.tree.map(
       lambda a, s: _sds(a.shape, a.dtype, s), nn.unbox(t5.abstract_params(config)), shardings
   )
