@@ -257,6 +257,7 @@ class Cascade:
   def from_workdirs(
       cls,
       workdirs: Sequence[str],
+      devices: Sequence[Any] | None = None,
       *,
       mesh: jax.sharding.Mesh | None = None,
       mesh_shape: Mapping[str, int] | None = None,
@@ -264,7 +265,9 @@ class Cascade:
       fsdp_min_size: int | None = None,
   ) -> "Cascade":
     """Loads each stage's EMA params straight into its shards on the mesh (see `__init__`)."""
-    mesh = ss.default_mesh(None, mesh_shape) if mesh is None else mesh
+    if mesh is not None and (devices is not None or mesh_shape is not None):
+      raise ValueError("Cascade: pass mesh, or devices / mesh_shape, not both")
+    mesh = ss.default_mesh(devices, mesh_shape) if mesh is None else mesh
     if rules is None:
       rules = ss.stage_rules(read_stage_config(workdirs[0])) if workdirs else ()
     stages = [load_stage(w, mesh=mesh, rules=rules, fsdp_min_size=fsdp_min_size) for w in workdirs]

@@ -35,7 +35,7 @@ def workdirs():
 
 @pytest.fixture(scope="module")
 def one_device(workdirs):
-  model = cascade.Cascade.from_workdirs(workdirs, mesh=ss.default_mesh(jax.devices()[:1]))
+  model = cascade.Cascade.from_workdirs(workdirs, devices=jax.devices()[:1])
   return model.sample(PROMPTS, SETTINGS, seed=5, batch_size=8, progress=False)
 
 
@@ -132,6 +132,9 @@ def test_building_blocks_compile_from_abstract_inputs_and_run_as_the_cascade(wor
   assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(abstract))
   compiled = sampler.lower(*abstract).compile()
   _check_figures(compiled)
+  # No replicated copies: a device's arguments are well under the whole params' bytes.
+  param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(base.params))
+  assert compiled.memory_analysis().argument_size_in_bytes < 0.6 * param_bytes
 
   denoise = ss.make_denoise_step(base.stage, mesh, rules, guided=True, fsdp_min_size=FSDP_MIN_SIZE)
   d_abstract = ss.abstract_denoise_inputs(base.stage, 4, mesh, rules, fsdp_min_size=FSDP_MIN_SIZE)
