@@ -19,7 +19,7 @@ topology that is not attached (`fn.lower(*abstract).compile()`, then `memory_ana
                       unconditional pass of `denoiser.make_denoise_fn`);
   make_encode:        the frozen T5 encode (`text.registry.make_encode`).
 
-Determinism (§ of `cascade`): sample i draws its noise from `fold_in(stage_key, i)`, so images
+Determinism (as in `cascade`): sample i draws its noise from `fold_in(stage_key, i)`, so images
 depend neither on the batch nor on the mesh.
 """
 
