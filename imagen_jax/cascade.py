@@ -18,26 +18,31 @@ Determinism: sample i of a call draws its initial noise (and, for stochastic sam
 per-step noise) from `fold_in(stage_key, i)`, so the images do not depend on the batch they are
 drawn in or on the number of devices, and the same seed gives the same images.
 
-Devices: each batch is sharded over a 1-D mesh of this process's devices (axis "batch"; params
-replicated), so one jitted sampler runs data-parallel on all local devices. A multi-host job
-gives each process its own prompts (e.g. `first_index` = the process's offset).
+Devices: the cascade samples on a (data, fsdp, tensor) mesh (`sharded_sampling`): each stage's
+EMA params are restored straight into their shards (`Stage.param_specs`, ZeRO-3 style; no
+replicated copies, nothing whole on one device), the frozen T5 encoder's params are sharded by
+their logical specs and it encodes on the mesh, and each batch of prompts is split over the
+mesh axes that the logical `batch` axis maps to. The jitted samplers are the building blocks of
+`sharded_sampling`, so what is compiled ahead of time for a TPU slice is what runs here. The
+mesh holds this process's devices: a multi-host job gives each process its own prompts (e.g.
+`first_index` = the process's offset).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import os
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from imagen_jax import checkpoint as ckpt_lib
+from imagen_jax import sharded_sampling as ss
+from imagen_jax.sharded_sampling import initial_noise  # noqa: F401  (public here too)
 from imagen_jax.stage import SamplingSettings, Stage
 from imagen_jax.text import registry
 
@@ -86,13 +91,25 @@ def read_stage_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
-def load_stage(workdir: str, step: int | None = None) -> LoadedStage:
+def load_stage(
+    workdir: str,
+    step: int | None = None,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    rules=None,
+    fsdp_min_size: int | None = None,
+) -> LoadedStage:
   """Rebuilds a stage from its recorded config and restores the EMA params alone.
 
   The config is the checkpoint's (what the weights were trained with); the workdir's
   `config.json` must agree with it on `checkpoint.MEANING_FIELDS` and then supplies the other
   settings (e.g. a moved `text.path`). The params' abstract tree comes from the stage layer; no
   optimizer is built and no optimizer state is read.
+
+  The params are restored straight into their shards on `mesh` (default
+  `sharded_sampling.default_mesh()`), laid out by `rules` and `fsdp_min_size` (default: the
+  stage config's `mesh.logical_axis_rules` / `mesh.fsdp_min_size`); the Orbax restore target
+  carries the `NamedSharding`s, so no device ever holds a whole copy of a sharded param.
 
   Raises StageLoadError when the workdir holds no config or no complete checkpoint, and
   `checkpoint.CheckpointMismatchError` when config.json and the checkpoint disagree on the
@@ -128,10 +145,11 @@ def load_stage(workdir: str, step: int | None = None) -> LoadedStage:
       logging.warning("%s is missing: the stage's config is the checkpoint's", json_path)
       config = ml_collections.ConfigDict(recorded)
     stage = Stage.from_config(config)
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=device),
-        stage.abstract_params(),
+    target = ss.abstract_stage_params(
+        stage,
+        ss.default_mesh() if mesh is None else mesh,
+        ss.stage_rules(config) if rules is None else rules,
+        ss.stage_fsdp_min_size(config) if fsdp_min_size is None else fsdp_min_size,
     )
     params = ckpt.restore_ema(step, target, config_dict=config.to_dict())
   finally:
@@ -190,112 +208,136 @@ def check_cascade(stages: Sequence[LoadedStage]) -> None:
       )
 
 
-def initial_noise(key: Array, indices: Array, shape: tuple[int, ...]) -> Array:
-  """N(0, I) noise for samples `indices` ([B] int): sample i uses fold_in(key, i)."""
-  return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape))(indices)
-
-
-@functools.partial(jax.jit, static_argnames=("stage", "settings", "guided"))
-def _sample_stage(
-    params,
-    text_emb,
-    text_mask,
-    lowres,
-    guidance_weight,
-    key,
-    indices,
-    *,
-    stage: Stage,
-    settings: SamplingSettings,
-    guided: bool,
-):
-  shape = (stage.image_size, stage.image_size, 3)
-  key_noise, key_aug, key_sampler = jax.random.split(key, 3)
-  noise = initial_noise(key_noise, indices, shape)
-  # One sampler noise stream per sample (used by stochastic samplers only).
-  sample_keys = jax.vmap(lambda i: jax.random.fold_in(key_sampler, i))(indices)
-  aug = aug_noise = None
-  if lowres is not None:
-    # §2.4: the previous stage's output, upsampled and noise-augmented at aug_level.
-    aug = jnp.full((lowres.shape[0],), settings.aug_level, jnp.float32)
-    aug_noise = initial_noise(key_aug, indices, shape)
-  cond = stage.condition(text_emb, text_mask, lowres, aug_level=aug, aug_noise=aug_noise)
-  return stage.sample(
-      params, cond, noise, sample_keys, settings, guidance_weight if guided else 1.0
-  )
-
-
-def sample_stage(
-    stage: LoadedStage,
-    settings: SamplingSettings,
-    text_emb: Array,
-    text_mask: Array,
-    key: Array,
-    indices: Array,
-    lowres: Array | None = None,
-) -> Array:
-  """Samples one stage for a batch: `[B, S, S, 3]` in [-1, 1] (S = the stage's image size).
-
-  Args:
-    text_emb, text_mask: `[B, L, D]`, `[B, L]` from the shared frozen encoder.
-    key: the stage's PRNG key; indices: `[B]` global sample indices (per-sample noise).
-    lowres: `[B, s, s, 3]`, the previous stage's output (SR stages only).
-  """
-  if stage.is_sr != (lowres is not None):
-    raise ValueError(
-        f"stage {stage.config.stage} {'needs' if stage.is_sr else 'takes no'} " "low-res input"
-    )
-  if lowres is not None and lowres.shape[1] != stage.lowres_size:
-    raise ValueError(
-        f"stage {stage.config.stage} expects {stage.lowres_size}px low-res "
-        f"inputs, got {lowres.shape}"
-    )
-  guided = settings.guidance_weight != 1.0
-  static = dataclasses.replace(settings, guidance_weight=0.0)  # w is traced, not static
-  return _sample_stage(
-      stage.params,
-      text_emb,
-      text_mask,
-      lowres,
-      jnp.float32(settings.guidance_weight),
-      key,
-      indices,
-      stage=stage.stage,
-      settings=static,
-      guided=guided,
-  )
-
-
 class Cascade:
-  """A loaded cascade (a prefix of base -> SR -> SR) with one frozen text encoder."""
+  """A loaded cascade (a prefix of base -> SR -> SR) with one frozen text encoder, on a mesh."""
 
-  def __init__(self, stages: Sequence[LoadedStage], devices: Sequence[Any] | None = None):
-    """devices: where to sample (default: all of this process's devices); batches are split
-    over them and every stage's params are replicated on each."""
+  def __init__(
+      self,
+      stages: Sequence[LoadedStage],
+      devices: Sequence[Any] | None = None,
+      *,
+      mesh: jax.sharding.Mesh | None = None,
+      mesh_shape: Mapping[str, int] | None = None,
+      rules=None,
+      fsdp_min_size: int | None = None,
+  ):
+    """Places the stages' params and the text encoder on the sampling mesh.
+
+    Args:
+      mesh: the (data, fsdp, tensor) mesh to sample on; default: `devices` (default: this
+        process's devices) shaped `mesh_shape` (default `sharded_sampling.DEFAULT_MESH_SHAPE`:
+        all on fsdp, see there why).
+      rules: logical axis rules of params, activations and the batch; default stage 1's config
+        `mesh.logical_axis_rules` (one layout for the whole cascade).
+      fsdp_min_size: the fsdp fallback threshold for every stage; default each stage config's
+        `mesh.fsdp_min_size`.
+    """
     check_cascade(stages)
-    self.mesh = jax.sharding.Mesh(np.array(list(devices or jax.local_devices())), ("batch",))
-    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-    self.stages = [
-        dataclasses.replace(s, params=jax.device_put(s.params, replicated)) for s in stages
+    if mesh is not None and (devices is not None or mesh_shape is not None):
+      raise ValueError("Cascade: pass mesh, or devices / mesh_shape, not both")
+    self.mesh = ss.default_mesh(devices, mesh_shape) if mesh is None else mesh
+    rules = ss.stage_rules(stages[0].config) if rules is None else tuple(rules)
+    self.rules = ss.rules_for_mesh(rules, self.mesh)
+    self.fsdp_min_sizes = [
+        ss.stage_fsdp_min_size(s.config) if fsdp_min_size is None else int(fsdp_min_size)
+        for s in stages
     ]
-    self.encoder = registry.get_text_encoder(self.stages[0].config.text)
+    # A no-op for params load_stage restored onto this layout; otherwise a reshard.
+    self.stages = [
+        dataclasses.replace(s, params=jax.device_put(s.params, self.param_shardings(s.stage, m)))
+        for s, m in zip(stages, self.fsdp_min_sizes)
+    ]
+    self.encoder = registry.get_text_encoder(
+        self.stages[0].config.text, mesh=self.mesh, rules=self.rules
+    )
     check_text_encoder(self.stages, self.encoder)
+    self._samplers: dict[tuple, ss.MeshJit] = {}
+
+  @classmethod
+  def from_workdirs(
+      cls,
+      workdirs: Sequence[str],
+      devices: Sequence[Any] | None = None,
+      *,
+      mesh: jax.sharding.Mesh | None = None,
+      mesh_shape: Mapping[str, int] | None = None,
+      rules=None,
+      fsdp_min_size: int | None = None,
+  ) -> "Cascade":
+    """Loads each stage's EMA params straight into its shards on the mesh (see `__init__`)."""
+    if mesh is not None and (devices is not None or mesh_shape is not None):
+      raise ValueError("Cascade: pass mesh, or devices / mesh_shape, not both")
+    mesh = ss.default_mesh(devices, mesh_shape) if mesh is None else mesh
+    if rules is None:
+      rules = ss.stage_rules(read_stage_config(workdirs[0])) if workdirs else ()
+    stages = [load_stage(w, mesh=mesh, rules=rules, fsdp_min_size=fsdp_min_size) for w in workdirs]
+    return cls(stages, mesh=mesh, rules=rules, fsdp_min_size=fsdp_min_size)
 
   @property
   def num_devices(self) -> int:
     return self.mesh.size
 
-  def _shard(self, x: Array) -> Array:
-    """`[B, ...]` -> split over the mesh's batch axis (B a multiple of the device count)."""
-    spec = jax.sharding.PartitionSpec("batch", *([None] * (x.ndim - 1)))
-    return jax.device_put(x, jax.sharding.NamedSharding(self.mesh, spec))
+  @property
+  def batch_multiple(self) -> int:
+    """Batches are padded to a multiple of this (the number of batch shards)."""
+    return ss.batch_size_multiple(self.mesh, self.rules)
 
-  @classmethod
-  def from_workdirs(cls, workdirs: Sequence[str]) -> "Cascade":
-    return cls([load_stage(w) for w in workdirs])
+  def param_shardings(self, stage: Stage, fsdp_min_size: int) -> Any:
+    return ss.stage_param_shardings(stage, self.mesh, self.rules, fsdp_min_size)
+
+  def _shard(self, x) -> Array:
+    """`[B, ...]` -> split over the mesh's batch axes (B a multiple of `batch_multiple`)."""
+    return jax.device_put(x, ss.batch_sharding(self.mesh, self.rules, np.ndim(x)))
 
   def encode(self, prompts: Sequence[str]) -> tuple[Array, Array]:
+    """`(text_emb [B, L, D], text_mask [B, L])` on the mesh (B a multiple of `batch_multiple`)."""
     return self.encoder.encode(list(prompts))
+
+  def sampler(self, k: int, settings: SamplingSettings) -> ss.MeshJit:
+    """Stage k's (0-based) jitted sampler for `settings` (built once per static setting)."""
+    guided = settings.guidance_weight != 1.0
+    static = dataclasses.replace(settings, guidance_weight=0.0)  # w is traced, not static
+    key = (k, static, guided)
+    if key not in self._samplers:
+      self._samplers[key] = ss.make_stage_sampler(
+          self.stages[k].stage,
+          static,
+          self.mesh,
+          self.rules,
+          guided=guided,
+          fsdp_min_size=self.fsdp_min_sizes[k],
+      )
+    return self._samplers[key]
+
+  def sample_stage(
+      self,
+      k: int,
+      settings: SamplingSettings,
+      text_emb: Array,
+      text_mask: Array,
+      key: Array,
+      indices: Array,
+      lowres: Array | None = None,
+  ) -> Array:
+    """Samples stage k (0-based) for a batch: `[B, S, S, 3]` in [-1, 1] on the mesh.
+
+    Args:
+      text_emb, text_mask: `[B, L, D]`, `[B, L]` from the shared frozen encoder.
+      key: the stage's PRNG key; indices: `[B]` global sample indices (per-sample noise).
+      lowres: `[B, s, s, 3]`, the previous stage's output (SR stages only).
+    """
+    stage = self.stages[k]
+    if stage.is_sr != (lowres is not None):
+      raise ValueError(
+          f"stage {stage.config.stage} {'needs' if stage.is_sr else 'takes no'} low-res input"
+      )
+    if lowres is not None and lowres.shape[1] != stage.lowres_size:
+      raise ValueError(
+          f"stage {stage.config.stage} expects {stage.lowres_size}px low-res "
+          f"inputs, got {lowres.shape}"
+      )
+    w = np.float32(settings.guidance_weight)
+    return self.sampler(k, settings)(stage.params, text_emb, text_mask, lowres, w, key, indices)
 
   def sample(
       self,
@@ -315,7 +357,7 @@ class Cascade:
       first_index: global index of the first prompt (per-sample seeds, for resumable sweeps).
       lowres: optional `[N, s, s, 3]` images in [-1, 1] that replace stage 1's output (to run
         the SR stages alone on real low-res inputs); then `settings[0]` is for stage 2.
-      batch_size: prompts per jitted call, rounded up to a multiple of the device count (a
+      batch_size: prompts per jitted call, rounded up to a multiple of `batch_multiple` (a
         short batch is padded with empty prompts whose samples are dropped).
     """
     from tqdm import tqdm
@@ -329,27 +371,26 @@ class Cascade:
       )
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    n_dev = self.num_devices
-    batch_size = -(-batch_size // n_dev) * n_dev
+    m = self.batch_multiple
+    batch_size = -(-batch_size // m) * m
     key = jax.random.key(seed)
     outs = [[] for _ in range(n_stages)]
     chunks = range(0, len(prompts), batch_size)
     for start in tqdm(chunks, desc="cascade", unit="batch", disable=not progress):
       chunk = list(prompts[start : start + batch_size])
       n = len(chunk)
-      pad = (-n) % n_dev  # padded samples get the following indices; their outputs are dropped
+      pad = (-n) % m  # padded samples get the following indices; their outputs are dropped
       emb, mask = self.encode(chunk + [""] * pad)
-      idx = jnp.arange(first_index + start, first_index + start + n + pad)
+      idx = self._shard(
+          np.arange(first_index + start, first_index + start + n + pad, dtype=np.int32)
+      )
       prev = None
       if lowres is not None:
         prev = np.asarray(lowres[start : start + n], np.float32)
-        prev = np.concatenate([prev, np.zeros((pad,) + prev.shape[1:], np.float32)])
-        prev = self._shard(jnp.asarray(prev))
-      emb, mask, idx = self._shard(emb), self._shard(mask), self._shard(idx)
+        prev = self._shard(np.concatenate([prev, np.zeros((pad,) + prev.shape[1:], np.float32)]))
       for k, s in enumerate(settings):
-        stage = self.stages[k + offset]
-        prev = sample_stage(
-            stage, s, emb, mask, jax.random.fold_in(key, k + offset), idx, lowres=prev
+        prev = self.sample_stage(
+            k + offset, s, emb, mask, jax.random.fold_in(key, k + offset), idx, lowres=prev
         )
         outs[k].append(np.asarray(prev)[:n])
     return [np.concatenate(o) for o in outs]

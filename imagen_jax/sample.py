@@ -3,8 +3,10 @@
 
 Writes, per stage k: `stage{k}_grid.png` (all samples, one row per prompt) and
 `stage{k}/NNNN.png` (single images), plus `samples.png` (prompt | stage 1 | stage 2 | ...) and
-`settings.json` (every setting, the stage checkpoints' steps, the prompts). Thin entry point:
-the logic is `imagen_jax.cascade`.
+`settings.json` (every setting, the stage checkpoints' steps, the prompts, the mesh). Samples
+on a mesh of this process's devices (`--mesh_shape=data=2,fsdp=-1,tensor=1`; default: all on
+fsdp, `sharded_sampling.DEFAULT_MESH_SHAPE`). Thin entry point: the logic is
+`imagen_jax.cascade`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,27 @@ _PROMPTS = flags.DEFINE_multi_string("prompt", [], "a prompt (repeat the flag fo
 _PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "a text file, one prompt per line")
 _OUTDIR = flags.DEFINE_string("outdir", "samples_out", "where the PNGs and settings go")
 _PER_PROMPT = flags.DEFINE_integer("num_per_prompt", 4, "samples per prompt")
+_MESH_SHAPE = flags.DEFINE_string(
+    "mesh_shape", "", "sampling mesh, e.g. data=2,fsdp=-1,tensor=1 (-1 fills); '' = all on fsdp"
+)
+
+
+def parse_mesh_shape(text: str) -> dict[str, int] | None:
+  """`"data=2,fsdp=-1"` -> `{"data": 2, "fsdp": -1}`; '' -> None (the default mesh)."""
+  if not text.strip():
+    return None
+  out = {}
+  for part in text.split(","):
+    name, sep, size = part.partition("=")
+    try:
+      out[name.strip()] = int(size)
+    except ValueError:
+      sep = ""
+    if not sep:
+      raise app.UsageError(
+          f"--mesh_shape={text!r}: {part!r} is not AXIS=SIZE (axes data, fsdp, tensor; -1 fills)"
+      )
+  return out
 
 
 def read_prompts(prompts, prompt_file) -> list[str]:
@@ -42,7 +65,9 @@ def main(argv):
   if c.num_stages not in (1, 2, 3):
     raise app.UsageError(f"num_stages={c.num_stages}; allowed: 1, 2, 3")
   blocks = [c.stage1, c.stage2, c.stage3][: c.num_stages]
-  model = cascade.Cascade.from_workdirs([b.workdir for b in blocks])
+  model = cascade.Cascade.from_workdirs(
+      [b.workdir for b in blocks], mesh_shape=parse_mesh_shape(_MESH_SHAPE.value)
+  )
   settings = [cascade.SamplingSettings.from_config(b) for b in blocks]
   k = _PER_PROMPT.value
   expanded = [p for p in prompts for _ in range(k)]
@@ -65,6 +90,7 @@ def main(argv):
           "prompts": prompts,
           "num_per_prompt": k,
           "stage_steps": [s.step for s in model.stages],
+          "mesh": dict(model.mesh.shape),
       },
   )
   print(f"wrote {len(expanded)} samples per stage to {_OUTDIR.value}")

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from imagen_jax import cascade
+from imagen_jax import cascade, sharded_sampling
 from imagen_jax import checkpoint as ckpt_lib
 from tests import cascade_fixtures
 
@@ -63,8 +63,11 @@ def test_cascade_samples_end_to_end_and_is_deterministic(loaded):
 
 
 def test_sampling_is_sharded_over_devices_and_does_not_depend_on_them(loaded):
-  # 8 fake CPU devices (conftest): each batch is split over all of them, params replicated.
+  # 8 fake CPU devices (conftest): by default all on fsdp; each batch is split over all of
+  # them and the params are stored once over the mesh (tests/test_cascade_sharded.py: others).
   assert loaded.num_devices == jax.local_device_count() == 8
+  assert dict(loaded.mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}
+  assert loaded.batch_multiple == 8
   stochastic = [
       dataclasses.replace(SETTINGS[0], eta=1.0),
       dataclasses.replace(SETTINGS[1], sampler="ddpm"),
@@ -129,17 +132,20 @@ def test_old_layout_checkpoint_is_refused_for_sampling(workdirs, tmp_path):
 
 
 def test_guided_denoise_fn_is_one_batched_pass_of_cfg(loaded):
+  # The cascade's jitted denoiser step (sharded_sampling.make_denoise_step) on its mesh.
   stage = loaded.stages[0]
-  z = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
-  logsnr = jnp.array([1.0, -2.0])
-  emb = jax.random.normal(jax.random.key(1), (2, 5, stage.stage.text_dim))
-  mask = jnp.array([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]], bool)
-  eps = lambda w: stage.stage.denoise_fn(stage.params, w)(
-      z, logsnr, stage.stage.condition(emb, mask)
+  denoise = sharded_sampling.make_denoise_step(
+      stage.stage, loaded.mesh, loaded.rules, guided=True, fsdp_min_size=loaded.fsdp_min_sizes[0]
   )
-  cond, uncond = eps(1.0), eps(0.0)
-  assert not np.allclose(cond, uncond)
-  np.testing.assert_allclose(eps(3.0), 3.0 * cond - 2.0 * uncond, atol=2e-4)
+  z = jax.random.normal(jax.random.key(0), (8, 16, 16, 3))
+  logsnr = jnp.linspace(-2.0, 1.0, 8)
+  emb = jax.random.normal(jax.random.key(1), (8, 5, stage.stage.text_dim))
+  mask = jnp.arange(5)[None, :] < jnp.arange(1, 9)[:, None] % 5 + 1
+  cond = stage.stage.condition(emb, mask)
+  eps = lambda w: np.asarray(denoise(stage.params, z, logsnr, cond, jnp.float32(w)))  # noqa: E731
+  cond_eps, uncond = eps(1.0), eps(0.0)
+  assert not np.allclose(cond_eps, uncond)
+  np.testing.assert_allclose(eps(3.0), 3.0 * cond_eps - 2.0 * uncond, atol=2e-4)
 
 
 def test_load_stage_refuses_another_text_encoder_fingerprint(tmp_path):

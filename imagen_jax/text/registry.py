@@ -30,6 +30,7 @@ import numpy as np
 from ml_collections import config_dict
 
 from imagen_jax import dtypes
+from imagen_jax.parallel import sharding as sharding_lib
 from imagen_jax.text import checkpoint, t5, tokenizer
 
 TINY_RANDOM = "byt5-tiny-random"
@@ -90,13 +91,47 @@ def default_text_config(
   )
 
 
+def encode_tokens(module: t5.T5Encoder, params, ids: jax.Array, mask: jax.Array) -> jax.Array:
+  """``emb float32 [B, L, D]`` of ``ids [B, L]`` under ``mask [B, L]`` (zero where False)."""
+  emb = module.apply({"params": params}, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool))
+  return emb.astype(jnp.float32)
+
+
+def _batch_sharding(mesh, rules, ndim: int) -> jax.sharding.NamedSharding:
+  """``[B, ...]`` split over the mesh axes of the logical ``batch`` axis."""
+  batch = sharding_lib.batch_axes(rules, mesh) or None
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(batch, *[None] * (ndim - 1)))
+
+
+def make_encode(encoder: "TextEncoder | t5.T5Config", mesh: jax.sharding.Mesh, rules):
+  """The frozen encode (§2.1) jitted on ``mesh``: ``fn(params, ids [B, L], mask [B, L]) -> emb
+  float32 [B, L, D]``.
+
+  Params sharded by their logical specs under ``rules`` (as ``get_text_encoder`` places them),
+  ids / mask / emb split over the mesh axes of the logical ``batch`` axis (B must divide over
+  them). Takes concrete arrays or sharded ``jax.ShapeDtypeStruct``s (ahead-of-time lowering).
+  """
+  config = encoder.config if isinstance(encoder, TextEncoder) else encoder
+  if not isinstance(config, t5.T5Config):
+    raise TypeError(f"make_encode takes a TextEncoder or a t5.T5Config, got {type(encoder)}")
+  module = t5.T5Encoder(config)
+  tokens, emb = _batch_sharding(mesh, rules, 2), _batch_sharding(mesh, rules, 3)
+  params = nn.logical_to_mesh_sharding(t5.logical_specs(config), mesh, rules)
+  return jax.jit(
+      functools.partial(encode_tokens, module),
+      in_shardings=(params, tokens, tokens),
+      out_shardings=emb,
+  )
+
+
 @dataclasses.dataclass(eq=False)
 class TextEncoder:
   """A frozen T5 encoder with its tokenizer.
 
   ``encode_tokens(params, ids [B, L] int32, mask [B, L] bool) -> emb [B, L, D] float32`` is
   pure and jittable (the training step calls it inside its own jit); embeddings are zero
-  where ``mask`` is False.
+  where ``mask`` is False. Built with a ``mesh`` and ``rules``, the params lie sharded on it and
+  ``encode`` runs there (``make_encode``), the batch split over the mesh's batch axes.
   """
 
   name: str
@@ -104,11 +139,15 @@ class TextEncoder:
   params: Any
   tokenizer: Any
   max_length: int
+  mesh: jax.sharding.Mesh | None = None
+  rules: Any = None
 
   def __post_init__(self):
     self.module = t5.T5Encoder(self.config)
-    # Public: the jitted encode_tokens (compiled once per input shape).
+    # Public: the jitted encode_tokens (compiled once per input shape; shardings follow the
+    # arguments) and, on a mesh, the encode with explicit shardings that `encode` runs.
     self.encode_tokens_jit = jax.jit(self.encode_tokens)
+    self.encode_on_mesh = None if self.mesh is None else make_encode(self, self.mesh, self.rules)
 
   @property
   def dim(self) -> int:
@@ -133,15 +172,24 @@ class TextEncoder:
     return self.tokenizer(texts)
 
   def encode_tokens(self, params, ids: jax.Array, mask: jax.Array) -> jax.Array:
-    emb = self.module.apply(
-        {"params": params}, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool)
-    )
-    return emb.astype(jnp.float32)
+    return encode_tokens(self.module, params, ids, mask)
 
   def encode(self, texts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
-    """Tokenizes and encodes (jitted): ``(emb float32 [B, L, D], mask bool [B, L])``."""
+    """Tokenizes and encodes (jitted): ``(emb float32 [B, L, D], mask bool [B, L])``; on a
+    mesh both are split over its batch axes (B must divide over them)."""
     ids, mask = self.tokenize(texts)
-    return self.encode_tokens_jit(self.params, ids, mask), jnp.asarray(mask)
+    if self.mesh is None:
+      return self.encode_tokens_jit(self.params, ids, mask), jnp.asarray(mask)
+    batch = sharding_lib.batch_axes(self.rules, self.mesh)
+    sizes = dict(zip(self.mesh.axis_names, self.mesh.axis_sizes))
+    shards = int(np.prod([sizes[a] for a in batch]))
+    if len(texts) % shards:
+      raise ValueError(
+          f"{len(texts)} texts do not divide over the mesh's batch axes {batch} "
+          f"({shards} shards); allowed: a multiple of {shards} (pad with empty texts)"
+      )
+    ids, mask = jax.device_put((ids, mask.astype(bool)), _batch_sharding(self.mesh, self.rules, 2))
+    return self.encode_on_mesh(self.params, ids, mask), mask
 
   def logical_specs(self):
     """Logical ``PartitionSpec`` tree of ``params`` (axes vocab/embed/heads/kv/mlp)."""
@@ -211,7 +259,8 @@ def _check_preset(name: str, config: t5.T5Config, path: str) -> None:
 def get_text_encoder(
     text_config, *, mesh: jax.sharding.Mesh | None = None, rules=None, progress: bool = True
 ) -> TextEncoder:
-  """Builds the named encoder; with ``mesh`` + ``rules`` its params are placed sharded.
+  """Builds the named encoder; with ``mesh`` + ``rules`` its params are placed sharded and its
+  ``encode`` runs on the mesh (``make_encode``).
 
   ``rules``: logical->mesh axis rules, e.g. ``(("embed", "fsdp"), ("mlp", None), ...)``.
   Real checkpoints stream each tensor straight into its sharding (see ``checkpoint``).
@@ -245,7 +294,7 @@ def get_text_encoder(
     if shardings is not None:
       params = jax.device_put(params, shardings)
     tok = tokenizer.make_tokenizer("byt5", max_length)
-    return TextEncoder(name, config, params, tok, max_length)
+    return TextEncoder(name, config, params, tok, max_length, mesh=mesh, rules=rules)
 
   if not path:
     raise ValueError(
@@ -260,7 +309,7 @@ def get_text_encoder(
   kind = "byt5" if name.startswith("byt5") else "sentencepiece"
   tok = tokenizer.make_tokenizer(kind, max_length, path)
   params = checkpoint.load_params(path, config, shardings=shardings_for(config), progress=progress)
-  return TextEncoder(name, config, params, tok, max_length)
+  return TextEncoder(name, config, params, tok, max_length, mesh=mesh, rules=rules)
 
 
 def text_dim(text_cfg) -> int:
