@@ -86,8 +86,9 @@ def test_tiny_stage_compiles_and_a_tiny_budget_does_not_fit(tmp_path):
   assert proc.returncode == 1, proc.stdout + proc.stderr
   assert len(summary) == 1 and "stage=base64 topology=v5e-4 chips=4" in summary[0]
   assert "fits=no" in summary[0] and "GiB over" in summary[0]
-  for key in ("argument_gib", "output_gib", "alias_gib", "temp_gib", "peak_gib", "tflop"):
+  for key in ("argument_gib", "output_gib", "alias_gib", "peak_gib", "tflop", "gbytes_accessed"):
     assert data[key] > 0, key
+  assert data["temp_gib"] >= 0
   assert data["hbm_gib"] == pytest.approx(1e-6) and not data["fits"]
   assert data["peak_gib"] == pytest.approx(
       data["argument_gib"] + data["output_gib"] - data["alias_gib"] + data["temp_gib"]
@@ -120,3 +121,37 @@ def test_bad_input_is_one_line(tmp_path, args, message):
   assert proc.returncode == 2, proc.stdout + proc.stderr
   errors = [line for line in proc.stderr.splitlines() if line.startswith("aot_compile: ")]
   assert len(errors) == 1 and message in errors[0], proc.stderr
+
+
+@pytest.mark.slow
+def test_tiny_cascade_compiles_sharded_with_seconds_per_image(tmp_path):
+  report = tmp_path / "cascade.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run(
+      [
+          sys.executable,
+          os.path.join(ROOT, "launch", "aot_cascade.py"),
+          "--topology=v5e-4",
+          "--stages=base64:tiny;sr256:tiny",
+          "--cascade=configs/cascade.py:shapes",
+          "--batch=8",
+          f"--report_json={report}",
+      ],
+      capture_output=True,
+      text=True,
+      env=env,
+      cwd=ROOT,
+      timeout=600,
+  )
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  data = json.loads(report.read_text())
+  assert data["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}  # params stored once, not per chip
+  for program in ("encode", "base64_step", "base64_loop", "sr256_step", "sr256_loop"):
+    assert data[program]["peak_gib"] > 0 and data[program]["tflop"] > 0, program
+  # The guided base step runs the network on the conditional and the null batch.
+  assert data["base64_settings"] == {"sampler": "ddim", "num_steps": 25, "w": 3.0}
+  per_image = data["base64_s_per_image"] + data["sr256_s_per_image"]
+  assert data["s_per_image"] >= per_image > 0
+  assert data["fid30k_chip_hours"] == pytest.approx(30_000 * data["s_per_image"] * 4 / 3600)
+  assert "aot_cascade: topology=v5e-4 chips=4" in proc.stdout

@@ -47,7 +47,7 @@ class TrainProgram:
   shardings: state_lib.TrainState  # NamedSharding leaves
   batch_sharding: NamedSharding
   text_shardings: Any
-  text_abstract: Any  # the frozen encoder's param shapes (None with an embedding cache)
+  text_abstract: Any  # the frozen encoder's param shapes
   use_cache: bool
   step: Callable
 
@@ -83,13 +83,11 @@ class TrainProgram:
     replicated = NamedSharding(self.mesh, P())
     key = jax.eval_shape(lambda: jax.random.key(0))
     rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated)
-    text = None
-    if self.text_abstract is not None:
-      text = jax.tree.map(
-          lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-          self.text_abstract,
-          self.text_shardings,
-      )
+    text = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        self.text_abstract,
+        self.text_shardings,
+    )
     return state, self.abstract_batch(), rng, text
 
   def lower(self, *args):
@@ -161,9 +159,8 @@ def build(config, mesh, encoder, *, use_cache: bool) -> TrainProgram:
       text_shardings=text_shardings,
       constrain_activations=bool(c.mesh.constrain_activations),
   )
-  text_abstract = None
-  if not use_cache:
-    text_abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), encoder.params)
+  # The trainer passes the encoder's params either way (its sample grids encode prompts).
+  text_abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), encoder.params)
   return TrainProgram(
       config=c,
       mesh=mesh,

@@ -1,0 +1,214 @@
+r"""Compiles the paper cascade's sampling for a TPU slice on this machine: memory, s / image.
+
+    python launch/aot_cascade.py --topology=v4-8
+    python launch/aot_cascade.py --topology=v5e-8 --batch=64 --cascade=configs/cascade.py:paper
+
+The programs are the cascade's own (`imagen_jax.sharded_sampling`, what `cascade.Cascade`
+runs): the frozen T5 encode, then per stage one guided denoiser evaluation (§2.2: the network
+on the conditional + null batch) and the whole sampler loop, each with params and T5 sharded
+over the slice's mesh (`--mesh`, default `sharded_sampling.DEFAULT_MESH_SHAPE`: every param
+stored once, ZeRO-3 style) and the batch split over its batch axes. No TPU is needed
+(`imagen_jax.parallel.aot`).
+
+Per chip it prints each program's peak memory (arguments + outputs - aliased + temporaries)
+and roofline time (max of FLOPs / peak and bytes / HBM bandwidth); a stage's seconds per image
+are its denoiser roofline x `num_steps` / batch (XLA's cost analysis counts a loop body once,
+so the loop's own FLOPs are not the loop's), and a COCO FID-30K run (30,000 images, §4.1)
+costs 30,000 x s / image x chips chip-seconds. One line for scripts:
+
+    aot_cascade: topology=v4-8 chips=4 peak_gib=.. s_per_image=.. fid30k_chip_hours=..
+
+Stage networks: `--stages` (default the three paper stage configs); sampler settings:
+`--cascade` (steps, guidance weight, sampler per stage). Exit status 1 when a program does not
+fit the chip's HBM, 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CASCADE = config_flags.DEFINE_config_file(
+    "cascade", "configs/cascade.py:paper", "sampler settings per stage"
+)
+_STAGES = flags.DEFINE_string(
+    "stages",
+    "base64:paper;sr256:paper;sr1024:paper",
+    "the cascade's stage configs, ';'-separated STAGE:ARG (configs/<STAGE>.py get_config(ARG), "
+    "e.g. sr256:paper,text_name=t5-v1_1-xl)",
+)
+_DTYPE = flags.DEFINE_string("dtype", "bfloat16", "compute dtype of the stage networks")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v4-8, v5e-8")
+_MESH = flags.DEFINE_string("mesh", None, "mesh shape, e.g. data=1,fsdp=-1,tensor=1")
+_BATCH = flags.DEFINE_integer("batch", 32, "images per call (a multiple of the batch shards)")
+_HBM = flags.DEFINE_float("hbm_gib", None, "judge `fits` against this many GiB per chip")
+_REPORT = flags.DEFINE_string("report_json", None, "also write the figures to this JSON file")
+
+FID_IMAGES = 30_000
+
+
+def fail(message: str, status: int = 2):
+  print(f"aot_cascade: {message}", file=sys.stderr)
+  sys.exit(status)
+
+
+def parse_mesh(text: str | None) -> dict[str, int] | None:
+  if not text:
+    return None
+  out = {}
+  for part in text.split(","):
+    name, eq, value = part.partition("=")
+    if not eq or not value.strip().lstrip("-").isdigit():
+      fail(f"--mesh={text!r}: {part!r} is not axis=size; allowed: data=1,fsdp=-1,tensor=1")
+    out[name.strip()] = int(value)
+  return out
+
+
+def stage_configs(text: str, dtype: str):
+  out = []
+  for entry in text.split(";"):
+    name, _, arg = entry.strip().partition(":")
+    if name not in ("base64", "sr256", "sr1024"):
+      fail(f"--stages entry {entry!r}: unknown stage {name!r}; allowed: base64, sr256, sr1024")
+    try:
+      config = importlib.import_module(f"configs.{name}").get_config(arg or "paper")
+    except ValueError as e:
+      fail(f"--stages entry {entry!r}: {e}")
+    config.model.dtype = dtype
+    out.append(config)
+  return out
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _TOPOLOGY.value is None:
+    raise app.UsageError("--topology is required")
+  from imagen_jax.parallel import aot
+
+  try:
+    topology = aot.parse_topology(_TOPOLOGY.value)
+  except ValueError as e:
+    fail(str(e))
+  from imagen_jax import sharded_sampling as ss
+  from imagen_jax.stage import SamplingSettings, Stage
+
+  configs = stage_configs(_STAGES.value, _DTYPE.value)
+  cascade = _CASCADE.value
+  blocks = [cascade[f"stage{k + 1}"] for k in range(len(configs))]
+  devices = aot.topology_devices(topology)
+  try:
+    mesh = aot.make_mesh(parse_mesh(_MESH.value) or dict(ss.DEFAULT_MESH_SHAPE), devices)
+  except ValueError as e:
+    fail(f"--topology={topology.name} has {len(devices)} chips: {e}")
+  rules = ss.stage_rules(configs[0])
+  batch = _BATCH.value
+  multiple = ss.batch_size_multiple(mesh, ss.rules_for_mesh(rules, mesh))
+  if batch < 1 or batch % multiple:
+    fail(
+        f"--batch={batch} does not divide over the mesh's batch axes; allowed: a multiple of {multiple}"
+    )
+  hbm = topology.chip.hbm_gib if _HBM.value is None else _HBM.value
+  print(
+      f"cascade on {topology.chip.name} x {topology.num_chips} ({topology.libtpu_name}), mesh "
+      f"{dict(mesh.shape)}, batch {batch}, compute {_DTYPE.value}"
+  )
+  rows, result = [], dict(topology=topology.name, chips=topology.num_chips, batch=batch)
+
+  def compile_one(name, lowered):
+    try:
+      compiled = aot.compile_or_explain(lowered)
+    except aot.DoesNotFitError as e:
+      print(f"{name}: does not fit: {str(e).splitlines()[0][:300]}")
+      result[name] = dict(fits=False, needed_gib=(e.needed_bytes or 0) / aot.GIB)
+      _write(result)
+      sys.exit(1)
+    r = aot.report(compiled, topology.chip, hbm)
+    result[name] = r.as_dict()
+    return r
+
+  text = configs[0].text.copy_and_resolve_references()
+  encoder = aot.abstract_text_encoder(text)
+  enc = ss.make_encode(encoder.config, mesh, rules)
+  r = compile_one(
+      "encode",
+      enc.lower(*ss.abstract_encode_inputs(encoder.config, batch, encoder.max_length, mesh, rules)),
+  )
+  rows.append(("T5 encode", r, r.roofline_s / batch))
+  total_s, peak = r.roofline_s / batch, r.peak_bytes
+  for config, block in zip(configs, blocks):
+    stage = Stage.from_config(config)
+    settings = SamplingSettings.from_config(block)
+    guided = settings.guidance_weight != 1.0
+    m = ss.stage_fsdp_min_size(config)
+    step = ss.make_denoise_step(stage, mesh, rules, guided=guided, fsdp_min_size=m)
+    r_step = compile_one(
+        f"{config.stage}_step",
+        step.lower(*ss.abstract_denoise_inputs(stage, batch, mesh, rules, fsdp_min_size=m)),
+    )
+    loop = ss.make_stage_sampler(stage, settings, mesh, rules, guided=guided, fsdp_min_size=m)
+    r_loop = compile_one(
+        f"{config.stage}_loop",
+        loop.lower(*ss.abstract_sampler_inputs(stage, batch, mesh, rules, fsdp_min_size=m)),
+    )
+    per_image = r_step.roofline_s * settings.num_steps / batch
+    result[f"{config.stage}_s_per_image"] = per_image
+    result[f"{config.stage}_settings"] = dict(
+        sampler=settings.sampler, num_steps=settings.num_steps, w=settings.guidance_weight
+    )
+    rows.append(
+        (
+            f"{config.stage} {stage.image_size}px, {settings.sampler} x {settings.num_steps}, "
+            f"w={settings.guidance_weight:g}",
+            r_loop,
+            per_image,
+        )
+    )
+    rows.append((f"  one denoiser step ({'guided, 2B' if guided else 'B'})", r_step, None))
+    total_s += per_image
+    peak = max(peak, r_loop.peak_bytes, r_step.peak_bytes)
+  print(
+      f"  {'program':<44} {'peak GiB':>9} {'TFLOP':>9} {'GB moved':>9} {'roofline s':>11} "
+      f"{'s / image':>10}"
+  )
+  for name, r, per_image in rows:
+    per = "" if per_image is None else f"{per_image:10.3f}"
+    print(
+        f"  {name:<44} {r.peak_bytes / aot.GIB:9.2f} {r.flops / 1e12:9.2f} "
+        f"{r.bytes_accessed / 1e9:9.2f} {r.roofline_s:11.4f} {per}"
+    )
+  chip_hours = FID_IMAGES * total_s * topology.num_chips / 3600
+  fits = peak <= hbm * aot.GIB
+  result.update(
+      peak_gib=peak / aot.GIB,
+      hbm_gib=hbm,
+      fits=fits,
+      s_per_image=total_s,
+      fid30k_chip_hours=chip_hours,
+      mesh=dict(mesh.shape),
+  )
+  _write(result)
+  print(
+      f"aot_cascade: topology={topology.name} chips={topology.num_chips} "
+      f"peak_gib={peak / aot.GIB:.2f} hbm_gib={hbm:.2f} fits={'yes' if fits else 'no'} "
+      f"s_per_image={total_s:.3f} fid30k_chip_hours={chip_hours:.1f}"
+  )
+  if not fits:
+    sys.exit(1)
+
+
+def _write(result: dict) -> None:
+  if _REPORT.value:
+    os.makedirs(os.path.dirname(os.path.abspath(_REPORT.value)), exist_ok=True)
+    with open(_REPORT.value, "w") as f:
+      json.dump(result, f, indent=2, sort_keys=True)
+
+
+if __name__ == "__main__":
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  app.run(main)
