@@ -9,7 +9,8 @@ D = `registry.text_dim(text)`, L = `text.max_length` (`--text_name`, `--text_len
 
 Prints: parameter count, XLA's FLOP count for one training step (cost analysis of the compiled
 step), compile time, median train-step time (Adam on an eps-MSE loss; block_until_ready),
-images/s, achieved GFLOP/s, and the median forward-only denoiser time.
+images/s, achieved GFLOP/s, the MFU against the device's published peak (`PEAK_TFLOPS`, or
+`--peak_tflops`), and the median forward-only denoiser time.
 
 The training step is the plain loss of the paper (App. A): x0 ~ batch, t ~ U(0,1),
 logsnr = cosine(t), z_t = alpha x0 + sigma eps, loss = |eps_hat - eps|^2. The diffusion math is
@@ -41,9 +42,38 @@ flags.DEFINE_string("text_name", None, "override the text encoder (its width D)"
 flags.DEFINE_integer("text_len", None, "override the text length L")
 flags.DEFINE_bool("remat", None, "override remat")
 flags.DEFINE_string("attn_impl", None, "override attention impl (auto | dense | per_example)")
+flags.DEFINE_float(
+    "peak_tflops",
+    None,
+    "the device's peak TFLOP/s for the MFU figure (default: PEAK_TFLOPS by device kind)",
+)
 flags.DEFINE_bool(
     "count_only", False, "print parameter counts of the paper presets (eval_shape) and exit"
 )
+
+
+# Published dense bf16 peak TFLOP/s per device, by `jax.devices()[0].device_kind` prefix (the
+# TPU figures match `imagen_jax.parallel.aot.CHIPS`). MFU = XLA's step FLOPs / (time x peak).
+PEAK_TFLOPS = {
+    "NVIDIA H100": 989.0,
+    "NVIDIA H200": 989.0,
+    "NVIDIA A100": 312.0,
+    "TPU v4": 275.0,
+    "TPU v5p": 459.0,
+    "TPU v5 lite": 197.0,
+    "TPU v5e": 197.0,
+}
+
+
+def peak_tflops(device) -> float | None:
+  """The device's peak (the `--peak_tflops` flag wins); None where unknown (e.g. a CPU)."""
+  if FLAGS.peak_tflops:
+    return FLAGS.peak_tflops
+  kind = getattr(device, "device_kind", "")
+  for prefix, peak in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])):
+    if kind.startswith(prefix):
+      return peak
+  return None
 
 
 # The bench preset's text: t5-v1_1-small's width (512) at 64 tokens, a mid-size text input.
@@ -221,6 +251,12 @@ def main(argv):
       f"achieved            {flops / step_s / 1e9:.1f} GFLOP/s "
       f"({flops / step_cpu / 1e9:.1f} GFLOP per CPU-second)"
   )
+  peak = peak_tflops(jax.devices()[0])
+  kind = jax.devices()[0].device_kind
+  if peak:
+    print(f"MFU                 {flops / step_s / (peak * 1e12):.1%} of {peak:g} TFLOP/s ({kind})")
+  else:
+    print(f"MFU                 n/a: no peak known for {kind!r} (pass --peak_tflops)")
   print(
       f"denoiser forward    {fwd_s:.3f} s median over {FLAGS.fwd_steps} "
       f"(process CPU time {fwd_cpu:.3f} s)"
