@@ -38,7 +38,11 @@ COND_AXES = ("activation_batch", None)
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-  """Logical sharding constraint on an activation (a no-op without rules and a mesh)."""
+  """Logical sharding constraint on an activation (a no-op without rules and a mesh).
+
+  The rules in effect must name only axes of the current mesh
+  (`parallel.sharding.rules_for_mesh`); names without a rule leave that dim unsplit.
+  """
   return nn.with_logical_constraint(x, tuple(names))
 
 
