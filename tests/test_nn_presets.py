@@ -11,26 +11,11 @@ from configs import common
 from imagen_jax.nn import layers, presets, unet
 from imagen_jax.text import registry
 
-ALLOWED_NAMES = {
-    "batch",
-    "height",
-    "width",
-    "embed",
-    "mlp",
-    "heads",
-    "kv",
-    "conv_in",
-    "conv_out",
-    "text_len",
-    "text_embed",
-    "vocab",
-    "norm",
-    None,
-}
+# Params carry param names only (activations have their own `activation_*` names).
+ALLOWED_NAMES = {name for name, _ in common.PARAM_AXIS_RULES} | {None}
 
 # A rules list for these tests only (the project's rules live in configs/common.py).
 TEST_RULES = [
-    ("batch", "data"),
     ("embed", "fsdp"),
     ("conv_out", "fsdp"),
     ("mlp", "tensor"),
@@ -38,10 +23,7 @@ TEST_RULES = [
     ("conv_in", None),
     ("kv", None),
     ("text_embed", None),
-    ("text_len", None),
     ("norm", None),
-    ("height", None),
-    ("width", None),
 ]
 
 

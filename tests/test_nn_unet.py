@@ -219,18 +219,10 @@ def test_sharded_init_and_apply_with_activation_constraints(stage):
   from imagen_jax.parallel import sharding
 
   rules = [
-      ("batch", "data"),
+      ("activation_batch", "data"),
       ("embed", "fsdp"),
       ("conv_out", "fsdp"),
       ("text_embed", "fsdp"),
-      ("mlp", None),
-      ("heads", None),
-      ("kv", None),
-      ("conv_in", None),
-      ("text_len", None),
-      ("norm", None),
-      ("height", None),
-      ("width", None),
   ]
   mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
   cfg = presets.get_model_config(stage, "tiny")

@@ -37,9 +37,14 @@ def _boxed():
 def test_specs_follow_rules_and_fit_shapes():
   mesh = mesh_lib.make_mesh({"data": 4, "fsdp": 2, "tensor": 1})
   specs = sh.mesh_specs(_boxed()["params"], mesh, _rules())
+  # tensor = 1 splits nothing: it is left out of the specs.
   assert specs["conv"]["kernel"] == P(None, None, None, "fsdp")
-  assert specs["mlp"]["kernel"] == P("fsdp", "tensor")
+  assert specs["mlp"]["kernel"] == P("fsdp")
   assert specs["plain"]["kernel"] == P()
+  mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  specs = sh.mesh_specs(_boxed()["params"], mesh, _rules())
+  assert specs["conv"]["kernel"] == P(None, None, None, "fsdp")  # C_in = 3: not split
+  assert specs["mlp"]["kernel"] == P("fsdp", "tensor")
   # 3 channels do not split over fsdp=2: that dim is replicated, not an error.
   assert sh.fit_spec((3, 8), P("fsdp", None), mesh) == P()
 
@@ -59,7 +64,7 @@ def test_fsdp_fallback_shards_big_unannotated_params():
     ],
 )
 def test_optimizer_slots_follow_their_params(make_tx):
-  mesh = mesh_lib.make_mesh({"data": 4, "fsdp": 2, "tensor": 1})
+  mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   boxed = _boxed()["params"]
   params = nn.unbox(boxed)
   p_specs = sh.mesh_specs(boxed, mesh, _rules())
@@ -92,5 +97,8 @@ def test_per_device_bytes_divides_by_fsdp():
 
 def test_batch_axes():
   assert sh.batch_axes(_rules()) == ("data", "fsdp")
-  assert sh.batch_axes([("batch", "data")]) == ("data",)
+  assert sh.batch_axes([("activation_batch", "data")]) == ("data",)
+  assert sh.batch_axes([("batch", "data")]) == ()  # a param-style name is not the batch rule
   assert sh.batch_axes([]) == ()
+  mesh = mesh_lib.make_mesh({"data": 8})
+  assert sh.batch_axes(_rules(), mesh) == ("data",)

@@ -123,6 +123,7 @@ def setup(
       state_shardings=shardings,
       batch_shardings=batch_sh,
       text_shardings=NamedSharding(mesh, P()),
+      constrain_activations=bool(config.mesh.constrain_activations),
   )
   return config, fn, step, state, mesh, batch_sh
 

@@ -145,7 +145,7 @@ class Attention(nn.Module):
       masks.append(jnp.ones((b, hgt * wid), bool))
     else:
       q = layers.DenseGeneral((heads, hd), ("embed", "heads", "kv"), name="q", **kw)(h)
-    q = layers.constrain(q, ("batch", None, "heads", "kv"))
+    q = layers.constrain(q, layers.HEAD_AXES)
 
     if text is not None:
       if text_mask is None:
@@ -158,8 +158,8 @@ class Attention(nn.Module):
       vs.append(kv_txt[:, :, 1])
       masks.append(text_mask.astype(bool))
 
-    k = layers.constrain(jnp.concatenate(ks, axis=1), ("batch", None, "heads", "kv"))
-    v = layers.constrain(jnp.concatenate(vs, axis=1), ("batch", None, "heads", "kv"))
+    k = layers.constrain(jnp.concatenate(ks, axis=1), layers.HEAD_AXES)
+    v = layers.constrain(jnp.concatenate(vs, axis=1), layers.HEAD_AXES)
     out = masked_attention(q, k, v, jnp.concatenate(masks, axis=1), self.dtype, self.impl)
     # Zero-initialised output projection (ADM zero_module): the block starts as identity.
     out = layers.DenseGeneral(

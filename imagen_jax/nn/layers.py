@@ -8,6 +8,9 @@ config's logical->mesh rules can shard it. The names used (DESIGN.md, interfaces
   dense kernels      caller-chosen pair, e.g. ("embed", "mlp")
   norm scale / bias  ("norm",)                               small vectors, normally replicated
 
+Activations have their own names (`activation_*`, the `*_AXES` tuples below), disjoint from the
+param names, so one rules table maps both without depending on rule order (configs/common.py).
+
 dtype policy (DESIGN.md principle 9): `dtype` is the compute dtype, `param_dtype` the storage
 dtype. Norm statistics and the conditioning MLPs' sinusoids are computed in float32.
 """
@@ -24,12 +27,22 @@ import jax.numpy as jnp
 Dtype = Any
 
 # Activation layout of every feature map in the networks: NHWC, which is also the layout XLA's
-# CPU and TPU convolutions prefer (no transposes around the convs).
-FEATURE_AXES = ("batch", "height", "width", "embed")
+# CPU and TPU convolutions prefer (no transposes around the convs). [B, H, W, C]
+FEATURE_AXES = ("activation_batch", "activation_height", "activation_width", "activation_embed")
+# Attention queries / keys / values [B, T, N, D] (T: image tokens, or image + text tokens).
+HEAD_AXES = ("activation_batch", None, "activation_heads", "activation_kv")
+# Text sequences [B, L, D] (encoder output, or its projection to the network's width).
+TEXT_AXES = ("activation_batch", "activation_length", "activation_text_embed")
+# The conditioning vector [B, E] (logSNR + aug_level + pooled text): small, whole per example.
+COND_AXES = ("activation_batch", None)
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-  """Logical sharding constraint on an activation (a no-op without rules and a mesh)."""
+  """Logical sharding constraint on an activation (a no-op without rules and a mesh).
+
+  The rules in effect must name only axes of the current mesh
+  (`parallel.sharding.rules_for_mesh`); names without a rule leave that dim unsplit.
+  """
   return nn.with_logical_constraint(x, tuple(names))
 
 

@@ -148,16 +148,16 @@ class Conditioning(nn.Module):
 
     mask = text_mask.astype(bool)
     text = mask_text(text_emb, mask)
-    text = layers.constrain(text, ("batch", "text_len", "text_embed"))
+    text = layers.constrain(text, layers.TEXT_AXES)
     text = layers.LayerNorm(self.param_dtype, name="text_norm")(text).astype(self.dtype)
     if self.text_proj_dim is not None:
-      text = layers.dense(self.text_proj_dim, ("text_embed", "embed"), name="text_proj", **kw)(text)
+      text = layers.dense(self.text_proj_dim, ("text_embed", "mlp"), name="text_proj", **kw)(text)
     if self.text_positions:
       text = text + token_positions(text.shape[1], text.shape[2]).astype(self.dtype)[None]
     # Re-zero masked tokens after the affine maps (LayerNorm bias, Dense bias) and the position
     # encoding, so that the sequence handed to attention is exactly zero there too.
     text = mask_text(text, mask)
-    text = layers.constrain(text, ("batch", "text_len", "text_embed"))
+    text = layers.constrain(text, layers.TEXT_AXES)
     pooled = AttentionPool(self.embed_dim, self.pool_heads, name="text_pool", **kw)(text, mask)
     emb = emb + pooled
-    return layers.constrain(emb, ("batch", "embed")), text, mask
+    return layers.constrain(emb, layers.COND_AXES), text, mask

@@ -121,6 +121,7 @@ class UNet(nn.Module):
 
     size = x.shape[1]
     h = layers.conv(self.base_channels, 3, name="conv_in", **kw)(x.astype(self.dtype))
+    h = layers.constrain(h, layers.FEATURE_AXES)
     skips = [h]
     for level, mult in enumerate(self.channel_mult):
       for _ in range(self.num_res_blocks):
@@ -224,6 +225,7 @@ class EfficientUNet(nn.Module):
         **kw,
     )
     h = layers.conv(self.stem_channels, 3, name="stem", **kw)(x.astype(self.dtype))
+    h = layers.constrain(h, layers.FEATURE_AXES)
     skips = []
     for i in range(n):
       h = blocks.DBlock(

@@ -1,7 +1,8 @@
 """Logical axis rules -> NamedShardings, computed abstractly (``jax.eval_shape``).
 
-Networks annotate params with semantic logical axis names (``embed``, ``mlp``, ``conv_out``...,
-see docs/interfaces.md); ``config.mesh.logical_axis_rules`` maps them to mesh axes. Everything
+Networks annotate params with semantic logical axis names (``embed``, ``mlp``, ``conv_out``...)
+and activations with their own (``activation_batch``, ``activation_embed``..., see
+docs/interfaces.md); ``config.mesh.logical_axis_rules`` maps both to mesh axes. Everything
 here works on abstract trees (``ShapeDtypeStruct``), so shardings for a 2B-param model cost no
 memory, and the same code feeds ``jax.jit(init, out_shardings=...)`` and the memory benchmark.
 """
@@ -39,11 +40,42 @@ def _used_axes(spec: P) -> set[str]:
   return used
 
 
+def check_rules(rules: Rules) -> None:
+  """Raises unless every logical name has exactly one rule (flax takes the first match, so a
+  repeated name would make the layout depend on rule order)."""
+  seen = set()
+  for rule in rules:
+    if len(rule) != 2 or not isinstance(rule[0], str):
+      raise ValueError(f"logical axis rule {rule!r} must be (logical_name, mesh_axes)")
+    if rule[0] in seen:
+      raise ValueError(f"logical axis {rule[0]!r} has more than one rule; give each name one")
+    seen.add(rule[0])
+
+
+def rules_for_mesh(rules: Rules, mesh) -> tuple[tuple[str, Any], ...]:
+  """`rules` with every mesh axis that `mesh` lacks dropped from the targets.
+
+  Activation constraints (`nn.with_logical_constraint`) refuse axes the mesh does not have, while
+  param specs skip them (`fit_spec`); with this, one rules table serves every mesh, e.g. a
+  single-device `(data,)` mesh or a sampler's mesh without `tensor`.
+  """
+  check_rules(rules)
+  names = set(mesh.axis_names)
+  out = []
+  for logical, target in rules:
+    if target is not None:
+      kept = tuple(a for a in ((target,) if isinstance(target, str) else target) if a in names)
+      target = None if not kept else kept[0] if len(kept) == 1 else kept
+    out.append((logical, target))
+  return tuple(out)
+
+
 def fit_spec(shape: Sequence[int], spec: P, mesh) -> P:
   """Drops mesh axes from dims they do not divide (a 3-channel conv cannot split over 2).
 
   Uneven sharding would need padding; replicating that one dim is always correct and only
-  matters for tiny tensors.
+  matters for tiny tensors. Mesh axes of size 1 are dropped too (they split nothing), so a
+  layout on a tensor = 1 mesh has the same spec as on a mesh without a tensor axis.
   """
   sizes = _axis_sizes(mesh)
   entries = list(spec) + [None] * (len(shape) - len(spec))
@@ -51,7 +83,8 @@ def fit_spec(shape: Sequence[int], spec: P, mesh) -> P:
   for dim, entry in zip(shape, entries):
     # Rules may name axes this mesh lacks (e.g. 'tensor' on a (data, fsdp) mesh): skip them.
     if entry is not None:
-      names = tuple(n for n in ((entry,) if isinstance(entry, str) else entry) if n in sizes)
+      names = (entry,) if isinstance(entry, str) else entry
+      names = tuple(n for n in names if sizes.get(n, 1) > 1)
       entry = None if not names else names[0] if len(names) == 1 else names
     out.append(entry if dim % _entry_size(entry, sizes) == 0 else None)
   while out and out[-1] is None:
@@ -91,9 +124,11 @@ def mesh_specs(boxed_abstract: Any, mesh, rules: Rules, *, fsdp_min_size: int = 
           ``nn.LogicallyPartitioned``); unannotated leaves are replicated unless the fsdp fallback
           applies.
       mesh: a ``Mesh`` or ``AbstractMesh``.
-      rules: logical axis rules, e.g. ``[('embed', 'fsdp'), ('mlp', 'tensor'), ...]``.
+      rules: logical axis rules, e.g. ``[('embed', 'fsdp'), ('mlp', 'tensor'), ...]``; one rule
+          per logical name (``check_rules``).
       fsdp_min_size: see ``fsdp_fallback``.
   """
+  check_rules(rules)
   logical = nn.get_partition_spec(boxed_abstract)
   abstract = nn.unbox(boxed_abstract)
 
@@ -148,10 +183,15 @@ def specs_like_params(abstract_tree: Any, abstract_params: Any, param_specs: Any
   return jax.tree_util.tree_map_with_path(one, abstract_tree)
 
 
+BATCH_AXIS = "activation_batch"
+
+
 def batch_axes(rules: Rules, mesh=None) -> tuple[str, ...]:
-  """Mesh axes the logical ``batch`` axis maps to (the global batch is split over these),
-  restricted to the axes of ``mesh`` when given."""
-  spec = nn.logical_to_mesh_axes(("batch",), rules)
+  """Mesh axes the logical ``activation_batch`` axis maps to (the global batch is split over
+  these, by the data loader and inside the networks alike), restricted to the axes of ``mesh``
+  when given."""
+  check_rules(rules)
+  spec = nn.logical_to_mesh_axes((BATCH_AXIS,), rules)
   entry = spec[0] if len(spec) else None
   if entry is None:
     return ()

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import optax
 
 from imagen_jax.diffusion import forward, losses
+from imagen_jax.parallel import sharding as sharding_lib
 from imagen_jax.stage import Stage
 from imagen_jax.train.state import TrainState
 
@@ -149,21 +150,33 @@ def jit_train_step(
   """`jax.jit` with explicit in/out shardings and the state donated (updated in place).
 
   Tracing happens inside `jax.set_mesh(mesh)`. With `constrain_activations`, also inside
-  `nn.logical_axis_rules(rules)`, so the networks' activation constraints (`batch -> (data,
-  fsdp)`, ...) apply; otherwise XLA propagates the layout from the in/out shardings (params
-  on fsdp, batch on (data, fsdp)). Off by default: flax's `DenseGeneral` re-evaluates a
-  logically partitioned init under the rules at apply time and fails for multi-axis kernels.
+  `nn.logical_axis_rules(rules)`, so the networks' activation constraints (`activation_batch ->
+  (data, fsdp)`, `activation_embed -> tensor`, ...; configs/common.py) pin the layout of every
+  feature map, attention head and text sequence; without, XLA propagates layouts from the in/out
+  shardings (params on fsdp / tensor, batch on (data, fsdp)). Both compile and train on any
+  data x fsdp x tensor mesh (tests/test_tensor_parallel.py).
+
+  Rules naming mesh axes that `mesh` lacks are restricted to its axes
+  (`parallel.sharding.rules_for_mesh`). The rules are entered inside the traced function (flax's rules context is not part of jit's
+  cache key), so `call.jitted.lower(...)` under `jax.set_mesh(mesh)` (ahead-of-time compiles)
+  builds the same program as `call`.
   """
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  active_rules = sharding_lib.rules_for_mesh(rules, mesh) if constrain_activations else ()
+
+  def step_with_rules(state, batch, rng, text_params):
+    with nn.logical_axis_rules(active_rules):
+      return step_fn(state, batch, rng, text_params)
+
   jitted = jax.jit(
-      step_fn,
+      step_with_rules,
       in_shardings=(state_shardings, batch_shardings, replicated, text_shardings),
       out_shardings=(state_shardings, replicated),
       donate_argnums=(0,),
   )
 
   def call(state, batch, rng, text_params):
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules if constrain_activations else ()):
+    with jax.set_mesh(mesh):
       return jitted(state, batch, rng, text_params)
 
   call.jitted = jitted
