@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 from typing import Any, Mapping, Sequence
 
@@ -38,6 +39,7 @@ from jax.sharding import PartitionSpec as P
 
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.parallel import sharding as sharding_lib
+from imagen_jax.parallel.sharding import rules_for_mesh
 from imagen_jax.stage import SamplingSettings, Stage
 from imagen_jax.text import registry, t5
 
@@ -94,7 +96,19 @@ def stage_rules(config) -> tuple[tuple[str, Any], ...]:
         "pass rules= explicitly"
     )
   norm = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
-  return tuple((str(name), norm(axes)) for name, axes in rules)
+  rules = tuple((str(name), norm(axes)) for name, axes in rules)
+  names = dict(rules)
+  if "activation_batch" not in names and "batch" in names:
+    # A workdir written before activations had their own logical names: its `batch` rule is
+    # the batch split (sampling is then data-parallel; the networks' constraints are unnamed).
+    logging.warning(
+        "stage %r: its saved rules predate the activation_* names; splitting the batch as its "
+        "'batch' rule says (%s)",
+        config.get("stage", "?"),
+        names["batch"],
+    )
+    rules += (("activation_batch", names["batch"]),)
+  return rules
 
 
 def stage_fsdp_min_size(config) -> int:
@@ -138,20 +152,6 @@ def abstract_stage_params(
       stage.abstract_params(),
       stage_param_shardings(stage, mesh, rules, fsdp_min_size),
   )
-
-
-def rules_for_mesh(rules: Rules, mesh) -> tuple[tuple[str, Any], ...]:
-  """`rules` with the mesh axes `mesh` lacks dropped (e.g. `tensor` on a (data, fsdp) mesh), so
-  activation constraints never name a missing axis."""
-  names = set(mesh.axis_names)
-
-  def keep(axes):
-    if axes is None or isinstance(axes, str):
-      return axes if axes in names else None
-    kept = tuple(a for a in axes if a in names)
-    return kept[0] if len(kept) == 1 else (kept or None)
-
-  return tuple((name, keep(axes)) for name, axes in rules)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -201,3 +201,21 @@ def test_bad_meshes_and_batches_fail_clearly(workdirs):
     cascade.Cascade([stage], mesh_shape={"data": 3, "fsdp": -1})
   with pytest.raises(ValueError, match="'base64' has no mesh.logical_axis_rules"):
     ss.stage_rules({"stage": "base64"})
+
+
+def test_rules_saved_before_activation_names_still_split_the_batch():
+  """A workdir's config.json from before the activation_* names: its `batch` rule is used."""
+  import ml_collections
+
+  old = ml_collections.ConfigDict(
+      {
+          "stage": "base64",
+          "mesh": {
+              "logical_axis_rules": [["batch", ["data", "fsdp"]], ["embed", "fsdp"]],
+          },
+      }
+  )
+  rules = ss.stage_rules(old)
+  mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+  assert sharding_lib.batch_axes(rules, mesh) == ("data", "fsdp")
+  assert ss.batch_size_multiple(mesh, rules) == 8

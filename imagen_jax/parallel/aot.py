@@ -137,7 +137,13 @@ def make_mesh(shape: dict[str, int], devices: Sequence[Any]) -> jax.sharding.Mes
   from imagen_jax.parallel import mesh as mesh_lib
 
   resolved = mesh_lib.resolve_mesh_shape(shape, len(devices))
-  grid = mesh_utils.create_device_mesh(tuple(resolved.values()), devices=list(devices))
+  shape = tuple(resolved.values())
+  try:
+    grid = mesh_utils.create_device_mesh(shape, devices=list(devices))
+  except NotImplementedError:  # e.g. 16 x 16 on a 4x8x8 torus: an axis spans part of a ring
+    grid = mesh_utils.create_device_mesh(
+        shape, devices=list(devices), allow_split_physical_axes=True
+    )
   auto = (jax.sharding.AxisType.Auto,) * len(resolved)
   return jax.sharding.Mesh(np.asarray(grid), tuple(resolved), axis_types=auto)
 

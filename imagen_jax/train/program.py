@@ -93,10 +93,7 @@ class TrainProgram:
   def lower(self, *args):
     """`jax.jit(...).lower` of the step on `args` (concrete or abstract), under the step's
     mesh and logical rules."""
-    import flax.linen as nn  # the step's own tracing context (train.step.jit_train_step)
-
-    constrain = bool(self.config.mesh.constrain_activations)
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules if constrain else ()):
+    with jax.set_mesh(self.mesh):  # the step enters its logical rules itself
       return self.step.jitted.lower(*args)
 
 
