@@ -67,6 +67,11 @@ def test_paper_settings(stage):
   assert c.diffusion.schedule == ("linear_beta" if stage == "sr1024" else "cosine")
   assert (c.diffusion.beta_start, c.diffusion.beta_end) == (1e-4, 0.02)
   assert c.text.name == "t5-v1_1-xxl" and registry.text_dim(c.text) == 4096
+  # What fits the paper's pods (docs/results/scale.md): bf16 compute, remat, bf16 T5,
+  # activation constraints; params and optimizer state stay float32.
+  assert (c.model.dtype, c.model.param_dtype, c.model.remat) == ("bfloat16", "float32", True)
+  assert (c.text.dtype, c.text.param_dtype) == ("bfloat16", "bfloat16")
+  assert c.mesh.constrain_activations
   if stage == "sr1024":  # trains on 256 crops of 1024 images, 64 crops of the 256 input
     assert (c.image_size, c.lowres_size, c.data.sr_crop_size) == (1024, 256, 256)
 
@@ -75,7 +80,10 @@ def test_text_block_is_the_registry_one():
   # One definition of the text settings: the stage config's block has exactly its fields.
   c = base64.get_config("paper")
   assert set(c.text.keys()) == set(registry.default_text_config().keys())
-  assert c.text.to_dict() == registry.default_text_config("t5-v1_1-xxl", max_length=128).to_dict()
+  want = registry.default_text_config(
+      "t5-v1_1-xxl", max_length=128, dtype="bfloat16", param_dtype="bfloat16"
+  )
+  assert c.text.to_dict() == want.to_dict()
 
 
 def test_unknown_variant_is_a_clear_error():
