@@ -78,6 +78,7 @@ ACTIVATION_AXIS_RULES = (
     ("activation_width", None),
     ("activation_embed", "tensor"),  # feature-map channels [B, H, W, C]
     ("activation_heads", "tensor"),
+    ("activation_mlp", "tensor"),  # T5's feed-forward hidden units
     ("activation_kv", None),
     ("activation_length", None),  # text tokens
     ("activation_text_embed", None),

@@ -172,6 +172,19 @@ def _broadcast_last(v: jax.Array, ndim: int) -> jax.Array:
   return v.reshape((1,) * (ndim - 1) + v.shape)
 
 
+# Activation constraints (logical names of `nn.layers`; no-ops without a mesh and rules): the
+# batch stays split over the mesh's batch axes. Without them XLA lays the token activations out
+# like the embedding table (d_model split over fsdp, the batch whole), and inside a train step
+# T5-XXL then holds [global batch, L, d_ff] activations on every chip.
+_TOKEN_AXES = ("activation_batch", "activation_length", "activation_text_embed")
+_HEAD_AXES = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+_MLP_AXES = ("activation_batch", "activation_length", "activation_mlp")
+
+
+def _constrain(x: jax.Array, names: tuple[str, ...]) -> jax.Array:
+  return nn.with_logical_constraint(x, names)
+
+
 class RMSNorm(nn.Module):
   """T5 layer norm: ``w * h / sqrt(mean(h^2) + eps)`` over the last axis, in float32."""
 
@@ -245,9 +258,9 @@ class SelfAttention(nn.Module):
     wo = self._proj("out", (h, k, d), ("heads", "kv", "embed"))
     x = x.astype(c.dtype)
     einsum = functools.partial(jnp.einsum, precision=c.matmul_precision)
-    q = einsum("bld,dhk->blhk", x, wq.astype(c.dtype))
-    kk = einsum("bld,dhk->blhk", x, wk.astype(c.dtype))
-    v = einsum("bld,dhk->blhk", x, wv.astype(c.dtype))
+    q = _constrain(einsum("bld,dhk->blhk", x, wq.astype(c.dtype)), _HEAD_AXES)
+    kk = _constrain(einsum("bld,dhk->blhk", x, wk.astype(c.dtype)), _HEAD_AXES)
+    v = _constrain(einsum("bld,dhk->blhk", x, wv.astype(c.dtype)), _HEAD_AXES)
     logits = einsum("bqhk,bshk->bhqs", q, kk, preferred_element_type=jnp.float32)
     probs = jax.nn.softmax(logits + bias, axis=-1)  # float32 softmax (HF: .float())
     out = einsum("bhqs,bshk->bqhk", probs.astype(c.dtype), v)
@@ -282,6 +295,7 @@ class FeedForward(nn.Module):
       hidden = act(gate) * lin
     else:
       hidden = act(dot(x, kernel("wi", (c.d_model, c.d_ff), ("embed", "mlp"))))
+    hidden = _constrain(hidden, _MLP_AXES)
     return dot(hidden, kernel("wo", (c.d_ff, c.d_model), ("mlp", "embed")))
 
 
@@ -301,7 +315,7 @@ class EncoderLayer(nn.Module):
     # compute in c.dtype and their outputs are added in float32.
     h = h + SelfAttention(c, name="attention")(norm("pre_attention_layer_norm")(h), bias)
     h = h + FeedForward(c, name="mlp")(norm("pre_mlp_layer_norm")(h))
-    return h
+    return _constrain(h, _TOKEN_AXES)
 
 
 class T5Encoder(nn.Module):
@@ -325,6 +339,7 @@ class T5Encoder(nn.Module):
         c.param_dtype,
     )
     h = jnp.take(embedding, ids, axis=0).astype(jnp.float32)  # residual stream in float32
+    h = _constrain(h, _TOKEN_AXES)
 
     # Relative position bias: computed once (in HF it lives in layer 0) and shared by layers.
     rel_table = self.param(
