@@ -161,9 +161,12 @@ class Attention(nn.Module):
     k = layers.constrain(jnp.concatenate(ks, axis=1), layers.HEAD_AXES)
     v = layers.constrain(jnp.concatenate(vs, axis=1), layers.HEAD_AXES)
     out = masked_attention(q, k, v, jnp.concatenate(masks, axis=1), self.dtype, self.impl)
+    out = layers.constrain(out, layers.HEAD_AXES)
     # Zero-initialised output projection (ADM zero_module): the block starts as identity.
     out = layers.DenseGeneral(
         (c,), ("heads", "kv", "embed"), in_axes=2, zero_init=True, name="out", **kw
     )(out)
+    # Pinned like a conv's output (layers.Conv): the kernel moves, not the batch.
+    out = layers.constrain(out, ("activation_batch", None, "activation_embed"))
     out = out.reshape(b, hgt, wid, c)
     return layers.constrain(x + out.astype(x.dtype), layers.FEATURE_AXES)

@@ -46,6 +46,22 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   return nn.with_logical_constraint(x, tuple(names))
 
 
+class Conv(nn.Conv):
+  """`nn.Conv` whose input and output feature maps keep the activation layout (FEATURE_AXES).
+
+  Without these constraints XLA's partitioner may meet a conv kernel split over fsdp by
+  all-gathering the activations over the batch (the whole batch, 1/fsdp of the output
+  channels, on every device) instead of all-gathering the kernel: at 256 devices that is a
+  256x larger input per device. Pinned on both sides, the kernel is what moves (ZeRO-3).
+  Same class name as flax's, so the param tree (`Conv_0/kernel`) is unchanged.
+  """
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    y = super().__call__(constrain(inputs, FEATURE_AXES))
+    return constrain(y, FEATURE_AXES)
+
+
 def conv(
     features: int,
     kernel: int = 3,
@@ -68,7 +84,7 @@ def conv(
       else nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
   )
   pad = kernel // 2
-  return nn.Conv(
+  return Conv(
       features,
       (kernel, kernel),
       strides=(stride, stride),
