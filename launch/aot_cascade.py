@@ -130,6 +130,12 @@ def main(argv):
       sys.exit(1)
     r = aot.report(compiled, topology.chip, hbm)
     result[name] = r.as_dict()
+    print(
+        f"  compiled {name}: peak {r.peak_bytes / aot.GIB:.2f} GiB, {r.flops / 1e12:.3f} TFLOP, "
+        f"roofline {r.roofline_s:.4f} s",
+        flush=True,
+    )
+    _write(result)
     return r
 
   text = configs[0].text.copy_and_resolve_references()
