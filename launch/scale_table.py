@@ -24,7 +24,8 @@ HEADER = (
 
 def row(r: dict, steps: int) -> str:
   mesh = " x ".join(str(r["mesh"].get(a, 1)) for a in ("data", "fsdp", "tensor"))
-  setup = f"{r['dtype']}, {'remat' if r['remat'] else 'no remat'}, T5 {r['text']}"
+  text = "T5 in the step" if r["text"] == "step" else "cached T5"
+  setup = f"{r['dtype']}, {'remat' if r['remat'] else 'no remat'}, {text}"
   slice_ = f"{r['topology']} ({r['chips']})"
   if not r.get("fits") and "roofline_s" not in r:
     need = r.get("needed_gib")

@@ -72,6 +72,8 @@ def test_paper_settings(stage):
   assert (c.model.dtype, c.model.param_dtype, c.model.remat) == ("bfloat16", "float32", True)
   assert (c.text.dtype, c.text.param_dtype) == ("bfloat16", "bfloat16")
   assert c.mesh.constrain_activations
+  want_mesh = {"data": 1, "fsdp": -1} if stage == "base64" else {"data": -1, "fsdp": 16}
+  assert {k: c.mesh.shape[k] for k in ("data", "fsdp")} == want_mesh
   if stage == "sr1024":  # trains on 256 crops of 1024 images, 64 crops of the 256 input
     assert (c.image_size, c.lowres_size, c.data.sr_crop_size) == (1024, 256, 256)
 
@@ -97,7 +99,8 @@ def test_knobs_name_the_per_variant_numbers():
   # Every per-variant number has a knob, and each knob names the field that number fills.
   for variant, numbers in common._VARIANTS.items():
     assert set(numbers) == set(common.KNOBS), variant
-  c = base64.get_config("paper")  # paper has no demo-specific values on top
+  # sr256 paper has no stage-specific values on top (the base stage sets its mesh, _PAPER_MESH)
+  c = MODULES["sr256"].get_config("paper")
   for knob, path in common.KNOBS.items():
     node = c
     for name in path.split("."):
