@@ -26,12 +26,13 @@ fit the chip's HBM, 2 on bad input.
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from imagen_jax import atomic
 
 _CASCADE = config_flags.DEFINE_config_file(
     "cascade", "configs/cascade.py:paper", "sampler settings per stage"
@@ -209,10 +210,9 @@ def main(argv):
 
 
 def _write(result: dict) -> None:
-  if _REPORT.value:
+  if _REPORT.value:  # atomic: an interrupted run never leaves a half-written report
     os.makedirs(os.path.dirname(os.path.abspath(_REPORT.value)), exist_ok=True)
-    with open(_REPORT.value, "w") as f:
-      json.dump(result, f, indent=2, sort_keys=True)
+    atomic.write_json(_REPORT.value, result)
 
 
 if __name__ == "__main__":

@@ -26,13 +26,14 @@ divide the batch axes).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from imagen_jax import atomic
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "stage config", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v4-512, v5p-256, v5e-256")
@@ -169,10 +170,9 @@ def main(argv):
 
 
 def _write(summary: dict) -> None:
-  if _REPORT.value:
+  if _REPORT.value:  # atomic: an interrupted run never leaves a half-written report
     os.makedirs(os.path.dirname(os.path.abspath(_REPORT.value)), exist_ok=True)
-    with open(_REPORT.value, "w") as f:
-      json.dump(summary, f, indent=2, sort_keys=True)
+    atomic.write_json(_REPORT.value, summary)
 
 
 if __name__ == "__main__":
