@@ -32,8 +32,6 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from imagen_jax import atomic
-
 _CASCADE = config_flags.DEFINE_config_file(
     "cascade", "configs/cascade.py:paper", "sampler settings per stage"
 )
@@ -127,7 +125,7 @@ def main(argv):
     except aot.DoesNotFitError as e:
       print(f"{name}: does not fit: {str(e).splitlines()[0][:300]}")
       result[name] = dict(fits=False, needed_gib=(e.needed_bytes or 0) / aot.GIB)
-      _write(result)
+      aot.write_report(_REPORT.value, result)
       sys.exit(1)
     r = aot.report(compiled, topology.chip, hbm)
     result[name] = r.as_dict()
@@ -136,7 +134,7 @@ def main(argv):
         f"roofline {r.roofline_s:.4f} s",
         flush=True,
     )
-    _write(result)
+    aot.write_report(_REPORT.value, result)
     return r
 
   text = configs[0].text.copy_and_resolve_references()
@@ -199,7 +197,7 @@ def main(argv):
       fid30k_chip_hours=chip_hours,
       mesh=dict(mesh.shape),
   )
-  _write(result)
+  aot.write_report(_REPORT.value, result)
   print(
       f"aot_cascade: topology={topology.name} chips={topology.num_chips} "
       f"peak_gib={peak / aot.GIB:.2f} hbm_gib={hbm:.2f} fits={'yes' if fits else 'no'} "
@@ -207,12 +205,6 @@ def main(argv):
   )
   if not fits:
     sys.exit(1)
-
-
-def _write(result: dict) -> None:
-  if _REPORT.value:  # atomic: an interrupted run never leaves a half-written report
-    os.makedirs(os.path.dirname(os.path.abspath(_REPORT.value)), exist_ok=True)
-    atomic.write_json(_REPORT.value, result)
 
 
 if __name__ == "__main__":

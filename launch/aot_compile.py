@@ -33,8 +33,6 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from imagen_jax import atomic
-
 _CONFIG = config_flags.DEFINE_config_file("config", None, "stage config", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v4-512, v5p-256, v5e-256")
 _TEXT = flags.DEFINE_enum(
@@ -125,7 +123,7 @@ def main(argv):
         hbm_gib=have and have / aot.GIB,
         xla_message=str(e),
     )
-    _write(summary)
+    aot.write_report(_REPORT.value, summary)
     print("\n".join(str(e).splitlines()[: _MESSAGE_LINES.value]))
     print(
         f"aot: stage={c.stage} topology={topology.name} chips={topology.num_chips} "
@@ -138,7 +136,7 @@ def main(argv):
   r = aot.report(compiled, topology.chip, hbm)
   d = r.as_dict()
   summary.update(d, compile_s=compile_s)
-  _write(summary)
+  aot.write_report(_REPORT.value, summary)
   gib = lambda b: f"{b / aot.GIB:9.2f} GiB"  # noqa: E731
   rows = [
       ("arguments (state, batch, text params)", gib(r.argument_bytes)),
@@ -167,12 +165,6 @@ def main(argv):
   )
   if not r.fits:
     sys.exit(1)
-
-
-def _write(summary: dict) -> None:
-  if _REPORT.value:  # atomic: an interrupted run never leaves a half-written report
-    os.makedirs(os.path.dirname(os.path.abspath(_REPORT.value)), exist_ok=True)
-    atomic.write_json(_REPORT.value, summary)
 
 
 if __name__ == "__main__":

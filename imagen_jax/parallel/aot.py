@@ -221,6 +221,16 @@ def report(compiled, chip: Chip, hbm_gib: float | None = None) -> Report:
   )
 
 
+def write_report(path: str | None, data: dict) -> None:
+  """Writes a script's figures as JSON at `path` (None: nothing), atomically: an interrupted
+  compile never leaves a half-written report."""
+  if path:
+    from imagen_jax import atomic
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic.write_json(path, data)
+
+
 class DoesNotFitError(RuntimeError):
   """XLA refused the program: it needs more memory per chip than the chip has."""
 
