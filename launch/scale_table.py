@@ -1,6 +1,11 @@
-r"""Markdown table of `launch/aot_compile.py --report_json` files (the README's "Scale" table).
+r"""Markdown tables of the AOT reports (the README's "Scale" tables).
 
     python launch/scale_table.py docs/results/scale/*.json [--steps=2500000]
+
+Reports of `launch/aot_compile.py --report_json` make the training table; reports of
+`launch/aot_cascade.py --report_json` (recognised by their "encode" entry) make the sampling
+table: per slice, the peak per chip, seconds per image at the sampler settings, and the
+chip-hours of a COCO FID-30K run.
 
 One row per report: stage, slice, mesh, global batch, compute dtype / remat / text, per-chip
 peak memory against HBM, XLA TFLOP per step per chip, the roofline step time and its MFU bound,
@@ -40,6 +45,31 @@ def row(r: dict, steps: int) -> str:
   )
 
 
+CASCADE_HEADER = (
+    "| slice (chips) | mesh | batch | stages (sampler x steps, w) | peak / HBM per chip | "
+    "s / image (roofline) | FID-30K chip-hours |"
+)
+
+
+def cascade_row(r: dict) -> str:
+  mesh = " x ".join(str(r["mesh"].get(a, 1)) for a in ("data", "fsdp", "tensor"))
+  stages = ", ".join(
+      f"{k[: -len('_settings')]} {v['sampler']} x {v['num_steps']}, w={v['w']:g}"
+      for k, v in r.items()
+      if k.endswith("_settings")
+  )
+  fits = "" if r["fits"] else ": does not fit"
+  return (
+      f"| {r['topology']} ({r['chips']}) | {mesh} | {r['batch']} | {stages} | "
+      f"{r['peak_gib']:.1f} / {r['hbm_gib']:.0f} GiB{fits} | {r['s_per_image']:.3f} s | "
+      f"{r['fid30k_chip_hours']:,.1f} |"
+  )
+
+
+def table(header: str, rows: list[str]) -> list[str]:
+  return [header, "|" + "---|" * header.count(" |"), *rows]
+
+
 def main(argv):
   paths = argv[1:]
   if not paths:
@@ -48,10 +78,12 @@ def main(argv):
   for p in paths:
     with open(p) as f:
       reports.append(json.load(f))
-  print(HEADER)
-  print("|" + "---|" * HEADER.count(" |"))
-  for r in reports:
-    print(row(r, _STEPS.value))
+  train = [row(r, _STEPS.value) for r in reports if "encode" not in r]
+  sampling = [cascade_row(r) for r in reports if "encode" in r and "s_per_image" in r]
+  lines = table(HEADER, train) if train else []
+  if sampling:
+    lines += ([""] if lines else []) + table(CASCADE_HEADER, sampling)
+  print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -155,3 +155,16 @@ def test_tiny_cascade_compiles_sharded_with_seconds_per_image(tmp_path):
   assert data["s_per_image"] >= per_image > 0
   assert data["fid30k_chip_hours"] == pytest.approx(30_000 * data["s_per_image"] * 4 / 3600)
   assert "aot_cascade: topology=v5e-4 chips=4" in proc.stdout
+  # The README's sampling table is made from the same report.
+  table = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "launch", "scale_table.py"), str(report)],
+      capture_output=True,
+      text=True,
+      env=env,
+      cwd=ROOT,
+      timeout=120,
+      check=True,
+  ).stdout.splitlines()
+  assert table[0].startswith("| slice (chips) |") and len(table) == 3, table
+  assert table[2].startswith("| v5e-4 (4) | 1 x 4 x 1 | 8 | base64 ddim x 25, w=3, sr256 "), table
+  assert f"| {data['fid30k_chip_hours']:,.1f} |" in table[2]
