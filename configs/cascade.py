@@ -12,6 +12,7 @@ in the center"`; variants:
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from configs import common
 
@@ -21,16 +22,20 @@ VARIANTS = ("shapes", "paper")
 def _stage(workdir, *, w, steps, aug_level=0.0, sampler="ddim", threshold="dynamic"):
   s = ml_collections.ConfigDict()
   s.workdir = workdir
-  s.sampler = sampler  # ddpm | ddim | dpmpp_2m
+  s.sampler = sampler  # ddpm | ddim | dpmpp_2m | heun | euler_ancestral (EDM, Karras et al.)
   s.num_steps = steps  # the paper does not state steps per stage (a setting)
   s.guidance_weight = w  # the paper's w; 1 = no guidance (§2.2)
   s.threshold = threshold  # none | static | dynamic (§2.3)
   s.percentile = 99.5  # dynamic thresholding percentile, 0-100 scale (Fig. A.31)
+  # DeepFloyd IF's cap c >= 1 on the dynamic-thresholding s (IF uses 1.5); unset = no cap.
+  s.max_scale = config_dict.placeholder(float)
   s.eta = 0.0  # DDIM stochasticity
   s.aug_level = aug_level  # SR only: noise conditioning augmentation level (§2.4)
-  # Sampler time grid: uniform_t | logsnr_uniform (the paper is silent; see
-  # diffusion/samplers.py for which suits which schedule).
+  # Sampler time grid: uniform_t | logsnr_uniform | karras (EDM's rho = 7 grid; the paper is
+  # silent; see diffusion/samplers.py for which suits which schedule).
   s.time_grid = "uniform_t"
+  s.guidance_schedule = "constant"  # w(t): constant (the paper) | linear (diffusion/guidance.py)
+  s.guidance_rescale = 0.0  # CFG rescale phi in [0, 1] (Lin et al. 2023 use 0.7); 0 = off
   return s
 
 

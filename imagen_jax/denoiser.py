@@ -40,7 +40,7 @@ def null_text(text_emb: Array, text_mask: Array) -> tuple[Array, Array]:
 
 
 def make_denoise_fn(
-    model, params, *, target: str, guidance_weight: float = 1.0
+    model, params, *, target: str, guidance_weight: float = 1.0, guidance_rescale: float = 0.0
 ) -> Callable[[Array, Array, Mapping[str, Any]], Array]:
   """Wrap a network into a guided `DenoiseFn` (Imagen §2.2).
 
@@ -50,7 +50,9 @@ def make_denoise_fn(
     params: the network's params (EMA params for sampling).
     target: what the network predicts: "eps", "v" or "x0".
     guidance_weight: the paper's w; 1 = no guidance (one forward of size B), 0 = unconditional.
-      May be a traced scalar (so sweeps reuse one compile); a Python 1.0 skips the null half.
+      May be a traced scalar (so sweeps reuse one compile); a Python 1.0 skips the null half;
+      or a function `w(logsnr [B]) -> [B]` (a per-step schedule, `guidance.guidance_weight_at`).
+    guidance_rescale: CFG rescale phi in [0, 1] (`guidance.rescale_guidance`); 0 = off.
   Returns:
     `denoise_fn(z_t, logsnr, cond) -> eps_hat`, float32 `[B, H, W, C]`.
   """
@@ -87,6 +89,8 @@ def make_denoise_fn(
         double(aug_level, aug_level),
     )
     eps_cond, eps_uncond = jnp.split(eps_both, 2, axis=0)
-    return guidance_lib.classifier_free_guidance(eps_cond, eps_uncond, guidance_weight)
+    w = guidance_weight(logsnr) if callable(guidance_weight) else guidance_weight
+    eps = guidance_lib.classifier_free_guidance(eps_cond, eps_uncond, w)
+    return guidance_lib.rescale_guidance(eps, eps_cond, z_t, logsnr, guidance_rescale)
 
   return denoise_fn

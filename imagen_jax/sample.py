@@ -3,7 +3,9 @@
 
 Writes, per stage k: `stage{k}_grid.png` (all samples, one row per prompt) and
 `stage{k}/NNNN.png` (single images), plus `samples.png` (prompt | stage 1 | stage 2 | ...) and
-`settings.json` (every setting, the stage checkpoints' steps, the prompts, the mesh). Samples
+`settings.json` (every setting, the stage checkpoints' steps, the prompts, the mesh). The
+sampler flags below (`--sampler=heun --time_grid=karras --guidance_rescale=0.7 ...`) override
+the config's value at every stage; per stage, set `--config.stageK.FIELD`. Samples
 on a mesh of this process's devices (`--mesh_shape=data=2,fsdp=-1,tensor=1`; default: all on
 fsdp, `sharded_sampling.DEFAULT_MESH_SHAPE`). Thin entry point: the logic is
 `imagen_jax.cascade`.
@@ -11,6 +13,7 @@ fsdp, `sharded_sampling.DEFAULT_MESH_SHAPE`). Thin entry point: the logic is
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from absl import app, flags
@@ -26,6 +29,44 @@ _PER_PROMPT = flags.DEFINE_integer("num_per_prompt", 4, "samples per prompt")
 _MESH_SHAPE = flags.DEFINE_string(
     "mesh_shape", "", "sampling mesh, e.g. data=2,fsdp=-1,tensor=1 (-1 fills); '' = all on fsdp"
 )
+# Sampler and guidance overrides for every stage (None: the config's stageK value).
+_SAMPLER = flags.DEFINE_string(
+    "sampler", None, "ddpm | ddim | dpmpp_2m | heun | euler_ancestral (heun: 2N-1 network calls)"
+)
+_TIME_GRID = flags.DEFINE_string("time_grid", None, "uniform_t | logsnr_uniform | karras (EDM)")
+_GUIDANCE_SCHEDULE = flags.DEFINE_string(
+    "guidance_schedule", None, "w(t) per step: constant | linear (rising from 1 at t=1)"
+)
+_GUIDANCE_RESCALE = flags.DEFINE_float(
+    "guidance_rescale", None, "CFG rescale phi in [0, 1] (Lin et al. 2023; 0 = off, 0.7 theirs)"
+)
+_MAX_SCALE = flags.DEFINE_float(
+    "max_scale", None, "cap c >= 1 on the dynamic-thresholding s (DeepFloyd IF: 1.5)"
+)
+
+
+def stage_overrides() -> dict:
+  """The sampler / guidance flags that were given, as `SamplingSettings` fields."""
+  given = {
+      "sampler": _SAMPLER.value,
+      "time_grid": _TIME_GRID.value,
+      "guidance_schedule": _GUIDANCE_SCHEDULE.value,
+      "guidance_rescale": _GUIDANCE_RESCALE.value,
+      "max_scale": _MAX_SCALE.value,
+  }
+  return {k: v for k, v in given.items() if v is not None}
+
+
+def apply_overrides(settings, overrides: dict) -> list:
+  """Every stage's `SamplingSettings` with `overrides` set (validated there: a bad name or
+  range, e.g. --guidance_rescale=1.5, is a UsageError naming the value and what is allowed)."""
+  try:
+    out = [dataclasses.replace(s, **overrides) for s in settings]
+    for s in out:
+      s.sampler_settings()
+  except (TypeError, ValueError) as e:
+    raise app.UsageError(str(e)) from e
+  return out
 
 
 def parse_mesh_shape(text: str) -> dict[str, int] | None:
@@ -65,10 +106,12 @@ def main(argv):
   if c.num_stages not in (1, 2, 3):
     raise app.UsageError(f"num_stages={c.num_stages}; allowed: 1, 2, 3")
   blocks = [c.stage1, c.stage2, c.stage3][: c.num_stages]
+  # Settings first: a bad flag fails before the checkpoints load.
+  settings = [cascade.SamplingSettings.from_config(b) for b in blocks]
+  settings = apply_overrides(settings, stage_overrides())
   model = cascade.Cascade.from_workdirs(
       [b.workdir for b in blocks], mesh_shape=parse_mesh_shape(_MESH_SHAPE.value)
   )
-  settings = [cascade.SamplingSettings.from_config(b) for b in blocks]
   k = _PER_PROMPT.value
   expanded = [p for p in prompts for _ in range(k)]
   outs = model.sample(expanded, settings, seed=int(c.seed), batch_size=int(c.batch_size))
@@ -91,6 +134,7 @@ def main(argv):
           "num_per_prompt": k,
           "stage_steps": [s.step for s in model.stages],
           "mesh": dict(model.mesh.shape),
+          "stage_settings": [dataclasses.asdict(s) for s in settings],
       },
   )
   print(f"wrote {len(expanded)} samples per stage to {_OUTDIR.value}")

@@ -81,8 +81,14 @@ class SamplingSettings:
   guidance_weight: the paper's w (§2.2); 1 = no guidance.
   aug_level: noise-conditioning-augmentation level of the low-res input, in [0, 1] (SR only;
     §2.4: 0 gives the best FID, 0.1-0.3 the "best samples").
-  sampler, num_steps, threshold, percentile, eta, time_grid: the reverse process
-    (`diffusion.samplers.SamplerSettings`, `sampler_settings()`).
+  sampler, num_steps, threshold, percentile, eta, time_grid, max_scale: the reverse process
+    (`diffusion.samplers.SamplerSettings`, `sampler_settings()`); `max_scale` is DeepFloyd IF's
+    cap c >= 1 on the dynamic-thresholding s (None = no cap), `time_grid` one of
+    `samplers.TIME_GRIDS` ("karras": EDM's grid, Karras et al. 2022).
+  guidance_schedule: w(t) per network call, "constant" (the paper) or "linear"
+    (`guidance.guidance_weight_at`).
+  guidance_rescale: CFG rescale phi in [0, 1] (Lin et al. 2023 §3.4,
+    `guidance.rescale_guidance`); 0 = off.
   """
 
   sampler: str = "ddim"
@@ -93,6 +99,9 @@ class SamplingSettings:
   eta: float = 0.0
   aug_level: float = 0.0
   time_grid: str = "uniform_t"
+  max_scale: float | None = None
+  guidance_schedule: str = "constant"
+  guidance_rescale: float = 0.0
 
   def __post_init__(self):
     # A NaN / inf w would make every guided eps, hence every image, NaN; inside the jitted
@@ -102,6 +111,10 @@ class SamplingSettings:
     )
     if not 0.0 <= float(self.aug_level) <= 1.0:
       raise ValueError(f"aug_level={self.aug_level!r} must be in [0, 1] (§2.4)")
+    guidance.check_guidance_schedule(self.guidance_schedule)
+    object.__setattr__(
+        self, "guidance_rescale", guidance.check_guidance_rescale(self.guidance_rescale)
+    )
 
   def sampler_settings(self) -> samplers.SamplerSettings:
     """The sampler's own settings (checked there: a bad name or range is a clear error)."""
@@ -112,12 +125,15 @@ class SamplingSettings:
         threshold=self.threshold,
         percentile=self.percentile,
         time_grid=self.time_grid,
+        max_scale=self.max_scale,
     )
 
   @classmethod
   def from_config(cls, c) -> "SamplingSettings":
     """From a `sample` block (a cascade stage's, or a stage config's `sample` section; a
-    block without `eta` / `time_grid` gets the defaults: deterministic DDIM on uniform t)."""
+    block without `eta` / `time_grid` / the guidance extras gets the defaults: deterministic
+    DDIM on uniform t, constant w, no rescale, no cap)."""
+    max_scale = c.get("max_scale", None)
     return cls(
         sampler=str(c.sampler),
         num_steps=int(c.num_steps),
@@ -127,6 +143,9 @@ class SamplingSettings:
         eta=float(c.get("eta", cls.eta)),
         aug_level=float(c.aug_level),
         time_grid=str(c.get("time_grid", cls.time_grid)),
+        max_scale=None if max_scale is None else float(max_scale),
+        guidance_schedule=str(c.get("guidance_schedule", cls.guidance_schedule)),
+        guidance_rescale=float(c.get("guidance_rescale", cls.guidance_rescale)),
     )
 
 
@@ -244,10 +263,29 @@ class Stage:
 
   # ----- sampling (one call of the sampler for training grids and the cascade) -----
 
-  def denoise_fn(self, params: Any, guidance_weight=1.0) -> Callable:
-    """The guided `DenoiseFn(z_t, logsnr, cond) -> eps_hat` of `params` (§2.2)."""
+  def denoise_fn(
+      self,
+      params: Any,
+      guidance_weight=1.0,
+      *,
+      guidance_schedule: str = "constant",
+      guidance_rescale: float = 0.0,
+  ) -> Callable:
+    """The guided `DenoiseFn(z_t, logsnr, cond) -> eps_hat` of `params` (§2.2), with w(t) of
+    `guidance_schedule` at each call's t = schedule.t_fn(logsnr) and CFG rescale phi =
+    `guidance_rescale` (`diffusion.guidance`)."""
+    w = guidance_weight
+    unguided = isinstance(w, (int, float)) and w == 1.0  # w(t) = 1 at every t: one pass
+    if guidance.check_guidance_schedule(guidance_schedule) != "constant" and not unguided:
+      w = lambda logsnr: guidance.guidance_weight_at(  # noqa: E731
+          guidance_weight, self.schedule.t_fn(logsnr), guidance_schedule
+      )
     return denoiser.make_denoise_fn(
-        self.model, params, target=self.target, guidance_weight=guidance_weight
+        self.model,
+        params,
+        target=self.target,
+        guidance_weight=w,
+        guidance_rescale=guidance_rescale,
     )
 
   def sample(
@@ -266,8 +304,14 @@ class Stage:
     keys (one noise stream per sample) for the stochastic samplers.
     """
     w = settings.guidance_weight if guidance_weight is None else guidance_weight
+    fn = self.denoise_fn(
+        params,
+        w,
+        guidance_schedule=settings.guidance_schedule,
+        guidance_rescale=settings.guidance_rescale,
+    )
     return samplers.sample(
-        self.denoise_fn(params, w),
+        fn,
         cond,
         noise,
         rng,

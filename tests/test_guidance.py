@@ -199,3 +199,81 @@ def test_percentile_below_one_is_silent_when_unused():
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     samplers.SamplerSettings(threshold="static", percentile=0.995)
+
+
+# ----- per-step guidance schedules (guidance_weight_at, through Stage.sample) -----
+
+
+def test_guidance_schedule_weights_closed_form():
+  t = jnp.linspace(0.0, 1.0, 1001)
+  np.testing.assert_array_equal(G.guidance_weight_at(3.0, t, "constant"), np.full(1001, 3.0))
+  lin = np.asarray(G.guidance_weight_at(3.0, t, "linear"))
+  np.testing.assert_allclose(lin, 1.0 + 4.0 * (1.0 - np.asarray(t)), rtol=1e-6)
+  assert lin[-1] == pytest.approx(1.0) and lin[0] == pytest.approx(5.0)  # t=1 noise: no guidance
+  assert np.trapezoid(lin, np.asarray(t)) == pytest.approx(3.0, rel=1e-6)  # mean w over t
+  np.testing.assert_allclose(G.guidance_weight_at(1.0, t, "linear"), np.ones(1001))
+  with pytest.raises(ValueError, match="unknown guidance_schedule 'cosine'.*linear"):
+    G.guidance_weight_at(3.0, t, "cosine")
+
+
+class _CondIsOne:
+  """A stand-in network: eps = 1 for text rows, 0 for null-text rows, so that the guided eps
+  w * 1 + (1 - w) * 0 is the w the denoiser applied."""
+
+  def apply(self, variables, z_t, logsnr, text_emb, text_mask, **kw):
+    del variables, logsnr, text_emb, kw
+    return jnp.broadcast_to(text_mask.any(axis=-1).reshape(-1, 1, 1, 1), z_t.shape) * 1.0
+
+
+@pytest.mark.parametrize("schedule,sampler", [("linear", "ddim"), ("linear", "heun")])
+def test_guidance_schedule_denoiser_sees_w_of_t_at_each_step(schedule, sampler):
+  from imagen_jax.diffusion import samplers
+  from imagen_jax.diffusion.schedules import get_schedule
+  from imagen_jax.stage import SamplingSettings, Stage
+
+  stage = Stage(
+      config=None,
+      model=_CondIsOne(),
+      schedule=get_schedule("cosine"),
+      target="eps",
+      is_sr=False,
+      image_size=4,
+      lowres_size=0,
+      train_image_size=4,
+      train_lowres_size=0,
+      text_dim=2,
+      text_len=3,
+  )
+  settings = SamplingSettings(
+      sampler=sampler,
+      num_steps=5,
+      guidance_weight=3.0,
+      guidance_schedule=schedule,
+      time_grid="karras" if sampler == "heun" else "uniform_t",
+      threshold="none",
+  )
+  cond = {"text_emb": jnp.ones((2, 3, 2)), "text_mask": jnp.ones((2, 3), bool)}
+  noise = jnp.asarray(np.random.default_rng(0).normal(size=(2, 4, 4, 3)), jnp.float32)
+  seen = []
+  fn = stage.denoise_fn(None, 3.0, guidance_schedule=schedule)
+
+  def recording(z_t, logsnr, c):
+    eps = fn(z_t, logsnr, c)
+    jax.debug.callback(lambda lam, e: seen.append((float(lam[0]), e.copy())), logsnr, eps)
+    return eps
+
+  ss = settings.sampler_settings()
+  out = samplers.sample(recording, cond, noise, None, schedule=stage.schedule, settings=ss)
+  jax.effects_barrier()
+  # Stage.sample runs the same guided denoiser: the same images.
+  np.testing.assert_array_equal(stage.sample(None, cond, noise, None, settings), out)
+  t = np.asarray(samplers.time_grid(stage.schedule, ss))[:-1]
+  lam = np.asarray(stage.schedule.logsnr_fn(jnp.asarray(t)))
+  assert len(seen) == ss.network_calls
+  for lam_call, eps in seen:
+    i = int(np.argmin(np.abs(lam - lam_call)))  # the grid point of this call
+    assert abs(lam[i] - lam_call) < 1e-4
+    np.testing.assert_allclose(eps, 1.0 + 2.0 * 2.0 * (1.0 - t[i]), rtol=1e-5)
+  # The schedule varies w: the first call (t near 1) sees w ~ 1, the last 2w - 1 minus a step.
+  ws = sorted(float(e.mean()) for _, e in seen)
+  assert ws[0] < 1.1 and ws[-1] > 4.0

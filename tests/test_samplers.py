@@ -64,10 +64,22 @@ def _logsnr64(schedule, t):
     return np.minimum(-np.log(np.expm1(g)), 20.0)
 
 
+def _karras_lambdas(schedule, num_steps, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+  """float64 logSNR of the Karras grid (Karras et al. 2022, Eq. 5) clipped to the schedule's
+  sigma / alpha range on t in [0, 1]; the last point is t = 0 (the sampler's end)."""
+  hi = min(sigma_max, math.exp(-0.5 * _logsnr64(schedule, 1.0)))
+  lo = max(sigma_min, math.exp(-0.5 * _logsnr64(schedule, 0.0)))
+  frac = np.linspace(0.0, 1.0, num_steps) if num_steps > 1 else np.zeros(1)
+  sigmas = (hi ** (1 / rho) + frac * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+  return np.append(-2.0 * np.log(sigmas), _logsnr64(schedule, 0.0))
+
+
 def _lambda_grid(schedule, num_steps, grid="uniform_t"):
   """float64 logSNR on the sampler's grid (t_min = 0, t_max = 1)."""
   if grid == "uniform_t":
     return _logsnr64(schedule, np.linspace(1.0, 0.0, num_steps + 1))
+  if grid == "karras":
+    return _karras_lambdas(schedule, num_steps)
   return np.linspace(_logsnr64(schedule, 1.0), _logsnr64(schedule, 0.0), num_steps + 1)
 
 
@@ -424,7 +436,7 @@ def test_cond_is_passed_through_and_logsnr_is_per_example():
         (dict(sampler="ddpm", eta=0.5), ValueError, "eta=0.5 is DDIM's.*'ddpm' needs eta=0"),
         (dict(gamma=1.0), ValueError, "gamma=1.0 is DDPM's.*'ddim' needs gamma=0"),
         (dict(max_scale=0.5), ValueError, "max_scale must be >= 1 or None.*got 0.5"),
-        (dict(time_grid="karras"), ValueError, "unknown time_grid 'karras'.*logsnr_uniform"),
+        (dict(time_grid="sqrt_t"), ValueError, "unknown time_grid 'sqrt_t'.*karras"),
         (dict(t_min=0.5, t_max=0.2), ValueError, "t_min=0.5, t_max=0.2"),
         (dict(t_max=1.5), ValueError, "t_min=0.0, t_max=1.5"),
     ],

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from imagen_jax.diffusion.forward import per_example
+from imagen_jax.diffusion.schedules import alpha_sigma
 
 Array = jax.Array
 
@@ -172,3 +173,102 @@ def apply_threshold(
   if mode == "dynamic":
     return dynamic_threshold(x0, percentile, max_scale=max_scale)
   raise ValueError(f"unknown threshold mode {mode!r}; allowed: {THRESHOLD_MODES}")
+
+
+# ----- per-step guidance weights and CFG rescale -----
+
+GUIDANCE_SCHEDULES = ("constant", "linear")
+
+
+def check_guidance_schedule(name: str) -> str:
+  """A guidance-schedule name (see :func:`guidance_weight_at`), or a clear error."""
+  if name not in GUIDANCE_SCHEDULES:
+    raise ValueError(f"unknown guidance_schedule {name!r}; allowed: {GUIDANCE_SCHEDULES}")
+  return name
+
+
+def guidance_weight_at(guidance_weight, t: Array, schedule: str = "constant") -> Array:
+  """The guidance weight w(t) of one network call at time t (t = 1 noise, t = 0 data):
+
+      "constant":  w(t) = w                            (Imagen §2.2)
+      "linear":    w(t) = 1 + 2 (w - 1) (1 - t)        (increasing as the sample denoises)
+
+  "linear" is the increasing linear schedule of Wang et al. 2024 ("Analysis of Classifier-Free
+  Guidance Weight Schedulers", §4), written for the paper's w (1 = no guidance): no guidance at
+  pure noise, 2w - 1 at the data end, and the same mean over t in [0, 1] as the constant w
+  (that normalisation is our choice). w = 1 gives 1 at every t under both.
+
+  Args:
+    guidance_weight: the paper's w, a scalar (Python number or traced).
+    t: ``[B]`` (or scalar) times in [0, 1].
+    schedule: a name in ``GUIDANCE_SCHEDULES``; static.
+  Returns:
+    w(t) float32, the shape of ``t``.
+  """
+  check_guidance_schedule(schedule)
+  w = jnp.asarray(guidance_weight, jnp.float32)
+  t = jnp.asarray(t, jnp.float32)
+  if schedule == "constant":
+    return jnp.broadcast_to(w, t.shape)
+  return 1.0 + 2.0 * (w - 1.0) * (1.0 - t)
+
+
+def check_guidance_rescale(phi) -> float:
+  """CFG-rescale phi as a Python float in [0, 1] (Lin et al. 2023 §3.4; 0 = off), or an error."""
+  if isinstance(phi, bool) or not isinstance(phi, numbers.Real):
+    raise TypeError(
+        f"guidance_rescale must be a static Python number in [0, 1] (Lin et al.'s phi), got "
+        f"{phi!r} of type {type(phi).__name__}"
+    )
+  value = float(phi)
+  if not 0.0 <= value <= 1.0:
+    raise ValueError(
+        f"guidance_rescale must be in [0, 1] (Lin et al. 2023's phi: 0 = plain guidance, 1 = the "
+        f"conditional prediction's std; they use 0.7), got {phi!r}"
+    )
+  return value
+
+
+def rescale_guidance(
+    eps_cfg: Array, eps_cond: Array, z_t: Array, logsnr: Array, guidance_rescale: float
+) -> Array:
+  """CFG rescale (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are
+  Flawed", §3.4, Eq. 15-18), applied to the x0 prediction:
+
+      x0_rescaled = x0_cfg * std(x0_cond) / std(x0_cfg)
+      x0_final    = phi * x0_rescaled + (1 - phi) * x0_cfg  =  f * x0_cfg,
+      f           = phi * std(x0_cond) / std(x0_cfg) + (1 - phi),
+
+  std per sample over all its pixels and channels; x0 = (z_t - sigma eps) / alpha (x0_cfg is
+  the CFG of the two x0 predictions, the conversion being affine with shared coefficients).
+
+  Which prediction: Lin et al. state it on "the" prediction of their v-prediction network (their
+  Alg. 2 rescales v). With eps-prediction eps_hat is close to unit variance at every t whatever
+  the image, so matching eps stds would leave untouched the over-exposure that guidance causes,
+  which is an inflated std of the predicted image; so the rescale acts on x0_hat, the image
+  each step moves toward. In eps (alpha x0 = z_t - sigma eps; the stds' ratio is scale-free):
+
+      eps_final = (z_t - f (z_t - sigma eps_cfg)) / sigma = f eps_cfg + (1 - f) z_t / sigma,
+
+  with no division by alpha (4.5e-5 at logsnr -20). phi = 0 returns ``eps_cfg`` exactly.
+
+  Args:
+    eps_cfg: the guided eps (:func:`classifier_free_guidance`), ``[B, H, W, C]``.
+    eps_cond: the conditional eps, ``[B, H, W, C]``.
+    z_t: ``[B, H, W, C]``; logsnr: ``[B]`` or scalar.
+    guidance_rescale: phi in [0, 1], a static Python number.
+  Returns:
+    ``[B, H, W, C]`` float32.
+  """
+  phi = check_guidance_rescale(guidance_rescale)
+  eps_cfg = jnp.asarray(eps_cfg, jnp.float32)
+  if phi == 0.0:
+    return eps_cfg
+  z_t = jnp.asarray(z_t, jnp.float32)
+  _, sigma = alpha_sigma(per_example(logsnr, z_t))
+  axes = tuple(range(1, z_t.ndim))
+  std_cond = jnp.std(z_t - sigma * eps_cond, axis=axes)  # [B], alpha std(x0_cond)
+  std_cfg = jnp.std(z_t - sigma * eps_cfg, axis=axes)
+  ratio = jnp.where(std_cfg > 0.0, std_cond / jnp.where(std_cfg > 0.0, std_cfg, 1.0), 1.0)
+  f = per_example(phi * ratio + (1.0 - phi), z_t)
+  return f * eps_cfg + (1.0 - f) * z_t / sigma

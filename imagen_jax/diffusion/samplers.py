@@ -1,4 +1,5 @@
-"""Reverse-process samplers: DDPM ancestral, DDIM(eta), DPM-Solver++(2M) (Imagen App. A).
+"""Reverse-process samplers: DDPM ancestral, DDIM(eta), DPM-Solver++(2M) (Imagen App. A), and
+EDM's Heun and Euler ancestral (Karras et al. 2022; :mod:`imagen_jax.diffusion.karras`).
 
 Every sampler talks to the network through one contract,
 
@@ -17,28 +18,34 @@ so that for the continuous-time VP process (Kingma et al. 2021, "VDM", App. A)
     q(z_s | z_t, x) = N(alpha_s x + sigma_s sqrt(1 - c) eps(z_t, x),  sigma_s^2 c I).
 
 Time grid (the paper is silent; a setting, see :func:`time_grid`): ``num_steps + 1`` times
-t_0 = t_max > ... > t_N = t_min, either uniform in t ("uniform_t") or uniform in logSNR
-("logsnr_uniform"). Step i calls the network once at t_i and moves to t_{i+1}; the last step
-lands on t_N as if sigma(t_min) were 0, i.e. it returns the (thresholded) x0 prediction, the
-clean image "at t_min" (DDPM's last step outputs its mean, Ho et al. 2020; DPM-Solver's
-"denoise to zero", Lu et al. 2022). So a sampler costs exactly ``num_steps`` network calls. The
-start is z = noise ~ N(0, I), exact up to alpha(t_max)^2 (2e-9 for the default cosine schedule).
+t_0 = t_max > ... > t_N = t_min, uniform in t ("uniform_t"), uniform in logSNR
+("logsnr_uniform") or EDM's rho = 7 grid in sigma / alpha ("karras", which starts at
+sigma / alpha = 80, below t_max). Step i calls the network at t_i and moves to t_{i+1}; the last
+step lands on t_N as if sigma(t_min) were 0, i.e. it returns the (thresholded) x0 prediction,
+the clean image "at t_min" (DDPM's last step outputs its mean, Ho et al. 2020; DPM-Solver's
+"denoise to zero", Lu et al. 2022; EDM's sigma_N = 0). So a sampler costs ``num_steps`` network
+calls, except Heun: 2 per step but the last, ``2 num_steps - 1``
+(:attr:`SamplerSettings.network_calls`). The start is z = noise ~ N(0, I), exact up to
+alpha(t_0)^2 (2e-9 for the cosine schedule at t_max = 1; 1.6e-4 at the Karras grid's start).
 
 Choosing the grid. The output is the posterior mean E[x0 | z_{t_{N-1}}] of the last network
 call, so it lacks Var(x0 | z_{t_{N-1}}); on top of that each solver has its own discretisation
 error. For Gaussian data (std 0.25; tests/test_samplers.py's exact float64 recursion) the
 output std is off by, at 25 steps:
 
-    schedule     sampler    uniform_t  logsnr_uniform
-    cosine       dpmpp_2m     -1.2%       +3.0%
-    cosine       ddim (eta=0) -10%        -18%
-    linear_beta  dpmpp_2m     -13%        +2.0%
-    linear_beta  ddim (eta=0) -20%        -14%
+    schedule     sampler    uniform_t  logsnr_uniform  karras
+    cosine       dpmpp_2m     -1.2%       +3.0%       +3.6%
+    cosine       ddim (eta=0) -10%        -18%        -12%
+    linear_beta  dpmpp_2m     -13%        +2.0%       +3.6%
+    linear_beta  ddim (eta=0) -20%        -14%        -12%
+    either       heun           -           -         +3.3% (49 calls; 13 steps = 25 calls: +15%)
 
 On uniform_t, linear_beta's last call is at t = 1/N, logsnr 3.9 (cosine: 5.5), hence its bias;
 the logSNR-uniform grid ends at the schedule's logsnr_max (20), which removes it, but spends
 fewer steps where cosine's first-order DDIM/DDPM need them. So: uniform_t for cosine,
-logsnr_uniform for linear_beta with DPM-Solver++(2M) (the SR1024 stage at few steps).
+logsnr_uniform for linear_beta with DPM-Solver++(2M) (the SR1024 stage at few steps). The karras
+grid spans sigma / alpha in [0.002, 80] on both schedules, so it behaves the same on both; at
+equal network calls Heun is behind DPM-Solver++(2M) on this data.
 
 The reverse loop is one ``jax.lax.scan`` over the grid: one compile whatever ``num_steps``.
 To reuse that compile across calls, jit the caller with the params as arguments, e.g.
@@ -66,6 +73,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from imagen_jax.diffusion import karras
 from imagen_jax.diffusion.guidance import THRESHOLD_MODES, apply_threshold, check_percentile
 from imagen_jax.diffusion.parameterization import eps_to_x0, x0_to_eps
 from imagen_jax.diffusion.schedules import Schedule, alpha_sigma, get_schedule
@@ -75,8 +83,8 @@ DenoiseFn = Callable[[Array, Array, Any], Array]
 # callback({"i", "t", "logsnr", "x", "denoised"}) -> None; see :func:`sample`.
 Callback = Callable[[dict], None]
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
-TIME_GRIDS = ("uniform_t", "logsnr_uniform")
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "heun", "euler_ancestral")
+TIME_GRIDS = ("uniform_t", "logsnr_uniform", "karras")
 
 
 def _real(name: str, value, allowed: str) -> float:
@@ -94,9 +102,11 @@ class SamplerSettings:
   """How to run the reverse process; frozen and hashable, so a static ``jax.jit`` argument.
 
   Attributes:
-    sampler: "ddpm" (ancestral, :func:`ddpm_step`), "ddim" (:func:`ddim_step`) or "dpmpp_2m"
-      (DPM-Solver++(2M), :func:`dpmpp_2m_step`).
-    num_steps: number of network calls, int >= 1.
+    sampler: "ddpm" (ancestral, :func:`ddpm_step`), "ddim" (:func:`ddim_step`), "dpmpp_2m"
+      (DPM-Solver++(2M), :func:`dpmpp_2m_step`), "heun" (EDM's 2nd-order solver,
+      :func:`karras.heun_step`) or "euler_ancestral" (k-diffusion's; exactly DDIM with eta = 1,
+      see :mod:`karras`).
+    num_steps: number of steps N, int >= 1 (network calls: :attr:`network_calls`).
     eta: DDIM stochasticity in [0, 1] (0 = deterministic DDIM, 1 = DDPM variance); "ddim" only.
     gamma: DDPM variance interpolation in [0, 1] (0 = posterior variance, 1 = forward
       variance; Imagen App. A); "ddpm" only.
@@ -104,8 +114,10 @@ class SamplerSettings:
     percentile: dynamic-thresholding percentile in (0, 100] (paper: 99.5); below 1 with
       threshold="dynamic" gives a ``guidance.PercentileScaleWarning`` (0-100 scale, not 0-1).
     max_scale: optional cap c >= 1 on the dynamic-thresholding s (DeepFloyd IF); None = none.
-    time_grid: "uniform_t" or "logsnr_uniform" (see :func:`time_grid`).
+    time_grid: "uniform_t", "logsnr_uniform" or "karras" (see :func:`time_grid`); any sampler.
     t_min, t_max: ends of the time grid, 0 <= t_min < t_max <= 1.
+    sigma_min, sigma_max, rho: the "karras" grid's range in sigma / alpha and its exponent
+      (Karras et al. 2022, Eq. 5; defaults EDM's 0.002, 80, 7); only with time_grid="karras".
   """
 
   sampler: str = "ddim"
@@ -118,6 +130,9 @@ class SamplerSettings:
   time_grid: str = "uniform_t"
   t_min: float = 0.0
   t_max: float = 1.0
+  sigma_min: float = karras.SIGMA_MIN
+  sigma_max: float = karras.SIGMA_MAX
+  rho: float = karras.RHO
 
   def __post_init__(self):
     def put(name, value):  # normalise to Python scalars: stable hashing and equality
@@ -168,11 +183,31 @@ class SamplerSettings:
       raise ValueError(f"need 0 <= t_min < t_max <= 1, got t_min={t_min}, t_max={t_max}")
     put("t_min", t_min)
     put("t_max", t_max)
+    defaults = {"sigma_min": karras.SIGMA_MIN, "sigma_max": karras.SIGMA_MAX, "rho": karras.RHO}
+    for name, default in defaults.items():
+      value = _real(name, getattr(self, name), "> 0")
+      if not value > 0.0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+      if value != default and self.time_grid != "karras":
+        raise ValueError(
+            f"{name}={value} is the karras grid's; time_grid {self.time_grid!r} needs "
+            f"{name}={default}"
+        )
+      put(name, value)
+    if not self.sigma_min < self.sigma_max:
+      raise ValueError(f"need sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
 
   @property
   def needs_noise(self) -> bool:
     """Whether the sampler draws fresh noise at every step (then ``sample`` needs an rng)."""
-    return self.sampler == "ddpm" or (self.sampler == "ddim" and self.eta != 0.0)
+    return self.sampler in ("ddpm", "euler_ancestral") or (
+        self.sampler == "ddim" and self.eta != 0.0
+    )
+
+  @property
+  def network_calls(self) -> int:
+    """Network evaluations per sample: ``num_steps``, or ``2 num_steps - 1`` for Heun."""
+    return 2 * self.num_steps - 1 if self.sampler == "heun" else self.num_steps
 
 
 def _as_schedule(schedule: Union[Schedule, str]) -> Schedule:
@@ -185,6 +220,7 @@ def time_grid(schedule: Union[Schedule, str], settings: SamplerSettings) -> Arra
       "uniform_t":       t_i = t_max + (i / N) (t_min - t_max)
       "logsnr_uniform":  t_i = t_fn(lambda_max' + (i / N) (lambda_min' - lambda_max')),
                          lambda_max' = logsnr(t_max),  lambda_min' = logsnr(t_min),
+      "karras":          Karras et al. 2022 Eq. 5 in sigma / alpha (:func:`karras.karras_time_grid`),
 
   i = 0..N, with the schedule's ``logsnr_fn`` and its inverse ``t_fn``. At t_min = 0 the
   schedules give their finite clip logsnr_max (20), so the logSNR grid ends there; a schedule
@@ -195,6 +231,16 @@ def time_grid(schedule: Union[Schedule, str], settings: SamplerSettings) -> Arra
   n, t_min, t_max = settings.num_steps, settings.t_min, settings.t_max
   if settings.time_grid == "uniform_t":
     return jnp.linspace(jnp.float32(t_max), jnp.float32(t_min), n + 1, dtype=jnp.float32)
+  if settings.time_grid == "karras":
+    return karras.karras_time_grid(
+        schedule,
+        n,
+        t_min=t_min,
+        t_max=t_max,
+        sigma_min=settings.sigma_min,
+        sigma_max=settings.sigma_max,
+        rho=settings.rho,
+    )
   # The ends are constants of the static settings: evaluate them now to check them.
   with jax.ensure_compile_time_eval():
     ends = np.asarray(schedule.logsnr_fn(jnp.asarray([t_max, t_min], jnp.float32)))
@@ -353,7 +399,7 @@ def sample(
     rng: PRNG key for the stochastic samplers (step i uses ``fold_in(rng, i)``), or a ``[B]``
       array of typed keys (``jax.random.key``), one stream per sample, so that a sample's noise
       does not depend on the batch it is drawn in; unused (and may be None) unless
-      ``settings.needs_noise`` ("ddpm", or "ddim" with eta > 0).
+      ``settings.needs_noise`` ("ddpm", "euler_ancestral", or "ddim" with eta > 0).
     schedule: a :class:`Schedule` or a schedule name for :func:`get_schedule`. Static.
     settings: the :class:`SamplerSettings`. Static.
     callback: optional ``callback(info)``, called on the host once per step (k-diffusion's
@@ -403,20 +449,25 @@ def _reverse_loop(denoise_fn, schedule, settings, callback, per_sample, cond, z,
   logsnrs = schedule.logsnr_fn(ts)
   steps = jnp.arange(num_steps, dtype=jnp.int32)
   is_last = steps == num_steps - 1
-  eta, gamma = jnp.float32(settings.eta), jnp.float32(settings.gamma)
+  # Euler ancestral is DDIM with eta = 1 (see karras' module docstring).
+  eta = jnp.float32(1.0 if sampler == "euler_ancestral" else settings.eta)
+  gamma = jnp.float32(settings.gamma)
 
-  def step(carry, xs):
-    z_t, x0_prev, logsnr_prev = carry
-    i, t, logsnr_t, logsnr_s, last = xs
-    x0_hat, eps_hat = predict_x0_eps(
+  def predict(z, logsnr):
+    return predict_x0_eps(
         denoise_fn,
-        z_t,
-        logsnr_t,
+        z,
+        logsnr,
         cond,
         threshold=settings.threshold,
         percentile=settings.percentile,
         max_scale=settings.max_scale,
     )
+
+  def step(carry, xs):
+    z_t, x0_prev, logsnr_prev = carry
+    i, t, logsnr_t, logsnr_s, last = xs
+    x0_hat, eps_hat = predict(z_t, logsnr_t)
     if callback is not None:
       jax.debug.callback(
           lambda *a: callback(dict(zip(("i", "t", "logsnr", "x", "denoised"), a))),
@@ -435,8 +486,10 @@ def _reverse_loop(denoise_fn, schedule, settings, callback, per_sample, cond, z,
       step_noise = jax.random.normal(jax.random.fold_in(rng, i), z_t.shape, jnp.float32)
     if sampler == "ddpm":
       z_s = ddpm_step(z_t, x0_hat, eps_hat, logsnr_t, logsnr_s, step_noise, gamma)
-    elif sampler == "ddim":
+    elif sampler in ("ddim", "euler_ancestral"):
       z_s = ddim_step(z_t, x0_hat, eps_hat, logsnr_t, logsnr_s, eta, step_noise)
+    elif sampler == "heun":
+      z_s = karras.heun_step(predict, z_t, x0_hat, eps_hat, logsnr_t, logsnr_s, last)
     else:
       z_s = dpmpp_2m_step(z_t, x0_hat, x0_prev, logsnr_prev, logsnr_t, logsnr_s, i == 0)
     # Final step "to x0": sigma(t_min) is taken as 0, so z_s is the x0 prediction itself.
