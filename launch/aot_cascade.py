@@ -12,8 +12,8 @@ stored once, ZeRO-3 style) and the batch split over its batch axes. No TPU is ne
 
 Per chip it prints each program's peak memory (arguments + outputs - aliased + temporaries)
 and roofline time (max of FLOPs / peak and bytes / HBM bandwidth); a stage's seconds per image
-are its denoiser roofline x `num_steps` / batch (XLA's cost analysis counts a loop body once,
-so the loop's own FLOPs are not the loop's), and a COCO FID-30K run (30,000 images, §4.1)
+are its denoiser roofline x network calls (`num_steps`; Heun's 2 x `num_steps` - 1) / batch
+(XLA's cost analysis counts a loop body once, so the loop's own FLOPs are not the loop's), and a COCO FID-30K run (30,000 images, §4.1)
 costs 30,000 x s / image x chips chip-seconds. One line for scripts:
 
     aot_cascade: topology=v4-8 chips=4 peak_gib=.. s_per_image=.. fid30k_chip_hours=..
@@ -161,10 +161,14 @@ def main(argv):
         f"{config.stage}_loop",
         loop.lower(*ss.abstract_sampler_inputs(stage, batch, mesh, rules, fsdp_min_size=m)),
     )
-    per_image = r_step.roofline_s * settings.num_steps / batch
+    calls = settings.sampler_settings().network_calls  # Heun: 2N - 1
+    per_image = r_step.roofline_s * calls / batch
     result[f"{config.stage}_s_per_image"] = per_image
     result[f"{config.stage}_settings"] = dict(
-        sampler=settings.sampler, num_steps=settings.num_steps, w=settings.guidance_weight
+        sampler=settings.sampler,
+        num_steps=settings.num_steps,
+        network_calls=calls,
+        w=settings.guidance_weight,
     )
     rows.append(
         (

@@ -150,7 +150,12 @@ def test_tiny_cascade_compiles_sharded_with_seconds_per_image(tmp_path):
   for program in ("encode", "base64_step", "base64_loop", "sr256_step", "sr256_loop"):
     assert data[program]["peak_gib"] > 0 and data[program]["tflop"] > 0, program
   # The guided base step runs the network on the conditional and the null batch.
-  assert data["base64_settings"] == {"sampler": "ddim", "num_steps": 25, "w": 3.0}
+  assert data["base64_settings"] == {
+      "sampler": "ddim",
+      "num_steps": 25,
+      "network_calls": 25,
+      "w": 3.0,
+  }
   per_image = data["base64_s_per_image"] + data["sr256_s_per_image"]
   assert data["s_per_image"] >= per_image > 0
   assert data["fid30k_chip_hours"] == pytest.approx(30_000 * data["s_per_image"] * 4 / 3600)
