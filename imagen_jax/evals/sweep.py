@@ -288,7 +288,7 @@ def run_sweep(
         seed=seed,
         batch_size=batch_size,
         first_index=0,
-        progress=False,
+        progress=progress and len(prompts) > batch_size,  # a bar per point when it has batches
     )
     outs = [o[: len(prompts)] for o in outs]
     final = images.to_uint8(outs[-1])
