@@ -384,6 +384,11 @@ def train_config(v: dict) -> ml_collections.ConfigDict:
   c.global_batch_size = v["batch"]
   # EMA decay: not stated in the paper; 0.9999 as in peers for long runs.
   c.ema_decay = v["ema_decay"]
+  # Per-example loss weight over time (diffusion.losses.loss_weights): "none" is the paper's
+  # plain MSE (App. A); "min_snr" is Min-SNR-gamma (Hang et al. 2023) with min_snr_gamma (their
+  # default 5). A training choice, so it may change on resume (unlike diffusion.*).
+  c.loss_weighting = "none"
+  c.min_snr_gamma = 5.0
   c.log_every = v["log_every"]
   c.ckpt_every = v["ckpt_every"]
   c.max_to_keep = 3  # newest checkpoints kept

@@ -50,12 +50,10 @@ def main(argv):
 
   if not _INCEPTION.value:
     raise app.UsageError("--inception is required (FID needs the InceptionV3 weights)")
-  captions = _CAPTIONS.value or (
-      _COCO.value and os.path.join(_COCO.value, "annotations", "captions_val2014.json")
-  )
-  images_dir = _IMAGES.value or (_COCO.value and os.path.join(_COCO.value, "val2014"))
-  if not captions or not images_dir:
-    raise app.UsageError("give --coco_dir, or --captions_json and --images_dir")
+  try:
+    captions, images_dir = coco.locate(_COCO.value, _CAPTIONS.value, _IMAGES.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   cfg = _CONFIG.value
   workdirs = _WORKDIRS.value or [cfg[f"stage{k + 1}"].workdir for k in range(int(cfg.num_stages))]
   settings = [
@@ -66,9 +64,8 @@ def main(argv):
   anns, files = coco.load_captions(captions)
   prompts, ref_names = coco.draw(anns, files, _PROTOCOL.value, _NUM.value, _SEED.value)
   computer = fid.FIDComputer(_INCEPTION.value, mode=_MODE.value, batch_size=_BATCH.value)
-  ref_path = os.path.join(
-      _OUTDIR.value,
-      f"reference_{_PROTOCOL.value}_{_MODE.value}_" f"{len(ref_names)}_seed{_SEED.value}.npz",
+  ref_path = coco.reference_stats_path(
+      _OUTDIR.value, _PROTOCOL.value, _MODE.value, len(ref_names), _SEED.value
   )
   ref = coco.reference_statistics(computer, images_dir, ref_names, ref_path)
   model = cascade.Cascade.from_workdirs(workdirs)

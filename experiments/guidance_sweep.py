@@ -73,17 +73,14 @@ def main(argv):
   cfg = _CONFIG.value
   workdirs = _WORKDIRS.value or [cfg[f"stage{k + 1}"].workdir for k in range(int(cfg.num_stages))]
   model = cascade.Cascade.from_workdirs(workdirs)
-  base = [cascade.SamplingSettings.from_config(cfg[f"stage{k + 1}"]) for k in range(len(workdirs))]
-  stage = _SWEEP_STAGE.value - 1
-  if not 0 <= stage < len(workdirs):
-    raise app.UsageError(f"--sweep_stage={_SWEEP_STAGE.value} is not in 1..{len(workdirs)}")
-  weights = (
-      [float(w) for w in _WEIGHTS.value] if _WEIGHTS.value else sweep.default_weights(model, stage)
+  base, stage, points = sweep.plan(
+      model,
+      cfg,
+      sweep_stage=_SWEEP_STAGE.value,
+      weights=_WEIGHTS.value,
+      thresholds=_THRESHOLDS.value,
+      aug_levels=_AUG_LEVELS.value,
   )
-  augs = [float(a) for a in _AUG_LEVELS.value] if _AUG_LEVELS.value else None
-  if augs and not model.stages[stage].is_sr:
-    raise app.UsageError("--aug_levels applies to an SR stage; the swept stage is a base stage")
-  points = sweep.make_points(weights, _THRESHOLDS.value, augs)
 
   reference, attributes = None, None
   last = model.stages[len(workdirs) - 1].config

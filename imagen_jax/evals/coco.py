@@ -42,6 +42,26 @@ REFERENCE_SIZE = 256
 VAL2014_IMAGES = 40_504
 
 
+def locate(
+    coco_dir: str | None, captions_json: str | None = None, images_dir: str | None = None
+) -> tuple[str, str]:
+  """(captions JSON, image folder): the explicit paths, else `<coco_dir>/annotations/
+  captions_val2014.json` and `<coco_dir>/val2014`."""
+  captions = captions_json or (
+      coco_dir and os.path.join(coco_dir, "annotations", "captions_val2014.json")
+  )
+  images_dir = images_dir or (coco_dir and os.path.join(coco_dir, "val2014"))
+  if not captions or not images_dir:
+    raise ValueError("give coco_dir, or captions_json and images_dir")
+  return captions, images_dir
+
+
+def reference_stats_path(outdir: str, protocol: str, mode: str, num: int, seed: int) -> str:
+  """Where a run caches the reference statistics (any name would do: the file's provenance
+  key decides whether it is reused)."""
+  return os.path.join(outdir, f"reference_{protocol}_{mode}_{num}_seed{seed}.npz")
+
+
 def load_captions(captions_json: str) -> tuple[list[dict], dict[int, str]]:
   """(annotations [{'image_id', 'caption'}] sorted by id, image_id -> file_name)."""
   if not os.path.exists(captions_json):

@@ -23,7 +23,9 @@ Metrics per point (on the last stage's images `[N, S, S, 3]`):
 * alignment: the exact shapes metric (`shapes_metric`; x axis = mean of colour and shape
   accuracy) when the prompts carry shapes attributes, and the CLIP score (100 * mean cosine)
   when a CLIP checkpoint is given (then it is the x axis, as in the paper);
-* a Frechet distance against reference images: FID when Inception weights are given
+* a Frechet distance against reference images (an array, or precomputed `ReferenceStats` such
+  as COCO val2014's, `coco.reference_statistics`, with the generated images resized to the
+  reference's size first): FID when Inception weights are given
   (`features.InceptionFeatures`), otherwise the Frechet distance of
   `features.RandomConvFeatures` (labelled "FD (random-conv features; not FID)" everywhere; see
   that class for why);
@@ -51,8 +53,8 @@ import numpy as np
 
 from imagen_jax import atomic, images
 from imagen_jax import cascade as cascade_lib
+from imagen_jax.evals import coco, frechet, provenance, shapes_metric
 from imagen_jax.evals import features as features_lib
-from imagen_jax.evals import frechet, provenance, shapes_metric
 
 # The paper's guidance grids (App. D: Fig. A.8 base 64x64; Fig. A.11 SR 64->256).
 BASE_WEIGHTS = (1.0, 1.25, 1.5, 1.75, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0)
@@ -111,6 +113,34 @@ def default_weights(model: cascade_lib.Cascade, sweep_stage: int) -> tuple[float
   return SR_WEIGHTS if model.stages[sweep_stage].is_sr else BASE_WEIGHTS
 
 
+def plan(
+    model: cascade_lib.Cascade,
+    cascade_config,
+    *,
+    sweep_stage: int,
+    weights: Sequence[float] | None = None,
+    thresholds: Sequence[str] = ("dynamic", "static"),
+    aug_levels: Sequence[float] | None = None,
+) -> tuple[list[cascade_lib.SamplingSettings], int, list[SweepPoint]]:
+  """(per-stage base settings of the model's stages from `cascade_config` (configs/cascade.py),
+  the 0-based swept stage, the points) from a script's flags; `sweep_stage` is 1-based and
+  `weights` default to the paper's grid for that stage."""
+  n = len(model.stages)
+  if not 1 <= sweep_stage <= n:
+    raise ValueError(f"sweep_stage={sweep_stage} is not one of the stages 1..{n}")
+  stage = sweep_stage - 1
+  base = [
+      cascade_lib.SamplingSettings.from_config(cascade_config[f"stage{k + 1}"]) for k in range(n)
+  ]
+  weights = [float(w) for w in weights] if weights else default_weights(model, stage)
+  augs = [float(a) for a in aug_levels] if aug_levels else None
+  if augs and not model.stages[stage].is_sr:
+    raise ValueError(
+        f"aug_levels {augs} apply to a super-resolution stage; stage {sweep_stage} is a base stage"
+    )
+  return base, stage, make_points(weights, thresholds, augs)
+
+
 def point_settings(
     base: Sequence[cascade_lib.SamplingSettings], sweep_stage: int, point: SweepPoint
 ) -> list[cascade_lib.SamplingSettings]:
@@ -132,6 +162,18 @@ def point_key(point: SweepPoint, identity: dict) -> str:
   """The point's folder name: its settings, readable, and the head of its provenance key."""
   aug = "" if point.aug_level is None else f"_aug{point.aug_level:g}"
   return f"w{point.weight:g}_{point.threshold}{aug}_{provenance.artefact_key(identity)[:16]}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceStats:
+  """Precomputed Frechet statistics of a reference set too large to hold (COCO val2014: 40,504
+  images; `coco.reference_statistics`), with `identity` (what produced them, `provenance`) and
+  `image_size`: the generated images are resized to it (PIL bicubic, `coco.resize_generated`)
+  before the features, as the reference images were (None: as sampled)."""
+
+  stats: frechet.FrechetStats
+  identity: dict
+  image_size: int | None = None
 
 
 @dataclasses.dataclass
@@ -162,6 +204,7 @@ def run_sweep(
     sweep_stage: int,
     attributes: Sequence[dict] | None = None,
     reference_images: np.ndarray | None = None,
+    reference_stats: ReferenceStats | None = None,
     features=None,
     clip_scorer=None,
     seed: int = 0,
@@ -175,6 +218,8 @@ def run_sweep(
     prompts: N prompts (the same for every point).
     attributes: shapes attributes per prompt (for the shapes alignment metric), or None.
     reference_images: uint8 `[M, S, S, 3]` real images for the Frechet distance, or None.
+    reference_stats: instead of `reference_images`, their precomputed statistics (of
+      `features`' extractor and mode).
     features: `features.RandomConvFeatures()` (default) or
       `features.InceptionFeatures(FIDComputer(...))`.
     clip_scorer: an `evals.clip.CLIPScorer`, or None.
@@ -188,6 +233,12 @@ def run_sweep(
     raise ValueError(f"{len(attributes)} attribute sets for {len(prompts)} prompts")
   if features is None and reference_images is not None:
     features = features_lib.RandomConvFeatures()
+  if reference_stats is not None:
+    if reference_images is not None:
+      raise ValueError("give reference_images or reference_stats, not both")
+    if features is None:
+      raise ValueError("reference_stats need the features they were computed with")
+    reference_stats.stats.check("reference_stats", features.mode, features.name)
   os.makedirs(os.path.join(outdir, "points"), exist_ok=True)
   ref_stats, ref_digest = None, None
   if reference_images is not None:
@@ -202,6 +253,10 @@ def run_sweep(
         },
         lambda: features.statistics(reference_images),
     )
+  elif reference_stats is not None:
+    ref_stats = reference_stats.stats
+    ref_digest = provenance.artefact_key(reference_stats.identity)
+  fd_size = None if reference_stats is None else reference_stats.image_size
   n_stages = len(base_settings)
   identity_base = {
       "artefact": "sweep_point",
@@ -212,6 +267,7 @@ def run_sweep(
       "sweep_stage": sweep_stage,
       "features": None if features is None else features.identity,
       "reference_sha256": ref_digest,
+      **({"fd_image_size": fd_size} if fd_size else {}),
       "clip": None if clip_scorer is None else provenance.file_identity(clip_scorer.path),
   }
   rows, computed, cached = [], 0, 0
@@ -232,7 +288,7 @@ def run_sweep(
         seed=seed,
         batch_size=batch_size,
         first_index=0,
-        progress=False,
+        progress=progress and len(prompts) > batch_size,  # a bar per point when it has batches
     )
     outs = [o[: len(prompts)] for o in outs]
     final = images.to_uint8(outs[-1])
@@ -257,7 +313,8 @@ def run_sweep(
       r = clip_scorer.score(final, prompts)
       row.update(clip_score=r.clip_score, clip_mean_cosine=r.mean_cosine)
     if ref_stats is not None:
-      row["fd"] = frechet.fid_from_statistics(features.statistics(final), ref_stats)
+      fd_images = final if fd_size is None else coco.resize_generated(final, fd_size)
+      row["fd"] = frechet.fid_from_statistics(features.statistics(fd_images), ref_stats)
       row["fd_feature"] = features.name
     row["settings"] = identity["settings"]
     # One folder rename publishes the point: a crash leaves the whole point or none; a stale

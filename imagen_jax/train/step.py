@@ -13,7 +13,9 @@
      augmented at aug_level ~ U(lo, hi) per example (§2.4, D.2; `Stage.condition`); the net
      sees aug_level.
   5. loss = mean over the batch of `diffusion.losses.diffusion_loss` (MSE in the target space;
-     eps in the paper); optax update (global-norm clipping per config); EMA update.
+     eps in the paper), weighted per example by `train.loss_weighting` (`none`: the paper's
+     plain loss; `min_snr`: min(SNR, gamma) / SNR for eps, Hang et al. 2023;
+     `losses.loss_weights`); optax update (global-norm clipping per config); EMA update.
   6. A non-finite loss or gradient norm leaves params, EMA and optimizer state unchanged
      (`finite = 0` in the metrics); the trainer stops or goes on per `train.nonfinite`.
 
@@ -70,6 +72,12 @@ def make_train_step(
   if not 0.0 <= drop_prob <= 1.0:
     raise ValueError(f"text.drop_prob={drop_prob} must be in [0, 1]")
   decay = float(config.train.ema_decay)
+  weighting = str(config.train.loss_weighting)
+  gamma = float(config.train.min_snr_gamma)
+  if weighting not in losses.LOSS_WEIGHTINGS:
+    raise ValueError(f"train.loss_weighting={weighting!r} is not one of {losses.LOSS_WEIGHTINGS}")
+  if not gamma > 0.0:
+    raise ValueError(f"train.min_snr_gamma={gamma!r} must be > 0 (the paper uses 5)")
 
   def train_step(
       state: TrainState, batch: dict, rng: jax.Array, text_params: Any
@@ -93,6 +101,7 @@ def make_train_step(
     logsnr = stage.schedule.logsnr_fn(t)
     noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
     z_t = forward.q_sample(x0, logsnr, noise)
+    weights = losses.loss_weights(logsnr, weighting=weighting, gamma=gamma, space=stage.target)
 
     def loss_fn(params):
       pred = stage.model.apply(
@@ -107,7 +116,7 @@ def make_train_step(
           rngs={"dropout": k_dropout},
       )
       per_example = losses.diffusion_loss(
-          pred, x0=x0, noise=noise, z_t=z_t, logsnr=logsnr, target=stage.target
+          pred, x0=x0, noise=noise, z_t=z_t, logsnr=logsnr, target=stage.target, weights=weights
       )
       return jnp.mean(per_example)
 
