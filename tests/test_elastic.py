@@ -124,6 +124,7 @@ def test_elastic_checkpoint_restores_onto_another_mesh_shape(tmp_path):
   ck.close()
 
 
+@pytest.mark.slow  # two compiles of the tiny base stage
 def test_elastic_trainer_resumes_on_another_mesh_shape(tmp_path):
   """A tiny base run checkpointed on (data 2, fsdp 4) resumes on (data 4, fsdp 2): the state is
   resharded, the data continues at the saved global position, metrics continue the steps."""
