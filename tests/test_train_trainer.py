@@ -269,7 +269,6 @@ def test_resuming_an_old_layout_checkpoint_fails_clearly(tmp_path, data_dir):
         ("train.nonfinite", "ignore", r"train.nonfinite='ignore'; allowed: stop, skip"),
         ("train.max_nonfinite_steps", 0, r"train.max_nonfinite_steps=0"),
         ("train.keep_period", -5, r"train.keep_period=-5"),
-        ("train.data_position_from_step", 1, r"data_position_from_step=1; allowed: True, False"),
         ("train.ema_decay", 1.5, r"train.ema_decay=1.5"),
     ],
 )

@@ -13,8 +13,6 @@ minutes of a compile (e.g. an interval of 0 taken modulo). Intervals count steps
   max_nonfinite_steps                   >= 1: with 'skip', this many non-finite steps in a row
                                         stop the run (it is diverging, not hitting a bad batch)
   preemption_check_every                >= 1 (used only with jax's preemption service off)
-  data_position_from_step               bool: resume a checkpoint with per-process data
-                                        iterators at step x global batch of the global order
   ema_decay                             in [0, 1]
 """
 
@@ -52,10 +50,6 @@ def check(config) -> None:
     raise ValueError(f"train.nonfinite={t.nonfinite!r}; allowed: {', '.join(NONFINITE)}")
   _int(t, "max_nonfinite_steps", 1, "an int >= 1")
   _int(t, "preemption_check_every", 1, "an int >= 1")
-  if not isinstance(t.data_position_from_step, bool):
-    raise ValueError(
-        f"train.data_position_from_step={t.data_position_from_step!r}; allowed: True, False"
-    )
   decay = t.ema_decay
   if not isinstance(decay, (int, float)) or not math.isfinite(decay) or not 0 <= decay <= 1:
     raise ValueError(f"train.ema_decay={decay!r}; allowed: a number in [0, 1]")
