@@ -5,16 +5,18 @@ Layout: `<workdir>/checkpoints/<step>/` with the items
   train_state   {step, params, opt_state}: what resuming needs besides the EMA params;
   ema_params    the EMA params alone, so a sampler restores them without an optimizer
                 (`cascade.load_stage`);
-  data_iter_<k> the position of this process's k-th grain iterator (`train.data_shards` / process
-                count of them), written by grain's own `grain.checkpoint.CheckpointHandler` as
-                one `process_<i>-of-<n>.json` per process;
+  data_position the global data position as JSON ({"next_example", "global_batch_size",
+                "num_records", "seed", "shuffle"}): the index of the next example of the global
+                stream (`data.pipeline` module doc), the same on every process, so a run
+                resumes on any number of processes (elastic resume);
   config        the stage config as JSON.
 
 Orbax writes each step into a temporary directory and renames it only once every item (and every
 host) has finished ("atomic finalize"), so a save cut short by a crash or SIGKILL is never listed
 as a step and the run resumes from the last complete one. Saves are asynchronous: the arrays are
-copied off the devices, then written by a background thread while training continues (the data
-iterator positions are written before `save` returns, so the iterators may move on).
+copied off the devices, then written by a background thread while training continues. Arrays
+restore into the target's shardings, whatever mesh wrote them (a run saved on fsdp=4 resumes on
+fsdp=2).
 
 The config item records what the run *means* (`MEANING_FIELDS`: stage, network, diffusion
 schedule / target / aug range / logSNR range, text encoder name, max_length and weights
@@ -23,7 +25,9 @@ current run before anything is loaded, so resuming (or sampling) under another m
 naming each field, its saved and its current value, instead of training or sampling on silently;
 every other setting (`train.*`, `optim.*`, `sample.*`, `mesh.*`, the data source, text.path /
 dtype / drop_prob / embedding_cache) may change on resume. A checkpoint of an older layout is
-refused naming what changed.
+refused naming what changed; one whose data position is per-process grain iterator state
+(`data_iter_<k>/process_<i>-of-<n>.json`) is refused by `data_position` unless the caller opts in
+to restarting the global stream at step x global batch (`train.data_position_from_step`).
 
 Faults: a latest step that fails to load (a truncated array file, a corrupt item) is moved aside
 to `<step>.corrupt` and the previous complete step is restored, with a loud warning naming the
@@ -42,13 +46,14 @@ import logging
 import os
 from typing import Any, Sequence
 
-import grain.checkpoint as grain_ckpt
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
 TRAIN_STATE, EMA, CONFIG = "train_state", "ema_params", "config"
-DATA_PREFIX = "data_iter_"
+DATA_POSITION = "data_position"
+# Per-process grain iterator items of the earlier data layout (`data_iter_<k>`).
+PER_PROCESS_DATA_PREFIX = "data_iter_"
 # Items of the older layout (one `state` item holding the EMA params with the optimizer).
 OLD_LAYOUT_ITEMS = ("state", "data_iter")
 
@@ -89,11 +94,6 @@ MEANING_FIELDS = (
 # Where the trainer records `TextEncoder.fingerprint` in the run's config dict (config.json and
 # the checkpoint's config item): the frozen encoder's weights are part of the meaning (§2.1).
 TEXT_FINGERPRINT = "text.fingerprint"
-
-
-def data_item(k: int) -> str:
-  """The item of this process's k-th data iterator."""
-  return f"{DATA_PREFIX}{k}"
 
 
 def _json_normal(x: Any) -> Any:
@@ -212,14 +212,12 @@ class Checkpointer:
       max_to_keep: int | None = 3,
       keep_period: int = 0,
       async_save: bool = True,
-      num_data_iters: int = 0,
       read_only: bool = False,
   ):
     """
     Args:
       max_to_keep: the newest steps kept (None: all).
       keep_period: > 0 also keeps every step divisible by it (e.g. every 50k steps); 0: none.
-      num_data_iters: grain iterators this process saves and restores (0 for samplers).
       read_only: for samplers: never creates, cleans or deletes anything (a sampler may read a
         workdir while its training run is writing a step there).
     """
@@ -228,7 +226,6 @@ class Checkpointer:
     if int(keep_period) < 0:
       raise ValueError(f"keep_period={keep_period}; allowed: 0 (off) or > 0")
     self.directory = epath.Path(directory).absolute()
-    self.num_data_iters = int(num_data_iters)
     self._save_failed = False
     policies = ocp.checkpoint_managers
     keep = [policies.LatestN(n=None if max_to_keep is None else int(max_to_keep))]
@@ -250,9 +247,8 @@ class Checkpointer:
         TRAIN_STATE: ocp.StandardCheckpointHandler(),
         EMA: ocp.StandardCheckpointHandler(),
         CONFIG: ocp.JsonCheckpointHandler(),
+        DATA_POSITION: ocp.JsonCheckpointHandler(),
     }
-    for k in range(self.num_data_iters):
-      handlers[data_item(k)] = grain_ckpt.CheckpointHandler()
     self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def latest_step(self) -> int | None:
@@ -268,7 +264,7 @@ class Checkpointer:
       *,
       train_state: Any,
       ema_params: Any,
-      data_iters: Sequence[Any] = (),
+      data_position: dict | None = None,
       config_dict: dict,
       force: bool = True,
   ) -> bool:
@@ -277,21 +273,16 @@ class Checkpointer:
     Args:
       train_state: the pytree {step, params, opt_state}.
       ema_params: the EMA params.
-      data_iters: this process's grain iterators (`num_data_iters` of them), in shard order.
+      data_position: the global data position (module doc; None: no data item).
       config_dict: the run's config as JSON data.
     """
-    if len(data_iters) != self.num_data_iters:
-      raise ValueError(
-          f"got {len(data_iters)} data iterators, the checkpointer was made for "
-          f"{self.num_data_iters}"
-      )
     args = {
         TRAIN_STATE: ocp.args.StandardSave(train_state),
         EMA: ocp.args.StandardSave(ema_params),
         CONFIG: ocp.args.JsonSave(_json_normal(config_dict)),
     }
-    for k, it in enumerate(data_iters):
-      args[data_item(k)] = grain_ckpt.CheckpointSave(it)
+    if data_position is not None:
+      args[DATA_POSITION] = ocp.args.JsonSave(_json_normal(data_position))
     try:
       # Also waits for the previous async save, so its failure surfaces here.
       return self._mngr.save(step, args=ocp.args.Composite(**args), force=force)
@@ -323,10 +314,9 @@ class Checkpointer:
     where = self.directory / str(step)
     return sorted(p.name for p in where.iterdir() if p.is_dir()) if where.exists() else []
 
-  def check_layout(self, step: int, *, data: bool, iterators: bool | None = None) -> None:
-    """Raises `CheckpointLayoutError` if `step` lacks this layout's items (an older layout)
-    or, with `data` (and `iterators`, default `data`), holds another number of data iterators
-    than this process has."""
+  def check_layout(self, step: int, *, data: bool) -> None:
+    """Raises `CheckpointLayoutError` if `step` lacks this layout's items (an older layout):
+    with `data`, those a resume needs, else those sampling needs."""
     found = self.saved_items(step)
     want = [TRAIN_STATE, EMA, CONFIG] if data else [EMA, CONFIG]
     missing = [i for i in want if i not in found]
@@ -335,25 +325,47 @@ class Checkpointer:
       old = [i for i in OLD_LAYOUT_ITEMS if i in found]
       raise CheckpointLayoutError(
           f"checkpoint {where} was written by an older layout: items {found} found, "
-          f"{want + [data_item(k) for k in range(self.num_data_iters if data else 0)]} expected"
+          f"{want} expected"
           + (f" (it has the old items {old})" if old else "")
           + f". Missing: {missing}. EMA params are now their own item ('{EMA}') and the "
-          f"optimizer state with the params is '{TRAIN_STATE}'; data iterators are written by "
-          "grain per iterator. Retrain the stage in a fresh workdir (old checkpoints are not "
-          "converted)."
+          f"optimizer state with the params is '{TRAIN_STATE}'. Retrain the stage in a fresh "
+          "workdir (old checkpoints are not converted)."
       )
-    if not (data if iterators is None else iterators):
-      return
-    saved_iters = sorted(i for i in found if i.startswith(DATA_PREFIX))
-    want_iters = [data_item(k) for k in range(self.num_data_iters)]
-    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-    absent = [i for i in want_iters if not (where / i / name).exists()]
-    if saved_iters != sorted(want_iters) or absent:
-      raise CheckpointMismatchError(
-          f"checkpoint {where} holds data iterators {saved_iters}, this process has "
-          f"{len(want_iters)} ({want_iters}); missing {name} in {absent}. "
-          "train.data_shards or the process count changed? Resume with the same ones."
+
+  def data_position(self, step: int, *, from_step: bool = False) -> dict | None:
+    """The global data position saved with `step` (module doc); None when it has none.
+
+    A step with per-process grain iterator state instead (`data_iter_<k>` items: a position in
+    each process's own shard order, meaningless for the global stream) raises
+    `CheckpointLayoutError`, unless `from_step`: then None is returned with a warning and the
+    caller starts the global stream at step x global batch (other examples than the old run
+    would have read next, none repeated within the new stream).
+    """
+    found = self.saved_items(step)
+    if DATA_POSITION in found:
+      out = self._mngr.restore(
+          step, args=ocp.args.Composite(**{DATA_POSITION: ocp.args.JsonRestore()})
       )
+      return out[DATA_POSITION]
+    per_process = [i for i in found if i.startswith(PER_PROCESS_DATA_PREFIX)]
+    if not per_process:
+      return None
+    where = self.directory / str(step)
+    if not from_step:
+      raise CheckpointLayoutError(
+          f"checkpoint {where} stores the data position per process ({per_process}: grain "
+          "iterator state in each process's own shard order), which does not carry over to the "
+          "global data order of this code. Resume with --config.train.data_position_from_step"
+          "=True to keep the train state and start the data at step x global_batch_size of the "
+          "global order (not the examples the old run would have read next), or retrain."
+      )
+    logging.warning(
+        "checkpoint %s has per-process data iterators %s: the data restarts at step x "
+        "global batch of the global order (train.data_position_from_step)",
+        where,
+        per_process,
+    )
+    return None
 
   def reload(self) -> None:
     """Rereads the step list from the directory."""
@@ -413,29 +425,22 @@ class Checkpointer:
       *,
       train_state: Any,
       ema_params: Any,
-      data_iters: Sequence[Any] = (),
       config_dict: dict | None = None,
   ) -> tuple[Any, Any]:
     """(train_state, ema_params) of `step`, for resuming; arrays land in the abstract trees'
-    shardings and `data_iters` (this process's grain iterators) are set to their saved
-    positions.
+    shardings (any mesh; `data_position` reads the data item).
 
     Args:
       train_state, ema_params: trees of `jax.ShapeDtypeStruct` with `.sharding` set.
       config_dict: when given, `check_compatible` runs first.
     """
-    if len(data_iters) != self.num_data_iters:
-      raise ValueError(f"got {len(data_iters)} data iterators, expected {self.num_data_iters}")
-    self.check_layout(step, data=True, iterators=False)
-    if config_dict is not None:  # what the run means first: the clearest reason to refuse
-      self.check_compatible(step, config_dict, {TRAIN_STATE: train_state, EMA: ema_params})
     self.check_layout(step, data=True)
+    if config_dict is not None:
+      self.check_compatible(step, config_dict, {TRAIN_STATE: train_state, EMA: ema_params})
     args = {
         TRAIN_STATE: ocp.args.StandardRestore(train_state),
         EMA: ocp.args.StandardRestore(ema_params),
     }
-    for k, it in enumerate(data_iters):
-      args[data_item(k)] = grain_ckpt.CheckpointRestore(it)
     out = self._mngr.restore(step, args=ocp.args.Composite(**args))
     return out[TRAIN_STATE], out[EMA]
 
@@ -444,7 +449,6 @@ class Checkpointer:
       *,
       train_state: Any,
       ema_params: Any,
-      data_iters: Sequence[Any] = (),
       config_dict: dict | None = None,
   ) -> tuple[int, Any, Any] | None:
     """(step, train_state, ema_params) of the newest step that restores; None without steps.
@@ -463,7 +467,6 @@ class Checkpointer:
             step,
             train_state=train_state,
             ema_params=ema_params,
-            data_iters=data_iters,
             config_dict=config_dict,
         )
       except CheckpointMismatchError:

@@ -1,4 +1,4 @@
-"""Orbax checkpointer: sharded round trip of {train_state, ema_params, data iterators, config},
+"""Orbax checkpointer: sharded round trip of {train_state, ema_params, data position, config},
 the EMA params restored alone, mismatch errors (model, diffusion, text encoder) before any load,
 an older layout refused with what changed, interrupted (unfinalized) saves never taken for
 complete ones and their temporary directories cleaned, a corrupt latest step falling back to the
@@ -9,7 +9,6 @@ import logging
 import os
 import shutil
 
-import grain.python as grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,25 +44,24 @@ def abstract_of(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-def data_iterator(seed=0):
-  """A grain DataLoader iterator over 0..99, shuffled (the trainer's kind of iterator)."""
-  loader = grain.DataLoader(
-      data_source=grain.RangeDataSource(0, 100, 1),
-      sampler=grain.IndexSampler(
-          num_records=100, shard_options=grain.NoSharding(), shuffle=True, num_epochs=1, seed=seed
-      ),
-      worker_count=0,
-  )
-  return iter(loader)
+def position(next_example):
+  """A global data position as the trainer saves it."""
+  return {
+      "next_example": next_example,
+      "global_batch_size": 8,
+      "num_records": 100,
+      "seed": 0,
+      "shuffle": True,
+  }
 
 
-def save(ck, step, mesh, *, data_iters=(), config=None, width=16):
+def save(ck, step, mesh, *, data_position=None, config=None, width=16):
   train_state, ema = toy_items(mesh, width=width, step=step)
   ck.save(
       step,
       train_state=train_state,
       ema_params=ema,
-      data_iters=data_iters,
+      data_position=data_position,
       config_dict=config or CONFIG,
   )
   ck.wait()
@@ -83,39 +81,31 @@ def mesh():
 
 
 def test_round_trip_keeps_values_shardings_and_data_positions(tmp_path, mesh):
-  ck = ckpt_lib.Checkpointer(tmp_path / "ckpt", num_data_iters=2)
-  its = [data_iterator(0), data_iterator(1)]
-  seen = [[next(it) for _ in range(5)] for it in its]
-  train_state, ema = save(ck, 3, mesh, data_iters=its)
-  # The positions are captured at save time: the iterators may move on.
-  after = [[next(it) for _ in range(4)] for it in its]
+  ck = ckpt_lib.Checkpointer(tmp_path / "ckpt")
+  train_state, ema = save(ck, 3, mesh, data_position=position(24))
   assert ck.latest_step() == 3
-  assert ck.saved_items(3) == ["config", "data_iter_0", "data_iter_1", "ema_params", "train_state"]
-  assert (tmp_path / "ckpt" / "3" / "data_iter_1" / "process_0-of-1.json").exists()
+  assert ck.saved_items(3) == ["config", "data_position", "ema_params", "train_state"]
   assert ck.saved_config(3) == CONFIG
-  fresh = [data_iterator(0), data_iterator(1)]
   got_state, got_ema = ck.restore(
       3,
       train_state=abstract_of(train_state),
       ema_params=abstract_of(ema),
-      data_iters=fresh,
       config_dict=CONFIG,
   )
   for want, got in ((train_state, got_state), (ema, got_ema)):
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
       assert a.sharding == b.sharding
-  # Each restored iterator goes on exactly where its original was when saved.
-  assert [[next(it) for _ in range(4)] for it in fresh] == after
-  assert seen[0] != seen[1]
+  # One global position, the same for any process count.
+  assert ck.data_position(3) == position(24)
   ck.close()
 
 
 def test_ema_params_restore_alone(tmp_path, mesh):
-  ck = ckpt_lib.Checkpointer(tmp_path / "ckpt", num_data_iters=1)
-  _, ema = save(ck, 3, mesh, data_iters=[data_iterator()])
+  ck = ckpt_lib.Checkpointer(tmp_path / "ckpt")
+  _, ema = save(ck, 3, mesh, data_position=position(24))
   ck.close()
-  sampler = ckpt_lib.Checkpointer(tmp_path / "ckpt", async_save=False)  # no data iterators
+  sampler = ckpt_lib.Checkpointer(tmp_path / "ckpt", async_save=False)
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), ema)
   got = sampler.restore_ema(3, target, config_dict=CONFIG)
@@ -140,21 +130,6 @@ def test_restore_into_another_model_fails_before_loading(tmp_path, mesh):
   with pytest.raises(ckpt_lib.CheckpointMismatchError, match=r"'ema_params'.*dense/kernel"):
     ck.restore_ema(3, wide_ema, config_dict=CONFIG)
   ck.close()
-
-
-def test_another_number_of_data_iterators_is_refused(tmp_path, mesh):
-  ck = ckpt_lib.Checkpointer(tmp_path / "ckpt", num_data_iters=2)
-  train_state, ema = save(ck, 3, mesh, data_iters=[data_iterator(0), data_iterator(1)])
-  ck.close()
-  ck1 = ckpt_lib.Checkpointer(tmp_path / "ckpt", num_data_iters=1)
-  with pytest.raises(ckpt_lib.CheckpointMismatchError, match=r"data_shards or the process count"):
-    ck1.restore(
-        3,
-        train_state=abstract_of(train_state),
-        ema_params=abstract_of(ema),
-        data_iters=[data_iterator(0)],
-    )
-  ck1.close()
 
 
 def test_model_fields_added_later_compare_at_their_old_behaviour(tmp_path, mesh):
@@ -197,11 +172,11 @@ def test_old_layout_is_refused_naming_what_changed(tmp_path, mesh):
   )
   mngr.wait_until_finished()
   mngr.close()
-  ck = ckpt_lib.Checkpointer(tmp_path / "ckpt", num_data_iters=1)
+  ck = ckpt_lib.Checkpointer(tmp_path / "ckpt")
   assert ck.latest_step() == 5
   message = (
       r"written by an older layout: items \['config', 'data_iter', 'state'\] found, "
-      r"\['train_state', 'ema_params', 'config', 'data_iter_0'\] expected.*"
+      r"\['train_state', 'ema_params', 'config'\] expected.*"
       r"EMA params are now their own item.*Retrain"
   )
   with pytest.raises(ckpt_lib.CheckpointLayoutError, match=message):
@@ -209,7 +184,6 @@ def test_old_layout_is_refused_naming_what_changed(tmp_path, mesh):
         5,
         train_state=abstract_of(train_state),
         ema_params=abstract_of(ema),
-        data_iters=[data_iterator()],
         config_dict=CONFIG,
     )
   with pytest.raises(ckpt_lib.CheckpointLayoutError, match="EMA params are now their own item"):
@@ -334,25 +308,20 @@ def _truncate_arrays(step_dir, item):
 
 
 def test_corrupt_latest_checkpoint_fallback(tmp_path, mesh, caplog):
-  ck = ckpt_lib.Checkpointer(tmp_path / "ckpt", num_data_iters=1)
-  it = data_iterator()
-  [next(it) for _ in range(2)]
-  train_state, ema = save(ck, 3, mesh, data_iters=[it])
-  after_3 = [next(it) for _ in range(3)]
-  save(ck, 6, mesh, data_iters=[it])
+  ck = ckpt_lib.Checkpointer(tmp_path / "ckpt")
+  train_state, ema = save(ck, 3, mesh, data_position=position(24))
+  save(ck, 6, mesh, data_position=position(48))
   ck.close()
   _truncate_arrays(tmp_path / "ckpt" / "6", "ema_params")
-  ck = ckpt_lib.Checkpointer(tmp_path / "ckpt", num_data_iters=1)
-  fresh = data_iterator()
+  ck = ckpt_lib.Checkpointer(tmp_path / "ckpt")
   with caplog.at_level(logging.WARNING):
     step, got, _ = ck.restore_latest(
         train_state=abstract_of(train_state),
         ema_params=abstract_of(ema),
-        data_iters=[fresh],
         config_dict=CONFIG,
     )
   assert step == 3 and int(got["step"]) == 3
-  assert [next(fresh) for _ in range(3)] == after_3  # the data position of step 3 too
+  assert ck.data_position(step) == position(24)  # the data position of step 3 too
   assert "STEP 6" in caplog.text and "RESUMED FROM STEP 3, NOT FROM THE LATEST" in caplog.text
   # The bad step is kept aside for inspection and is no longer a step.
   assert ck.all_steps() == [3] and (tmp_path / "ckpt" / "6.corrupt").is_dir()

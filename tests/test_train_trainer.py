@@ -269,7 +269,6 @@ def test_resuming_an_old_layout_checkpoint_fails_clearly(tmp_path, data_dir):
         ("train.nonfinite", "ignore", r"train.nonfinite='ignore'; allowed: stop, skip"),
         ("train.max_nonfinite_steps", 0, r"train.max_nonfinite_steps=0"),
         ("train.keep_period", -5, r"train.keep_period=-5"),
-        ("train.data_shards", 3, r"global_batch_size=8 is not divisible by train.data_shards=3"),
         ("train.ema_decay", 1.5, r"train.ema_decay=1.5"),
     ],
 )

@@ -1,14 +1,16 @@
 """grain input pipeline: a TFDS data source -> per-host batches -> global sharded jax.Arrays.
 
-Each host (JAX process) reads its own shard of the split (grain `ShardOptions(process_index,
-process_count)`), shuffles with a seed shared by all hosts, repeats for training, preprocesses
-per stage (`preprocess.StageSpec`), batches `global_batch_size // process_count` examples and
-turns captions into tokens (or cached embeddings). `to_global_batch` assembles the host batches
-into one global `jax.Array` per field, sharded over the mesh's batch axes.
-
-The iterator is checkpointable: `HostLoader.get_state()` returns a JSON-serialisable dict
-(grain's sampler position), `set_state(state)` resumes exactly at the next batch, so the
-training checkpoint can store it beside the train state.
+The examples form one global stream, the same for any number of hosts (JAX processes):
+global example g (g = 0, 1, ...) is record `perm_e(g mod N)` of the N-record split, `perm_e` a
+seeded random-access permutation per epoch e = g // N (grain's index shuffle), and its random
+augmentation (crop, caption choice) is drawn from a generator keyed by (seed, g). The global
+batch of step k is examples [k B, (k + 1) B); host p of P reads its slice
+[k B + p b, k B + (p + 1) b), b = B / P. So the data position is one global number, the index
+of the next example (`HostLoader.position`), and a run checkpointed with P hosts resumes with
+any other number of hosts on exactly the batches it would have read (`make_loader(...,
+start_index=position)`). Preprocessing is per stage (`preprocess.StageSpec`); captions become
+tokens (or cached embeddings); `to_global_batch` assembles the host batches into one global
+`jax.Array` per field, sharded over the mesh's batch axes.
 
 Data sources by `data_config.name`:
 - 'shapes': the offline shapes dataset (built into `data_dir` on first use, see shapes.py);
@@ -20,8 +22,8 @@ Data sources by `data_config.name`:
 
 from __future__ import annotations
 
-import json
 import logging
+import sys
 from typing import Any, Callable, Sequence
 
 import grain.python as grain
@@ -130,41 +132,100 @@ class HostLoader:
       host_batch_size: int,
       num_records: int,
       spec: preprocess.StageSpec,
+      global_batch_size: int,
+      start_index: int = 0,
   ):
     self._loader = loader
     self._it = iter(loader)
     self.host_batch_size = host_batch_size
+    self.global_batch_size = global_batch_size
     self.num_records = num_records  # records in the whole split (all hosts)
     self.spec = spec
+    self._start = start_index
+    self._batches = 0  # host batches handed out
 
   def __iter__(self) -> "HostLoader":
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    return next(self._it)
+    batch = next(self._it)
+    self._batches += 1
+    return batch
 
   @property
-  def iterator(self) -> grain.DataLoaderIterator:
-    """The grain iterator (what `grain.checkpoint.CheckpointHandler` saves and restores)."""
-    return self._it
-
-  def get_state(self) -> dict:
-    """The position as a JSON-serialisable dict (store it in the training checkpoint)."""
-    return json.loads(self._it.get_state().decode("utf-8"))
-
-  def set_state(self, state: dict) -> None:
-    """Resume at the position `state` (from `get_state` of a loader built the same way)."""
-    if not isinstance(state, dict):
-      raise TypeError(f"loader state must be the dict from get_state(), got {type(state)}")
-    self._it.set_state(json.dumps(state).encode("utf-8"))
+  def position(self) -> int:
+    """The global index of the next example, the same on every host (what a checkpoint
+    stores; `make_loader(..., start_index=position)` continues from it with any host count)."""
+    return self._start + self._batches * self.global_batch_size
 
 
-def get_loader_state(loader: HostLoader) -> dict:
-  return loader.get_state()
+class GlobalSampler:
+  """grain sampler of this host's slice of the global example stream (module doc).
 
+  Local index i (the i-th example this host reads) is global example
+  g = start + (i // b) B + p b + i mod b; its record is `perm_{g // N}(g mod N)` (identity
+  without shuffle) and its rng is keyed by (seed, g), so neither depends on the host count.
+  """
 
-def set_loader_state(loader: HostLoader, state: dict) -> None:
-  loader.set_state(state)
+  def __init__(
+      self,
+      num_records: int,
+      *,
+      global_batch_size: int,
+      process_index: int,
+      process_count: int,
+      seed: int,
+      shuffle: bool,
+      repeat: bool,
+      drop_remainder: bool,
+      start_index: int = 0,
+  ):
+    if num_records < 1:
+      raise ValueError(f"the split has num_records={num_records}; it needs at least 1")
+    if start_index < 0:
+      raise ValueError(f"start_index={start_index}; allowed: >= 0 (a global example index)")
+    self._n = num_records
+    self._batch = global_batch_size
+    self._host_batch = global_batch_size // process_count
+    self._process = process_index
+    self._seed = int(seed) & 0x7FFFFFFF  # grain wants a non-negative 32-bit seed
+    self._shuffle = bool(shuffle)
+    self._start = int(start_index)
+    self._keys = grain.MapDataset.range(num_records)
+    if shuffle:
+      self._keys = self._keys.shuffle(seed=self._seed)
+    self._len = sys.maxsize if repeat else self._one_pass_length(drop_remainder)
+
+  def _one_pass_length(self, drop_remainder: bool) -> int:
+    """Local examples of the global indices [start, N) (whole global batches only with
+    `drop_remainder`, so every host steps the same number of times)."""
+    left = max(self._n - self._start, 0)
+    full = left // self._batch
+    share = 0 if drop_remainder else left - full * self._batch - self._process * self._host_batch
+    return full * self._host_batch + min(max(share, 0), self._host_batch)
+
+  def global_index(self, index: int) -> int:
+    step, j = divmod(index, self._host_batch)
+    return self._start + step * self._batch + self._process * self._host_batch + j
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __repr__(self) -> str:
+    return (
+        f"GlobalSampler(num_records={self._n}, global_batch_size={self._batch}, "
+        f"process={self._process}, seed={self._seed}, shuffle={self._shuffle}, "
+        f"start_index={self._start})"
+    )
+
+  def __getitem__(self, index: int) -> grain.RecordMetadata:
+    if not 0 <= index < self._len:
+      raise IndexError(f"index {index} out of [0, {self._len})")
+    g = self.global_index(index)
+    epoch, pos = divmod(g, self._n)
+    key = int(self._keys[epoch * self._n + pos]) % self._n if self._shuffle else pos
+    rng = np.random.Generator(np.random.Philox(key=(self._seed << 64) + g))
+    return grain.RecordMetadata(index=index, record_key=key, rng=rng)
 
 
 def make_loader(
@@ -178,6 +239,7 @@ def make_loader(
     process_index: int,
     process_count: int,
     embedding_lookup: Tokenizer | None = None,
+    start_index: int = 0,
 ) -> HostLoader:
   """Builds this host's loader for one stage.
 
@@ -189,11 +251,13 @@ def make_loader(
     tokenizer: `texts -> (ids int32 [B, L], mask bool [B, L])`.
     seed: shuffling and augmentation seed (the same on every host).
     process_index, process_count: this host and the number of hosts (jax.process_index(),
-      jax.process_count()); each host reads a disjoint 1/process_count of the split.
+      jax.process_count()); each host reads its slice of every global batch (module doc).
     embedding_lookup: `keys -> (emb float32 [B, L, D], mask bool [B, L])`; keys are the
       captions, or the values of `data_config.embedding_id_key` (e.g.
       `TextEmbeddingCache(path).get_batch` with the ids it was written with); replaces the
       tokenizer.
+    start_index: the global index of the first example to read (a checkpoint's
+      `HostLoader.position`); 0 starts the stream.
 
   Returns:
     A `HostLoader` of host batches of global_batch_size // process_count examples.
@@ -218,23 +282,17 @@ def make_loader(
   )
   source = open_data_source(data_config)
   num_records = len(source)
-  # drop_remainder: every host gets exactly floor(n / hosts) records, so hosts step in
-  # lockstep; up to process_count - 1 records of the split are never read.
-  shard = grain.ShardOptions(
-      shard_index=process_index, shard_count=process_count, drop_remainder=True
-  )
-  if num_records // process_count < 1:
-    raise ValueError(
-        f"split {data_config.split!r} has {num_records} records, fewer than "
-        f"the {process_count} hosts"
-    )
-  sampler = grain.IndexSampler(
-      num_records=num_records,
-      shard_options=shard,
+  sampler = GlobalSampler(
+      num_records,
+      global_batch_size=global_batch_size,
+      process_index=process_index,
+      process_count=process_count,
+      seed=seed,
       shuffle=bool(data_config.shuffle),
-      num_epochs=None if data_config.repeat else 1,
-      seed=int(seed) & 0x7FFFFFFF,
-  )  # grain wants a non-negative 32-bit seed
+      repeat=bool(data_config.repeat),
+      drop_remainder=bool(data_config.drop_remainder),
+      start_index=start_index,
+  )
   extra_keys = tuple(data_config.extra_keys)
   id_key = data_config.embedding_id_key if embedding_lookup is not None else ""
   if id_key and id_key not in extra_keys:
@@ -267,6 +325,8 @@ def make_loader(
   loader = grain.DataLoader(
       data_source=source,
       sampler=sampler,
+      # The sampler already picks this host's slice of the global stream.
+      shard_options=grain.NoSharding(),
       operations=ops,
       worker_count=int(data_config.num_workers),
       worker_buffer_size=int(data_config.worker_buffer_size),
@@ -276,16 +336,24 @@ def make_loader(
       ),
   )
   logging.info(
-      "data: %s split %r, %d records, host %d/%d, host batch %d, stage %s",
+      "data: %s split %r, %d records, host %d/%d, host batch %d, from example %d, stage %s",
       data_config.name,
       data_config.split,
       num_records,
       process_index,
       process_count,
       host_batch,
+      start_index,
       spec,
   )
-  return HostLoader(loader, host_batch_size=host_batch, num_records=num_records, spec=spec)
+  return HostLoader(
+      loader,
+      host_batch_size=host_batch,
+      num_records=num_records,
+      spec=spec,
+      global_batch_size=global_batch_size,
+      start_index=start_index,
+  )
 
 
 def to_global_batch(

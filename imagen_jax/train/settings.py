@@ -12,8 +12,7 @@ minutes of a compile (e.g. an interval of 0 taken modulo). Intervals count steps
                                         (leave params unchanged and go on)
   max_nonfinite_steps                   >= 1: with 'skip', this many non-finite steps in a row
                                         stop the run (it is diverging, not hitting a bad batch)
-  preemption_check_every                >= 1
-  data_shards                           0 (one per process) or > 0, dividing the global batch
+  preemption_check_every                >= 1 (used only with jax's preemption service off)
   ema_decay                             in [0, 1]
 """
 
@@ -51,11 +50,6 @@ def check(config) -> None:
     raise ValueError(f"train.nonfinite={t.nonfinite!r}; allowed: {', '.join(NONFINITE)}")
   _int(t, "max_nonfinite_steps", 1, "an int >= 1")
   _int(t, "preemption_check_every", 1, "an int >= 1")
-  shards = _int(t, "data_shards", 0, "an int >= 0 (0 = one per process)")
-  if shards and batch % shards:
-    raise ValueError(
-        f"train.global_batch_size={batch} is not divisible by train.data_shards={shards}"
-    )
   decay = t.ema_decay
   if not isinstance(decay, (int, float)) or not math.isfinite(decay) or not 0 <= decay <= 1:
     raise ValueError(f"train.ema_decay={decay!r}; allowed: a number in [0, 1]")

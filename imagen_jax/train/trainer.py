@@ -8,11 +8,12 @@ One run:
   2. the stage layer (`imagen_jax.stage`: network, schedule, conditioning, abstract params);
      the train state, either restored from the workdir's latest complete checkpoint (after
      checking it was written for this model) or initialised straight into its shardings;
-  3. the data: `train.data_shards` grain loaders (one per process by default) whose host
-     batches become one global batch sharded over the batch axes;
+  3. the data: this process's slice of each global batch of the global example stream, from
+     the checkpoint's global position (`data.pipeline`), sharded over the batch axes;
   4. the loop: jitted `train_step`, metrics (loss, grad norm, lr, steps/s, images/s) to
      TensorBoard + JSONL, EMA sample grids as PNG (`make_sample_fn`), async Orbax checkpoints every
-     `train.ckpt_every` steps, at the end and on SIGTERM.
+     `train.ckpt_every` steps, at the end and on preemption (SIGTERM to any process: every
+     process saves the same step and returns with "preempted": True; `_Preemption`).
 
 Faults: the settings are checked before anything is built (`train.settings.check`); a resume
 under another meaning (model, diffusion, text encoder name / max_length / weights fingerprint,
@@ -23,9 +24,10 @@ that does not load falls back to the previous one (`Checkpointer.restore_latest`
 logging them) are dropped; with `train.nonfinite='skip'`, `train.max_nonfinite_steps` non-finite
 steps in a row stop the run and skipped steps are reported at exit.
 
-Exactness of resume: the step's randomness is `fold_in(key(seed), step)` and the data iterator
-positions are stored in the checkpoint, so a run restarted from step k replays exactly the
-steps an uninterrupted run would have taken.
+Exactness of resume: the step's randomness is `fold_in(key(seed), step)` and the global data
+position is stored in the checkpoint, so a run restarted from step k replays exactly the
+steps an uninterrupted run would have taken, on any number of processes and any mesh shape
+(Orbax restores the arrays into the current shardings).
 """
 
 from __future__ import annotations
@@ -70,14 +72,30 @@ def config_to_dict(config) -> dict:
 
 
 class _Preemption:
-  """SIGTERM -> a flag the loop polls (the handler itself does no work: it may interrupt
-  anything, including a half-written checkpoint)."""
+  """Whether every process has reached the step at which to checkpoint and exit after a
+  preemption notice (SIGTERM) to any of them.
 
-  def __init__(self):
+  With `jax.distributed` initialised, jax's coordination service does it: its preemption
+  notifier catches SIGTERM on each process (TPU maintenance events too) and the sync manager
+  agrees, in the background, on the step max(every process's step) + 1;
+  `multihost_utils.reached_preemption_sync_point(step)`, called at every step, is a local check
+  (no per-step collective). No Python handler is installed then: it would replace the
+  notifier's. With one process: a SIGTERM handler sets a flag the loop polls (it does no work
+  itself: it may interrupt anything, a half-written checkpoint included). With several
+  processes but jax's preemption service turned off (`jax_enable_preemption_service=False`):
+  the handler's flag, agreed by an all-gather every `train.preemption_check_every` steps.
+  """
+
+  def __init__(self, check_every: int):
     self.flag = False
     self._previous = None
+    self._every = int(check_every)
+    self._service = jax.process_count() > 1 and _preemption_service_running()
 
   def install(self) -> None:
+    if self._service:
+      logging.info("preemption: jax's coordination service (SIGTERM on any process)")
+      return
     if threading.current_thread() is not threading.main_thread():
       logging.warning("not on the main thread: no SIGTERM handler installed")
       return
@@ -92,61 +110,64 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
       self._previous = None
 
-  def reached(self, step: int, every: int) -> bool:
-    """True on every process once any process got SIGTERM (checked every `every` steps)."""
+  def reached(self, step: int) -> bool:
+    """True, on every process at the same step, once any process got SIGTERM. Call it at
+    every step (the service's protocol counts the calls)."""
+    if self._service:
+      return multihost_utils.reached_preemption_sync_point(step)
     if jax.process_count() == 1:
       return self.flag
-    if every > 1 and step % every:
+    if step % self._every:
       return False
     flags = multihost_utils.process_allgather(np.asarray([int(self.flag)], np.int32))
     return bool(np.max(flags))
 
 
-class _ShardedLoader:
-  """Global-batch feeder from `data_shards` grain loaders, this process's share of them.
+def _preemption_service_running() -> bool:
+  """Whether jax.distributed runs a preemption sync manager (on unless the jax flag
+  `jax_enable_preemption_service` was turned off before `jax.distributed.initialize`)."""
+  from jax._src import distributed  # the manager is not exposed publicly
 
-  Shard s of S reads the records of grain shard s (`make_loader(process_index=s,
-  process_count=S)`); process p owns shards [p*k, (p+1)*k) with k = S / process_count and
-  concatenates their batches in order, so the global batch, and hence the whole run, is the
-  same for any number of processes (our choice; with S = process_count it is the plain
-  one-loader-per-host setup). Each loader's grain iterator is its own checkpoint item
-  (`checkpoint.data_item(k)` for the k-th of this process), saved by grain's handler.
-  """
+  state = distributed.global_state
+  return state.client is not None and state.preemption_sync_manager is not None
 
-  def __init__(self, config, tokenizer, num_shards: int, embedding_lookup=None):
-    pc, pi = jax.process_count(), jax.process_index()
-    num_shards = num_shards or pc
-    if num_shards % pc:
-      raise ValueError(
-          f"train.data_shards={num_shards} must be a multiple of the " f"process count {pc}"
-      )
-    k = num_shards // pc
-    lowres = int(config.lowres_size or 0) or None
-    self.loaders = [
-        pipeline.make_loader(
-            config.data,
-            image_size=int(config.image_size),
-            lowres_size=lowres,
-            global_batch_size=int(config.train.global_batch_size),
-            tokenizer=None if embedding_lookup else tokenizer,
-            embedding_lookup=embedding_lookup,
-            seed=int(config.train.seed),
-            process_index=s,
-            process_count=num_shards,
-        )
-        for s in range(pi * k, (pi + 1) * k)
-    ]
 
-  def __next__(self) -> dict:
-    batches = [next(it) for it in self.loaders]
-    if len(batches) == 1:
-      return batches[0]
-    return {key: np.concatenate([b[key] for b in batches], axis=0) for key in batches[0]}
+def make_train_loader(config, tokenizer, start_index: int, embedding_lookup=None):
+  """This process's loader of its slice of the global batches, from global example
+  `start_index` (`data.pipeline` module doc: the batches are the same for any process count)."""
+  lowres = int(config.lowres_size or 0) or None
+  return pipeline.make_loader(
+      config.data,
+      image_size=int(config.image_size),
+      lowres_size=lowres,
+      global_batch_size=int(config.train.global_batch_size),
+      tokenizer=None if embedding_lookup else tokenizer,
+      embedding_lookup=embedding_lookup,
+      seed=int(config.train.seed),
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      start_index=start_index,
+  )
 
-  @property
-  def iterators(self) -> list:
-    """This process's grain iterators, in shard order (the checkpoint's data items)."""
-    return [loader.iterator for loader in self.loaders]
+
+def data_start(config, saved: dict | None, step: int) -> int:
+  """The global example index a run resuming at `step` reads next: the checkpoint's saved
+  position, else step x global batch (a fresh run: 0)."""
+  if saved is None:
+    return step * int(config.train.global_batch_size)
+  changed = [
+      f"{k}: {saved.get(k)!r} saved, {now!r} now"
+      for k, now in (("seed", int(config.train.seed)), ("shuffle", bool(config.data.shuffle)))
+      if saved.get(k) != now
+  ]
+  if changed:
+    logging.warning(
+        "the data order differs from the checkpoint's (%s): the run continues at example %d "
+        "of the new order",
+        "; ".join(changed),
+        saved["next_example"],
+    )
+  return int(saved["next_example"])
 
 
 def _mean_metrics(pending: Sequence[tuple[int, dict]]) -> dict:
@@ -205,17 +226,10 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> d
   text_cache = open_text_cache(c.text, encoder)
   program = program_lib.build(c, mesh, encoder, use_cache=text_cache is not None)
   stage, abstract, shardings = program.stage, program.abstract, program.shardings
-  loader = _ShardedLoader(
-      c,
-      encoder.tokenize,
-      int(c.train.data_shards),
-      embedding_lookup=text_cache.get_batch if text_cache else None,
-  )
   ckpt = ckpt_lib.Checkpointer(
       os.path.join(workdir, "checkpoints"),
       max_to_keep=c.train.max_to_keep,
       keep_period=int(c.train.keep_period),
-      num_data_iters=len(loader.loaders),
   )
   base_rng = jax.random.key(int(c.train.seed))
   init_rng, step_rng, sample_rng = jax.random.split(base_rng, 3)
@@ -226,12 +240,13 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> d
   restored = ckpt.restore_latest(
       train_state=train_target,
       ema_params=ema_target,
-      data_iters=loader.iterators,
       config_dict=config_dict,
   )
+  saved_position = None
   if restored is not None:
     latest, train_state, ema = restored
     state = state_lib.TrainState.from_checkpoint_items(train_state, ema)
+    saved_position = ckpt.data_position(latest, from_step=bool(c.train.data_position_from_step))
     logging.info("resumed from %s at step %d", ckpt.directory, latest)
   else:
     state = state_lib.create_state(stage, program.tx, shardings, init_rng)
@@ -244,6 +259,12 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> d
     )
   step = int(jax.device_get(state.step))
   logging.info("%d params", state_lib.param_count(abstract.params))
+  loader = make_train_loader(
+      c,
+      encoder.tokenize,
+      data_start(c, saved_position, step),
+      embedding_lookup=text_cache.get_batch if text_cache else None,
+  )
 
   train_step = program.step
 
@@ -257,11 +278,17 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> d
         step,
         train_state=train_state,
         ema_params=ema,
-        data_iters=loader.iterators,
+        data_position={
+            "next_example": loader.position,
+            "global_batch_size": int(c.train.global_batch_size),
+            "num_records": loader.num_records,
+            "seed": int(c.train.seed),
+            "shuffle": bool(c.data.shuffle),
+        },
         config_dict=config_dict,
     )
 
-  preemption = _Preemption()
+  preemption = _Preemption(int(c.train.preemption_check_every))
   preemption.install()
   history, pending = [], []
   preempted = False
@@ -344,11 +371,11 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> d
         writer.write_images(step, sampler(state, encoder.params, sample_rng))
         if sampler.captions:
           writer.write_text(step, "ema_samples_prompts", "\n".join(sampler.captions))
-      if preemption.reached(step, int(c.train.preemption_check_every)):
+      if preemption.reached(step):
         flush()
         save(step)
         ckpt.wait()
-        logging.warning("SIGTERM: saved step %d, exiting", step)
+        logging.warning("preempted (SIGTERM): saved step %d on every process, exiting", step)
         preempted = True
         break
       if settings_lib.every(step, c.train.ckpt_every) or step == c.train.num_steps:
