@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run one training job as N local JAX processes on 127.0.0.1, each with K fake CPU devices.
-# Exercises the multi-host code paths (jax.distributed, per-host data shards, cross-process
-# collectives via gloo, per-process data-iterator checkpoints) on one machine.
+# Exercises the multi-host code paths (jax.distributed, each host's slice of the global batch,
+# cross-process collectives via gloo, the coordination service's preemption sync point) on one
+# machine.
 #
 #   launch/local_multiprocess.sh N K WORKDIR CONFIG [--config.x=y ...]
 #   e.g. launch/local_multiprocess.sh 2 4 /tmp/run configs/base64.py:tiny --config.train.num_steps=5
