@@ -122,11 +122,12 @@ def main(argv):
   if c.num_stages not in (1, 2, 3):
     raise app.UsageError(f"num_stages={c.num_stages}; allowed: 1, 2, 3")
   blocks = [c.stage1, c.stage2, c.stage3][: c.num_stages]
+  # The edit's PNGs are checked before the stages load: at the last stage's size.
+  init_image, mask, edit = read_edit(int(cascade.read_stage_config(blocks[-1].workdir).image_size))
   model = cascade.Cascade.from_workdirs(
       [b.workdir for b in blocks], mesh_shape=parse_mesh_shape(_MESH_SHAPE.value)
   )
   settings = [cascade.SamplingSettings.from_config(b) for b in blocks]
-  init_image, mask, edit = read_edit(model.stages[-1].image_size)
   k = _PER_PROMPT.value
   expanded = [p for p in prompts for _ in range(k)]
   outs = model.sample(

@@ -15,6 +15,7 @@ replacement alone is off by ~0.55 conditional std in the mean, RePaint's resampl
 within the stated budget.
 """
 
+import json
 import math
 import os
 import subprocess
@@ -273,7 +274,8 @@ def test_cascade_inpaint_keeps_the_known_region_at_every_stage(tiny_cascade):
       cascade.SamplingSettings(num_steps=2, aug_level=0.1),
   ]
   prompts = ["a red circle", "a blue square", "a green triangle"]
-  edit = editing.EditSettings(resample_steps=2)
+  # Per stage: stage 1 also starts from the noised image at t = 0.6 (SDEdit).
+  edit = [editing.EditSettings(strength=0.6, resample_steps=2), editing.EditSettings()]
   a = tiny_cascade.sample(prompts, settings, seed=1, init_image=x, mask=mask, edit=edit)
   assert [o.shape for o in a] == [(3, 16, 16, 3), (3, 32, 32, 3)]
   x16 = np.asarray(editing.resize_image(x[None], 16))[0]
@@ -288,6 +290,39 @@ def test_cascade_inpaint_keeps_the_known_region_at_every_stage(tiny_cascade):
     tiny_cascade.sample(prompts, settings, init_image=x[:16, :16], progress=False)
 
 
+@pytest.mark.slow
+def test_cascade_img2img_small_strength_stays_near_the_init_image(tiny_cascade):
+  x = np.random.default_rng(7).uniform(-1, 1, (16, 16, 3)).astype(np.float32)
+  settings = [cascade.SamplingSettings(num_steps=4, guidance_weight=2.0)]  # stage 1 alone
+  prompts = ["a red circle", "a blue square"]
+  (plain,) = tiny_cascade.sample(prompts, settings, seed=2, progress=False)
+  (near,) = tiny_cascade.sample(
+      prompts, settings, seed=2, init_image=x, edit=editing.EditSettings(0.1), progress=False
+  )
+  # A random network: from pure noise it lands anywhere; from t = 0.1 (alpha 0.99, sigma 0.16)
+  # its one step moves x by ~sigma / alpha |eps - eps_hat|.
+  assert np.abs(near - x).mean() < 0.5 * np.abs(plain - x).mean()
+  with pytest.raises(ValueError, match=r"edit must be an EditSettings or 1 of them"):
+    tiny_cascade.sample(prompts, settings, init_image=x, edit=[editing.EditSettings()] * 2)
+
+
+def test_sample_cli_inpaint_reads_pngs_of_the_last_stage_size(tmp_path):
+  from absl import app
+
+  from imagen_jax import sample
+
+  mask = np.zeros((16, 32), np.uint8)
+  PIL.Image.fromarray(mask).save(tmp_path / "mask.png")
+  with pytest.raises(app.UsageError, match=r"--mask=.* is 32x16; allowed: 32x32"):
+    sample.read_png(str(tmp_path / "mask.png"), 32, "mask", "L")
+  with pytest.raises(app.UsageError, match=r"--init_image=.* does not exist"):
+    sample.read_png(str(tmp_path / "nowhere.png"), 32, "init_image", "RGB")
+  square = np.tril(np.full((32, 32), 255, np.uint8))
+  PIL.Image.fromarray(square).save(tmp_path / "square.png")
+  np.testing.assert_array_equal(sample.read_png(str(tmp_path / "square.png"), 32, "m", "L"), square)
+
+
+@pytest.mark.slow
 def test_sample_cli_inpaint_and_img2img_flags(tmp_path):
   workdirs = cascade_fixtures.shared_tiny_cascade()
   rng = np.random.default_rng(6)
@@ -296,41 +331,39 @@ def test_sample_cli_inpaint_and_img2img_flags(tmp_path):
   mask[16:] = 255  # white = known: the bottom half is kept
   PIL.Image.fromarray(init).save(tmp_path / "init.png")
   PIL.Image.fromarray(mask).save(tmp_path / "mask.png")
-  PIL.Image.fromarray(mask[:16]).save(tmp_path / "bad_mask.png")
-
-  def run(*extra):
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "imagen_jax.sample",
-            "--config=configs/cascade.py:shapes",
-            f"--config.stage1.workdir={workdirs[0]}",
-            f"--config.stage2.workdir={workdirs[1]}",
-            "--config.stage1.num_steps=2",
-            "--config.stage2.num_steps=2",
-            "--config.batch_size=8",
-            "--prompt=a red circle",
-            "--num_per_prompt=2",
-            f"--outdir={tmp_path / 'out'}",
-            f"--init_image={tmp_path / 'init.png'}",
-            *extra,
-        ],
-        capture_output=True,
-        text=True,
-        cwd=cascade_fixtures.REPO,
-        timeout=600,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"),
-    )
-
-  proc = run(f"--mask={tmp_path / 'mask.png'}", "--strength=0.7", "--resample_steps=2")
+  out = tmp_path / "out"
+  proc = subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "imagen_jax.sample",
+          "--config=configs/cascade.py:shapes",
+          f"--config.stage1.workdir={workdirs[0]}",
+          f"--config.stage2.workdir={workdirs[1]}",
+          "--config.stage1.num_steps=2",
+          "--config.stage2.num_steps=2",
+          "--config.batch_size=8",
+          "--prompt=a red circle",
+          "--num_per_prompt=2",
+          f"--outdir={out}",
+          f"--init_image={tmp_path / 'init.png'}",
+          f"--mask={tmp_path / 'mask.png'}",
+          "--strength=0.7",
+          "--resample_steps=2",
+      ],
+      capture_output=True,
+      text=True,
+      cwd=cascade_fixtures.REPO,
+      timeout=600,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )
   assert proc.returncode == 0, proc.stderr[-4000:]
-  for i in range(2):
-    with PIL.Image.open(tmp_path / "out" / "stage2" / f"{i:04d}.png") as im:
-      out = np.asarray(im)
-    np.testing.assert_array_equal(out[16:], init[16:])  # the known half, pixel for pixel
-    assert np.abs(out[:16].astype(int) - init[:16]).mean() > 10
-  # The mask at the wrong size: a usage error naming the sizes.
-  proc = run(f"--mask={tmp_path / 'bad_mask.png'}")
-  assert proc.returncode != 0 and "is 32x16; allowed: 32x32" in proc.stderr
+  # The PNG round trip is exact (to_uint8 inverts from_uint8), so the known half is too.
   assert images.to_uint8(images.from_uint8(init)).tolist() == init.tolist()
+  for i in range(2):
+    with PIL.Image.open(out / "stage2" / f"{i:04d}.png") as im:
+      img = np.asarray(im)
+    np.testing.assert_array_equal(img[16:], init[16:])  # the known half, pixel for pixel
+    assert np.abs(img[:16].astype(int) - init[:16]).mean() > 10
+  edit = json.loads((out / "settings.json").read_text())["edit"]
+  assert edit["strength"] == 0.7 and edit["resample_steps"] == 2
