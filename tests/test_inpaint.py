@@ -27,7 +27,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from imagen_jax import cascade, images
+from imagen_jax import cascade, images, sharded_sampling
 from imagen_jax.diffusion import editing
 from imagen_jax.diffusion import samplers as SM
 from imagen_jax.diffusion.schedules import alpha_sigma
@@ -284,6 +284,18 @@ def test_cascade_inpaint_keeps_the_known_region_at_every_stage(tiny_cascade):
   assert np.abs(a[0][:, :, 6:] - x16[:, 6:]).mean() > 0.1  # regenerated, not copied
   assert np.abs(a[1][:, :, 13:] - x[:, 13:]).mean() > 0.1
   assert not np.allclose(a[1][0], a[1][1])  # each prompt its own sample
+  # The AOT path: the editing program lowers from sharded abstract inputs alone.
+  abstract = sharded_sampling.abstract_sampler_inputs(
+      tiny_cascade.stages[1].stage,
+      8,
+      tiny_cascade.mesh,
+      tiny_cascade.rules,
+      fsdp_min_size=tiny_cascade.fsdp_min_sizes[1],
+      edit=edit[1],
+  )
+  assert abstract[-2].shape == (8, 32, 32, 3) and abstract[-1].shape == (8, 32, 32, 1)
+  lowered = tiny_cascade.sampler(1, settings[1], edit[1]).lower(*abstract)
+  assert lowered.out_info.shape == (8, 32, 32, 3)
   with pytest.raises(ValueError, match=r"mask has shape \(16, 16\); allowed: \[32, 32\]"):
     tiny_cascade.sample(prompts, settings, init_image=x, mask=mask[:16, :16], progress=False)
   with pytest.raises(ValueError, match=r"init_image has shape \(16, 16, 3\); allowed"):
