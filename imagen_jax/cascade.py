@@ -426,17 +426,22 @@ class Cascade:
       if lowres is not None:
         prev = np.asarray(lowres[start : start + n], np.float32)
         prev = self._shard(np.concatenate([prev, np.zeros((pad,) + prev.shape[1:], np.float32)]))
-      x = m = None
+      chunk_image = chunk_mask = None  # padded like the prompts
       if init_image is not None:
-        x = np.concatenate([init_image[start : start + n], np.zeros((pad,) + init_image.shape[1:])])
+        chunk_image = np.concatenate(
+            [init_image[start : start + n], np.zeros((pad,) + init_image.shape[1:], np.float32)]
+        )
       if mask is not None:
-        m = np.concatenate([mask[start : start + n], np.ones((pad,) + mask.shape[1:])])
+        chunk_mask = np.concatenate(
+            [mask[start : start + n], np.ones((pad,) + mask.shape[1:], np.float32)]
+        )
       for k, s in enumerate(settings):
         edit_kw = {}
-        if x is not None:
+        if chunk_image is not None:
+          resized = None if chunk_mask is None else editing.resize_mask(chunk_mask, sizes[k])
           edit_kw = dict(
-              init_image=self._shard(editing.resize_image(x, sizes[k])),
-              mask=None if m is None else self._shard(editing.resize_mask(m, sizes[k])),
+              init_image=self._shard(editing.resize_image(chunk_image, sizes[k])),
+              mask=None if resized is None else self._shard(resized),
               edit=edits[k],
           )
         prev = self.sample_stage(

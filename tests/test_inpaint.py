@@ -266,24 +266,26 @@ def tiny_cascade():
 
 def test_cascade_inpaint_keeps_the_known_region_at_every_stage(tiny_cascade):
   rng = np.random.default_rng(5)
-  x = rng.uniform(-1, 1, (32, 32, 3)).astype(np.float32)
+  x = rng.uniform(-1, 1, (10, 32, 32, 3)).astype(np.float32)  # one image per prompt
   mask = np.zeros((32, 32), np.float32)
   mask[:, :13] = 1.0  # known: the left 13 columns; at 16px only the left 6 are fully known
   settings = [
       cascade.SamplingSettings(num_steps=3, guidance_weight=2.0),
       cascade.SamplingSettings(num_steps=2, aug_level=0.1),
   ]
-  prompts = ["a red circle", "a blue square", "a green triangle"]
-  # Per stage: stage 1 also starts from the noised image at t = 0.6 (SDEdit).
+  prompts = ["a red circle", "a blue square", "a green triangle", "", "a circle"] * 2
+  # Per stage: stage 1 also starts from the noised image at t = 0.6 (SDEdit). Two batches of
+  # 8 (the second padded): each prompt keeps its own image.
   edit = [editing.EditSettings(strength=0.6, resample_steps=2), editing.EditSettings()]
-  a = tiny_cascade.sample(prompts, settings, seed=1, init_image=x, mask=mask, edit=edit)
-  assert [o.shape for o in a] == [(3, 16, 16, 3), (3, 32, 32, 3)]
-  x16 = np.asarray(editing.resize_image(x[None], 16))[0]
-  np.testing.assert_array_equal(a[0][:, :, :6], np.broadcast_to(x16[:, :6], (3, 16, 6, 3)))
-  np.testing.assert_array_equal(a[1][:, :, :13], np.broadcast_to(x[:, :13], (3, 32, 13, 3)))
-  assert np.abs(a[0][:, :, 6:] - x16[:, 6:]).mean() > 0.1  # regenerated, not copied
-  assert np.abs(a[1][:, :, 13:] - x[:, 13:]).mean() > 0.1
-  assert not np.allclose(a[1][0], a[1][1])  # each prompt its own sample
+  a = tiny_cascade.sample(
+      prompts, settings, seed=1, batch_size=8, init_image=x, mask=mask, edit=edit, progress=False
+  )
+  assert [o.shape for o in a] == [(10, 16, 16, 3), (10, 32, 32, 3)]
+  x16 = np.asarray(editing.resize_image(x, 16))
+  np.testing.assert_array_equal(a[0][:, :, :6], x16[:, :, :6])
+  np.testing.assert_array_equal(a[1][:, :, :13], x[:, :, :13])
+  assert np.abs(a[0][:, :, 6:] - x16[:, :, 6:]).mean() > 0.1  # regenerated, not copied
+  assert np.abs(a[1][:, :, 13:] - x[:, :, 13:]).mean() > 0.1
   # The AOT path: the editing program lowers from sharded abstract inputs alone.
   abstract = sharded_sampling.abstract_sampler_inputs(
       tiny_cascade.stages[1].stage,
@@ -298,8 +300,8 @@ def test_cascade_inpaint_keeps_the_known_region_at_every_stage(tiny_cascade):
   assert lowered.out_info.shape == (8, 32, 32, 3)
   with pytest.raises(ValueError, match=r"mask has shape \(16, 16\); allowed: \[32, 32\]"):
     tiny_cascade.sample(prompts, settings, init_image=x, mask=mask[:16, :16], progress=False)
-  with pytest.raises(ValueError, match=r"init_image has shape \(16, 16, 3\); allowed"):
-    tiny_cascade.sample(prompts, settings, init_image=x[:16, :16], progress=False)
+  with pytest.raises(ValueError, match=r"init_image has shape \(10, 16, 16, 3\); allowed"):
+    tiny_cascade.sample(prompts, settings, init_image=x[:, :16, :16], progress=False)
 
 
 @pytest.mark.slow
