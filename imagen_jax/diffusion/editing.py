@@ -17,9 +17,10 @@ sampling but for alpha(t_max) x, 4.5e-5 x for the cosine schedule); small values
 ``x``. The step count scales with it (:func:`sdedit_settings`), so the step density is that of
 plain sampling (diffusers' img2img convention).
 
-Inpainting (Lugmayr et al. 2022, "RePaint", §4.1 Eq. 8-9 and §4.2 Alg. 1; imagen-pytorch's
-``inpaint_images`` / ``inpaint_masks``): after every step t -> s the known region is replaced by
-a fresh sample of the forward process at s,
+Inpainting (Lugmayr et al. 2022, "RePaint", §4.1-4.2 and Alg. 1; imagen-pytorch's
+``inpaint_images`` / ``inpaint_masks``; Imagen Editor, Wang et al. 2023, instead fine-tunes the
+network on masks, this is the training-free route): after every step t -> s the known region is
+replaced by a fresh sample of the forward process at s,
 
     z_s <- m * (alpha_s x + sigma_s n) + (1 - m) * z_s^model,     n ~ N(0, I) fresh,
 
@@ -136,7 +137,7 @@ def sdedit_start(x: Array, logsnr_start: Array, noise: Array) -> Array:
 def replace_known(
     z_s: Array, x: Array, mask: Array, logsnr_s: Array, noise: Array, last: Array
 ) -> Array:
-  """RePaint's combination (Lugmayr et al. 2022, Eq. 8-9) after a step to time s:
+  """RePaint's combination (Lugmayr et al. 2022, §4.1) after a step to time s:
 
       z_s <- m * z_known + (1 - m) * z_s,    z_known = alpha_s x + sigma_s n   (n fresh),
       z_known = x at the last step (s = t_min, where the sampler returns x0: sigma taken as 0).
@@ -154,8 +155,8 @@ def replace_known(
 
 
 def renoise(z_s: Array, logsnr_s: Array, logsnr_t: Array, noise: Array) -> Array:
-  """One forward transition back from s to t > s, z_t ~ q(z_t | z_s) (RePaint Alg. 1, line 11;
-  VDM App. A):
+  """One forward transition back from s to t > s, z_t ~ q(z_t | z_s) (RePaint §4.2 and Alg. 1,
+  its resampling branch; the transition of VDM App. A):
 
       z_t = (alpha_t / alpha_s) z_s + sigma_t sqrt(c) n,    c = 1 - exp(lambda_t - lambda_s).
 

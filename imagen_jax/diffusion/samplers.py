@@ -446,6 +446,8 @@ def _reverse_loop(denoise_fn, schedule, settings, callback, per_sample, cond, z,
   steps = jnp.arange(num_steps, dtype=jnp.int32)
   is_last = steps == num_steps - 1
   eta, gamma = jnp.float32(settings.eta), jnp.float32(settings.gamma)
+  init_image, mask, resample_steps = edit
+  hook = _edit_hook(mask, init_image, resample_steps, rng, per_sample)
 
   def step(carry, xs):
     z_t, x0_prev, logsnr_prev = carry
@@ -488,12 +490,10 @@ def _reverse_loop(denoise_fn, schedule, settings, callback, per_sample, cond, z,
       z_s = hook(z_s, i, logsnr_t, logsnr_s, last, renoise)
     return (z_s, x0_hat, logsnr_t), None
 
-  init_image, mask, resample_steps = edit
   if init_image is not None:  # SDEdit: start from the noised image at the grid's first time
     z = editing.sdedit_start(init_image, logsnrs[0], z)
   init = (z, jnp.zeros_like(z), logsnrs[0])
   xs = (steps, ts[:-1], logsnrs[:-1], logsnrs[1:], is_last)
-  hook = _edit_hook(mask, init_image, resample_steps, rng, per_sample)
   if resample_steps > 1:  # RePaint: each step r times; xs[0] becomes the network call's index
     grid_step, back = editing.resample_plan(num_steps, resample_steps)
     calls = jnp.arange(len(grid_step), dtype=jnp.int32)
