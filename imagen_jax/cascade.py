@@ -26,6 +26,11 @@ mesh axes that the logical `batch` axis maps to. The jitted samplers are the bui
 `sharded_sampling`, so what is compiled ahead of time for a TPU slice is what runs here. The
 mesh holds this process's devices: a multi-host job gives each process its own prompts (e.g.
 `first_index` = the process's offset).
+
+Editing (`diffusion.editing`): `sample(..., init_image=, mask=, edit=)` inpaints (RePaint; mask
+1 = known, imagen-pytorch's convention) and / or runs image-to-image (SDEdit, `edit.strength`)
+at every stage, the image and mask given at the last stage's size and resized to each stage's
+(`editing.resize_image`, `editing.resize_mask`).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import numpy as np
 
 from imagen_jax import checkpoint as ckpt_lib
 from imagen_jax import sharded_sampling as ss
+from imagen_jax.diffusion import editing
 from imagen_jax.sharded_sampling import initial_noise  # noqa: F401  (public here too)
 from imagen_jax.stage import SamplingSettings, Stage
 from imagen_jax.text import registry
@@ -293,11 +299,14 @@ class Cascade:
     """`(text_emb [B, L, D], text_mask [B, L])` on the mesh (B a multiple of `batch_multiple`)."""
     return self.encoder.encode(list(prompts))
 
-  def sampler(self, k: int, settings: SamplingSettings) -> ss.MeshJit:
-    """Stage k's (0-based) jitted sampler for `settings` (built once per static setting)."""
+  def sampler(
+      self, k: int, settings: SamplingSettings, edit: editing.EditSettings | None = None
+  ) -> ss.MeshJit:
+    """Stage k's (0-based) jitted sampler for `settings` (built once per static setting); with
+    `edit`, the editing sampler (`sharded_sampling.make_stage_sampler`)."""
     guided = settings.guidance_weight != 1.0
     static = dataclasses.replace(settings, guidance_weight=0.0)  # w is traced, not static
-    key = (k, static, guided)
+    key = (k, static, guided, edit)
     if key not in self._samplers:
       self._samplers[key] = ss.make_stage_sampler(
           self.stages[k].stage,
@@ -306,6 +315,7 @@ class Cascade:
           self.rules,
           guided=guided,
           fsdp_min_size=self.fsdp_min_sizes[k],
+          edit=edit,
       )
     return self._samplers[key]
 
@@ -318,6 +328,10 @@ class Cascade:
       key: Array,
       indices: Array,
       lowres: Array | None = None,
+      *,
+      init_image: Array | None = None,
+      mask: Array | None = None,
+      edit: editing.EditSettings | None = None,
   ) -> Array:
     """Samples stage k (0-based) for a batch: `[B, S, S, 3]` in [-1, 1] on the mesh.
 
@@ -325,6 +339,8 @@ class Cascade:
       text_emb, text_mask: `[B, L, D]`, `[B, L]` from the shared frozen encoder.
       key: the stage's PRNG key; indices: `[B]` global sample indices (per-sample noise).
       lowres: `[B, s, s, 3]`, the previous stage's output (SR stages only).
+      init_image, mask, edit: an edit at this stage's size S (`[B, S, S, 3]` in [-1, 1],
+        `[B, S, S, 1]` in [0, 1] with 1 = known, or None; `editing.EditSettings`).
     """
     stage = self.stages[k]
     if stage.is_sr != (lowres is not None):
@@ -337,7 +353,17 @@ class Cascade:
           f"inputs, got {lowres.shape}"
       )
     w = np.float32(settings.guidance_weight)
-    return self.sampler(k, settings)(stage.params, text_emb, text_mask, lowres, w, key, indices)
+    args = (stage.params, text_emb, text_mask, lowres, w, key, indices)
+    if init_image is None:
+      if mask is not None or edit is not None:
+        raise ValueError("an edit (mask / edit settings) needs init_image")
+      return self.sampler(k, settings)(*args)
+    edit = editing.EditSettings() if edit is None else edit
+    s = stage.image_size
+    editing.check_init_image(init_image, (len(indices), s, s, 3))
+    if mask is not None:
+      editing.check_mask(mask, (len(indices), s, s, 3))
+    return self.sampler(k, settings, edit)(*args, init_image, mask)
 
   def sample(
       self,
@@ -349,6 +375,9 @@ class Cascade:
       first_index: int = 0,
       lowres: np.ndarray | None = None,
       progress: bool = True,
+      init_image: np.ndarray | None = None,
+      mask: np.ndarray | None = None,
+      edit: editing.EditSettings | Sequence[editing.EditSettings] | None = None,
   ) -> list[np.ndarray]:
     """Runs the cascade on `prompts`; returns one `[N, S_k, S_k, 3]` float array per stage.
 
@@ -359,6 +388,13 @@ class Cascade:
         the SR stages alone on real low-res inputs); then `settings[0]` is for stage 2.
       batch_size: prompts per jitted call, rounded up to a multiple of `batch_multiple` (a
         short batch is padded with empty prompts whose samples are dropped).
+      init_image: optional image to edit, `[S, S, 3]` (one for all prompts) or `[N, S, S, 3]`,
+        in [-1, 1], at the last stage's size S; each stage gets it resized
+        (`editing.resize_image`). Alone (or with `edit.strength` < 1): image-to-image.
+      mask: optional inpainting mask `[S, S]`, `[S, S, 1]`, `[N, S, S]` or `[N, S, S, 1]` in
+        [0, 1], 1 = known (kept), 0 = regenerated; resized per stage by `editing.resize_mask`.
+      edit: `editing.EditSettings` (strength, resample_steps) for every stage, or one per stage;
+        default `EditSettings()` when `init_image` is given.
     """
     from tqdm import tqdm
 
@@ -371,6 +407,8 @@ class Cascade:
       )
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    sizes = [self.stages[k + offset].image_size for k in range(n_stages)]
+    init_image, mask, edits = prepare_edit(init_image, mask, edit, len(prompts), sizes)
     m = self.batch_multiple
     batch_size = -(-batch_size // m) * m
     key = jax.random.key(seed)
@@ -380,7 +418,7 @@ class Cascade:
       chunk = list(prompts[start : start + batch_size])
       n = len(chunk)
       pad = (-n) % m  # padded samples get the following indices; their outputs are dropped
-      emb, mask = self.encode(chunk + [""] * pad)
+      emb, text_mask = self.encode(chunk + [""] * pad)
       idx = self._shard(
           np.arange(first_index + start, first_index + start + n + pad, dtype=np.int32)
       )
@@ -388,9 +426,72 @@ class Cascade:
       if lowres is not None:
         prev = np.asarray(lowres[start : start + n], np.float32)
         prev = self._shard(np.concatenate([prev, np.zeros((pad,) + prev.shape[1:], np.float32)]))
+      chunk_image = chunk_mask = None  # padded like the prompts
+      if init_image is not None:
+        chunk_image = np.concatenate(
+            [init_image[start : start + n], np.zeros((pad,) + init_image.shape[1:], np.float32)]
+        )
+      if mask is not None:
+        chunk_mask = np.concatenate(
+            [mask[start : start + n], np.ones((pad,) + mask.shape[1:], np.float32)]
+        )
       for k, s in enumerate(settings):
+        edit_kw = {}
+        if chunk_image is not None:
+          resized = None if chunk_mask is None else editing.resize_mask(chunk_mask, sizes[k])
+          edit_kw = dict(
+              init_image=self._shard(editing.resize_image(chunk_image, sizes[k])),
+              mask=None if resized is None else self._shard(resized),
+              edit=edits[k],
+          )
         prev = self.sample_stage(
-            k + offset, s, emb, mask, jax.random.fold_in(key, k + offset), idx, lowres=prev
+            k + offset,
+            s,
+            emb,
+            text_mask,
+            jax.random.fold_in(key, k + offset),
+            idx,
+            lowres=prev,
+            **edit_kw,
         )
         outs[k].append(np.asarray(prev)[:n])
     return [np.concatenate(o) for o in outs]
+
+
+def prepare_edit(init_image, mask, edit, n: int, sizes: Sequence[int]):
+  """The cascade's edit inputs, checked: `(init_image [N, S, S, 3] | None, mask [N, S, S, 1] |
+  None, edits)` (float32; one `EditSettings` per stage), S = `sizes[-1]`, the last stage's."""
+  n_stages, s = len(sizes), sizes[-1]
+  if init_image is None:
+    if mask is not None or edit is not None:
+      raise ValueError("an edit (mask / edit settings) needs init_image")
+    return None, None, [None] * n_stages
+  x = np.asarray(init_image, np.float32)
+  x = np.broadcast_to(x, (n,) + x.shape) if x.ndim == 3 else x
+  if x.shape[1:] != (s, s, 3) or x.shape[0] != n:
+    raise ValueError(
+        f"init_image has shape {np.shape(init_image)}; allowed: [{s}, {s}, 3] or "
+        f"[{n}, {s}, {s}, 3] (the last stage's {s}x{s} images, one or one per prompt)"
+    )
+  x = np.asarray(editing.check_init_image(x, (n, s, s, 3)))
+  m = None
+  if mask is not None:
+    m = np.asarray(mask, np.float32)
+    if m.ndim == 2 or (m.ndim == 3 and m.shape[-1] != 1):  # [S, S] or [N, S, S]: add C = 1
+      m = m[..., None]
+    if m.ndim == 3:  # one [S, S, 1] mask for every prompt
+      m = np.broadcast_to(m, (n,) + m.shape)
+    if m.shape != (n, s, s, 1):
+      raise ValueError(
+          f"mask has shape {np.shape(mask)}; allowed: [{s}, {s}], [{s}, {s}, 1], [{n}, {s}, {s}] "
+          f"or [{n}, {s}, {s}, 1] (the last stage's size; 1 = known, kept; 0 = regenerated)"
+      )
+    m = np.asarray(editing.check_mask(m, (n, s, s, 3)))
+  edits = [editing.EditSettings() if edit is None else edit] * n_stages
+  if edit is not None and not isinstance(edit, editing.EditSettings):
+    edits = list(edit)
+    if len(edits) != n_stages or not all(isinstance(e, editing.EditSettings) for e in edits):
+      raise ValueError(
+          f"edit must be an EditSettings or {n_stages} of them (one per stage), got {edit!r}"
+      )
+  return x, m, edits

@@ -9,6 +9,11 @@ the config's value at every stage; per stage, set `--config.stageK.FIELD`. Sampl
 on a mesh of this process's devices (`--mesh_shape=data=2,fsdp=-1,tensor=1`; default: all on
 fsdp, `sharded_sampling.DEFAULT_MESH_SHAPE`). Thin entry point: the logic is
 `imagen_jax.cascade`.
+
+Editing (`diffusion.editing`), at every stage: `--init_image=IMG.png` (S x S, the last stage's
+size) with `--strength=0.6` is image-to-image (SDEdit); with `--mask=MASK.png` (S x S, white =
+known, kept; black = regenerated: imagen-pytorch's `inpaint_masks`) it inpaints (RePaint,
+`--resample_steps` times per step).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -26,6 +32,18 @@ _PROMPTS = flags.DEFINE_multi_string("prompt", [], "a prompt (repeat the flag fo
 _PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "a text file, one prompt per line")
 _OUTDIR = flags.DEFINE_string("outdir", "samples_out", "where the PNGs and settings go")
 _PER_PROMPT = flags.DEFINE_integer("num_per_prompt", 4, "samples per prompt")
+_INIT_IMAGE = flags.DEFINE_string(
+    "init_image", None, "PNG to edit (S x S, the last stage's size): img2img / inpainting"
+)
+_MASK = flags.DEFINE_string(
+    "mask", None, "inpainting mask PNG (S x S): white = known (kept), black = regenerated"
+)
+_STRENGTH = flags.DEFINE_float(
+    "strength", 1.0, "img2img strength in (0, 1]: start at t = strength * t_max (SDEdit)"
+)
+_RESAMPLE = flags.DEFINE_integer(
+    "resample_steps", 5, "inpainting: RePaint's r, runs of each step (imagen-pytorch's default 5)"
+)
 _MESH_SHAPE = flags.DEFINE_string(
     "mesh_shape", "", "sampling mesh, e.g. data=2,fsdp=-1,tensor=1 (-1 fills); '' = all on fsdp"
 )
@@ -97,6 +115,45 @@ def read_prompts(prompts, prompt_file) -> list[str]:
   return out
 
 
+def read_png(path: str, size: int, flag: str, mode: str):
+  """A PNG as a uint8 array (PIL `mode`: "RGB" or "L"), or a usage error naming the size."""
+  import PIL.Image
+
+  if not os.path.exists(path):
+    raise app.UsageError(f"--{flag}={path!r} does not exist")
+  with PIL.Image.open(path) as im:
+    if im.size != (size, size):
+      raise app.UsageError(
+          f"--{flag}={path!r} is {im.size[0]}x{im.size[1]}; allowed: {size}x{size} (the last "
+          "stage's images)"
+      )
+    return np.asarray(im.convert(mode))
+
+
+def read_edit(size: int):
+  """`(init_image [S, S, 3] in [-1, 1] | None, mask [S, S] in [0, 1] | None, EditSettings |
+  None)` from the editing flags."""
+  from imagen_jax import images
+  from imagen_jax.diffusion import editing
+
+  if _INIT_IMAGE.value is None:
+    if _MASK.value is not None or flags.FLAGS["strength"].present:
+      raise app.UsageError("--mask and --strength edit an image: give --init_image")
+    return None, None, None
+  init = images.from_uint8(read_png(_INIT_IMAGE.value, size, "init_image", "RGB"))
+  mask = None
+  if _MASK.value is not None:
+    mask = read_png(_MASK.value, size, "mask", "L").astype(np.float32) / 255.0
+  elif flags.FLAGS["resample_steps"].present:
+    raise app.UsageError("--resample_steps is for inpainting: give --mask")
+  resample = _RESAMPLE.value if mask is not None else 1
+  try:
+    edit = editing.EditSettings(strength=_STRENGTH.value, resample_steps=resample)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  return init, mask, edit
+
+
 def main(argv):
   del argv
   from imagen_jax import atomic, cascade, images
@@ -106,15 +163,25 @@ def main(argv):
   if c.num_stages not in (1, 2, 3):
     raise app.UsageError(f"num_stages={c.num_stages}; allowed: 1, 2, 3")
   blocks = [c.stage1, c.stage2, c.stage3][: c.num_stages]
-  # Settings first: a bad flag fails before the checkpoints load.
+  # Settings and the edit's PNGs (at the last stage's size) first: a bad flag or file fails
+  # before the checkpoints load.
   settings = [cascade.SamplingSettings.from_config(b) for b in blocks]
   settings = apply_overrides(settings, stage_overrides())
+  init_image, mask, edit = read_edit(int(cascade.read_stage_config(blocks[-1].workdir).image_size))
   model = cascade.Cascade.from_workdirs(
       [b.workdir for b in blocks], mesh_shape=parse_mesh_shape(_MESH_SHAPE.value)
   )
   k = _PER_PROMPT.value
   expanded = [p for p in prompts for _ in range(k)]
-  outs = model.sample(expanded, settings, seed=int(c.seed), batch_size=int(c.batch_size))
+  outs = model.sample(
+      expanded,
+      settings,
+      seed=int(c.seed),
+      batch_size=int(c.batch_size),
+      init_image=init_image,
+      mask=mask,
+      edit=edit,
+  )
   os.makedirs(_OUTDIR.value, exist_ok=True)
   for s, out in enumerate(outs, start=1):
     u8 = images.to_uint8(out)
@@ -135,6 +202,9 @@ def main(argv):
           "stage_steps": [s.step for s in model.stages],
           "mesh": dict(model.mesh.shape),
           "stage_settings": [dataclasses.asdict(s) for s in settings],
+          "edit": None
+          if edit is None
+          else {"init_image": _INIT_IMAGE.value, "mask": _MASK.value, **vars(edit)},
       },
   )
   print(f"wrote {len(expanded)} samples per stage to {_OUTDIR.value}")

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from imagen_jax.diffusion import editing
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.parallel import sharding as sharding_lib
 from imagen_jax.parallel.sharding import rules_for_mesh
@@ -198,6 +199,7 @@ def make_stage_sampler(
     *,
     guided: bool,
     fsdp_min_size: int = 0,
+    edit: editing.EditSettings | None = None,
 ) -> MeshJit:
   """The whole sampler of one stage, jitted on `mesh` (App. A reverse process, §2.2-§2.4).
 
@@ -208,13 +210,18 @@ def make_stage_sampler(
   is traced (one compile serves every w); `guided=False` compiles the single-pass sampler.
   Params sharded by `stage_param_shardings`; per-sample arrays over the batch axes; `key` and
   `guidance_weight` replicated. Set `lowres=None` for a base stage.
+
+  With `edit` (static `diffusion.editing.EditSettings`) the function takes two more arguments,
+  `init_image [B, S, S, 3]` in [-1, 1] and `mask [B, S, S, 1]` in [0, 1] (1 = known) or None,
+  at the stage's size, and edits the image (SDEdit from `edit.strength`; RePaint inpainting
+  with a mask, `edit.resample_steps` times per step; its noise from the per-sample keys).
   """
   static = dataclasses.replace(settings, guidance_weight=0.0)  # w is traced, not static
   shape = (stage.image_size, stage.image_size, 3)
   batch = lambda ndim: batch_sharding(mesh, rules, ndim)  # noqa: E731
   replicated = NamedSharding(mesh, P())
 
-  def sample(params, text_emb, text_mask, lowres, guidance_weight, key, indices):
+  def sample(params, text_emb, text_mask, lowres, guidance_weight, key, indices, *edit_inputs):
     key_noise, key_aug, key_sampler = jax.random.split(key, 3)
     noise = initial_noise(key_noise, indices, shape)
     # One sampler noise stream per sample (used by stochastic samplers only).
@@ -225,23 +232,31 @@ def make_stage_sampler(
       aug = jnp.full((lowres.shape[0],), static.aug_level, jnp.float32)
       aug_noise = initial_noise(key_aug, indices, shape)
     cond = stage.condition(text_emb, text_mask, lowres, aug_level=aug, aug_noise=aug_noise)
+    init_image, mask = edit_inputs if edit is not None else (None, None)
     return stage.sample(
-        params, cond, noise, sample_keys, static, guidance_weight if guided else 1.0
+        params,
+        cond,
+        noise,
+        sample_keys,
+        static,
+        guidance_weight if guided else 1.0,
+        init_image=init_image,
+        mask=mask,
+        edit=edit,
     )
 
-  jitted = jax.jit(
-      sample,
-      in_shardings=(
-          stage_param_shardings(stage, mesh, rules, fsdp_min_size),
-          batch(3),
-          batch(2),
-          batch(4) if stage.is_sr else None,
-          replicated,
-          replicated,
-          batch(1),
-      ),
-      out_shardings=batch(4),
+  in_shardings = (
+      stage_param_shardings(stage, mesh, rules, fsdp_min_size),
+      batch(3),
+      batch(2),
+      batch(4) if stage.is_sr else None,
+      replicated,
+      replicated,
+      batch(1),
   )
+  if edit is not None:
+    in_shardings += (batch(4), batch(4))  # init_image, mask (a None mask is an empty tree)
+  jitted = jax.jit(sample, in_shardings=in_shardings, out_shardings=batch(4))
   return MeshJit(jitted, mesh, tuple(rules))
 
 
@@ -283,16 +298,23 @@ def _sds(shape, dtype, sharding) -> jax.ShapeDtypeStruct:
 
 
 def abstract_sampler_inputs(
-    stage: Stage, batch: int, mesh, rules: Rules, *, fsdp_min_size: int = 0
+    stage: Stage,
+    batch: int,
+    mesh,
+    rules: Rules,
+    *,
+    fsdp_min_size: int = 0,
+    edit: editing.EditSettings | None = None,
 ) -> tuple:
   """Sharded `ShapeDtypeStruct`s of `make_stage_sampler`'s arguments for a batch of `batch`
-  samples at the stage's sampling sizes (no memory)."""
+  samples at the stage's sampling sizes (no memory); with `edit`, an inpainting run's too
+  (`init_image`, `mask`)."""
   _check_batch(batch, mesh, rules)
   b = lambda ndim: batch_sharding(mesh, rules, ndim)  # noqa: E731
   replicated = NamedSharding(mesh, P())
-  lr = stage.lowres_size
+  lr, s = stage.lowres_size, stage.image_size
   key = jax.eval_shape(jax.random.key, 0)
-  return (
+  args = (
       abstract_stage_params(stage, mesh, rules, fsdp_min_size),
       _sds((batch, stage.text_len, stage.text_dim), jnp.float32, b(3)),
       _sds((batch, stage.text_len), jnp.bool_, b(2)),
@@ -301,6 +323,9 @@ def abstract_sampler_inputs(
       _sds((), key.dtype, replicated),
       _sds((batch,), jnp.int32, b(1)),
   )
+  if edit is not None:
+    args += (_sds((batch, s, s, 3), jnp.float32, b(4)), _sds((batch, s, s, 1), jnp.float32, b(4)))
+  return args
 
 
 def abstract_denoise_inputs(

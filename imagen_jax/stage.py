@@ -296,12 +296,18 @@ class Stage:
       rng: Array | None,
       settings: SamplingSettings,
       guidance_weight=None,
+      *,
+      init_image: Array | None = None,
+      mask: Array | None = None,
+      edit=None,
   ) -> Array:
     """x0 `[B, H, W, C]` in [-1, 1] from the initial `noise` (App. A reverse process).
 
     `guidance_weight` overrides `settings.guidance_weight` (pass a traced scalar so one
     compile serves every w; a Python 1.0 skips the unconditional half). `rng`: a key or `[B]`
-    keys (one noise stream per sample) for the stochastic samplers.
+    keys (one noise stream per sample) for the stochastic samplers and inpainting.
+    `init_image`, `mask`, `edit`: an edit of `init_image` (`diffusion.editing`: SDEdit,
+    RePaint inpainting), passed to `samplers.sample`.
     """
     w = settings.guidance_weight if guidance_weight is None else guidance_weight
     fn = self.denoise_fn(
@@ -317,6 +323,9 @@ class Stage:
         rng,
         schedule=self.schedule,
         settings=settings.sampler_settings(),
+        init_image=init_image,
+        mask=mask,
+        edit=edit,
     )
 
   # ----- the abstract param tree -----

@@ -73,7 +73,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imagen_jax.diffusion import karras
+from imagen_jax.diffusion import editing, karras
 from imagen_jax.diffusion.guidance import THRESHOLD_MODES, apply_threshold, check_percentile
 from imagen_jax.diffusion.parameterization import eps_to_x0, x0_to_eps
 from imagen_jax.diffusion.schedules import Schedule, alpha_sigma, get_schedule
@@ -84,6 +84,8 @@ DenoiseFn = Callable[[Array, Array, Any], Array]
 Callback = Callable[[dict], None]
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "heun", "euler_ancestral")
+# Samplers whose step reads earlier steps (no RePaint resampling: a redone step has no history).
+MULTISTEP_SAMPLERS = ("dpmpp_2m",)
 TIME_GRIDS = ("uniform_t", "logsnr_uniform", "karras")
 
 
@@ -389,8 +391,16 @@ def sample(
     schedule: Union[Schedule, str],
     settings: SamplerSettings,
     callback: Optional[Callback] = None,
+    init_image: Optional[Array] = None,
+    mask: Optional[Array] = None,
+    edit: Optional[editing.EditSettings] = None,
 ) -> Array:
   """Draw x0 ~ p(x0 | cond) by running the reverse process from z = noise (Imagen App. A).
+
+  Or edit ``init_image`` (:mod:`imagen_jax.diffusion.editing`): with ``edit.strength`` < 1 the
+  grid runs from t_start = strength * t_max (SDEdit); with ``init_image`` the loop starts from
+  z = alpha(t_0) x + sigma(t_0) noise; with ``mask`` every step's output keeps the known region
+  re-noised to its time (RePaint), each step run ``edit.resample_steps`` times.
 
   Args:
     denoise_fn: ``DenoiseFn(z_t, logsnr [B], cond) -> eps_hat`` (may itself be jitted).
@@ -407,9 +417,16 @@ def sample(
       "denoised": x0_hat}`` as numpy arrays (``x``, ``denoised``: ``[B, H, W, C]``; the
       others scalars); ``denoised`` is the thresholded x0 prediction of step i. It runs
       through ``jax.debug.callback`` (unordered: use ``info["i"]``, not the call order); with
-      None nothing is added to the program. Static.
+      None nothing is added to the program. Static. With resampling, ``i`` counts network
+      calls.
+    init_image: optional ``[B, H, W, C]`` in [-1, 1], the image to edit (traced).
+    mask: optional ``[B, H, W, 1]`` (or ``[B, H, W, C]``) in [0, 1], 1 = known (kept), 0 =
+      regenerated (imagen-pytorch's ``inpaint_masks``); needs ``init_image`` and ``rng`` (the
+      known region is re-noised with fresh noise at every step). Traced.
+    edit: :class:`editing.EditSettings` (strength, resample_steps), default none. Static.
   Returns:
-    x0 ``[B, H, W, C]`` float32: the thresholded x0 prediction of the last step.
+    x0 ``[B, H, W, C]`` float32: the thresholded x0 prediction of the last step (with a mask:
+    ``init_image`` where mask = 1).
   """
   if not isinstance(settings, SamplerSettings):
     raise TypeError(f"settings must be a SamplerSettings, got {type(settings).__name__}")
@@ -419,7 +436,17 @@ def sample(
   z = jnp.asarray(noise, jnp.float32)
   if z.ndim < 2:
     raise ValueError(f"noise must be [B, ...] (batch first), got shape {z.shape}")
-  needs_noise = settings.needs_noise
+  edit = editing.check_edit(edit, init_image, mask, settings.sampler, MULTISTEP_SAMPLERS)
+  settings = editing.sdedit_settings(settings, edit.strength)
+  if init_image is not None:
+    init_image = editing.check_init_image(init_image, z.shape)
+  if mask is not None:
+    mask = editing.check_mask(mask, z.shape)
+    if rng is None:
+      raise ValueError(
+          "inpainting re-noises the known region at every step: pass a PRNG key as rng"
+      )
+  needs_noise = settings.needs_noise or mask is not None
   if needs_noise and rng is None:
     raise ValueError(
         f"sampler {settings.sampler!r} (eta={settings.eta}) draws noise at every step: pass a "
@@ -433,7 +460,17 @@ def sample(
         f"rng must be one PRNG key or [B] = [{z.shape[0]}] typed keys (one per "
         f"sample), got keys of shape {rng.shape}"
     )
-  return _reverse_loop(denoise_fn, schedule, settings, callback, per_sample, cond, z, rng)
+  return _reverse_loop(
+      denoise_fn,
+      schedule,
+      settings,
+      callback,
+      per_sample,
+      cond,
+      z,
+      rng,
+      (init_image, mask, edit.resample_steps),
+  )
 
 
 # Deliberately not jitted here: a jit with `denoise_fn` as a static argument would keep every
@@ -441,8 +478,12 @@ def sample(
 # params as constants in the program. Callers that sample repeatedly jit `sample` themselves
 # with params as traced arguments (see the module docstring); eager calls compile the scan
 # once per call.
-def _reverse_loop(denoise_fn, schedule, settings, callback, per_sample, cond, z, rng):
-  """The scan of :func:`sample` (arguments already validated; see there)."""
+def _reverse_loop(denoise_fn, schedule, settings, callback, per_sample, cond, z, rng, edit):
+  """The scan of :func:`sample` (arguments already validated; see there).
+
+  ``edit = (init_image | None, mask | None, resample_steps)``: the SDEdit start and the
+  post-step hook (:func:`_edit_hook`).
+  """
   sampler, num_steps = settings.sampler, settings.num_steps
   needs_noise = settings.needs_noise
   ts = time_grid(schedule, settings)  # [N + 1]
@@ -452,6 +493,8 @@ def _reverse_loop(denoise_fn, schedule, settings, callback, per_sample, cond, z,
   # Euler ancestral is DDIM with eta = 1 (see karras' module docstring).
   eta = jnp.float32(1.0 if sampler == "euler_ancestral" else settings.eta)
   gamma = jnp.float32(settings.gamma)
+  init_image, mask, resample_steps = edit
+  hook = _edit_hook(mask, init_image, resample_steps, rng, per_sample)
 
   def predict(z, logsnr):
     return predict_x0_eps(
@@ -466,7 +509,8 @@ def _reverse_loop(denoise_fn, schedule, settings, callback, per_sample, cond, z,
 
   def step(carry, xs):
     z_t, x0_prev, logsnr_prev = carry
-    i, t, logsnr_t, logsnr_s, last = xs
+    i, t, logsnr_t, logsnr_s, last = xs[:5]
+    renoise = xs[5] if len(xs) > 5 else False  # RePaint: go back to t after this call
     x0_hat, eps_hat = predict(z_t, logsnr_t)
     if callback is not None:
       jax.debug.callback(
@@ -494,9 +538,41 @@ def _reverse_loop(denoise_fn, schedule, settings, callback, per_sample, cond, z,
       z_s = dpmpp_2m_step(z_t, x0_hat, x0_prev, logsnr_prev, logsnr_t, logsnr_s, i == 0)
     # Final step "to x0": sigma(t_min) is taken as 0, so z_s is the x0 prediction itself.
     z_s = jnp.where(last, x0_hat, z_s)
+    if hook is not None:
+      z_s = hook(z_s, i, logsnr_t, logsnr_s, last, renoise)
     return (z_s, x0_hat, logsnr_t), None
 
+  if init_image is not None:  # SDEdit: start from the noised image at the grid's first time
+    z = editing.sdedit_start(init_image, logsnrs[0], z)
   init = (z, jnp.zeros_like(z), logsnrs[0])
   xs = (steps, ts[:-1], logsnrs[:-1], logsnrs[1:], is_last)
+  if resample_steps > 1:  # RePaint: each step r times; xs[0] becomes the network call's index
+    grid_step, back = editing.resample_plan(num_steps, resample_steps)
+    calls = jnp.arange(len(grid_step), dtype=jnp.int32)
+    xs = (calls,) + tuple(a[grid_step] for a in xs[1:]) + (jnp.asarray(back),)
   (x0, _, _), _ = jax.lax.scan(step, init, xs)
   return x0
+
+
+def _edit_hook(mask, init_image, resample_steps, rng, per_sample):
+  """The post-step hook of an inpainting run, or None: ``hook(z_s, i, logsnr_t, logsnr_s,
+  last, renoise) -> z_s`` keeps the known region (:func:`editing.replace_known`) and, where
+  ``renoise``, goes back to t (:func:`editing.renoise`). Its noise is ``fold_in(fold_in(key,
+  i), stream)``, apart from the samplers' ``fold_in(key, i)`` (per sample for ``[B]`` keys)."""
+  if mask is None:
+    return None
+
+  def normal(i, stream, shape):
+    def draw(key, shape):
+      return jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, i), stream), shape)
+
+    return jax.vmap(lambda k: draw(k, shape[1:]))(rng) if per_sample else draw(rng, shape)
+
+  def hook(z_s, i, logsnr_t, logsnr_s, last, renoise):
+    z_s = editing.replace_known(z_s, init_image, mask, logsnr_s, normal(i, 1, z_s.shape), last)
+    if resample_steps > 1:
+      back = editing.renoise(z_s, logsnr_s, logsnr_t, normal(i, 2, z_s.shape))
+      z_s = jnp.where(renoise, back, z_s)
+    return z_s
+
+  return hook
