@@ -11,8 +11,6 @@ fsdp, `sharded_sampling.DEFAULT_MESH_SHAPE`). Thin entry point: the logic is
 
 from __future__ import annotations
 
-import os
-
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -58,13 +56,18 @@ def read_prompts(prompts, prompt_file) -> list[str]:
 
 def main(argv):
   del argv
-  from imagen_jax import atomic, cascade, images
+  from imagen_jax import atomic, cascade, images, paths
 
   c = _CONFIG.value
   prompts = read_prompts(_PROMPTS.value, _PROMPT_FILE.value)
   if c.num_stages not in (1, 2, 3):
     raise app.UsageError(f"num_stages={c.num_stages}; allowed: 1, 2, 3")
   blocks = [c.stage1, c.stage2, c.stage3][: c.num_stages]
+  try:  # an unusable bucket fails here, in one line, before any stage loads
+    for p in [b.workdir for b in blocks] + [_OUTDIR.value]:
+      paths.check_access(p)
+  except paths.AccessError as e:
+    raise SystemExit(f"imagen_jax.sample: error: {e}") from None
   model = cascade.Cascade.from_workdirs(
       [b.workdir for b in blocks], mesh_shape=parse_mesh_shape(_MESH_SHAPE.value)
   )
@@ -72,19 +75,17 @@ def main(argv):
   k = _PER_PROMPT.value
   expanded = [p for p in prompts for _ in range(k)]
   outs = model.sample(expanded, settings, seed=int(c.seed), batch_size=int(c.batch_size))
-  os.makedirs(_OUTDIR.value, exist_ok=True)
   for s, out in enumerate(outs, start=1):
     u8 = images.to_uint8(out)
-    images.save_grid(u8, os.path.join(_OUTDIR.value, f"stage{s}_grid.png"), ncols=k)
-    single = os.path.join(_OUTDIR.value, f"stage{s}")
-    os.makedirs(single, exist_ok=True)
+    images.save_grid(u8, paths.join(_OUTDIR.value, f"stage{s}_grid.png"), ncols=k)
+    single = paths.join(_OUTDIR.value, f"stage{s}")
     for i, img in enumerate(u8):
-      atomic.save_png(os.path.join(single, f"{i:04d}.png"), img)
+      atomic.save_png(paths.join(single, f"{i:04d}.png"), img)
   rows = [[images.to_uint8(o[i]) for o in outs] for i in range(0, len(expanded), k)]
   sheet = images.labelled_grid(rows, prompts, [f"stage {s}" for s in range(1, len(outs) + 1)])
-  atomic.save_png(os.path.join(_OUTDIR.value, "samples.png"), sheet)
+  atomic.save_png(paths.join(_OUTDIR.value, "samples.png"), sheet)
   atomic.write_json(
-      os.path.join(_OUTDIR.value, "settings.json"),
+      paths.join(_OUTDIR.value, "settings.json"),
       {
           "config": c.to_dict(),
           "prompts": prompts,
