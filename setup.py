@@ -29,6 +29,12 @@ INSTALL_REQUIRES = [
     "tensorboardX==2.6.5",
     "scipy==1.17.1",  # shapes alignment metric (scipy.ndimage); jax depends on it too
     "msgpack==1.2.4",  # text-embedding cache records
+    # gs:// paths (imagen_jax/paths.py): etils epath serves them through fsspec + gcsfs;
+    # google-auth finds the credentials for the access probe.
+    "etils[epath]==1.15.0",
+    "fsspec==2026.9.0",
+    "gcsfs==2026.10.1",
+    "google-auth==2.63.0",
 ]
 
 EXTRAS = {
@@ -42,6 +48,7 @@ EXTRAS = {
         "pyink==26.5.1",
         "ruff==0.17.5",
         "jax[tpu]==0.10.2",
+        "gcp-storage-emulator==2026.7.19",  # the local GCS the bucket tests start
     ],
     # TFDS datasets that need TensorFlow to *prepare* (e.g. coco_captions).
     "tf": ["tensorflow-cpu"],
