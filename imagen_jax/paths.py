@@ -10,6 +10,8 @@ Orbax's array writes go through TensorStore's own GCS client.
     paths.join("gs://bucket/run", "samples")   # -> "gs://bucket/run/samples" (a str)
     paths.is_remote("gs://bucket/run")         # True; False for a local path
     paths.check_access("gs://bucket/run")      # before any work: one-line AccessError
+    paths.load_npz("gs://bucket/stats.npz")    # {name: array}
+    paths.local_copy("gs://bucket/data")       # a local copy, for readers of local files only
 
 Credentials: Application Default Credentials (`gcloud auth application-default login`,
 `GOOGLE_APPLICATION_CREDENTIALS`, or a GCP VM's service account). A local emulator: set
@@ -72,9 +74,25 @@ def path(p: PathLike) -> epath.Path:
   return epath.Path(p)
 
 
+def absolute(p: PathLike) -> epath.Path:
+  """`p` made absolute: a local path against the working folder; a bucket path as it is
+  (`epath.Path.absolute` would prefix it with the working folder)."""
+  return path(p) if is_remote(p) else path(p).absolute()
+
+
 def join(base: PathLike, *parts: str) -> str:
   """`os.path.join` that keeps `gs://` intact; returns a str."""
   return os.fspath(path(base).joinpath(*parts))
+
+
+def load_npz(p: PathLike) -> dict:
+  """Every array of the `.npz` file `p` (local or bucket), read whole; no pickle."""
+  import io
+
+  import numpy as np
+
+  with np.load(io.BytesIO(path(p).read_bytes()), allow_pickle=False) as z:
+    return {k: z[k] for k in z.files}
 
 
 def makedirs(p: PathLike) -> None:
@@ -155,3 +173,81 @@ def check_access(p: PathLike) -> None:
         f"{p}: cannot reach the storage endpoint {_endpoint()} ({reason}) within "
         f"{PROBE_TIMEOUT_S:g} s"
     ) from None
+
+
+def cache_root() -> str:
+  """Where bucket folders are copied for readers that need local files:
+  `$IMAGEN_JAX_CACHE` or `~/.cache/imagen_jax`."""
+  return os.environ.get("IMAGEN_JAX_CACHE") or os.path.join(
+      os.path.expanduser("~"), ".cache", "imagen_jax"
+  )
+
+
+def local_path(p: PathLike) -> str:
+  """Where `local_copy` keeps bucket folder `p`: `cache_root()/gs/<bucket>/<path>` (`p` itself
+  when local)."""
+  p = os.fspath(p)
+  if not is_remote(p):
+    return p
+  bucket, key = _split_bucket(p)
+  return os.path.join(cache_root(), p.split("://", 1)[0], bucket, *key.split("/"))
+
+
+def local_copy(p: PathLike, *, missing_ok: bool = False) -> str:
+  """A local folder holding folder `p`'s files: `p` itself when local; for a bucket folder, its
+  copy at `local_path(p)`. An object is downloaded when the copy lacks it
+  or its version (GCS generation / md5 / size, recorded in `<copy>.versions.json`) changed;
+  each download goes to a temporary that is then renamed (a cut one is never taken for a file).
+
+  For readers that open local files only (ArrayRecord, TFDS's data sources, safetensors).
+  missing_ok: an empty (absent) bucket folder gives an empty local folder instead of an error.
+  """
+  p = os.fspath(p)
+  if not is_remote(p):
+    return p
+  import fsspec.core
+
+  local = local_path(p)
+  fs, root = fsspec.core.url_to_fs(p)
+  listing = fs.find(root, detail=True)
+  if not listing and not missing_ok:
+    raise FileNotFoundError(f"{p}: no such folder (no objects under it)")
+  os.makedirs(local, exist_ok=True)
+  record = local.rstrip("/") + ".versions.json"
+  try:
+    with open(record) as f:
+      have = json.load(f)
+  except (OSError, ValueError):
+    have = {}
+  for name, info in sorted(listing.items()):
+    rel = os.path.relpath(name, root)
+    version = str(info.get("generation") or info.get("md5Hash") or info.get("size"))
+    dest = os.path.join(local, rel)
+    if have.get(rel) == version and os.path.exists(dest):
+      continue
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    tmp = f"{dest}.download-{os.getpid()}"
+    fs.get_file(name, tmp)
+    os.replace(tmp, dest)
+    have[rel] = version
+    with open(record + f".{os.getpid()}", "w") as f:
+      json.dump(have, f)
+    os.replace(record + f".{os.getpid()}", record)
+  return local
+
+
+def upload_missing(local: PathLike, p: PathLike) -> int:
+  """Uploads each file under local folder `local` that bucket folder `p` lacks (one upload per
+  file: an object appears whole or not at all); returns how many. For content that is the same
+  whoever writes it (a dataset built from a seed), so concurrent writers may race harmlessly."""
+  local, p = os.fspath(local), os.fspath(p)
+  n = 0
+  for root, _, files in os.walk(local):
+    for name in sorted(files):
+      src = os.path.join(root, name)
+      dest = path(p) / os.path.relpath(src, local)
+      if not dest.exists():
+        with open(src, "rb") as f:
+          dest.write_bytes(f.read())
+        n += 1
+  return n

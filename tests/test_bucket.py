@@ -71,6 +71,8 @@ def test_bucket_path_layer_keeps_local_paths(tmp_path, monkeypatch):
   assert paths.join("rel/run", "config.json") == os.path.join("rel/run", "config.json")
   assert paths.is_remote("gs://b/x") and not paths.is_remote(str(tmp_path))
   monkeypatch.chdir(tmp_path)
+  assert os.fspath(paths.absolute("gs://bucket/run")) == "gs://bucket/run"
+  assert os.fspath(paths.absolute("run")) == str(tmp_path / "run")
   paths.makedirs("gs://bucket/run")  # implied on a bucket: no local folder named `gs:`
   assert not os.path.exists("gs:")
   paths.makedirs("local/run")
@@ -159,6 +161,58 @@ def test_bucket_bad_input_workdir_of_another_run(emulator):
   assert paths.path(f"{run}/config.json").read_bytes() == before
   main.check_workdir(sr, run)  # the same run: fine
   main.check_workdir(load_config("base64"), "gs://bucket/fresh_run")  # no config.json: fine
+
+
+def test_bucket_local_copy_follows_the_objects(emulator, tmp_path, monkeypatch):
+  monkeypatch.setenv("IMAGEN_JAX_CACHE", str(tmp_path / "cache"))
+  d = "gs://bucket/copy_src"
+  atomic.write_text(f"{d}/a.txt", "one")
+  atomic.save_npz(f"{d}/sub/x.npz", x=np.arange(4))
+  local = paths.local_copy(d)
+  assert local == str(tmp_path / "cache" / "gs" / "bucket" / "copy_src")
+  assert open(os.path.join(local, "a.txt")).read() == "one"
+  np.testing.assert_array_equal(
+      paths.load_npz(os.path.join(local, "sub", "x.npz"))["x"], [0, 1, 2, 3]
+  )
+  np.testing.assert_array_equal(paths.load_npz(f"{d}/sub/x.npz")["x"], [0, 1, 2, 3])
+  atomic.write_text(f"{d}/a.txt", "two")  # same size, new object: fetched again
+  assert open(os.path.join(paths.local_copy(d), "a.txt")).read() == "two"
+  with pytest.raises(FileNotFoundError, match="no objects"):
+    paths.local_copy("gs://bucket/absent")
+  assert os.listdir(paths.local_copy("gs://bucket/absent", missing_ok=True)) == []
+  assert paths.upload_missing(local, "gs://bucket/copy_dst") == 2
+  assert paths.upload_missing(local, "gs://bucket/copy_dst") == 0
+
+
+def test_bucket_text_cache_and_data_dir(emulator, tmp_path, monkeypatch):
+  from imagen_jax.data import pipeline
+  from imagen_jax.text import cache, registry
+
+  monkeypatch.setenv("IMAGEN_JAX_CACHE", str(tmp_path / "host1"))
+  encoder = registry.get_text_encoder(
+      registry.default_text_config("byt5-tiny-random", max_length=24)
+  )
+  out = "gs://bucket/text_cache"
+  with pytest.raises(cache.CacheError, match="does not exist"):
+    cache.TextEmbeddingCache(out)
+  assert cache.ensure_cache(encoder, ["b", "a"], out, progress=False) == out
+  assert atomic.is_complete(out) and (paths.path(out) / cache.MANIFEST).exists()
+  monkeypatch.setenv("IMAGEN_JAX_CACHE", str(tmp_path / "host2"))  # another machine reads it
+  c = cache.TextEmbeddingCache(out)
+  want, _ = encoder.encode(["a"])
+  np.testing.assert_allclose(c.get("a")[0], np.asarray(want)[0], atol=1e-5)  # batch numerics
+  assert sorted(c.ids) == ["a", "b"]
+  c.close()
+
+  data = load_config("base64").data
+  with data.unlocked():
+    data.data_dir = "gs://bucket/data"
+  built = pipeline.open_data_source(data)  # built on this machine, then uploaded
+  assert list(paths.path("gs://bucket/data/shapes").glob("*/*/dataset_info.json"))
+  monkeypatch.setenv("IMAGEN_JAX_CACHE", str(tmp_path / "host3"))
+  read = pipeline.open_data_source(data, build=False)  # read from a fresh copy of the bucket
+  assert len(read) == len(built) == data.num_train
+  np.testing.assert_array_equal(read[3]["image"], built[3]["image"])
 
 
 def cli(args, env, timeout=900):
