@@ -47,6 +47,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from imagen_jax import paths
+
 TRAIN_STATE, EMA, CONFIG = "train_state", "ema_params", "config"
 DATA_PREFIX = "data_iter_"
 # Items of the older layout (one `state` item holding the EMA params with the optimizer).
@@ -227,7 +229,7 @@ class Checkpointer:
       raise ValueError(f"max_to_keep={max_to_keep}; allowed: None (keep all) or >= 1")
     if int(keep_period) < 0:
       raise ValueError(f"keep_period={keep_period}; allowed: 0 (off) or > 0")
-    self.directory = epath.Path(directory).absolute()
+    self.directory = paths.absolute(directory)  # a gs:// path stays one
     self.num_data_iters = int(num_data_iters)
     self._save_failed = False
     policies = ocp.checkpoint_managers
