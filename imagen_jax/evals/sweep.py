@@ -49,7 +49,7 @@ from typing import Sequence
 
 import numpy as np
 
-from imagen_jax import atomic, images
+from imagen_jax import atomic, images, paths
 from imagen_jax import cascade as cascade_lib
 from imagen_jax.evals import features as features_lib
 from imagen_jax.evals import frechet, provenance, shapes_metric
@@ -188,7 +188,7 @@ def run_sweep(
     raise ValueError(f"{len(attributes)} attribute sets for {len(prompts)} prompts")
   if features is None and reference_images is not None:
     features = features_lib.RandomConvFeatures()
-  os.makedirs(os.path.join(outdir, "points"), exist_ok=True)
+  paths.makedirs(os.path.join(outdir, "points"))
   ref_stats, ref_digest = None, None
   if reference_images is not None:
     ref_digest = provenance.array_digest(np.asarray(reference_images, np.uint8))
@@ -221,7 +221,7 @@ def run_sweep(
     key = point_key(point, identity)
     pdir = os.path.join(outdir, "points", key)
     stored = provenance.load_if_matches(os.path.join(pdir, "metrics.json"), identity)
-    if stored is not None:
+    if stored is not None and atomic.is_complete(pdir):  # bucket: all files uploaded
       rows.append(stored)
       cached += 1
       continue
