@@ -3,7 +3,8 @@
 Every file the library and its entry points read or write goes through etils' `epath` (the
 path library Orbax uses): `paths.path(p)` is an `epath.Path` with `open`, `exists`, `iterdir`,
 `glob`, `mkdir`, `read_text` ... on a local folder or a bucket alike. `gs://` is served by
-`gcsfs` through fsspec (TensorFlow is not installed; with it epath would use `tf.io.gfile`).
+`gcsfs` through fsspec, also where TensorFlow is installed (`EPATH_USE_TF=false` unless set:
+one client, whose settings are these).
 Orbax's array writes go through TensorStore's own GCS client.
 
     p = paths.path("gs://bucket/run") / "config.json"
@@ -14,10 +15,10 @@ Orbax's array writes go through TensorStore's own GCS client.
     paths.local_copy("gs://bucket/data")       # a local copy, for readers of local files only
 
 Credentials: Application Default Credentials (`gcloud auth application-default login`,
-`GOOGLE_APPLICATION_CREDENTIALS`, or a GCP VM's service account). A local emulator: set
-`STORAGE_EMULATOR_HOST=http://127.0.0.1:PORT`; gcsfs then talks to it anonymously and
-TensorStore is pointed at it here (`TENSORSTORE_GCS_HTTP_URL`, a test token), unless those are
-set already. Set them before the first bucket access of the process.
+`GOOGLE_APPLICATION_CREDENTIALS`, or a GCP VM's service account). A local emulator (the tests
+start fake-gcs-server): set `STORAGE_EMULATOR_HOST=http://127.0.0.1:PORT`; gcsfs then talks to
+it anonymously and TensorStore is pointed at it here (`TENSORSTORE_GCS_HTTP_URL`, a test token),
+unless those are set already. Set them before the first bucket access of the process.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def configure_environment() -> None:
   # gcsfs's experimental zonal-bucket support asks a gRPC control plane about every bucket first,
   # 60 s per try against an endpoint without it (an emulator); the JSON API serves all others.
   os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+  os.environ.setdefault("EPATH_USE_TF", "false")  # gcsfs, not tf.io.gfile, where TF is present
   host = os.environ.get(EMULATOR_ENV, "")
   if host in ("", "default"):
     return

@@ -276,16 +276,15 @@ for path, value in overrides.items():
     for s in sections:
         node = node[s]
     node[field] = tuple(value) if isinstance(value, list) else value
-from imagen_jax import checkpoint as ckpt_lib
+from imagen_jax import paths
 from imagen_jax.train import trainer
 
 def kill_hook(step, state, metrics):
     if step == kill_at:
-        for _ in range(600):  # until the async save of ckpt_step is finalized on the bucket
-            ck = ckpt_lib.Checkpointer(workdir + "/checkpoints", read_only=True)
-            done = ckpt_step in ck.all_steps()
-            ck.close()
-            if done:
+        # Orbax finalizes a step on a bucket by writing this marker last.
+        done = paths.path(f"{workdir}/checkpoints/{ckpt_step}/commit_success.txt")
+        for _ in range(600):
+            if done.exists():
                 break
             time.sleep(0.2)
         os.kill(os.getpid(), signal.SIGKILL)
