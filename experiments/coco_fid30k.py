@@ -45,7 +45,7 @@ _OUTDIR = flags.DEFINE_string("outdir", "coco_fid30k", "output folder")
 
 def main(argv):
   del argv
-  from imagen_jax import atomic, cascade
+  from imagen_jax import atomic, cascade, paths
   from imagen_jax.evals import coco, fid
 
   if not _INCEPTION.value:
@@ -59,7 +59,7 @@ def main(argv):
   settings = [
       cascade.SamplingSettings.from_config(cfg[f"stage{k + 1}"]) for k in range(len(workdirs))
   ]
-  os.makedirs(_OUTDIR.value, exist_ok=True)
+  paths.makedirs(_OUTDIR.value)
 
   anns, files = coco.load_captions(captions)
   prompts, ref_names = coco.draw(anns, files, _PROTOCOL.value, _NUM.value, _SEED.value)

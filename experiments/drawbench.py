@@ -53,6 +53,7 @@ def _model(cfg, workdirs, cache):
 
 def main(argv):
   del argv
+  from imagen_jax import paths
   from imagen_jax.evals import drawbench
 
   items = drawbench.read_prompts(_PROMPTS.value)[: _LIMIT.value]
@@ -66,7 +67,7 @@ def main(argv):
   images_b = drawbench.sample_k(
       model_b, prompts, settings_b, _K.value, seed=_SEED.value, batch_size=_BATCH.value
   )
-  os.makedirs(_OUTDIR.value, exist_ok=True)
+  paths.makedirs(_OUTDIR.value)
   sheet = os.path.join(_OUTDIR.value, "rating_sheet.html")
   drawbench.write_rating_sheet(
       sheet, items, images_a, images_b, _NAME_A.value, _NAME_B.value, _SIDES_SEED.value

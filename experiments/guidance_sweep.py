@@ -63,9 +63,9 @@ _OUTDIR = flags.DEFINE_string("outdir", "guidance_sweep", "output folder")
 
 def main(argv):
   del argv
-  import numpy as np
 
   from imagen_jax import cascade
+  from imagen_jax import paths as paths_lib
   from imagen_jax.evals import features as features_lib
   from imagen_jax.evals import prompts as prompts_lib
   from imagen_jax.evals import shapes_metric, sweep, sweep_report
@@ -101,8 +101,7 @@ def main(argv):
     except ValueError:
       attributes = None
     if _REFERENCE.value:
-      with np.load(_REFERENCE.value, allow_pickle=False) as z:
-        reference = z["images"]
+      reference = paths_lib.load_npz(_REFERENCE.value)["images"]
   features = None
   if _INCEPTION.value:
     from imagen_jax.evals import fid
@@ -136,8 +135,7 @@ def main(argv):
   )
   paths = sweep_report.write_outputs(result, _OUTDIR.value, title)
   print(f"{result.computed} points sampled, {result.cached} read from cache")
-  with open(paths["md"]) as f:
-    print(f.read())
+  print(paths_lib.path(paths["md"]).read_text())
   print("wrote " + ", ".join(paths.values()))
 
 

@@ -1,12 +1,20 @@
 """Atomic file and folder writes: a reader sees the whole new file or none, never a part.
 
-Each write goes to a unique temporary name in the destination's folder (same file system, so
-the rename is atomic on POSIX) and `os.replace` moves it into place; on any error the temporary
-is removed. Temporary names carry the process id and a random suffix (`tempfile`), so
+Local paths: each write goes to a unique temporary name in the destination's folder (same file
+system, so the rename is atomic on POSIX) and `os.replace` moves it into place; on any error the
+temporary is removed. Temporary names carry the process id and a random suffix (`tempfile`), so
 concurrent writers of the same path never collide; the last rename wins. etils' `epath` (the
 path library in use) writes in place, without a temporary, hence this module. A folder that
 replaces another is swapped in with one `renameat2(RENAME_EXCHANGE)` on Linux (a reader sees the
 old folder or the new one, never neither); elsewhere the old one is renamed aside first.
+
+Bucket paths (`gs://`, `paths.is_remote`): a bucket has no rename (gcsfs copies, then deletes),
+but an object is created, or replaced, only when its upload completes: a reader sees the old
+object or the whole new one, and an upload cut by a kill leaves no object. So a file is written
+in full to a local temporary first (the writer may fail half way) and then uploaded in one
+request, and that upload is the commit. A folder has no such single commit: `publish_dir`
+uploads its files, then the marker object `<folder>/COMPLETE` last; `is_complete(folder)` is the
+reader's test (a cut upload leaves files but no marker).
 
     atomic.write_text(path, text)           atomic.write_json(path, obj)
     atomic.write_bytes(path, data)          atomic.save_npz(path, compressed=True, a=x, b=y)
@@ -14,6 +22,7 @@ old folder or the new one, never neither); elsewhere the old one is renamed asid
     with atomic.publish_dir(final) as tmp:  # fill tmp; renamed to `final` on success
       ...
     atomic.replace_dir(src, final)          # move a finished folder over `final`
+    atomic.is_complete(final)               # a published folder (bucket: its marker exists)
 """
 
 from __future__ import annotations
@@ -29,7 +38,17 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from imagen_jax import paths
+
 TMP_PREFIX = ".tmp-"
+COMPLETE = "COMPLETE"  # the marker object `publish_dir` writes last into a bucket folder
+
+
+def _upload(path: str, local_file: str) -> None:
+  """One object upload (the commit of a bucket write): the object appears whole or not at all."""
+  with open(local_file, "rb") as f:
+    data = f.read()
+  paths.path(path).write_bytes(data)
 
 
 def _tmp_name(path: str, suffix: str = "") -> str:
@@ -47,12 +66,22 @@ def write_with(path: str, write: Callable[[str], None], *, suffix: str = "") -> 
   """Calls `write(tmp_path)`, then renames the temporary to `path`; returns `path`.
 
   `suffix` keeps a file extension on the temporary for writers that choose the format by
-  extension (PIL, matplotlib).
+  extension (PIL, matplotlib). On a bucket the temporary is local and its upload is the commit.
   """
-  tmp = _tmp_name(path, suffix)
+  path = os.fspath(path)
+  remote = paths.is_remote(path)
+  if remote:
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=suffix)
+    os.close(fd)
+  else:
+    tmp = _tmp_name(path, suffix)
   try:
     write(tmp)
-    os.replace(tmp, path)
+    if remote:
+      _upload(path, tmp)
+      os.remove(tmp)
+    else:
+      os.replace(tmp, path)
   except BaseException:
     with contextlib.suppress(FileNotFoundError):
       os.remove(tmp)
@@ -105,7 +134,7 @@ def save_png(path: str, image) -> str:
 
 def save_figure(path: str, figure, **savefig_kwargs) -> str:
   """A matplotlib figure (format from the extension of `path`)."""
-  ext = os.path.splitext(path)[1]
+  ext = os.path.splitext(os.fspath(path))[1]
   return write_with(path, lambda tmp: figure.savefig(tmp, **savefig_kwargs), suffix=ext)
 
 
@@ -121,7 +150,15 @@ def publish_dir(final: str, *, overwrite: bool = False, tmp: str | None = None) 
   recognise a leftover by name (e.g. `<dir>.incomplete`); a leftover there is removed first, so
   it is unsafe with several writers (each would delete the other's folder): leave `tmp` unset
   for those.
+
+  On a bucket the yielded folder is a local temporary; at the end its files are uploaded into
+  `final` and the marker `final/COMPLETE` last (`is_complete`); with `overwrite` the old
+  folder's marker, then its objects, are deleted first. `tmp` is ignored there.
   """
+  if paths.is_remote(final):
+    with _publish_remote(os.fspath(final), overwrite=overwrite) as local:
+      yield local
+    return
   parent = os.path.dirname(os.path.abspath(final))
   os.makedirs(parent, exist_ok=True)
   if tmp is None:
@@ -152,6 +189,43 @@ def publish_dir(final: str, *, overwrite: bool = False, tmp: str | None = None) 
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _publish_remote(final: str, *, overwrite: bool) -> Iterator[str]:
+  local = tempfile.mkdtemp(prefix=TMP_PREFIX)
+  try:
+    yield local
+    if is_complete(final) and not overwrite:
+      return  # another writer finished the same content first
+    upload_dir(local, final)
+  finally:
+    shutil.rmtree(local, ignore_errors=True)
+
+
+def upload_dir(local: str, final: str) -> None:
+  """Copies the local folder `local` into the bucket folder `final` (replacing what is there),
+  then writes the marker `final/COMPLETE` last: `is_complete(final)` only once every file is in.
+  """
+  dest = paths.path(final)
+  marker = dest / COMPLETE
+  if dest.exists():
+    if marker.exists():
+      marker.unlink()  # first: from here on no reader takes the folder for whole
+    dest.rmtree()
+  for root, _, files in os.walk(local):
+    for name in sorted(files):
+      src = os.path.join(root, name)
+      _upload(os.fspath(dest / os.path.relpath(src, local)), src)
+  marker.write_text("")
+
+
+def is_complete(folder: str | os.PathLike) -> bool:
+  """Whether `folder` was published whole: it exists (local: `publish_dir` renames a finished
+  folder into place) or, on a bucket, its marker `COMPLETE` exists."""
+  if paths.is_remote(folder):
+    return (paths.path(folder) / COMPLETE).exists()
+  return os.path.isdir(folder)
+
+
 def _exchange(a: str, b: str) -> bool:
   """Swaps paths `a` and `b` in one step (Linux `renameat2(RENAME_EXCHANGE)`); False where the
   OS or file system has no such call."""
@@ -175,7 +249,12 @@ def replace_dir(src: str, final: str) -> None:
   An existing `final` is swapped with `src` in one step where the OS allows (a reader sees the
   whole old folder or the whole new one); elsewhere it is renamed aside, then `src` renamed in (a
   reader may see no folder for that instant, never a mix). The old folder is then deleted.
+  A bucket `final` (with a local `src`) is written by `upload_dir`, and `src` removed.
   """
+  if paths.is_remote(final):
+    upload_dir(src, os.fspath(final))
+    shutil.rmtree(src, ignore_errors=True)
+    return
   if not os.path.exists(final):
     try:
       os.rename(src, final)

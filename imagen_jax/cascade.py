@@ -38,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -46,6 +45,7 @@ import ml_collections
 import numpy as np
 
 from imagen_jax import checkpoint as ckpt_lib
+from imagen_jax import paths
 from imagen_jax import sharded_sampling as ss
 from imagen_jax.diffusion import editing
 from imagen_jax.sharded_sampling import initial_noise  # noqa: F401  (public here too)
@@ -87,14 +87,13 @@ class LoadedStage:
 
 def read_stage_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a stage was trained with (`<workdir>/config.json`, written by the trainer)."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = paths.join(workdir, "config.json")
+  if not paths.path(path).exists():
     raise StageLoadError(
         f"no trained stage in {workdir!r}: {path} does not exist (train it "
         "with `python -m imagen_jax.main --config=... --workdir=...`)"
     )
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads(paths.path(path).read_text()))
 
 
 def load_stage(
@@ -122,11 +121,12 @@ def load_stage(
   stage's meaning or the checkpoint's arrays do not fit it (`checkpoint.CheckpointLayoutError`
   when it was written by an older layout).
   """
-  json_path = os.path.join(workdir, "config.json")
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if not os.path.exists(json_path) and not os.path.isdir(ckpt_dir):
+  json_path = paths.join(workdir, "config.json")
+  ckpt_dir = paths.join(workdir, "checkpoints")
+  json_exists, ckpt_exists = paths.path(json_path).exists(), paths.path(ckpt_dir).is_dir()
+  if not json_exists and not ckpt_exists:
     read_stage_config(workdir)  # raises: no trained stage here
-  if not os.path.isdir(ckpt_dir):
+  if not ckpt_exists:
     raise StageLoadError(f"no complete checkpoint in {ckpt_dir} (the directory does not exist)")
   ckpt = ckpt_lib.Checkpointer(ckpt_dir, read_only=True)
   try:
@@ -137,7 +137,7 @@ def load_stage(
           f"{ckpt_dir} (complete steps: {ckpt.all_steps()})"
       )
     recorded = ckpt.saved_config(step)
-    if os.path.exists(json_path):
+    if json_exists:
       config = read_stage_config(workdir)
       diffs = ckpt_lib.meaning_diff(recorded, config.to_dict())
       if diffs:

@@ -50,6 +50,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from imagen_jax import paths
+
 TRAIN_STATE, EMA, CONFIG = "train_state", "ema_params", "config"
 DATA_POSITION = "data_position"
 # Per-process grain iterator items of the earlier data layout (`data_iter_<k>`).
@@ -225,7 +227,7 @@ class Checkpointer:
       raise ValueError(f"max_to_keep={max_to_keep}; allowed: None (keep all) or >= 1")
     if int(keep_period) < 0:
       raise ValueError(f"keep_period={keep_period}; allowed: 0 (off) or > 0")
-    self.directory = epath.Path(directory).absolute()
+    self.directory = paths.absolute(directory)  # a gs:// path stays one
     self._save_failed = False
     policies = ocp.checkpoint_managers
     keep = [policies.LatestN(n=None if max_to_keep is None else int(max_to_keep))]

@@ -16,6 +16,11 @@ A `Writer` has `write_scalars(step, {name: value})`, `write_images(step, {name: 
 A resumed run passes the step it resumes from as `start_step`: `metrics.jsonl` rows past it
 (logged by a run killed before its next checkpoint, which the resumed run logs again) are dropped
 first, so every step has one row.
+
+The workdir may be a bucket (`gs://...`, `imagen_jax.paths`). An object cannot be appended to,
+so there `metrics.jsonl` is kept in memory and uploaded whole at every logged step, and each
+TensorBoard event file at every flush (one upload each: a reader sees the previous version or
+the new one, `imagen_jax.atomic`).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from typing import Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from imagen_jax import atomic, images
+from imagen_jax import atomic, images, paths
 
 
 @runtime_checkable
@@ -59,10 +64,9 @@ def _json_value(v: float) -> float | str:
 def drop_rows_after(path: str, step: int) -> int:
   """Rewrites the JSONL file `path` (atomically) without its rows of step > `step` and its
   unreadable lines (a line cut by a kill mid-write); returns how many were dropped."""
-  if not os.path.exists(path):
+  if not paths.path(path).exists():
     return 0
-  with open(path) as f:
-    lines = f.read().splitlines()
+  lines = paths.path(path).read_text().splitlines()
   keep = []
   for line in lines:
     try:
@@ -91,21 +95,31 @@ class FileWriter:
   """
 
   def __init__(self, workdir: str, *, start_step: int | None = None):
-    self.workdir = workdir
-    self.samples_dir = os.path.join(workdir, "samples")
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "metrics.jsonl")
+    self.workdir = os.fspath(workdir)
+    self.samples_dir = paths.join(workdir, "samples")
+    paths.makedirs(workdir)
+    self._path = paths.join(workdir, "metrics.jsonl")
     if start_step is not None:
-      drop_rows_after(path, int(start_step))
-    self._jsonl = open(path, "a")
+      drop_rows_after(self._path, int(start_step))
+    self._remote = paths.is_remote(self._path)
+    if self._remote:  # no append on a bucket: the whole file is uploaded at each row
+      p = paths.path(self._path)
+      self._text = p.read_text() if p.exists() else ""
+      self._jsonl = None
+    else:
+      self._jsonl = open(self._path, "a")
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     row = {"step": int(step), **{k: _json_value(v) for k, v in scalars.items()}}
+    if self._remote:
+      self._text += json.dumps(row) + "\n"
+      atomic.write_text(self._path, self._text)
+      return
     self._jsonl.write(json.dumps(row) + "\n")
     self._jsonl.flush()  # a crash loses no logged step
 
   def image_path(self, name: str, step: int) -> str:
-    return os.path.join(self.samples_dir, f"{name}_{int(step):08d}.png")
+    return paths.join(self.samples_dir, f"{name}_{int(step):08d}.png")
 
   def write_images(self, step: int, images_: Mapping[str, np.ndarray]) -> list[str]:
     """Each `[N, H, W, C]` batch (float in [-1, 1] or uint8) as one PNG grid; returns the paths."""
@@ -113,13 +127,42 @@ class FileWriter:
 
   def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
     for name, text in texts.items():
-      atomic.write_text(os.path.join(self.samples_dir, f"{name}_{int(step):08d}.txt"), text + "\n")
+      atomic.write_text(paths.join(self.samples_dir, f"{name}_{int(step):08d}.txt"), text + "\n")
 
   def flush(self) -> None:
-    self._jsonl.flush()
+    if self._jsonl is not None:
+      self._jsonl.flush()
 
   def close(self) -> None:
-    self._jsonl.close()
+    if self._jsonl is not None:
+      self._jsonl.close()
+
+
+class _BucketEventFile:
+  """A tensorboardX record file on a bucket: the events in memory, uploaded whole per flush."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self._data = bytearray()
+
+  def write(self, data: bytes) -> None:
+    self._data += data
+
+  def flush(self) -> None:
+    atomic.write_bytes(self.path, bytes(self._data))
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _BucketEventFiles:
+  """tensorboardX's writer factory interface for `gs://` (its own one needs another client)."""
+
+  def open(self, path: str) -> _BucketEventFile:
+    return _BucketEventFile(path)
+
+  def directory_check(self, path: str) -> None:
+    del path  # bucket folders are implied by their objects
 
 
 class TensorBoardWriter:
@@ -128,7 +171,12 @@ class TensorBoardWriter:
   def __init__(self, logdir: str):
     from tensorboardX import SummaryWriter  # only process 0 needs it
 
-    self._tb = SummaryWriter(logdir)
+    if paths.is_remote(logdir):
+      from tensorboardX import record_writer
+
+      for scheme in paths.REMOTE_SCHEMES:
+        record_writer.register_writer_factory(scheme.split(":")[0], _BucketEventFiles())
+    self._tb = SummaryWriter(os.fspath(logdir))
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     for k, v in scalars.items():
@@ -202,7 +250,7 @@ class MetricWriter(MultiWriter):
       writers.append(FileWriter(workdir, start_step=start_step))
       if tensorboard:
         try:
-          writers.append(TensorBoardWriter(os.path.join(workdir, "tensorboard")))
+          writers.append(TensorBoardWriter(paths.join(workdir, "tensorboard")))
         except ImportError:  # declared in setup.py; JSONL + PNG still work without it
           logging.warning("tensorboardX is not installed: no TensorBoard events")
     super().__init__(writers)

@@ -19,7 +19,6 @@ known, kept; black = regenerated: imagen-pytorch's `inpaint_masks`) it inpaints 
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import numpy as np
 from absl import app, flags
@@ -119,9 +118,11 @@ def read_png(path: str, size: int, flag: str, mode: str):
   """A PNG as a uint8 array (PIL `mode`: "RGB" or "L"), or a usage error naming the size."""
   import PIL.Image
 
-  if not os.path.exists(path):
+  from imagen_jax import paths
+
+  if not paths.path(path).exists():
     raise app.UsageError(f"--{flag}={path!r} does not exist")
-  with PIL.Image.open(path) as im:
+  with paths.path(path).open("rb") as f, PIL.Image.open(f) as im:
     if im.size != (size, size):
       raise app.UsageError(
           f"--{flag}={path!r} is {im.size[0]}x{im.size[1]}; allowed: {size}x{size} (the last "
@@ -156,7 +157,7 @@ def read_edit(size: int):
 
 def main(argv):
   del argv
-  from imagen_jax import atomic, cascade, images
+  from imagen_jax import atomic, cascade, images, paths
 
   c = _CONFIG.value
   prompts = read_prompts(_PROMPTS.value, _PROMPT_FILE.value)
@@ -167,6 +168,11 @@ def main(argv):
   # before the checkpoints load.
   settings = [cascade.SamplingSettings.from_config(b) for b in blocks]
   settings = apply_overrides(settings, stage_overrides())
+  try:  # an unusable bucket fails here, in one line, before any stage loads
+    for p in [b.workdir for b in blocks] + [_OUTDIR.value]:
+      paths.check_access(p)
+  except paths.AccessError as e:
+    raise SystemExit(f"imagen_jax.sample: error: {e}") from None
   init_image, mask, edit = read_edit(int(cascade.read_stage_config(blocks[-1].workdir).image_size))
   model = cascade.Cascade.from_workdirs(
       [b.workdir for b in blocks], mesh_shape=parse_mesh_shape(_MESH_SHAPE.value)
@@ -182,19 +188,17 @@ def main(argv):
       mask=mask,
       edit=edit,
   )
-  os.makedirs(_OUTDIR.value, exist_ok=True)
   for s, out in enumerate(outs, start=1):
     u8 = images.to_uint8(out)
-    images.save_grid(u8, os.path.join(_OUTDIR.value, f"stage{s}_grid.png"), ncols=k)
-    single = os.path.join(_OUTDIR.value, f"stage{s}")
-    os.makedirs(single, exist_ok=True)
+    images.save_grid(u8, paths.join(_OUTDIR.value, f"stage{s}_grid.png"), ncols=k)
+    single = paths.join(_OUTDIR.value, f"stage{s}")
     for i, img in enumerate(u8):
-      atomic.save_png(os.path.join(single, f"{i:04d}.png"), img)
+      atomic.save_png(paths.join(single, f"{i:04d}.png"), img)
   rows = [[images.to_uint8(o[i]) for o in outs] for i in range(0, len(expanded), k)]
   sheet = images.labelled_grid(rows, prompts, [f"stage {s}" for s in range(1, len(outs) + 1)])
-  atomic.save_png(os.path.join(_OUTDIR.value, "samples.png"), sheet)
+  atomic.save_png(paths.join(_OUTDIR.value, "samples.png"), sheet)
   atomic.write_json(
-      os.path.join(_OUTDIR.value, "settings.json"),
+      paths.join(_OUTDIR.value, "settings.json"),
       {
           "config": c.to_dict(),
           "prompts": prompts,

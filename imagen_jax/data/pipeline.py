@@ -34,6 +34,7 @@ import tensorflow_datasets as tfds
 from absl import flags as absl_flags
 from jax.sharding import NamedSharding, PartitionSpec
 
+from imagen_jax import paths
 from imagen_jax.data import preprocess
 from imagen_jax.data import shapes as shapes_lib
 
@@ -93,6 +94,18 @@ def open_data_source(data_config: ml_collections.ConfigDict, *, build: bool = Tr
   """The random-access data source of `data_config.split` (len() and [i] give raw examples)."""
   name = data_config.name
   data_dir = data_config.data_dir or None
+  if data_dir and paths.is_remote(data_dir):
+    # TFDS's ArrayRecord readers open local files: read a local copy; a dataset built here
+    # (shapes, image_text) is uploaded for the next reader.
+    source = open_data_source(
+        ml_collections.ConfigDict(
+            {**data_config.to_dict(), "data_dir": paths.local_copy(data_dir, missing_ok=build)}
+        ),
+        build=build,
+    )
+    if build:
+      paths.upload_missing(paths.local_path(data_dir), data_dir)
+    return source
   if name == "shapes":
     if not data_dir:
       raise ValueError("data_config.data_dir must name a directory for the shapes dataset")

@@ -35,6 +35,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from imagen_jax import images
+from imagen_jax import paths as paths_lib
 from imagen_jax.evals import provenance
 
 PROTOCOLS = ("paper", "pairs")
@@ -219,7 +220,7 @@ def sample_chunks(
   prompts = list(prompts)
   run = samples_identity(model, prompts, settings, seed=seed, chunk=chunk, size=size)
   sdir = os.path.join(outdir, "samples", provenance.artefact_key(run)[:16])
-  os.makedirs(sdir, exist_ok=True)
+  paths_lib.makedirs(sdir)
   paths = []
   for start in tqdm(
       range(0, len(prompts), chunk), desc="COCO samples", unit="chunk", disable=not progress
@@ -249,8 +250,8 @@ def iter_chunks(paths: Sequence[str], total: int | None = None) -> Iterator[np.n
   """The chunks' images in order; with `total`, a different number of images is an error."""
   n = 0
   for p in paths:
-    with np.load(p, allow_pickle=False) as z:
-      n += len(z["images"])
-      yield z["images"]
+    chunk_images = paths_lib.load_npz(p)["images"]
+    n += len(chunk_images)
+    yield chunk_images
   if total is not None and n != total:
     raise ValueError(f"the sample chunks hold {n} images, expected {total} (one per prompt)")

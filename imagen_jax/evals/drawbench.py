@@ -23,6 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from imagen_jax import atomic, images
+from imagen_jax import paths as paths_lib
 from imagen_jax.evals import prompts
 
 CHOICES = ("left", "right", "tie")
@@ -167,7 +168,7 @@ def write_category_grids(
     name_b: str,
 ) -> list[str]:
   """One PNG per category: a row per prompt, k columns of model A then k of model B."""
-  os.makedirs(outdir, exist_ok=True)
+  paths_lib.makedirs(outdir)
   k = images_a.shape[1]
   cols = [f"{name_a} #{j + 1}" for j in range(k)] + [f"{name_b} #{j + 1}" for j in range(k)]
   paths = []

@@ -27,7 +27,7 @@ import dataclasses
 
 import numpy as np
 
-from imagen_jax import atomic
+from imagen_jax import atomic, paths
 from imagen_jax.evals import provenance
 
 STATS_FORMAT = "imagen_jax.frechet_stats.v1"
@@ -202,8 +202,7 @@ class FrechetStats:
     if expected_identity is not None:
       arrays = provenance.require(path, expected_identity)
     else:
-      with np.load(path, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
+      arrays = paths.load_npz(path)
     return cls.from_arrays(arrays, path).check(path, expected_mode, expected_feature)
 
   @classmethod

@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from imagen_jax import atomic
+from imagen_jax import atomic, paths
 
 KEY_FIELD = "provenance_key"
 IDENTITY_FIELD = "provenance_identity"
@@ -125,7 +125,7 @@ def stage_identity(stage) -> dict:
   Reads the public attributes `workdir`, `step`, `config` and `params` only.
   """
   return {
-      "workdir": os.path.abspath(stage.workdir),
+      "workdir": os.fspath(paths.absolute(stage.workdir)),
       "step": int(stage.step),
       "config_sha256": digest(stage.config),
       "params_sha256": tree_digest(stage.params),
@@ -162,15 +162,13 @@ def _short(x: Any, limit: int = 80) -> str:
 def _stored(path: str) -> tuple[str | None, Any, Any]:
   """(stored key, stored identity, contents) of an artefact file; key None if it has none."""
   if path.endswith(".npz"):
-    with np.load(path, allow_pickle=False) as z:
-      arrays = {k: z[k] for k in z.files}
+    arrays = paths.load_npz(path)
     key = arrays.pop(KEY_FIELD, None)
     ident = arrays.pop(IDENTITY_FIELD, None)
     if key is None or ident is None:
       return None, None, arrays
     return str(key), json.loads(str(ident)), arrays
-  with open(path) as f:
-    obj = json.load(f)
+  obj = json.loads(paths.path(path).read_text())
   prov = obj.get("provenance") if isinstance(obj, dict) else None
   if not isinstance(prov, dict) or "key" not in prov or "identity" not in prov:
     return None, None, obj
@@ -199,7 +197,7 @@ def load_if_matches(path: str, identity: Mapping[str, Any]) -> Any:
   """The contents of the artefact at `path` (npz: dict of arrays; json: its data) when its
   stored key is the key of `identity`; None when it is absent or does not match (a
   `StaleArtefactWarning` names what differs), so the caller recomputes it."""
-  if not os.path.exists(path):
+  if not paths.path(path).exists():
     return None
   why, contents = mismatch(path, identity)
   if why is not None:
@@ -210,7 +208,7 @@ def load_if_matches(path: str, identity: Mapping[str, Any]) -> Any:
 
 def require(path: str, identity: Mapping[str, Any]) -> Any:
   """Like `load_if_matches`, but a missing or mismatched artefact is a `StaleArtefactError`."""
-  if not os.path.exists(path):
+  if not paths.path(path).exists():
     raise StaleArtefactError(f"{path} does not exist")
   why, contents = mismatch(path, identity)
   if why is not None:

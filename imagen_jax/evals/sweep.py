@@ -51,7 +51,7 @@ from typing import Sequence
 
 import numpy as np
 
-from imagen_jax import atomic, images
+from imagen_jax import atomic, images, paths
 from imagen_jax import cascade as cascade_lib
 from imagen_jax.evals import coco, frechet, provenance, shapes_metric
 from imagen_jax.evals import features as features_lib
@@ -239,7 +239,7 @@ def run_sweep(
     if features is None:
       raise ValueError("reference_stats need the features they were computed with")
     reference_stats.stats.check("reference_stats", features.mode, features.name)
-  os.makedirs(os.path.join(outdir, "points"), exist_ok=True)
+  paths.makedirs(paths.join(outdir, "points"))
   ref_stats, ref_digest = None, None
   if reference_images is not None:
     ref_digest = provenance.array_digest(np.asarray(reference_images, np.uint8))
@@ -277,7 +277,7 @@ def run_sweep(
     key = point_key(point, identity)
     pdir = os.path.join(outdir, "points", key)
     stored = provenance.load_if_matches(os.path.join(pdir, "metrics.json"), identity)
-    if stored is not None:
+    if stored is not None and atomic.is_complete(pdir):  # bucket: all files uploaded
       rows.append(stored)
       cached += 1
       continue

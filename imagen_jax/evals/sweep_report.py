@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from imagen_jax import atomic, images
+from imagen_jax import atomic, images, paths
 from imagen_jax.evals import provenance, sweep
 
 TABLE_COLUMNS = (
@@ -97,17 +97,17 @@ def write_sample_grid(rows: Sequence[dict], outdir: str, path: str, num_prompts:
   for r in rows:  # already sorted by (setting, weight)
     pdir = os.path.join(outdir, "points", r["key"])
     spath = os.path.join(pdir, "samples.npz")
-    with np.load(spath) as z:
-      stored = str(z[provenance.KEY_FIELD]) if provenance.KEY_FIELD in z.files else None
-      if stored != r["artefact_key"]:  # the samples were replaced after the metrics were read
-        raise provenance.StaleArtefactError(
-            f"{spath}: provenance key {stored} is not the key of its row ({r['artefact_key']})"
-        )
-      stages = sorted(f for f in z.files if f.startswith("stage"))
-      finals.append(z[stages[-1]][:num_prompts])
+    z = paths.load_npz(spath)
+    stored = str(z[provenance.KEY_FIELD]) if provenance.KEY_FIELD in z else None
+    if stored != r["artefact_key"]:  # the samples were replaced after the metrics were read
+      raise provenance.StaleArtefactError(
+          f"{spath}: provenance key {stored} is not the key of its row ({r['artefact_key']})"
+      )
+    stages = sorted(f for f in z if f.startswith("stage"))
+    finals.append(z[stages[-1]][:num_prompts])
     if prompts is None:
-      with open(os.path.join(pdir, "prompts.json")) as f:
-        prompts = json.load(f)[:num_prompts]
+      prompts = json.loads(paths.path(os.path.join(pdir, "prompts.json")).read_text())
+      prompts = prompts[:num_prompts]
   cols = [f"{r['setting']} w={r['weight']:g}" for r in rows]
   grid = [[im[i] for im in finals] for i in range(len(prompts))]
   atomic.save_png(path, images.labelled_grid(grid, prompts, cols, cell=96, label_width=200))

@@ -63,7 +63,7 @@ from typing import Hashable, Iterable, Sequence
 import msgpack
 import numpy as np
 
-from imagen_jax import atomic
+from imagen_jax import atomic, paths
 
 FORMAT = "imagen_jax.text_embedding_cache/v1"
 MANIFEST = "manifest.json"
@@ -380,7 +380,18 @@ def ensure_cache(encoder, captions: Sequence[str], out_dir: str, **write_kwargs)
   (fingerprint) that holds every caption; otherwise writes one holding `captions` and the
   captions such a cache already holds (kwargs passed on to `write_cache`). The cache lock is held
   throughout, so concurrent callers encode once.
+
+  A bucket `out_dir` (`gs://`): the cache is made in its local copy (`paths.local_copy`) and,
+  when anything was written, uploaded with the marker last (`atomic.upload_dir`); the lock is
+  then per machine, so hosts without a shared file system each encode the same captions.
   """
+  if paths.is_remote(out_dir):
+    local = paths.local_copy(out_dir, missing_ok=True)
+    before = _published_manifest(local) if os.path.exists(os.path.join(local, MANIFEST)) else None
+    ensure_cache(encoder, captions, local, **write_kwargs)
+    if _published_manifest(local) != before or not atomic.is_complete(out_dir):
+      atomic.upload_dir(local, out_dir)
+    return out_dir
   out_dir = os.path.normpath(out_dir)
   wanted = set(captions)
   if _cached_captions(encoder, out_dir) >= wanted:  # the common case takes no lock
@@ -494,6 +505,10 @@ class TextEmbeddingCache:
   """
 
   def __init__(self, path: str, dtype: str = "float32"):
+    if paths.is_remote(path):  # ArrayRecord reads local files: a copy of the whole cache
+      if not atomic.is_complete(path):
+        raise CacheError(f"text embedding cache {path!r} does not exist (or is being uploaded)")
+      path = paths.local_copy(path)
     path = os.path.normpath(path)
     self.path = path
     if TMP_INFIX in os.path.basename(path):

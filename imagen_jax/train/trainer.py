@@ -47,7 +47,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from imagen_jax import atomic
+from imagen_jax import atomic, paths
 from imagen_jax import checkpoint as ckpt_lib
 from imagen_jax import metrics as metrics_lib
 from imagen_jax.data import pipeline
@@ -211,7 +211,7 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> d
   settings_lib.check(c)
   config_dict = config_to_dict(c)
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)  # a bucket folder is implied by its objects
   # Before the mesh and the encoder (minutes for T5-XXL): a resume under another meaning fails.
   ckpt_lib.check_resume_meaning(os.path.join(workdir, "checkpoints"), config_dict)
 
