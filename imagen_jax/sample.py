@@ -5,7 +5,9 @@ Writes, per stage k: `stage{k}_grid.png` (all samples, one row per prompt) and
 `stage{k}/NNNN.png` (single images), plus `samples.png` (prompt | stage 1 | stage 2 | ...) and
 `settings.json` (every setting, the stage checkpoints' steps, the prompts, the mesh). Samples
 on a mesh of this process's devices (`--mesh_shape=data=2,fsdp=-1,tensor=1`; default: all on
-fsdp, `sharded_sampling.DEFAULT_MESH_SHAPE`). Thin entry point: the logic is
+fsdp, `sharded_sampling.DEFAULT_MESH_SHAPE`). Multi-host: the same command on every host with
+`--distributed` splits the prompts over all processes (`parallel.hosts`; sample i is the same
+whichever host draws it) and process 0 writes. Thin entry point: the logic is
 `imagen_jax.cascade`.
 """
 
@@ -15,6 +17,8 @@ import os
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from imagen_jax.parallel import hosts
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/cascade.py:shapes", "cascade config (configs/cascade.py:VARIANT)"
@@ -26,6 +30,7 @@ _PER_PROMPT = flags.DEFINE_integer("num_per_prompt", 4, "samples per prompt")
 _MESH_SHAPE = flags.DEFINE_string(
     "mesh_shape", "", "sampling mesh, e.g. data=2,fsdp=-1,tensor=1 (-1 fills); '' = all on fsdp"
 )
+hosts.define_flags()
 
 
 def parse_mesh_shape(text: str) -> dict[str, int] | None:
@@ -58,6 +63,7 @@ def read_prompts(prompts, prompt_file) -> list[str]:
 
 def main(argv):
   del argv
+  hosts.initialize_from_flags()  # before anything touches the jax backend
   from imagen_jax import atomic, cascade, images
 
   c = _CONFIG.value
@@ -71,7 +77,9 @@ def main(argv):
   settings = [cascade.SamplingSettings.from_config(b) for b in blocks]
   k = _PER_PROMPT.value
   expanded = [p for p in prompts for _ in range(k)]
-  outs = model.sample(expanded, settings, seed=int(c.seed), batch_size=int(c.batch_size))
+  outs = hosts.sample(model, expanded, settings, seed=int(c.seed), batch_size=int(c.batch_size))
+  if not hosts.is_writer():
+    return
   os.makedirs(_OUTDIR.value, exist_ok=True)
   for s, out in enumerate(outs, start=1):
     u8 = images.to_uint8(out)
