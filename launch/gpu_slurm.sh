@@ -29,7 +29,7 @@
 set -euo pipefail
 
 usage() {
-  sed -n '2,24p' "$0" >&2
+  awk 'NR > 1 && !/^#/ { exit } NR > 1 && !/^#SBATCH/' "$0" >&2 # the header above
   exit 2
 }
 die() {
@@ -74,7 +74,8 @@ start() {
   local extra
   read -r -a extra <<<"${SBATCH_FLAGS:-}"
   local id
-  id=$(sbatch "${flags[@]}" "${extra[@]}" --export=ALL,LOG_DIR="$LOG_DIR" \
+  id=$(sbatch "${flags[@]}" "${extra[@]}" \
+    --export=ALL,LOG_DIR="$LOG_DIR",GPUS_PER_NODE="${GPUS_PER_NODE:-8}" \
     "$0" _job "$WORKDIR" "$@")
   id=${id%%;*} # --parsable prints "id" or "id;cluster"
   echo "$id" >"$LOG_DIR/job_id"
@@ -87,6 +88,10 @@ _job() {
   local config=$1
   shift
   cd "${SLURM_SUBMIT_DIR:-.}"
+  # One process per node drives all its GPUs: without this, jax's SLURM detection would give
+  # each process only GPU number SLURM_LOCALID.
+  JAX_LOCAL_DEVICE_IDS=$(seq -s, 0 $((${GPUS_PER_NODE:-8} - 1)))
+  export JAX_LOCAL_DEVICE_IDS
   srun --open-mode=append --output="$LOG_DIR/job_%j.task_%t.log" --kill-on-bad-exit=1 \
     "${PYTHON:-python3}" -m imagen_jax.main --config="$config" --workdir="$WORKDIR" \
     --config.distributed.initialize=True --config.model.dtype=bfloat16 "$@"

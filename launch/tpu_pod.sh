@@ -3,6 +3,8 @@
 # run detached on all workers (it survives a dropped ssh), then check on it, read its logs, stop it.
 #
 #   launch/tpu_pod.sh start  TPU ZONE WORKDIR CONFIG [--config.x=y ...]
+#   launch/tpu_pod.sh run    TPU ZONE SCRIPT [ARGS ...]  `python SCRIPT ARGS` the same way, e.g.
+#                              experiments/coco_fid30k.py --distributed ... (multi-host FID)
 #   launch/tpu_pod.sh status TPU ZONE
 #   launch/tpu_pod.sh logs   TPU ZONE [LINES]     last LINES (default 20) lines of every worker's log
 #   launch/tpu_pod.sh fetch  TPU ZONE DEST        copy every worker's log into the local folder DEST
@@ -26,7 +28,7 @@
 set -euo pipefail
 
 usage() {
-  sed -n '2,26p' "$0" >&2
+  awk 'NR > 1 && !/^#/ { exit } NR > 1 && !/^#SBATCH/' "$0" >&2 # the header above
   exit 2
 }
 die() {
@@ -38,9 +40,9 @@ die() {
 VERB=$1
 shift
 case "$VERB" in
-  start | status | logs | fetch | stop) ;;
+  start | run | status | logs | fetch | stop) ;;
   -h | --help | help) usage ;;
-  *) die "unknown verb '$VERB'; allowed: start, status, logs, fetch, stop (see --help)" ;;
+  *) die "unknown verb '$VERB'; allowed: start, run, status, logs, fetch, stop (see --help)" ;;
 esac
 [[ $# -ge 2 ]] || die "$VERB needs TPU and ZONE (see --help)"
 TPU=$1
@@ -63,14 +65,11 @@ D=~/$REMOTE
 LOG=\$D/logs/\$HOSTNAME.log
 running() { [[ -f \$D/run.pid ]] && kill -0 \"\$(cat \$D/run.pid)\" 2>/dev/null; }"
 
-start() {
-  [[ $# -ge 2 ]] || die "start needs TPU ZONE WORKDIR CONFIG [--config.x=y ...] (see --help)"
-  local workdir=$1 config=$2
-  shift 2
+# Copies (or clones) the code to every worker, installs it, and starts `$PY ARGS...` detached.
+launch_detached() {
   local install=${INSTALL:-"$PY -m pip install -q -e '.[tpu]'"}
-  local run fetch_code
-  run=$(printf '%q ' "$PY" -m imagen_jax.main --config="$config" --workdir="$workdir" \
-    --config.distributed.initialize=True "$@")
+  local cmd fetch_code
+  cmd=$(printf '%q ' "$PY" "$@")
   if [[ -n ${GIT_REF:-} ]]; then
     local url=${GIT_URL:-$(git -C "$(dirname "$0")" remote get-url origin 2>/dev/null || true)}
     [[ -n $url ]] || die "GIT_REF=$GIT_REF needs GIT_URL (this checkout has no origin remote)"
@@ -82,10 +81,10 @@ git -C \$D/src checkout --quiet $(printf '%q' "$GIT_REF")"
     archive=$(mktemp -d)/imagen-jax-src.tgz
     # Tracked and untracked files that git does not ignore, minus tracked files deleted here.
     git -C "$repo" ls-files -z --cached --others --exclude-standard |
-      while IFS= read -r -d '' f; do [[ -e $repo/$f ]] && printf '%s\0' "$f"; done |
+      while IFS= read -r -d '' f; do if [[ -e $repo/$f ]]; then printf '%s\0' "$f"; fi; done |
       tar -C "$repo" --null -T - -czf "$archive"
     echo "copying $(du -h "$archive" | cut -f1) of code from $repo to every worker of $TPU"
-    gcloud compute tpus tpu-vm scp "$archive" "$TPU:~/imagen-jax-src.tgz" --zone="$ZONE" \
+    gcloud compute tpus tpu-vm scp "$archive" "$TPU:imagen-jax-src.tgz" --zone="$ZONE" \
       --worker=all "${GFLAGS[@]}"
     rm -rf "$(dirname "$archive")"
     fetch_code="rm -rf \$D/src && mkdir -p \$D/src && tar -xzf ~/imagen-jax-src.tgz -C \$D/src"
@@ -99,10 +98,23 @@ fi
 $fetch_code
 cd \$D/src
 $install
-setsid nohup $run >\$LOG 2>&1 </dev/null &
+setsid nohup $cmd >\$LOG 2>&1 </dev/null &
 echo \$! >\$D/run.pid
 echo \"\$HOSTNAME: started pid \$!, log \$LOG\""
   echo "started on every worker of $TPU; check with: $0 status $TPU $ZONE"
+}
+
+start() {
+  [[ $# -ge 2 ]] || die "start needs TPU ZONE WORKDIR CONFIG [--config.x=y ...] (see --help)"
+  local workdir=$1 config=$2
+  shift 2
+  launch_detached -m imagen_jax.main --config="$config" --workdir="$workdir" \
+    --config.distributed.initialize=True "$@"
+}
+
+run() {
+  [[ $# -ge 1 ]] || die "run needs TPU ZONE SCRIPT [ARGS ...] (see --help)"
+  launch_detached "$@"
 }
 
 status() {
@@ -123,7 +135,7 @@ if [[ -f \$LOG ]]; then tail -n $lines \$LOG; else echo '(no log yet)'; fi"
 fetch() {
   [[ $# -ge 1 ]] || die "fetch needs a local folder DEST (see --help)"
   mkdir -p "$1"
-  gcloud compute tpus tpu-vm scp "$TPU:~/$REMOTE/logs/*.log" "$1/" --zone="$ZONE" --worker=all \
+  gcloud compute tpus tpu-vm scp "$TPU:$REMOTE/logs/*.log" "$1/" --zone="$ZONE" --worker=all \
     "${GFLAGS[@]}"
   echo "logs of every worker of $TPU in $1"
 }

@@ -310,12 +310,33 @@ def test_multihost_launcher_tpu_pod_start_status_logs_stop(cluster, data_dir, tm
   assert out.stdout.count("stopped (saved step") == 2, out.stdout
   saved = int(out.stdout.split("saved step ")[1].split(")")[0])
   assert (workdir / "checkpoints" / str(saved)).is_dir()
+  logged = [json.loads(x)["step"] for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert logged == list(range(1, saved + 1))  # every step logged, up to the saved one
   status = _sh(["bash", TPU_POD, "status", *tpu], env).stdout
   assert status.count(": not running") == 2, status
   _sh(["bash", TPU_POD, "fetch", *tpu, str(tmp_path / "fetched")], env)
   fetched = sorted(os.listdir(tmp_path / "fetched"))
   assert fetched == ["my-tpu-w0.log", "my-tpu-w1.log"]
   assert f"SIGTERM: saved step {saved}" in (tmp_path / "fetched" / "my-tpu-w1.log").read_text()
+
+  # `start` again (this time the workers clone a git ref) resumes from the saved step.
+  head = _sh(["git", "rev-parse", "HEAD"], env).stdout.strip()
+  env.update(GIT_REF=head, GIT_URL=ROOT)
+  _sh(["bash", TPU_POD, "start", *tpu, str(workdir), "configs/base64.py:tiny", *flags], env)
+  for w in workers:
+    assert _sh(["git", "-C", str(w / "src"), "rev-parse", "HEAD"], env).stdout.strip() == head
+  steps = _wait_for_steps(workdir / "metrics.jsonl", len(logged) + 1, logs)
+  assert steps[len(logged)] == saved + 1  # the first step after the checkpoint
+  assert _sh(["bash", TPU_POD, "stop", *tpu], env).stdout.count("stopped (saved step") == 2
+
+  # `run`: any script (e.g. the multi-host FID) the same way, on every worker.
+  _sh(["bash", TPU_POD, "run", *tpu, "-c", "import os; print('hi from', os.getcwd())"], env)
+  for _ in range(60):
+    if _sh(["bash", TPU_POD, "status", *tpu], env).stdout.count(": not running") == 2:
+      break
+    time.sleep(1)
+  for w in workers:
+    assert f"hi from {w / 'src'}" in logs()
 
 
 @pytest.mark.slow
