@@ -77,7 +77,8 @@ def main(argv):
   settings = [cascade.SamplingSettings.from_config(b) for b in blocks]
   k = _PER_PROMPT.value
   expanded = [p for p in prompts for _ in range(k)]
-  outs = hosts.sample(model, expanded, settings, seed=int(c.seed), batch_size=int(c.batch_size))
+  batch = min(int(c.batch_size), len(expanded))  # a few prompts: no padding to a whole batch
+  outs = hosts.sample(model, expanded, settings, seed=int(c.seed), batch_size=batch)
   if not hosts.is_writer():
     return
   os.makedirs(_OUTDIR.value, exist_ok=True)
