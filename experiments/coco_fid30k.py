@@ -11,8 +11,13 @@
 interrupted run resumes; both carry the key of what produced them (stages, settings, seed,
 prompts, chunk size; features and reference set) and are reused only when it matches, so a
 rerun into the same --outdir with other inputs recomputes instead of mixing in stale results.
-The FID network shards its batches over all local devices; cascade sampling runs on the first
-device (see experiments/README.md).
+The FID network shards its batches over all local devices; cascade sampling runs on a mesh of
+the local devices (see experiments/README.md).
+
+Multi-host: run the same command on every host with `--distributed` (coordinator, process count
+and id auto-detected on TPU pods and SLURM; or give `--coordinator_address`, `--num_processes`,
+`--process_id`): the prompts and Inception batches are split over all processes and gathered,
+the FID is the one a single process computes, and process 0 writes (the outdir must be shared).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import os
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from imagen_jax.parallel import hosts
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/cascade.py:paper", "cascade sampling settings"
@@ -41,10 +48,12 @@ _MODE = flags.DEFINE_string("fid_mode", "tf", "FID preprocessing: tf | pytorch_f
 _BATCH = flags.DEFINE_integer("batch_size", 64, "sampling and FID batch size")
 _CHUNK = flags.DEFINE_integer("chunk", 1024, "prompts per saved sample chunk")
 _OUTDIR = flags.DEFINE_string("outdir", "coco_fid30k", "output folder")
+hosts.define_flags()
 
 
 def main(argv):
   del argv
+  hosts.initialize_from_flags()  # before anything touches the jax backend
   from imagen_jax import atomic, cascade, paths
   from imagen_jax.evals import coco, fid
 
@@ -59,7 +68,8 @@ def main(argv):
   settings = [
       cascade.SamplingSettings.from_config(cfg[f"stage{k + 1}"]) for k in range(len(workdirs))
   ]
-  paths.makedirs(_OUTDIR.value)
+  if hosts.is_writer():
+    paths.makedirs(_OUTDIR.value)
 
   anns, files = coco.load_captions(captions)
   prompts, ref_names = coco.draw(anns, files, _PROTOCOL.value, _NUM.value, _SEED.value)
@@ -94,6 +104,8 @@ def main(argv):
       "conventions": "reference: centre crop + PIL bicubic to 256; generated: PIL "
       "bicubic to 256 if needed; then FID preprocessing mode above",
   }
+  if not hosts.is_writer():
+    return
   atomic.write_json(os.path.join(_OUTDIR.value, "fid.json"), report)
   print(
       f"FID-{len(prompts)} ({_PROTOCOL.value} protocol, {_MODE.value} preprocessing, "

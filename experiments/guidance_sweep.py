@@ -12,12 +12,18 @@ a Frechet distance on fixed random-conv features, labelled "not FID" (see
       --outdir=demo_out/guidance_sweep
 
 Interrupt and rerun freely: finished points are read from <outdir>/points/.
+
+Multi-host: the same command on every host with `--distributed` (auto-detected on TPU pods and
+SLURM, or `--coordinator_address`, `--num_processes`, `--process_id`) splits the prompts and
+feature batches over all processes; process 0 writes (the outdir must be shared).
 """
 
 from __future__ import annotations
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from imagen_jax.parallel import hosts
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -59,10 +65,12 @@ _REFERENCE = flags.DEFINE_string(
     "uint8 reference images (key " "`images`) for the distance when prompts come from a file",
 )
 _OUTDIR = flags.DEFINE_string("outdir", "guidance_sweep", "output folder")
+hosts.define_flags()
 
 
 def main(argv):
   del argv
+  hosts.initialize_from_flags()  # before anything touches the jax backend
 
   from imagen_jax import cascade
   from imagen_jax import paths as paths_lib
@@ -133,6 +141,8 @@ def main(argv):
       f"stage {stage + 1} guidance sweep, {len(prompts)} prompts, "
       f"{' -> '.join(str(s.image_size) for s in model.stages[:len(workdirs)])}px"
   )
+  if not hosts.is_writer():
+    return
   paths = sweep_report.write_outputs(result, _OUTDIR.value, title)
   print(f"{result.computed} points sampled, {result.cached} read from cache")
   print(paths_lib.path(paths["md"]).read_text())

@@ -12,13 +12,11 @@ first.
 `--workdir`, `data.data_dir` and `text.embedding_cache` may be bucket paths (`gs://bucket/run`,
 `imagen_jax.paths`). Before anything starts (the distributed job, the mesh, the encoder) each
 bucket is probed once, and a workdir whose `config.json` records another run (another stage,
-model, diffusion or text encoder: `checkpoint.MEANING_FIELDS`) is refused: the error is one line
-and nothing in the workdir is touched.
+model, diffusion or text encoder: `checkpoint.MEANING_FIELDS`) is refused
+(`train.workdir.check_workdir`): the error is one line and nothing in the workdir is touched.
 """
 
 from __future__ import annotations
-
-import json
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -35,46 +33,15 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (resumes if it
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class WorkdirMismatchError(ValueError):
-  """The workdir's config.json records a run of another meaning."""
-
-
-def check_workdir(config, workdir: str) -> None:
-  """Raises `paths.AccessError` for an unusable bucket among the workdir, `data.data_dir` and
-  `text.embedding_cache`, and `WorkdirMismatchError` when `workdir/config.json` records another
-  run (its `checkpoint.MEANING_FIELDS` differ from `config`'s; the text fingerprint, known only
-  once the encoder is loaded, is left to the resume check)."""
-  from imagen_jax import checkpoint as ckpt_lib
-
-  for p in (workdir, config.data.get("data_dir", ""), config.text.get("embedding_cache", "")):
-    if p:
-      paths.check_access(p)
-  saved_path = paths.path(workdir) / "config.json"
-  if not saved_path.exists():
-    return
-  try:
-    saved = json.loads(saved_path.read_text())
-  except ValueError as e:
-    raise WorkdirMismatchError(
-        f"{saved_path} is not valid JSON ({e}); is it a run's workdir?"
-    ) from None
-  current = json.loads(config.to_json_best_effort())
-  diffs = [d for d in ckpt_lib.meaning_diff(saved, current) if d[0] != ckpt_lib.TEXT_FINGERPRINT]
-  if diffs:
-    raise WorkdirMismatchError(
-        f"--workdir={workdir} holds another run ({saved.get('stage')!r} stage): "
-        + ckpt_lib.format_meaning_diff(diffs, "in its config.json", "this config has")
-        + ". Use a fresh workdir, or resume with the workdir's values"
-    )
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
+  from imagen_jax.train import workdir as workdir_lib
+
   try:
-    check_workdir(config, _WORKDIR.value)
-  except (paths.AccessError, WorkdirMismatchError) as e:
+    workdir_lib.check_workdir(config, _WORKDIR.value)
+  except (paths.AccessError, workdir_lib.WorkdirMismatchError) as e:
     raise SystemExit(f"imagen_jax.main: error: {e}") from None
   # Must precede any use of the jax backend.
   from imagen_jax.parallel import mesh as mesh_lib

@@ -7,7 +7,9 @@ Writes, per stage k: `stage{k}_grid.png` (all samples, one row per prompt) and
 sampler flags below (`--sampler=heun --time_grid=karras --guidance_rescale=0.7 ...`) override
 the config's value at every stage; per stage, set `--config.stageK.FIELD`. Samples
 on a mesh of this process's devices (`--mesh_shape=data=2,fsdp=-1,tensor=1`; default: all on
-fsdp, `sharded_sampling.DEFAULT_MESH_SHAPE`). Thin entry point: the logic is
+fsdp, `sharded_sampling.DEFAULT_MESH_SHAPE`). Multi-host: the same command on every host with
+`--distributed` splits the prompts over all processes (`parallel.hosts`; sample i is the same
+whichever host draws it) and process 0 writes. Thin entry point: the logic is
 `imagen_jax.cascade`.
 
 Editing (`diffusion.editing`), at every stage: `--init_image=IMG.png` (S x S, the last stage's
@@ -23,6 +25,8 @@ import dataclasses
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
+
+from imagen_jax.parallel import hosts
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/cascade.py:shapes", "cascade config (configs/cascade.py:VARIANT)"
@@ -77,13 +81,15 @@ def stage_overrides() -> dict:
 def apply_overrides(settings, overrides: dict) -> list:
   """Every stage's `SamplingSettings` with `overrides` set (validated there: a bad name or
   range, e.g. --guidance_rescale=1.5, is a UsageError naming the value and what is allowed)."""
+  from imagen_jax import stage
+
   try:
-    out = [dataclasses.replace(s, **overrides) for s in settings]
-    for s in out:
-      s.sampler_settings()
+    return stage.override_settings(settings, overrides)
   except (TypeError, ValueError) as e:
     raise app.UsageError(str(e)) from e
-  return out
+
+
+hosts.define_flags()
 
 
 def parse_mesh_shape(text: str) -> dict[str, int] | None:
@@ -157,6 +163,7 @@ def read_edit(size: int):
 
 def main(argv):
   del argv
+  hosts.initialize_from_flags()  # before anything touches the jax backend
   from imagen_jax import atomic, cascade, images, paths
 
   c = _CONFIG.value
@@ -179,15 +186,19 @@ def main(argv):
   )
   k = _PER_PROMPT.value
   expanded = [p for p in prompts for _ in range(k)]
-  outs = model.sample(
+  batch = min(int(c.batch_size), len(expanded))  # a few prompts: no padding to a whole batch
+  outs = hosts.sample(
+      model,
       expanded,
       settings,
       seed=int(c.seed),
-      batch_size=int(c.batch_size),
+      batch_size=batch,
       init_image=init_image,
       mask=mask,
       edit=edit,
   )
+  if not hosts.is_writer():
+    return
   for s, out in enumerate(outs, start=1):
     u8 = images.to_uint8(out)
     images.save_grid(u8, paths.join(_OUTDIR.value, f"stage{s}_grid.png"), ncols=k)

@@ -149,6 +149,16 @@ class SamplingSettings:
     )
 
 
+def override_settings(settings, overrides: dict) -> list[SamplingSettings]:
+  """Every stage's `SamplingSettings` with the fields in `overrides` replaced (e.g. a CLI's
+  `--sampler=heun` for all stages), each checked as it would be when sampling: a bad name or
+  range raises ValueError / TypeError naming the value and what is allowed."""
+  out = [dataclasses.replace(s, **overrides) for s in settings]
+  for s in out:
+    s.sampler_settings()
+  return out
+
+
 # eq=False: hashed by identity, so a Stage can be a static argument of jitted functions.
 @dataclasses.dataclass(frozen=True, eq=False)
 class Stage:

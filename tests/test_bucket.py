@@ -15,7 +15,8 @@ import urllib.request
 import numpy as np
 import pytest
 
-from imagen_jax import atomic, main, metrics, paths
+from imagen_jax import atomic, metrics, paths
+from imagen_jax.train import workdir as workdir_lib
 from tests.test_train_step import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -169,11 +170,13 @@ def test_bucket_bad_input_workdir_of_another_run(emulator):
   sr = load_config("sr256")
   atomic.write_text(f"{run}/config.json", sr.to_json_best_effort())
   before = paths.path(f"{run}/config.json").read_bytes()
-  with pytest.raises(main.WorkdirMismatchError, match="holds another run \\('sr256' stage\\)"):
-    main.check_workdir(load_config("base64"), run)
+  with pytest.raises(
+      workdir_lib.WorkdirMismatchError, match="holds another run \\('sr256' stage\\)"
+  ):
+    workdir_lib.check_workdir(load_config("base64"), run)
   assert paths.path(f"{run}/config.json").read_bytes() == before
-  main.check_workdir(sr, run)  # the same run: fine
-  main.check_workdir(load_config("base64"), "gs://bucket/fresh_run")  # no config.json: fine
+  workdir_lib.check_workdir(sr, run)  # the same run: fine
+  workdir_lib.check_workdir(load_config("base64"), "gs://bucket/fresh_run")  # no config.json: fine
 
 
 def test_bucket_local_copy_follows_the_objects(emulator, tmp_path, monkeypatch):

@@ -6,10 +6,9 @@ import dataclasses
 
 import numpy as np
 import pytest
-from absl import app
 
 from configs import cascade as cascade_config
-from imagen_jax import cascade, denoiser, sample
+from imagen_jax import cascade, denoiser, stage
 from imagen_jax.diffusion import samplers
 from tests import cascade_fixtures
 
@@ -30,16 +29,16 @@ def test_cascade_config_and_cli_flags_set_karras_heun_rescale():
   )
   ss = s1.sampler_settings()
   assert (ss.sampler, ss.time_grid, ss.max_scale, ss.network_calls) == ("heun", "karras", 1.5, 49)
-  # The CLI's flags override every stage and are checked there, naming the bad value.
-  out = sample.apply_overrides([s1, s2], {"sampler": "euler_ancestral", "guidance_rescale": 0.5})
+  # The CLI's flags (imagen_jax.sample) override every stage, checked here, naming the value.
+  out = stage.override_settings([s1, s2], {"sampler": "euler_ancestral", "guidance_rescale": 0.5})
   assert [(s.sampler, s.guidance_rescale) for s in out] == [("euler_ancestral", 0.5)] * 2
   assert out[0].time_grid == "karras" and out[1].aug_level == s2.aug_level
-  with pytest.raises(app.UsageError, match=r"guidance_rescale must be in \[0, 1\].*1.5"):
-    sample.apply_overrides([s1], {"guidance_rescale": 1.5})
-  with pytest.raises(app.UsageError, match="unknown time_grid 'edm'"):
-    sample.apply_overrides([s1], {"time_grid": "edm"})
-  with pytest.raises(app.UsageError, match="max_scale must be >= 1"):
-    sample.apply_overrides([s1], {"max_scale": 0.5})
+  with pytest.raises(ValueError, match=r"guidance_rescale must be in \[0, 1\].*1.5"):
+    stage.override_settings([s1], {"guidance_rescale": 1.5})
+  with pytest.raises(ValueError, match="unknown time_grid 'edm'"):
+    stage.override_settings([s1], {"time_grid": "edm"})
+  with pytest.raises(ValueError, match="max_scale must be >= 1"):
+    stage.override_settings([s1], {"max_scale": 0.5})
 
 
 @pytest.mark.slow  # ~75 s alone on 2 cores (tiny cascade fixture + a Heun stage compile)

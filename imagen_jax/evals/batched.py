@@ -5,6 +5,11 @@ network compiles once: a short final batch is zero-padded to `batch_size` and th
 are dropped from the result. When `batch_size` divides by the number of local devices the batch
 axis is sharded over all of them (data parallel, weights replicated); otherwise everything runs on
 the first local device. Results come back to the host as numpy arrays.
+
+Multi-host (`jax.process_count() > 1`): each call is a collective. Every process passes the same
+batch; process p runs its block of `ceil(batch_size / processes)` rows on its own devices and the
+outputs (the features) are gathered across hosts (`parallel.hosts`), so every process gets the
+whole batch's outputs in order, as one process computes them.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from imagen_jax.parallel import hosts
 
 
 def rebatch(
@@ -48,15 +55,17 @@ class BatchRunner:
   Args:
     fn: `fn(consts, *batch_arrays) -> array [B, ...]`, traceable.
     consts: pytree of weights; replicated to the devices once.
-    batch_size: the static batch size; every input's leading axis must be <= it.
+    batch_size: the static batch size; every input's leading axis must be <= it. Each process
+      runs `local_batch = ceil(batch_size / processes)` rows of it.
   """
 
   def __init__(self, fn: Callable[..., Any], consts: Any, batch_size: int):
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     self.batch_size = batch_size
+    self.local_batch = -(-batch_size // jax.process_count())
     devices = jax.local_devices()
-    if batch_size % len(devices) == 0:
+    if self.local_batch % len(devices) == 0:
       mesh = jax.sharding.Mesh(np.array(devices), ("data",))
       self.sharding = NamedSharding(mesh, P("data"))
       replicated = NamedSharding(mesh, P())
@@ -74,11 +83,12 @@ class BatchRunner:
           f"inputs must share a leading size <= batch_size={self.batch_size}, "
           f"got {[np.shape(a) for a in arrays]}"
       )
+    start, stop = hosts.block_bounds(n, self.local_batch)
     padded = []
     for a in arrays:
-      a = np.asarray(a)
-      if n < self.batch_size:  # one static shape: no recompilation for the tail batch
-        a = np.concatenate([a, np.zeros((self.batch_size - n,) + a.shape[1:], a.dtype)])
+      a = np.asarray(a)[start:stop]
+      if len(a) < self.local_batch:  # one static shape: no recompilation for the tail batch
+        a = np.concatenate([a, np.zeros((self.local_batch - len(a),) + a.shape[1:], a.dtype)])
       padded.append(jax.device_put(a, self.sharding))
-    out = self._fn(self._consts, *padded)
-    return np.asarray(jax.device_get(out))[:n]
+    out = np.asarray(jax.device_get(self._fn(self._consts, *padded)))
+    return hosts.allgather_rows(out[: stop - start], n, self.local_batch)

@@ -23,6 +23,10 @@ Resuming: sample chunks and reference statistics carry the provenance key of wha
 (`provenance`: stages, settings, seed, prompts, chunk size; features, reference set) and are
 reused only when it matches, so a rerun into the same folder with another model, seed, chunk
 size or reference set never mixes in stale results.
+
+Multi-host (`parallel.hosts`): every process runs the same calls; each samples its block of a
+chunk and computes its block of each Inception batch, the images and features are gathered, and
+process 0 writes, so the outdir must be shared (a bucket or a shared file system).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import numpy as np
 from imagen_jax import images
 from imagen_jax import paths as paths_lib
 from imagen_jax.evals import provenance
+from imagen_jax.parallel import hosts
 
 PROTOCOLS = ("paper", "pairs")
 REFERENCE_SIZE = 256
@@ -220,7 +225,8 @@ def sample_chunks(
   prompts = list(prompts)
   run = samples_identity(model, prompts, settings, seed=seed, chunk=chunk, size=size)
   sdir = os.path.join(outdir, "samples", provenance.artefact_key(run)[:16])
-  paths_lib.makedirs(sdir)
+  if hosts.is_writer():
+    paths_lib.makedirs(sdir)
   paths = []
   for start in tqdm(
       range(0, len(prompts), chunk), desc="COCO samples", unit="chunk", disable=not progress
@@ -230,19 +236,23 @@ def sample_chunks(
     part = prompts[start : start + chunk]
     identity = {**run, "start": start, "count": len(part)}
     stored = provenance.load_if_matches(path, identity)
-    if stored is not None and len(stored["images"]) == len(part):
+    if hosts.agree(stored is not None and len(stored["images"]) == len(part), path):
       continue
-    pad = (-len(part)) % batch_size  # one static batch shape for the jitted sampler
-    out = model.sample(
-        part + [""] * pad,
+    # Multi-host: each process samples its block of the chunk; the 256px uint8 images are
+    # gathered (one static batch shape for the jitted sampler: hosts.sample pads).
+    (u8,) = hosts.sample(
+        model,
+        part,
         settings,
         seed=seed,
         batch_size=batch_size,
         first_index=start,
         progress=False,
-    )[-1][: len(part)]
-    u8 = resize_generated(images.to_uint8(out), size)
-    provenance.save_npz(path, identity, images=u8, prompts=np.array(part))
+        transform=lambda outs: [resize_generated(images.to_uint8(outs[-1]), size)],
+    )
+    if hosts.is_writer():
+      provenance.save_npz(path, identity, images=u8, prompts=np.array(part))
+  hosts.barrier("coco_sample_chunks_written")  # every process reads the chunks next
   return paths
 
 

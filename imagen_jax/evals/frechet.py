@@ -208,12 +208,16 @@ class FrechetStats:
   @classmethod
   def cached(cls, path: str, identity: dict, compute) -> "FrechetStats":
     """The statistics stored at `path` when they were produced by `identity`; otherwise
-    `compute()` (absent, or a mismatch: warned and recomputed, never reused), saved there."""
+    `compute()` (absent, or a mismatch: warned and recomputed, never reused), saved there.
+    Multi-host: the processes decide together and compute together; process 0 saves."""
+    from imagen_jax.parallel import hosts
+
     arrays = provenance.load_if_matches(path, identity)
-    if arrays is not None:
+    if hosts.agree(arrays is not None, f"the statistics {path}"):
       return cls.from_arrays(arrays, path)
     stats = compute()
-    stats.save(path, identity)  # atomic: an interrupted run leaves no half-written statistics
+    if hosts.is_writer():
+      stats.save(path, identity)  # atomic: an interrupted run leaves no half-written statistics
     return stats
 
 

@@ -38,6 +38,10 @@ Metrics per point (on the last stage's images `[N, S, S, 3]`):
   are what static thresholding produces at high w, while black backgrounds sit at the bottom.
   On the shapes data it is exactly 0 for real images (the palette's brightest channel is 240).
 
+Multi-host (`parallel.hosts`): every process runs the sweep; each samples its block of the
+prompts and computes its block of every feature batch (`evals.batched`), the rows are gathered,
+every process gets the same rows, and process 0 writes the points.
+
 Reporting (CSV, markdown table, Pareto plot, sample sheet) is `sweep_report`; prompt files and
 the shapes test prompts are `prompts`; the feature extractors are `features`.
 """
@@ -55,6 +59,7 @@ from imagen_jax import atomic, images, paths
 from imagen_jax import cascade as cascade_lib
 from imagen_jax.evals import coco, frechet, provenance, shapes_metric
 from imagen_jax.evals import features as features_lib
+from imagen_jax.parallel import hosts
 
 # The paper's guidance grids (App. D: Fig. A.8 base 64x64; Fig. A.11 SR 64->256).
 BASE_WEIGHTS = (1.0, 1.25, 1.5, 1.75, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0)
@@ -239,7 +244,8 @@ def run_sweep(
     if features is None:
       raise ValueError("reference_stats need the features they were computed with")
     reference_stats.stats.check("reference_stats", features.mode, features.name)
-  paths.makedirs(paths.join(outdir, "points"))
+  if hosts.is_writer():
+    paths.makedirs(paths.join(outdir, "points"))
   ref_stats, ref_digest = None, None
   if reference_images is not None:
     ref_digest = provenance.array_digest(np.asarray(reference_images, np.uint8))
@@ -277,12 +283,14 @@ def run_sweep(
     key = point_key(point, identity)
     pdir = os.path.join(outdir, "points", key)
     stored = provenance.load_if_matches(os.path.join(pdir, "metrics.json"), identity)
-    if stored is not None and atomic.is_complete(pdir):  # bucket: all files uploaded
+    # bucket: all files uploaded; every host decides the same
+    if hosts.agree(stored is not None and atomic.is_complete(pdir), f"sweep point {pdir}"):
       rows.append(stored)
       cached += 1
       continue
     t0 = time.time()
-    outs = model.sample(
+    outs = hosts.sample(  # multi-host: each process samples its block of the prompts
+        model,
         _pad(prompts, batch_size),
         settings,
         seed=seed,
@@ -319,15 +327,16 @@ def run_sweep(
     row["settings"] = identity["settings"]
     # One folder rename publishes the point: a crash leaves the whole point or none; a stale
     # point in the same folder (a mismatched or edited key) is replaced.
-    with atomic.publish_dir(pdir, overwrite=True) as tmp:
-      provenance.save_npz(
-          os.path.join(tmp, "samples.npz"),
-          identity,
-          compressed=True,
-          **{f"stage{k + 1}": images.to_uint8(o) for k, o in enumerate(outs)},
-      )
-      atomic.write_json(os.path.join(tmp, "prompts.json"), prompts)
-      provenance.write_json(os.path.join(tmp, "metrics.json"), identity, row)
+    if hosts.is_writer():
+      with atomic.publish_dir(pdir, overwrite=True) as tmp:
+        provenance.save_npz(
+            os.path.join(tmp, "samples.npz"),
+            identity,
+            compressed=True,
+            **{f"stage{k + 1}": images.to_uint8(o) for k, o in enumerate(outs)},
+        )
+        atomic.write_json(os.path.join(tmp, "prompts.json"), prompts)
+        provenance.write_json(os.path.join(tmp, "metrics.json"), identity, row)
     rows.append(row)
     computed += 1
   ref_sat = ref_sat_upper = None

@@ -1,0 +1,195 @@
+"""Multi-host sampling and evaluation: split rows over the processes, gather them, one writer.
+
+In a multi-controller JAX job (one process per host, `jax.distributed.initialize`) every process
+runs the same program. Cascade sampling and the evaluation networks (Inception, CLIP, random-conv
+features) run on each process's own devices (`sharded_sampling.default_mesh`,
+`evals.batched.BatchRunner`), so the split across hosts is plain data parallelism over rows:
+process p takes the contiguous block p of the N rows (`block_bounds`), computes it, and
+`allgather_rows` concatenates the blocks in process order, so every process ends with all N
+results in their global order, the array one process computes alone. Sample i draws its noise
+from `fold_in(stage_key, first_index + i)` (`cascade.Cascade.sample`), so a sample does not
+depend on which host draws it.
+
+Rules for callers (every function here but `block_bounds` / `is_writer` is a collective):
+* every process makes the same calls with the same arguments (same prompts, batch sizes), or
+  the job hangs;
+* whether to reuse a stored artefact is decided together (`agree`), and an output folder read
+  back by the job must be shared by all processes (a bucket or a shared file system);
+* only process 0 writes outputs (`is_writer`); a reader waits for it with `barrier`.
+
+With one process every function is a no-op wrapper, so single-host code paths are unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+
+def is_writer() -> bool:
+  """True on the one process that writes outputs (process 0)."""
+  return jax.process_index() == 0
+
+
+def block_bounds(n: int, block: int, index: int | None = None) -> tuple[int, int]:
+  """Rows `[start, stop)` of `n` that process `index` (default: this one) owns, in blocks of
+  `block` rows: process p owns `[p * block, (p + 1) * block)` clipped to `n`."""
+  if block < 1:
+    raise ValueError(f"block must be >= 1, got {block}")
+  index = jax.process_index() if index is None else index
+  start = min(n, index * block)
+  return start, min(n, start + block)
+
+
+def even_block(n: int, multiple: int = 1) -> int:
+  """Rows per process for an even split of `n`: ceil(n / processes), rounded up to a multiple
+  of `multiple` (the local batch size, for one static shape), at least `multiple`."""
+  per = -(-n // jax.process_count())
+  return max(multiple, -(-per // multiple) * multiple)
+
+
+def allgather_rows(local: np.ndarray, n: int, block: int) -> np.ndarray:
+  """Every process's block of rows, concatenated in process order: `[n, ...]` on every process.
+
+  `local`: this process's rows `[k, ...]`, k <= block (process p holds rows
+  `block_bounds(n, block, p)`); padded to `block` for the gather, the padding dropped after.
+  """
+  local = np.asarray(local)
+  if len(local) > block:
+    raise ValueError(f"{len(local)} local rows exceed the block of {block}")
+  if jax.process_count() == 1:
+    return local[:n]
+  pad = np.zeros((block - len(local),) + local.shape[1:], local.dtype)
+  gathered = multihost_utils.process_allgather(np.concatenate([local, pad]), tiled=False)
+  # Only the last non-empty block is short, so the real rows are the first n in order.
+  return np.asarray(gathered).reshape((-1,) + local.shape[1:])[:n]
+
+
+def agree(flag: bool, what: str) -> bool:
+  """`flag` when every process sees the same; otherwise a clear error on every process.
+
+  Used for "is this artefact already stored?": if processes disagreed, some would skip a
+  collective the others enter. `what` names the artefact for the error message.
+  """
+  if jax.process_count() == 1:
+    return bool(flag)
+  flags = np.asarray(multihost_utils.process_allgather(np.asarray(bool(flag), np.int32)))
+  if len(set(flags.reshape(-1).tolist())) > 1:
+    found = [i for i, f in enumerate(flags.reshape(-1)) if f]
+    raise RuntimeError(
+        f"processes disagree on whether {what} exists (found by processes {found} of "
+        f"{len(flags)}): the output folder must be shared by all processes (a bucket or a shared "
+        "file system), not a local directory on each host"
+    )
+  return bool(flag)
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches the barrier `name` (e.g. after process 0 wrote files the
+  others read)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def sample(
+    model,
+    prompts: Sequence[str],
+    settings,
+    *,
+    seed: int = 0,
+    batch_size: int = 64,
+    first_index: int = 0,
+    lowres: np.ndarray | None = None,
+    init_image: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+    edit=None,
+    progress: bool = True,
+    transform: Callable[[list[np.ndarray]], list[np.ndarray]] | None = None,
+) -> list[np.ndarray]:
+  """`model.sample` (a `cascade.Cascade`) over all processes; every process gets all N rows.
+
+  Process p samples its block of the prompts on its own devices with `first_index` = its
+  global offset (so sample i is the one a single process draws), in batches of
+  `ceil(batch_size / processes)`; its block is padded with empty prompts to a whole number of
+  batches (one compiled shape). `transform` maps this process's per-stage outputs
+  `[[k, S_j, S_j, 3], ...]` to the arrays gathered (e.g. the last stage as uint8 at 256px: what
+  crosses hosts is what is kept); default: every stage's float output. `lowres`, and
+  `init_image` / `mask` when given per sample (`[N, ...]`, see `Cascade.sample`), are split
+  with the prompts; one image or mask for all prompts goes to every process as it is. Returns
+  the gathered arrays, each `[N, ...]`.
+  """
+  prompts = list(prompts)
+  n = len(prompts)
+  if n == 0:
+    raise ValueError("hosts.sample needs at least one prompt")
+  local_batch = -(-int(batch_size) // jax.process_count())
+  block = even_block(n)
+  start, stop = block_bounds(n, block)
+  k = stop - start
+  pad = max(local_batch, -(-k // local_batch) * local_batch) - k  # an empty block samples one
+  local = prompts[start:stop] + [""] * pad
+
+  def rows(a):  # this process's rows of a per-sample array, zero-padded like the prompts
+    part = np.asarray(a[start:stop], np.float32)
+    return np.concatenate([part, np.zeros((pad,) + part.shape[1:], np.float32)])
+
+  # Per sample: [N, S, S, 3] images; [N, S, S] or [N, S, S, 1] masks (a [S, S, 1] mask is shared).
+  per_sample_image = init_image is not None and np.ndim(init_image) == 4
+  per_sample_mask = mask is not None and (
+      np.ndim(mask) == 4 or (np.ndim(mask) == 3 and np.shape(mask)[-1] != 1)
+  )
+  outs = model.sample(
+      local,
+      settings,
+      seed=seed,
+      batch_size=local_batch,
+      first_index=first_index + start,
+      lowres=None if lowres is None else rows(lowres),
+      init_image=rows(init_image) if per_sample_image else init_image,
+      mask=rows(mask) if per_sample_mask else mask,
+      edit=edit,
+      progress=progress,
+  )
+  outs = [o[:k] for o in outs]
+  kept = list(outs) if transform is None else list(transform(outs))
+  return [allgather_rows(a, n, block) for a in kept]
+
+
+def define_flags() -> None:
+  """Adds `--distributed` (+ `--coordinator_address`, `--num_processes`, `--process_id`) to a
+  script, for `initialize_from_flags`."""
+  from absl import flags
+
+  flags.DEFINE_bool(
+      "distributed",
+      False,
+      "join a multi-process job (jax.distributed.initialize) and split the work over all "
+      "processes; coordinator, count and id are auto-detected on TPU pods and SLURM",
+  )
+  flags.DEFINE_string("coordinator_address", "", "HOST:PORT of process 0 (''=auto-detect)")
+  flags.DEFINE_integer("num_processes", -1, "processes in the job (-1 = auto-detect)")
+  flags.DEFINE_integer("process_id", -1, "this process's id (-1 = auto-detect)")
+
+
+def initialize_from_flags() -> None:
+  """`jax.distributed.initialize` from the `define_flags` flags when `--distributed` is set;
+  must run before anything touches the jax backend."""
+  import ml_collections
+  from absl import flags
+
+  from imagen_jax.parallel import mesh as mesh_lib
+
+  f = flags.FLAGS
+  mesh_lib.maybe_initialize_distributed(
+      ml_collections.ConfigDict(
+          {
+              "initialize": f.distributed,
+              "coordinator_address": f.coordinator_address,
+              "num_processes": f.num_processes,
+              "process_id": f.process_id,
+          }
+      )
+  )
