@@ -18,6 +18,7 @@ within the stated budget.
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -321,22 +322,39 @@ def test_cascade_img2img_small_strength_stays_near_the_init_image(tiny_cascade):
 
 
 def test_sample_cli_inpaint_reads_pngs_of_the_last_stage_size(tmp_path):
-  from absl import app
-
-  from imagen_jax import sample
-
+  # In a child process: imagen_jax.sample defines absl flags that other test modules define too.
   mask = np.zeros((16, 32), np.uint8)
   PIL.Image.fromarray(mask).save(tmp_path / "mask.png")
-  with pytest.raises(app.UsageError, match=r"--mask=.* is 32x16; allowed: 32x32"):
-    sample.read_png(str(tmp_path / "mask.png"), 32, "mask", "L")
-  with pytest.raises(app.UsageError, match=r"--init_image=.* does not exist"):
-    sample.read_png(str(tmp_path / "nowhere.png"), 32, "init_image", "RGB")
   square = np.tril(np.full((32, 32), 255, np.uint8))
   PIL.Image.fromarray(square).save(tmp_path / "square.png")
-  np.testing.assert_array_equal(sample.read_png(str(tmp_path / "square.png"), 32, "m", "L"), square)
+  script = f"""
+import numpy as np
+from absl import app
+from imagen_jax import sample
+for path, flag in (("mask.png", "mask"), ("nowhere.png", "init_image")):
+  try:
+    sample.read_png({str(tmp_path)!r} + "/" + path, 32, flag, "L")
+  except app.UsageError as e:
+    print("UsageError:", e)
+np.save({str(tmp_path / "read.npy")!r}, sample.read_png({str(tmp_path / "square.png")!r}, 32, "m", "L"))
+"""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run(
+      [sys.executable, "-c", script],
+      capture_output=True,
+      text=True,
+      cwd=root,
+      env=dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu"),
+      timeout=300,
+  )
+  assert proc.returncode == 0, proc.stderr
+  errors = [line for line in proc.stdout.splitlines() if line.startswith("UsageError:")]
+  assert len(errors) == 2, proc.stdout
+  assert re.search(r"--mask=.* is 32x16; allowed: 32x32", errors[0]), errors[0]
+  assert re.search(r"--init_image=.* does not exist", errors[1]), errors[1]
+  np.testing.assert_array_equal(np.load(tmp_path / "read.npy"), square)
 
 
-@pytest.mark.slow
 def test_sample_cli_inpaint_and_img2img_flags(tmp_path):
   workdirs = cascade_fixtures.shared_tiny_cascade()
   rng = np.random.default_rng(6)

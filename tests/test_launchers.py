@@ -292,7 +292,7 @@ def test_multihost_launcher_tpu_pod_start_status_logs_stop(cluster, data_dir, tm
     assert (w.parent / "install.log").read_text().strip() == f"installed-in={w / 'src'}"
 
   def logs():
-    return _sh(["bash", TPU_POD, "logs", *tpu, "40"], env, ok=False).stdout
+    return _sh(["bash", TPU_POD, "logs", *tpu, "2000"], env, ok=False).stdout
 
   _wait_for_steps(workdir / "metrics.jsonl", 2, logs)
   status = _sh(["bash", TPU_POD, "status", *tpu], env).stdout
@@ -317,7 +317,7 @@ def test_multihost_launcher_tpu_pod_start_status_logs_stop(cluster, data_dir, tm
   _sh(["bash", TPU_POD, "fetch", *tpu, str(tmp_path / "fetched")], env)
   fetched = sorted(os.listdir(tmp_path / "fetched"))
   assert fetched == ["my-tpu-w0.log", "my-tpu-w1.log"]
-  assert f"SIGTERM: saved step {saved}" in (tmp_path / "fetched" / "my-tpu-w1.log").read_text()
+  assert f"(SIGTERM): saved step {saved} " in (tmp_path / "fetched" / "my-tpu-w1.log").read_text()
   # The per-worker logs are in the workdir too (launch/sync_log.py's last copy, after the exit).
   for _ in range(60):
     in_workdir = [workdir / "logs" / f"my-tpu-w{w}.log" for w in (0, 1)]
@@ -356,7 +356,7 @@ def test_multihost_launcher_gpu_slurm_start_status_logs_stop(cluster, data_dir, 
   assert f"submitted job {job}" in out.stdout
 
   def logs():
-    return _sh(["bash", GPU_SLURM, "logs", str(workdir), "40"], env, ok=False).stdout
+    return _sh(["bash", GPU_SLURM, "logs", str(workdir), "2000"], env, ok=False).stdout
 
   _wait_for_steps(workdir / "metrics.jsonl", 2, logs)
   status = _sh(["bash", GPU_SLURM, "status", str(workdir)], env).stdout
@@ -379,6 +379,6 @@ def test_multihost_launcher_gpu_slurm_start_status_logs_stop(cluster, data_dir, 
   with pytest.raises(ProcessLookupError):
     os.kill(pid, 0)
   task_logs = [(workdir / "slurm_logs" / f"job_{job}.task_{t}.log").read_text() for t in (0, 1)]
-  saved = int(re.search(r"SIGTERM: saved step (\d+)", task_logs[0]).group(1))
-  assert f"SIGTERM: saved step {saved}" in task_logs[1]
+  saved = int(re.search(r"\(SIGTERM\): saved step (\d+)", task_logs[0]).group(1))
+  assert f"(SIGTERM): saved step {saved} " in task_logs[1]
   assert (workdir / "checkpoints" / str(saved)).is_dir()
