@@ -241,14 +241,18 @@ def _sh(args, env, cwd=ROOT, ok=True):
   return out
 
 
-def _wait_for_steps(metrics, n, logs, timeout=800):
-  """Waits until the run logged n steps to its metrics file; returns the logged steps."""
-  t0 = time.time()
+def _wait_for_steps(metrics, n, logs, running, timeout=800):
+  """Waits until the run logged n steps to its metrics file; returns the logged steps. Fails at
+  once, with the logs, when `running()` says the run has ended."""
+  t0, polls = time.time(), 0
   while time.time() - t0 < timeout:
     if metrics.exists():
       steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if line]
       if len(steps) >= n:
         return steps
+    polls += 1
+    if polls % 5 == 0 and not running():  # every 10 s: a status call is a few processes
+      pytest.fail(f"the run ended before {n} training steps; logs:\n" + logs())
     time.sleep(2)
   pytest.fail(f"no {n} training steps after {timeout}s; logs:\n" + logs())
 
@@ -294,7 +298,11 @@ def test_multihost_launcher_tpu_pod_start_status_logs_stop(cluster, data_dir, tm
   def logs():
     return _sh(["bash", TPU_POD, "logs", *tpu, "2000"], env, ok=False).stdout
 
-  _wait_for_steps(workdir / "metrics.jsonl", 2, logs)
+  def running():
+    status = _sh(["bash", TPU_POD, "status", *tpu], env, ok=False).stdout
+    return status.count(": running (pid") == 2  # a dead worker leaves the other one waiting
+
+  _wait_for_steps(workdir / "metrics.jsonl", 2, logs, running)
   status = _sh(["bash", TPU_POD, "status", *tpu], env).stdout
   assert status.count(": running (pid") == 2, status
   assert "my-tpu-w0" in status and "my-tpu-w1" in status
@@ -358,7 +366,11 @@ def test_multihost_launcher_gpu_slurm_start_status_logs_stop(cluster, data_dir, 
   def logs():
     return _sh(["bash", GPU_SLURM, "logs", str(workdir), "2000"], env, ok=False).stdout
 
-  _wait_for_steps(workdir / "metrics.jsonl", 2, logs)
+  def running():
+    status = _sh(["bash", GPU_SLURM, "status", str(workdir)], env, ok=False).stdout
+    return "not queued or running" not in status
+
+  _wait_for_steps(workdir / "metrics.jsonl", 2, logs, running)
   status = _sh(["bash", GPU_SLURM, "status", str(workdir)], env).stdout
   assert f"job {job}: {job} RUNNING" in status, status
   out = logs()
