@@ -57,18 +57,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from imagen_jax.diffusion.schedules import alpha_sigma
+from imagen_jax.diffusion.static import static_real
 
 Array = jax.Array
 
 
 def check_strength(strength) -> float:
   """``strength`` as a Python float in (0, 1], or a clear error."""
-  if isinstance(strength, bool) or not isinstance(strength, numbers.Real):
-    raise TypeError(
-        f"strength must be a static Python number in (0, 1], got {strength!r} of type "
-        f"{type(strength).__name__}"
-    )
-  strength = float(strength)
+  strength = static_real("strength", strength, "in (0, 1]")
   if not 0.0 < strength <= 1.0:
     raise ValueError(
         f"strength must be in (0, 1] (the fraction of the time grid re-run from the noised "

@@ -17,6 +17,7 @@ import numpy as np
 
 from imagen_jax.diffusion.forward import per_example
 from imagen_jax.diffusion.schedules import alpha_sigma
+from imagen_jax.diffusion.static import static_real
 
 Array = jax.Array
 
@@ -33,12 +34,7 @@ def check_guidance_weight(guidance_weight) -> float:
   NaN or inf w turns every guided eps, hence every image, into NaN; refused here where w is
   set, since inside a jitted sampler w is a traced value that cannot be checked.
   """
-  if isinstance(guidance_weight, bool) or not isinstance(guidance_weight, numbers.Real):
-    raise TypeError(
-        f"guidance_weight must be a Python number (the paper's w, §2.2: 1 = no guidance), "
-        f"got {guidance_weight!r} of type {type(guidance_weight).__name__}"
-    )
-  w = float(guidance_weight)
+  w = static_real("guidance_weight", guidance_weight, "(the paper's w, §2.2: 1 = no guidance)")
   if not math.isfinite(w):
     raise ValueError(
         f"guidance_weight must be finite (the paper's w, §2.2: 1 = no guidance, e.g. 1.35 for "
@@ -100,12 +96,7 @@ def check_percentile(percentile, *, warn: bool = True, stacklevel: int = 2) -> f
     warn: warn for a percentile below 1.
     stacklevel: passed to ``warnings.warn`` (2 = the caller of this function).
   """
-  if isinstance(percentile, bool) or not isinstance(percentile, numbers.Real):
-    raise TypeError(
-        f"percentile must be a static Python number in (0, 100], got "
-        f"{percentile!r} of type {type(percentile).__name__}"
-    )
-  p = float(percentile)
+  p = static_real("percentile", percentile, "in (0, 100]")
   if not 0.0 < p <= 100.0:
     raise ValueError(
         f"percentile must be in (0, 100] (the 0-100 scale of jnp.percentile; the "
@@ -215,12 +206,7 @@ def guidance_weight_at(guidance_weight, t: Array, schedule: str = "constant") ->
 
 def check_guidance_rescale(phi) -> float:
   """CFG-rescale phi as a Python float in [0, 1] (Lin et al. 2023 §3.4; 0 = off), or an error."""
-  if isinstance(phi, bool) or not isinstance(phi, numbers.Real):
-    raise TypeError(
-        f"guidance_rescale must be a static Python number in [0, 1] (Lin et al.'s phi), got "
-        f"{phi!r} of type {type(phi).__name__}"
-    )
-  value = float(phi)
+  value = static_real("guidance_rescale", phi, "in [0, 1] (Lin et al.'s phi)")
   if not 0.0 <= value <= 1.0:
     raise ValueError(
         f"guidance_rescale must be in [0, 1] (Lin et al. 2023's phi: 0 = plain guidance, 1 = the "

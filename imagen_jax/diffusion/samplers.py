@@ -77,6 +77,7 @@ from imagen_jax.diffusion import editing, karras
 from imagen_jax.diffusion.guidance import THRESHOLD_MODES, apply_threshold, check_percentile
 from imagen_jax.diffusion.parameterization import eps_to_x0, x0_to_eps
 from imagen_jax.diffusion.schedules import Schedule, alpha_sigma, get_schedule
+from imagen_jax.diffusion.static import static_real
 
 Array = jax.Array
 DenoiseFn = Callable[[Array, Array, Any], Array]
@@ -87,16 +88,6 @@ SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "heun", "euler_ancestral")
 # Samplers whose step reads earlier steps (no RePaint resampling: a redone step has no history).
 MULTISTEP_SAMPLERS = ("dpmpp_2m",)
 TIME_GRIDS = ("uniform_t", "logsnr_uniform", "karras")
-
-
-def _real(name: str, value, allowed: str) -> float:
-  """``value`` as a Python float, or a clear error (settings are static: no jax arrays)."""
-  if isinstance(value, bool) or not isinstance(value, numbers.Real):
-    raise TypeError(
-        f"{name} must be a static Python number ({allowed}), got {value!r} of type "
-        f"{type(value).__name__}"
-    )
-  return float(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +137,7 @@ class SamplerSettings:
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
       raise ValueError(f"num_steps must be a static int >= 1, got {n!r}")
     put("num_steps", int(n))
-    eta = _real("eta", self.eta, "in [0, 1]")
+    eta = static_real("eta", self.eta, "in [0, 1]")
     if not 0.0 <= eta <= 1.0:
       raise ValueError(
           f"eta must be in [0, 1] (0 = deterministic DDIM, 1 = DDPM variance), got {eta}"
@@ -154,7 +145,7 @@ class SamplerSettings:
     if eta != 0.0 and self.sampler != "ddim":
       raise ValueError(f"eta={eta} is DDIM's stochasticity; sampler {self.sampler!r} needs eta=0")
     put("eta", eta)
-    gamma = _real("gamma", self.gamma, "in [0, 1]")
+    gamma = static_real("gamma", self.gamma, "in [0, 1]")
     if not 0.0 <= gamma <= 1.0:
       raise ValueError(
           f"gamma must be in [0, 1] (0 = posterior, 1 = forward variance), got {gamma}"
@@ -171,7 +162,7 @@ class SamplerSettings:
     dynamic = self.threshold == "dynamic"
     put("percentile", check_percentile(self.percentile, warn=dynamic, stacklevel=4))
     if self.max_scale is not None:
-      max_scale = _real("max_scale", self.max_scale, ">= 1 or None")
+      max_scale = static_real("max_scale", self.max_scale, ">= 1 or None")
       if not max_scale >= 1.0:
         raise ValueError(
             f"max_scale must be >= 1 or None (s is clipped to [1, max_scale]), got {max_scale}"
@@ -179,15 +170,15 @@ class SamplerSettings:
       put("max_scale", max_scale)
     if self.time_grid not in TIME_GRIDS:
       raise ValueError(f"unknown time_grid {self.time_grid!r}; allowed: {TIME_GRIDS}")
-    t_min = _real("t_min", self.t_min, "in [0, 1)")
-    t_max = _real("t_max", self.t_max, "in (0, 1]")
+    t_min = static_real("t_min", self.t_min, "in [0, 1)")
+    t_max = static_real("t_max", self.t_max, "in (0, 1]")
     if not 0.0 <= t_min < t_max <= 1.0:
       raise ValueError(f"need 0 <= t_min < t_max <= 1, got t_min={t_min}, t_max={t_max}")
     put("t_min", t_min)
     put("t_max", t_max)
     defaults = {"sigma_min": karras.SIGMA_MIN, "sigma_max": karras.SIGMA_MAX, "rho": karras.RHO}
     for name, default in defaults.items():
-      value = _real(name, getattr(self, name), "> 0")
+      value = static_real(name, getattr(self, name), "> 0")
       if not value > 0.0:
         raise ValueError(f"{name} must be > 0, got {value}")
       if value != default and self.time_grid != "karras":
