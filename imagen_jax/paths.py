@@ -13,6 +13,7 @@ Orbax's array writes go through TensorStore's own GCS client.
     paths.check_access("gs://bucket/run")      # before any work: one-line AccessError
     paths.load_npz("gs://bucket/stats.npz")    # {name: array}
     paths.local_copy("gs://bucket/data")       # a local copy, for readers of local files only
+    paths.local_file("gs://bucket/coco/captions.json")  # the same for one object
 
 Credentials: Application Default Credentials (`gcloud auth application-default login`,
 `GOOGLE_APPLICATION_CREDENTIALS`, or a GCP VM's service account). A local emulator (the tests
@@ -236,6 +237,41 @@ def local_copy(p: PathLike, *, missing_ok: bool = False) -> str:
       json.dump(have, f)
     os.replace(record + f".{os.getpid()}", record)
   return local
+
+
+def local_file(p: PathLike) -> str:
+  """A local file holding object `p`'s bytes: `p` itself when local; for a bucket object, its
+  copy at `local_path(p)`, downloaded when absent or when the object's version changed (the
+  version is kept in `<copy>.version`); the download goes to a temporary that is then renamed."""
+  p = os.fspath(p)
+  if not is_remote(p):
+    return p
+  import fsspec.core
+
+  fs, name = fsspec.core.url_to_fs(p)
+  try:
+    info = fs.info(name)
+  except FileNotFoundError:
+    raise FileNotFoundError(f"{p}: no such object") from None
+  if info.get("type") == "directory":
+    raise IsADirectoryError(f"{p} is a bucket folder, not an object; use local_copy")
+  version = str(info.get("generation") or info.get("md5Hash") or info.get("size"))
+  dest = local_path(p)
+  record = dest + ".version"
+  try:
+    with open(record) as f:
+      if f.read() == version and os.path.exists(dest):
+        return dest
+  except OSError:
+    pass
+  os.makedirs(os.path.dirname(dest), exist_ok=True)
+  tmp = f"{dest}.download-{os.getpid()}"
+  fs.get_file(name, tmp)
+  os.replace(tmp, dest)
+  with open(record + f".{os.getpid()}", "w") as f:
+    f.write(version)
+  os.replace(record + f".{os.getpid()}", record)
+  return dest
 
 
 def upload_missing(local: PathLike, p: PathLike) -> int:

@@ -231,6 +231,70 @@ def test_bucket_text_cache_and_data_dir(emulator, tmp_path, monkeypatch):
   np.testing.assert_array_equal(read[3]["image"], built[3]["image"])
 
 
+def test_bucket_weights_and_coco_read_from_local_copies(emulator, tmp_path, monkeypatch):
+  """T5 and CLIP checkpoint folders, the Inception weights file and the COCO captions and
+  images may live in a bucket: each is read from its local copy, with the same results."""
+  import safetensors.numpy
+
+  from imagen_jax.evals import clip, coco, fid, inception
+  from imagen_jax.text import registry
+  from tests.test_text_checkpoint import make_t5_dir
+
+  monkeypatch.setenv("IMAGEN_JAX_CACHE", str(tmp_path / "cache"))
+  t5_dir = make_t5_dir(tmp_path)
+  assert paths.upload_missing(t5_dir, "gs://bucket/weights/t5") >= 3
+  texts = ["a red circle", "a blue square"]
+  local, remote = [
+      registry.get_text_encoder(
+          registry.default_text_config("t5-v1_1-tiny", path=p, max_length=16), progress=False
+      )
+      for p in (str(t5_dir), "gs://bucket/weights/t5")
+  ]
+  assert remote.fingerprint == local.fingerprint
+  np.testing.assert_array_equal(remote.encode(texts)[0], local.encode(texts)[0])
+  cfg = registry.default_text_config("t5-custom", path="gs://bucket/weights/t5")
+  assert registry.text_dim(cfg) == 32  # read from the copy's config.json
+
+  clip_dir = os.path.join(ROOT, "tests", "goldens", "clip", "tiny_clip")
+  paths.upload_missing(clip_dir, "gs://bucket/weights/clip")
+  images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+  scores = [
+      clip.CLIPScorer(p, batch_size=8, progress=False).score(images, texts)
+      for p in (clip_dir, "gs://bucket/weights/clip")
+  ]
+  np.testing.assert_array_equal(scores[0].cosines, scores[1].cosines)
+
+  rng = np.random.default_rng(1)
+  flat = {
+      k: rng.standard_normal(s).astype(np.float32) for k, s in inception.variable_shapes().items()
+  }
+  safetensors.numpy.save_file(flat, str(tmp_path / "inception.safetensors"))
+  paths.upload_missing(tmp_path, "gs://bucket/weights")  # the file (and the folders above)
+  got = inception.flax_flatten(
+      inception.load_inception_variables("gs://bucket/weights/inception.safetensors")
+  )
+  assert sorted(got) == sorted(flat) and all(np.array_equal(got[k], flat[k]) for k in flat)
+  computers = [
+      fid.FIDComputer(p, batch_size=8, progress=False)
+      for p in (
+          str(tmp_path / "inception.safetensors"),
+          "gs://bucket/weights/inception.safetensors",
+      )
+  ]
+  pictures = np.random.default_rng(2).integers(0, 256, (2, 48, 48, 3), dtype=np.uint8)
+  np.testing.assert_array_equal(*[c.features(pictures) for c in computers])
+
+  atomic.write_text("gs://bucket/coco/annotations/captions_val2014.json", '{"images": []}')
+  atomic.write_text("gs://bucket/coco/val2014/a.jpg", "not a real image")
+  captions, images_dir = coco.locate("gs://bucket/coco")
+  assert open(captions).read() == '{"images": []}' and not paths.is_remote(captions)
+  assert os.listdir(images_dir) == ["a.jpg"]
+  atomic.write_text("gs://bucket/coco/annotations/captions_val2014.json", '{"images": [1]}')
+  assert open(coco.locate("gs://bucket/coco")[0]).read() == '{"images": [1]}'  # refreshed
+  with pytest.raises(FileNotFoundError, match="no such object"):
+    paths.local_file("gs://bucket/coco/absent.json")
+
+
 def cli(args, env, timeout=900):
   return subprocess.run(
       [sys.executable, "-m", *args],

@@ -180,8 +180,9 @@ def test_param_dtype_bf16():
   assert params["token_embedding"].dtype == jnp.bfloat16
 
 
-def test_registry_with_local_dir(tmp_path):
-  """A named encoder from a local directory: weights + sentencepiece tokenizer."""
+def make_t5_dir(tmp_path):
+  """A `t5-v1_1-tiny` checkpoint folder (the sharded golden weights) with a sentencepiece
+  tokenizer trained on the spot."""
   spm = pytest.importorskip("sentencepiece")
   from transformers import T5Tokenizer
 
@@ -200,6 +201,12 @@ def test_registry_with_local_dir(tmp_path):
       minloglevel=2,
   )
   T5Tokenizer(vocab_file=str(tmp_path / "sp.model"), extra_ids=0).save_pretrained(str(d))
+  return d
+
+
+def test_registry_with_local_dir(tmp_path):
+  """A named encoder from a local directory: weights + sentencepiece tokenizer."""
+  d = make_t5_dir(tmp_path)
   enc = registry.get_text_encoder(
       registry.default_text_config("t5-v1_1-tiny", path=str(d), max_length=16)
   )

@@ -34,6 +34,7 @@ from typing import Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from imagen_jax import paths
 from imagen_jax.evals import batched, clip_model
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -155,12 +156,15 @@ class CLIPScorer:
   Args:
     path: folder with `config.json`, `model.safetensors`, tokenizer files
       (`tokenizer.json` or `vocab.json` + `merges.txt`) and optionally
-      `preprocessor_config.json`.
+      `preprocessor_config.json`; a bucket folder (`gs://`) is read from its local copy
+      (`paths.local_copy`).
     batch_size: pairs per network call (sharded over local devices when it divides).
     progress: show a tqdm bar.
   """
 
   def __init__(self, path: str, *, batch_size: int = 64, progress: bool = True):
+    if paths.is_remote(path):
+      path = paths.local_copy(path)
     if not os.path.isdir(path):
       raise ValueError(
           f"CLIP checkpoint folder {path!r} does not exist (no downloads: "

@@ -52,14 +52,15 @@ def locate(
     coco_dir: str | None, captions_json: str | None = None, images_dir: str | None = None
 ) -> tuple[str, str]:
   """(captions JSON, image folder): the explicit paths, else `<coco_dir>/annotations/
-  captions_val2014.json` and `<coco_dir>/val2014`."""
+  captions_val2014.json` and `<coco_dir>/val2014`; bucket paths (`gs://`) give their local
+  copies (`paths.local_file`, `paths.local_copy`: downloaded once per machine)."""
   captions = captions_json or (
       coco_dir and os.path.join(coco_dir, "annotations", "captions_val2014.json")
   )
   images_dir = images_dir or (coco_dir and os.path.join(coco_dir, "val2014"))
   if not captions or not images_dir:
     raise ValueError("give coco_dir, or captions_json and images_dir")
-  return captions, images_dir
+  return paths_lib.local_file(captions), paths_lib.local_copy(images_dir)
 
 
 def reference_stats_path(outdir: str, protocol: str, mode: str, num: int, seed: int) -> str:

@@ -23,6 +23,7 @@ from typing import Iterable, Iterator
 import jax.numpy as jnp
 import numpy as np
 
+from imagen_jax import paths
 from imagen_jax.evals import batched, fid_preprocess, inception, provenance
 from imagen_jax.evals.frechet import (
     INCEPTION_FEATURE,
@@ -38,7 +39,8 @@ class FIDComputer:
   """Holds the FID InceptionV3 and one preprocessing mode.
 
   Args:
-    weights: path of the safetensors file made by `convert_weights`, or a variables dict
+    weights: path of the safetensors file made by `convert_weights` (a bucket object is read
+      from its local copy), or a variables dict
       `{"params": ..., "batch_stats": ...}` (tests use random weights).
     mode: `tf` (default), `pytorch_fid` or `clean`; recorded in every statistics object.
     batch_size: images per network call; a multiple of the device count shards the batch.
@@ -55,6 +57,8 @@ class FIDComputer:
   ):
     self.mode = fid_preprocess.check_mode(mode)
     self.progress = progress
+    if isinstance(weights, str):
+      weights = paths.local_file(weights)  # a bucket object: its local copy
     # A weights file is identified before it is read (its stat matches the loaded bytes); a
     # variables dict is hashed on the first use of `identity`.
     self._weights = (

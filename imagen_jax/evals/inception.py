@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from imagen_jax import paths
+
 # Network input size of the 2015-12-05 graph.
 INCEPTION_SIZE = 299
 FEATURE_DIM = 2048
@@ -266,10 +268,11 @@ def load_inception_variables(path: str) -> dict[str, Any]:
 
   Every tensor the network needs must be present with the right shape, and nothing else: a
   partial or foreign file fails here, naming the first offending keys, not later as a bad FID.
+  A bucket path (`gs://`) is read from its local copy (`paths.local_file`).
   """
   from safetensors.numpy import load_file
 
-  flat = load_file(path)
+  flat = load_file(paths.local_file(path))
   expected = variable_shapes()
   missing = sorted(set(expected) - set(flat))
   extra = sorted(set(flat) - set(expected))

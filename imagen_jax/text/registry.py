@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 from ml_collections import config_dict
 
-from imagen_jax import dtypes
+from imagen_jax import dtypes, paths
 from imagen_jax.parallel import sharding as sharding_lib
 from imagen_jax.text import checkpoint, t5, tokenizer
 
@@ -264,10 +264,14 @@ def get_text_encoder(
 
   ``rules``: logical->mesh axis rules, e.g. ``(("embed", "fsdp"), ("mlp", None), ...)``.
   Real checkpoints stream each tensor straight into its sharding (see ``checkpoint``).
+  A bucket ``text_config.path`` (``gs://``) is read from its local copy (``paths.local_copy``:
+  downloaded once per machine, refreshed when an object changes; T5-XXL needs its size on disk).
   """
   name = text_config.name
   _check_name(name)
   path = text_config.get("path", None)
+  if path and paths.is_remote(path):
+    path = paths.local_copy(path)
   max_length = int(text_config.get("max_length", 128) or 128)
   precision = dict(
       dtype=dtypes.get_dtype(text_config.get("dtype", None), "text.dtype"),
@@ -324,4 +328,4 @@ def text_dim(text_cfg) -> int:
         f"text.name={text_cfg.name!r} is not a known preset "
         f"({sorted(t5.PRESETS)}); set text.path to its local checkpoint"
     )
-  return int(checkpoint.read_config(text_cfg.path).d_model)
+  return int(checkpoint.read_config(paths.local_copy(text_cfg.path)).d_model)
