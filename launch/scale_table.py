@@ -7,7 +7,7 @@ Reports of `launch/aot_compile.py --report_json` make the training table; report
 table: per slice, the peak per chip, seconds per image at the sampler settings, and the
 chip-hours of a COCO FID-30K run.
 
-One row per report: stage, slice, mesh, global batch, compute dtype / remat / text, per-chip
+One row per report, in cascade order (base64, sr256, sr1024), then by chip and slice: stage, slice, mesh, global batch, compute dtype / remat / text, per-chip
 peak memory against HBM, XLA TFLOP per step per chip, the roofline step time and its MFU bound,
 and the chip-days of `--steps` training steps at the roofline (a lower bound: the roofline
 leaves out inter-chip communication and is reached by no real program).
@@ -66,6 +66,17 @@ def cascade_row(r: dict) -> str:
   )
 
 
+STAGE_ORDER = ("base64", "sr256", "sr1024")
+
+
+def order(r: dict) -> tuple:
+  """Sort key: the cascade's stage order, then the chip (v4, v5e, v5p) and the slice size."""
+  stage = r.get("stage", "")
+  chip, _, size = r.get("topology", "").partition("-")
+  rank = STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER)
+  return rank, stage, chip, int(size) if size.isdigit() else 0
+
+
 def table(header: str, rows: list[str]) -> list[str]:
   return [header, "|" + "---|" * header.count(" |"), *rows]
 
@@ -78,6 +89,7 @@ def main(argv):
   for p in paths:
     with open(p) as f:
       reports.append(json.load(f))
+  reports.sort(key=order)
   train = [row(r, _STEPS.value) for r in reports if "encode" not in r]
   sampling = [cascade_row(r) for r in reports if "encode" in r and "s_per_image" in r]
   lines = table(HEADER, train) if train else []
