@@ -56,7 +56,9 @@ def get_config(arg: str | None = None):
     c.stage2 = _stage("workdirs/sr256", w=8.0, steps=128, aug_level=0.0)
     c.stage3 = _stage("workdirs/sr1024", w=8.0, steps=64, aug_level=0.0)
   c.seed = 0
-  c.batch_size = 64
+  # Prompts per jitted call (the whole cascade). The paper cascade at 32 fits a v4-8 slice
+  # (18.9 of 32 GiB per chip, the SR 1024 loop); a v5e-8 needs 16 (docs/results/scale.md).
+  c.batch_size = 64 if variant == "shapes" else 32
   common.apply_overrides(c, overrides)
   c.lock()
   return c

@@ -1,7 +1,7 @@
 r"""Compiles the paper cascade's sampling for a TPU slice on this machine: memory, s / image.
 
     python launch/aot_cascade.py --topology=v4-8
-    python launch/aot_cascade.py --topology=v5e-8 --batch=64 --cascade=configs/cascade.py:paper
+    python launch/aot_cascade.py --topology=v5e-8 --batch=16 --cascade=configs/cascade.py:paper
 
 The programs are the cascade's own (`imagen_jax.sharded_sampling`, what `cascade.Cascade`
 runs): the frozen T5 encode, then per stage one guided denoiser evaluation (§2.2: the network
@@ -44,7 +44,11 @@ _STAGES = flags.DEFINE_string(
 _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "compute dtype of the stage networks")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v4-8, v5e-8")
 _MESH = flags.DEFINE_string("mesh", None, "mesh shape, e.g. data=1,fsdp=-1,tensor=1")
-_BATCH = flags.DEFINE_integer("batch", 32, "images per call (a multiple of the batch shards)")
+_BATCH = flags.DEFINE_integer(
+    "batch",
+    None,
+    "images per call (a multiple of the batch shards); default: the cascade config's batch_size",
+)
 _HBM = flags.DEFINE_float("hbm_gib", None, "judge `fits` against this many GiB per chip")
 _REPORT = flags.DEFINE_string("report_json", None, "also write the figures to this JSON file")
 
@@ -106,7 +110,7 @@ def main(argv):
   except ValueError as e:
     fail(f"--topology={topology.name} has {len(devices)} chips: {e}")
   rules = ss.stage_rules(configs[0])
-  batch = _BATCH.value
+  batch = cascade.batch_size if _BATCH.value is None else _BATCH.value
   multiple = ss.batch_size_multiple(mesh, ss.rules_for_mesh(rules, mesh))
   if batch < 1 or batch % multiple:
     fail(
