@@ -269,7 +269,8 @@ def test_bucket_weights_and_coco_read_from_local_copies(emulator, tmp_path, monk
       k: rng.standard_normal(s).astype(np.float32) for k, s in inception.variable_shapes().items()
   }
   safetensors.numpy.save_file(flat, str(tmp_path / "inception.safetensors"))
-  paths.upload_missing(tmp_path, "gs://bucket/weights")  # the file (and the folders above)
+  remote_file = paths.path("gs://bucket/weights/inception.safetensors")
+  remote_file.write_bytes((tmp_path / "inception.safetensors").read_bytes())
   got = inception.flax_flatten(
       inception.load_inception_variables("gs://bucket/weights/inception.safetensors")
   )
