@@ -12,6 +12,8 @@ import importlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 
 import jax
@@ -89,3 +91,28 @@ def shared_tiny_cascade():
   root = tempfile.mkdtemp(prefix="imagen_jax_tiny_cascade_")
   atexit.register(shutil.rmtree, root, True)
   return write_tiny_cascade(root)
+
+
+def run_sample_cli(*flags, batch_size):
+  """`python -m imagen_jax.sample` on the shared tiny cascade (2 steps per stage) with `flags`,
+  in a child process (absl flags are per process); returns the finished process."""
+  workdirs = shared_tiny_cascade()
+  return subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          "imagen_jax.sample",
+          "--config=configs/cascade.py:shapes",
+          f"--config.stage1.workdir={workdirs[0]}",
+          f"--config.stage2.workdir={workdirs[1]}",
+          "--config.stage1.num_steps=2",
+          "--config.stage2.num_steps=2",
+          f"--config.batch_size={batch_size}",
+          *flags,
+      ],
+      capture_output=True,
+      text=True,
+      cwd=REPO,
+      timeout=600,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )

@@ -3,7 +3,6 @@ runner the applications use (`imagen_jax.cli_runner`)."""
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -15,31 +14,15 @@ from tests import cascade_fixtures
 
 
 def test_sample_cli_writes_grids_singles_sheet_and_settings(tmp_path):
-  workdirs = cascade_fixtures.shared_tiny_cascade()
   prompt_file = tmp_path / "prompts.txt"
   prompt_file.write_text("# comment\nColors\ta blue square\n")
   out = tmp_path / "out"
-  proc = subprocess.run(
-      [
-          sys.executable,
-          "-m",
-          "imagen_jax.sample",
-          "--config=configs/cascade.py:shapes",
-          f"--config.stage1.workdir={workdirs[0]}",
-          f"--config.stage2.workdir={workdirs[1]}",
-          "--config.stage1.num_steps=2",
-          "--config.stage2.num_steps=2",
-          "--config.batch_size=4",
-          "--prompt=a red circle",
-          f"--prompt_file={prompt_file}",
-          "--num_per_prompt=2",
-          f"--outdir={out}",
-      ],
-      capture_output=True,
-      text=True,
-      cwd=cascade_fixtures.REPO,
-      timeout=600,
-      env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  proc = cascade_fixtures.run_sample_cli(
+      "--prompt=a red circle",
+      f"--prompt_file={prompt_file}",
+      "--num_per_prompt=2",
+      f"--outdir={out}",
+      batch_size=4,
   )
   assert proc.returncode == 0, proc.stderr[-4000:]
   settings = json.loads((out / "settings.json").read_text())

@@ -356,7 +356,6 @@ np.save({str(tmp_path / "read.npy")!r}, sample.read_png({str(tmp_path / "square.
 
 
 def test_sample_cli_inpaint_and_img2img_flags(tmp_path):
-  workdirs = cascade_fixtures.shared_tiny_cascade()
   rng = np.random.default_rng(6)
   init = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
   mask = np.zeros((32, 32), np.uint8)
@@ -364,30 +363,15 @@ def test_sample_cli_inpaint_and_img2img_flags(tmp_path):
   PIL.Image.fromarray(init).save(tmp_path / "init.png")
   PIL.Image.fromarray(mask).save(tmp_path / "mask.png")
   out = tmp_path / "out"
-  proc = subprocess.run(
-      [
-          sys.executable,
-          "-m",
-          "imagen_jax.sample",
-          "--config=configs/cascade.py:shapes",
-          f"--config.stage1.workdir={workdirs[0]}",
-          f"--config.stage2.workdir={workdirs[1]}",
-          "--config.stage1.num_steps=2",
-          "--config.stage2.num_steps=2",
-          "--config.batch_size=8",
-          "--prompt=a red circle",
-          "--num_per_prompt=2",
-          f"--outdir={out}",
-          f"--init_image={tmp_path / 'init.png'}",
-          f"--mask={tmp_path / 'mask.png'}",
-          "--strength=0.7",
-          "--resample_steps=2",
-      ],
-      capture_output=True,
-      text=True,
-      cwd=cascade_fixtures.REPO,
-      timeout=600,
-      env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  proc = cascade_fixtures.run_sample_cli(
+      "--prompt=a red circle",
+      "--num_per_prompt=2",
+      f"--outdir={out}",
+      f"--init_image={tmp_path / 'init.png'}",
+      f"--mask={tmp_path / 'mask.png'}",
+      "--strength=0.7",
+      "--resample_steps=2",
+      batch_size=8,
   )
   assert proc.returncode == 0, proc.stderr[-4000:]
   # The PNG round trip is exact (to_uint8 inverts from_uint8), so the known half is too.
