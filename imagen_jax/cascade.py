@@ -466,8 +466,9 @@ def prepare_edit(init_image, mask, edit, n: int, sizes: Sequence[int]):
     if mask is not None or edit is not None:
       raise ValueError("an edit (mask / edit settings) needs init_image")
     return None, None, [None] * n_stages
+  per_image, per_mask = editing.per_sample(init_image, mask)
   x = np.asarray(init_image, np.float32)
-  x = np.broadcast_to(x, (n,) + x.shape) if x.ndim == 3 else x
+  x = x if per_image else np.broadcast_to(x, (n,) + x.shape)
   if x.shape[1:] != (s, s, 3) or x.shape[0] != n:
     raise ValueError(
         f"init_image has shape {np.shape(init_image)}; allowed: [{s}, {s}, 3] or "
@@ -477,9 +478,9 @@ def prepare_edit(init_image, mask, edit, n: int, sizes: Sequence[int]):
   m = None
   if mask is not None:
     m = np.asarray(mask, np.float32)
-    if m.ndim == 2 or (m.ndim == 3 and m.shape[-1] != 1):  # [S, S] or [N, S, S]: add C = 1
+    if m.ndim == 2 or (per_mask and m.ndim == 3):  # [S, S] or [N, S, S]: add C = 1
       m = m[..., None]
-    if m.ndim == 3:  # one [S, S, 1] mask for every prompt
+    if not per_mask:  # one [S, S, 1] mask for every prompt
       m = np.broadcast_to(m, (n,) + m.shape)
     if m.shape != (n, s, s, 1):
       raise ValueError(

@@ -201,6 +201,15 @@ def check_init_image(x, shape: tuple[int, ...], what: str = "init_image") -> Arr
   return x
 
 
+def per_sample(init_image, mask) -> tuple[bool, bool]:
+  """Whether ``init_image`` / ``mask`` hold one entry per prompt (``[N, S, S, 3]``; ``[N, S, S]``
+  or ``[N, S, S, 1]``) rather than one for every prompt (``[S, S, 3]``; ``[S, S]`` or
+  ``[S, S, 1]``). The one rule for the cascade and for splitting them over hosts."""
+  image = init_image is not None and np.ndim(init_image) == 4
+  m = mask is not None and (np.ndim(mask) == 4 or (np.ndim(mask) == 3 and np.shape(mask)[-1] != 1))
+  return image, m
+
+
 def check_mask(mask, shape: tuple[int, ...]) -> Array:
   """``mask`` as float32 ``[B, H, W, 1]`` or of ``shape``, values in [0, 1] (when concrete)."""
   m = jnp.asarray(mask, jnp.float32)

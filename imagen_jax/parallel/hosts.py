@@ -28,6 +28,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from imagen_jax.diffusion import editing
+
 
 def is_writer() -> bool:
   """True on the one process that writes outputs (process 0)."""
@@ -137,10 +139,7 @@ def sample(
     return np.concatenate([part, np.zeros((pad,) + part.shape[1:], np.float32)])
 
   # Per sample: [N, S, S, 3] images; [N, S, S] or [N, S, S, 1] masks (a [S, S, 1] mask is shared).
-  per_sample_image = init_image is not None and np.ndim(init_image) == 4
-  per_sample_mask = mask is not None and (
-      np.ndim(mask) == 4 or (np.ndim(mask) == 3 and np.shape(mask)[-1] != 1)
-  )
+  per_sample_image, per_sample_mask = editing.per_sample(init_image, mask)
   outs = model.sample(
       local,
       settings,
