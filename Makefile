@@ -30,11 +30,11 @@ sweep: $(STAMP)
 # The whole suite, the slow-marked distributed checks included (exact resume after SIGKILL,
 # 2 processes == 1, sharded == unsharded): what CI runs, after the linters.
 test: lint
-	$(PY) -m pytest -n 2 -q tests
+	$(PY) -m pytest -n 2 --dist loadgroup -q tests
 
 # A quicker local loop: the same without the tests marked slow.
 test-quick: $(STAMP)
-	$(PY) -m pytest -n 2 -q -m "not slow" tests
+	$(PY) -m pytest -n 2 --dist loadgroup -q -m "not slow" tests
 
 # One style (pyproject.toml): pyink (Google 2-space) and ruff; `make format` applies both.
 lint: $(STAMP)

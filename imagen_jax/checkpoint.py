@@ -51,6 +51,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from imagen_jax import paths
+from imagen_jax.parallel import ready
 
 TRAIN_STATE, EMA, CONFIG = "train_state", "ema_params", "config"
 DATA_POSITION = "data_position"
@@ -510,10 +511,7 @@ class Checkpointer:
         while dst.exists():
           dst, n = self.directory / f"{step}.corrupt{n}", n + 1
         src.rename(dst)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-
-      multihost_utils.sync_global_devices("checkpoint_move_aside")
+    ready.wait_for_peers("checkpoint_move_aside")
     self._mngr.reload()
 
   def restore_ema(self, step: int, ema_params: Any, *, config_dict: dict | None = None) -> Any:

@@ -39,6 +39,7 @@ from jax.sharding import PartitionSpec as P
 
 from imagen_jax.diffusion import editing
 from imagen_jax.parallel import mesh as mesh_lib
+from imagen_jax.parallel import ready
 from imagen_jax.parallel import sharding as sharding_lib
 from imagen_jax.parallel.sharding import rules_for_mesh
 from imagen_jax.stage import SamplingSettings, Stage
@@ -155,28 +156,20 @@ def abstract_stage_params(
   )
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class MeshJit:
+class MeshJit(ready.ReadyJit):
   """A `jax.jit` function traced inside `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`
   (so the networks' activation constraints apply); call it, or `.lower(*args)` it with
-  concrete arrays or sharded `ShapeDtypeStruct`s."""
+  concrete arrays or sharded `ShapeDtypeStruct`s. With several processes a new program is
+  compiled on every process before any runs it (`parallel.ready`)."""
 
-  jitted: Any
-  mesh: Any
-  rules: Rules
+  def __init__(self, jitted: Any, mesh, rules: Rules, name: str = "sampler"):
+    self.mesh, self.rules = mesh, rules
+    super().__init__(jitted, name, context=self._mesh_and_rules)
 
   @contextlib.contextmanager
-  def _context(self):
+  def _mesh_and_rules(self):
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(rules_for_mesh(self.rules, self.mesh)):
       yield
-
-  def __call__(self, *args):
-    with self._context():
-      return self.jitted(*args)
-
-  def lower(self, *args):
-    with self._context():
-      return self.jitted.lower(*args)
 
 
 def make_encode(encoder: "registry.TextEncoder | t5.T5Config", mesh, rules: Rules):

@@ -29,6 +29,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from imagen_jax.diffusion import editing
+from imagen_jax.parallel import ready
 
 
 def is_writer() -> bool:
@@ -65,6 +66,7 @@ def allgather_rows(local: np.ndarray, n: int, block: int) -> np.ndarray:
   if jax.process_count() == 1:
     return local[:n]
   pad = np.zeros((block - len(local),) + local.shape[1:], local.dtype)
+  ready.wait_for_peers("gather_rows")  # a peer may still be sampling its block
   gathered = multihost_utils.process_allgather(np.concatenate([local, pad]), tiled=False)
   # Only the last non-empty block is short, so the real rows are the first n in order.
   return np.asarray(gathered).reshape((-1,) + local.shape[1:])[:n]
@@ -78,6 +80,7 @@ def agree(flag: bool, what: str) -> bool:
   """
   if jax.process_count() == 1:
     return bool(flag)
+  ready.wait_for_peers("agree")
   flags = np.asarray(multihost_utils.process_allgather(np.asarray(bool(flag), np.int32)))
   if len(set(flags.reshape(-1).tolist())) > 1:
     found = [i for i, f in enumerate(flags.reshape(-1)) if f]
@@ -92,8 +95,7 @@ def agree(flag: bool, what: str) -> bool:
 def barrier(name: str) -> None:
   """Waits until every process reaches the barrier `name` (e.g. after process 0 wrote files the
   others read)."""
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
+  ready.wait_for_peers(name)
 
 
 def sample(

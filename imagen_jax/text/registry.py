@@ -30,6 +30,7 @@ import numpy as np
 from ml_collections import config_dict
 
 from imagen_jax import dtypes, paths
+from imagen_jax.parallel import ready
 from imagen_jax.parallel import sharding as sharding_lib
 from imagen_jax.text import checkpoint, t5, tokenizer
 
@@ -117,11 +118,12 @@ def make_encode(encoder: "TextEncoder | t5.T5Config", mesh: jax.sharding.Mesh, r
   module = t5.T5Encoder(config)
   tokens, emb = _batch_sharding(mesh, rules, 2), _batch_sharding(mesh, rules, 3)
   params = nn.logical_to_mesh_sharding(t5.logical_specs(config), mesh, rules)
-  return jax.jit(
+  jitted = jax.jit(
       functools.partial(encode_tokens, module),
       in_shardings=(params, tokens, tokens),
       out_shardings=emb,
   )
+  return ready.ReadyJit(jitted, "text_encode")
 
 
 @dataclasses.dataclass(eq=False)
@@ -207,7 +209,7 @@ def _first_values(leaf, n: int = 64) -> np.ndarray:
   if getattr(leaf, "is_fully_addressable", True):
     return np.asarray(head(leaf))
   replicated = jax.sharding.NamedSharding(leaf.sharding.mesh, jax.sharding.PartitionSpec())
-  return np.asarray(jax.jit(head, out_shardings=replicated)(leaf))
+  return np.asarray(ready.ReadyJit(jax.jit(head, out_shardings=replicated), "fingerprint")(leaf))
 
 
 @functools.lru_cache(maxsize=1)

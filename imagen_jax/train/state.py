@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
+from imagen_jax.parallel import ready
 from imagen_jax.parallel import sharding as sharding_lib
 from imagen_jax.stage import Stage
 
@@ -100,7 +101,9 @@ def create_state(
   """
   init = jax.jit(make_init_fn(stage, tx), out_shardings=shardings)
   options = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else {}
-  return init.lower(rng).compile(options)(rng)
+  compiled = init.lower(rng).compile(options)
+  ready.wait_for_peers("compiled/init_state")  # no process starts its collectives alone
+  return compiled(rng)
 
 
 def param_count(params: Any) -> int:

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import optax
 
 from imagen_jax.diffusion import forward, losses
+from imagen_jax.parallel import ready
 from imagen_jax.parallel import sharding as sharding_lib
 from imagen_jax.stage import Stage
 from imagen_jax.train.state import TrainState
@@ -155,7 +156,7 @@ def jit_train_step(
     batch_shardings: dict,
     text_shardings: Any,
     constrain_activations: bool = False,
-) -> Callable:
+) -> ready.ReadyJit:
   """`jax.jit` with explicit in/out shardings and the state donated (updated in place).
 
   Tracing happens inside `jax.set_mesh(mesh)`. With `constrain_activations`, also inside
@@ -167,8 +168,8 @@ def jit_train_step(
 
   Rules naming mesh axes that `mesh` lacks are restricted to its axes
   (`parallel.sharding.rules_for_mesh`). The rules are entered inside the traced function (flax's rules context is not part of jit's
-  cache key), so `call.jitted.lower(...)` under `jax.set_mesh(mesh)` (ahead-of-time compiles)
-  builds the same program as `call`.
+  cache key), so `.lower(...)` of the returned `parallel.ready.ReadyJit` (ahead-of-time compiles)
+  builds the same program as calling it.
   """
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   active_rules = sharding_lib.rules_for_mesh(rules, mesh) if constrain_activations else ()
@@ -184,9 +185,5 @@ def jit_train_step(
       donate_argnums=(0,),
   )
 
-  def call(state, batch, rng, text_params):
-    with jax.set_mesh(mesh):
-      return jitted(state, batch, rng, text_params)
-
-  call.jitted = jitted
-  return call
+  # With several processes, each new program is compiled on every process before any runs it.
+  return ready.ReadyJit(jitted, "train_step", context=lambda: jax.set_mesh(mesh))

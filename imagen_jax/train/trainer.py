@@ -52,6 +52,7 @@ from imagen_jax import checkpoint as ckpt_lib
 from imagen_jax import metrics as metrics_lib
 from imagen_jax.data import pipeline
 from imagen_jax.parallel import mesh as mesh_lib
+from imagen_jax.parallel import ready
 from imagen_jax.stage import SamplingSettings, Stage
 from imagen_jax.text import cache as text_cache_lib
 from imagen_jax.text import registry
@@ -444,8 +445,13 @@ class _Sampler:
     self.captions: list[str] = []
     replicated = NamedSharding(mesh, P())
     fn = make_sample_fn(stage, encoder.encode_tokens)
-    self._sample = jax.jit(fn, out_shardings=replicated)
-    self._take = jax.jit(lambda b: jax.tree.map(lambda x: x[: self.n], b), out_shardings=replicated)
+    self._sample = ready.ReadyJit(
+        jax.jit(fn, out_shardings=replicated), "ema_samples", context=lambda: jax.set_mesh(mesh)
+    )
+    self._take = ready.ReadyJit(
+        jax.jit(lambda b: jax.tree.map(lambda x: x[: self.n], b), out_shardings=replicated),
+        "ema_sample_batch",
+    )
 
   def keep(self, batch: dict, captions=None) -> None:
     """Holds the first `n` examples of `batch` (process 0's host batch comes first in the
@@ -457,10 +463,9 @@ class _Sampler:
       self.captions = [str(c) for c in list(captions)[: self.n]]
 
   def __call__(self, state, text_params, rng) -> dict:
-    with jax.set_mesh(self.mesh):
-      images = self._sample(
-          state.ema_params, text_params, self.batch, jax.random.fold_in(rng, state.step)
-      )
+    images = self._sample(
+        state.ema_params, text_params, self.batch, jax.random.fold_in(rng, state.step)
+    )
     out = {
         "ema_samples": np.asarray(jax.device_get(images)),
         "real_images": np.asarray(jax.device_get(self.batch["image"])),
