@@ -10,6 +10,7 @@ started at a 2-host position continues the same stream."""
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -61,7 +62,7 @@ def shard_with_bad_samples():
 
 
 def test_webdataset_convert_reports_every_bad_sample_and_tar_problem():
-  recs, report = webdataset.convert_shard(
+  recs, report, _ = webdataset.convert_shard(
       io.BytesIO(tar_bytes(shard_with_bad_samples())), min_size=16
   )
   assert report["decoded"] == len(recs) == 9
@@ -85,7 +86,7 @@ def test_webdataset_convert_reports_every_bad_sample_and_tar_problem():
   # A shard cut inside its 4th sample: 3 samples kept, the cut one reported.
   whole = tar_bytes([good(f"t{i}", i) for i in range(5)])
   cut = whole[: len(whole) * 7 // 10]
-  recs, report = webdataset.convert_shard(io.BytesIO(cut))
+  recs, report, _ = webdataset.convert_shard(io.BytesIO(cut))
   assert report["skipped_by_reason"] == {"truncated shard": 1}
   assert report["decoded"] == len(report["keys"]) == len(recs) >= 2
   assert report["skipped"][0]["key"] == f"t{len(recs)}"
@@ -95,7 +96,7 @@ def test_webdataset_convert_reports_every_bad_sample_and_tar_problem():
   data = bytearray(tar_bytes([good(f"c{i}", i) for i in range(3)]))
   at = data.index(b"c1.jpg")
   data[at + 100] ^= 0xFF  # inside the header (mode field): checksum no longer matches
-  recs, report = webdataset.convert_shard(io.BytesIO(bytes(data)))
+  recs, report, _ = webdataset.convert_shard(io.BytesIO(bytes(data)))
   assert report["keys"] == ["c0", "c2"]
   assert report["skipped_by_reason"] == {"corrupt tar member": 1, "no image": 1}
 
@@ -138,7 +139,7 @@ def test_webdataset_prepare_two_processes_resumes_after_a_kill(emulator, tmp_pat
   assert first.returncode == 0, first.stderr[-2000:]
   assert json.loads(first.stdout.splitlines()[-1])["finished"] is False
   assert not (paths.path(out) / records.MANIFEST).exists()  # never taken for a finished one
-  with pytest.raises(FileNotFoundError, match="not a prepared dataset"):
+  with pytest.raises(FileNotFoundError, match="not a prepared folder"):
     records.RecordSource(out)
   done_1 = paths.path(f"{out}/shards/00001.json").read_text()
   second = run_prepare(spec, out, 0, 2, env)  # shards 00000 and 00002 (the half one redone)
@@ -236,3 +237,68 @@ def test_webdataset_bad_paths_are_named(emulator, tmp_path):  # noqa: F811
   assert m["num_records"] == 3 and m["skipped_by_reason"] == {}
   src = records.RecordSource(str(tmp_path / "out"))
   assert src[2]["image"].shape == (20, 24, 3) and src[2]["caption"] == "picture k2"
+
+
+@pytest.mark.slow
+@pytest.mark.multihost
+def test_webdataset_train_two_processes_from_the_bucket_resume_on_one(emulator, tmp_path):  # noqa: F811
+  """2 local processes train 6 steps from the prepared dataset in the bucket (checkpoints at 3
+  and 6); one process resumes the step-3 checkpoint to step 6 and logs the same loss at steps
+  4-6 and ends with the same params: it read exactly the batches the 2 processes read."""
+  from tests.test_elastic import launch, params, result
+  from tests.test_train_trainer import losses
+
+  urls = shards_in_bucket("gs://bucket/wds_train_in", [10, 10])
+  data = "gs://bucket/wds_train"
+  assert webdataset.prepare(urls, data, min_size=16)["num_records"] == 20
+  o = {
+      "data.name": "records",
+      "data.data_dir": data,
+      "train.progress_bar": False,
+      "train.log_every": 1,
+      "train.ckpt_every": 3,
+      "train.num_steps": 6,
+      "model.channel_mult": [1],
+      "model.attn_resolutions": [16],
+      "mesh.shape": {"data": 4, "fsdp": 2, "tensor": 1},
+  }
+  two = tmp_path / "two"
+  for rc, out, err in launch(tmp_path, two, o, processes=2):
+    assert rc == 0, err[-3000:]
+    assert result(out) == {"step": 6, "preempted": False}
+  one = tmp_path / "one"
+  shutil.copytree(two, one)
+  shutil.rmtree(one / "checkpoints" / "6")
+  os.remove(one / "final_params.npz")
+  os.remove(one / "metrics.jsonl")  # the resumed run logs steps 4-6 afresh
+  ((rc, out, err),) = launch(tmp_path, one, o, processes=1)
+  assert rc == 0, err[-3000:]
+  assert result(out) == {"step": 6, "preempted": False}
+  want = {r["step"]: r["loss"] for r in losses(two)}
+  got = {r["step"]: r["loss"] for r in losses(one)}
+  assert sorted(got) == [4, 5, 6]
+  np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], rtol=1e-5, atol=1e-6)
+  a, b = params(one), params(two)
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-5, err_msg=k)
+  assert not os.path.exists(paths.local_path(data))  # nothing was copied to this host
+
+
+def test_webdataset_paper_config_without_a_dataset_stops_naming_the_flag(tmp_path):
+  """The paper variants name no dataset (toy shapes would train silently): one line names the
+  flags, before any work."""
+  out = subprocess.run(
+      [sys.executable, "-m", "imagen_jax.main", "--config=configs/sr256.py:paper"]
+      + [f"--workdir={tmp_path / 'run'}"],
+      env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"},
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
+  assert out.returncode == 1, out.stderr[-2000:]
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith("imagen_jax.main: error: no dataset named") and (
+      "--config.data.name=records --config.data.data_dir=" in last
+  ), last
+  assert not (tmp_path / "run").exists()

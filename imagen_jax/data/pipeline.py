@@ -94,8 +94,20 @@ def default_data_config(name: str = "shapes", **overrides: Any) -> ml_collection
   return c
 
 
+def check_named(data_config: ml_collections.ConfigDict) -> None:
+  """Raises a one-line ValueError naming the flags unless `data_config` names a dataset (the
+  paper variants name none: their data is not public, and toy shapes would train silently)."""
+  if not data_config.name:
+    raise ValueError(
+        "no dataset named (data.name is empty): pass --config.data.name=records "
+        "--config.data.data_dir=gs://BUCKET/PREPARED (img2dataset shards prepared by "
+        "python -m imagen_jax.data.prepare_webdataset), or a TFDS name and its data_dir"
+    )
+
+
 def open_data_source(data_config: ml_collections.ConfigDict, *, build: bool = True):
   """The random-access data source of `data_config.split` (len() and [i] give raw examples)."""
+  check_named(data_config)
   name = data_config.name
   data_dir = data_config.data_dir or None
   if name == "records":

@@ -5,7 +5,8 @@ A prepared dataset is a folder (local, `gs://`, or a gcsfuse mount) of shards an
     dataset.json          written last (the completion marker): format, shards, counts, report
     shards/<stem>.rec     the records of one shard, concatenated (msgpack, no framing)
     shards/<stem>.idx     uint64 little-endian byte offsets [n + 1] of the records in .rec
-    shards/<stem>.json    that shard's report; written after .rec and .idx (the shard's marker)
+    shards/<stem>.text.json  {"keys", "captions"} of its records in order (for the text encoder)
+    shards/<stem>.json    that shard's report; written after the others (the shard's marker)
 
 A record is msgpack `{"key": str, "image": bytes, "caption": str, "json": str}`: the image file
 as prepared (an upright RGB JPEG byte for byte, anything else lossless PNG), the caption, the
@@ -46,23 +47,38 @@ INDEX_CACHE_BLOCKS = 4096  # index blocks kept per source (32 MiB at most)
 def shard_files(root: str, stem: str) -> dict[str, str]:
   """The paths of shard `stem`'s files under dataset folder `root`."""
   base = paths.join(root, SHARDS, stem)
-  return {"rec": base + ".rec", "idx": base + ".idx", "report": base + ".json"}
+  return {
+      "rec": base + ".rec",
+      "idx": base + ".idx",
+      "text": base + ".text.json",
+      "report": base + ".json",
+  }
 
 
 def pack_record(key: str, image: bytes, caption: str, meta: str = "") -> bytes:
   return msgpack.packb({"key": key, "image": image, "caption": caption, "json": meta})
 
 
-def write_shard(root: str, stem: str, records: list[bytes], report: dict) -> None:
-  """Writes shard `stem` (packed records, in order) and its report, the report last: a shard
-  whose report exists is whole (each file is written atomically, `atomic.write_bytes`)."""
+def write_shard(
+    root: str, stem: str, records: list[bytes], report: dict, text: dict | None = None
+) -> None:
+  """Writes shard `stem` (packed records, in order), its `text` sidecar ({"keys", "captions"})
+  and its report, the report last: a shard whose report exists is whole (each file is written
+  atomically, `atomic.write_bytes`)."""
   files = shard_files(root, stem)
   paths.makedirs(paths.join(root, SHARDS))
   offsets = np.zeros(len(records) + 1, "<u8")
   np.cumsum([len(r) for r in records], out=offsets[1:])
   atomic.write_bytes(files["rec"], b"".join(records))
   atomic.write_bytes(files["idx"], offsets.tobytes())
+  if text is not None:
+    atomic.write_json(files["text"], text, indent=None)
   atomic.write_json(files["report"], dict(report, num_records=len(records), bytes=int(offsets[-1])))
+
+
+def read_shard_text(root: str, stem: str) -> dict:
+  """Shard `stem`'s {"keys", "captions"} (record order)."""
+  return json.loads(paths.path(shard_files(root, stem)["text"]).read_text())
 
 
 def read_shard_report(root: str, stem: str) -> dict | None:
@@ -73,32 +89,34 @@ def read_shard_report(root: str, stem: str) -> dict | None:
 
 class RecordSource:
   """grain data source of a prepared dataset: `len()` and `[i] -> {"image": uint8 [H, W, 3],
-  "caption": str, "key": str}`; `decode=False` keeps the image bytes.
+  "caption": str, "key": str, "index": i}`; `decode_images=False` keeps the image bytes.
 
   stats: {"bytes": bytes read, "requests": range reads, "record_bytes": bytes of records,
   "objects": names of the objects read, "indices": the records read, in order} of this source
   (this process) since it was opened.
   """
 
-  def __init__(self, root: str, *, decode_images: bool = True):
+  def __init__(
+      self, root: str, *, decode_images: bool = True, manifest: str = MANIFEST, fmt: str = FORMAT
+  ):
     self.root = os.fspath(root).rstrip("/")
     self._decode = decode_images
     self._fs, _ = fsspec.core.url_to_fs(self.root)
     self._lock, self._index_lock = threading.Lock(), threading.Lock()
     self._blocks: collections.OrderedDict = collections.OrderedDict()
     self.stats = {"bytes": 0, "requests": 0, "record_bytes": 0, "objects": set(), "indices": []}
-    manifest = paths.path(self.root) / MANIFEST
-    if not manifest.exists():
+    marker = paths.path(self.root) / manifest
+    if not marker.exists():
       raise FileNotFoundError(
-          f"{self.root}: no {MANIFEST}; not a prepared dataset, or its preparation has not "
-          "finished (python -m imagen_jax.data.prepare_webdataset writes it last)"
+          f"{self.root}: no {manifest}; not a prepared folder, or its preparation has not "
+          "finished (it is written last)"
       )
-    raw = manifest.read_bytes()
-    self._count(MANIFEST, len(raw))
+    raw = marker.read_bytes()
+    self._count(manifest, len(raw))
     self.manifest = json.loads(raw)
-    if self.manifest.get("format") != FORMAT:
+    if self.manifest.get("format") != fmt:
       raise ValueError(
-          f"{self.root}/{MANIFEST}: format {self.manifest.get('format')!r}, expected {FORMAT!r}"
+          f"{self.root}/{manifest}: format {self.manifest.get('format')!r}, expected {fmt!r}"
       )
     self._shards = self.manifest["shards"]
     kept = [s["num_records"] - len(s.get("excluded", ())) for s in self._shards]
@@ -164,18 +182,22 @@ class RecordSource:
     j = r - block * INDEX_BLOCK
     return int(cached[j]), int(cached[j + 1])
 
-  def read_raw(self, index: int) -> dict[str, Any]:
-    """Record `index` unpacked: {"key", "image" (bytes), "caption", "json"}."""
-    s, r = self.locate(index)
+  def read_at(self, s: int, r: int, index: int | None = None) -> dict[str, Any]:
+    """Raw record `r` of shard `s`, unpacked (read with the shard's index)."""
     start, stop = self._offsets(s, r)
     data = self._read(f"{SHARDS}/{self._shards[s]['stem']}.rec", start, stop)
     with self._lock:
       self.stats["record_bytes"] += len(data)
-      self.stats["indices"].append(index)
+      self.stats["indices"].append((s, r) if index is None else index)
     return msgpack.unpackb(data)
+
+  def read_raw(self, index: int) -> dict[str, Any]:
+    """Record `index` unpacked: {"key", "image" (bytes), "caption", "json"}."""
+    return self.read_at(*self.locate(index), index=index)
 
   def __getitem__(self, index) -> dict[str, Any]:
     rec = self.read_raw(int(index))
-    out = {"caption": rec["caption"], "key": rec["key"]}
+    # index: the key of the record's text embedding (text/shards.py, data.embedding_id_key)
+    out = {"caption": rec["caption"], "key": rec["key"], "index": np.int64(index)}
     out["image"] = decode.load_rgb(rec["image"]) if self._decode else rec["image"]
     return out

@@ -154,10 +154,10 @@ def _caption(parts: dict) -> str | None:
   return text or None
 
 
-def convert_shard(f: BinaryIO, *, min_size: int = 0) -> tuple[list[bytes], dict]:
+def convert_shard(f: BinaryIO, *, min_size: int = 0) -> tuple[list[bytes], dict, list[str]]:
   """One webdataset tar -> (packed records, report {"decoded", "skipped": [{key, reason,
-  detail}], "skipped_by_reason": {reason: count}, "keys"})."""
-  out, skipped, seen = [], [], set()
+  detail}], "skipped_by_reason": {reason: count}, "keys"}, the records' captions)."""
+  out, skipped, seen, captions = [], [], set(), []
 
   def skip(key, reason, detail=""):
     logging.warning("webdataset: skipping %s: %s %s", key, reason, detail)
@@ -188,11 +188,12 @@ def convert_shard(f: BinaryIO, *, min_size: int = 0) -> tuple[list[bytes], dict]
     meta = parts.get("json", b"").decode("utf-8", "replace")
     out.append(records.pack_record(key, encoded, caption, meta))
     keys.append(key)
+    captions.append(caption)
   by_reason: dict[str, int] = {}
   for s in skipped:
     by_reason[s["reason"]] = by_reason.get(s["reason"], 0) + 1
   report = dict(decoded=len(out), skipped=skipped, skipped_by_reason=by_reason, keys=keys)
-  return out, report
+  return out, report, captions
 
 
 def list_shards(spec: str) -> list[str]:
@@ -245,8 +246,9 @@ def prepare(
       logging.info("webdataset: %s finished before; kept", stem)
       continue
     with fsspec.open(shard, "rb") as f:
-      recs, report = convert_shard(f, min_size=min_size)
-    records.write_shard(out, stem, recs, dict(report, source=shard))
+      recs, report, captions = convert_shard(f, min_size=min_size)
+    text = {"keys": report["keys"], "captions": captions}
+    records.write_shard(out, stem, recs, dict(report, source=shard), text)
     logging.warning(
         "webdataset: %s: %d decoded, skipped %s", stem, len(recs), report["skipped_by_reason"]
     )
