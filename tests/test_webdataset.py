@@ -10,6 +10,7 @@ started at a 2-host position continues the same stream."""
 import io
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -237,6 +238,8 @@ def test_webdataset_bad_paths_are_named(emulator, tmp_path):  # noqa: F811
   assert m["num_records"] == 3 and m["skipped_by_reason"] == {}
   src = records.RecordSource(str(tmp_path / "out"))
   assert src[2]["image"].shape == (20, 24, 3) and src[2]["caption"] == "picture k2"
+  copy = pickle.loads(pickle.dumps(src))  # how grain hands a source to its worker processes
+  assert copy[1]["key"] == "k1" and copy.stats["indices"] == [2, 2, 1]
 
 
 @pytest.mark.slow

@@ -81,6 +81,15 @@ def read_shard_text(root: str, stem: str) -> dict:
   return json.loads(paths.path(shard_files(root, stem)["text"]).read_text())
 
 
+def finished_stems(root: str) -> set[str]:
+  """The stems of the shards under `root` whose report exists (one listing of the folder)."""
+  folder = paths.path(root) / SHARDS
+  if not folder.exists():
+    return set()
+  names = [p.name for p in folder.iterdir()]
+  return {n[: -len(".json")] for n in names if n.endswith(".json") and not n.endswith(".text.json")}
+
+
 def read_shard_report(root: str, stem: str) -> dict | None:
   """Shard `stem`'s report, or None while the shard is unfinished (no report object yet)."""
   p = paths.path(shard_files(root, stem)["report"])

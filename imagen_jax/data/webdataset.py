@@ -258,6 +258,8 @@ def prepare(
 def finalize(out: str, stems: list[str]) -> dict | None:
   """Writes `out/dataset.json` once every shard has its report; returns it (None if some shard
   is unfinished). A key found in an earlier shard is excluded from later ones (reported)."""
+  if set(stems) - records.finished_stems(out):  # one listing, before reading any report
+    return None
   reports = [records.read_shard_report(out, s) for s in stems]
   if any(r is None for r in reports):
     return None

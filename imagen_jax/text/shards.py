@@ -126,6 +126,8 @@ def precompute(
     )
     records.write_shard(out, stem, recs, dict(want, num_truncated=truncated))
     logging.info("text shards: %s: %d captions encoded", stem, len(recs))
+  if set(stems) - records.finished_stems(out):  # one listing, before reading any report
+    return None
   reports = [records.read_shard_report(out, s) for s in stems]
   if any(r is None for r in reports):
     return None
