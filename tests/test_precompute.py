@@ -48,11 +48,13 @@ def test_precompute_two_processes_resume_and_refuse_another_encoder(emulator):  
   data, out = "gs://bucket/pre_data", "gs://bucket/pre_emb"
   webdataset.prepare(shards_in_bucket("gs://bucket/pre_in", [5, 4, 6]), data, min_size=16)
   env = {paths.EMULATOR_ENV: emulator}
+  # A process preempted while writing shard 00000: its records are there, its marker is not.
+  paths.path(f"{out}/shards/00000.rec").write_bytes(b"cut")
   first = run(data, out, 1, 2, env)  # shard 00001 only
   assert first.returncode == 0, first.stderr[-3000:]
   assert json.loads(first.stdout.splitlines()[-1]) == {"process_index": 1, "finished": False}
   assert not shards.is_shards(out)  # an unfinished run is never taken for a finished one
-  second = run(data, out, 0, 2, env)
+  second = run(data, out, 0, 2, env)  # shards 00000 (redone) and 00002
   assert second.returncode == 0, second.stderr[-3000:]
   summary = json.loads(second.stdout.splitlines()[-1])
   enc = encoder()

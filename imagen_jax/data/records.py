@@ -42,6 +42,7 @@ MANIFEST = "dataset.json"
 SHARDS = "shards"
 INDEX_BLOCK = 1024  # offsets per index read (8 KiB)
 INDEX_CACHE_BLOCKS = 4096  # index blocks kept per source (32 MiB at most)
+TRACKED = 100_000  # record indices kept in RecordSource.stats (for tests and diagnostics)
 
 
 def shard_files(root: str, stem: str) -> dict[str, str]:
@@ -101,8 +102,8 @@ class RecordSource:
   "caption": str, "key": str, "index": i}`; `decode_images=False` keeps the image bytes.
 
   stats: {"bytes": bytes read, "requests": range reads, "record_bytes": bytes of records,
-  "objects": names of the objects read, "indices": the records read, in order} of this source
-  (this process) since it was opened.
+  "objects": names of the objects read, "indices": the last `TRACKED` records read} of this
+  source (this process) since it was opened.
   """
 
   def __init__(
@@ -113,7 +114,13 @@ class RecordSource:
     self._fs, _ = fsspec.core.url_to_fs(self.root)
     self._lock, self._index_lock = threading.Lock(), threading.Lock()
     self._blocks: collections.OrderedDict = collections.OrderedDict()
-    self.stats = {"bytes": 0, "requests": 0, "record_bytes": 0, "objects": set(), "indices": []}
+    self.stats = {
+        "bytes": 0,
+        "requests": 0,
+        "record_bytes": 0,
+        "objects": set(),
+        "indices": collections.deque(maxlen=TRACKED),  # bounded: a run reads billions
+    }
     marker = paths.path(self.root) / manifest
     if not marker.exists():
       raise FileNotFoundError(

@@ -3,7 +3,7 @@
     python -m imagen_jax.text.precompute --config=configs/base64.py:paper \
         --config.text.path=gs://bucket/weights/t5-v1_1-xxl \
         --data=gs://bucket/laion_records --out=gs://bucket/laion_t5xxl \
-        --process_index=$HOST --process_count=$HOSTS
+        --process_index=$HOST --process_count=$HOSTS   # or --distributed on a TPU pod / SLURM
 
 Each process encodes data shards i with i mod process_count == process_index, the encoder's
 params sharded over this host's devices (fsdp); rerun after a preemption and finished shards are
@@ -24,6 +24,12 @@ _DATA = flags.DEFINE_string("data", None, "the prepared dataset (prepare_webdata
 _OUT = flags.DEFINE_string("out", None, "the embeddings folder (local or gs://)")
 _INDEX = flags.DEFINE_integer("process_index", 0, "this process (0 .. process_count - 1)")
 _COUNT = flags.DEFINE_integer("process_count", 1, "processes sharing the shards")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed",
+    False,
+    "take process_index / process_count from jax.distributed.initialize() (auto-detected on TPU "
+    "pods and SLURM): one command for every host",
+)
 _BATCH = flags.DEFINE_integer("batch_size", 64, "captions per encoder call (x local devices)")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "storage dtype")
 flags.mark_flags_as_required(["config", "data", "out"])
@@ -37,6 +43,10 @@ def main(argv):
   from imagen_jax.text import registry, shards
 
   config = _CONFIG.value
+  index, count = _INDEX.value, _COUNT.value
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
+    index, count = jax.process_index(), jax.process_count()
   paths.check_access(_DATA.value)
   paths.check_access(_OUT.value)
   n = jax.local_device_count()
@@ -49,12 +59,12 @@ def main(argv):
       encoder,
       _DATA.value,
       _OUT.value,
-      process_index=_INDEX.value,
-      process_count=_COUNT.value,
+      process_index=index,
+      process_count=count,
       batch_size=_BATCH.value,
       dtype=_DTYPE.value,
   )
-  summary = {"process_index": _INDEX.value, "finished": manifest is not None}
+  summary = {"process_index": index, "finished": manifest is not None}
   if manifest is not None:
     summary.update(
         shards=len(manifest["shards"]),
