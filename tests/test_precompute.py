@@ -14,6 +14,7 @@ import pytest
 from imagen_jax import paths
 from imagen_jax.data import pipeline, records, webdataset
 from imagen_jax.text import cache_read, registry, shards
+from imagen_jax.train import trainer
 from tests.test_bucket import emulator  # noqa: F401 (the fixture)
 from tests.test_webdataset import ROOT, shards_in_bucket
 
@@ -94,6 +95,14 @@ def test_precompute_hosts_read_only_their_examples_embeddings(emulator):  # noqa
   config = pipeline.default_data_config(
       "records", data_dir=data, repeat=False, embedding_id_key="index", keep_caption=True
   )
+  # The trainer opens these embeddings only for the records source keyed by index.
+  text = registry.default_text_config("byt5-tiny-random", max_length=64, embedding_cache=out)
+  opened = trainer.open_text_cache(text, enc, config)
+  assert isinstance(opened, shards.EmbeddingShards) and len(opened) == 13
+  with pytest.raises(cache_read.CacheError, match="--config.data.embedding_id_key=index"):
+    trainer.open_text_cache(text, enc, pipeline.default_data_config("records", data_dir=data))
+  with pytest.raises(cache_read.CacheError, match=r"max_length=64 \(config: 16\)"):
+    trainer.open_text_cache(text, encoder(16), config)
   stores, loaders = [], []
   for p in range(2):
     stores.append(shards.EmbeddingShards(out, records.RecordSource(data)))

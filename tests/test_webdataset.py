@@ -245,18 +245,25 @@ def test_webdataset_bad_paths_are_named(emulator, tmp_path):  # noqa: F811
 @pytest.mark.slow
 @pytest.mark.multihost
 def test_webdataset_train_two_processes_from_the_bucket_resume_on_one(emulator, tmp_path):  # noqa: F811
-  """2 local processes train 6 steps from the prepared dataset in the bucket (checkpoints at 3
-  and 6); one process resumes the step-3 checkpoint to step 6 and logs the same loss at steps
-  4-6 and ends with the same params: it read exactly the batches the 2 processes read."""
+  """2 local processes train 6 steps from the prepared dataset in the bucket, with its
+  precomputed text embeddings (checkpoints at 3 and 6); one process resumes the step-3
+  checkpoint to step 6 and logs the same loss at steps 4-6 and ends with the same params: it
+  read exactly the batches (and embeddings) the 2 processes read."""
+  from configs import base64 as base64_config
+  from imagen_jax.text import registry, shards
   from tests.test_elastic import launch, params, result
   from tests.test_train_trainer import losses
 
   urls = shards_in_bucket("gs://bucket/wds_train_in", [10, 10])
-  data = "gs://bucket/wds_train"
+  data, emb = "gs://bucket/wds_train", "gs://bucket/wds_train_t5"
   assert webdataset.prepare(urls, data, min_size=16)["num_records"] == 20
+  encoder = registry.get_text_encoder(base64_config.get_config("tiny").text, progress=False)
+  assert shards.precompute(encoder, data, emb, batch_size=8, dtype="float32") is not None
   o = {
       "data.name": "records",
       "data.data_dir": data,
+      "data.embedding_id_key": "index",
+      "text.embedding_cache": emb,
       "train.progress_bar": False,
       "train.log_every": 1,
       "train.ckpt_every": 3,
