@@ -312,3 +312,32 @@ def test_webdataset_paper_config_without_a_dataset_stops_naming_the_flag(tmp_pat
       "--config.data.name=records --config.data.data_dir=" in last
   ), last
   assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.multihost
+def test_webdataset_prepare_distributed_takes_the_hosts_place_from_jax(emulator):  # noqa: F811
+  """`--distributed`: one command on every host; jax's cluster detection (SLURM's variables
+  here, a TPU pod's metadata there) gives each process its index and the count."""
+  from tests.test_bucket import free_port
+
+  shards_in_bucket("gs://bucket/wds_dist_in", [3, 4, 2])
+  port = free_port()
+  procs = []
+  for i in range(2):
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "127.0.0.1", "SLURM_NTASKS": "2"}
+    slurm.update(SLURM_PROCID=str(i), SLURM_LOCALID=str(i))
+    cmd = [sys.executable, "-m", "imagen_jax.data.prepare_webdataset", "--distributed"]
+    cmd += ["--shards=gs://bucket/wds_dist_in/*.tar", "--out=gs://bucket/wds_dist", "--min_size=16"]
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", **slurm}
+    env.update({paths.EMULATOR_ENV: emulator, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}"})
+    procs.append(
+        subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    )
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err.decode()[-3000:]
+  summaries = [json.loads(out.decode().splitlines()[-1]) for out, _ in outs]
+  assert [(s["process_index"], s["shards"]) for s in summaries] == [(0, 2), (1, 1)]
+  assert (
+      records.RecordSource("gs://bucket/wds_dist").manifest["num_records"] == 9
+  )  # 10 samples, one key twice
