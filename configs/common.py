@@ -367,7 +367,8 @@ def data_config(stage: str, variant: str) -> ml_collections.ConfigDict:
 
   image_size, lowres_size, crop = _SIZES[variant][stage]
   return pipeline.default_data_config(
-      "shapes",  # offline default; the paper's data (§4.1) is not public
+      # the paper's data (§4.1) is not public: a paper run names its own (--config.data.name)
+      "" if variant == "paper" else "shapes",
       data_dir="/tmp/imagen_jax_data",
       resolution=image_size,  # shapes renders at the stage's output resolution
       num_train={"paper": 100_000, "tiny": 64, "shapes": 20_000}[variant],

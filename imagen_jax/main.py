@@ -37,8 +37,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
+  from imagen_jax.data import pipeline
   from imagen_jax.train import workdir as workdir_lib
 
+  try:
+    pipeline.check_named(config.data)  # the paper variants name no dataset
+  except ValueError as e:
+    raise SystemExit(f"imagen_jax.main: error: {e}") from None
   try:
     workdir_lib.check_workdir(config, _WORKDIR.value)
   except (paths.AccessError, workdir_lib.WorkdirMismatchError) as e:

@@ -12,7 +12,7 @@
 #
 #   e.g. launch/tpu_pod.sh start imagen-v4-256 us-central2-b gs://bucket/base64 \
 #          configs/base64.py:paper --config.text.path=/mnt/t5-v1_1-xxl \
-#          --config.data.data_dir=gs://bucket/tfds
+#          --config.data.name=records --config.data.data_dir=gs://bucket/laion400m_records
 #
 # start: this checkout's files (tracked and untracked, not git-ignored) go to ~/imagen-jax/src on
 # every worker, or, with GIT_REF set, the workers clone GIT_URL (default: this checkout's origin)

@@ -102,3 +102,20 @@ def load_rgb(source: Source, background: Sequence[int] = WHITE) -> np.ndarray:
   with PIL.Image.open(fp) as img:
     img.load()  # full decode: a truncated file raises here ("image file is truncated")
     return to_rgb(img, background)
+
+
+def normalize_encoded(data: bytes, background: Sequence[int] = WHITE) -> tuple[bytes, str, tuple]:
+  """An image file's bytes -> (encoded RGB, format, (height, width)), decoding all of it.
+
+  An upright RGB JPEG (no EXIF rotation) is kept byte for byte; every other image is decoded by
+  `to_rgb` and re-encoded losslessly as PNG. Raises OSError / ValueError / SyntaxError /
+  PIL.Image.DecompressionBombError for anything that is not a complete, usable image.
+  """
+  with PIL.Image.open(io.BytesIO(data)) as img:
+    img.load()  # full decode: a truncated file raises here ("image file is truncated")
+    if img.format == "JPEG" and img.mode == "RGB" and orientation(img) == 1:
+      return data, "jpeg", (img.height, img.width)
+    rgb = to_rgb(img, background)
+  buf = io.BytesIO()
+  PIL.Image.fromarray(rgb).save(buf, format="PNG")
+  return buf.getvalue(), "png", rgb.shape[:2]

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import os
@@ -175,14 +174,8 @@ def load_image(path: str, background: Sequence[int] = decode.WHITE) -> tuple[byt
   """
   with open(path, "rb") as f:
     data = f.read()
-  with PIL.Image.open(io.BytesIO(data)) as img:
-    img.load()  # full decode: a truncated file raises here ("image file is truncated")
-    if img.format == "JPEG" and img.mode == "RGB" and decode.orientation(img) == 1:
-      return data, "jpeg"
-    rgb = decode.to_rgb(img, background)
-  buf = io.BytesIO()
-  PIL.Image.fromarray(rgb).save(buf, format="PNG")
-  return buf.getvalue(), "png"
+  encoded, fmt, _ = decode.normalize_encoded(data, background)
+  return encoded, fmt
 
 
 class ImageText(tfds.core.GeneratorBasedBuilder):

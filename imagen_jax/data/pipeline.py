@@ -15,6 +15,9 @@ tokens (or cached embeddings); `to_global_batch` assembles the host batches into
 Data sources by `data_config.name`:
 - 'shapes': the offline shapes dataset (built into `data_dir` on first use, see shapes.py);
 - 'image_text': a local folder of images + captions (see image_text.py; `image_dir`);
+- 'records': a prepared dataset (`data_dir`: local, `gs://` or a mount; records.py), e.g. from
+  img2dataset webdataset shards by `python -m imagen_jax.data.prepare_webdataset`; each host
+  reads the records of its own slice by range reads, nothing else;
 - anything else: a prepared TFDS dataset read with `tfds.data_source(name, data_dir=...)`,
   e.g. 'coco_captions/2014' with caption_key 'captions/text' (preparing that one needs the
   optional TensorFlow extra; reading it does not).
@@ -35,9 +38,10 @@ from absl import flags as absl_flags
 from jax.sharding import NamedSharding, PartitionSpec
 
 from imagen_jax import paths
-from imagen_jax.data import preprocess
+from imagen_jax.data import preprocess, records
 from imagen_jax.data import shapes as shapes_lib
 
+BUILT_HERE = ("shapes", "image_text")  # datasets this library builds (small; copied to a host)
 Tokenizer = Callable[[Sequence[str]], tuple[np.ndarray, np.ndarray]]
 
 
@@ -47,8 +51,8 @@ def default_data_config(name: str = "shapes", **overrides: Any) -> ml_collection
   Overrides are applied before locking; an unknown field raises a KeyError naming it.
   """
   c = ml_collections.ConfigDict()
-  c.name = name  # 'shapes', 'image_text', or a TFDS name ('coco_captions/2014')
-  c.data_dir = ""  # TFDS data_dir ('' = TFDS default, ~/tensorflow_datasets)
+  c.name = name  # 'shapes', 'image_text', 'records', or a TFDS name ('coco_captions/2014')
+  c.data_dir = ""  # TFDS data_dir ('' = TFDS default); for 'records' the prepared folder
   c.split = "train"  # TFDS split spec, e.g. 'train', 'test', 'train[:90%]'
   c.image_key = "image"  # feature names; '/' reaches into nested features
   c.caption_key = "caption"
@@ -90,13 +94,40 @@ def default_data_config(name: str = "shapes", **overrides: Any) -> ml_collection
   return c
 
 
+def check_named(data_config: ml_collections.ConfigDict) -> None:
+  """Raises a one-line ValueError naming the flags unless `data_config` names a dataset (the
+  paper variants name none: their data is not public, and toy shapes would train silently)."""
+  if not data_config.name:
+    raise ValueError(
+        "no dataset named (data.name is empty): pass --config.data.name=records "
+        "--config.data.data_dir=gs://BUCKET/PREPARED (img2dataset shards prepared by "
+        "python -m imagen_jax.data.prepare_webdataset), or a TFDS name and its data_dir"
+    )
+
+
 def open_data_source(data_config: ml_collections.ConfigDict, *, build: bool = True):
   """The random-access data source of `data_config.split` (len() and [i] give raw examples)."""
+  check_named(data_config)
   name = data_config.name
   data_dir = data_config.data_dir or None
+  if name == "records":
+    if not data_dir:
+      raise ValueError(
+          "data_config.data_dir must name the prepared dataset for 'records' (a folder with "
+          "dataset.json: local, gs:// or a gcsfuse mount)"
+      )
+    return records.RecordSource(data_dir)  # range reads of the records asked for, no copy
+  if data_dir and paths.is_remote(data_dir) and name not in BUILT_HERE:
+    raise ValueError(
+        f"data_dir={data_dir!r}: a TFDS dataset in a bucket is read through a gcsfuse mount "
+        "(`gcsfuse --implicit-dirs BUCKET /mnt/BUCKET`, then data_dir=/mnt/BUCKET/...; "
+        "ArrayRecord opens local files and reads only the records asked for), or prepared "
+        "with imagen_jax.data.prepare_webdataset and read as data.name='records'; it is never "
+        "copied whole to each host"
+    )
   if data_dir and paths.is_remote(data_dir):
-    # TFDS's ArrayRecord readers open local files: read a local copy; a dataset built here
-    # (shapes, image_text) is uploaded for the next reader.
+    # A small dataset built here (shapes, image_text) from a seed or a folder: read a local
+    # copy (TFDS's ArrayRecord readers open local files); uploaded for the next reader.
     source = open_data_source(
         ml_collections.ConfigDict(
             {**data_config.to_dict(), "data_dir": paths.local_copy(data_dir, missing_ok=build)}
@@ -147,8 +178,10 @@ class HostLoader:
       spec: preprocess.StageSpec,
       global_batch_size: int,
       start_index: int = 0,
+      source: Any = None,
   ):
     self._loader = loader
+    self.source = source  # the data source (a records.RecordSource counts what it reads)
     self._it = iter(loader)
     self.host_batch_size = host_batch_size
     self.global_batch_size = global_batch_size
@@ -366,6 +399,7 @@ def make_loader(
       spec=spec,
       global_batch_size=global_batch_size,
       start_index=start_index,
+      source=source,
   )
 
 

@@ -50,12 +50,13 @@ from jax.sharding import PartitionSpec as P
 from imagen_jax import atomic, paths
 from imagen_jax import checkpoint as ckpt_lib
 from imagen_jax import metrics as metrics_lib
-from imagen_jax.data import pipeline
+from imagen_jax.data import pipeline, records
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.parallel import ready
 from imagen_jax.stage import SamplingSettings, Stage
 from imagen_jax.text import cache as text_cache_lib
 from imagen_jax.text import registry
+from imagen_jax.text import shards as text_shards
 from imagen_jax.train import program as program_lib
 from imagen_jax.train import settings as settings_lib
 from imagen_jax.train import state as state_lib
@@ -180,8 +181,10 @@ def _mean_metrics(pending: Sequence[tuple[int, dict]]) -> dict:
   return out
 
 
-def open_text_cache(text_config, encoder) -> text_cache_lib.TextEmbeddingCache | None:
-  """The `text.embedding_cache` of the stage (None when unset), checked against `encoder`.
+def open_text_cache(text_config, encoder, data_config=None):
+  """The `text.embedding_cache` of the stage (None when unset), checked against `encoder`: a
+  caption cache (`text.cache`) or the embeddings of a prepared dataset (`text.shards`, read per
+  record with `data.embedding_id_key='index'`).
 
   With a cache the step reads precomputed embeddings instead of running the frozen encoder
   (on the 2-core CPU demo the tiny encoder alone is ~12% of the base stage's step).
@@ -189,7 +192,18 @@ def open_text_cache(text_config, encoder) -> text_cache_lib.TextEmbeddingCache |
   path = text_config.get("embedding_cache", "")
   if not path:
     return None
-  cache = text_cache_lib.TextEmbeddingCache(path)
+  if text_shards.is_shards(path):
+    if data_config is None or (data_config.name, data_config.embedding_id_key) != (
+        "records",
+        "index",
+    ):
+      raise text_cache_lib.CacheError(
+          f"text embeddings {path!r} are per record of a prepared dataset: pass "
+          "--config.data.name=records --config.data.embedding_id_key=index"
+      )
+    cache = text_shards.EmbeddingShards(path, records.RecordSource(data_config.data_dir))
+  else:
+    cache = text_cache_lib.TextEmbeddingCache(path)
   cache.check_encoder(encoder.name, encoder.dim, encoder.max_length, encoder.fingerprint)
   logging.info("text embeddings from the cache %s (%d captions)", path, len(cache))
   return cache
@@ -224,7 +238,7 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> d
 
   encoder = registry.get_text_encoder(c.text, mesh=mesh, rules=rules)
   config_dict = ckpt_lib.with_text_fingerprint(config_dict, encoder.fingerprint)
-  text_cache = open_text_cache(c.text, encoder)
+  text_cache = open_text_cache(c.text, encoder, c.data)
   program = program_lib.build(c, mesh, encoder, use_cache=text_cache is not None)
   stage, abstract, shardings = program.stage, program.abstract, program.shardings
   ckpt = ckpt_lib.Checkpointer(
