@@ -161,6 +161,17 @@ def test_registry_builds_bert_and_checks_names():
     )
 
 
+def test_bfloat16_encoder_is_close_to_float32():
+  texts = ["a red circle above the blue squares", "two green circles"]
+  f32 = registry.get_text_encoder(_golden_text_config(max_length=12), progress=False)
+  bf16 = registry.get_text_encoder(
+      _golden_text_config(max_length=12, dtype="bfloat16", param_dtype="bfloat16"), progress=False
+  )
+  assert bf16.params["layers_0"]["mlp"]["wi"].dtype == np.dtype("bfloat16")
+  want, got = np.asarray(f32.encode(texts)[0]), np.asarray(bf16.encode(texts)[0])
+  assert got.dtype == np.float32 and 0 < np.max(np.abs(got - want)) <= 0.05 * np.abs(want).max()
+
+
 def test_sharded_bert_equals_single_device():
   mesh = jax.make_mesh((4, 2), ("fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
   cfg = _golden_text_config(max_length=16)
