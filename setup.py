@@ -16,6 +16,7 @@ INSTALL_REQUIRES = [
     "ml-collections==1.1.0",
     "transformers==4.57.6",
     "sentencepiece==0.2.3",
+    "tokenizers==0.22.2",  # BERT WordPiece from tokenizer.json (transformers pins it too)
     "tensorflow-datasets==4.9.10",
     "importlib_resources==7.1.0",
     "array-record==0.8.6",

@@ -43,7 +43,7 @@ from imagen_jax.parallel import ready
 from imagen_jax.parallel import sharding as sharding_lib
 from imagen_jax.parallel.sharding import rules_for_mesh
 from imagen_jax.stage import SamplingSettings, Stage
-from imagen_jax.text import registry, t5
+from imagen_jax.text import registry
 
 __all__ = [
     "DEFAULT_MESH_SHAPE",
@@ -172,7 +172,7 @@ class MeshJit(ready.ReadyJit):
       yield
 
 
-def make_encode(encoder: "registry.TextEncoder | t5.T5Config", mesh, rules: Rules):
+def make_encode(encoder, mesh, rules: Rules):
   """The frozen T5 encode jitted on `mesh` (`text.registry.make_encode`, §2.1): `fn(params,
   ids [B, L] int32, mask [B, L] bool) -> emb float32 [B, L, D]`, params sharded by their logical
   specs, the batch over the batch axes; `rules` naming axes the mesh lacks are restricted."""
@@ -346,17 +346,16 @@ def abstract_denoise_inputs(
   )
 
 
-def abstract_encode_inputs(
-    config: t5.T5Config, batch: int, max_length: int, mesh, rules: Rules
-) -> tuple:
+def abstract_encode_inputs(config, batch: int, max_length: int, mesh, rules: Rules) -> tuple:
   """Sharded `ShapeDtypeStruct`s of `make_encode`'s arguments: `(params, ids [B, L] int32,
-  mask [B, L] bool)` (params in the config's `param_dtype`, sharded by their logical specs)."""
+  mask [B, L] bool)` (params in the config's `param_dtype`, sharded by their logical specs);
+  `config`: a `t5.T5Config` or `bert.BertConfig`."""
   _check_batch(batch, mesh, rules)
   shardings = nn.logical_to_mesh_sharding(
-      t5.logical_specs(config), mesh, rules_for_mesh(rules, mesh)
+      registry.logical_specs(config), mesh, rules_for_mesh(rules, mesh)
   )
   params = jax.tree.map(
-      lambda a, s: _sds(a.shape, a.dtype, s), nn.unbox(t5.abstract_params(config)), shardings
+      lambda a, s: _sds(a.shape, a.dtype, s), nn.unbox(registry.abstract_params(config)), shardings
   )
   tokens = batch_sharding(mesh, rules, 2)
   return (

