@@ -43,9 +43,11 @@ sweep: $(STAMP)
 	    --num_prompts=64 --outdir=demo_out/guidance_sweep
 
 # The whole suite, the slow-marked distributed checks included (exact resume after SIGKILL,
-# 2 processes == 1, sharded == unsharded): what CI runs, after the linters.
+# 2 processes == 1, sharded == unsharded): what CI runs, after the linters. Two workers; the
+# multi-process tests share one xdist group (tests/conftest.py), so they never overlap; the 20
+# slowest tests are listed at the end.
 test: lint minilm
-	IMAGEN_REQUIRE_MINILM=1 $(PY) -m pytest -n 2 --dist loadgroup -q tests
+	IMAGEN_REQUIRE_MINILM=1 $(PY) -m pytest -n 2 --dist loadgroup -q --durations=20 tests
 
 # A quicker local loop: the same without the tests marked slow.
 test-quick: $(STAMP) minilm
