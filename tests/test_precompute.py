@@ -44,7 +44,7 @@ def run(data, out, index, count, env, *extra):
   )
 
 
-@pytest.mark.multihost
+# Two processes one after the other (a kill between them): not a concurrent job.
 def test_precompute_two_processes_resume_and_refuse_another_encoder(emulator):  # noqa: F811
   data, out = "gs://bucket/pre_data", "gs://bucket/pre_emb"
   webdataset.prepare(shards_in_bucket("gs://bucket/pre_in", [5, 4, 6]), data, min_size=16)

@@ -128,7 +128,7 @@ def run_prepare(shards, out, index, count, env):
   )
 
 
-@pytest.mark.multihost
+# Two processes one after the other (a kill between them): not a concurrent job.
 def test_webdataset_prepare_two_processes_resumes_after_a_kill(emulator, tmp_path):  # noqa: F811
   shards_in_bucket("gs://bucket/wds_in", [6, 5, 7])
   spec = "gs://bucket/wds_in/{00000..00002}.tar"
