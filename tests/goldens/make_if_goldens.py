@@ -121,6 +121,13 @@ SCHEDULER = dict(
 )
 
 
+README = """DeepFloyd IF parity goldens: reduced random diffusers U-Nets (IF-I, IF-II) as diffusers
+folders, their outputs on fixed inputs (`io.npz`), and `DDPMScheduler` steps with IF's settings
+(`scheduler.npz`). Made by `python tests/goldens/make_if_goldens.py` (needs torch + diffusers);
+checked by tests/test_deepfloyd_nn.py and tests/test_discrete.py (no torch).
+"""
+
+
 def build_model(name: str) -> UNet2DConditionModel:
   spec = SPECS[name]
   torch.manual_seed(spec["seed"])
@@ -239,6 +246,8 @@ def main():
           len(json.load(f)),
       )
   np.savez_compressed(os.path.join(GOLDEN_DIR, "scheduler.npz"), **scheduler_goldens())
+  with open(os.path.join(GOLDEN_DIR, "README.md"), "w") as f:
+    f.write(README)
 
 
 if __name__ == "__main__":
