@@ -68,14 +68,15 @@ def ddpm_step(
     variance_type: str = "learned_range",
     thresholding: bool = True,
     dynamic_thresholding_ratio: float = 0.95,
-    sample_max_value: float = 1.5,
+    sample_max_value: float | None = 1.5,
     clip_sample: bool = True,
     clip_sample_range: float = 1.0,
 ) -> tuple[Array, Array]:
   """One DDPM step t -> prev_t (`DDPMScheduler.step`, epsilon prediction): (x_prev, x0).
 
   model_output: [B, H, W, 2C] (eps, v) for learned_range, or [B, H, W, C] eps; sample z_t and
-  noise N(0, I): [B, H, W, C]; t, prev_t: integer scalars (prev_t = -1: the last step).
+  noise N(0, I): [B, H, W, C]; t, prev_t: integer scalars (prev_t = -1: the last step);
+  sample_max_value: the cap on the thresholding s (None = none).
     x0 = (z_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), dynamic-thresholded (or clipped);
     mean = sqrt(abar_prev) beta_t / (1 - abar_t) x0 + sqrt(alpha_t) (1 - abar_prev) / (1 - abar_t) z_t
     with alpha_t = abar_t / abar_prev, beta_t = 1 - alpha_t; x_prev = mean + sigma noise (t > 0),

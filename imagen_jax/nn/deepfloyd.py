@@ -36,8 +36,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from imagen_jax import dtypes, paths
+from imagen_jax.diffusion import discrete, schedules
 from imagen_jax.nn import attention, blocks, layers
-from imagen_jax.nn.deepfloyd_config import IFConfig
+from imagen_jax.nn.deepfloyd_config import IFConfig, read_config
 
 Dtype = Any
 
@@ -365,3 +367,66 @@ class IFUNet(nn.Module):
         h.astype(self.dtype)
     )
     return out.astype(jnp.float32)
+
+
+class IFDenoiser(nn.Module):
+  """An IF U-Net behind our network contract (docs/interfaces.md, `unet.build_model`):
+
+  __call__(x_t [B,H,W,3], logsnr [B], text_emb [B,L,D], text_mask [B,L], lowres=None,
+           aug_level=None, train=False) -> eps [B,H,W,3] (or [B,H,W,6] with the learned-range
+           v when `full_output`)
+
+  IF's timestep is the fractional step of its table at this logsnr,
+  u = (N - 1) t(logsnr) (`schedules.squaredcos_t`: IF's own step i at its grid points); IF-II
+  reads [x_t; lowres] (6 channels) and noise_level = round(N aug_level)
+  (`discrete.noise_level_of`). `use_text_mask=False` attends to all L text tokens as IF's
+  pipeline does (it passes no mask); True drops the padding. Params: `{"unet": IFUNet's}`.
+  """
+
+  config: IFConfig
+  use_text_mask: bool = False
+  full_output: bool = False
+  attn_impl: str = "auto"
+  remat: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+      self, x_t, logsnr, text_emb, text_mask, lowres=None, aug_level=None, train: bool = False
+  ):
+    del train  # IF's networks have no dropout at inference
+    c = self.config
+    x = x_t
+    noise_level = None
+    if c.is_sr:
+      if lowres is None or aug_level is None:
+        raise ValueError("an IF-II network needs lowres [B, H, W, 3] and aug_level [B]")
+      x = jnp.concatenate([x_t, lowres.astype(x_t.dtype)], axis=-1)
+      noise_level = discrete.noise_level_of(aug_level).astype(jnp.float32)
+    elif lowres is not None:
+      raise ValueError("lowres given to an IF-I (text->image) network")
+    t = schedules.squaredcos_t(logsnr) * (schedules.SQUAREDCOS_STEPS - 1)
+    out = IFUNet(c, self.attn_impl, self.remat, self.dtype, self.param_dtype, name="unet")(
+        x, t, text_emb, text_mask if self.use_text_mask else None, noise_level
+    )
+    return out if self.full_output else out[..., : x_t.shape[-1]]
+
+
+def build_denoiser(model_config, config: IFConfig | None = None) -> IFDenoiser:
+  """`IFDenoiser` from a stage's `model` block (kind "deepfloyd"): the U-Net's `config.json`
+  is read from `model_config.path` (a diffusers `unet/` folder; a `gs://` folder is copied
+  locally first) unless `config` is given."""
+  c = model_config
+  if config is None:
+    path = str(c.path)
+    config = read_config(paths.local_copy(path) if paths.is_remote(path) else path)
+  return IFDenoiser(
+      config,
+      use_text_mask=bool(c.get("use_text_mask", False)),
+      full_output=bool(c.get("full_output", False)),
+      attn_impl=str(c.get("attn_impl", "auto")),
+      remat=bool(c.get("remat", False)),
+      dtype=dtypes.get_dtype(c.get("dtype", None), "model.dtype"),
+      param_dtype=dtypes.get_dtype(c.get("param_dtype", None), "model.param_dtype"),
+  )

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from imagen_jax import paths
 from imagen_jax.nn import deepfloyd
@@ -188,6 +189,29 @@ def load_params(
   return traverse_util.unflatten_dict(out)
 
 
+def save_params(path: str, config: dict, params: dict) -> None:
+  """Writes `params` (of `IFUNet(IFConfig.from_dict(config))`) as a diffusers folder: config.json
+  and `diffusion_pytorch_model.safetensors` in torch layout (the inverse of `load_params`; for
+  tests and for exporting fine-tuned weights). Files go to temporaries, then are renamed."""
+  os.makedirs(path, exist_ok=True)
+  flat = traverse_util.flatten_dict(nn.unbox(params))
+  tensors = {}
+  for p, v in flat.items():
+    a = np.asarray(v, np.float32)
+    if p[-1] == "kernel" and a.ndim == 4:
+      a = a.transpose(3, 2, 0, 1)
+    elif p[-1] == "kernel" and a.ndim == 2:
+      a = a.T
+    tensors[torch_name(p)] = np.ascontiguousarray(a)
+  tmp = os.path.join(path, f".{WEIGHTS}.safetensors.tmp")
+  save_file(tensors, tmp)
+  os.replace(tmp, os.path.join(path, f"{WEIGHTS}.safetensors"))
+  tmp = os.path.join(path, ".config.json.tmp")
+  with open(tmp, "w") as f:
+    json.dump(dict(config, _class_name="UNet2DConditionModel"), f, indent=1)
+  os.replace(tmp, os.path.join(path, "config.json"))
+
+
 def load(path: str, **model_kw) -> tuple[deepfloyd.IFUNet, dict]:
   """`(IFUNet(read_config(path), **model_kw), params)` of a local or `gs://` folder."""
   local = paths.local_copy(path) if paths.is_remote(path) else path
@@ -195,4 +219,12 @@ def load(path: str, **model_kw) -> tuple[deepfloyd.IFUNet, dict]:
   return model, load_params(local, model)
 
 
-__all__ = ["IFCheckpointError", "IFConfig", "checkpoint_files", "load", "load_params", "plan"]
+__all__ = [
+    "IFCheckpointError",
+    "IFConfig",
+    "checkpoint_files",
+    "load",
+    "load_params",
+    "plan",
+    "save_params",
+]
