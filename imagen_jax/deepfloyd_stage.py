@@ -77,6 +77,8 @@ def stage_config(
           path=b.get("text_path", None),
           max_length=int(b.get("text_max_length", TEXT_MAX_LENGTH)),
           dtype=str(b.get("text_dtype", "bfloat16")),
+          # IF's U-Nets read T5's outputs at the padding too (its pipeline passes no mask).
+          zero_padding=bool(b.get("use_text_mask", False)),
       )
   )
   rules = b.get("logical_axis_rules", None)

@@ -154,3 +154,19 @@ def test_negative_prompt_is_the_unconditional_half(model):
   e_u = st.stage.denoise_fn(st.params)(z, logsnr, {"text_emb": neg, "text_mask": neg_mask})
   assert np.abs(e_c - e_u).max() > 1e-4  # the texts differ, so the check below can fail
   np.testing.assert_allclose(guided, 3.0 * e_c - 2.0 * e_u, atol=1e-4)
+
+
+def test_t5_keeps_padding_outputs_for_if():
+  """IF reads T5's outputs at padding (zero_padding=False); real tokens are unchanged."""
+  from imagen_jax.text import registry
+
+  on = registry.get_text_encoder(
+      ml_collections.ConfigDict(dict(name="byt5-tiny-random", max_length=12))
+  )
+  off = registry.get_text_encoder(
+      ml_collections.ConfigDict(dict(name="byt5-tiny-random", max_length=12, zero_padding=False))
+  )
+  (e_on, m), (e_off, _) = on.encode(["a red"]), off.encode(["a red"])
+  m = np.asarray(m)
+  np.testing.assert_allclose(np.asarray(e_off)[m], np.asarray(e_on)[m], atol=1e-6)
+  assert np.abs(np.asarray(e_on)[~m]).max() == 0 and np.abs(np.asarray(e_off)[~m]).min() > 0
