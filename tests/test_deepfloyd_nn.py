@@ -155,3 +155,38 @@ def test_param_logical_axes():
   assert leaves and all(hasattr(x, "names") for x in leaves)
   names = {n for x in leaves for n in x.names if n}
   assert {"conv_in", "conv_out", "embed", "heads", "norm", "text_embed"} <= names
+
+
+def test_denoiser_adapter_reads_logsnr_and_aug_level_as_if_steps():
+  """IFDenoiser (our network contract) at IF's grid logsnrs and aug_level = noise_level / 1000
+  is the U-Net at those integer steps (diffusers' outputs)."""
+  from imagen_jax.diffusion import schedules
+
+  _, params, io = _load("if_ii")
+  config = read_config(os.path.join(GOLDENS, "if_ii"))
+  model = deepfloyd.IFDenoiser(config, full_output=True)
+  x = _nhwc(io["x"])
+  logsnr = schedules.squaredcos_logsnr(np.array([999, 500, 0], np.float32) / 999.0)
+  mask = np.ones(io["text"].shape[:2], bool)
+  out = model.apply(
+      {"params": {"unet": params}},
+      x[..., :3],
+      logsnr,
+      io["text"],
+      mask,
+      lowres=x[..., 3:],
+      aug_level=io["noise_level"] / 1000.0,
+  )
+  np.testing.assert_allclose(
+      np.asarray(out), _nhwc(io["out_int_t"]), atol=1e-4 * np.abs(io["out_int_t"]).max()
+  )
+  eps = deepfloyd.IFDenoiser(config).apply(
+      {"params": {"unet": params}},
+      x[..., :3],
+      logsnr,
+      io["text"],
+      mask,
+      x[..., 3:],
+      io["noise_level"] / 1000.0,
+  )
+  np.testing.assert_array_equal(np.asarray(eps), np.asarray(out)[..., :3])

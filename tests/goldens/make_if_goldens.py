@@ -2,6 +2,9 @@
 
     python tests/goldens/make_if_goldens.py          # rewrites tests/goldens/deepfloyd/
 
+(made with torch 2.13.0 and diffusers 0.42.1 in a separate venv; nothing here is needed to run
+the tests.)
+
 Two reduced, randomly initialised diffusers `UNet2DConditionModel`s with IF's block types and
 options (small widths), each saved as a diffusers folder (`config.json` + safetensors) and with
 its outputs on fixed inputs in `io.npz` (NCHW as torch gives them):
