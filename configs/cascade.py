@@ -6,6 +6,9 @@ in the center"`; variants:
   `make demo` writes (`demo_out/base`, `demo_out/sr`).
 * `paper`: the three paper stages (64 -> 256 -> 1024) from `workdirs/{base64,sr256,sr1024}`,
   with the guidance weights of the paper's COCO table (w = 1.35 base, 8.0 SR; §4.1).
+* `if_xl`: DeepFloyd IF, stage I (IF-I-XL, text -> 64x64) -> stage II (IF-II-L, -> 256x256),
+  read from the diffusers folders a user downloads (README, "DeepFloyd IF"), sampled with IF's
+  DDPM (learned variance), its guidance scales (7 and 4) and thresholding.
 `arg` is "VARIANT[,key=value,...]" (see configs/common.py) with field paths as keys, e.g.
 `get_config("shapes,num_stages=1,stage2.aug_level=0.2")`; on the command line
 `--config=configs/cascade.py:shapes,seed=3 --config.stage2.aug_level=0.2`.
@@ -16,7 +19,7 @@ from ml_collections import config_dict
 
 from configs import common
 
-VARIANTS = ("shapes", "paper")
+VARIANTS = ("shapes", "paper", "if_xl")
 
 
 def _stage(workdir, *, w, steps, aug_level=0.0, sampler="ddim", threshold="dynamic"):
@@ -50,6 +53,27 @@ def get_config(arg: str | None = None):
     # configs/common.py, variant `shapes`).
     c.stage2 = _stage("demo_out/sr", w=1.0, steps=20, aug_level=0.1)
     c.stage3 = _stage("", w=1.0, steps=20)
+  elif variant == "if_xl":
+    c.num_stages = 2
+    # IF's pipeline defaults: 100 / 50 DDPM steps, w = 7 / 4, dynamic thresholding at the 95th
+    # percentile with s <= 1.5, IF-II's noise_level 250 (aug_level 0.25).
+    c.stage1 = _stage("weights/IF-I-XL-v1.0/unet", w=7.0, steps=100, sampler="ddpm")
+    c.stage2 = _stage("weights/IF-II-L-v1.0/unet", w=4.0, steps=50, aug_level=0.25, sampler="ddpm")
+    c.stage3 = _stage("", w=1.0, steps=20)
+    for s in (c.stage1, c.stage2):
+      s.percentile, s.max_scale = 95.0, 1.5
+    c.deepfloyd = ml_collections.ConfigDict(
+        dict(
+            text_path="weights/t5-v1_1-xxl",  # IF-I's text_encoder/ + tokenizer/ files
+            text_max_length=77,
+            dtype="bfloat16",
+            param_dtype="bfloat16",
+            attn_impl="auto",
+            use_text_mask=False,  # IF's pipeline passes no mask: all 77 tokens are attended
+            logical_axis_rules=common.LOGICAL_AXIS_RULES,
+            fsdp_min_size=1 << 16,
+        )
+    )
   else:
     c.num_stages = 3
     c.stage1 = _stage("workdirs/base64", w=1.35, steps=256)
@@ -58,7 +82,7 @@ def get_config(arg: str | None = None):
   c.seed = 0
   # Prompts per jitted call (the whole cascade). The paper cascade at 32 fits a v4-8 slice
   # (18.9 of 32 GiB per chip, the SR 1024 loop); a v5e-8 needs 16 (docs/results/scale.md).
-  c.batch_size = 64 if variant == "shapes" else 32
+  c.batch_size = {"shapes": 64, "paper": 32, "if_xl": 16}[variant]
   common.apply_overrides(c, overrides)
   c.lock()
   return c

@@ -78,7 +78,7 @@ def main(argv):
       _OUTDIR.value, _PROTOCOL.value, _MODE.value, len(ref_names), _SEED.value
   )
   ref = coco.reference_statistics(computer, images_dir, ref_names, ref_path)
-  model = cascade.Cascade.from_workdirs(workdirs)
+  model = cascade.Cascade.from_workdirs(workdirs, deepfloyd=cfg.get("deepfloyd", None))
   chunks = coco.sample_chunks(
       model,
       prompts,

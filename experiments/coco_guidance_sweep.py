@@ -83,7 +83,7 @@ def main(argv):
       image_size=coco.REFERENCE_SIZE,
   )
 
-  model = cascade.Cascade.from_workdirs(workdirs)
+  model = cascade.Cascade.from_workdirs(workdirs, deepfloyd=cfg.get("deepfloyd", None))
   base, stage, points = sweep.plan(
       model,
       cfg,

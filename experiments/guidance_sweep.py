@@ -80,7 +80,7 @@ def main(argv):
 
   cfg = _CONFIG.value
   workdirs = _WORKDIRS.value or [cfg[f"stage{k + 1}"].workdir for k in range(int(cfg.num_stages))]
-  model = cascade.Cascade.from_workdirs(workdirs)
+  model = cascade.Cascade.from_workdirs(workdirs, deepfloyd=cfg.get("deepfloyd", None))
   base, stage, points = sweep.plan(
       model,
       cfg,

@@ -45,7 +45,7 @@ import ml_collections
 import numpy as np
 
 from imagen_jax import checkpoint as ckpt_lib
-from imagen_jax import paths
+from imagen_jax import deepfloyd_stage, paths
 from imagen_jax import sharded_sampling as ss
 from imagen_jax.diffusion import editing
 from imagen_jax.sharded_sampling import initial_noise  # noqa: F401  (public here too)
@@ -96,6 +96,13 @@ def read_stage_config(workdir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(json.loads(paths.path(path).read_text()))
 
 
+def stage_image_size(workdir: str) -> int:
+  """The side of the images the stage in `workdir` makes (ours, or an IF U-Net folder)."""
+  if deepfloyd_stage.is_diffusers_unet(workdir):
+    return deepfloyd_stage.image_size(workdir)
+  return int(read_stage_config(workdir).image_size)
+
+
 def load_stage(
     workdir: str,
     step: int | None = None,
@@ -103,6 +110,7 @@ def load_stage(
     mesh: jax.sharding.Mesh | None = None,
     rules=None,
     fsdp_min_size: int | None = None,
+    deepfloyd=None,
 ) -> LoadedStage:
   """Rebuilds a stage from its recorded config and restores the EMA params alone.
 
@@ -116,11 +124,19 @@ def load_stage(
   stage config's `mesh.logical_axis_rules` / `mesh.fsdp_min_size`); the Orbax restore target
   carries the `NamedSharding`s, so no device ever holds a whole copy of a sharded param.
 
+  A DeepFloyd IF U-Net folder (`deepfloyd_stage.is_diffusers_unet`) is loaded from its
+  safetensors with the cascade's `deepfloyd` block (`deepfloyd_stage.load_stage`; step 0).
+
   Raises StageLoadError when the workdir holds no config or no complete checkpoint, and
   `checkpoint.CheckpointMismatchError` when config.json and the checkpoint disagree on the
   stage's meaning or the checkpoint's arrays do not fit it (`checkpoint.CheckpointLayoutError`
   when it was written by an older layout).
   """
+  if deepfloyd_stage.is_diffusers_unet(workdir):  # a published IF U-Net (`deepfloyd` block)
+    stage, params = deepfloyd_stage.load_stage(
+        workdir, deepfloyd, mesh=mesh, rules=rules, fsdp_min_size=fsdp_min_size
+    )
+    return LoadedStage(workdir=workdir, stage=stage, params=params, step=0)
   json_path = paths.join(workdir, "config.json")
   ckpt_dir = paths.join(workdir, "checkpoints")
   json_exists, ckpt_exists = paths.path(json_path).exists(), paths.path(ckpt_dir).is_dir()
@@ -269,14 +285,21 @@ class Cascade:
       mesh_shape: Mapping[str, int] | None = None,
       rules=None,
       fsdp_min_size: int | None = None,
+      deepfloyd=None,
   ) -> "Cascade":
-    """Loads each stage's EMA params straight into its shards on the mesh (see `__init__`)."""
+    """Loads each stage's EMA params straight into its shards on the mesh (see `__init__`);
+    `deepfloyd`: the cascade config's block for IF U-Net folders (`load_stage`)."""
     if mesh is not None and (devices is not None or mesh_shape is not None):
       raise ValueError("Cascade: pass mesh, or devices / mesh_shape, not both")
     mesh = ss.default_mesh(devices, mesh_shape) if mesh is None else mesh
-    if rules is None:
+    if rules is None and workdirs and deepfloyd_stage.is_diffusers_unet(workdirs[0]):
+      rules = ss.stage_rules(ml_collections.ConfigDict({"mesh": deepfloyd or {}}))
+    elif rules is None:
       rules = ss.stage_rules(read_stage_config(workdirs[0])) if workdirs else ()
-    stages = [load_stage(w, mesh=mesh, rules=rules, fsdp_min_size=fsdp_min_size) for w in workdirs]
+    stages = [
+        load_stage(w, mesh=mesh, rules=rules, fsdp_min_size=fsdp_min_size, deepfloyd=deepfloyd)
+        for w in workdirs
+    ]
     return cls(stages, mesh=mesh, rules=rules, fsdp_min_size=fsdp_min_size)
 
   @property
@@ -300,13 +323,18 @@ class Cascade:
     return self.encoder.encode(list(prompts))
 
   def sampler(
-      self, k: int, settings: SamplingSettings, edit: editing.EditSettings | None = None
+      self,
+      k: int,
+      settings: SamplingSettings,
+      edit: editing.EditSettings | None = None,
+      negative: bool = False,
   ) -> ss.MeshJit:
     """Stage k's (0-based) jitted sampler for `settings` (built once per static setting); with
-    `edit`, the editing sampler (`sharded_sampling.make_stage_sampler`)."""
+    `edit`, the editing sampler; with `negative`, the one reading negative prompts
+    (`sharded_sampling.make_stage_sampler`)."""
     guided = settings.guidance_weight != 1.0
     static = dataclasses.replace(settings, guidance_weight=0.0)  # w is traced, not static
-    key = (k, static, guided, edit)
+    key = (k, static, guided, edit, negative)
     if key not in self._samplers:
       self._samplers[key] = ss.make_stage_sampler(
           self.stages[k].stage,
@@ -316,6 +344,7 @@ class Cascade:
           guided=guided,
           fsdp_min_size=self.fsdp_min_sizes[k],
           edit=edit,
+          negative=negative,
       )
     return self._samplers[key]
 
@@ -332,6 +361,7 @@ class Cascade:
       init_image: Array | None = None,
       mask: Array | None = None,
       edit: editing.EditSettings | None = None,
+      uncond: tuple[Array, Array] | None = None,
   ) -> Array:
     """Samples stage k (0-based) for a batch: `[B, S, S, 3]` in [-1, 1] on the mesh.
 
@@ -354,16 +384,18 @@ class Cascade:
       )
     w = np.float32(settings.guidance_weight)
     args = (stage.params, text_emb, text_mask, lowres, w, key, indices)
+    negative = uncond is not None
+    args += tuple(uncond) if negative else ()
     if init_image is None:
       if mask is not None or edit is not None:
         raise ValueError("an edit (mask / edit settings) needs init_image")
-      return self.sampler(k, settings)(*args)
+      return self.sampler(k, settings, negative=negative)(*args)
     edit = editing.EditSettings() if edit is None else edit
     s = stage.image_size
     editing.check_init_image(init_image, (len(indices), s, s, 3))
     if mask is not None:
       editing.check_mask(mask, (len(indices), s, s, 3))
-    return self.sampler(k, settings, edit)(*args, init_image, mask)
+    return self.sampler(k, settings, edit, negative)(*args, init_image, mask)
 
   def sample(
       self,
@@ -378,6 +410,7 @@ class Cascade:
       init_image: np.ndarray | None = None,
       mask: np.ndarray | None = None,
       edit: editing.EditSettings | Sequence[editing.EditSettings] | None = None,
+      negative_prompts: Sequence[str] | None = None,
   ) -> list[np.ndarray]:
     """Runs the cascade on `prompts`; returns one `[N, S_k, S_k, 3]` float array per stage.
 
@@ -395,6 +428,9 @@ class Cascade:
         [0, 1], 1 = known (kept), 0 = regenerated; resized per stage by `editing.resize_mask`.
       edit: `editing.EditSettings` (strength, resample_steps) for every stage, or one per stage;
         default `EditSettings()` when `init_image` is given.
+      negative_prompts: one per prompt, or None: the unconditional half of guidance reads their
+        embeddings instead of the null text. DeepFloyd IF stages always read a prompt's
+        embedding there (their pipeline's: "" when none is given).
     """
     from tqdm import tqdm
 
@@ -407,6 +443,10 @@ class Cascade:
       )
     if batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if negative_prompts is not None and len(negative_prompts) != len(prompts):
+      raise ValueError(
+          f"{len(negative_prompts)} negative prompts for {len(prompts)} prompts; give one each"
+      )
     sizes = [self.stages[k + offset].image_size for k in range(n_stages)]
     init_image, mask, edits = prepare_edit(init_image, mask, edit, len(prompts), sizes)
     m = self.batch_multiple
@@ -419,6 +459,11 @@ class Cascade:
       n = len(chunk)
       pad = (-n) % m  # padded samples get the following indices; their outputs are dropped
       emb, text_mask = self.encode(chunk + [""] * pad)
+      uncond = None
+      if negative_prompts is not None:
+        uncond = self.encode(list(negative_prompts[start : start + n]) + [""] * pad)
+      elif any(self.stages[k + offset].stage.is_deepfloyd for k in range(n_stages)):
+        uncond = self.encode([""] * (n + pad))
       idx = self._shard(
           np.arange(first_index + start, first_index + start + n + pad, dtype=np.int32)
       )
@@ -452,6 +497,9 @@ class Cascade:
             jax.random.fold_in(key, k + offset),
             idx,
             lowres=prev,
+            uncond=uncond
+            if negative_prompts is not None or self.stages[k + offset].stage.is_deepfloyd
+            else None,
             **edit_kw,
         )
         outs[k].append(np.asarray(prev)[:n])

@@ -12,7 +12,8 @@ guidance (Imagen §2.2, eq. in §4.1):
 
 with the conditional and unconditional halves in ONE batched forward pass of size 2B (the
 "null" text is all-zero embeddings with an all-False mask, exactly what training uses when it
-drops the text with p = 0.1). Guidance in eps space equals guidance in x0 or v space: the
+drops the text with p = 0.1; a negative prompt replaces it when `cond` carries
+`uncond_text_emb` / `uncond_text_mask`, `uncond_text`). Guidance in eps space equals guidance in x0 or v space: the
 conversions are affine in the prediction with coefficients shared by both halves.
 
 `cond` is a dict: `text_emb [B, L, D]`, `text_mask bool [B, L]`, and for SR stages `lowres`
@@ -28,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from imagen_jax.diffusion import guidance as guidance_lib
-from imagen_jax.diffusion import parameterization
+from imagen_jax.diffusion import parameterization, schedules
 
 Array = jax.Array
 
@@ -37,6 +38,57 @@ def null_text(text_emb: Array, text_mask: Array) -> tuple[Array, Array]:
   """The null text of classifier-free guidance (§2.2): zero embeddings `[B, L, D]` and an
   all-False mask `[B, L]`; training drops the text to it (`stage.Stage.drop_text`)."""
   return jnp.zeros_like(text_emb), jnp.zeros_like(text_mask, dtype=bool)
+
+
+def uncond_text(cond: Mapping[str, Any], text_emb: Array, text_mask: Array) -> tuple[Array, Array]:
+  """The unconditional branch's text: a negative prompt's embedding when `cond` has one
+  (`uncond_text_emb [B, L, D]`, `uncond_text_mask [B, L]`), else the null text."""
+  if "uncond_text_emb" in cond:
+    emb, mask = cond["uncond_text_emb"], cond["uncond_text_mask"].astype(bool)
+    if emb.shape != text_emb.shape or mask.shape != text_mask.shape:
+      raise ValueError(
+          f"negative prompt embeddings {emb.shape} / mask {mask.shape} must match the prompts' "
+          f"{text_emb.shape} / {text_mask.shape}"
+      )
+    return emb, mask
+  return null_text(text_emb, text_mask)
+
+
+def make_deepfloyd_model_fn(model, params, *, guidance_weight=1.0, num_steps: int = 1000):
+  """IF's guided model function for `diffusion.discrete.sample`: `fn(z_t, t [B], cond) ->
+  [B, H, W, 2C]` = (eps_uncond + w (eps_cond - eps_uncond), v_cond), IF's pipeline's guidance
+  (the learned-range v of the conditional half). `model` is an `nn.deepfloyd.IFDenoiser`
+  (called with `full_output=True`); t is IF's integer step, given to it as its logsnr."""
+  full = model.clone(full_output=True)
+  static_no_guidance = isinstance(guidance_weight, (int, float)) and guidance_weight == 1.0
+
+  def network(z, logsnr, emb, mask, lowres, aug):
+    return full.apply(
+        {"params": params}, z, logsnr, emb, mask, lowres=lowres, aug_level=aug, train=False
+    ).astype(jnp.float32)
+
+  def fn(z_t, t, cond):
+    logsnr = schedules.squaredcos_logsnr(t / (num_steps - 1), num_steps)
+    emb, mask = cond["text_emb"], cond["text_mask"].astype(bool)
+    lowres, aug = cond.get("lowres"), cond.get("aug_level")
+    if static_no_guidance:
+      return network(z_t, logsnr, emb, mask, lowres, aug)
+    u_emb, u_mask = uncond_text(cond, emb, mask)
+    double = lambda a, b: None if a is None else jnp.concatenate([a, b], axis=0)  # noqa: E731
+    out = network(
+        double(z_t, z_t),
+        double(logsnr, logsnr),
+        double(emb, u_emb),
+        double(mask, u_mask),
+        double(lowres, lowres),
+        double(aug, aug),
+    )
+    out_c, out_u = jnp.split(out, 2, axis=0)
+    c = z_t.shape[-1]
+    eps = guidance_lib.classifier_free_guidance(out_c[..., :c], out_u[..., :c], guidance_weight)
+    return jnp.concatenate([eps, out_c[..., c:]], axis=-1)
+
+  return fn
 
 
 def make_denoise_fn(
@@ -78,7 +130,7 @@ def make_denoise_fn(
     lowres, aug_level = cond.get("lowres"), cond.get("aug_level")
     if static_no_guidance:
       return network(z_t, logsnr, text_emb, text_mask, lowres, aug_level)
-    null_emb, null_mask = null_text(text_emb, text_mask)
+    null_emb, null_mask = uncond_text(cond, text_emb, text_mask)
     double = lambda a, b: None if a is None else jnp.concatenate([a, b], axis=0)
     eps_both = network(
         double(z_t, z_t),

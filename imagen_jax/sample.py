@@ -33,6 +33,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _PROMPTS = flags.DEFINE_multi_string("prompt", [], "a prompt (repeat the flag for several)")
 _PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "a text file, one prompt per line")
+_NEGATIVE = flags.DEFINE_string(
+    "negative_prompt", None, "guidance's unconditional text for every prompt (default: null text)"
+)
 _OUTDIR = flags.DEFINE_string("outdir", "samples_out", "where the PNGs and settings go")
 _PER_PROMPT = flags.DEFINE_integer("num_per_prompt", 4, "samples per prompt")
 _INIT_IMAGE = flags.DEFINE_string(
@@ -180,9 +183,11 @@ def main(argv):
       paths.check_access(p)
   except paths.AccessError as e:
     raise SystemExit(f"imagen_jax.sample: error: {e}") from None
-  init_image, mask, edit = read_edit(int(cascade.read_stage_config(blocks[-1].workdir).image_size))
+  init_image, mask, edit = read_edit(cascade.stage_image_size(blocks[-1].workdir))
   model = cascade.Cascade.from_workdirs(
-      [b.workdir for b in blocks], mesh_shape=parse_mesh_shape(_MESH_SHAPE.value)
+      [b.workdir for b in blocks],
+      mesh_shape=parse_mesh_shape(_MESH_SHAPE.value),
+      deepfloyd=c.get("deepfloyd", None),  # IF U-Net folders as stages (configs/cascade.py)
   )
   k = _PER_PROMPT.value
   expanded = [p for p in prompts for _ in range(k)]
@@ -196,6 +201,7 @@ def main(argv):
       init_image=init_image,
       mask=mask,
       edit=edit,
+      negative_prompts=None if _NEGATIVE.value is None else [_NEGATIVE.value] * len(expanded),
   )
   if not hosts.is_writer():
     return
@@ -213,6 +219,7 @@ def main(argv):
       {
           "config": c.to_dict(),
           "prompts": prompts,
+          "negative_prompt": _NEGATIVE.value,
           "num_per_prompt": k,
           "stage_steps": [s.step for s in model.stages],
           "mesh": dict(model.mesh.shape),

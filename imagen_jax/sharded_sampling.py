@@ -193,6 +193,7 @@ def make_stage_sampler(
     guided: bool,
     fsdp_min_size: int = 0,
     edit: editing.EditSettings | None = None,
+    negative: bool = False,
 ) -> MeshJit:
   """The whole sampler of one stage, jitted on `mesh` (App. A reverse process, §2.2-§2.4).
 
@@ -208,13 +209,18 @@ def make_stage_sampler(
   `init_image [B, S, S, 3]` in [-1, 1] and `mask [B, S, S, 1]` in [0, 1] (1 = known) or None,
   at the stage's size, and edits the image (SDEdit from `edit.strength`; RePaint inpainting
   with a mask, `edit.resample_steps` times per step; its noise from the per-sample keys).
+
+  With `negative` the function takes, right after `indices`, `uncond_emb [B, L, D]` and
+  `uncond_mask [B, L]`: the negative prompts the unconditional half of guidance reads instead
+  of the null text (`denoiser.uncond_text`).
   """
   static = dataclasses.replace(settings, guidance_weight=0.0)  # w is traced, not static
   shape = (stage.image_size, stage.image_size, 3)
   batch = lambda ndim: batch_sharding(mesh, rules, ndim)  # noqa: E731
   replicated = NamedSharding(mesh, P())
 
-  def sample(params, text_emb, text_mask, lowres, guidance_weight, key, indices, *edit_inputs):
+  def sample(params, text_emb, text_mask, lowres, guidance_weight, key, indices, *extra):
+    uncond, edit_inputs = (extra[:2], extra[2:]) if negative else (None, extra)
     key_noise, key_aug, key_sampler = jax.random.split(key, 3)
     noise = initial_noise(key_noise, indices, shape)
     # One sampler noise stream per sample (used by stochastic samplers only).
@@ -225,6 +231,8 @@ def make_stage_sampler(
       aug = jnp.full((lowres.shape[0],), static.aug_level, jnp.float32)
       aug_noise = initial_noise(key_aug, indices, shape)
     cond = stage.condition(text_emb, text_mask, lowres, aug_level=aug, aug_noise=aug_noise)
+    if uncond is not None:
+      cond["uncond_text_emb"], cond["uncond_text_mask"] = uncond[0], uncond[1].astype(bool)
     init_image, mask = edit_inputs if edit is not None else (None, None)
     return stage.sample(
         params,
@@ -247,6 +255,8 @@ def make_stage_sampler(
       replicated,
       batch(1),
   )
+  if negative:
+    in_shardings += (batch(3), batch(2))  # uncond_emb, uncond_mask
   if edit is not None:
     in_shardings += (batch(4), batch(4))  # init_image, mask (a None mask is an empty tree)
   jitted = jax.jit(sample, in_shardings=in_shardings, out_shardings=batch(4))

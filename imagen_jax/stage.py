@@ -39,7 +39,14 @@ import jax.numpy as jnp
 import ml_collections
 
 from imagen_jax import denoiser
-from imagen_jax.diffusion import forward, guidance, parameterization, samplers, schedules
+from imagen_jax.diffusion import (
+    discrete,
+    forward,
+    guidance,
+    parameterization,
+    samplers,
+    schedules,
+)
 from imagen_jax.nn import unet
 from imagen_jax.parallel import sharding as sharding_lib
 from imagen_jax.text import registry
@@ -49,7 +56,8 @@ CHANNELS = 3  # RGB in and out (the paper's stages are all RGB)
 
 
 def make_schedule(diffusion_config) -> schedules.Schedule:
-  """The stage's logSNR schedule from `config.diffusion` (cosine or linear_beta, App. A/F)."""
+  """The stage's logSNR schedule from `config.diffusion` (cosine or linear_beta, App. A/F; IF's
+  squaredcos_cap_v2)."""
   c = diffusion_config
   if c.schedule == "cosine":
     return schedules.get_schedule(
@@ -62,7 +70,11 @@ def make_schedule(diffusion_config) -> schedules.Schedule:
         beta_end=float(c.beta_end),
         num_steps=int(c.num_timesteps),
     )
-  raise ValueError(f"unknown diffusion.schedule {c.schedule!r}; allowed: cosine, linear_beta")
+  if c.schedule == "squaredcos_cap_v2":  # DeepFloyd IF's discrete table (diffusion/discrete.py)
+    return schedules.get_schedule("squaredcos_cap_v2", num_steps=int(c.num_timesteps))
+  raise ValueError(
+      f"unknown diffusion.schedule {c.schedule!r}; allowed: cosine, linear_beta, squaredcos_cap_v2"
+  )
 
 
 def train_sizes(config) -> tuple[int, int]:
@@ -203,6 +215,12 @@ class Stage:
   def name(self) -> str:
     return str(self.config.stage)
 
+  @property
+  def is_deepfloyd(self) -> bool:
+    """A published DeepFloyd IF U-Net (`model.kind == "deepfloyd"`): IF's lowres conditioning,
+    and "ddpm" is IF's own DDPM with its learned variance (`diffusion.discrete`)."""
+    return str(self.config.model.kind) == "deepfloyd"
+
   # ----- conditioning (Imagen §2.2, §2.4, App. D.2) -----
 
   def text_embeddings(
@@ -265,8 +283,13 @@ class Stage:
       return cond
     if aug_level is None or aug_noise is None:
       raise ValueError(f"SR stage {self.name} needs aug_level [B] and aug_noise [B, H, W, C]")
-    up = forward.upsample_lowres(jnp.asarray(lowres, jnp.float32), aug_noise.shape[1:3])
     aug_level = jnp.asarray(aug_level, jnp.float32)
+    if self.is_deepfloyd:  # IF-II: bilinear (align_corners) up, noised at its integer level
+      up = discrete.upsample_bilinear_align_corners(lowres, aug_noise.shape[1:3])
+      cond["lowres"] = discrete.augment_lowres(up, discrete.noise_level_of(aug_level), aug_noise)
+      cond["aug_level"] = aug_level
+      return cond
+    up = forward.upsample_lowres(jnp.asarray(lowres, jnp.float32), aug_noise.shape[1:3])
     cond["lowres"] = forward.noise_condition_augment(up, aug_level, aug_noise)
     cond["aug_level"] = aug_level
     return cond
@@ -320,6 +343,10 @@ class Stage:
     RePaint inpainting), passed to `samplers.sample`.
     """
     w = settings.guidance_weight if guidance_weight is None else guidance_weight
+    if self.is_deepfloyd and settings.sampler == "ddpm":
+      if init_image is not None or mask is not None or edit is not None:
+        raise ValueError("IF's DDPM sampler does not edit; use sampler ddim for SDEdit/inpainting")
+      return self._sample_if_ddpm(params, cond, noise, rng, settings, w)
     fn = self.denoise_fn(
         params,
         w,
@@ -337,6 +364,31 @@ class Stage:
         mask=mask,
         edit=edit,
     )
+
+  def _sample_if_ddpm(self, params, cond, noise, rng, settings: SamplingSettings, w) -> Array:
+    """IF's own sampler: DDPM over `leading_timesteps(num_steps)` with the learned-range
+    variance, eps guided and v from the conditional half (IF's pipeline); thresholding from
+    `settings` (IF: dynamic, percentile 95, max_scale 1.5; static = clip to [-1, 1])."""
+    model_fn = denoiser.make_deepfloyd_model_fn(
+        self.model, params, guidance_weight=w, num_steps=self.schedule_steps
+    )
+    thr = settings.threshold
+    return discrete.sample(
+        model_fn,
+        cond,
+        noise,
+        rng,
+        timesteps=tuple(int(t) for t in discrete.leading_timesteps(settings.num_steps)),
+        num_steps=self.schedule_steps,
+        thresholding=thr == "dynamic",
+        dynamic_thresholding_ratio=settings.percentile / 100.0,
+        sample_max_value=settings.max_scale,
+        clip_sample=thr == "static",
+    )
+
+  @property
+  def schedule_steps(self) -> int:
+    return int(self.config.diffusion.get("num_timesteps", discrete.NUM_TRAIN_TIMESTEPS))
 
   # ----- the abstract param tree -----
 

@@ -11,6 +11,8 @@ Two schedules, as in the paper:
   Kingma et al. 2021 "VDM" / Hoogeboom et al. 2023 "simple diffusion");
 * ``linear_beta`` (256->1024 stage, Imagen App. A/F): the 1000-step DDPM beta schedule
   1e-4..0.02 (Ho et al. 2020) taken to continuous time.
+And DeepFloyd IF's ``squaredcos_cap_v2`` (its 1000-step table, ``diffusion/discrete.py``): t is
+the fractional step t (N - 1), logsnr linear between the table's steps.
 
 All functions are pure ``jnp``, float32, and elementwise: ``t`` / ``logsnr`` may have any shape
 (the samplers use scalars, training uses ``[B]``).
@@ -24,6 +26,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -194,9 +197,51 @@ def alpha_sigma(logsnr: Array) -> tuple[Array, Array]:
   return jnp.sqrt(jax.nn.sigmoid(logsnr)), jnp.sqrt(jax.nn.sigmoid(-logsnr))
 
 
+# ----- DeepFloyd IF's discrete squaredcos_cap_v2 table (diffusion/discrete.py) -----
+
+SQUAREDCOS_STEPS = 1000
+
+
+@functools.lru_cache(maxsize=8)
+def squaredcos_alphas_cumprod(num_steps: int = SQUAREDCOS_STEPS) -> np.ndarray:
+  """squaredcos_cap_v2 `alphas_cumprod [N]` (float32; betas in float64, then as diffusers)."""
+  f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+  betas = [min(1 - f((i + 1) / num_steps) / f(i / num_steps), 0.999) for i in range(num_steps)]
+  alphas = 1.0 - np.asarray(betas, np.float32)
+  out = np.empty_like(alphas)
+  acc = np.float32(1.0)
+  for i, a in enumerate(alphas):  # float32 products (torch.cumprod: the same to a few ulps)
+    acc = np.float32(acc * a)
+    out[i] = acc
+  out.flags.writeable = False
+  return out
+
+
+def _logsnr_table(num_steps: int) -> np.ndarray:
+  a = squaredcos_alphas_cumprod(num_steps).astype(np.float64)
+  return np.log(a / (1.0 - a)).astype(np.float32)
+
+
+def squaredcos_logsnr(t: Array, num_steps: int = SQUAREDCOS_STEPS) -> Array:
+  """logsnr at fractional step u = t (N - 1), linear between the table's entries."""
+  table = jnp.asarray(_logsnr_table(num_steps))
+  u = jnp.clip(jnp.asarray(t, jnp.float32), 0.0, 1.0) * (num_steps - 1)
+  return jnp.interp(u, jnp.arange(num_steps, dtype=jnp.float32), table)
+
+
+def squaredcos_t(logsnr: Array, num_steps: int = SQUAREDCOS_STEPS) -> Array:
+  """Inverse of `squaredcos_logsnr` (logsnr decreases in t; clamped to the table's range)."""
+  table = jnp.asarray(_logsnr_table(num_steps)[::-1].copy())
+  u = jnp.interp(
+      jnp.asarray(logsnr, jnp.float32), table, jnp.arange(num_steps - 1, -1, -1, dtype=jnp.float32)
+  )
+  return u / (num_steps - 1)
+
+
 _SCHEDULES = {
     "cosine": (cosine_logsnr, cosine_t),
     "linear_beta": (linear_beta_logsnr, linear_beta_t),
+    "squaredcos_cap_v2": (squaredcos_logsnr, squaredcos_t),
 }
 
 
@@ -210,7 +255,7 @@ def _cached_schedule(name: str, kwargs: tuple) -> Schedule:
 
 
 def get_schedule(name: str, **kwargs) -> Schedule:
-  """``Schedule(logsnr_fn, t_fn)`` for ``name in ("cosine", "linear_beta")``.
+  """``Schedule(logsnr_fn, t_fn)`` for ``name in ("cosine", "linear_beta", "squaredcos_cap_v2")``.
 
   Keyword arguments are passed to both functions (e.g. ``logsnr_min``, ``beta_end``). Results
   are cached, so equal arguments give the *same* object: a Schedule is then a stable static

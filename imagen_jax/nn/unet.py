@@ -9,7 +9,9 @@ Both share one call signature (docs/interfaces.md):
   space (eps, v or x0: the network does not know which).
 
 `build_model(model_config)` picks the class from `model_config.kind` ("unet" |
-"efficient_unet"); the configs come from `presets.get_model_config`.
+"efficient_unet"; the configs come from `presets.get_model_config`), or "deepfloyd": a published
+DeepFloyd IF U-Net behind the same call (`deepfloyd.IFDenoiser`, built from the diffusers
+folder `model_config.path`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from imagen_jax import dtypes
-from imagen_jax.nn import attention, blocks, layers, text_conditioning
+from imagen_jax.nn import attention, blocks, deepfloyd, layers, text_conditioning
 
 Dtype = Any
 
@@ -297,4 +299,6 @@ def build_model(model_config: ml_collections.ConfigDict) -> nn.Module:
         space_to_depth=c.space_to_depth,
         **common,
     )
-  raise ValueError(f"unknown model kind {c.kind!r}; allowed: 'unet', 'efficient_unet'")
+  if c.kind == "deepfloyd":  # a published DeepFloyd IF U-Net (reads its folder's config.json)
+    return deepfloyd.build_denoiser(c)
+  raise ValueError(f"unknown model kind {c.kind!r}; allowed: 'unet', 'efficient_unet', 'deepfloyd'")

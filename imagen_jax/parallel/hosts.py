@@ -112,6 +112,7 @@ def sample(
     edit=None,
     progress: bool = True,
     transform: Callable[[list[np.ndarray]], list[np.ndarray]] | None = None,
+    negative_prompts: Sequence[str] | None = None,
 ) -> list[np.ndarray]:
   """`model.sample` (a `cascade.Cascade`) over all processes; every process gets all N rows.
 
@@ -122,8 +123,9 @@ def sample(
   `[[k, S_j, S_j, 3], ...]` to the arrays gathered (e.g. the last stage as uint8 at 256px: what
   crosses hosts is what is kept); default: every stage's float output. `lowres`, and
   `init_image` / `mask` when given per sample (`[N, ...]`, see `Cascade.sample`), are split
-  with the prompts; one image or mask for all prompts goes to every process as it is. Returns
-  the gathered arrays, each `[N, ...]`.
+  with the prompts; one image or mask for all prompts goes to every process as it is.
+  `negative_prompts` (one per prompt) are split with the prompts. Returns the gathered arrays,
+  each `[N, ...]`.
   """
   prompts = list(prompts)
   n = len(prompts)
@@ -153,6 +155,11 @@ def sample(
       mask=rows(mask) if per_sample_mask else mask,
       edit=edit,
       progress=progress,
+      **(
+          {}
+          if negative_prompts is None
+          else {"negative_prompts": list(negative_prompts)[start:stop] + [""] * pad}
+      ),
   )
   outs = [o[:k] for o in outs]
   kept = list(outs) if transform is None else list(transform(outs))

@@ -338,6 +338,7 @@ def get_text_encoder(
       dtype=dtypes.get_dtype(text_config.get("dtype", None), "text.dtype"),
       param_dtype=dtypes.get_dtype(text_config.get("param_dtype", None), "text.param_dtype"),
       precision=text_config.get("precision", None),
+      zero_padding=bool(text_config.get("zero_padding", True)),
   )
   if (mesh is None) != (rules is None):
     raise ValueError("get_text_encoder: pass both mesh and rules, or neither")

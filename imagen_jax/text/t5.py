@@ -70,6 +70,9 @@ class T5Config:
   # moves the outputs far off the float32 reference: docs/results/numerics.md), "default" for
   # bf16/fp16 compute.
   precision: str | None = None
+  # Zero the output at padding (ours); False keeps what HF's encoder computes there, which
+  # DeepFloyd IF's U-Nets were trained to read (their pipeline attends to all 77 tokens).
+  zero_padding: bool = True
 
   def __post_init__(self):
     if self.act not in ACTIVATIONS:
@@ -322,7 +325,8 @@ class T5Encoder(nn.Module):
   """The T5 encoder stack: ``(ids [B, L] int32, mask [B, L] bool) -> emb [B, L, D] float32``.
 
   The output is zero at padding positions (HF returns garbage there; Imagen's consumers mask
-  it anyway, and zeros make a dropped text exactly the null embedding).
+  it anyway, and zeros make a dropped text exactly the null embedding), unless
+  `config.zero_padding` is False (DeepFloyd IF reads HF's values there).
   """
 
   config: T5Config
@@ -360,7 +364,7 @@ class T5Encoder(nn.Module):
     for i in range(c.num_layers):
       h = EncoderLayer(c, name=f"layers_{i}")(h, bias)
     y = RMSNorm(c.layer_norm_epsilon, jnp.float32, c.param_dtype, name="final_layer_norm")(h)
-    return y * mask.astype(jnp.float32)[..., None]
+    return y * mask.astype(jnp.float32)[..., None] if c.zero_padding else y
 
 
 def abstract_params(config: T5Config, seq_len: int = 8):
