@@ -53,12 +53,26 @@ def test_roofline_is_the_slower_of_compute_and_memory():
       chip=chip,
       hbm_bytes=chip.hbm_gib * aot.GIB,
   )
-  assert r.peak_bytes == 13 * aot.GIB and r.fits
-  assert r.roofline_s == pytest.approx(2.0) and r.mfu_bound == pytest.approx(1.0)
+  assert r.peak_bytes == r.buffer_bytes == 13 * aot.GIB and r.fits
+  assert r.roofline_s == pytest.approx(2.0) and r.xla_flops_bound == pytest.approx(1.0)
+  assert r.mfu_bound is None  # no model FLOPs counted
   r.bytes_accessed = 1.2e12 * 4.0  # memory bound: 4 s, compute 2 s
-  assert r.roofline_s == pytest.approx(4.0) and r.mfu_bound == pytest.approx(0.5)
+  assert r.roofline_s == pytest.approx(4.0) and r.xla_flops_bound == pytest.approx(0.5)
+  # Half of XLA's FLOPs are useful (the rest: remat, the frozen encoder): MFU <= 25%.
+  r.model_flops = 275e12 * 1.0
+  assert r.mfu_bound == pytest.approx(0.25)
   r.temp_bytes = 40 * aot.GIB
   assert not r.fits
+  # XLA's own peak, when given, is what `fits` is judged by.
+  r.xla_peak_bytes = 20 * aot.GIB
+  assert r.peak_bytes == 20 * aot.GIB and r.fits
+
+
+@pytest.mark.parametrize("name, gib", [("v4-8", 30.75), ("v5e-4", 15.75), ("v5p-8", 95.74)])
+def test_usable_hbm_is_xlas_limit(name, gib):
+  """What XLA lets a program use, read from XLA itself: below the nominal HBM on v4 / v5e."""
+  device = aot.topology_devices(aot.parse_topology(name))[0]
+  assert aot.usable_hbm_bytes(device) == pytest.approx(gib * aot.GIB)
 
 
 def run_script(tmp_path, *args):
@@ -86,15 +100,43 @@ def test_tiny_stage_compiles_and_a_tiny_budget_does_not_fit(tmp_path):
   assert proc.returncode == 1, proc.stdout + proc.stderr
   assert len(summary) == 1 and "stage=base64 topology=v5e-4 chips=4" in summary[0]
   assert "fits=no" in summary[0] and "GiB over" in summary[0]
+  # The attention layers are Pallas' kernel (the text pooling's single query stays dense),
+  # checked in the compiled HLO by the script.
+  for field in ("attn=dense+flash", "peak_gib=", "usable_gib=0.00", "model_tflop=", "mfu_bound="):
+    assert field in summary[0], (field, summary[0])
   for key in ("argument_gib", "output_gib", "alias_gib", "peak_gib", "tflop", "gbytes_accessed"):
     assert data[key] > 0, key
-  assert data["temp_gib"] >= 0
-  assert data["hbm_gib"] == pytest.approx(1e-6) and not data["fits"]
-  assert data["peak_gib"] == pytest.approx(
+  assert data["temp_gib"] >= 0 and data["xla_peak"] and data["generated_code_mib"] > 0
+  assert data["usable_gib"] == pytest.approx(1e-6) and not data["fits"]
+  assert data["hbm_gib"] == 16.0  # nominal, for reference
+  assert data["buffers_gib"] == pytest.approx(
       data["argument_gib"] + data["output_gib"] - data["alias_gib"] + data["temp_gib"]
+  )
+  assert data["peak_gib"] >= data["buffers_gib"]
+  # Model FLOPs: 3 x the forward per image x 8 images / 4 chips, below XLA's count (which
+  # has the encoder, the optimizer and the elementwise work too).
+  forward = data["model_forward_gflop_per_image"]
+  assert forward["total"] == pytest.approx(
+      forward["conv"] + forward["attention"] + forward["dense"]
+  )
+  assert data["model_tflop"] == pytest.approx(3 * forward["total"] * 8 / 4 / 1e3)
+  assert 0 < data["model_tflop"] < data["tflop"]
+  assert data["mfu_bound"] == pytest.approx(
+      data["model_tflop"] / (data["roofline_s"] * aot.CHIPS["v5e"].peak_tflops)
   )
   # The trainer's step donates its state: the new state is written over the old.
   assert data["alias_gib"] > 0.5 * data["output_gib"]
+
+
+def test_a_cpu_only_attention_path_is_refused_for_a_tpu(tmp_path):
+  proc, _, data = run_script(
+      tmp_path,
+      "--config=configs/base64.py:tiny",
+      "--topology=v5e-4",
+      "--config.model.attn_impl=per_example",
+  )
+  assert proc.returncode == 2, proc.stdout + proc.stderr
+  assert "CPU-only attention path ['per_example']" in proc.stderr and data is None
 
 
 @pytest.mark.slow
@@ -105,6 +147,7 @@ def test_sr_stage_with_cached_embeddings_fits(tmp_path):
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert "fits=yes" in summary[0] and "chips=4" in summary[0]
   assert data["text"] == "cache" and data["chip"] == "TPU v4" and data["hbm_gib"] == 32.0
+  assert data["usable_gib"] == pytest.approx(30.75) and data["attn"] == "dense+flash"
   assert data["roofline_s"] > 0 and 0 < data["mfu_bound"] <= 1
 
 
