@@ -190,8 +190,19 @@ def test_tiny_cascade_compiles_sharded_with_seconds_per_image(tmp_path):
   assert proc.returncode == 0, proc.stdout + proc.stderr
   data = json.loads(report.read_text())
   assert data["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}  # params stored once, not per chip
-  for program in ("encode", "base64_step", "base64_loop", "sr256_step", "sr256_loop"):
+  programs = ("encode", "base64_step", "base64_loop", "sr256_step", "sr256_loop")
+  for program in programs:
     assert data[program]["peak_gib"] > 0 and data[program]["tflop"] > 0, program
+  # `Cascade` keeps T5's and every stage's params resident: the cascade's peak is a program's
+  # peak plus the params of the others, against XLA's usable HBM of a v5e.
+  resident = data["resident_gib"]
+  assert set(resident) == {"encode", "base64", "sr256"} and min(resident.values()) > 0
+  expected = max(
+      data[p]["peak_gib"] + sum(resident.values()) - resident[p.split("_")[0]] for p in programs
+  )
+  assert data["peak_gib"] == pytest.approx(expected)
+  assert data["peak_gib"] > data["program_peak_gib"]
+  assert data["usable_gib"] == pytest.approx(15.75) and data["fits"]
   # The guided base step runs the network on the conditional and the null batch.
   assert data["base64_settings"] == {
       "sampler": "ddim",
@@ -216,3 +227,44 @@ def test_tiny_cascade_compiles_sharded_with_seconds_per_image(tmp_path):
   assert table[0].startswith("| slice (chips) |") and len(table) == 3, table
   assert table[2].startswith("| v5e-4 (4) | 1 x 4 x 1 | 8 | base64 ddim x 25, w=3, sr256 "), table
   assert f"| {data['fid30k_chip_hours']:,.1f} |" in table[2]
+
+
+def test_scale_table_shows_new_columns_and_na_for_old_reports(tmp_path):
+  common = dict(
+      stage="base64", chips=256, mesh={"fsdp": 256}, batch=2048, dtype="bfloat16", remat=True
+  )
+  # A report written before usable HBM, XLA's peak and model FLOPs were recorded: its
+  # mfu_bound counted XLA's FLOPs and must not be shown as one.
+  old = dict(common, topology="v4-512", text="step", peak_gib=27.6, hbm_gib=32.0, fits=True)
+  old.update(tflop=51.5, roofline_s=1.52, mfu_bound=0.12)
+  new = dict(common, topology="v5p-512", text="cache", attn="flash", peak_gib=20.0)
+  new.update(xla_peak=True, usable_gib=95.74, fits=True, model_tflop=30.0, tflop=40.0)
+  new.update(roofline_s=0.5, mfu_bound=30e12 / (0.5 * 459e12))
+  paths = []
+  for name, r in (("old", old), ("new", new)):
+    paths.append(tmp_path / f"{name}.json")
+    paths[-1].write_text(json.dumps(r))
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  out = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "launch", "scale_table.py"), *map(str, paths)],
+      capture_output=True,
+      text=True,
+      env=env,
+      cwd=ROOT,
+      timeout=120,
+      check=True,
+  ).stdout.splitlines()
+  header = [c.strip() for c in out[0].strip("|").split("|")]
+  rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in out[2:]]
+  by_slice = {r["slice (chips)"]: r for r in rows}
+  o, n = by_slice["v4-512 (256)"], by_slice["v5p-512 (256)"]
+  assert (o["attn"], o["usable GiB"], o["fits"], o["model TFLOP / step / chip"]) == ("n/a",) * 4
+  assert o["MFU bound"] == "n/a" and o["peak GiB / chip"] == "27.6 (buffer sum)"
+  assert o["XLA TFLOP / step / chip"] == "51.5"
+  assert (n["attn"], n["peak GiB / chip"], n["usable GiB"], n["fits"]) == (
+      "flash",
+      "20.0",
+      "95.74",
+      "yes",
+  )
+  assert n["model TFLOP / step / chip"] == "30.0" and n["MFU bound"] == "13%"

@@ -302,6 +302,14 @@ def _first_device(compiled):
   return next(iter(shardings[0].device_set))
 
 
+def per_chip_bytes(tree) -> int:
+  """Bytes one chip holds of a tree of sharded `ShapeDtypeStruct`s (each leaf's shard)."""
+  return sum(
+      math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+      for x in jax.tree.leaves(tree)
+  )
+
+
 def write_report(path: str | None, data: dict) -> None:
   """Writes a script's figures as JSON at `path` (None: nothing), atomically: an interrupted
   compile never leaves a half-written report."""
