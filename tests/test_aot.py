@@ -268,3 +268,23 @@ def test_scale_table_shows_new_columns_and_na_for_old_reports(tmp_path):
       "yes",
   )
   assert n["model TFLOP / step / chip"] == "30.0" and n["MFU bound"] == "13%"
+
+
+def test_proxy_needs_block_counts_with_a_common_divisor(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run(
+      [
+          sys.executable,
+          os.path.join(ROOT, "launch", "aot_proxy.py"),
+          "--config=configs/sr256.py:tiny",  # num_res_blocks (1, 2): gcd 1
+          "--topology=v5e-4",
+      ],
+      capture_output=True,
+      text=True,
+      env=env,
+      cwd=ROOT,
+      timeout=300,
+  )
+  assert proc.returncode == 2, proc.stdout + proc.stderr
+  assert "model.num_res_blocks=(1, 2)" in proc.stderr and "common divisor" in proc.stderr
