@@ -19,7 +19,9 @@ Prints per chip: argument / output / alias / temporary bytes, XLA's peak memory 
 XLA lets a program use (`aot.usable_hbm_bytes`), the generated code, XLA's FLOPs and bytes
 accessed per step, the model FLOPs (`nn.flops`: the network's convs and matmuls, 3 x forward,
 no remat, no frozen encoder), the roofline step time max(XLA FLOPs / peak, bytes / HBM
-bandwidth) and MFU bound = model FLOPs / (roofline x peak); then one line for scripts:
+bandwidth), MFU bound = model FLOPs / (roofline x peak) and the compiled HLO's work by kind
+(`parallel.hlo_breakdown`: convs, attention, T5, optimizer, EMA, collectives, the rest); then
+one line for scripts:
 
     aot: stage=base64 topology=v4-512 chips=256 attn=flash peak_gib=.. usable_gib=.. fits=yes
     model_tflop=.. step_tflop=.. roofline_s=.. mfu_bound=..
@@ -74,7 +76,7 @@ def main(argv):
         os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={_DUMP.value}"
     ).strip()
   from imagen_jax.nn import attention, flops
-  from imagen_jax.parallel import aot
+  from imagen_jax.parallel import aot, hlo_breakdown
 
   c = _CONFIG.value
   try:
@@ -157,11 +159,13 @@ def main(argv):
     )
     sys.exit(1)
   compile_s = time.time() - t1
-  if "flash" in impls and "tpu_custom_call" not in compiled.as_text():
+  hlo = compiled.as_text()
+  if "flash" in impls and "tpu_custom_call" not in hlo:
     fail("attention resolved to the flash kernel but the compiled program has no tpu_custom_call")
   r = aot.report(compiled, topology.chip, _HBM.value, model_flops=model_flops)
   d = r.as_dict()
-  summary.update(d, compile_s=compile_s)
+  parts = hlo_breakdown.breakdown(hlo)
+  summary.update(d, compile_s=compile_s, hlo_breakdown=parts)
   aot.write_report(_REPORT.value, summary)
   gib = lambda b: f"{b / aot.GIB:9.2f} GiB"  # noqa: E731
   rows = [
@@ -195,6 +199,10 @@ def main(argv):
   print("per chip:")
   for k, v in rows:
     print(f"  {k:<44} {v}")
+  print("compiled HLO by kind (instructions, GB read + written, an estimate):")
+  for kind in hlo_breakdown.KINDS:
+    print(f"  {kind:<12} {parts[kind]['count']:7d} {parts[kind]['gb']:12.3f} GB")
+  print(f"  collective results (inter-chip estimate) {parts['collective_gb']:.3f} GB")
   over = (r.peak_bytes - r.hbm_bytes) / aot.GIB
   print(
       f"aot: stage={c.stage} topology={topology.name} chips={topology.num_chips} attn={attn} "

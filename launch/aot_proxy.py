@@ -7,10 +7,12 @@ its residual blocks compiles in a fraction of that. The per-chip figures of the 
 linear in the number of blocks: each block adds the same convs, matmuls and attention to every
 step (FLOPs, bytes accessed, model FLOPs), its params and optimizer state to the arguments,
 and, under remat, its saved input to the live set at the peak (one block's working set is the
-same whatever the count). So two proxies, at block counts s_a * n and s_b * n (n: the
-config's `model.num_res_blocks`, per level for the Efficient U-Net; s_a < s_b < 1 fractions
-that keep every count whole: `--scales=small` 0 and 1/g, g the counts' greatest common
-divisor, or `large` (g - 2)/g and (g - 1)/g), give each figure f at the full count by
+same whatever the count) once every level has one block: a level's first block changes its
+width and costs more than the next (from 0 and 1 blocks the tiny base's figures extrapolate
+10 to 13% high). So two proxies, at block counts s_a * n and s_b * n (n: the config's
+`model.num_res_blocks`, per level for the Efficient U-Net; s_a = (g - 2)/g, s_b = (g - 1)/g,
+g >= 3 the counts' greatest common divisor: 1 and 2 of the base's 3 blocks), give each
+figure f at the full count by
 
     f(1) = f(s_b) + (1 - s_b) / (s_b - s_a) * (f(s_b) - f(s_a))
 
@@ -42,14 +44,6 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "stage config", lock_c
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v4-512")
 _TEXT = flags.DEFINE_enum("text", None, ["step", "cache"], "as launch/aot_compile.py")
 _REPORT = flags.DEFINE_string("report_json", None, "also write the figures to this JSON file")
-_SCALES = flags.DEFINE_enum(
-    "scales",
-    "small",
-    ["small", "large"],
-    "small: the proxies at 0 and 1/g of the blocks (g: the counts' greatest common divisor; "
-    "the fastest compiles, extrapolated furthest); large: at (g - 2)/g and (g - 1)/g (closest "
-    "to the full network, together about as slow to compile as it)",
-)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Per-chip figures that are linear in the block count (GiB, TFLOP, GB per step).
@@ -70,19 +64,16 @@ def fail(message: str, status: int = 2):
   sys.exit(status)
 
 
-def proxy_scales(
-    blocks: tuple[int, ...], which: str = "small"
-) -> tuple[fractions.Fraction, fractions.Fraction]:
-  """Two fractions s < 1 with s * n whole for every block count n: the two smallest (0, 1/g)
-  or the two largest ((g - 2)/g, (g - 1)/g), g = gcd of the counts."""
+def proxy_scales(blocks: tuple[int, ...]) -> tuple[fractions.Fraction, fractions.Fraction]:
+  """The two largest fractions s < 1 with s * n whole for every block count n, both keeping
+  at least one block per level: (g - 2)/g and (g - 1)/g, g = gcd of the counts, g >= 3."""
   g = math.gcd(*blocks)
-  if g < 2:
+  if g < 3:
     raise ValueError(
-        f"model.num_res_blocks={blocks}: no smaller whole block counts in proportion (their "
-        "greatest common divisor is 1); allowed: counts with a common divisor of at least 2"
+        f"model.num_res_blocks={blocks}: no two smaller block counts in proportion with at "
+        f"least one block per level (their greatest common divisor is {g}); allowed: counts "
+        "with a common divisor of at least 3"
     )
-  if which == "small":
-    return fractions.Fraction(0), fractions.Fraction(1, g)
   return fractions.Fraction(g - 2, g), fractions.Fraction(g - 1, g)
 
 
@@ -123,7 +114,7 @@ def main(argv):
   n = c.model.num_res_blocks
   blocks = (int(n),) if isinstance(n, int) else tuple(int(x) for x in n)
   try:
-    s_a, s_b = proxy_scales(blocks, _SCALES.value)
+    s_a, s_b = proxy_scales(blocks)
   except ValueError as e:
     fail(str(e))
   # The child gets the same config and overrides, then the proxy's block count.

@@ -13,9 +13,10 @@ peak memory per chip against the HBM XLA lets a program use and whether it fits,
 TFLOP (3 x forward, no remat, no T5) and XLA's TFLOP per step per chip, the roofline step
 time, the MFU bound (model FLOPs / (roofline x peak)) and the chip-days of `--steps` training
 steps at the roofline (a lower bound: the roofline leaves out inter-chip communication and is
-reached by no real program). Reports written before these figures existed show "n/a" for
-what they lack (their peak is the buffer sum, marked so; their FLOPs bound counted XLA's FLOPs,
-remat and T5 included, and is not shown as an MFU bound).
+reached by no real program). A `launch/aot_proxy.py` report is marked "(proxy)". Reports
+written before these figures existed show "n/a" for what they lack (their peak is the buffer
+sum, marked so; their FLOPs bound counted XLA's FLOPs, remat and T5 included, and is not shown
+as an MFU bound).
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ def row(r: dict, steps: int) -> str:
   usable = _num(r, "usable_gib", ".2f")
   # `fits` against the usable HBM only where the report judged it so.
   fits = NA if "usable_gib" not in r else ("yes" if r.get("fits") else "no")
+  stage = r["stage"] + (" (proxy)" if r.get("proxy") else "")  # launch/aot_proxy.py
   head = (
-      f"| {r['stage']} | {slice_} | {mesh} | {r['batch']} | {setup} | {r.get('attn', NA)} | "
+      f"| {stage} | {slice_} | {mesh} | {r['batch']} | {setup} | {r.get('attn', NA)} | "
       f"{_peak(r)} | {usable} | {fits} | {_num(r, 'model_tflop', '.1f')} |"
   )
   if "roofline_s" not in r:
