@@ -7,7 +7,7 @@ JAX / Flax scope in its `op_name` metadata:
   collectives   all-gather, reduce-scatter, all-reduce, all-to-all, collective-permute
   t5            the frozen text encoder (`T5Encoder` scope)
   optimizer     the optax update (`optimizer` scope of `train.step`)
-  ema           the EMA update (`ema` scope)
+  ema           the EMA update (`ema` scope; XLA may fuse it into the optimizer's fusions)
   attention     attention layers (`Attention_*`, `SelfAttention`, `TextCrossAttention` scopes;
                 the Pallas kernels included)
   conv          convolutions and the fusions built around one
