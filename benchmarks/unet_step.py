@@ -7,10 +7,13 @@ The text input is `[batch, L, D]` of the text block the preset is measured with:
 config's (`configs.common.text_config(size)`) for paper / tiny / shapes, `BENCH_TEXT` for bench;
 D = `registry.text_dim(text)`, L = `text.max_length` (`--text_name`, `--text_len` override).
 
-Prints: parameter count, XLA's FLOP count for one training step (cost analysis of the compiled
-step), compile time, median train-step time (Adam on an eps-MSE loss; block_until_ready),
-images/s, achieved GFLOP/s, the MFU against the device's published peak (`PEAK_TFLOPS`, or
-`--peak_tflops`), and the median forward-only denoiser time.
+Prints: parameter count, the attention implementation the step runs (`nn.attention`: cuDNN's
+fused kernel on GPU where it applies, Pallas' flash kernel on TPU), the model FLOPs of one
+training step (`nn.flops`: 3 x the network's conv and matmul FLOPs, no remat) and XLA's count
+(cost analysis of the compiled step), compile time, median train-step time (Adam on an eps-MSE
+loss; block_until_ready), images/s, achieved GFLOP/s, the MFU (model FLOPs / (step time x the
+device's published peak, `PEAK_TFLOPS` or `--peak_tflops`)) and XLA's FLOPs over the same,
+and the median forward-only denoiser time.
 
 The training step is the plain loss of the paper (App. A): x0 ~ batch, t ~ U(0,1),
 logsnr = cosine(t), z_t = alpha x0 + sigma eps, loss = |eps_hat - eps|^2. The diffusion math is
@@ -29,7 +32,8 @@ import optax
 from absl import app, flags
 
 from configs import common
-from imagen_jax.nn import presets, unet
+from imagen_jax.nn import attention, presets, unet
+from imagen_jax.nn import flops as flops_lib
 from imagen_jax.text import registry
 
 FLAGS = flags.FLAGS
@@ -41,7 +45,7 @@ flags.DEFINE_string("dtype", None, "override the compute dtype (float32 | bfloat
 flags.DEFINE_string("text_name", None, "override the text encoder (its width D)")
 flags.DEFINE_integer("text_len", None, "override the text length L")
 flags.DEFINE_bool("remat", None, "override remat")
-flags.DEFINE_string("attn_impl", None, "override attention impl (auto | dense | per_example)")
+flags.DEFINE_string("attn_impl", None, "override attention impl (attention.ATTN_IMPLS)")
 flags.DEFINE_float(
     "peak_tflops",
     None,
@@ -53,7 +57,7 @@ flags.DEFINE_bool(
 
 
 # Published dense bf16 peak TFLOP/s per device, by `jax.devices()[0].device_kind` prefix (the
-# TPU figures match `imagen_jax.parallel.aot.CHIPS`). MFU = XLA's step FLOPs / (time x peak).
+# TPU figures match `imagen_jax.parallel.aot.CHIPS`). MFU = model FLOPs / (time x peak).
 PEAK_TFLOPS = {
     "NVIDIA H100": 989.0,
     "NVIDIA H200": 989.0,
@@ -197,12 +201,16 @@ def main(argv):
   x0, key = inputs["x_t"], jax.random.key(1)
 
   t0 = time.perf_counter()
-  compiled = (
-      jax.jit(make_train_step(model, tx, cond, b), donate_argnums=(0, 1))
-      .lower(params, opt_state, x0, key)
-      .compile()
-  )
+  with attention.recording() as seen:
+    lowered = jax.jit(make_train_step(model, tx, cond, b), donate_argnums=(0, 1)).lower(
+        params, opt_state, x0, key
+    )
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
+  attn = "+".join(sorted(set(seen))) or "none"
+  abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in inputs.items()}
+  forward_flops = flops_lib.network_forward_flops(cfg, abstract)
+  model_flops = flops_lib.TRAIN_FACTOR * forward_flops.total
   flops = _flops(compiled)
   if cfg.attn_impl != "dense":
     # XLA's cost analysis counts a loop body once, so the per-example attention loop
@@ -237,13 +245,19 @@ def main(argv):
   )
   print(f"devices             {jax.devices()[0].platform} x{jax.device_count()}")
   print(f"parameters          {n_params / 1e6:.2f}M")
-  print(f"train-step FLOPs    {flops / 1e9:.1f} GFLOP (XLA cost analysis)")
+  print(f"attention           {attn}")
+  print(
+      f"model FLOPs         {model_flops / 1e9:.4f} GFLOP (3 x forward: conv "
+      f"{forward_flops.conv / forward_flops.total:.0%}, attention "
+      f"{forward_flops.attention / forward_flops.total:.0%})"
+  )
+  print(f"train-step FLOPs    {flops / 1e9:.4f} GFLOP (XLA cost analysis)")
   print(
       f"compile time        {compile_s:.1f} s (train step), {fwd_compile_s:.1f} s (forward), "
       f"{init_s:.1f} s (init, compile + run)"
   )
   print(
-      f"train step          {step_s:.3f} s median over {FLAGS.steps} "
+      f"train step          {step_s:.4f} s median over {FLAGS.steps} "
       f"(process CPU time {step_cpu:.3f} s)"
   )
   print(f"images/s            {b / step_s:.2f}")
@@ -254,7 +268,8 @@ def main(argv):
   peak = peak_tflops(jax.devices()[0])
   kind = jax.devices()[0].device_kind
   if peak:
-    print(f"MFU                 {flops / step_s / (peak * 1e12):.1%} of {peak:g} TFLOP/s ({kind})")
+    mfu, xla = model_flops / step_s / (peak * 1e12), flops / step_s / (peak * 1e12)
+    print(f"MFU                 {mfu:.2%} of {peak:g} TFLOP/s ({kind}); XLA FLOPs {xla:.2%}")
   else:
     print(f"MFU                 n/a: no peak known for {kind!r} (pass --peak_tflops)")
   print(

@@ -11,17 +11,24 @@ encoder (T5-XXL for `paper`) inside the step, as the trainer does without an emb
 `--text=cache` compiles the cached-embedding variant. Config overrides as in
 `imagen_jax.main` (`--config.section.field=value`, or `:VARIANT,key=value` after the path).
 
-Prints per chip: argument / output / alias / temporary bytes and the peak they imply, the
-chip's HBM, XLA's FLOPs and bytes accessed per step, and the roofline step time
-max(FLOPs / peak, bytes / HBM bandwidth) with the MFU bound it implies; then one line for
-scripts:
+The attention layers compile to what the target runs (`nn.attention`: Pallas' flash kernel
+on TPU); a program with a CPU-only attention path (`per_example`) is refused, and so is a
+flash program whose compiled HLO lacks the kernel (`tpu_custom_call`).
 
-    aot: stage=base64 topology=v4-512 chips=256 peak_gib=.. hbm_gib=.. fits=yes step_tflop=..
-    roofline_s=.. mfu_bound=..
+Prints per chip: argument / output / alias / temporary bytes, XLA's peak memory and the HBM
+XLA lets a program use (`aot.usable_hbm_bytes`), the generated code, XLA's FLOPs and bytes
+accessed per step, the model FLOPs (`nn.flops`: the network's convs and matmuls, 3 x forward,
+no remat, no frozen encoder), the roofline step time max(XLA FLOPs / peak, bytes / HBM
+bandwidth), MFU bound = model FLOPs / (roofline x peak) and the compiled HLO's work by kind
+(`parallel.hlo_breakdown`: convs, attention, T5, optimizer, EMA, collectives, the rest); then
+one line for scripts:
 
-Exit status: 0 fits, 1 does not fit the chip's HBM (or `--hbm_gib`; says by how much), 2 bad
+    aot: stage=base64 topology=v4-512 chips=256 attn=flash peak_gib=.. usable_gib=.. fits=yes
+    model_tflop=.. step_tflop=.. roofline_s=.. mfu_bound=..
+
+Exit status: 0 fits, 1 does not fit the usable HBM (or `--hbm_gib`; says by how much), 2 bad
 input (an unknown topology, a mesh that does not divide the chips, a batch that does not
-divide the batch axes).
+divide the batch axes, a CPU-only attention path in a TPU program).
 """
 
 from __future__ import annotations
@@ -42,7 +49,9 @@ _TEXT = flags.DEFINE_enum(
     "frozen encoder inside the step, or cached embeddings "
     "(default: cache when the config names text.embedding_cache)",
 )
-_HBM = flags.DEFINE_float("hbm_gib", None, "judge `fits` against this many GiB per chip")
+_HBM = flags.DEFINE_float(
+    "hbm_gib", None, "judge `fits` against this many GiB per chip (default: XLA's usable HBM)"
+)
 _REPORT = flags.DEFINE_string("report_json", None, "also write the figures to this JSON file")
 _MESSAGE_LINES = flags.DEFINE_integer(
     "message_lines", 40, "lines of XLA's out-of-memory message to print (its largest buffers)"
@@ -66,7 +75,8 @@ def main(argv):
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={_DUMP.value}"
     ).strip()
-  from imagen_jax.parallel import aot
+  from imagen_jax.nn import attention, flops
+  from imagen_jax.parallel import aot, hlo_breakdown
 
   c = _CONFIG.value
   try:
@@ -96,10 +106,21 @@ def main(argv):
       f"remat {c.model.remat}, text {'cache' if use_cache else c.text.name + ' in the step'}"
   )
   t0 = time.time()
-  lowered = program.lower(*program.abstract_args())
+  with attention.recording() as seen:
+    lowered = program.lower(*program.abstract_args())
   t1 = time.time()
   logging.info("lowered in %.1f s", t1 - t0)
-  hbm = topology.chip.hbm_gib if _HBM.value is None else _HBM.value
+  impls = sorted(set(seen))
+  cpu_only = [i for i in impls if i in attention.CPU_ONLY_IMPLS]
+  if cpu_only:
+    fail(
+        f"model.attn_impl={c.model.attn_impl!r} puts the CPU-only attention path "
+        f"{cpu_only} into the TPU program; allowed on TPU: auto, flash, dense"
+    )
+  attn = "+".join(impls) or "none"
+  # Model FLOPs per chip and step: 3 x forward per image x the global batch / chips.
+  forward = flops.network_forward_flops(c.model, program.stage.model_inputs(1))
+  model_flops = forward.total * flops.TRAIN_FACTOR * program.global_batch / topology.num_chips
   summary = dict(
       stage=c.stage,
       variant=c.variant,
@@ -112,6 +133,8 @@ def main(argv):
       remat=bool(c.model.remat),
       text="cache" if use_cache else "step",
       params_b=n_params / 1e9,
+      attn=attn,
+      model_forward_gflop_per_image={k: v / 1e9 for k, v in forward.as_dict().items()},
   )
   try:
     compiled = aot.compile_or_explain(lowered)
@@ -120,22 +143,29 @@ def main(argv):
     summary.update(
         fits=False,
         needed_gib=need and need / aot.GIB,
-        hbm_gib=have and have / aot.GIB,
+        usable_gib=have and have / aot.GIB,
+        hbm_gib=topology.chip.hbm_gib,
+        model_tflop=model_flops / 1e12,
         xla_message=str(e),
     )
     aot.write_report(_REPORT.value, summary)
     print("\n".join(str(e).splitlines()[: _MESSAGE_LINES.value]))
     print(
-        f"aot: stage={c.stage} topology={topology.name} chips={topology.num_chips} "
+        f"aot: stage={c.stage} topology={topology.name} chips={topology.num_chips} attn={attn} "
         f"peak_gib={need / aot.GIB if need else float('nan'):.2f} "
-        f"hbm_gib={have / aot.GIB if have else hbm:.2f} fits=no (XLA refused: "
-        f"{(need - have) / aot.GIB if need and have else float('nan'):.2f} GiB over)"
+        f"usable_gib={have / aot.GIB if have else float('nan'):.2f} fits=no (XLA refused: "
+        f"{(need - have) / aot.GIB if need and have else float('nan'):.2f} GiB over) "
+        f"model_tflop={model_flops / 1e12:.2f}"
     )
     sys.exit(1)
   compile_s = time.time() - t1
-  r = aot.report(compiled, topology.chip, hbm)
+  hlo = compiled.as_text()
+  if "flash" in impls and "tpu_custom_call" not in hlo:
+    fail("attention resolved to the flash kernel but the compiled program has no tpu_custom_call")
+  r = aot.report(compiled, topology.chip, _HBM.value, model_flops=model_flops)
   d = r.as_dict()
-  summary.update(d, compile_s=compile_s)
+  parts = hlo_breakdown.breakdown(hlo)
+  summary.update(d, compile_s=compile_s, hlo_breakdown=parts)
   aot.write_report(_REPORT.value, summary)
   gib = lambda b: f"{b / aot.GIB:9.2f} GiB"  # noqa: E731
   rows = [
@@ -143,25 +173,43 @@ def main(argv):
       ("outputs", gib(r.output_bytes)),
       ("aliased (donated state)", gib(r.alias_bytes)),
       ("temporaries", gib(r.temp_bytes)),
-      ("peak = args + outputs - aliased + temps", gib(r.peak_bytes)),
-      (f"HBM per chip{' (--hbm_gib)' if _HBM.value is not None else ''}", gib(r.hbm_bytes)),
-      ("XLA FLOPs per step", f"{r.flops / 1e12:9.2f} TFLOP"),
+      ("args + outputs - aliased + temps", gib(r.buffer_bytes)),
+      ("peak (XLA's peak_memory_in_bytes)", gib(r.peak_bytes)),
+      (
+          f"usable HBM{' (--hbm_gib)' if _HBM.value is not None else ' (XLA limit)'}",
+          gib(r.hbm_bytes),
+      ),
+      (f"nominal HBM of a {topology.chip.name}", gib(topology.chip.hbm_gib * aot.GIB)),
+      ("generated code", f"{r.generated_code_bytes / 2**20:9.2f} MiB"),
+      (f"attention ({c.model.attn_impl})", f"{attn:>9}"),
+      ("model FLOPs per step (3 x forward)", f"{model_flops / 1e12:9.2f} TFLOP"),
+      ("XLA FLOPs per step (remat, T5 included)", f"{r.flops / 1e12:9.2f} TFLOP"),
       ("XLA bytes accessed per step", f"{r.bytes_accessed / 1e9:9.2f} GB"),
       (f"compute time at {topology.chip.peak_tflops:g} TFLOP/s", f"{r.compute_s:9.3f} s"),
       (f"memory time at {topology.chip.hbm_tbps:g} TB/s", f"{r.memory_s:9.3f} s"),
       ("roofline step time", f"{r.roofline_s:9.3f} s"),
-      ("MFU bound (XLA FLOPs, remat included)", f"{r.mfu_bound:9.1%}"),
+      (
+          "XLA's optimal_seconds",
+          "      n/a" if r.optimal_seconds is None else f"{r.optimal_seconds:9.3f} s",
+      ),
+      ("MFU bound (model FLOPs / roofline x peak)", f"{r.mfu_bound:9.1%}"),
+      ("XLA FLOPs / (roofline x peak)", f"{r.xla_flops_bound:9.1%}"),
       ("compile time on this machine", f"{compile_s:9.1f} s"),
   ]
   print("per chip:")
   for k, v in rows:
     print(f"  {k:<44} {v}")
+  print("compiled HLO by kind (instructions, GB read + written, an estimate):")
+  for kind in hlo_breakdown.KINDS:
+    print(f"  {kind:<12} {parts[kind]['count']:7d} {parts[kind]['gb']:12.3f} GB")
+  print(f"  collective results (inter-chip estimate) {parts['collective_gb']:.3f} GB")
   over = (r.peak_bytes - r.hbm_bytes) / aot.GIB
   print(
-      f"aot: stage={c.stage} topology={topology.name} chips={topology.num_chips} "
-      f"peak_gib={d['peak_gib']:.2f} hbm_gib={d['hbm_gib']:.2f} "
-      f"fits={'yes' if r.fits else f'no ({over:.2f} GiB over)'} step_tflop={d['tflop']:.2f} "
-      f"roofline_s={r.roofline_s:.3f} mfu_bound={r.mfu_bound:.3f}"
+      f"aot: stage={c.stage} topology={topology.name} chips={topology.num_chips} attn={attn} "
+      f"peak_gib={d['peak_gib']:.2f} usable_gib={d['usable_gib']:.2f} "
+      f"fits={'yes' if r.fits else f'no ({over:.2f} GiB over)'} "
+      f"model_tflop={d['model_tflop']:.3f} step_tflop={d['tflop']:.3f} "
+      f"roofline_s={r.roofline_s:.4f} mfu_bound={r.mfu_bound:.3f}"
   )
   if not r.fits:
     sys.exit(1)

@@ -7,10 +7,16 @@ Reports of `launch/aot_compile.py --report_json` make the training table; report
 table: per slice, the peak per chip, seconds per image at the sampler settings, and the
 chip-hours of a COCO FID-30K run.
 
-One row per report, in cascade order (base64, sr256, sr1024), then by chip and slice: stage, slice, mesh, global batch, compute dtype / remat / text, per-chip
-peak memory against HBM, XLA TFLOP per step per chip, the roofline step time and its MFU bound,
-and the chip-days of `--steps` training steps at the roofline (a lower bound: the roofline
-leaves out inter-chip communication and is reached by no real program).
+One row per report, in cascade order (base64, sr256, sr1024), then by chip and slice: stage,
+slice, mesh, global batch, compute dtype / remat / text, the attention the chip runs, XLA's
+peak memory per chip against the HBM XLA lets a program use and whether it fits, the model
+TFLOP (3 x forward, no remat, no T5) and XLA's TFLOP per step per chip, the roofline step
+time, the MFU bound (model FLOPs / (roofline x peak)) and the chip-days of `--steps` training
+steps at the roofline (a lower bound: the roofline leaves out inter-chip communication and is
+reached by no real program). A `launch/aot_proxy.py` report is marked "(proxy)". Reports
+written before these figures existed show "n/a" for what they lack (their peak is the buffer
+sum, marked so; their FLOPs bound counted XLA's FLOPs, remat and T5 included, and is not shown
+as an MFU bound).
 """
 
 from __future__ import annotations
@@ -21,10 +27,26 @@ from absl import app, flags
 
 _STEPS = flags.DEFINE_integer("steps", 2_500_000, "training steps (Imagen §4.1: 2.5M)")
 
+NA = "n/a"
+
 HEADER = (
-    "| stage | slice (chips) | mesh data x fsdp x tensor | batch | dtype, remat, text | "
-    "peak / HBM per chip | TFLOP / step / chip | roofline step | MFU bound | chip-days |"
+    "| stage | slice (chips) | mesh data x fsdp x tensor | batch | dtype, remat, text | attn | "
+    "peak GiB / chip | usable GiB | fits | model TFLOP / step / chip | XLA TFLOP / step / chip | "
+    "roofline step | MFU bound | chip-days |"
 )
+
+
+def _num(r: dict, key: str, fmt: str) -> str:
+  v = r.get(key)
+  return NA if v is None else format(v, fmt)
+
+
+def _peak(r: dict) -> str:
+  if "peak_gib" not in r:
+    need = r.get("needed_gib")
+    return NA if need is None else f"{need:.1f} (XLA refused)"
+  # Reports without `xla_peak` give the buffer sum (arguments + outputs - aliased + temps).
+  return f"{r['peak_gib']:.1f}" + ("" if r.get("xla_peak") else " (buffer sum)")
 
 
 def row(r: dict, steps: int) -> str:
@@ -32,22 +54,24 @@ def row(r: dict, steps: int) -> str:
   text = "T5 in the step" if r["text"] == "step" else "cached T5"
   setup = f"{r['dtype']}, {'remat' if r['remat'] else 'no remat'}, {text}"
   slice_ = f"{r['topology']} ({r['chips']})"
-  if not r.get("fits") and "roofline_s" not in r:
-    need = r.get("needed_gib")
-    peak = f"{need:.1f} / {r['hbm_gib']:.2f} GiB: does not fit" if need else "does not fit"
-    return f"| {r['stage']} | {slice_} | {mesh} | {r['batch']} | {setup} | {peak} | | | | |"
-  days = r["roofline_s"] * steps * r["chips"] / 86400
-  fits = "" if r["fits"] else ": does not fit"
-  return (
-      f"| {r['stage']} | {slice_} | {mesh} | {r['batch']} | {setup} | "
-      f"{r['peak_gib']:.1f} / {r['hbm_gib']:.0f} GiB{fits} | {r['tflop']:.1f} | "
-      f"{r['roofline_s']:.2f} s | {r['mfu_bound']:.0%} | {days:,.0f} |"
+  usable = _num(r, "usable_gib", ".2f")
+  # `fits` against the usable HBM only where the report judged it so.
+  fits = NA if "usable_gib" not in r else ("yes" if r.get("fits") else "no")
+  stage = r["stage"] + (" (proxy)" if r.get("proxy") else "")  # launch/aot_proxy.py
+  head = (
+      f"| {stage} | {slice_} | {mesh} | {r['batch']} | {setup} | {r.get('attn', NA)} | "
+      f"{_peak(r)} | {usable} | {fits} | {_num(r, 'model_tflop', '.1f')} |"
   )
+  if "roofline_s" not in r:
+    return head + " | | | |"
+  days = r["roofline_s"] * steps * r["chips"] / 86400
+  mfu = NA if "usable_gib" not in r else _num(r, "mfu_bound", ".0%")
+  return head + f" {r['tflop']:.1f} | {r['roofline_s']:.2f} s | {mfu} | {days:,.0f} |"
 
 
 CASCADE_HEADER = (
-    "| slice (chips) | mesh | batch | stages (sampler x steps, w) | peak / HBM per chip | "
-    "s / image (roofline) | FID-30K chip-hours |"
+    "| slice (chips) | mesh | batch | stages (sampler x steps, w) | peak GiB / chip | "
+    "usable GiB | fits | s / image (roofline) | FID-30K chip-hours |"
 )
 
 
@@ -58,10 +82,13 @@ def cascade_row(r: dict) -> str:
       for k, v in r.items()
       if k.endswith("_settings")
   )
-  fits = "" if r["fits"] else ": does not fit"
+  # Reports without `resident_gib` give the largest program alone, without the other
+  # stages' and T5's resident params.
+  peak = f"{r['peak_gib']:.1f}" + ("" if "resident_gib" in r else " (one program)")
+  fits = NA if "usable_gib" not in r else ("yes" if r["fits"] else "no")
   return (
-      f"| {r['topology']} ({r['chips']}) | {mesh} | {r['batch']} | {stages} | "
-      f"{r['peak_gib']:.1f} / {r['hbm_gib']:.0f} GiB{fits} | {r['s_per_image']:.3f} s | "
+      f"| {r['topology']} ({r['chips']}) | {mesh} | {r['batch']} | {stages} | {peak} | "
+      f"{_num(r, 'usable_gib', '.2f')} | {fits} | {r['s_per_image']:.3f} s | "
       f"{r['fid30k_chip_hours']:,.1f} |"
   )
 

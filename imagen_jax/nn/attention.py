@@ -21,13 +21,14 @@ Logits and softmax are float32 regardless of the compute dtype.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from imagen_jax.nn import layers
+from imagen_jax.nn import attention_kernels, layers
 
 Dtype = Any
 
@@ -53,7 +54,9 @@ def resolve_heads(channels: int, num_heads: int | None, head_dim: int | None) ->
   return int(num_heads), channels // num_heads
 
 
-ATTN_IMPLS = ("auto", "dense", "per_example")
+ATTN_IMPLS = ("auto", "dense", "per_example", "flash", "dot_product")
+# Implementations that only make sense when the program runs on CPU.
+CPU_ONLY_IMPLS = ("per_example",)
 
 
 def _dense_attention(q, k, v, mask, dtype):
@@ -67,6 +70,56 @@ def _dense_attention(q, k, v, mask, dtype):
   return jnp.einsum("...nts,...snd->...tnd", weights, v.astype(dtype))
 
 
+def target_platform() -> str:
+  """The platform the program being traced is compiled for: that of the mesh in effect
+  (`jax.set_mesh`; a TPU topology's devices in an ahead-of-time compile on a CPU machine),
+  else the default backend's."""
+  mesh = jax.sharding.get_abstract_mesh()  # works inside `jax.jit`, unlike get_mesh
+  if not mesh.empty and mesh.abstract_device is not None:
+    return mesh.abstract_device.platform
+  return jax.default_backend()
+
+
+def _target_device_count() -> int:
+  mesh = jax.sharding.get_abstract_mesh()
+  return jax.device_count() if mesh.empty else mesh.size
+
+
+def resolve_impl(impl: str, num_queries: int, num_keys: int, platform: str | None = None) -> str:
+  """The implementation `impl` stands for on `platform` (default: `target_platform()`).
+
+  "auto": TPU -> "flash" (Pallas' kernel); GPU -> "dot_product" (cuDNN's kernel where it
+  applies); CPU -> "per_example" on one device with T * S > 2**16 (the dense logits make
+  CPU attention memory-bound, docs/results/cpu_speed.md), else "dense".
+  """
+  if impl not in ATTN_IMPLS:
+    raise ValueError(f"unknown attention impl {impl!r}; allowed: {ATTN_IMPLS}")
+  if impl != "auto":
+    return impl
+  platform = platform or target_platform()
+  if platform == "tpu":
+    return "flash"
+  if platform in ("gpu", "cuda", "rocm"):
+    return "dot_product"
+  big = num_queries * num_keys > 2**16
+  return "per_example" if big and _target_device_count() == 1 else "dense"
+
+
+_RECORDERS: list[list[str]] = []
+
+
+@contextlib.contextmanager
+def recording():
+  """Collects the implementation every attention layer traced inside resolves to (for
+  example `dot_product(cudnn)`), so a compiler can report and check what it compiled."""
+  seen: list[str] = []
+  _RECORDERS.append(seen)
+  try:
+    yield seen
+  finally:
+    _RECORDERS.remove(seen)
+
+
 def masked_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, dtype: Dtype, impl: str = "dense"
 ) -> jax.Array:
@@ -75,22 +128,27 @@ def masked_attention(
   q: [B, T, N, D]; k, v: [B, S, N, D]; mask: bool [B, S] (True = may be attended to; every
   row needs at least one True, which the null token guarantees). Returns [B, T, N, D].
 
-  impl "dense": one batched einsum; the [B, N, T, S] logits are materialised (best on
-  accelerators). "per_example": `lax.map` over the batch, one example's [N, T, S] logits at a
-  time, rematerialised on the backward pass (flash-attention's memory idea without a kernel).
-  On CPU the dense logits of a 32x32 layer (143 MB at batch 8) make attention memory-bound,
-  and the loop is faster there, forward and backward (docs/results/cpu_speed.md). The loop
-  runs over the batch axis, which a mesh usually shards (GSPMD would gather it), so
-  "auto" = "per_example" only on a single CPU device with T * S > 2**16, else "dense".
+  impl "dense": one batched einsum; the [B, N, T, S] logits are materialised. "per_example":
+  `lax.map` over the batch, one example's [N, T, S] logits at a time, rematerialised on the
+  backward pass (flash-attention's memory idea without a kernel; CPU only: the loop runs over
+  the batch axis, which a mesh shards). "flash": Pallas' TPU kernel, "dot_product":
+  `jax.nn.dot_product_attention`, cuDNN on GPU (`attention_kernels`). "auto" follows the
+  platform the program is compiled for (`resolve_impl`), not the one tracing it.
   """
-  if impl not in ATTN_IMPLS:
-    raise ValueError(f"unknown attention impl {impl!r}; allowed: {ATTN_IMPLS}")
-  if impl == "auto":
-    big = q.shape[1] * k.shape[1] > 2**16
-    single_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1
-    impl = "per_example" if big and single_cpu else "dense"
+  impl = resolve_impl(impl, q.shape[1], k.shape[1])
+  if impl == "dot_product":
+    cudnn = target_platform() in ("gpu", "cuda") and attention_kernels.cudnn_applies(q)
+    name = f"dot_product({'cudnn' if cudnn else 'xla'})"
+  else:
+    name = impl
+  for seen in _RECORDERS:
+    seen.append(name)
   if impl == "dense":
     return _dense_attention(q, k, v, mask, dtype)
+  if impl == "flash":
+    return attention_kernels.flash(q, k, v, mask, dtype)
+  if impl == "dot_product":
+    return attention_kernels.dot_product(q, k, v, mask, dtype, cudnn=cudnn)
   body = jax.checkpoint(lambda a: _dense_attention(*a, dtype))
   return jax.lax.map(body, (q, k, v, mask))
 

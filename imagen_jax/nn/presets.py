@@ -48,7 +48,7 @@ def _common(**overrides) -> ml_collections.ConfigDict:
   c.text_positions = False
   c.dropout = 0.0  # App. F: dropout 0
   c.norm_groups = 32
-  c.attn_impl = "auto"  # "dense" | "per_example" | "auto": attention.masked_attention
+  c.attn_impl = "auto"  # attention.ATTN_IMPLS; auto follows the target platform
   c.dtype = "float32"  # compute; use "bfloat16" on accelerators
   c.param_dtype = "float32"  # storage
   c.remat = False

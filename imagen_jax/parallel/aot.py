@@ -6,8 +6,11 @@ produce the program XLA would run on each chip, whose `memory_analysis()` and
 `cost_analysis()` are per chip. What a step costs then follows from the chip's published
 figures (`CHIPS`), a roofline that ignores inter-chip communication:
 
-    step_s >= max(flops / peak_flops, bytes_accessed / hbm_bandwidth)
-    MFU <= flops / (step_s * peak_flops)      (XLA's flops: remat recompute included)
+    step_s >= max(flops / peak_flops, bytes_accessed / hbm_bandwidth)   (XLA's flops, bytes)
+    MFU <= model_flops / (step_s * peak_flops)   (model FLOPs, `nn.flops`: no remat, no T5)
+
+A program fits when XLA's peak memory is within the HBM XLA lets it use (`usable_hbm_bytes`:
+XLA's own limit, below the nominal HBM).
 
 Topology names: Cloud TPU's `v4-512` / `v5p-128` count TensorCores (two per v4 / v5p chip:
 v4-512 is 256 chips), `v5e-16` (or `v5litepod-16`) counts chips; `v4:4x8x8`-style names give
@@ -148,9 +151,45 @@ def make_mesh(shape: dict[str, int], devices: Sequence[Any]) -> jax.sharding.Mes
   return jax.sharding.Mesh(np.asarray(grid), tuple(resolved), axis_types=auto)
 
 
+def usable_hbm_bytes(device) -> float:
+  """The HBM per chip that XLA lets a program use on `device`'s TPU generation (its limit,
+  below the nominal HBM: libtpu keeps some for itself), as XLA itself states it.
+
+  A compile-only device reports no `memory_stats()`, so the figure is read from XLA's
+  refusal of a program whose temporaries cannot fit: "... exceeds available HBM (30.75G)"
+  (XLA prints GiB with two decimals, so the figure is good to 0.01 GiB). Cached per kind.
+  """
+  kind = device.device_kind
+  if kind not in _USABLE_HBM:
+    mesh = jax.sharding.Mesh(np.asarray([device]), ("x",))
+    huge = jax.ShapeDtypeStruct(
+        (2**38,),
+        np.float32,
+        sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+    )  # 1 TiB of temporaries: no chip holds them
+    try:
+      compile_or_explain(jax.jit(lambda a: (a * 2 + 1) * a).lower(huge))
+    except DoesNotFitError as e:
+      if e.available_bytes is None:
+        raise RuntimeError(f"XLA named no available HBM for {kind}: {e}") from e
+      _USABLE_HBM[kind] = e.available_bytes
+    else:
+      raise RuntimeError(f"a 1 TiB program compiled for {kind}: no HBM limit to read")
+  return _USABLE_HBM[kind]
+
+
+_USABLE_HBM: dict[str, float] = {}
+
+
 @dataclasses.dataclass
 class Report:
-  """Per-chip figures of one compiled program (bytes, flops) and its roofline."""
+  """Per-chip figures of one compiled program (bytes, flops) and its roofline.
+
+  `xla_peak_bytes` is XLA's own peak (`memory_analysis().peak_memory_in_bytes`: the live
+  buffers at the worst point of its schedule); `hbm_bytes` the budget `fits` is judged
+  against (XLA's usable HBM, `usable_hbm_bytes`, unless overridden). `model_flops` are the
+  useful FLOPs per chip (`nn.flops`: no remat, no frozen text encoder), None when not counted.
+  """
 
   argument_bytes: int
   output_bytes: int
@@ -159,12 +198,21 @@ class Report:
   flops: float
   bytes_accessed: float
   chip: Chip
-  hbm_bytes: float  # the budget `fits` is judged against (the chip's HBM unless overridden)
+  hbm_bytes: float
+  xla_peak_bytes: int | None = None
+  generated_code_bytes: int = 0
+  optimal_seconds: float | None = None
+  model_flops: float | None = None
+
+  @property
+  def buffer_bytes(self) -> int:
+    """Arguments + outputs not aliased to a donated argument + temporaries."""
+    return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
 
   @property
   def peak_bytes(self) -> int:
-    """Arguments + outputs not aliased to a donated argument + temporaries."""
-    return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+    """XLA's peak where it gives one, else the buffer sum."""
+    return self.buffer_bytes if self.xla_peak_bytes is None else self.xla_peak_bytes
 
   @property
   def fits(self) -> bool:
@@ -183,8 +231,16 @@ class Report:
     return max(self.compute_s, self.memory_s)
 
   @property
-  def mfu_bound(self) -> float:
+  def xla_flops_bound(self) -> float:
+    """XLA's FLOPs (remat and the text encoder included) / (roofline x peak)."""
     return self.compute_s / self.roofline_s if self.roofline_s else 0.0
+
+  @property
+  def mfu_bound(self) -> float | None:
+    """Model FLOPs / (roofline step time x peak): the MFU no schedule of this program beats."""
+    if self.model_flops is None or not self.roofline_s:
+      return None
+    return self.model_flops / (self.roofline_s * self.chip.peak_tflops * 1e12)
 
   def as_dict(self) -> dict:
     return dict(
@@ -192,23 +248,39 @@ class Report:
         output_gib=self.output_bytes / GIB,
         alias_gib=self.alias_bytes / GIB,
         temp_gib=self.temp_bytes / GIB,
+        buffers_gib=self.buffer_bytes / GIB,
         peak_gib=self.peak_bytes / GIB,
-        hbm_gib=self.hbm_bytes / GIB,
+        xla_peak=self.xla_peak_bytes is not None,
+        usable_gib=self.hbm_bytes / GIB,
+        hbm_gib=self.chip.hbm_gib,
+        generated_code_mib=self.generated_code_bytes / 2**20,
         fits=self.fits,
         tflop=self.flops / 1e12,
+        model_tflop=None if self.model_flops is None else self.model_flops / 1e12,
         gbytes_accessed=self.bytes_accessed / 1e9,
         compute_s=self.compute_s,
         memory_s=self.memory_s,
         roofline_s=self.roofline_s,
+        optimal_s=self.optimal_seconds,
+        xla_flops_bound=self.xla_flops_bound,
         mfu_bound=self.mfu_bound,
     )
 
 
-def report(compiled, chip: Chip, hbm_gib: float | None = None) -> Report:
-  """Reads `compiled.memory_analysis()` / `cost_analysis()` (per chip)."""
+def report(
+    compiled, chip: Chip, hbm_gib: float | None = None, *, model_flops: float | None = None
+) -> Report:
+  """Reads `compiled.memory_analysis()` / `cost_analysis()` (per chip). `hbm_gib`: the budget
+  (default: XLA's usable HBM of the compiled program's devices)."""
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  if hbm_gib is None:
+    budget = usable_hbm_bytes(_first_device(compiled))
+  else:
+    budget = hbm_gib * GIB
+  peak = getattr(mem, "peak_memory_in_bytes", None)
+  optimal = cost.get("optimal_seconds")
   return Report(
       argument_bytes=int(mem.argument_size_in_bytes),
       output_bytes=int(mem.output_size_in_bytes),
@@ -217,7 +289,24 @@ def report(compiled, chip: Chip, hbm_gib: float | None = None) -> Report:
       flops=float(cost.get("flops", 0.0)),
       bytes_accessed=float(cost.get("bytes accessed", 0.0)),
       chip=chip,
-      hbm_bytes=(chip.hbm_gib if hbm_gib is None else hbm_gib) * GIB,
+      hbm_bytes=budget,
+      xla_peak_bytes=None if peak is None else int(peak),
+      generated_code_bytes=int(getattr(mem, "generated_code_size_in_bytes", 0)),
+      optimal_seconds=None if optimal is None or optimal < 0 else float(optimal),
+      model_flops=model_flops,
+  )
+
+
+def _first_device(compiled):
+  shardings = jax.tree.leaves(compiled.input_shardings)
+  return next(iter(shardings[0].device_set))
+
+
+def per_chip_bytes(tree) -> int:
+  """Bytes one chip holds of a tree of sharded `ShapeDtypeStruct`s (each leaf's shard)."""
+  return sum(
+      math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+      for x in jax.tree.leaves(tree)
   )
 
 

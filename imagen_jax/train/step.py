@@ -123,9 +123,12 @@ def make_train_step(
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     grad_norm = optax.global_norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema = ema_update(state.ema_params, params, decay)
+    # Named scopes: the compiled HLO attributes this work to them (parallel.hlo_breakdown).
+    with jax.named_scope("optimizer"):
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+    with jax.named_scope("ema"):
+      ema = ema_update(state.ema_params, params, decay)
 
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
