@@ -26,9 +26,10 @@ import time
 import jax
 import jax.numpy as jnp
 import optax
-from absl import app, flags
+from absl import flags
 
 from configs import common
+from imagen_jax import cli
 from imagen_jax.nn import presets, unet
 from imagen_jax.text import registry
 
@@ -264,4 +265,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -27,6 +27,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
+from imagen_jax import cli
 from imagen_jax.parallel import hosts
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -59,6 +60,7 @@ def main(argv):
 
   if not _INCEPTION.value:
     raise app.UsageError("--inception is required (FID needs the InceptionV3 weights)")
+  cli.require_file("inception", _INCEPTION.value, "Inception weights file")
   try:
     captions, images_dir = coco.locate(_COCO.value, _CAPTIONS.value, _IMAGES.value)
   except ValueError as e:
@@ -114,4 +116,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -25,6 +25,8 @@ from __future__ import annotations
 from absl import app, flags
 from ml_collections import config_flags
 
+from imagen_jax import cli
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/cascade.py:paper", "cascade sampling settings (the non-swept stages')"
 )
@@ -62,6 +64,8 @@ def main(argv):
 
   if not _INCEPTION.value or not _CLIP.value:
     raise app.UsageError("--inception and --clip_path are required (FID and CLIP score)")
+  cli.require_file("inception", _INCEPTION.value, "Inception weights file")
+  cli.require_file("clip_path", _CLIP.value, "CLIP folder")
   try:
     captions, images_dir = coco.locate(_COCO.value, _CAPTIONS.value, _IMAGES.value)
   except ValueError as e:
@@ -117,4 +121,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

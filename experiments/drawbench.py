@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from imagen_jax import cli
 
 _DEFAULT_CFG = "configs/cascade.py:shapes"
 _CONFIG_A = config_flags.DEFINE_config_file("config_a", _DEFAULT_CFG, "model A's settings")
@@ -56,7 +58,9 @@ def main(argv):
   from imagen_jax import paths
   from imagen_jax.evals import drawbench
 
-  items = drawbench.read_prompts(_PROMPTS.value)[: _LIMIT.value]
+  items = drawbench.read_prompts(cli.require_file("prompts", _PROMPTS.value, "prompt file"))[
+      : _LIMIT.value
+  ]
   cache = {}
   model_a, settings_a, wd_a = _model(_CONFIG_A.value, _WORKDIRS_A.value, cache)
   model_b, settings_b, _ = _model(_CONFIG_B.value, _WORKDIRS_B.value or wd_a, cache)
@@ -82,4 +86,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

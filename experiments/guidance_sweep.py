@@ -20,9 +20,10 @@ feature batches over all processes; process 0 writes (the outdir must be shared)
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from imagen_jax import cli
 from imagen_jax.parallel import hosts
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -78,6 +79,12 @@ def main(argv):
   from imagen_jax.evals import prompts as prompts_lib
   from imagen_jax.evals import shapes_metric, sweep, sweep_report
 
+  for flag, value, what in [
+      (_CLIP, _CLIP.value, "CLIP folder"),
+      (_INCEPTION, _INCEPTION.value, "file"),
+  ]:
+    if value:
+      cli.require_file(flag.name, value, what)
   cfg = _CONFIG.value
   workdirs = _WORKDIRS.value or [cfg[f"stage{k + 1}"].workdir for k in range(int(cfg.num_stages))]
   model = cascade.Cascade.from_workdirs(workdirs)
@@ -150,4 +157,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

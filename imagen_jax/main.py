@@ -14,6 +14,8 @@ first.
 bucket is probed once, and a workdir whose `config.json` records another run (another stage,
 model, diffusion or text encoder: `checkpoint.MEANING_FIELDS`) is refused
 (`train.workdir.check_workdir`): the error is one line and nothing in the workdir is touched.
+Library INFO logging is off unless `--verbosity=0` (`imagen_jax.cli`); a bad flag, config
+variant or field, or workdir ends in one line and exit status 2.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from imagen_jax import paths  # first: it points the storage clients at an emulator, if any
+from imagen_jax import (
+    cli,
+    paths,  # first: it points the storage clients at an emulator, if any
+)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -39,10 +44,7 @@ def main(argv):
   config = _CONFIG.value
   from imagen_jax.train import workdir as workdir_lib
 
-  try:
-    workdir_lib.check_workdir(config, _WORKDIR.value)
-  except (paths.AccessError, workdir_lib.WorkdirMismatchError) as e:
-    raise SystemExit(f"imagen_jax.main: error: {e}") from None
+  workdir_lib.check_workdir(config, _WORKDIR.value)  # user errors: one line (imagen_jax.cli)
   # Must precede any use of the jax backend.
   from imagen_jax.parallel import mesh as mesh_lib
 
@@ -66,4 +68,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -26,6 +26,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from imagen_jax import cli
 from imagen_jax.parallel import hosts
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -114,6 +115,8 @@ def read_prompts(prompts, prompt_file) -> list[str]:
   """The --prompt values, then the --prompt_file's (`evals.prompts` format)."""
   from imagen_jax.evals import prompts as prompts_lib
 
+  if prompt_file:
+    cli.require_file("prompt_file", prompt_file, "prompt file")
   out = list(prompts) + (prompts_lib.read_texts(prompt_file) if prompt_file else [])
   if not out:
     raise app.UsageError("give at least one --prompt or a --prompt_file")
@@ -175,11 +178,8 @@ def main(argv):
   # before the checkpoints load.
   settings = [cascade.SamplingSettings.from_config(b) for b in blocks]
   settings = apply_overrides(settings, stage_overrides())
-  try:  # an unusable bucket fails here, in one line, before any stage loads
-    for p in [b.workdir for b in blocks] + [_OUTDIR.value]:
-      paths.check_access(p)
-  except paths.AccessError as e:
-    raise SystemExit(f"imagen_jax.sample: error: {e}") from None
+  for p in [b.workdir for b in blocks] + [_OUTDIR.value]:  # an unusable bucket: one line
+    paths.check_access(p)
   init_image, mask, edit = read_edit(int(cascade.read_stage_config(blocks[-1].workdir).image_size))
   model = cascade.Cascade.from_workdirs(
       [b.workdir for b in blocks], mesh_shape=parse_mesh_shape(_MESH_SHAPE.value)
@@ -226,4 +226,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -33,6 +33,8 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from imagen_jax import cli
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "stage config", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v4-512, v5p-256, v5e-256")
 _TEXT = flags.DEFINE_enum(
@@ -52,9 +54,9 @@ _DUMP = flags.DEFINE_string(
 )
 
 
-def fail(message: str, status: int = 2):
-  print(f"aot_compile: {message}", file=sys.stderr)
-  sys.exit(status)
+def fail(message: str):
+  """A user error: one line, exit status 2 (`imagen_jax.cli`)."""
+  cli.fail(message)
 
 
 def main(argv):
@@ -170,4 +172,4 @@ def main(argv):
 if __name__ == "__main__":
   # This machine's own backend is only used to trace; the TPU program comes from libtpu.
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  app.run(main)
+  cli.run(main)

@@ -19,6 +19,8 @@ import json
 
 from absl import app, flags
 
+from imagen_jax import cli
+
 _STEPS = flags.DEFINE_integer("steps", 2_500_000, "training steps (Imagen §4.1: 2.5M)")
 
 HEADER = (
@@ -87,6 +89,7 @@ def main(argv):
     raise app.UsageError("give one or more --report_json files of launch/aot_compile.py")
   reports = []
   for p in paths:
+    cli.require_file("report_json", p, "report (a file that launch/aot_compile.py wrote)")
     with open(p) as f:
       reports.append(json.load(f))
   reports.sort(key=order)
@@ -99,4 +102,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -119,7 +119,7 @@ def test_sr_stage_with_cached_embeddings_fits(tmp_path):
 def test_bad_input_is_one_line(tmp_path, args, message):
   proc, _, _ = run_script(tmp_path, "--config=configs/base64.py:tiny", *args)
   assert proc.returncode == 2, proc.stdout + proc.stderr
-  errors = [line for line in proc.stderr.splitlines() if line.startswith("aot_compile: ")]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("aot_compile.py: error: ")]
   assert len(errors) == 1 and message in errors[0], proc.stderr
 
 
