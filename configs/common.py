@@ -382,6 +382,9 @@ def train_config(v: dict) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.num_steps = v["num_steps"]
   c.global_batch_size = v["batch"]
+  # k > 1: each optimizer step averages the gradients of k microbatches of
+  # global_batch_size / k (train.step.accumulate_grads): the paper's batch on a smaller slice.
+  c.grad_accum_steps = 1
   # EMA decay: not stated in the paper; 0.9999 as in peers for long runs.
   c.ema_decay = v["ema_decay"]
   # Per-example loss weight over time (diffusion.losses.loss_weights): "none" is the paper's

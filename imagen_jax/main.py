@@ -42,8 +42,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
+  from imagen_jax.train import settings
   from imagen_jax.train import workdir as workdir_lib
 
+  try:  # a bad train.* value fails in one line, before anything is built
+    settings.check(config)
+  except ValueError as e:
+    raise cli.UserError(str(e)) from None
   workdir_lib.check_workdir(config, _WORKDIR.value)  # user errors: one line (imagen_jax.cli)
   # Must precede any use of the jax backend.
   from imagen_jax.parallel import mesh as mesh_lib

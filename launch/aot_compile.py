@@ -91,10 +91,12 @@ def main(argv):
   except ValueError as e:
     fail(str(e))
   n_params = sum(x.size for x in jax.tree.leaves(program.abstract.params))
+  accum = int(c.train.get("grad_accum_steps", 1))
+  accum_text = f" ({accum} microbatches of {program.global_batch // accum})" if accum > 1 else ""
   print(
       f"stage {c.stage} ({c.variant}): {n_params / 1e9:.3f}B params, "
       f"{topology.chip.name} x {topology.num_chips} ({topology.libtpu_name}), mesh "
-      f"{dict(mesh.shape)}, batch {program.global_batch}, compute {c.model.dtype}, "
+      f"{dict(mesh.shape)}, batch {program.global_batch}{accum_text}, compute {c.model.dtype}, "
       f"remat {c.model.remat}, text {'cache' if use_cache else c.text.name + ' in the step'}"
   )
   t0 = time.time()
@@ -110,6 +112,8 @@ def main(argv):
       chip=topology.chip.name,
       mesh=dict(mesh.shape),
       batch=program.global_batch,
+      grad_accum_steps=accum,
+      microbatch=program.global_batch // accum,
       dtype=str(c.model.dtype),
       remat=bool(c.model.remat),
       text="cache" if use_cache else "step",
@@ -161,7 +165,7 @@ def main(argv):
   over = (r.peak_bytes - r.hbm_bytes) / aot.GIB
   print(
       f"aot: stage={c.stage} topology={topology.name} chips={topology.num_chips} "
-      f"peak_gib={d['peak_gib']:.2f} hbm_gib={d['hbm_gib']:.2f} "
+      f"batch={program.global_batch} grad_accum_steps={accum} peak_gib={d['peak_gib']:.2f} hbm_gib={d['hbm_gib']:.2f} "
       f"fits={'yes' if r.fits else f'no ({over:.2f} GiB over)'} step_tflop={d['tflop']:.2f} "
       f"roofline_s={r.roofline_s:.3f} mfu_bound={r.mfu_bound:.3f}"
   )

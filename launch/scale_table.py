@@ -34,14 +34,16 @@ def row(r: dict, steps: int) -> str:
   text = "T5 in the step" if r["text"] == "step" else "cached T5"
   setup = f"{r['dtype']}, {'remat' if r['remat'] else 'no remat'}, {text}"
   slice_ = f"{r['topology']} ({r['chips']})"
+  accum = int(r.get("grad_accum_steps", 1))
+  batch = f"{r['batch']}" + (f" ({accum} x {r['batch'] // accum})" if accum > 1 else "")
   if not r.get("fits") and "roofline_s" not in r:
     need = r.get("needed_gib")
     peak = f"{need:.1f} / {r['hbm_gib']:.2f} GiB: does not fit" if need else "does not fit"
-    return f"| {r['stage']} | {slice_} | {mesh} | {r['batch']} | {setup} | {peak} | | | | |"
+    return f"| {r['stage']} | {slice_} | {mesh} | {batch} | {setup} | {peak} | | | | |"
   days = r["roofline_s"] * steps * r["chips"] / 86400
   fits = "" if r["fits"] else ": does not fit"
   return (
-      f"| {r['stage']} | {slice_} | {mesh} | {r['batch']} | {setup} | "
+      f"| {r['stage']} | {slice_} | {mesh} | {batch} | {setup} | "
       f"{r['peak_gib']:.1f} / {r['hbm_gib']:.0f} GiB{fits} | {r['tflop']:.1f} | "
       f"{r['roofline_s']:.2f} s | {r['mfu_bound']:.0%} | {days:,.0f} |"
   )

@@ -173,3 +173,24 @@ def test_tiny_cascade_compiles_sharded_with_seconds_per_image(tmp_path):
   assert table[0].startswith("| slice (chips) |") and len(table) == 3, table
   assert table[2].startswith("| v5e-4 (4) | 1 x 4 x 1 | 8 | base64 ddim x 25, w=3, sr256 "), table
   assert f"| {data['fid30k_chip_hours']:,.1f} |" in table[2]
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_is_reported_and_holds_one_microbatch(tmp_path):
+  """The AOT report names the accumulation; 4 microbatches of 8 need fewer temporaries than
+  the one batch of 32 (one microbatch's activations live at a time)."""
+  temps = {}
+  for k in (1, 4):
+    (tmp_path / str(k)).mkdir()
+    proc, summary, data = run_script(
+        tmp_path / str(k),
+        "--config=configs/base64.py:tiny",
+        "--topology=v5e-4",
+        "--config.train.global_batch_size=32",
+        f"--config.train.grad_accum_steps={k}",
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"batch=32 grad_accum_steps={k} " in summary[0], summary
+    assert (data["grad_accum_steps"], data["microbatch"]) == (k, 32 // k)
+    temps[k] = data["temp_gib"]
+  assert temps[4] < temps[1], temps

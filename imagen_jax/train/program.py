@@ -98,14 +98,19 @@ class TrainProgram:
 
 
 def check_batch(config, rules, mesh) -> tuple[str, ...]:
-  """The mesh axes the global batch is split over; a ValueError unless they divide it."""
+  """The mesh axes the global batch is split over; a ValueError unless they divide it (and,
+  with gradient accumulation over k microbatches, each microbatch of B / k)."""
   axes = sharding_lib.batch_axes(rules, mesh)
   shards = math.prod(mesh.shape[a] for a in axes)
   batch = config.train.global_batch_size
-  if batch % shards:
+  accum = int(config.train.get("grad_accum_steps", 1))
+  if batch % (shards * accum):
+    what = f"train.global_batch_size={batch}"
+    if accum > 1:
+      what += f" in train.grad_accum_steps={accum} microbatches"
     raise ValueError(
-        f"train.global_batch_size={batch} is not divisible by the {shards} batch shards "
-        f"({' x '.join(axes)}) of mesh {dict(mesh.shape)}; allowed: a multiple of {shards}"
+        f"{what} is not divisible by the {shards} batch shards ({' x '.join(axes)}) of mesh "
+        f"{dict(mesh.shape)}; allowed: a multiple of {shards * accum}"
     )
   return axes
 

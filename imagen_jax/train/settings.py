@@ -5,7 +5,8 @@ minutes of a compile (e.g. an interval of 0 taken modulo). Intervals count steps
 
   log_every, ckpt_every                 > 0: every that many steps (and at the last step)
   sample_every                          > 0: a sample grid every that many steps; 0: none
-  num_steps, global_batch_size          > 0
+  num_steps, global_batch_size          > 0 (the batch of one optimizer step)
+  grad_accum_steps                      >= 1, dividing global_batch_size: microbatches per step
   max_to_keep                           None (keep all) or >= 1 newest checkpoints kept
   keep_period                           0 (off) or > 0: also keep every step divisible by it
   nonfinite                             'stop' (raise at the first non-finite step) or 'skip'
@@ -40,6 +41,13 @@ def check(config) -> None:
   t = config.train
   _int(t, "num_steps", 1, "an int > 0")
   batch = _int(t, "global_batch_size", 1, "an int > 0")
+  accum = _int(t, "grad_accum_steps", 1, "an int >= 1 (microbatches per optimizer step)")
+  if batch % accum:
+    divisors = [d for d in range(1, batch + 1) if batch % d == 0]
+    raise ValueError(
+        f"train.grad_accum_steps={accum} does not divide train.global_batch_size={batch}; "
+        f"allowed: {', '.join(map(str, divisors[:12]))}{', ...' if len(divisors) > 12 else ''}"
+    )
   for field in ("log_every", "ckpt_every"):
     _int(t, field, 1, "an int > 0 (steps between two)")
   _int(t, "sample_every", 0, "an int >= 0 (0: no sample grids)")
