@@ -409,6 +409,10 @@ def train_config(v: dict) -> ml_collections.ConfigDict:
   # A checkpoint whose data position is per-process grain iterator state is refused; True
   # resumes it with the data at step x global_batch_size of the global order instead.
   c.data_position_from_step = False
+  # Warm start (train.warm_start): a workdir whose EMA params start this run (fresh optimizer);
+  # '' = none. freeze: a regex of param names that get no updates; '' = none.
+  c.init_from = ""
+  c.freeze = ""
   return c
 
 

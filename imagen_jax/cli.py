@@ -41,6 +41,7 @@ USER_ERRORS = frozenset(
         "imagen_jax.cascade.StageLoadError",
         "imagen_jax.checkpoint.CheckpointMismatchError",
         "imagen_jax.train.workdir.WorkdirMismatchError",
+        "imagen_jax.train.warm_start.WarmStartError",
         "imagen_jax.text.cache_read.CacheError",
         "imagen_jax.text.checkpoint.CheckpointError",
     }

@@ -139,7 +139,9 @@ def build(config, mesh, encoder, *, use_cache: bool) -> TrainProgram:
         f"embeddings, the stage expects [L={stage.text_len}, D={stage.text_dim}] (text.path "
         "names a checkpoint whose width differs from its preset?)"
     )
-  tx, lr_schedule = optim.make_optimizer(c.optim, c.train.num_steps)
+  tx, lr_schedule = optim.make_optimizer(
+      c.optim, c.train.num_steps, freeze=str(c.train.get("freeze", ""))
+  )
   abstract, specs = state_lib.state_specs(
       stage, tx, mesh, rules, fsdp_min_size=int(c.mesh.fsdp_min_size)
   )

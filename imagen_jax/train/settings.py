@@ -15,11 +15,13 @@ minutes of a compile (e.g. an interval of 0 taken modulo). Intervals count steps
                                         stop the run (it is diverging, not hitting a bad batch)
   preemption_check_every                >= 1 (used only with jax's preemption service off)
   ema_decay                             in [0, 1]
+  freeze                                '' or a regular expression of param names
 """
 
 from __future__ import annotations
 
 import math
+import re
 
 NONFINITE = ("stop", "skip")
 
@@ -58,6 +60,11 @@ def check(config) -> None:
     raise ValueError(f"train.nonfinite={t.nonfinite!r}; allowed: {', '.join(NONFINITE)}")
   _int(t, "max_nonfinite_steps", 1, "an int >= 1")
   _int(t, "preemption_check_every", 1, "an int >= 1")
+  if t.get("freeze"):
+    try:
+      re.compile(t.freeze)
+    except re.error as e:
+      raise ValueError(f"train.freeze={t.freeze!r} is not a regular expression: {e}") from None
   decay = t.ema_decay
   if not isinstance(decay, (int, float)) or not math.isfinite(decay) or not 0 <= decay <= 1:
     raise ValueError(f"train.ema_decay={decay!r}; allowed: a number in [0, 1]")

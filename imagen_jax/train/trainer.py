@@ -58,6 +58,7 @@ from imagen_jax.text import registry
 from imagen_jax.train import program as program_lib
 from imagen_jax.train import settings as settings_lib
 from imagen_jax.train import state as state_lib
+from imagen_jax.train import warm_start
 
 Hook = Callable[[int, Any, dict], None]
 
@@ -248,6 +249,20 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> d
     state = state_lib.TrainState.from_checkpoint_items(train_state, ema)
     saved_position = ckpt.data_position(latest, from_step=bool(c.train.data_position_from_step))
     logging.info("resumed from %s at step %d", ckpt.directory, latest)
+    saved_train = ckpt.saved_config(latest).get("train", {})
+    for key in ("init_step", "init_fingerprint"):  # the warm start's record, kept
+      if key in saved_train:
+        config_dict["train"][key] = saved_train[key]
+  elif c.train.get("init_from"):
+    params, record = warm_start.load(str(c.train.init_from), target.params)
+    state = state_lib.state_from_params(program.tx, shardings, params)
+    config_dict["train"].update(record)
+    logging.info(
+        "warm start from %s (step %s, params fingerprint %s)",
+        record["init_from"],
+        record["init_step"],
+        record["init_fingerprint"],
+    )
   else:
     state = state_lib.create_state(stage, program.tx, shardings, init_rng)
   # Written once the checkpoint (if any) is known to fit this config: a refused resume leaves
