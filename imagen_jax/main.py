@@ -49,6 +49,9 @@ def main(argv):
     settings.check(config)
   except ValueError as e:
     raise cli.UserError(str(e)) from None
+  source = config.train.get("init_from")
+  if source and not paths.path(source).exists():
+    raise cli.UserError(f"--config.train.init_from={source!r}: no such workdir or folder")
   workdir_lib.check_workdir(config, _WORKDIR.value)  # user errors: one line (imagen_jax.cli)
   # Must precede any use of the jax backend.
   from imagen_jax.parallel import mesh as mesh_lib

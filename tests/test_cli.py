@@ -47,6 +47,9 @@ CASES = [
     ("imagen_jax.main", TRAIN + ["--config.train.num_steps=many"], "num_steps=many"),
     ("imagen_jax.main", TRAIN + ["--config.train.num_stepz=3"], 'did you mean "num_steps"'),
     ("imagen_jax.main", TRAIN[:1], "--workdir"),
+    ("imagen_jax.main", TRAIN + [f"--config.train.init_from={MISSING}"], MISSING),
+    ("imagen_jax.main", TRAIN + ["--config.train.freeze=("], "train.freeze='('"),
+    ("imagen_jax.main", TRAIN + ["--config.train.grad_accum_steps=3"], "allowed: 1, 2, 4, 8"),
     (
         "imagen_jax.main",
         ["--config=configs/sr256.py:tiny", "--workdir={base}"],
