@@ -413,6 +413,9 @@ def train_config(v: dict) -> ml_collections.ConfigDict:
   # '' = none. freeze: a regex of param names that get no updates; '' = none.
   c.init_from = ""
   c.freeze = ""
+  # (start, end): a jax.profiler trace of steps start + 1 .. end in <workdir>/tensorboard
+  # (imagen_jax.profiling); (0, 0) = off.
+  c.profile_steps = (0, 0)
   return c
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from imagen_jax import cli
+from imagen_jax import cli, profiling
 from imagen_jax.parallel import hosts
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -89,6 +89,10 @@ def apply_overrides(settings, overrides: dict) -> list:
   except (TypeError, ValueError) as e:
     raise app.UsageError(str(e)) from e
 
+
+_PROFILE = flags.DEFINE_bool(
+    "profile", False, "write a jax.profiler trace of the sampling to <outdir>/profile (TensorBoard)"
+)
 
 hosts.define_flags()
 
@@ -187,16 +191,17 @@ def main(argv):
   k = _PER_PROMPT.value
   expanded = [p for p in prompts for _ in range(k)]
   batch = min(int(c.batch_size), len(expanded))  # a few prompts: no padding to a whole batch
-  outs = hosts.sample(
-      model,
-      expanded,
-      settings,
-      seed=int(c.seed),
-      batch_size=batch,
-      init_image=init_image,
-      mask=mask,
-      edit=edit,
-  )
+  with profiling.trace(paths.join(_OUTDIR.value, "profile") if _PROFILE.value else None):
+    outs = hosts.sample(
+        model,
+        expanded,
+        settings,
+        seed=int(c.seed),
+        batch_size=batch,
+        init_image=init_image,
+        mask=mask,
+        edit=edit,
+    )
   if not hosts.is_writer():
     return
   for s, out in enumerate(outs, start=1):

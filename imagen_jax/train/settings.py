@@ -16,12 +16,16 @@ minutes of a compile (e.g. an interval of 0 taken modulo). Intervals count steps
   preemption_check_every                >= 1 (used only with jax's preemption service off)
   ema_decay                             in [0, 1]
   freeze                                '' or a regular expression of param names
+  profile_steps                         (start, end), 0 <= start <= end: trace steps
+                                        start + 1 .. end; (0, 0) = off
 """
 
 from __future__ import annotations
 
 import math
 import re
+
+from imagen_jax import profiling
 
 NONFINITE = ("stop", "skip")
 
@@ -65,6 +69,7 @@ def check(config) -> None:
       re.compile(t.freeze)
     except re.error as e:
       raise ValueError(f"train.freeze={t.freeze!r} is not a regular expression: {e}") from None
+  profiling.parse_window(t.get("profile_steps", (0, 0)))
   decay = t.ema_decay
   if not isinstance(decay, (int, float)) or not math.isfinite(decay) or not 0 <= decay <= 1:
     raise ValueError(f"train.ema_decay={decay!r}; allowed: a number in [0, 1]")

@@ -242,12 +242,12 @@ def jit_train_step(
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   active_rules = sharding_lib.rules_for_mesh(rules, mesh) if constrain_activations else ()
 
-  def step_with_rules(state, batch, rng, text_params):
+  def train_step(state, batch, rng, text_params):
     with nn.logical_axis_rules(active_rules):
       return step_fn(state, batch, rng, text_params)
 
   jitted = jax.jit(
-      step_with_rules,
+      train_step,
       in_shardings=(state_shardings, batch_shardings, replicated, text_shardings),
       out_shardings=(state_shardings, replicated),
       donate_argnums=(0,),

@@ -47,7 +47,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from imagen_jax import atomic, paths
+from imagen_jax import atomic, paths, profiling
 from imagen_jax import checkpoint as ckpt_lib
 from imagen_jax import metrics as metrics_lib
 from imagen_jax.data import pipeline
@@ -321,6 +321,8 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> d
       dynamic_ncols=True,
   )
   t_log, steps_since = time.perf_counter(), 0
+  # train.profile_steps: a jax.profiler trace beside the scalars (imagen_jax.profiling).
+  profile = profiling.StepWindow(c.train.profile_steps, paths.join(workdir, "tensorboard"))
 
   def check_finite():
     """Reads the `finite` flags not read yet; raises per `train.nonfinite` (see module doc)."""
@@ -368,8 +370,10 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> d
     while step < c.train.num_steps:
       host_batch = next(loader)
       batch = pipeline.to_global_batch(host_batch, mesh, batch_axes)
-      state, metrics = train_step(state, batch, step_rng, encoder.params)
+      with profile.before(step + 1):
+        state, metrics = train_step(state, batch, step_rng, encoder.params)
       step += 1
+      profile.after(step, metrics)
       steps_since += 1
       pending.append((step, metrics))
       bar.update(1)
@@ -400,6 +404,7 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> d
     if not preempted and ckpt.latest_step() != step:
       save(step)
   finally:
+    profile.close()
     preemption.uninstall()
     bar.close()
     try:
