@@ -65,6 +65,7 @@ CASES = [
     ),
     ("imagen_jax.sample", SAMPLE + [f"--prompt_file={MISSING}.txt"], f"{MISSING}.txt"),
     ("experiments/drawbench.py", [f"--prompts={MISSING}.tsv"], f"{MISSING}.tsv"),
+    ("experiments/drawbench_score.py", [f"--sheets={MISSING}.csv"], f"{MISSING}.csv"),
     (
         "experiments/coco_guidance_sweep.py",
         [f"--inception={MISSING}.safetensors", "--clip_path=/tmp"],
