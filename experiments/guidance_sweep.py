@@ -56,7 +56,9 @@ _DATA_DIR = flags.DEFINE_string(
 )
 _NUM_PROMPTS = flags.DEFINE_integer("num_prompts", 64, "prompts (samples) per point")
 _SEED = flags.DEFINE_integer("seed", 0, "sampling seed (sample i uses fold_in(seed, i))")
-_BATCH = flags.DEFINE_integer("batch_size", 64, "sampling batch size")
+_BATCH = flags.DEFINE_integer(
+    "batch_size", None, "sampling batch size; default: the cascade config's batch_size"
+)
 _CLIP = flags.DEFINE_string("clip_path", None, "local HF CLIP folder: CLIP score on x")
 _INCEPTION = flags.DEFINE_string("inception", None, "FID Inception safetensors: FID on y")
 _FID_MODE = flags.DEFINE_string("fid_mode", "tf", "FID preprocessing mode")
@@ -88,6 +90,10 @@ def main(argv):
   cfg = _CONFIG.value
   workdirs = _WORKDIRS.value or [cfg[f"stage{k + 1}"].workdir for k in range(int(cfg.num_stages))]
   model = cascade.Cascade.from_workdirs(workdirs)
+  try:  # the cascade config's batch_size unless --batch_size; refused unless it divides
+    batch = hosts.application_batch_size(model, _BATCH.value, cfg)
+  except ValueError as e:
+    raise cli.UserError(str(e)) from None
   base, stage, points = sweep.plan(
       model,
       cfg,
@@ -142,7 +148,7 @@ def main(argv):
       features=features,
       clip_scorer=clip,
       seed=_SEED.value,
-      batch_size=_BATCH.value,
+      batch_size=batch,
   )
   title = (
       f"stage {stage + 1} guidance sweep, {len(prompts)} prompts, "

@@ -209,6 +209,16 @@ def shapes_by_path(tree: Any) -> dict[str, tuple]:
   return out
 
 
+class _ReadOnlyNotice(logging.Filter):
+  """Drops Orbax's warning that a manager's directory is read only: ours are on purpose."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Given directory is read only")
+
+
+_READ_ONLY_NOTICE = _ReadOnlyNotice()
+
+
 class Checkpointer:
   """Thin wrapper of `ocp.CheckpointManager` for the items of the module doc."""
 
@@ -233,6 +243,8 @@ class Checkpointer:
     if int(keep_period) < 0:
       raise ValueError(f"keep_period={keep_period}; allowed: 0 (off) or > 0")
     self.directory = paths.absolute(directory)  # a gs:// path stays one
+    if read_only:  # Orbax logs through absl's logger (idempotent: a filter is added once)
+      logging.getLogger("absl").addFilter(_READ_ONLY_NOTICE)
     self._save_failed = False
     policies = ocp.checkpoint_managers
     keep = [policies.LatestN(n=None if max_to_keep is None else int(max_to_keep))]

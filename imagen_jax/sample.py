@@ -188,6 +188,10 @@ def main(argv):
   model = cascade.Cascade.from_workdirs(
       [b.workdir for b in blocks], mesh_shape=parse_mesh_shape(_MESH_SHAPE.value)
   )
+  try:  # the configured batch must divide over the batch shards (a few prompts may pad)
+    hosts.check_batch_size(model, int(c.batch_size))
+  except ValueError as e:
+    raise cli.UserError(str(e)) from None
   k = _PER_PROMPT.value
   expanded = [p for p in prompts for _ in range(k)]
   batch = min(int(c.batch_size), len(expanded))  # a few prompts: no padding to a whole batch

@@ -201,3 +201,31 @@ def test_filter_keeps_warnings_and_our_info(tmp_path):
   assert not keep.filter(record(logging.INFO, "/site-packages/orbax/checkpoint.py"))
   assert keep.filter(record(logging.WARNING, "/site-packages/orbax/checkpoint.py"))
   assert json.dumps(cli.our_folders())  # the package folder at least
+
+
+def test_batch_not_dividing_the_devices_is_refused_with_the_sizes_that_do():
+  from imagen_jax.parallel import hosts
+
+  class Model:
+    batch_multiple = 4
+
+  assert hosts.check_batch_size(Model(), 8) == 8
+  with pytest.raises(ValueError, match=r"--config.batch_size=6 .* a multiple of 4, e.g. 4 or 8"):
+    hosts.check_batch_size(Model(), 6)
+  with pytest.raises(ValueError, match=r"--batch_size=3 .* a multiple of 4, e.g. 4$"):
+    hosts.application_batch_size(Model(), 3, None)
+  assert hosts.application_batch_size(Model(), None, _Cfg()) == 12  # the config's
+
+
+class _Cfg:
+  batch_size = 12
+
+
+def test_sample_cli_refuses_a_batch_that_does_not_divide():
+  from tests import cascade_fixtures
+
+  proc = cascade_fixtures.run_sample_cli("--prompt=a", "--outdir=/tmp/unused_cli_out", batch_size=7)
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+  assert "--config.batch_size=7 does not divide over the 8 batch shards" in lines[0]
+  assert "allowed: a multiple of 8, e.g. 8" in lines[0]
