@@ -28,7 +28,9 @@ import urllib.request
 
 import numpy as np
 import PIL.Image
-from absl import app, flags
+from absl import flags
+
+from imagen_jax import cli  # imports nothing that reads the emulator's env
 
 _DATA = flags.DEFINE_string("data", "", "a prepared dataset (else synthetic, in the emulator)")
 _NUM = flags.DEFINE_integer("num_images", 256, "synthetic images per source resolution")
@@ -168,4 +170,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

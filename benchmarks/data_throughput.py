@@ -20,6 +20,7 @@ import time
 import numpy as np
 from absl import app, flags
 
+from imagen_jax import cli
 from imagen_jax.data import pipeline, shapes
 
 _DATA_DIR = flags.DEFINE_string("data_dir", "/tmp/imagen_jax_shapes_bench", "TFDS data_dir")
@@ -131,4 +132,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -19,6 +19,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from imagen_jax import cli
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.parallel import sharding as sharding_lib
 from imagen_jax.stage import Stage
@@ -74,4 +75,4 @@ def main(argv):
 
 if __name__ == "__main__":
   jax.config.update("jax_platforms", "cpu")
-  app.run(main)
+  cli.run(main)

@@ -8,17 +8,16 @@ devices are needed. Rules: every ``embed`` axis is split over ``fsdp`` (d_model 
 the rest replicated (the relative-position table is the only param without an ``embed`` axis).
 """
 
-import argparse
-
 import jax.numpy as jnp
 
+from imagen_jax import cli
 from imagen_jax.text import t5
 
 FSDP_RULES = (("embed", "fsdp"), ("vocab", None), ("heads", None), ("kv", None), ("mlp", None))
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--name", default="t5-v1_1-xxl", choices=sorted(t5.PRESETS))
   parser.add_argument("--fsdp", type=int, default=16)
   args = parser.parse_args()

@@ -29,9 +29,10 @@ import time
 import jax
 import jax.numpy as jnp
 import optax
-from absl import app, flags
+from absl import flags
 
 from configs import common
+from imagen_jax import cli, profiling
 from imagen_jax.nn import attention, presets, unet
 from imagen_jax.nn import flops as flops_lib
 from imagen_jax.text import registry
@@ -41,6 +42,10 @@ flags.DEFINE_string("preset", "base64:bench", "stage:size, e.g. base64:bench or 
 flags.DEFINE_integer("batch", 8, "batch size")
 flags.DEFINE_integer("steps", 10, "timed training steps (after one warm-up step)")
 flags.DEFINE_integer("fwd_steps", 10, "timed forward-only denoiser evaluations")
+flags.DEFINE_string(
+    "profile_steps", "", "START:END: after timing, trace steps START+1..END (train.profile_steps)"
+)
+flags.DEFINE_string("profile_dir", "unet_step_profile", "TensorBoard log dir of the trace")
 flags.DEFINE_string("dtype", None, "override the compute dtype (float32 | bfloat16)")
 flags.DEFINE_string("text_name", None, "override the text encoder (its width D)")
 flags.DEFINE_integer("text_len", None, "override the text length L")
@@ -236,6 +241,17 @@ def main(argv):
   step_s, step_cpu = _median_time(step, FLAGS.steps)
   jax.block_until_ready(fwd(state[0], inputs))
   fwd_s, fwd_cpu = _median_time(lambda: fwd(state[0], inputs), FLAGS.fwd_steps)
+  if FLAGS.profile_steps:  # after the timing: the trace costs nothing timed
+    try:
+      window = profiling.parse_window(FLAGS.profile_steps, "--profile_steps")
+    except ValueError as e:
+      raise cli.UserError(str(e)) from None
+    profile = profiling.StepWindow(window, FLAGS.profile_dir)
+    for i in range(1, profile.end + 1):
+      with profile.before(i):
+        loss = step()
+      profile.after(i, loss)
+    print(f"trace of steps {profile.start + 1}..{profile.end} in {FLAGS.profile_dir}")
 
   print(
       f"preset              {FLAGS.preset}  (kind={cfg.kind}, dtype={cfg.dtype}, "
@@ -279,4 +295,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

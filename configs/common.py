@@ -383,6 +383,9 @@ def train_config(v: dict) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.num_steps = v["num_steps"]
   c.global_batch_size = v["batch"]
+  # k > 1: each optimizer step averages the gradients of k microbatches of
+  # global_batch_size / k (train.step.accumulate_grads): the paper's batch on a smaller slice.
+  c.grad_accum_steps = 1
   # EMA decay: not stated in the paper; 0.9999 as in peers for long runs.
   c.ema_decay = v["ema_decay"]
   # Per-example loss weight over time (diffusion.losses.loss_weights): "none" is the paper's
@@ -407,6 +410,13 @@ def train_config(v: dict) -> ml_collections.ConfigDict:
   # A checkpoint whose data position is per-process grain iterator state is refused; True
   # resumes it with the data at step x global_batch_size of the global order instead.
   c.data_position_from_step = False
+  # Warm start (train.warm_start): a workdir whose EMA params start this run (fresh optimizer);
+  # '' = none. freeze: a regex of param names that get no updates; '' = none.
+  c.init_from = ""
+  c.freeze = ""
+  # (start, end): a jax.profiler trace of steps start + 1 .. end in <workdir>/tensorboard
+  # (imagen_jax.profiling); (0, 0) = off.
+  c.profile_steps = (0, 0)
   return c
 
 

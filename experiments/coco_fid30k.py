@@ -27,6 +27,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
+from imagen_jax import cli
 from imagen_jax.parallel import hosts
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -45,7 +46,9 @@ _INCEPTION = flags.DEFINE_string(
     "FID InceptionV3 safetensors (made by " "python -m imagen_jax.evals.convert_weights)",
 )
 _MODE = flags.DEFINE_string("fid_mode", "tf", "FID preprocessing: tf | pytorch_fid | clean")
-_BATCH = flags.DEFINE_integer("batch_size", 64, "sampling and FID batch size")
+_BATCH = flags.DEFINE_integer(
+    "batch_size", None, "sampling and FID batch size; default: the cascade config's batch_size"
+)
 _CHUNK = flags.DEFINE_integer("chunk", 1024, "prompts per saved sample chunk")
 _OUTDIR = flags.DEFINE_string("outdir", "coco_fid30k", "output folder")
 hosts.define_flags()
@@ -59,6 +62,7 @@ def main(argv):
 
   if not _INCEPTION.value:
     raise app.UsageError("--inception is required (FID needs the InceptionV3 weights)")
+  cli.require_file("inception", _INCEPTION.value, "Inception weights file")
   try:
     captions, images_dir = coco.locate(_COCO.value, _CAPTIONS.value, _IMAGES.value)
   except ValueError as e:
@@ -73,12 +77,16 @@ def main(argv):
 
   anns, files = coco.load_captions(captions)
   prompts, ref_names = coco.draw(anns, files, _PROTOCOL.value, _NUM.value, _SEED.value)
-  computer = fid.FIDComputer(_INCEPTION.value, mode=_MODE.value, batch_size=_BATCH.value)
+  model = cascade.Cascade.from_workdirs(workdirs, deepfloyd=cfg.get("deepfloyd", None))
+  try:  # the cascade config's batch_size unless --batch_size; refused unless it divides
+    batch = hosts.application_batch_size(model, _BATCH.value, cfg)
+  except ValueError as e:
+    raise cli.UserError(str(e)) from None
+  computer = fid.FIDComputer(_INCEPTION.value, mode=_MODE.value, batch_size=batch)
   ref_path = coco.reference_stats_path(
       _OUTDIR.value, _PROTOCOL.value, _MODE.value, len(ref_names), _SEED.value
   )
   ref = coco.reference_statistics(computer, images_dir, ref_names, ref_path)
-  model = cascade.Cascade.from_workdirs(workdirs, deepfloyd=cfg.get("deepfloyd", None))
   chunks = coco.sample_chunks(
       model,
       prompts,
@@ -86,7 +94,7 @@ def main(argv):
       _OUTDIR.value,
       seed=_SEED.value,
       chunk=_CHUNK.value,
-      batch_size=_BATCH.value,
+      batch_size=batch,
   )
   score = computer.fid(coco.iter_chunks(chunks, total=len(prompts)), ref, total=len(prompts))
   report = {
@@ -114,4 +122,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

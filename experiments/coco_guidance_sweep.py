@@ -14,6 +14,11 @@ prompts with the same seed, resize the last stage's images to 256 (PIL bicubic, 
 reference), and score FID (`--fid_mode` preprocessing) and CLIP score; write `results.csv`,
 `results.md`, `pareto.png` (FID vs CLIP score, one curve per setting) and `samples.png`.
 
+Multi-host: the same command on every host with `--distributed` (auto-detected on TPU pods and
+SLURM; `parallel.hosts`): each process samples its block of the prompts of every point (sample i
+is the same whichever host draws it), the Inception and CLIP features are gathered, process 0
+writes; the numbers equal one process's. The output folder must be shared (a bucket).
+
 Interrupt and rerun freely: a finished point lives in `<outdir>/points/<key>/`, published by one
 folder rename (`evals.sweep`), so a rerun reads it back and never mistakes a half-written point
 for a whole one; a point of other inputs (model, settings, prompts, seed, features, reference,
@@ -24,6 +29,9 @@ from __future__ import annotations
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from imagen_jax import cli
+from imagen_jax.parallel import hosts
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/cascade.py:paper", "cascade sampling settings (the non-swept stages')"
@@ -48,12 +56,18 @@ _INCEPTION = flags.DEFINE_string(
 )
 _MODE = flags.DEFINE_string("fid_mode", "tf", "FID preprocessing: tf | pytorch_fid | clean")
 _CLIP = flags.DEFINE_string("clip_path", None, "local Hugging Face CLIP folder (CLIP score)")
-_BATCH = flags.DEFINE_integer("batch_size", 64, "sampling, FID and CLIP batch size")
+_BATCH = flags.DEFINE_integer(
+    "batch_size",
+    None,
+    "sampling, FID and CLIP batch size; default: the cascade config's batch_size",
+)
 _OUTDIR = flags.DEFINE_string("outdir", "coco_guidance_sweep", "output folder")
+hosts.define_flags()
 
 
 def main(argv):
   del argv
+  hosts.initialize_from_flags()  # before anything touches the jax backend
   from etils import epath
 
   from imagen_jax import cascade
@@ -62,6 +76,8 @@ def main(argv):
 
   if not _INCEPTION.value or not _CLIP.value:
     raise app.UsageError("--inception and --clip_path are required (FID and CLIP score)")
+  cli.require_file("inception", _INCEPTION.value, "Inception weights file")
+  cli.require_file("clip_path", _CLIP.value, "CLIP folder")
   try:
     captions, images_dir = coco.locate(_COCO.value, _CAPTIONS.value, _IMAGES.value)
   except ValueError as e:
@@ -69,11 +85,17 @@ def main(argv):
   cfg = _CONFIG.value
   workdirs = _WORKDIRS.value or [cfg[f"stage{k + 1}"].workdir for k in range(int(cfg.num_stages))]
   outdir = epath.Path(_OUTDIR.value)
-  outdir.mkdir(parents=True, exist_ok=True)
+  if hosts.is_writer():
+    outdir.mkdir(parents=True, exist_ok=True)
 
   anns, files = coco.load_captions(captions)
   prompts, ref_names = coco.draw(anns, files, _PROTOCOL.value, _NUM.value, _SEED.value)
-  computer = fid.FIDComputer(_INCEPTION.value, mode=_MODE.value, batch_size=_BATCH.value)
+  model = cascade.Cascade.from_workdirs(workdirs, deepfloyd=cfg.get("deepfloyd", None))
+  try:  # the cascade config's batch_size unless --batch_size; refused unless it divides
+    batch = hosts.application_batch_size(model, _BATCH.value, cfg)
+  except ValueError as e:
+    raise cli.UserError(str(e)) from None
+  computer = fid.FIDComputer(_INCEPTION.value, mode=_MODE.value, batch_size=batch)
   ref_path = coco.reference_stats_path(
       str(outdir), _PROTOCOL.value, _MODE.value, len(ref_names), _SEED.value
   )
@@ -83,7 +105,6 @@ def main(argv):
       image_size=coco.REFERENCE_SIZE,
   )
 
-  model = cascade.Cascade.from_workdirs(workdirs, deepfloyd=cfg.get("deepfloyd", None))
   base, stage, points = sweep.plan(
       model,
       cfg,
@@ -101,15 +122,17 @@ def main(argv):
       sweep_stage=stage,
       reference_stats=reference,
       features=features.InceptionFeatures(computer),
-      clip_scorer=clip_lib.CLIPScorer(_CLIP.value, batch_size=_BATCH.value),
+      clip_scorer=clip_lib.CLIPScorer(_CLIP.value, batch_size=batch),
       seed=_SEED.value,
-      batch_size=_BATCH.value,
+      batch_size=batch,
   )
   sizes = " -> ".join(str(s.image_size) for s in model.stages)
   title = (
       f"COCO val2014 ({_PROTOCOL.value} protocol): stage {stage + 1} guidance sweep, "
       f"FID-{len(prompts)} vs {reference.stats.n} reference images, {sizes}px"
   )
+  if not hosts.is_writer():
+    return
   paths = sweep_report.write_outputs(result, str(outdir), title)
   print(f"{result.computed} points sampled, {result.cached} read from cache")
   print(epath.Path(paths["md"]).read_text())
@@ -117,4 +140,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -23,11 +23,12 @@ from __future__ import annotations
 import os
 import time
 
-from absl import app, flags
+from absl import flags
 
 from configs import base64 as base64_config
 from configs import cascade as cascade_config
 from configs import sr256 as sr256_config
+from imagen_jax import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", "demo_out", "where data, checkpoints and results go")
 _BASE_STEPS = flags.DEFINE_integer("base_steps", None, "override the base stage's steps")
@@ -248,4 +249,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from imagen_jax import cli
+from imagen_jax.parallel import hosts
 
 _DEFAULT_CFG = "configs/cascade.py:shapes"
 _CONFIG_A = config_flags.DEFINE_config_file("config_a", _DEFAULT_CFG, "model A's settings")
@@ -34,7 +37,9 @@ _K = flags.DEFINE_integer("k", 4, "images per prompt and model")
 _LIMIT = flags.DEFINE_integer("limit", None, "only the first N prompts (smoke runs)")
 _SEED = flags.DEFINE_integer("seed", 0, "sampling seed (both models: paired noise)")
 _SIDES_SEED = flags.DEFINE_integer("sides_seed", 1234, "left/right randomisation seed")
-_BATCH = flags.DEFINE_integer("batch_size", 64, "sampling batch size")
+_BATCH = flags.DEFINE_integer(
+    "batch_size", None, "sampling batch size; default: the cascade config's batch_size"
+)
 _OUTDIR = flags.DEFINE_string("outdir", "drawbench", "output folder")
 
 
@@ -56,16 +61,22 @@ def main(argv):
   from imagen_jax import paths
   from imagen_jax.evals import drawbench
 
-  items = drawbench.read_prompts(_PROMPTS.value)[: _LIMIT.value]
+  items = drawbench.read_prompts(cli.require_file("prompts", _PROMPTS.value, "prompt file"))[
+      : _LIMIT.value
+  ]
   cache = {}
   model_a, settings_a, wd_a = _model(_CONFIG_A.value, _WORKDIRS_A.value, cache)
   model_b, settings_b, _ = _model(_CONFIG_B.value, _WORKDIRS_B.value or wd_a, cache)
   prompts = [p for _, p in items]
+  try:  # config_a's batch_size unless --batch_size; refused unless it divides
+    batch = hosts.application_batch_size(model_a, _BATCH.value, _CONFIG_A.value)
+  except ValueError as e:
+    raise cli.UserError(str(e)) from None
   images_a = drawbench.sample_k(
-      model_a, prompts, settings_a, _K.value, seed=_SEED.value, batch_size=_BATCH.value
+      model_a, prompts, settings_a, _K.value, seed=_SEED.value, batch_size=batch
   )
   images_b = drawbench.sample_k(
-      model_b, prompts, settings_b, _K.value, seed=_SEED.value, batch_size=_BATCH.value
+      model_b, prompts, settings_b, _K.value, seed=_SEED.value, batch_size=batch
   )
   paths.makedirs(_OUTDIR.value)
   sheet = os.path.join(_OUTDIR.value, "rating_sheet.html")
@@ -82,4 +93,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -28,6 +28,8 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from imagen_jax import cli
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/base64.py:shapes", "base stage config; --config.a.b=v overrides"
 )
@@ -176,4 +178,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

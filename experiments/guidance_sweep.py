@@ -20,9 +20,10 @@ feature batches over all processes; process 0 writes (the outdir must be shared)
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from imagen_jax import cli
 from imagen_jax.parallel import hosts
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -55,7 +56,9 @@ _DATA_DIR = flags.DEFINE_string(
 )
 _NUM_PROMPTS = flags.DEFINE_integer("num_prompts", 64, "prompts (samples) per point")
 _SEED = flags.DEFINE_integer("seed", 0, "sampling seed (sample i uses fold_in(seed, i))")
-_BATCH = flags.DEFINE_integer("batch_size", 64, "sampling batch size")
+_BATCH = flags.DEFINE_integer(
+    "batch_size", None, "sampling batch size; default: the cascade config's batch_size"
+)
 _CLIP = flags.DEFINE_string("clip_path", None, "local HF CLIP folder: CLIP score on x")
 _INCEPTION = flags.DEFINE_string("inception", None, "FID Inception safetensors: FID on y")
 _FID_MODE = flags.DEFINE_string("fid_mode", "tf", "FID preprocessing mode")
@@ -78,9 +81,19 @@ def main(argv):
   from imagen_jax.evals import prompts as prompts_lib
   from imagen_jax.evals import shapes_metric, sweep, sweep_report
 
+  for flag, value, what in [
+      (_CLIP, _CLIP.value, "CLIP folder"),
+      (_INCEPTION, _INCEPTION.value, "file"),
+  ]:
+    if value:
+      cli.require_file(flag.name, value, what)
   cfg = _CONFIG.value
   workdirs = _WORKDIRS.value or [cfg[f"stage{k + 1}"].workdir for k in range(int(cfg.num_stages))]
   model = cascade.Cascade.from_workdirs(workdirs, deepfloyd=cfg.get("deepfloyd", None))
+  try:  # the cascade config's batch_size unless --batch_size; refused unless it divides
+    batch = hosts.application_batch_size(model, _BATCH.value, cfg)
+  except ValueError as e:
+    raise cli.UserError(str(e)) from None
   base, stage, points = sweep.plan(
       model,
       cfg,
@@ -135,7 +148,7 @@ def main(argv):
       features=features,
       clip_scorer=clip,
       seed=_SEED.value,
-      batch_size=_BATCH.value,
+      batch_size=batch,
   )
   title = (
       f"stage {stage + 1} guidance sweep, {len(prompts)} prompts, "
@@ -150,4 +163,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -20,7 +20,7 @@ fsdp=2).
 
 The config item records what the run *means* (`MEANING_FIELDS`: stage, network, diffusion
 schedule / target / aug range / logSNR range, text encoder name, max_length and weights
-fingerprint, image sizes and crop). `check_compatible` compares them and the array shapes with the
+fingerprint, image sizes and crop, a warm start's source). `check_compatible` compares them and the array shapes with the
 current run before anything is loaded, so resuming (or sampling) under another meaning fails
 naming each field, its saved and its current value, instead of training or sampling on silently;
 every other setting (`train.*`, `optim.*`, `sample.*`, `mesh.*`, the data source, text.path /
@@ -79,7 +79,7 @@ class CheckpointCorruptError(RuntimeError):
 
 # The config fields that define what a run means: a checkpoint resumes, and a stage samples, only
 # under the same values (dotted paths into the config; a section compares all its fields).
-# Everything else may change on resume: train.* (num_steps, log_every, ckpt_every, sample_every,
+# Everything else may change on resume: train.* but the warm start's source (num_steps, log_every, ckpt_every, sample_every,
 # global_batch_size, ema_decay, seed, ...), optim.* (a different optimizer state is caught by
 # the array shapes), sample.*, mesh.*, data.* other than the SR crop, and text.path / dtype /
 # param_dtype / drop_prob / embedding_cache (the weights themselves are `text.fingerprint`).
@@ -93,7 +93,11 @@ MEANING_FIELDS = (
     "text.name",
     "text.max_length",
     "text.fingerprint",
+    "train.init_from",  # a warm start's source (train.warm_start)
 )
+# Meaning fields added after checkpoints were written, with the value that reproduces them: a
+# config without the field compares as if it had that value.
+FIELDS_ADDED = {"train.init_from": ""}
 # Where the trainer records `TextEncoder.fingerprint` in the run's config dict (config.json and
 # the checkpoint's config item): the frozen encoder's weights are part of the meaning (§2.1).
 TEXT_FINGERPRINT = "text.fingerprint"
@@ -157,6 +161,7 @@ def meaning_diff(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
   out = []
   for field in MEANING_FIELDS:
     a, b = _get(saved, field), _get(current, field)
+    a, b = (FIELDS_ADDED.get(field, _ABSENT) if x is _ABSENT else x for x in (a, b))
     if field == TEXT_FINGERPRINT and _ABSENT in (a, b):
       continue
     out.extend(_diff(a, b, field))
@@ -193,7 +198,7 @@ def meaning_error(where: Any, diffs) -> CheckpointMismatchError:
   )
 
 
-def _shapes_by_path(tree: Any) -> dict[str, tuple]:
+def shapes_by_path(tree: Any) -> dict[str, tuple]:
   """'a/b/c' -> shape for every array-like leaf (metadata or ShapeDtypeStruct)."""
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -203,6 +208,16 @@ def _shapes_by_path(tree: Any) -> dict[str, tuple]:
     key = "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
     out[key] = tuple(shape)
   return out
+
+
+class _ReadOnlyNotice(logging.Filter):
+  """Drops Orbax's warning that a manager's directory is read only: ours are on purpose."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Given directory is read only")
+
+
+_READ_ONLY_NOTICE = _ReadOnlyNotice()
 
 
 class Checkpointer:
@@ -229,6 +244,8 @@ class Checkpointer:
     if int(keep_period) < 0:
       raise ValueError(f"keep_period={keep_period}; allowed: 0 (off) or > 0")
     self.directory = paths.absolute(directory)  # a gs:// path stays one
+    if read_only:  # Orbax logs through absl's logger (idempotent: a filter is added once)
+      logging.getLogger("absl").addFilter(_READ_ONLY_NOTICE)
     self._save_failed = False
     policies = ocp.checkpoint_managers
     keep = [policies.LatestN(n=None if max_to_keep is None else int(max_to_keep))]
@@ -381,7 +398,7 @@ class Checkpointer:
   def saved_shapes(self, step: int, item: str) -> dict[str, tuple]:
     meta = self._mngr.item_metadata(step)[item]
     meta = getattr(meta, "tree", meta)
-    return _shapes_by_path(meta)
+    return shapes_by_path(meta)
 
   def check_compatible(self, step: int, config_dict: dict, abstract_items: dict) -> None:
     """Raises `CheckpointMismatchError` if `step` was written for another run or state.
@@ -407,7 +424,7 @@ class Checkpointer:
       )
     for item, abstract in abstract_items.items():
       saved_shapes = self.saved_shapes(step, item)
-      want = _shapes_by_path(abstract)
+      want = shapes_by_path(abstract)
       if set(saved_shapes) != set(want) or any(saved_shapes[k] != want[k] for k in want):
         missing = sorted(set(want) - set(saved_shapes))[:5]
         extra = sorted(set(saved_shapes) - set(want))[:5]

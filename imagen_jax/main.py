@@ -14,6 +14,8 @@ first.
 bucket is probed once, and a workdir whose `config.json` records another run (another stage,
 model, diffusion or text encoder: `checkpoint.MEANING_FIELDS`) is refused
 (`train.workdir.check_workdir`): the error is one line and nothing in the workdir is touched.
+Library INFO logging is off unless `--verbosity=0` (`imagen_jax.cli`); a bad flag, config
+variant or field, or workdir ends in one line and exit status 2.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from imagen_jax import paths  # first: it points the storage clients at an emulator, if any
+from imagen_jax import (
+    cli,
+    paths,  # first: it points the storage clients at an emulator, if any
+)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -38,16 +43,18 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
   from imagen_jax.data import pipeline
+  from imagen_jax.train import settings
   from imagen_jax.train import workdir as workdir_lib
 
-  try:
-    pipeline.check_named(config.data)  # the paper variants name no dataset
+  try:  # a bad train.* value, or a paper variant naming no dataset: one line, nothing built
+    settings.check(config)
+    pipeline.check_named(config.data)
   except ValueError as e:
-    raise SystemExit(f"imagen_jax.main: error: {e}") from None
-  try:
-    workdir_lib.check_workdir(config, _WORKDIR.value)
-  except (paths.AccessError, workdir_lib.WorkdirMismatchError) as e:
-    raise SystemExit(f"imagen_jax.main: error: {e}") from None
+    raise cli.UserError(str(e)) from None
+  source = config.train.get("init_from")
+  if source and not paths.path(source).exists():
+    raise cli.UserError(f"--config.train.init_from={source!r}: no such workdir or folder")
+  workdir_lib.check_workdir(config, _WORKDIR.value)  # user errors: one line (imagen_jax.cli)
   # Must precede any use of the jax backend.
   from imagen_jax.parallel import mesh as mesh_lib
 
@@ -71,4 +78,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -26,6 +26,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from imagen_jax import cli, profiling
 from imagen_jax.parallel import hosts
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -92,6 +93,10 @@ def apply_overrides(settings, overrides: dict) -> list:
     raise app.UsageError(str(e)) from e
 
 
+_PROFILE = flags.DEFINE_bool(
+    "profile", False, "write a jax.profiler trace of the sampling to <outdir>/profile (TensorBoard)"
+)
+
 hosts.define_flags()
 
 
@@ -117,6 +122,8 @@ def read_prompts(prompts, prompt_file) -> list[str]:
   """The --prompt values, then the --prompt_file's (`evals.prompts` format)."""
   from imagen_jax.evals import prompts as prompts_lib
 
+  if prompt_file:
+    cli.require_file("prompt_file", prompt_file, "prompt file")
   out = list(prompts) + (prompts_lib.read_texts(prompt_file) if prompt_file else [])
   if not out:
     raise app.UsageError("give at least one --prompt or a --prompt_file")
@@ -178,31 +185,33 @@ def main(argv):
   # before the checkpoints load.
   settings = [cascade.SamplingSettings.from_config(b) for b in blocks]
   settings = apply_overrides(settings, stage_overrides())
-  try:  # an unusable bucket fails here, in one line, before any stage loads
-    for p in [b.workdir for b in blocks] + [_OUTDIR.value]:
-      paths.check_access(p)
-  except paths.AccessError as e:
-    raise SystemExit(f"imagen_jax.sample: error: {e}") from None
+  for p in [b.workdir for b in blocks] + [_OUTDIR.value]:  # an unusable bucket: one line
+    paths.check_access(p)
   init_image, mask, edit = read_edit(cascade.stage_image_size(blocks[-1].workdir))
   model = cascade.Cascade.from_workdirs(
       [b.workdir for b in blocks],
       mesh_shape=parse_mesh_shape(_MESH_SHAPE.value),
       deepfloyd=c.get("deepfloyd", None),  # IF U-Net folders as stages (configs/cascade.py)
   )
+  try:  # the configured batch must divide over the batch shards (a few prompts may pad)
+    hosts.check_batch_size(model, int(c.batch_size))
+  except ValueError as e:
+    raise cli.UserError(str(e)) from None
   k = _PER_PROMPT.value
   expanded = [p for p in prompts for _ in range(k)]
   batch = min(int(c.batch_size), len(expanded))  # a few prompts: no padding to a whole batch
-  outs = hosts.sample(
-      model,
-      expanded,
-      settings,
-      seed=int(c.seed),
-      batch_size=batch,
-      init_image=init_image,
-      mask=mask,
-      edit=edit,
-      negative_prompts=None if _NEGATIVE.value is None else [_NEGATIVE.value] * len(expanded),
-  )
+  with profiling.trace(paths.join(_OUTDIR.value, "profile") if _PROFILE.value else None):
+    outs = hosts.sample(
+        model,
+        expanded,
+        settings,
+        seed=int(c.seed),
+        batch_size=batch,
+        init_image=init_image,
+        mask=mask,
+        edit=edit,
+        negative_prompts=None if _NEGATIVE.value is None else [_NEGATIVE.value] * len(expanded),
+    )
   if not hosts.is_writer():
     return
   for s, out in enumerate(outs, start=1):
@@ -233,4 +242,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

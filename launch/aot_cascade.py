@@ -35,6 +35,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from imagen_jax import cli
+
 _CASCADE = config_flags.DEFINE_config_file(
     "cascade", "configs/cascade.py:paper", "sampler settings per stage"
 )
@@ -58,9 +60,9 @@ _REPORT = flags.DEFINE_string("report_json", None, "also write the figures to th
 FID_IMAGES = 30_000
 
 
-def fail(message: str, status: int = 2):
-  print(f"aot_cascade: {message}", file=sys.stderr)
-  sys.exit(status)
+def fail(message: str):
+  """A user error: one line, exit status 2 (`imagen_jax.cli`)."""
+  cli.fail(message)
 
 
 def parse_mesh(text: str | None) -> dict[str, int] | None:
@@ -238,4 +240,4 @@ def main(argv):
 
 if __name__ == "__main__":
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  app.run(main)
+  cli.run(main)

@@ -40,6 +40,8 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from imagen_jax import cli
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "stage config", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v4-512, v5p-256, v5e-256")
 _TEXT = flags.DEFINE_enum(
@@ -61,9 +63,9 @@ _DUMP = flags.DEFINE_string(
 )
 
 
-def fail(message: str, status: int = 2):
-  print(f"aot_compile: {message}", file=sys.stderr)
-  sys.exit(status)
+def fail(message: str):
+  """A user error: one line, exit status 2 (`imagen_jax.cli`)."""
+  cli.fail(message)
 
 
 def main(argv):
@@ -99,10 +101,12 @@ def main(argv):
   except ValueError as e:
     fail(str(e))
   n_params = sum(x.size for x in jax.tree.leaves(program.abstract.params))
+  accum = int(c.train.get("grad_accum_steps", 1))
+  accum_text = f" ({accum} microbatches of {program.global_batch // accum})" if accum > 1 else ""
   print(
       f"stage {c.stage} ({c.variant}): {n_params / 1e9:.3f}B params, "
       f"{topology.chip.name} x {topology.num_chips} ({topology.libtpu_name}), mesh "
-      f"{dict(mesh.shape)}, batch {program.global_batch}, compute {c.model.dtype}, "
+      f"{dict(mesh.shape)}, batch {program.global_batch}{accum_text}, compute {c.model.dtype}, "
       f"remat {c.model.remat}, text {'cache' if use_cache else c.text.name + ' in the step'}"
   )
   t0 = time.time()
@@ -129,6 +133,8 @@ def main(argv):
       chip=topology.chip.name,
       mesh=dict(mesh.shape),
       batch=program.global_batch,
+      grad_accum_steps=accum,
+      microbatch=program.global_batch // accum,
       dtype=str(c.model.dtype),
       remat=bool(c.model.remat),
       text="cache" if use_cache else "step",
@@ -206,6 +212,7 @@ def main(argv):
   over = (r.peak_bytes - r.hbm_bytes) / aot.GIB
   print(
       f"aot: stage={c.stage} topology={topology.name} chips={topology.num_chips} attn={attn} "
+      f"batch={program.global_batch} grad_accum_steps={accum} "
       f"peak_gib={d['peak_gib']:.2f} usable_gib={d['usable_gib']:.2f} "
       f"fits={'yes' if r.fits else f'no ({over:.2f} GiB over)'} "
       f"model_tflop={d['model_tflop']:.3f} step_tflop={d['tflop']:.3f} "
@@ -218,4 +225,4 @@ def main(argv):
 if __name__ == "__main__":
   # This machine's own backend is only used to trace; the TPU program comes from libtpu.
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  app.run(main)
+  cli.run(main)

@@ -25,6 +25,8 @@ import json
 
 from absl import app, flags
 
+from imagen_jax import cli
+
 _STEPS = flags.DEFINE_integer("steps", 2_500_000, "training steps (Imagen §4.1: 2.5M)")
 
 NA = "n/a"
@@ -54,12 +56,14 @@ def row(r: dict, steps: int) -> str:
   text = "T5 in the step" if r["text"] == "step" else "cached T5"
   setup = f"{r['dtype']}, {'remat' if r['remat'] else 'no remat'}, {text}"
   slice_ = f"{r['topology']} ({r['chips']})"
+  accum = int(r.get("grad_accum_steps", 1))
+  batch = f"{r['batch']}" + (f" ({accum} x {r['batch'] // accum})" if accum > 1 else "")
   usable = _num(r, "usable_gib", ".2f")
   # `fits` against the usable HBM only where the report judged it so.
   fits = NA if "usable_gib" not in r else ("yes" if r.get("fits") else "no")
   stage = r["stage"] + (" (proxy)" if r.get("proxy") else "")  # launch/aot_proxy.py
   head = (
-      f"| {stage} | {slice_} | {mesh} | {r['batch']} | {setup} | {r.get('attn', NA)} | "
+      f"| {stage} | {slice_} | {mesh} | {batch} | {setup} | {r.get('attn', NA)} | "
       f"{_peak(r)} | {usable} | {fits} | {_num(r, 'model_tflop', '.1f')} |"
   )
   if "roofline_s" not in r:
@@ -114,6 +118,7 @@ def main(argv):
     raise app.UsageError("give one or more --report_json files of launch/aot_compile.py")
   reports = []
   for p in paths:
+    cli.require_file("report_json", p, "report (a file that launch/aot_compile.py wrote)")
     with open(p) as f:
       reports.append(json.load(f))
   reports.sort(key=order)
@@ -126,4 +131,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

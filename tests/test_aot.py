@@ -169,7 +169,7 @@ def test_sr_stage_with_cached_embeddings_fits(tmp_path):
 def test_bad_input_is_one_line(tmp_path, args, message):
   proc, _, _ = run_script(tmp_path, "--config=configs/base64.py:tiny", *args)
   assert proc.returncode == 2, proc.stdout + proc.stderr
-  errors = [line for line in proc.stderr.splitlines() if line.startswith("aot_compile: ")]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("aot_compile.py: error: ")]
   assert len(errors) == 1 and message in errors[0], proc.stderr
 
 
@@ -329,3 +329,24 @@ def test_proxy_extrapolates_two_smaller_compiles_to_the_full_block_count(tmp_pat
     assert data[key] == pytest.approx(2 * b[key] - a[key]), key  # f(3) = f(2) + (f(2) - f(1))
     assert data[key] > b[key] > a[key] > 0, key
   assert "aot_proxy: stage=base64 topology=v5e-4 blocks=1;2->3" in proc.stdout
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_is_reported_and_holds_one_microbatch(tmp_path):
+  """The AOT report names the accumulation; 4 microbatches of 8 need fewer temporaries than
+  the one batch of 32 (one microbatch's activations live at a time)."""
+  temps = {}
+  for k in (1, 4):
+    (tmp_path / str(k)).mkdir()
+    proc, summary, data = run_script(
+        tmp_path / str(k),
+        "--config=configs/base64.py:tiny",
+        "--topology=v5e-4",
+        "--config.train.global_batch_size=32",
+        f"--config.train.grad_accum_steps={k}",
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"batch=32 grad_accum_steps={k} " in summary[0], summary
+    assert (data["grad_accum_steps"], data["microbatch"]) == (k, 32 // k)
+    temps[k] = data["temp_gib"]
+  assert temps[4] < temps[1], temps

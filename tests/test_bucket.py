@@ -311,7 +311,7 @@ def test_bucket_bad_input_cli_fails_fast_in_one_line(emulator, tmp_path):
   base = ["imagen_jax.main", "--config=configs/base64.py:tiny"]
   start = time.time()
   out = cli(base + ["--workdir=gs://nobucket/run"], {})
-  assert out.returncode == 1, out.stderr[-2000:]
+  assert out.returncode == 2, out.stderr[-2000:]
   assert out.stderr.strip().splitlines()[-1] == (
       f"imagen_jax.main: error: gs://nobucket/run: bucket 'nobucket' does not exist at {emulator}"
   )
@@ -326,7 +326,7 @@ def test_bucket_bad_input_cli_fails_fast_in_one_line(emulator, tmp_path):
       "GCE_METADATA_IP": f"127.0.0.1:{free_port()}",
   }
   out = cli(base + ["--workdir=gs://bucket/run"], no_creds)
-  assert out.returncode == 1, out.stderr[-2000:]
+  assert out.returncode == 2, out.stderr[-2000:]
   last = out.stderr.strip().splitlines()[-1]
   assert last.startswith("imagen_jax.main: error: gs://bucket/run: no usable Google Cloud"), last
   assert time.time() - start < 120

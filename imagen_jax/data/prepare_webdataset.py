@@ -15,6 +15,7 @@ import logging
 
 from absl import app, flags
 
+from imagen_jax import cli
 from imagen_jax.data import webdataset
 
 _SHARDS = flags.DEFINE_string(
@@ -57,4 +58,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

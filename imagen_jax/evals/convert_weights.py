@@ -23,11 +23,12 @@ CLIP needs no converter: Hugging Face checkpoints are already safetensors (see `
 
 from __future__ import annotations
 
-import argparse
+import os
 from typing import Mapping
 
 import numpy as np
 
+from imagen_jax import cli
 from imagen_jax.evals import inception
 
 
@@ -181,7 +182,7 @@ def convert_pth(pth_path: str, out_path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument(
       "--inception_pth",
       required=True,
@@ -189,6 +190,8 @@ def main(argv: list[str] | None = None) -> None:
   )
   parser.add_argument("--out", required=True, help="output .safetensors path")
   args = parser.parse_args(argv)
+  if not os.path.isfile(args.inception_pth):
+    parser.error(f"--inception_pth={args.inception_pth!r}: no such file (pytorch-fid's .pth)")
   convert_pth(args.inception_pth, args.out)
   print(f"wrote {args.out}")
 

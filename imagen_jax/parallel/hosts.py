@@ -166,6 +166,37 @@ def sample(
   return [allgather_rows(a, n, block) for a in kept]
 
 
+def check_batch_size(model, batch_size: int, flag: str = "--config.batch_size") -> int:
+  """`batch_size` (prompts per cascade call over all processes) if every process's share
+  divides over its mesh's batch shards; otherwise a ValueError naming the sizes that do.
+
+  model: a `cascade.Cascade` (its `batch_multiple`: the batch shards of this process's mesh).
+  """
+  m = int(model.batch_multiple) * jax.process_count()
+  if (
+      isinstance(batch_size, bool)
+      or not isinstance(batch_size, int)
+      or batch_size < 1
+      or (batch_size % m)
+  ):
+    below = max(m, int(batch_size) // m * m) if isinstance(batch_size, int) else m
+    above = -(-max(int(batch_size), 1) // m) * m if isinstance(batch_size, int) else m
+    near = sorted({below, above})
+    raise ValueError(
+        f"{flag}={batch_size!r} does not divide over the {m} batch shards "
+        f"({jax.process_count()} process(es) x {model.batch_multiple}); allowed: a multiple of "
+        f"{m}, e.g. {' or '.join(map(str, near))}"
+    )
+  return batch_size
+
+
+def application_batch_size(model, flag_value: int | None, config) -> int:
+  """An application's batch: its `--batch_size` when given, else the cascade config's
+  `batch_size` (the one place it is set); checked by `check_batch_size`."""
+  flag = "--batch_size" if flag_value else "--config.batch_size"
+  return check_batch_size(model, flag_value or int(config.batch_size), flag)
+
+
 def define_flags() -> None:
   """Adds `--distributed` (+ `--coordinator_address`, `--num_processes`, `--process_id`) to a
   script, for `initialize_from_flags`."""

@@ -17,7 +17,10 @@ import json
 from absl import app, flags
 from ml_collections import config_flags
 
-from imagen_jax import paths  # first: it points the storage clients at an emulator, if any
+from imagen_jax import (
+    cli,
+    paths,  # first: it points the storage clients at an emulator, if any
+)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "the stage config (its text block)")
 _DATA = flags.DEFINE_string("data", None, "the prepared dataset (prepare_webdataset --out)")
@@ -75,4 +78,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import optax
 
+from imagen_jax.train import warm_start
+
 OPTIMIZERS = ("adafactor", "adam", "adamw")
 DECAYS = ("cosine", "constant")
 
@@ -40,9 +42,13 @@ def make_lr_schedule(optim_config, num_steps: int) -> optax.Schedule:
 
 
 def make_optimizer(
-    optim_config, num_steps: int
+    optim_config, num_steps: int, *, freeze: str = ""
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """Returns `(tx, schedule)`: optional global-norm clipping, then the stage's optimizer."""
+  """Returns `(tx, schedule)`: optional global-norm clipping, then the stage's optimizer.
+
+  freeze: a regex of param names (`train.warm_start.param_name`) that get zero updates and no
+  optimizer state (`train.freeze`); clipping sees only the trained params' gradients.
+  """
   c = optim_config
   schedule = make_lr_schedule(c, num_steps)
   if c.name == "adafactor":
@@ -62,4 +68,8 @@ def make_optimizer(
     raise ValueError(f"unknown optim.name {c.name!r}; allowed: {', '.join(OPTIMIZERS)}")
   if c.grad_clip_norm and c.grad_clip_norm > 0:
     opt = optax.chain(optax.clip_by_global_norm(c.grad_clip_norm), opt)
+  if freeze:
+    opt = optax.multi_transform(
+        {"train": opt, "freeze": optax.set_to_zero()}, warm_start.freeze_labels(freeze)
+    )
   return opt, schedule

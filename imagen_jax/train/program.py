@@ -97,14 +97,19 @@ class TrainProgram:
 
 
 def check_batch(config, rules, mesh) -> tuple[str, ...]:
-  """The mesh axes the global batch is split over; a ValueError unless they divide it."""
+  """The mesh axes the global batch is split over; a ValueError unless they divide it (and,
+  with gradient accumulation over k microbatches, each microbatch of B / k)."""
   axes = sharding_lib.batch_axes(rules, mesh)
   shards = math.prod(mesh.shape[a] for a in axes)
   batch = config.train.global_batch_size
-  if batch % shards:
+  accum = int(config.train.get("grad_accum_steps", 1))
+  if batch % (shards * accum):
+    what = f"train.global_batch_size={batch}"
+    if accum > 1:
+      what += f" in train.grad_accum_steps={accum} microbatches"
     raise ValueError(
-        f"train.global_batch_size={batch} is not divisible by the {shards} batch shards "
-        f"({' x '.join(axes)}) of mesh {dict(mesh.shape)}; allowed: a multiple of {shards}"
+        f"{what} is not divisible by the {shards} batch shards ({' x '.join(axes)}) of mesh "
+        f"{dict(mesh.shape)}; allowed: a multiple of {shards * accum}"
     )
   return axes
 
@@ -133,7 +138,9 @@ def build(config, mesh, encoder, *, use_cache: bool) -> TrainProgram:
         f"embeddings, the stage expects [L={stage.text_len}, D={stage.text_dim}] (text.path "
         "names a checkpoint whose width differs from its preset?)"
     )
-  tx, lr_schedule = optim.make_optimizer(c.optim, c.train.num_steps)
+  tx, lr_schedule = optim.make_optimizer(
+      c.optim, c.train.num_steps, freeze=str(c.train.get("freeze", ""))
+  )
   abstract, specs = state_lib.state_specs(
       stage, tx, mesh, rules, fsdp_min_size=int(c.mesh.fsdp_min_size)
   )

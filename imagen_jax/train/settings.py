@@ -5,7 +5,8 @@ minutes of a compile (e.g. an interval of 0 taken modulo). Intervals count steps
 
   log_every, ckpt_every                 > 0: every that many steps (and at the last step)
   sample_every                          > 0: a sample grid every that many steps; 0: none
-  num_steps, global_batch_size          > 0
+  num_steps, global_batch_size          > 0 (the batch of one optimizer step)
+  grad_accum_steps                      >= 1, dividing global_batch_size: microbatches per step
   max_to_keep                           None (keep all) or >= 1 newest checkpoints kept
   keep_period                           0 (off) or > 0: also keep every step divisible by it
   nonfinite                             'stop' (raise at the first non-finite step) or 'skip'
@@ -14,11 +15,17 @@ minutes of a compile (e.g. an interval of 0 taken modulo). Intervals count steps
                                         stop the run (it is diverging, not hitting a bad batch)
   preemption_check_every                >= 1 (used only with jax's preemption service off)
   ema_decay                             in [0, 1]
+  freeze                                '' or a regular expression of param names
+  profile_steps                         (start, end), 0 <= start <= end: trace steps
+                                        start + 1 .. end; (0, 0) = off
 """
 
 from __future__ import annotations
 
 import math
+import re
+
+from imagen_jax import profiling
 
 NONFINITE = ("stop", "skip")
 
@@ -40,6 +47,13 @@ def check(config) -> None:
   t = config.train
   _int(t, "num_steps", 1, "an int > 0")
   batch = _int(t, "global_batch_size", 1, "an int > 0")
+  accum = _int(t, "grad_accum_steps", 1, "an int >= 1 (microbatches per optimizer step)")
+  if batch % accum:
+    divisors = [d for d in range(1, batch + 1) if batch % d == 0]
+    raise ValueError(
+        f"train.grad_accum_steps={accum} does not divide train.global_batch_size={batch}; "
+        f"allowed: {', '.join(map(str, divisors[:12]))}{', ...' if len(divisors) > 12 else ''}"
+    )
   for field in ("log_every", "ckpt_every"):
     _int(t, field, 1, "an int > 0 (steps between two)")
   _int(t, "sample_every", 0, "an int >= 0 (0: no sample grids)")
@@ -50,6 +64,12 @@ def check(config) -> None:
     raise ValueError(f"train.nonfinite={t.nonfinite!r}; allowed: {', '.join(NONFINITE)}")
   _int(t, "max_nonfinite_steps", 1, "an int >= 1")
   _int(t, "preemption_check_every", 1, "an int >= 1")
+  if t.get("freeze"):
+    try:
+      re.compile(t.freeze)
+    except re.error as e:
+      raise ValueError(f"train.freeze={t.freeze!r} is not a regular expression: {e}") from None
+  profiling.parse_window(t.get("profile_steps", (0, 0)))
   decay = t.ema_decay
   if not isinstance(decay, (int, float)) or not math.isfinite(decay) or not 0 <= decay <= 1:
     raise ValueError(f"train.ema_decay={decay!r}; allowed: a number in [0, 1]")

@@ -106,5 +106,19 @@ def create_state(
   return compiled(rng)
 
 
+def state_from_params(
+    tx: optax.GradientTransformation, shardings: TrainState, params: Any
+) -> TrainState:
+  """The step-0 state of a warm start: `params` (and EMA params) given, a fresh optimizer."""
+
+  def init(params):
+    ema = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, ema_params=ema, opt_state=tx.init(params)
+    )
+
+  return jax.jit(init, out_shardings=shardings)(params)
+
+
 def param_count(params: Any) -> int:
   return sum(int(x.size) for x in jax.tree.leaves(params))

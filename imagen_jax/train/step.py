@@ -16,7 +16,13 @@
      eps in the paper), weighted per example by `train.loss_weighting` (`none`: the paper's
      plain loss; `min_snr`: min(SNR, gamma) / SNR for eps, Hang et al. 2023;
      `losses.loss_weights`); optax update (global-norm clipping per config); EMA update.
-  6. A non-finite loss or gradient norm leaves params, EMA and optimizer state unchanged
+  6. With `train.grad_accum_steps = k` > 1 the batch `[B]` (B = `train.global_batch_size`, the
+     optimizer step's batch) is split into k microbatches of B / k, every random draw above
+     made for the whole batch first; their gradients are averaged in a `lax.scan`
+     (`accumulate_grads`) before the one optax update: the update of the batch of B, with one
+     microbatch's activations in memory. Steps, EMA, data position, logging and checkpoints all
+     count optimizer steps.
+  7. A non-finite loss or gradient norm leaves params, EMA and optimizer state unchanged
      (`finite = 0` in the metrics); the trainer stops or goes on per `train.nonfinite`.
 
 The contract of docs/interfaces.md names `train_step(state, batch, rng)`; the frozen text
@@ -44,6 +50,51 @@ def ema_update(ema: Any, params: Any, decay: float) -> Any:
   """ema <- decay * ema + (1 - decay) * params, in float32 (the paper does not state the
   decay; `train.ema_decay`)."""
   return jax.tree.map(lambda e, p: e + (1.0 - decay) * (p.astype(jnp.float32) - e), ema, params)
+
+
+def microbatch(tree: Any, j: jax.Array, k: int) -> Any:
+  """Microbatch j of k of `[B, ...]` leaves: `[B / k, ...]`, the examples j, j + k, j + 2k, ...
+
+  Strided, not blocked: each device's contiguous block of the batch (split over the mesh's
+  batch axes) holds B / (k * shards) examples of every microbatch, so taking one moves no data
+  between devices (`[B / k, k, ...]` indexed on its unsharded axis 1).
+  """
+
+  def take(x):
+    b = x.shape[0]
+    return jax.lax.dynamic_index_in_dim(
+        x.reshape((b // k, k) + x.shape[1:]), j, axis=1, keepdims=False
+    )
+
+  return jax.tree.map(take, tree)
+
+
+def accumulate_grads(
+    loss_fn: Callable, params: Any, examples: dict, dropout_key: jax.Array, k: int
+) -> tuple[jax.Array, Any]:
+  """(mean loss, mean gradient) of the batch `examples` `[B, ...]` over k microbatches.
+
+  loss_fn(params, microbatch, dropout_key) -> mean loss of the microbatch `[B / k, ...]`. With
+  equal microbatches, mean_B(loss) = (1 / k) sum_j mean_{B/k}(loss_j), so the k-step
+  `lax.scan` of `value_and_grad` gives the big batch's loss and gradient (to float32
+  summation order) with one microbatch's activations live. The gradient sum is carried in the
+  params' dtype and layout (float32 storage). Dropout draws its own mask per microbatch
+  (`fold_in(dropout_key, j)`).
+  """
+  grad_fn = jax.value_and_grad(loss_fn)
+
+  def body(carry, j):
+    loss_sum, grad_sum = carry
+    mb = jax.tree.map(
+        lambda x: nn.with_logical_constraint(x, ("activation_batch",) + (None,) * (x.ndim - 1)),
+        microbatch(examples, j, k),
+    )
+    loss, grads = grad_fn(params, mb, jax.random.fold_in(dropout_key, j))
+    return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  (loss_sum, grad_sum), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), jnp.arange(k))
+  return loss_sum / k, jax.tree.map(lambda g: g / k, grad_sum)
 
 
 def make_train_step(
@@ -80,48 +131,66 @@ def make_train_step(
   if not gamma > 0.0:
     raise ValueError(f"train.min_snr_gamma={gamma!r} must be > 0 (the paper uses 5)")
 
+  accum = int(config.train.get("grad_accum_steps", 1))
+  if isinstance(config.train.get("grad_accum_steps", 1), bool) or accum < 1:
+    raise ValueError(f"train.grad_accum_steps={accum!r}; allowed: an int >= 1")
+
+  def micro_loss(params, mb: dict, dropout_key, text_params) -> jax.Array:
+    """The mean loss of one (micro)batch whose random draws are already in `mb`."""
+    x0 = mb["image"].astype(jnp.float32)
+    emb, mask = stage.text_embeddings(mb, encode_tokens, text_params)
+    emb, mask = stage.drop_text(emb, mask, mb["keep"])
+    cond = stage.condition(
+        emb, mask, mb.get("lowres"), aug_level=mb.get("aug"), aug_noise=mb.get("aug_noise")
+    )
+    logsnr = stage.schedule.logsnr_fn(mb["t"])
+    z_t = forward.q_sample(x0, logsnr, mb["noise"])
+    weights = losses.loss_weights(logsnr, weighting=weighting, gamma=gamma, space=stage.target)
+    pred = stage.model.apply(
+        {"params": params},
+        z_t,
+        logsnr,
+        cond["text_emb"],
+        cond["text_mask"],
+        lowres=cond.get("lowres"),
+        aug_level=cond.get("aug_level"),
+        train=True,
+        rngs={"dropout": dropout_key},
+    )
+    per_example = losses.diffusion_loss(
+        pred, x0=x0, noise=mb["noise"], z_t=z_t, logsnr=logsnr, target=stage.target, weights=weights
+    )
+    return jnp.mean(per_example)
+
   def train_step(
       state: TrainState, batch: dict, rng: jax.Array, text_params: Any
   ) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(rng, state.step)
     k_t, k_noise, k_aug, k_aug_noise, k_drop, k_dropout = jax.random.split(rng, 6)
-    x0 = batch["image"].astype(jnp.float32)
-    b = x0.shape[0]
-
-    emb, mask = stage.text_embeddings(batch, encode_tokens, text_params)
-    keep = jax.random.uniform(k_drop, (b,)) >= drop_prob
-    emb, mask = stage.drop_text(emb, mask, keep)
-    lowres = aug = aug_noise = None
+    shape = batch["image"].shape
+    b = shape[0]
+    # Every per-example draw is made for the whole batch, so k microbatches see exactly the
+    # draws of the one big batch (the same update, `accumulate_grads`).
+    draws = dict(
+        keep=jax.random.uniform(k_drop, (b,)) >= drop_prob,
+        t=jax.random.uniform(k_t, (b,), jnp.float32),
+        noise=jax.random.normal(k_noise, shape, jnp.float32),
+    )
     if stage.is_sr:
-      lowres = batch["lowres"]
-      aug = jax.random.uniform(k_aug, (b,), jnp.float32, aug_lo, aug_hi)
-      aug_noise = jax.random.normal(k_aug_noise, x0.shape, jnp.float32)
-    cond = stage.condition(emb, mask, lowres, aug_level=aug, aug_noise=aug_noise)
-
-    t = jax.random.uniform(k_t, (b,), jnp.float32)
-    logsnr = stage.schedule.logsnr_fn(t)
-    noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
-    z_t = forward.q_sample(x0, logsnr, noise)
-    weights = losses.loss_weights(logsnr, weighting=weighting, gamma=gamma, space=stage.target)
-
-    def loss_fn(params):
-      pred = stage.model.apply(
-          {"params": params},
-          z_t,
-          logsnr,
-          cond["text_emb"],
-          cond["text_mask"],
-          lowres=cond.get("lowres"),
-          aug_level=cond.get("aug_level"),
-          train=True,
-          rngs={"dropout": k_dropout},
+      draws["aug"] = jax.random.uniform(k_aug, (b,), jnp.float32, aug_lo, aug_hi)
+      draws["aug_noise"] = jax.random.normal(k_aug_noise, shape, jnp.float32)
+    examples = {**batch, **draws}
+    if accum == 1:
+      loss, grads = jax.value_and_grad(micro_loss)(state.params, examples, k_dropout, text_params)
+    else:
+      loss, grads = accumulate_grads(
+          lambda p, mb, key: micro_loss(p, mb, key, text_params),
+          state.params,
+          examples,
+          k_dropout,
+          accum,
       )
-      per_example = losses.diffusion_loss(
-          pred, x0=x0, noise=noise, z_t=z_t, logsnr=logsnr, target=stage.target, weights=weights
-      )
-      return jnp.mean(per_example)
-
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    keep = draws["keep"]
     grad_norm = optax.global_norm(grads)
     # Named scopes: the compiled HLO attributes this work to them (parallel.hlo_breakdown).
     with jax.named_scope("optimizer"):
@@ -177,12 +246,12 @@ def jit_train_step(
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   active_rules = sharding_lib.rules_for_mesh(rules, mesh) if constrain_activations else ()
 
-  def step_with_rules(state, batch, rng, text_params):
+  def train_step(state, batch, rng, text_params):
     with nn.logical_axis_rules(active_rules):
       return step_fn(state, batch, rng, text_params)
 
   jitted = jax.jit(
-      step_with_rules,
+      train_step,
       in_shardings=(state_shardings, batch_shardings, replicated, text_shardings),
       out_shardings=(state_shardings, replicated),
       donate_argnums=(0,),

@@ -47,7 +47,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from imagen_jax import atomic, paths
+from imagen_jax import atomic, paths, profiling
 from imagen_jax import checkpoint as ckpt_lib
 from imagen_jax import metrics as metrics_lib
 from imagen_jax.data import pipeline, records
@@ -60,6 +60,7 @@ from imagen_jax.text import shards as text_shards
 from imagen_jax.train import program as program_lib
 from imagen_jax.train import settings as settings_lib
 from imagen_jax.train import state as state_lib
+from imagen_jax.train import warm_start
 
 Hook = Callable[[int, Any, dict], None]
 
@@ -263,6 +264,20 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> d
     state = state_lib.TrainState.from_checkpoint_items(train_state, ema)
     saved_position = ckpt.data_position(latest, from_step=bool(c.train.data_position_from_step))
     logging.info("resumed from %s at step %d", ckpt.directory, latest)
+    saved_train = ckpt.saved_config(latest).get("train", {})
+    for key in ("init_step", "init_fingerprint"):  # the warm start's record, kept
+      if key in saved_train:
+        config_dict["train"][key] = saved_train[key]
+  elif c.train.get("init_from"):
+    params, record = warm_start.load(str(c.train.init_from), target.params)
+    state = state_lib.state_from_params(program.tx, shardings, params)
+    config_dict["train"].update(record)
+    logging.info(
+        "warm start from %s (step %s, params fingerprint %s)",
+        record["init_from"],
+        record["init_step"],
+        record["init_fingerprint"],
+    )
   else:
     state = state_lib.create_state(stage, program.tx, shardings, init_rng)
   # Written once the checkpoint (if any) is known to fit this config: a refused resume leaves
@@ -321,6 +336,8 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> d
       dynamic_ncols=True,
   )
   t_log, steps_since = time.perf_counter(), 0
+  # train.profile_steps: a jax.profiler trace beside the scalars (imagen_jax.profiling).
+  profile = profiling.StepWindow(c.train.profile_steps, paths.join(workdir, "tensorboard"))
 
   def check_finite():
     """Reads the `finite` flags not read yet; raises per `train.nonfinite` (see module doc)."""
@@ -368,8 +385,10 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> d
     while step < c.train.num_steps:
       host_batch = next(loader)
       batch = pipeline.to_global_batch(host_batch, mesh, batch_axes)
-      state, metrics = train_step(state, batch, step_rng, encoder.params)
+      with profile.before(step + 1):
+        state, metrics = train_step(state, batch, step_rng, encoder.params)
       step += 1
+      profile.after(step, metrics)
       steps_since += 1
       pending.append((step, metrics))
       bar.update(1)
@@ -400,6 +419,7 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> d
     if not preempted and ckpt.latest_step() != step:
       save(step)
   finally:
+    profile.close()
     preemption.uninstall()
     bar.close()
     try:
