@@ -343,7 +343,7 @@ class Stage:
     RePaint inpainting), passed to `samplers.sample`.
     """
     w = settings.guidance_weight if guidance_weight is None else guidance_weight
-    if self.is_deepfloyd and settings.sampler == "ddpm":
+    if settings.sampler == "ddpm" and self.is_deepfloyd:
       if init_image is not None or mask is not None or edit is not None:
         raise ValueError("IF's DDPM sampler does not edit; use sampler ddim for SDEdit/inpainting")
       return self._sample_if_ddpm(params, cond, noise, rng, settings, w)

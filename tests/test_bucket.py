@@ -411,7 +411,7 @@ def test_bucket_train_kill_resume_sample(emulator, tmp_path):
   sampled = cli(
       [
           "imagen_jax.sample",
-          "--config=configs/cascade.py:shapes,num_stages=1,batch_size=2",
+          "--config=configs/cascade.py:shapes,num_stages=1,batch_size=8",
           f"--config.stage1.workdir={run}",
           "--config.stage1.num_steps=2",
           "--prompt=a red circle",

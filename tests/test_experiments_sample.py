@@ -22,7 +22,7 @@ def test_sample_cli_writes_grids_singles_sheet_and_settings(tmp_path):
       f"--prompt_file={prompt_file}",
       "--num_per_prompt=2",
       f"--outdir={out}",
-      batch_size=4,
+      batch_size=8,  # the 8 fake devices: 4 samples pad one batch
   )
   assert proc.returncode == 0, proc.stderr[-4000:]
   settings = json.loads((out / "settings.json").read_text())

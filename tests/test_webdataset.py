@@ -306,7 +306,7 @@ def test_webdataset_paper_config_without_a_dataset_stops_naming_the_flag(tmp_pat
       text=True,
       timeout=300,
   )
-  assert out.returncode == 1, out.stderr[-2000:]
+  assert out.returncode == 2, out.stderr[-2000:]  # a user error (imagen_jax.cli)
   last = out.stderr.strip().splitlines()[-1]
   assert last.startswith("imagen_jax.main: error: no dataset named") and (
       "--config.data.name=records --config.data.data_dir=" in last

@@ -62,6 +62,8 @@ class BertConfig:
   param_dtype: Any = jnp.float32
   # Matmul precision; None = "highest" for float32 compute, "default" for bf16/fp16 (as in t5).
   precision: str | None = None
+  # Zero the output at padding (as t5's option; False keeps what HF's encoder computes there).
+  zero_padding: bool = True
 
   def __post_init__(self):
     if self.hidden_act not in ACTIVATIONS:
@@ -299,7 +301,7 @@ class BertEncoder(nn.Module):
     mask_bias = mask_bias[:, None, None, :]  # [B, 1, 1, L]: keys at padding get -1e9
     for i in range(c.num_hidden_layers):
       h = EncoderLayer(c, name=f"layers_{i}")(h, mask_bias)
-    return h * mask.astype(jnp.float32)[..., None]
+    return h * mask.astype(jnp.float32)[..., None] if c.zero_padding else h
 
 
 def abstract_params(config: BertConfig, seq_len: int = 8):
