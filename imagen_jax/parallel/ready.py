@@ -58,7 +58,8 @@ class ReadyJit:
   """Calls a jitted function; with several processes, the first call of each signature compiles
   the program, waits for every peer to have compiled it (`wait_for_peers`), then runs it.
 
-  `lower(*args)` compiles ahead (`jax.jit`'s in-memory cache then serves the call).
+  `lower(*args)` lowers under the context (ahead-of-time: `.lower(...).compile()`); once a
+  program is compiled, `jax.jit`'s in-memory cache serves the call without compiling again.
   `context` (optional) is entered around lowering and calling, e.g. `jax.set_mesh(mesh)`.
   """
 
