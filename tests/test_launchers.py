@@ -208,7 +208,7 @@ def cluster(tmp_path, tmp_path_factory):
       STUB_WORKERS="2",
       STUB_PORT=str(port),
       PYTHON=sys.executable,
-      JAX_COMPILATION_CACHE_DIR=str(cache),
+      JAX_COMPILATION_CACHE_DIR=os.environ.get("JAX_COMPILATION_CACHE_DIR", str(cache)),
       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
   )
   env.pop("PYTHONPATH", None)  # the workers import the code they were given, from their cwd

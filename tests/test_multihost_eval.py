@@ -92,11 +92,13 @@ def _fake_coco(root, n=4):
 
 
 def _env(cache, devices):
+  """The test run's compilation cache (tests/conftest.py) if there is one, else `cache`: the
+  multi-host tests compile the same tiny cascade's programs, for 8 and for 4 devices."""
   return dict(
       os.environ,
       XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
       JAX_PLATFORMS="cpu",
-      JAX_COMPILATION_CACHE_DIR=str(cache),
+      JAX_COMPILATION_CACHE_DIR=os.environ.get("JAX_COMPILATION_CACHE_DIR", str(cache)),
       PYTHONPATH=ROOT,
   )
 

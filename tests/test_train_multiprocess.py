@@ -76,7 +76,7 @@ def env(cache_dir, devices):
   e.update(
       XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
       JAX_PLATFORMS="cpu",
-      JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+      JAX_COMPILATION_CACHE_DIR=os.environ.get("JAX_COMPILATION_CACHE_DIR", str(cache_dir)),
       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
       JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
       PYTHONPATH=ROOT,
