@@ -66,8 +66,10 @@ def get_config(arg: str | None = None):
       s.percentile, s.max_scale = 95.0, cap
     c.deepfloyd = ml_collections.ConfigDict(
         dict(
+            text_name="t5-v1_1-xxl",
             text_path="weights/t5-v1_1-xxl",  # IF-I's text_encoder/ + tokenizer/ files
             text_max_length=77,
+            lowres_size=64,  # IF-II's input side (IF-I's output)
             dtype="bfloat16",
             param_dtype="bfloat16",
             attn_impl="auto",
