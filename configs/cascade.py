@@ -30,7 +30,7 @@ def _stage(workdir, *, w, steps, aug_level=0.0, sampler="ddim", threshold="dynam
   s.guidance_weight = w  # the paper's w; 1 = no guidance (§2.2)
   s.threshold = threshold  # none | static | dynamic (§2.3)
   s.percentile = 99.5  # dynamic thresholding percentile, 0-100 scale (Fig. A.31)
-  # DeepFloyd IF's cap c >= 1 on the dynamic-thresholding s (IF uses 1.5); unset = no cap.
+  # DeepFloyd IF's cap c >= 1 on the dynamic-thresholding s (IF-I 1.5, IF-II 1.0); unset: none.
   s.max_scale = config_dict.placeholder(float)
   s.eta = 0.0  # DDIM stochasticity
   s.aug_level = aug_level  # SR only: noise conditioning augmentation level (§2.4)
@@ -56,16 +56,20 @@ def get_config(arg: str | None = None):
   elif variant == "if_xl":
     c.num_stages = 2
     # IF's pipeline defaults: 100 / 50 DDPM steps, w = 7 / 4, dynamic thresholding at the 95th
-    # percentile with s <= 1.5, IF-II's noise_level 250 (aug_level 0.25).
+    # percentile, IF-II's noise_level 250 (aug_level 0.25). The cap s <= sample_max_value of
+    # each model's scheduler_config.json: 1.5 for IF-I, 1.0 for IF-II (both written by
+    # diffusers' scripts/convert_if.py, which made the published folders).
     c.stage1 = _stage("weights/IF-I-XL-v1.0/unet", w=7.0, steps=100, sampler="ddpm")
     c.stage2 = _stage("weights/IF-II-L-v1.0/unet", w=4.0, steps=50, aug_level=0.25, sampler="ddpm")
     c.stage3 = _stage("", w=1.0, steps=20)
-    for s in (c.stage1, c.stage2):
-      s.percentile, s.max_scale = 95.0, 1.5
+    for s, cap in ((c.stage1, 1.5), (c.stage2, 1.0)):
+      s.percentile, s.max_scale = 95.0, cap
     c.deepfloyd = ml_collections.ConfigDict(
         dict(
+            text_name="t5-v1_1-xxl",
             text_path="weights/t5-v1_1-xxl",  # IF-I's text_encoder/ + tokenizer/ files
             text_max_length=77,
+            lowres_size=64,  # IF-II's input side (IF-I's output)
             dtype="bfloat16",
             param_dtype="bfloat16",
             attn_impl="auto",

@@ -51,6 +51,7 @@ _BATCH = flags.DEFINE_integer(
 )
 _CHUNK = flags.DEFINE_integer("chunk", 1024, "prompts per saved sample chunk")
 _OUTDIR = flags.DEFINE_string("outdir", "coco_fid30k", "output folder")
+_NEGATIVE = cli.define_negative_prompt()  # as imagen_jax.sample's
 hosts.define_flags()
 
 
@@ -95,6 +96,7 @@ def main(argv):
       seed=_SEED.value,
       chunk=_CHUNK.value,
       batch_size=batch,
+      negative_prompt=_NEGATIVE.value,
   )
   score = computer.fid(coco.iter_chunks(chunks, total=len(prompts)), ref, total=len(prompts))
   report = {
@@ -104,6 +106,7 @@ def main(argv):
       "num_reference": ref.n,
       "fid_mode": _MODE.value,
       "seed": _SEED.value,
+      "negative_prompt": _NEGATIVE.value,
       "reference_size": coco.REFERENCE_SIZE,
       "workdirs": workdirs,
       "steps": [s.step for s in model.stages],

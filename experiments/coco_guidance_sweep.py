@@ -62,6 +62,7 @@ _BATCH = flags.DEFINE_integer(
     "sampling, FID and CLIP batch size; default: the cascade config's batch_size",
 )
 _OUTDIR = flags.DEFINE_string("outdir", "coco_guidance_sweep", "output folder")
+_NEGATIVE = cli.define_negative_prompt()  # as imagen_jax.sample's
 hosts.define_flags()
 
 
@@ -125,6 +126,7 @@ def main(argv):
       clip_scorer=clip_lib.CLIPScorer(_CLIP.value, batch_size=batch),
       seed=_SEED.value,
       batch_size=batch,
+      negative_prompt=_NEGATIVE.value,
   )
   sizes = " -> ".join(str(s.image_size) for s in model.stages)
   title = (

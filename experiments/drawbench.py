@@ -41,6 +41,7 @@ _BATCH = flags.DEFINE_integer(
     "batch_size", None, "sampling batch size; default: the cascade config's batch_size"
 )
 _OUTDIR = flags.DEFINE_string("outdir", "drawbench", "output folder")
+_NEGATIVE = cli.define_negative_prompt()  # both models, as imagen_jax.sample's
 
 
 def _model(cfg, workdirs, cache):
@@ -72,16 +73,29 @@ def main(argv):
     batch = hosts.application_batch_size(model_a, _BATCH.value, _CONFIG_A.value)
   except ValueError as e:
     raise cli.UserError(str(e)) from None
+  neg = _NEGATIVE.value
   images_a = drawbench.sample_k(
-      model_a, prompts, settings_a, _K.value, seed=_SEED.value, batch_size=batch
+      model_a,
+      prompts,
+      settings_a,
+      _K.value,
+      seed=_SEED.value,
+      batch_size=batch,
+      negative_prompt=neg,
   )
   images_b = drawbench.sample_k(
-      model_b, prompts, settings_b, _K.value, seed=_SEED.value, batch_size=batch
+      model_b,
+      prompts,
+      settings_b,
+      _K.value,
+      seed=_SEED.value,
+      batch_size=batch,
+      negative_prompt=neg,
   )
   paths.makedirs(_OUTDIR.value)
   sheet = os.path.join(_OUTDIR.value, "rating_sheet.html")
   drawbench.write_rating_sheet(
-      sheet, items, images_a, images_b, _NAME_A.value, _NAME_B.value, _SIDES_SEED.value
+      sheet, items, images_a, images_b, _NAME_A.value, _NAME_B.value, _SIDES_SEED.value, neg
   )
   grids = drawbench.write_category_grids(
       os.path.join(_OUTDIR.value, "grids"), items, images_a, images_b, _NAME_A.value, _NAME_B.value

@@ -68,6 +68,7 @@ _REFERENCE = flags.DEFINE_string(
     "uint8 reference images (key " "`images`) for the distance when prompts come from a file",
 )
 _OUTDIR = flags.DEFINE_string("outdir", "guidance_sweep", "output folder")
+_NEGATIVE = cli.define_negative_prompt()  # as imagen_jax.sample's
 hosts.define_flags()
 
 
@@ -149,6 +150,7 @@ def main(argv):
       clip_scorer=clip,
       seed=_SEED.value,
       batch_size=batch,
+      negative_prompt=_NEGATIVE.value,
   )
   title = (
       f"stage {stage + 1} guidance sweep, {len(prompts)} prompts, "

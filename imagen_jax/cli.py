@@ -107,6 +107,15 @@ def require_file(flag: str, path: str | None, what: str = "file") -> str:
   return path
 
 
+def define_negative_prompt() -> flags.FlagHolder:
+  """`--negative_prompt`, one flag for the sample CLI and the sweeps: the text whose embedding
+  the unconditional half of classifier-free guidance reads for every prompt (None: the null
+  text; `Cascade.sample(negative_prompts=...)`)."""
+  return flags.DEFINE_string(
+      "negative_prompt", None, "guidance's unconditional text for every prompt (default: null text)"
+  )
+
+
 class _LibraryInfoFilter(logging.Filter):
   """Keeps WARNING and worse, and INFO / DEBUG logged from the given folders (ours)."""
 

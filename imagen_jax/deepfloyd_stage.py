@@ -91,19 +91,27 @@ def stage_config(
   return c
 
 
-def load_stage(
-    unet_dir: str, deepfloyd_block, *, mesh=None, rules=None, fsdp_min_size: int | None = None
-) -> tuple[Stage, dict]:
-  """`(stage, params)` of an IF U-Net folder: its weights read into their shards on `mesh`
-  (default `sharded_sampling.default_mesh()`), laid out by `rules` (default the block's)."""
-  local = paths.local_copy(unet_dir) if paths.is_remote(unet_dir) else unet_dir
+def build_stage(unet_dir: str, deepfloyd_block, *, local: str | None = None) -> Stage:
+  """The stage of an IF U-Net folder from its `config.json` alone (no weights are read; what
+  `launch/aot_cascade.py` compiles). `local`: a local copy of a `gs://` folder."""
+  local = local or unet_dir
   if not os.path.isdir(local):
     raise FileNotFoundError(f"no IF U-Net folder at {unet_dir!r}")
   model = deepfloyd.build_denoiser(
       ml_collections.ConfigDict(dict(kind="deepfloyd", path=local)), None
   )
   config = stage_config(unet_dir, model.config, deepfloyd_block)
-  stage = Stage.from_config(config, model=deepfloyd.build_denoiser(config.model, model.config))
+  return Stage.from_config(config, model=deepfloyd.build_denoiser(config.model, model.config))
+
+
+def load_stage(
+    unet_dir: str, deepfloyd_block, *, mesh=None, rules=None, fsdp_min_size: int | None = None
+) -> tuple[Stage, dict]:
+  """`(stage, params)` of an IF U-Net folder: its weights read into their shards on `mesh`
+  (default `sharded_sampling.default_mesh()`), laid out by `rules` (default the block's)."""
+  local = paths.local_copy(unet_dir) if paths.is_remote(unet_dir) else unet_dir
+  stage = build_stage(unet_dir, deepfloyd_block, local=local)
+  config = stage.config
   mesh = ss.default_mesh() if mesh is None else mesh
   rules = ss.stage_rules(config) if rules is None else rules
   fsdp = ss.stage_fsdp_min_size(config) if fsdp_min_size is None else fsdp_min_size

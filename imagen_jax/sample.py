@@ -34,9 +34,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _PROMPTS = flags.DEFINE_multi_string("prompt", [], "a prompt (repeat the flag for several)")
 _PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "a text file, one prompt per line")
-_NEGATIVE = flags.DEFINE_string(
-    "negative_prompt", None, "guidance's unconditional text for every prompt (default: null text)"
-)
+_NEGATIVE = cli.define_negative_prompt()
 _OUTDIR = flags.DEFINE_string("outdir", "samples_out", "where the PNGs and settings go")
 _PER_PROMPT = flags.DEFINE_integer("num_per_prompt", 4, "samples per prompt")
 _INIT_IMAGE = flags.DEFINE_string(

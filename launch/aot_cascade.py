@@ -24,6 +24,13 @@ arguments), judged against XLA's usable HBM (`aot.usable_hbm_bytes`). One line f
 Stage networks: `--stages` (default the three paper stage configs); sampler settings:
 `--cascade` (steps, guidance weight, sampler per stage). Exit status 1 when a program does not
 fit the usable HBM, 2 on bad input.
+
+DeepFloyd IF (`--cascade=configs/cascade.py:if_xl`): the stages are the cascade's IF U-Net
+folders (`stageK.workdir`; only their `config.json` is read, no weights), T5 is the `deepfloyd`
+block's encoder at 77 tokens, and each stage's loop is IF's sampler (`discrete.sample` for
+`ddpm`) reading the unconditional text as `Cascade` does (the "" or negative prompt embedding):
+
+    python launch/aot_cascade.py --topology=v4-8 --cascade=configs/cascade.py:if_xl
 """
 
 from __future__ import annotations
@@ -40,11 +47,13 @@ from imagen_jax import cli
 _CASCADE = config_flags.DEFINE_config_file(
     "cascade", "configs/cascade.py:paper", "sampler settings per stage"
 )
+_PAPER_STAGES = "base64:paper;sr256:paper;sr1024:paper"
 _STAGES = flags.DEFINE_string(
     "stages",
-    "base64:paper;sr256:paper;sr1024:paper",
+    None,
     "the cascade's stage configs, ';'-separated STAGE:ARG (configs/<STAGE>.py get_config(ARG), "
-    "e.g. sr256:paper,text_name=t5-v1_1-xl)",
+    "e.g. sr256:paper,text_name=t5-v1_1-xl) or if:FOLDER (an IF U-Net folder's config.json); "
+    f"default: the IF cascade's folders for a cascade with a `deepfloyd` block, else {_PAPER_STAGES}",
 )
 _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "compute dtype of the stage networks")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v4-8, v5e-8")
@@ -77,18 +86,40 @@ def parse_mesh(text: str | None) -> dict[str, int] | None:
   return out
 
 
-def stage_configs(text: str, dtype: str):
+def build_stages(text: str | None, dtype: str, cascade) -> list:
+  """The `Stage`s of `--stages` (see its help); IF folders with the cascade's `deepfloyd`
+  block, compute dtype `dtype`."""
+  import ml_collections
+
+  from imagen_jax import deepfloyd_stage
+  from imagen_jax.stage import Stage
+
+  block = cascade.get("deepfloyd", None)
+  if text is None:
+    n = int(cascade.num_stages)
+    folders = [cascade[f"stage{k + 1}"].workdir for k in range(n)]
+    text = ";".join(f"if:{f}" for f in folders) if block is not None else _PAPER_STAGES
   out = []
   for entry in text.split(";"):
     name, _, arg = entry.strip().partition(":")
+    if name == "if":
+      if block is None:
+        fail(f"--stages entry {entry!r}: IF stages need a cascade config with a deepfloyd block")
+      b = ml_collections.ConfigDict(block.to_dict())
+      b.dtype = dtype
+      try:
+        out.append(deepfloyd_stage.build_stage(arg, b))
+      except (OSError, ValueError) as e:
+        fail(f"--stages entry {entry!r}: {e}")
+      continue
     if name not in ("base64", "sr256", "sr1024"):
-      fail(f"--stages entry {entry!r}: unknown stage {name!r}; allowed: base64, sr256, sr1024")
+      fail(f"--stages entry {entry!r}: unknown stage {name!r}; allowed: base64, sr256, sr1024, if")
     try:
       config = importlib.import_module(f"configs.{name}").get_config(arg or "paper")
     except ValueError as e:
       fail(f"--stages entry {entry!r}: {e}")
     config.model.dtype = dtype
-    out.append(config)
+    out.append(Stage.from_config(config))
   return out
 
 
@@ -104,10 +135,11 @@ def main(argv):
   except ValueError as e:
     fail(str(e))
   from imagen_jax import sharded_sampling as ss
-  from imagen_jax.stage import SamplingSettings, Stage
+  from imagen_jax.stage import SamplingSettings
 
-  configs = stage_configs(_STAGES.value, _DTYPE.value)
   cascade = _CASCADE.value
+  stages = build_stages(_STAGES.value, _DTYPE.value, cascade)
+  configs = [s.config for s in stages]
   blocks = [cascade[f"stage{k + 1}"] for k in range(len(configs))]
   devices = aot.topology_devices(topology)
   try:
@@ -157,21 +189,24 @@ def main(argv):
   r = compile_one("encode", enc.lower(*enc_inputs), "encode")
   rows.append(("T5 encode", r, r.roofline_s / batch))
   total_s = r.roofline_s / batch
-  for config, block in zip(configs, blocks):
-    stage = Stage.from_config(config)
+  for stage, block in zip(stages, blocks):
+    config = stage.config
     settings = SamplingSettings.from_config(block)
     guided = settings.guidance_weight != 1.0
+    # `Cascade` always gives IF stages the unconditional text ("" or a negative prompt).
+    negative = stage.is_deepfloyd
     m = ss.stage_fsdp_min_size(config)
     step = ss.make_denoise_step(stage, mesh, rules, guided=guided, fsdp_min_size=m)
     step_inputs = ss.abstract_denoise_inputs(stage, batch, mesh, rules, fsdp_min_size=m)
     resident[config.stage] = aot.per_chip_bytes(step_inputs[0])
     r_step = compile_one(f"{config.stage}_step", step.lower(*step_inputs), config.stage)
-    loop = ss.make_stage_sampler(stage, settings, mesh, rules, guided=guided, fsdp_min_size=m)
-    r_loop = compile_one(
-        f"{config.stage}_loop",
-        loop.lower(*ss.abstract_sampler_inputs(stage, batch, mesh, rules, fsdp_min_size=m)),
-        config.stage,
+    loop = ss.make_stage_sampler(
+        stage, settings, mesh, rules, guided=guided, fsdp_min_size=m, negative=negative
     )
+    loop_inputs = ss.abstract_sampler_inputs(stage, batch, mesh, rules, fsdp_min_size=m)
+    if negative:  # uncond_emb, uncond_mask: shaped and sharded as the prompts' text
+      loop_inputs += loop_inputs[1:3]
+    r_loop = compile_one(f"{config.stage}_loop", loop.lower(*loop_inputs), config.stage)
     calls = settings.sampler_settings().network_calls  # Heun: 2N - 1
     per_image = r_step.roofline_s * calls / batch
     result[f"{config.stage}_s_per_image"] = per_image

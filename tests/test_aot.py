@@ -350,3 +350,88 @@ def test_gradient_accumulation_is_reported_and_holds_one_microbatch(tmp_path):
     assert (data["grad_accum_steps"], data["microbatch"]) == (k, 128 // k)
     temps[k] = data["temp_gib"]
   assert temps[4] < temps[1], temps
+
+
+@pytest.mark.slow
+def test_if_cascade_compiles_from_config_json_alone(tmp_path):
+  # IF stages from their U-Net folders' config.json (no weights), IF's DDPM loop reading the
+  # unconditional text as `Cascade` does; reduced IF configs of the published block types.
+  base = dict(
+      _class_name="UNet2DConditionModel",
+      act_fn="gelu",
+      time_embedding_act_fn="gelu",
+      resnet_time_scale_shift="scale_shift",
+      resnet_skip_time_act=True,
+      mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+      encoder_hid_dim=256,  # byt5-tiny-random's width (IF: T5-XXL's 4096)
+      encoder_hid_dim_type="text_proj",
+      cross_attention_dim=8,
+      addition_embed_type="text",
+      addition_embed_type_num_heads=4,
+      norm_num_groups=4,
+      block_out_channels=[4, 8],
+      layers_per_block=1,
+      down_block_types=["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"],
+      up_block_types=["SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"],
+      attention_head_dim=4,
+      out_channels=6,
+  )
+  folders = []
+  for name, extra in (
+      ("IF-I", dict(in_channels=3, sample_size=16)),
+      ("IF-II", dict(in_channels=6, sample_size=32, class_embed_type="timestep")),
+  ):
+    folder = tmp_path / name / "unet"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({**base, **extra}))
+    folders.append(str(folder))
+  report = tmp_path / "if.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run(
+      [
+          sys.executable,
+          os.path.join(ROOT, "launch", "aot_cascade.py"),
+          "--topology=v5e-4",
+          "--cascade=configs/cascade.py:if_xl",
+          f"--cascade.stage1.workdir={folders[0]}",
+          f"--cascade.stage2.workdir={folders[1]}",
+          "--cascade.stage1.num_steps=4",
+          "--cascade.stage2.num_steps=2",
+          "--cascade.deepfloyd.text_name=byt5-tiny-random",
+          "--cascade.deepfloyd.text_max_length=16",
+          "--cascade.deepfloyd.lowres_size=16",
+          "--batch=8",
+          f"--report_json={report}",
+      ],
+      capture_output=True,
+      text=True,
+      env=env,
+      cwd=ROOT,
+      timeout=600,
+  )
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  data = json.loads(report.read_text())
+  for program in ("encode", "if_i_step", "if_i_loop", "if_ii_step", "if_ii_loop"):
+    assert data[program]["peak_gib"] > 0 and data[program]["tflop"] > 0, program
+  assert set(data["resident_gib"]) == {"encode", "if_i", "if_ii"}
+  # IF's DDPM: one guided network call per step (w = 7 and 4, the pipelines' defaults).
+  assert data["if_i_settings"] == {"sampler": "ddpm", "num_steps": 4, "network_calls": 4, "w": 7.0}
+  assert data["if_ii_settings"]["network_calls"] == 2 and data["if_ii_settings"]["w"] == 4.0
+  assert data["s_per_image"] >= data["if_i_s_per_image"] + data["if_ii_s_per_image"] > 0
+  # An IF entry without the cascade's deepfloyd block is one clear line.
+  bad = subprocess.run(
+      [
+          sys.executable,
+          os.path.join(ROOT, "launch", "aot_cascade.py"),
+          "--topology=v5e-4",
+          f"--stages=if:{folders[0]}",
+          "--cascade=configs/cascade.py:shapes",
+      ],
+      capture_output=True,
+      text=True,
+      env=env,
+      cwd=ROOT,
+      timeout=300,
+  )
+  assert bad.returncode == 2 and "deepfloyd block" in bad.stderr, bad.stderr[-2000:]

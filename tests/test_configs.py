@@ -56,6 +56,29 @@ def test_default_variant_is_tiny():
   assert cascade.get_config().num_stages == 2  # shapes
 
 
+def test_if_xl_sampling_matches_the_published_schedulers():
+  # IF's scheduler_config.json files (diffusers' scripts/convert_if.py wrote them): learned-range
+  # DDPM, dynamic thresholding at ratio 0.95, sample_max_value 1.5 (IF-I) and 1.0 (IF-II); the
+  # pipelines' defaults: 100 / 50 steps, guidance 7 / 4, IF-II noise_level 250.
+  c = cascade.get_config("if_xl")
+  s1, s2 = c.stage1, c.stage2
+  assert (s1.sampler, s1.num_steps, s1.guidance_weight, s1.percentile, s1.max_scale) == (
+      "ddpm",
+      100,
+      7.0,
+      95.0,
+      1.5,
+  )
+  assert (s2.sampler, s2.num_steps, s2.guidance_weight, s2.percentile, s2.max_scale) == (
+      "ddpm",
+      50,
+      4.0,
+      95.0,
+      1.0,
+  )
+  assert s2.aug_level == 0.25 and s1.threshold == s2.threshold == "dynamic"
+
+
 @pytest.mark.parametrize("stage", STAGES)
 def test_paper_settings(stage):
   c = MODULES[stage].get_config("paper")

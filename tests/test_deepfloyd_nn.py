@@ -76,6 +76,7 @@ def test_config_fields():
   assert c.is_sr and c.text_dim == 16 and c.time_embed_dim == 16
   assert c.layers_per_block == (1, 2, 1) and c.attention_head_dim == (4, 4, 12)
   assert c.only_cross_attention == (False, True, False)
+  assert c.cross_attention_norm == "group_norm"  # as IF's published U-Nets (norm_cross)
   assert not read_config(os.path.join(GOLDENS, "if_i")).is_sr
 
 
@@ -92,6 +93,8 @@ def test_config_fields():
         ("time_embedding_type", "fourier"),
         ("act_fn", "mish"),
         ("attention_head_dim", 5),
+        ("cross_attention_norm", "layer_norm"),
+        ("cross_attention_dim", 40),  # not a multiple of norm_cross's 32 groups
     ],
 )
 def test_config_refuses_what_it_does_not_compute(field, value):

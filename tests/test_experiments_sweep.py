@@ -161,3 +161,37 @@ def test_saturation_and_bad_points_are_named():
     sweep.make_points([0.5], ["static"])
   with pytest.raises(ValueError, match="sweep_stage 2"):
     sweep.point_settings(_base(), 2, sweep.SweepPoint(1.0, "static"))
+
+
+def test_sweep_negative_prompt_moves_guided_points_only(setup, tmp_path):
+  # eps~ = w eps(c) + (1 - w) eps(neg): the negative prompt's branch has weight 0 at w = 1, so
+  # those samples equal the null-text sweep's; at w = 3 they move.
+  _, _, model, (prompts, _, _) = setup
+  points = sweep.make_points([1.0, 3.0], ["dynamic"])
+  base = _base()[:1]  # the base stage alone: a fast one-stage prefix
+  results, samples = {}, {}
+  for name, neg in (("plain", None), ("neg", "a blue square")):
+    outdir = str(tmp_path / name)
+    r = sweep.run_sweep(
+        model,
+        prompts,
+        base,
+        points,
+        outdir,
+        sweep_stage=0,
+        batch_size=8,
+        progress=False,
+        negative_prompt=neg,
+    )
+    results[name] = {row["weight"]: row for row in r.rows}
+    for row in r.rows:
+      with np.load(os.path.join(outdir, "points", row["key"], "samples.npz")) as z:
+        samples[name, row["weight"]] = z["stage1"]
+    md = open(sweep_report.write_outputs(r, outdir, "neg")["md"]).read()
+    assert ("Negative prompt" in md) == (neg is not None) and (neg is None or repr(neg) in md)
+  np.testing.assert_array_equal(samples["neg", 1.0], samples["plain", 1.0])
+  assert np.abs(samples["neg", 3.0].astype(int) - samples["plain", 3.0]).max() > 0
+  for w in (1.0, 3.0):  # recorded in the row, and a point of its own (another key)
+    assert results["neg"][w]["negative_prompt"] == "a blue square"
+    assert results["plain"][w]["negative_prompt"] is None
+    assert results["neg"][w]["key"] != results["plain"][w]["key"]

@@ -181,10 +181,18 @@ def reference_statistics(
 
 
 def samples_identity(
-    model, prompts: Sequence[str], settings, *, seed: int, chunk: int, size: int
+    model,
+    prompts: Sequence[str],
+    settings,
+    *,
+    seed: int,
+    chunk: int,
+    size: int,
+    negative_prompt: str | None = None,
 ) -> dict:
   """What a run's sample chunks depend on: each stage (workdir, checkpoint step, config and
-  params digests), the per-stage settings, the seed, the prompts, the chunk size, the size."""
+  params digests), the per-stage settings, the seed, the prompts, the chunk size, the size, and
+  the negative prompt when there is one."""
   return {
       "artefact": "coco_samples",
       "stages": [provenance.stage_identity(s) for s in model.stages[: len(settings)]],
@@ -194,6 +202,8 @@ def samples_identity(
       "num_prompts": len(prompts),
       "chunk": int(chunk),
       "size": int(size),
+      # Only when given, so the chunks of a run without one keep their keys.
+      **({"negative_prompt": negative_prompt} if negative_prompt is not None else {}),
   }
 
 
@@ -208,6 +218,7 @@ def sample_chunks(
     batch_size: int,
     size: int = REFERENCE_SIZE,
     progress: bool = True,
+    negative_prompt: str | None = None,
 ) -> list[str]:
   """Samples the prompts in chunks saved as `<outdir>/samples/<run>/chunk_<start>.npz` (uint8
   `images [n, size, size, 3]` + prompts + provenance key), written atomically; returns the
@@ -217,14 +228,17 @@ def sample_chunks(
   size): a rerun with the same inputs resumes from its finished chunks, a run with other
   inputs writes its own chunks. Each chunk stores its full key (run + start + count) and is
   reused only when it matches; otherwise it is recomputed. Sample i uses the global index i
-  (per-sample seeds).
+  (per-sample seeds). `negative_prompt`: the unconditional half of guidance's text for every
+  prompt (None: the null text; `Cascade.sample`).
   """
   from tqdm import tqdm
 
   if chunk < 1:
     raise ValueError(f"chunk must be >= 1, got {chunk}")
   prompts = list(prompts)
-  run = samples_identity(model, prompts, settings, seed=seed, chunk=chunk, size=size)
+  run = samples_identity(
+      model, prompts, settings, seed=seed, chunk=chunk, size=size, negative_prompt=negative_prompt
+  )
   sdir = os.path.join(outdir, "samples", provenance.artefact_key(run)[:16])
   if hosts.is_writer():
     paths_lib.makedirs(sdir)
@@ -250,6 +264,7 @@ def sample_chunks(
         first_index=start,
         progress=False,
         transform=lambda outs: [resize_generated(images.to_uint8(outs[-1]), size)],
+        negative_prompts=None if negative_prompt is None else [negative_prompt] * len(part),
     )
     if hosts.is_writer():
       provenance.save_npz(path, identity, images=u8, prompts=np.array(part))

@@ -91,12 +91,14 @@ def write_rating_sheet(
     name_a: str,
     name_b: str,
     seed: int,
+    negative_prompt: str | None = None,
 ) -> dict:
   """A self-contained HTML sheet (images inlined as base64 PNG data URIs).
 
   Args:
     items: [(category, prompt)] of length P; images_a / images_b: uint8 `[P, k, S, S, 3]`.
     seed: the left/right randomisation seed (written into the page with the assignment).
+    negative_prompt: the one both models were sampled with (recorded in the assignment).
   Returns the assignment {'seed', 'a_on_left': [bool] * P}, also saved as `<path>.sides.json`.
   """
   if images_a.shape[:2] != (len(items), images_a.shape[1]) or images_a.shape != images_b.shape:
@@ -154,6 +156,7 @@ const SIDES_SEED = {seed};
       "model_a": name_a,
       "model_b": name_b,
       "a_on_left": [bool(s) for s in sides],
+      "negative_prompt": negative_prompt,
   }
   atomic.write_json(path + ".sides.json", assignment)
   return assignment
@@ -191,8 +194,10 @@ def sample_k(
     seed: int,
     batch_size: int,
     progress: bool = True,
+    negative_prompt: str | None = None,
 ) -> np.ndarray:
-  """k samples per prompt from the cascade's last stage: uint8 `[P, k, S, S, 3]`.
+  """k samples per prompt from the cascade's last stage: uint8 `[P, k, S, S, 3]`;
+  `negative_prompt` replaces the null text of guidance for every prompt (`Cascade.sample`).
 
   Sample j of prompt p has global index p * k + j, so two models sampled with the same seed
   start from the same noise for the same (p, j) (a paired comparison).
@@ -201,8 +206,15 @@ def sample_k(
     raise ValueError(f"k (images per prompt) must be >= 1, got {k}")
   flat = [p for p in prompts for _ in range(k)]
   pad = (-len(flat)) % batch_size  # one static batch shape for the jitted sampler
+  flat += [""] * pad
+  negatives = None if negative_prompt is None else [negative_prompt] * len(flat)
   out = model.sample(
-      flat + [""] * pad, settings, seed=seed, batch_size=batch_size, progress=progress
-  )[-1][: len(flat)]
+      flat,
+      settings,
+      seed=seed,
+      batch_size=batch_size,
+      progress=progress,
+      negative_prompts=negatives,
+  )[-1][: len(flat) - pad]
   u8 = images.to_uint8(out)
   return u8.reshape((len(prompts), k) + u8.shape[1:])

@@ -7,6 +7,9 @@ stage, once per thresholding mode (§2.3: static vs dynamic) or noise-augmentati
 
 * a point = (w, threshold mode, aug_level) of the swept stage; the other stages keep their
   settings. The threshold mode applies to every stage of the point (it is a sampler choice).
+* `negative_prompt` (optional, one text for every prompt) replaces the null text in the
+  unconditional half of guidance (§2.2) at every point and stage; it is part of each point's
+  key and row. At w = 1 that half has weight 1 - w = 0, so it changes nothing there;
 * every point samples the same N prompts with the same seed and `first_index=0`, so prompt i
   draws the same initial noise at every point (common random numbers: differences between
   points are due to the settings, not to the noise);
@@ -215,6 +218,7 @@ def run_sweep(
     seed: int = 0,
     batch_size: int = 64,
     progress: bool = True,
+    negative_prompt: str | None = None,
 ) -> SweepResult:
   """Samples and scores every point (skipping finished ones); returns one row per point.
 
@@ -228,6 +232,9 @@ def run_sweep(
     features: `features.RandomConvFeatures()` (default) or
       `features.InceptionFeatures(FIDComputer(...))`.
     clip_scorer: an `evals.clip.CLIPScorer`, or None.
+    negative_prompt: the text the unconditional half of guidance reads for every prompt
+      (`Cascade.sample`'s `negative_prompts`), or None (the null text). Part of every point's
+      key and row.
   """
   from tqdm import tqdm
 
@@ -274,8 +281,12 @@ def run_sweep(
       "features": None if features is None else features.identity,
       "reference_sha256": ref_digest,
       **({"fd_image_size": fd_size} if fd_size else {}),
+      # Only when given, so the points of a sweep without one keep their keys.
+      **({"negative_prompt": negative_prompt} if negative_prompt is not None else {}),
       "clip": None if clip_scorer is None else provenance.file_identity(clip_scorer.path),
   }
+  padded = _pad(prompts, batch_size)
+  negatives = None if negative_prompt is None else [negative_prompt] * len(padded)
   rows, computed, cached = [], 0, 0
   for point in tqdm(points, desc="sweep points", unit="point", disable=not progress):
     settings = point_settings(base_settings, sweep_stage, point)
@@ -291,12 +302,13 @@ def run_sweep(
     t0 = time.time()
     outs = hosts.sample(  # multi-host: each process samples its block of the prompts
         model,
-        _pad(prompts, batch_size),
+        padded,
         settings,
         seed=seed,
         batch_size=batch_size,
         first_index=0,
         progress=progress and len(prompts) > batch_size,  # a bar per point when it has batches
+        negative_prompts=negatives,
     )
     outs = [o[: len(prompts)] for o in outs]
     final = images.to_uint8(outs[-1])
@@ -307,6 +319,7 @@ def run_sweep(
         "threshold": point.threshold,
         "aug_level": settings[sweep_stage].aug_level,
         "setting": point.setting,
+        "negative_prompt": negative_prompt,
         "num_samples": len(prompts),
         "sample_seconds": round(time.time() - t0, 2),
         "saturation_final": saturation_fraction(outs[-1]),

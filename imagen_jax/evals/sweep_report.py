@@ -83,6 +83,14 @@ def write_outputs(
         f"{result.reference_saturation_upper:.4g} (compare with these, not with 0: "
         "e.g. shapes images are pure colours on a black background)."
     )
+  negatives = sorted({r["negative_prompt"] for r in rows if r.get("negative_prompt") is not None})
+  if negatives:  # which text guidance pushed away from (none: the null text)
+    lines += [
+        "",
+        "Negative prompt (the unconditional half of guidance): "
+        + ", ".join(repr(n) for n in negatives)
+        + ".",
+    ]
   atomic.write_text(paths["md"], "\n".join(lines) + "\n")
   plot_pareto(rows, paths["png"], x_metric=result.x_metric, fd_label=result.fd_label, title=title)
   write_sample_grid(rows, outdir, paths["grid"], grid_prompts)

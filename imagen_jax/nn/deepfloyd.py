@@ -16,7 +16,9 @@ emb when `resnet_skip_time_act`); out = (resample(shortcut(x)) + conv2(act(h))) 
 `output_scale_factor`. Resampling is nearest-up / average-pool-down (BigGAN style, like ours).
 
 Attention (diffusers `Attention` + `AttnAddedKVProcessor`): q = Dense(GN(x)); keys / values are
-the projected text tokens (add_k_proj / add_v_proj of text') joined to the image tokens'
+the projected text tokens (add_k_proj / add_v_proj of text', first normalised by
+`norm_cross` = GroupNorm(32) over its channels with `cross_attention_norm="group_norm"`, as in
+IF's published U-Nets: the `norm_encoder` of IF's own code) joined to the image tokens'
 (to_k / to_v; none when only_cross_attention); out = x + to_out(softmax(q k^T / sqrt(d)) v).
 A text mask, when given, removes padded text tokens (diffusers' `encoder_attention_mask`); IF's
 own pipeline passes none, attending to all L tokens.
@@ -39,7 +41,7 @@ import jax.numpy as jnp
 from imagen_jax import dtypes, paths
 from imagen_jax.diffusion import discrete, schedules
 from imagen_jax.nn import attention, blocks, layers
-from imagen_jax.nn.deepfloyd_config import IFConfig, read_config
+from imagen_jax.nn.deepfloyd_config import CROSS_NORM_GROUPS, IFConfig, read_config
 
 Dtype = Any
 
@@ -216,6 +218,7 @@ class AddedKVAttention(nn.Module):
   groups: int = 32
   only_cross_attention: bool = False
   impl: str = "auto"
+  cross_norm: bool = False  # GroupNorm(32) on the text first (`cross_attention_norm`)
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -231,6 +234,8 @@ class AddedKVAttention(nn.Module):
     h = group_norm(x, self.groups, 1e-5, self.param_dtype, "group_norm").astype(self.dtype)
     h = h.reshape(b, hgt * wid, c)
     q = split(layers.dense(inner, ("embed", "heads"), name="to_q", **kw)(h))
+    if self.cross_norm:  # diffusers' norm_cross: GroupNorm over [B, Dx, L] = ours on [B, L, Dx]
+      text = group_norm(text, CROSS_NORM_GROUPS, 1e-5, self.param_dtype, "norm_cross")
     text = text.astype(self.dtype)
     ks = [split(layers.dense(inner, ("embed", "heads"), name="add_k_proj", **kw)(text))]
     vs = [split(layers.dense(inner, ("embed", "heads"), name="add_v_proj", **kw)(text))]
@@ -321,9 +326,15 @@ class IFUNet(nn.Module):
       return res_cls(ch, resample, output_scale_factor=scale, name=name, **res_kw)(h, emb)
 
     def att(name, h, head_dim, only_cross):
-      return attn_cls(head_dim, c.norm_num_groups, only_cross, self.attn_impl, name=name, **kw)(
-          h, text, text_mask
-      )
+      return attn_cls(
+          head_dim,
+          c.norm_num_groups,
+          only_cross,
+          self.attn_impl,
+          c.cross_attention_norm == "group_norm",
+          name=name,
+          **kw,
+      )(h, text, text_mask)
 
     h = layers.conv(c0, c.conv_in_kernel, name="conv_in", **kw)(x.astype(self.dtype))
     skips = [h]

@@ -26,13 +26,16 @@ DOWN_BLOCKS = ("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D")
 UP_BLOCKS = ("ResnetUpsampleBlock2D", "SimpleCrossAttnUpBlock2D")
 MID_BLOCKS = ("UNetMidBlock2DSimpleCrossAttn",)
 ACTIVATIONS = ("gelu", "silu", "swish")
+# IF's attention normalises the text tokens before their keys and values (its `norm_encoder`,
+# diffusers' `cross_attention_norm="group_norm"`: GroupNorm(32, cross_attention_dim)).
+CROSS_ATTENTION_NORMS = (None, "group_norm")
+CROSS_NORM_GROUPS = 32  # diffusers' Attention `cross_attention_norm_num_groups` default
 
 # Fields whose value must be the default: our network implements only that behaviour.
 _FIXED = {
     "time_embedding_type": ("positional",),
     "center_input_sample": (False,),
     "class_embeddings_concat": (False,),
-    "cross_attention_norm": (None,),
     "dual_cross_attention": (False,),
     "timestep_post_act": (None,),
     "time_cond_proj_dim": (None,),
@@ -86,6 +89,7 @@ class IFConfig:
   freq_shift: float
   only_cross_attention: tuple[bool, ...]
   mid_block_only_cross_attention: bool
+  cross_attention_norm: str | None = None
   conv_in_kernel: int = 3
   conv_out_kernel: int = 3
   sample_size: int = 64
@@ -166,6 +170,14 @@ class IFConfig:
     if isinstance(oca, bool):
       mid_oca = oca if mid_oca is None else mid_oca
     mid_oca = bool(mid_oca) if mid_oca is not None else False
+    xnorm = d.get("cross_attention_norm")
+    if xnorm not in CROSS_ATTENTION_NORMS:
+      raise IFConfigError(f"cross_attention_norm={xnorm!r}; allowed: {CROSS_ATTENTION_NORMS}")
+    if xnorm == "group_norm" and int(xdim) % CROSS_NORM_GROUPS:
+      raise IFConfigError(
+          f"cross_attention_dim={xdim} is not a multiple of the {CROSS_NORM_GROUPS} groups of "
+          "cross_attention_norm='group_norm'"
+      )
     groups = int(d.get("norm_num_groups", 32))
     bad = [c for c in ch if c % groups]
     if bad:
@@ -203,6 +215,7 @@ class IFConfig:
         freq_shift=float(d.get("freq_shift", 0)),
         only_cross_attention=tuple(bool(x) for x in _per_block(oca, n, "only_cross_attention")),
         mid_block_only_cross_attention=mid_oca,
+        cross_attention_norm=xnorm,
         conv_in_kernel=int(d.get("conv_in_kernel", 3)),
         conv_out_kernel=int(d.get("conv_out_kernel", 3)),
         sample_size=int(d.get("sample_size") or 64),

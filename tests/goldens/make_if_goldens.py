@@ -11,7 +11,8 @@ its outputs on fixed inputs in `io.npz` (NCHW as torch gives them):
 
   * `if_i`: IF-I style (ResnetDownsampleBlock2D + SimpleCrossAttnDownBlock2D, the
     SimpleCrossAttn middle, text projection `encoder_hid_dim`, attention-pooled text added to
-    the time embedding, GELU, scale-shift ResBlocks, learned-range variance channels), one
+    the time embedding, GELU, scale-shift ResBlocks, learned-range variance channels, the text
+    normalised by GroupNorm(32) before its keys and values: `cross_attention_norm`), one
     safetensors file; outputs without and with a text mask, at integer and fractional timesteps.
   * `if_ii`: IF-II style (6 input channels, `class_embed_type="timestep"` noise level,
     per-block layers / head dims (unequal, so the up blocks' unreversed head-dim indexing is
@@ -46,7 +47,8 @@ COMMON = dict(
     mid_block_type="UNetMidBlock2DSimpleCrossAttn",
     encoder_hid_dim=16,
     encoder_hid_dim_type="text_proj",
-    cross_attention_dim=8,
+    cross_attention_dim=32,  # a multiple of norm_cross's 32 groups
+    cross_attention_norm="group_norm",  # as IF's published U-Nets (IF's norm_encoder)
     addition_embed_type="text",
     addition_embed_type_num_heads=4,
     norm_num_groups=4,
