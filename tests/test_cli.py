@@ -78,6 +78,12 @@ CASES = [
     ("experiments/guidance_gap.py", ["--outdir=/tmp/x", "--num_prompts=-"], "num_prompts"),
     ("launch/aot_compile.py", ["--config=configs/base64.py:tiny", "--topology=v9-8"], "v9-8"),
     ("launch/aot_cascade.py", ["--topology=v4-8", "--mesh=data:2"], "'data:2'"),
+    (
+        "launch/aot_cascade.py",
+        ["--topology=v4-8", "--cascade.stage3.batch_size=12"],
+        "stage3.batch_size=12 is not a divisor of the cascade's batch 32 that divides over the "
+        "mesh's 4 batch shards; allowed: 0 or one of [4, 8, 16, 32]",
+    ),
     ("launch/scale_table.py", [f"{MISSING}.json"], f"{MISSING}.json"),
     ("benchmarks/unet_step.py", ["--batch=eight"], "--batch=eight"),
     ("imagen_jax.evals.convert_weights", [f"--inception_pth={MISSING}.pth", "--out=x"], MISSING),

@@ -49,10 +49,13 @@ def stage_figures(report: dict) -> list[dict]:
     progs = [report[f"{name}_{p}"] for p in PROGRAMS if isinstance(report.get(f"{name}_{p}"), dict)]
     # A program XLA refused records only the memory it asked for (`needed_gib`).
     peaks = [float(p.get("peak_gib", p.get("needed_gib", 0.0)) or 0.0) for p in progs]
-    budget = report.get("usable_gib") or next(
-        (p.get("usable_gib", p.get("hbm_gib")) for p in progs if "peak_gib" in p),
-        report.get("hbm_gib"),
-    )
+    # The budget: XLA's usable HBM; older reports judged against the chip's whole HBM.
+    measured = [p for p in progs if "peak_gib" in p]
+    budget, kind = report.get("usable_gib"), "usable"
+    if budget is None and measured and "usable_gib" in measured[0]:
+      budget = measured[0]["usable_gib"]
+    if budget is None:
+      budget, kind = (measured[0] if measured else report).get("hbm_gib"), "HBM"
     refused = any("peak_gib" not in p for p in progs)
     if resident and not refused:
       others = sum(resident.values()) - resident.get(name, 0.0)
@@ -72,7 +75,7 @@ def stage_figures(report: dict) -> list[dict]:
             fits=bool(fits),
             figure=(
                 f"peak {peak:.2f} GiB per chip ({how}) "
-                f"{'<=' if fits else '>'} {budget_text} GiB usable"
+                f"{'<=' if fits else '>'} {budget_text} GiB {kind}"
             ),
         )
     )
