@@ -118,7 +118,8 @@ def sample(
 
   Process p samples its block of the prompts on its own devices with `first_index` = its
   global offset (so sample i is the one a single process draws), in batches of
-  `ceil(batch_size / processes)`; its block is padded with empty prompts to a whole number of
+  `ceil(batch_size / processes)` (each stage in its own sub-batches, set by
+  `application_batch_size`); its block is padded with empty prompts to a whole number of
   batches (one compiled shape). `transform` maps this process's per-stage outputs
   `[[k, S_j, S_j, 3], ...]` to the arrays gathered (e.g. the last stage as uint8 at 256px: what
   crosses hosts is what is kept); default: every stage's float output. `lowres`, and
