@@ -39,6 +39,7 @@ def _stage(workdir, *, w, steps, aug_level=0.0, sampler="ddim", threshold="dynam
   s.time_grid = "uniform_t"
   s.guidance_schedule = "constant"  # w(t): constant (the paper) | linear (diffusion/guidance.py)
   s.guidance_rescale = 0.0  # CFG rescale phi in [0, 1] (Lin et al. 2023 use 0.7); 0 = off
+  s.batch_size = 0  # this stage's prompts per call, a divisor of c.batch_size; 0 = c.batch_size
   return s
 
 
@@ -87,6 +88,9 @@ def get_config(arg: str | None = None):
   # Prompts per jitted call (the whole cascade). The paper cascade at 32 fits a v4-8 slice
   # (18.9 of 32 GiB per chip, the SR 1024 loop); a v5e-8 needs 16 (docs/results/scale.md).
   c.batch_size = {"shapes": 64, "paper": 32, "if_xl": 16}[variant]
+  # AOT cascade reports of the slice (launch/aot_cascade.py --report_json; comma-separated):
+  # a stage batch none of them shows fitting is refused (parallel/cascade_report.py). '' = none.
+  c.aot_report = ""
   common.apply_overrides(c, overrides)
   c.lock()
   return c

@@ -71,6 +71,8 @@ def main(argv):
   prompts = [p for _, p in items]
   try:  # config_a's batch_size unless --batch_size; refused unless it divides
     batch = hosts.application_batch_size(model_a, _BATCH.value, _CONFIG_A.value)
+    if model_b is not model_a:  # another cascade: config_b's stage batches, the same batch
+      hosts.application_batch_size(model_b, batch, _CONFIG_B.value)
   except ValueError as e:
     raise cli.UserError(str(e)) from None
   neg = _NEGATIVE.value

@@ -274,6 +274,8 @@ class Cascade:
     )
     check_text_encoder(self.stages, self.encoder)
     self._samplers: dict[tuple, ss.MeshJit] = {}
+    # Per stage: prompts per jitted call on this mesh, None = the call's batch_size.
+    self.stage_batch_sizes: tuple[int | None, ...] = (None,) * len(self.stages)
 
   @classmethod
   def from_workdirs(
@@ -311,6 +313,23 @@ class Cascade:
     """Batches are padded to a multiple of this (the number of batch shards)."""
     return ss.batch_size_multiple(self.mesh, self.rules)
 
+  def set_stage_batch_sizes(self, sizes: Sequence[int | None]) -> None:
+    """Stage k's prompts per jitted call on this process's mesh, one entry per loaded stage
+    (None: the call's `batch_size`); `sample` runs each batch of prompts through stage k in
+    sub-batches of this many (at most the call's batch, rounded up to a multiple of
+    `batch_multiple`). A memory setting: the samples do not change (sample i's noise comes from
+    its index alone), e.g. a smaller batch for the 1024px stage (configs/cascade.py,
+    `stageK.batch_size`; `parallel.hosts.application_batch_size` sets it from there)."""
+    sizes = tuple(sizes)
+    if len(sizes) != len(self.stages):
+      raise ValueError(
+          f"{len(sizes)} stage batch sizes for a {len(self.stages)}-stage cascade; give one each"
+      )
+    for k, b in enumerate(sizes, start=1):
+      if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
+        raise ValueError(f"stage {k} batch size {b!r}; allowed: None or an integer >= 1")
+    self.stage_batch_sizes = sizes
+
   def param_shardings(self, stage: Stage, fsdp_min_size: int) -> Any:
     return ss.stage_param_shardings(stage, self.mesh, self.rules, fsdp_min_size)
 
@@ -321,6 +340,19 @@ class Cascade:
   def encode(self, prompts: Sequence[str]) -> tuple[Array, Array]:
     """`(text_emb [B, L, D], text_mask [B, L])` on the mesh (B a multiple of `batch_multiple`)."""
     return self.encoder.encode(list(prompts))
+
+  def _batch_inputs(self, prompts, negative_prompts, a, z, pad, first_index, deepfloyd):
+    """Prompts `[a, z)` padded with `pad` empty ones, on the mesh: `(text_emb, text_mask,
+    uncond | None, indices)` (`uncond`: the negative prompts' embeddings, or the null text's
+    for DeepFloyd IF stages)."""
+    emb, text_mask = self.encode(list(prompts[a:z]) + [""] * pad)
+    uncond = None
+    if negative_prompts is not None:
+      uncond = self.encode(list(negative_prompts[a:z]) + [""] * pad)
+    elif deepfloyd:
+      uncond = self.encode([""] * (z - a + pad))
+    idx = self._shard(np.arange(first_index + a, first_index + z + pad, dtype=np.int32))
+    return emb, text_mask, uncond, idx
 
   def sampler(
       self,
@@ -419,8 +451,10 @@ class Cascade:
       first_index: global index of the first prompt (per-sample seeds, for resumable sweeps).
       lowres: optional `[N, s, s, 3]` images in [-1, 1] that replace stage 1's output (to run
         the SR stages alone on real low-res inputs); then `settings[0]` is for stage 2.
-      batch_size: prompts per jitted call, rounded up to a multiple of `batch_multiple` (a
-        short batch is padded with empty prompts whose samples are dropped).
+      batch_size: prompts per batch, rounded up to a multiple of `batch_multiple` (a short
+        batch is padded with empty prompts whose samples are dropped); stage k runs each batch
+        in sub-batches of its own size when `stage_batch_sizes` sets one (smaller batches for
+        the larger images; the text is encoded once per sub-batch size).
       init_image: optional image to edit, `[S, S, 3]` (one for all prompts) or `[N, S, S, 3]`,
         in [-1, 1], at the last stage's size S; each stage gets it resized
         (`editing.resize_image`). Alone (or with `edit.strength` < 1): image-to-image.
@@ -451,59 +485,76 @@ class Cascade:
     init_image, mask, edits = prepare_edit(init_image, mask, edit, len(prompts), sizes)
     m = self.batch_multiple
     batch_size = -(-batch_size // m) * m
+    # Stage k's sub-batch: its own batch size (at most the call's), a multiple of m.
+    stage_batches = [
+        min(batch_size, -(-(self.stage_batch_sizes[k + offset] or batch_size) // m) * m)
+        for k in range(n_stages)
+    ]
+    deepfloyd = [self.stages[k + offset].stage.is_deepfloyd for k in range(n_stages)]
     key = jax.random.key(seed)
     outs = [[] for _ in range(n_stages)]
     chunks = range(0, len(prompts), batch_size)
     for start in tqdm(chunks, desc="cascade", unit="batch", disable=not progress):
-      chunk = list(prompts[start : start + batch_size])
-      n = len(chunk)
-      pad = (-n) % m  # padded samples get the following indices; their outputs are dropped
-      emb, text_mask = self.encode(chunk + [""] * pad)
-      uncond = None
-      if negative_prompts is not None:
-        uncond = self.encode(list(negative_prompts[start : start + n]) + [""] * pad)
-      elif any(self.stages[k + offset].stage.is_deepfloyd for k in range(n_stages)):
-        uncond = self.encode([""] * (n + pad))
-      idx = self._shard(
-          np.arange(first_index + start, first_index + start + n + pad, dtype=np.int32)
-      )
-      prev = None
-      if lowres is not None:
-        prev = np.asarray(lowres[start : start + n], np.float32)
-        prev = self._shard(np.concatenate([prev, np.zeros((pad,) + prev.shape[1:], np.float32)]))
-      chunk_image = chunk_mask = None  # padded like the prompts
+      n = min(batch_size, len(prompts) - start)
+      chunk_image = chunk_mask = None
       if init_image is not None:
-        chunk_image = np.concatenate(
-            [init_image[start : start + n], np.zeros((pad,) + init_image.shape[1:], np.float32)]
-        )
+        chunk_image = init_image[start : start + n]
       if mask is not None:
-        chunk_mask = np.concatenate(
-            [mask[start : start + n], np.ones((pad,) + mask.shape[1:], np.float32)]
-        )
+        chunk_mask = mask[start : start + n]
+      # The previous stage's output for this batch: on the host (its sub-batches re-cut for the
+      # next stage's batch size) and, per sub-batch, on the mesh (handed on as it is).
+      prev_host = None if lowres is None else np.asarray(lowres[start : start + n], np.float32)
+      prev_dev: dict[tuple[int, int], Array] = {}
+      inputs: dict[tuple[int, int], tuple] = {}  # per sub-batch: text, indices (stages share)
       for k, s in enumerate(settings):
-        edit_kw = {}
-        if chunk_image is not None:
-          resized = None if chunk_mask is None else editing.resize_mask(chunk_mask, sizes[k])
-          edit_kw = dict(
-              init_image=self._shard(editing.resize_image(chunk_image, sizes[k])),
-              mask=None if resized is None else self._shard(resized),
-              edit=edits[k],
+        b = stage_batches[k]
+        if k and b != stage_batches[k - 1]:
+          inputs = {}  # other sub-batches than the previous stage's: encoded anew
+        pieces = {}
+        for a in range(0, n, b):
+          z = min(a + b, n)
+          pad = (-(z - a)) % m  # padded samples get the following indices; dropped after
+          if (a, z) not in inputs:
+            inputs[(a, z)] = self._batch_inputs(
+                prompts, negative_prompts, start + a, start + z, pad, first_index, any(deepfloyd)
+            )
+          emb, text_mask, uncond, idx = inputs[(a, z)]
+          prev = prev_dev.get((a, z))
+          if prev is None and prev_host is not None:
+            prev = self._shard(_pad_rows(prev_host[a:z], pad, 0.0))
+          edit_kw = {}
+          if chunk_image is not None:
+            sub_mask = None if chunk_mask is None else _pad_rows(chunk_mask[a:z], pad, 1.0)
+            edit_kw = dict(
+                init_image=self._shard(
+                    editing.resize_image(_pad_rows(chunk_image[a:z], pad, 0.0), sizes[k])
+                ),
+                mask=None
+                if sub_mask is None
+                else self._shard(editing.resize_mask(sub_mask, sizes[k])),
+                edit=edits[k],
+            )
+          pieces[(a, z)] = self.sample_stage(
+              k + offset,
+              s,
+              emb,
+              text_mask,
+              jax.random.fold_in(key, k + offset),
+              idx,
+              lowres=prev,
+              uncond=uncond if negative_prompts is not None or deepfloyd[k] else None,
+              **edit_kw,
           )
-        prev = self.sample_stage(
-            k + offset,
-            s,
-            emb,
-            text_mask,
-            jax.random.fold_in(key, k + offset),
-            idx,
-            lowres=prev,
-            uncond=uncond
-            if negative_prompts is not None or self.stages[k + offset].stage.is_deepfloyd
-            else None,
-            **edit_kw,
-        )
-        outs[k].append(np.asarray(prev)[:n])
+        prev_dev = pieces
+        prev_host = np.concatenate([np.asarray(x)[: z - a] for (a, z), x in pieces.items()])
+        outs[k].append(prev_host)
     return [np.concatenate(o) for o in outs]
+
+
+def _pad_rows(x: np.ndarray, pad: int, value: float) -> np.ndarray:
+  """`x [n, ...]` with `pad` rows of `value` appended (float32)."""
+  x = np.asarray(x, np.float32)
+  return np.concatenate([x, np.full((pad,) + x.shape[1:], value, np.float32)])
 
 
 def prepare_edit(init_image, mask, edit, n: int, sizes: Sequence[int]):

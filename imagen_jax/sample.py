@@ -191,8 +191,8 @@ def main(argv):
       mesh_shape=parse_mesh_shape(_MESH_SHAPE.value),
       deepfloyd=c.get("deepfloyd", None),  # IF U-Net folders as stages (configs/cascade.py)
   )
-  try:  # the configured batch must divide over the batch shards (a few prompts may pad)
-    hosts.check_batch_size(model, int(c.batch_size))
+  try:  # the configured batches must divide over the batch shards (a few prompts may pad)
+    hosts.application_batch_size(model, None, c)
   except ValueError as e:
     raise cli.UserError(str(e)) from None
   k = _PER_PROMPT.value

@@ -2,13 +2,15 @@ r"""Compiles the paper cascade's sampling for a TPU slice on this machine: memor
 
     python launch/aot_cascade.py --topology=v4-8
     python launch/aot_cascade.py --topology=v5e-8 --batch=16 --cascade=configs/cascade.py:paper
+    python launch/aot_cascade.py --topology=v5e-8 --cascade.stage3.batch_size=16
 
 The programs are the cascade's own (`imagen_jax.sharded_sampling`, what `cascade.Cascade`
 runs): the frozen T5 encode, then per stage one guided denoiser evaluation (§2.2: the network
 on the conditional + null batch) and the whole sampler loop, each with params and T5 sharded
 over the slice's mesh (`--mesh`, default `sharded_sampling.DEFAULT_MESH_SHAPE`: every param
 stored once, ZeRO-3 style) and the batch split over its batch axes. No TPU is needed
-(`imagen_jax.parallel.aot`).
+(`imagen_jax.parallel.aot`). Each stage compiles at its own batch (`--cascade.stageK.batch_size`,
+0 = the cascade's `--batch`), as `Cascade` samples it; T5 encodes at the largest.
 
 Per chip it prints each program's peak memory (XLA's `peak_memory_in_bytes`) and roofline time (max of FLOPs / peak and bytes / HBM bandwidth); a stage's seconds per image
 are its denoiser roofline x network calls (`num_steps`; Heun's 2 x `num_steps` - 1) / batch
@@ -16,7 +18,9 @@ are its denoiser roofline x network calls (`num_steps`; Heun's 2 x `num_steps` -
 costs 30,000 x s / image x chips chip-seconds. `Cascade` keeps every stage's params and T5
 resident while any one program runs, so the cascade's peak per chip is the largest program
 peak plus the params of the programs not running (each program's own params are among its
-arguments), judged against XLA's usable HBM (`aot.usable_hbm_bytes`). One line for scripts:
+arguments), judged against XLA's usable HBM (`aot.usable_hbm_bytes`). The report's `stages`
+list gives each stage's batch, peak and fit (`parallel.cascade_report`): a cascade config naming
+the report (`aot_report`) has its batches checked against it. One line for scripts:
 
     aot_cascade: topology=v4-8 chips=4 peak_gib=.. usable_gib=.. fits=.. s_per_image=..
     fid30k_chip_hours=..
@@ -43,6 +47,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from imagen_jax import cli
+from imagen_jax.parallel import cascade_report
 
 _CASCADE = config_flags.DEFINE_config_file(
     "cascade", "configs/cascade.py:paper", "sampler settings per stage"
@@ -61,7 +66,8 @@ _MESH = flags.DEFINE_string("mesh", None, "mesh shape, e.g. data=1,fsdp=-1,tenso
 _BATCH = flags.DEFINE_integer(
     "batch",
     None,
-    "images per call (a multiple of the batch shards); default: the cascade config's batch_size",
+    "the cascade's images per call (a multiple of the batch shards); default: the cascade "
+    "config's batch_size; a stage's own --cascade.stageK.batch_size (0 = this) divides it",
 )
 _HBM = flags.DEFINE_float("hbm_gib", None, "judge `fits` against this many GiB per chip")
 _REPORT = flags.DEFINE_string("report_json", None, "also write the figures to this JSON file")
@@ -153,12 +159,21 @@ def main(argv):
     fail(
         f"--batch={batch} does not divide over the mesh's batch axes; allowed: a multiple of {multiple}"
     )
+  batches = [int(block.get("batch_size", 0)) or batch for block in blocks]
+  for k, b in enumerate(batches, start=1):
+    if b < 1 or b % multiple or batch % b:
+      fail(
+          f"--cascade.stage{k}.batch_size={b} is not a divisor of the cascade's batch {batch} that "
+          f"divides over the mesh's {multiple} batch shards; allowed: 0 or one of "
+          f"{[d for d in range(multiple, batch + 1, multiple) if batch % d == 0]}"
+      )
   usable = aot.usable_hbm_bytes(devices[0]) if _HBM.value is None else _HBM.value * aot.GIB
   print(
       f"cascade on {topology.chip.name} x {topology.num_chips} ({topology.libtpu_name}), mesh "
-      f"{dict(mesh.shape)}, batch {batch}, compute {_DTYPE.value}"
+      f"{dict(mesh.shape)}, batch {batch} (per stage {batches}), compute {_DTYPE.value}"
   )
   rows, result = [], dict(topology=topology.name, chips=topology.num_chips, batch=batch)
+  result["stage_batches"] = {c.stage: b for c, b in zip(configs, batches)}
   resident = {}  # params per chip of each params owner (T5, each stage), kept by `Cascade`
   program_peaks = []  # (program, its peak, its params owner)
 
@@ -184,12 +199,14 @@ def main(argv):
   text = configs[0].text.copy_and_resolve_references()
   encoder = aot.abstract_text_encoder(text)
   enc = ss.make_encode(encoder.config, mesh, rules)
-  enc_inputs = ss.abstract_encode_inputs(encoder.config, batch, encoder.max_length, mesh, rules)
+  enc_batch = max(batches)  # Cascade encodes once per distinct stage batch
+  enc_inputs = ss.abstract_encode_inputs(encoder.config, enc_batch, encoder.max_length, mesh, rules)
   resident["encode"] = aot.per_chip_bytes(enc_inputs[0])
   r = compile_one("encode", enc.lower(*enc_inputs), "encode")
-  rows.append(("T5 encode", r, r.roofline_s / batch))
-  total_s = r.roofline_s / batch
-  for stage, block in zip(stages, blocks):
+  encode_s = r.roofline_s / enc_batch * len(set(batches))
+  rows.append(("T5 encode", r, encode_s))
+  total_s = encode_s
+  for stage, block, stage_batch in zip(stages, blocks, batches):
     config = stage.config
     settings = SamplingSettings.from_config(block)
     guided = settings.guidance_weight != 1.0
@@ -197,18 +214,18 @@ def main(argv):
     negative = stage.is_deepfloyd
     m = ss.stage_fsdp_min_size(config)
     step = ss.make_denoise_step(stage, mesh, rules, guided=guided, fsdp_min_size=m)
-    step_inputs = ss.abstract_denoise_inputs(stage, batch, mesh, rules, fsdp_min_size=m)
+    step_inputs = ss.abstract_denoise_inputs(stage, stage_batch, mesh, rules, fsdp_min_size=m)
     resident[config.stage] = aot.per_chip_bytes(step_inputs[0])
     r_step = compile_one(f"{config.stage}_step", step.lower(*step_inputs), config.stage)
     loop = ss.make_stage_sampler(
         stage, settings, mesh, rules, guided=guided, fsdp_min_size=m, negative=negative
     )
-    loop_inputs = ss.abstract_sampler_inputs(stage, batch, mesh, rules, fsdp_min_size=m)
+    loop_inputs = ss.abstract_sampler_inputs(stage, stage_batch, mesh, rules, fsdp_min_size=m)
     if negative:  # uncond_emb, uncond_mask: shaped and sharded as the prompts' text
       loop_inputs += loop_inputs[1:3]
     r_loop = compile_one(f"{config.stage}_loop", loop.lower(*loop_inputs), config.stage)
     calls = settings.sampler_settings().network_calls  # Heun: 2N - 1
-    per_image = r_step.roofline_s * calls / batch
+    per_image = r_step.roofline_s * calls / stage_batch
     result[f"{config.stage}_s_per_image"] = per_image
     result[f"{config.stage}_settings"] = dict(
         sampler=settings.sampler,
@@ -218,8 +235,8 @@ def main(argv):
     )
     rows.append(
         (
-            f"{config.stage} {stage.image_size}px, {settings.sampler} x {settings.num_steps}, "
-            f"w={settings.guidance_weight:g}",
+            f"{config.stage} {stage.image_size}px, batch {stage_batch}, {settings.sampler} x "
+            f"{settings.num_steps}, w={settings.guidance_weight:g}",
             r_loop,
             per_image,
         )
@@ -262,6 +279,9 @@ def main(argv):
       fid30k_chip_hours=chip_hours,
       mesh=dict(mesh.shape),
   )
+  result["stages"] = cascade_report.stage_figures(result)
+  for f in result["stages"]:
+    print(f"  {f['name']} at batch {f['batch']}: {f['figure']}")
   aot.write_report(_REPORT.value, result)
   print(
       f"aot_cascade: topology={topology.name} chips={topology.num_chips} "

@@ -90,8 +90,10 @@ def cascade_row(r: dict) -> str:
   # stages' and T5's resident params.
   peak = f"{r['peak_gib']:.1f}" + ("" if "resident_gib" in r else " (one program)")
   fits = NA if "usable_gib" not in r else ("yes" if r["fits"] else "no")
+  own = {k: b for k, b in r.get("stage_batches", {}).items() if b != r["batch"]}
+  batch = f"{r['batch']}" + "".join(f", {k} {b}" for k, b in own.items())
   return (
-      f"| {r['topology']} ({r['chips']}) | {mesh} | {r['batch']} | {stages} | {peak} | "
+      f"| {r['topology']} ({r['chips']}) | {mesh} | {batch} | {stages} | {peak} | "
       f"{_num(r, 'usable_gib', '.2f')} | {fits} | {r['s_per_image']:.3f} s | "
       f"{r['fid30k_chip_hours']:,.1f} |"
   )

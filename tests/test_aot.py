@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from imagen_jax.parallel import aot
+from imagen_jax.parallel import aot, cascade_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "launch", "aot_compile.py")
@@ -186,6 +186,7 @@ def test_tiny_cascade_compiles_sharded_with_seconds_per_image(tmp_path):
           "--stages=base64:tiny;sr256:tiny",
           "--cascade=configs/cascade.py:shapes",
           "--batch=8",
+          "--cascade.stage2.batch_size=4",  # the SR stage at its own batch
           f"--report_json={report}",
       ],
       capture_output=True,
@@ -210,6 +211,22 @@ def test_tiny_cascade_compiles_sharded_with_seconds_per_image(tmp_path):
   assert data["peak_gib"] == pytest.approx(expected)
   assert data["peak_gib"] > data["program_peak_gib"]
   assert data["usable_gib"] == pytest.approx(15.75) and data["fits"]
+  # Each stage compiled at its own batch; per stage its peak with the others' params resident,
+  # what a cascade config naming the report (`aot_report`) is checked against.
+  assert data["batch"] == 8 and data["stage_batches"] == {"base64": 8, "sr256": 4}
+  stages = data["stages"]
+  assert [(f["name"], f["batch"], f["fits"]) for f in stages] == [
+      ("base64", 8, True),
+      ("sr256", 4, True),
+  ]
+  assert max(f["peak_gib"] for f in stages) <= data["peak_gib"] + 1e-9  # T5's may be higher
+  assert cascade_report.stage_figures({k: v for k, v in data.items() if k != "stages"}) == stages
+  with pytest.raises(
+      ValueError, match=r"--config.batch_size=8 \(stage 2, sr256\) .* allowed: <= 4"
+  ):
+    cascade_report.check_batches(
+        [str(report)], [("--config.batch_size", 8, "-"), ("--config.batch_size", 8, "-")], 4
+    )
   # The guided base step runs the network on the conditional and the null batch.
   assert data["base64_settings"] == {
       "sampler": "ddim",
@@ -232,7 +249,9 @@ def test_tiny_cascade_compiles_sharded_with_seconds_per_image(tmp_path):
       check=True,
   ).stdout.splitlines()
   assert table[0].startswith("| slice (chips) |") and len(table) == 3, table
-  assert table[2].startswith("| v5e-4 (4) | 1 x 4 x 1 | 8 | base64 ddim x 25, w=3, sr256 "), table
+  assert table[2].startswith(
+      "| v5e-4 (4) | 1 x 4 x 1 | 8, sr256 4 | base64 ddim x 25, w=3, sr256 "
+  ), table
   assert f"| {data['fid30k_chip_hours']:,.1f} |" in table[2]
 
 

@@ -4,6 +4,7 @@ a user error is one line on stderr with exit status 2, an internal error keeps i
 The commands run in child processes: absl flags are per process.
 """
 
+import functools
 import importlib
 import json
 import logging
@@ -11,6 +12,7 @@ import os
 import subprocess
 import sys
 
+import ml_collections
 import pytest
 
 from configs import base64
@@ -76,6 +78,12 @@ CASES = [
     ("experiments/guidance_gap.py", ["--outdir=/tmp/x", "--num_prompts=-"], "num_prompts"),
     ("launch/aot_compile.py", ["--config=configs/base64.py:tiny", "--topology=v9-8"], "v9-8"),
     ("launch/aot_cascade.py", ["--topology=v4-8", "--mesh=data:2"], "'data:2'"),
+    (
+        "launch/aot_cascade.py",
+        ["--topology=v4-8", "--cascade.stage3.batch_size=12"],
+        "stage3.batch_size=12 is not a divisor of the cascade's batch 32 that divides over the "
+        "mesh's 4 batch shards; allowed: 0 or one of [4, 8, 16, 32]",
+    ),
     ("launch/scale_table.py", [f"{MISSING}.json"], f"{MISSING}.json"),
     ("benchmarks/unet_step.py", ["--batch=eight"], "--batch=eight"),
     ("imagen_jax.evals.convert_weights", [f"--inception_pth={MISSING}.pth", "--out=x"], MISSING),
@@ -208,6 +216,10 @@ def test_batch_not_dividing_the_devices_is_refused_with_the_sizes_that_do():
 
   class Model:
     batch_multiple = 4
+    stages = ()
+
+    def set_stage_batch_sizes(self, sizes):
+      assert list(sizes) == []  # no stages, none set
 
   assert hosts.check_batch_size(Model(), 8) == 8
   with pytest.raises(ValueError, match=r"--config.batch_size=6 .* a multiple of 4, e.g. 4 or 8"):
@@ -217,8 +229,7 @@ def test_batch_not_dividing_the_devices_is_refused_with_the_sizes_that_do():
   assert hosts.application_batch_size(Model(), None, _Cfg()) == 12  # the config's
 
 
-class _Cfg:
-  batch_size = 12
+_Cfg = functools.partial(ml_collections.ConfigDict, {"batch_size": 12})
 
 
 def test_sample_cli_refuses_a_batch_that_does_not_divide():

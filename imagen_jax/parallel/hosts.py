@@ -29,7 +29,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from imagen_jax.diffusion import editing
-from imagen_jax.parallel import ready
+from imagen_jax.parallel import cascade_report, ready
 
 
 def is_writer() -> bool:
@@ -118,7 +118,8 @@ def sample(
 
   Process p samples its block of the prompts on its own devices with `first_index` = its
   global offset (so sample i is the one a single process draws), in batches of
-  `ceil(batch_size / processes)`; its block is padded with empty prompts to a whole number of
+  `ceil(batch_size / processes)` (each stage in its own sub-batches, set by
+  `application_batch_size`); its block is padded with empty prompts to a whole number of
   batches (one compiled shape). `transform` maps this process's per-stage outputs
   `[[k, S_j, S_j, 3], ...]` to the arrays gathered (e.g. the last stage as uint8 at 256px: what
   crosses hosts is what is kept); default: every stage's float output. `lowres`, and
@@ -191,10 +192,46 @@ def check_batch_size(model, batch_size: int, flag: str = "--config.batch_size") 
 
 
 def application_batch_size(model, flag_value: int | None, config) -> int:
-  """An application's batch: its `--batch_size` when given, else the cascade config's
-  `batch_size` (the one place it is set); checked by `check_batch_size`."""
+  """An application's batches, all from the cascade config (the one place they are set); returns
+  the cascade's batch and sets the model's per-stage ones (`Cascade.set_stage_batch_sizes`).
+
+  * the cascade's batch: `--batch_size` when given (`flag_value`), else `config.batch_size`;
+  * stage k's: `config.stageK.batch_size`, 0 or absent = the cascade's; it must divide the
+    cascade's batch (each batch of prompts splits into whole sub-batches);
+  * each divides over the batch shards of all processes (`check_batch_size`);
+  * when `config.aot_report` names AOT cascade reports of this slice (comma-separated paths,
+    `launch/aot_cascade.py --report_json`), each stage's batch is at most the largest that a
+    report shows fitting (`cascade_report.check_batches`).
+
+  Raises ValueError, one line naming the setting, its value and what is allowed.
+  model: a `cascade.Cascade` (its stages and `batch_multiple`).
+  """
   flag = "--batch_size" if flag_value else "--config.batch_size"
-  return check_batch_size(model, flag_value or int(config.batch_size), flag)
+  batch = check_batch_size(model, flag_value or int(config.batch_size), flag)
+  m = int(model.batch_multiple) * jax.process_count()
+  batches = []  # per stage: (the setting that gave its batch, the batch, the stage's setting)
+  for k in range(len(model.stages)):
+    own = f"--config.stage{k + 1}.batch_size"
+    block = config.get(f"stage{k + 1}", None)
+    value = 0 if block is None else block.get("batch_size", 0)
+    if type(value) is int and value == 0:
+      batches.append((flag, batch, own))
+      continue
+    divisors = [d for d in range(m, batch + 1, m) if batch % d == 0]
+    if type(value) is not int or value not in divisors:
+      raise ValueError(
+          f"{own}={value!r} is not a batch for stage {k + 1} of a cascade batch {flag}={batch} "
+          f"over {m} batch shards; allowed: 0 (the cascade's batch) or one of {divisors} "
+          f"(the divisors of {batch} that divide over the shards)"
+      )
+    batches.append((own, value, own))
+  reports = [p.strip() for p in str(config.get("aot_report", "") or "").split(",") if p.strip()]
+  if reports:
+    cascade_report.check_batches(reports, batches, jax.device_count())
+  model.set_stage_batch_sizes(
+      [None if setting == flag else b // jax.process_count() for setting, b, _ in batches]
+  )
+  return batch
 
 
 def define_flags() -> None:
