@@ -12,9 +12,9 @@ import sys
 import pytest
 
 from imagen_jax.parallel import aot, cascade_report
+from tests.test_deepfloyd_cascade import IF_I, IF_II
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "launch", "aot_compile.py")
 
 
 @pytest.mark.parametrize(
@@ -75,18 +75,24 @@ def test_usable_hbm_is_xlas_limit(name, gib):
   assert aot.usable_hbm_bytes(device) == pytest.approx(gib * aot.GIB)
 
 
-def run_script(tmp_path, *args):
-  report = tmp_path / "report.json"
+def run_tool(script, *args, timeout=600):
+  """`python launch/<script> args` as a user runs it: on the CPU, without the tests' 8 fake
+  devices (a slice's devices come from its topology)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  env.pop("XLA_FLAGS", None)  # the tests' 8 fake CPU devices are not the slice's
-  proc = subprocess.run(
-      [sys.executable, SCRIPT, *args, f"--report_json={report}"],
+  env.pop("XLA_FLAGS", None)
+  return subprocess.run(
+      [sys.executable, os.path.join(ROOT, "launch", script), *map(str, args)],
       capture_output=True,
       text=True,
       env=env,
       cwd=ROOT,
-      timeout=600,
+      timeout=timeout,
   )
+
+
+def run_script(tmp_path, *args):
+  report = tmp_path / "report.json"
+  proc = run_tool("aot_compile.py", *args, f"--report_json={report}")
   summary = [line for line in proc.stdout.splitlines() if line.startswith("aot: ")]
   data = json.loads(report.read_text()) if report.exists() else None
   return proc, summary, data
@@ -176,24 +182,14 @@ def test_bad_input_is_one_line(tmp_path, args, message):
 @pytest.mark.slow
 def test_tiny_cascade_compiles_sharded_with_seconds_per_image(tmp_path):
   report = tmp_path / "cascade.json"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  env.pop("XLA_FLAGS", None)
-  proc = subprocess.run(
-      [
-          sys.executable,
-          os.path.join(ROOT, "launch", "aot_cascade.py"),
-          "--topology=v5e-4",
-          "--stages=base64:tiny;sr256:tiny",
-          "--cascade=configs/cascade.py:shapes",
-          "--batch=8",
-          "--cascade.stage2.batch_size=4",  # the SR stage at its own batch
-          f"--report_json={report}",
-      ],
-      capture_output=True,
-      text=True,
-      env=env,
-      cwd=ROOT,
-      timeout=600,
+  proc = run_tool(
+      "aot_cascade.py",
+      "--topology=v5e-4",
+      "--stages=base64:tiny;sr256:tiny",
+      "--cascade=configs/cascade.py:shapes",
+      "--batch=8",
+      "--cascade.stage2.batch_size=4",  # the SR stage at its own batch
+      f"--report_json={report}",
   )
   assert proc.returncode == 0, proc.stdout + proc.stderr
   data = json.loads(report.read_text())
@@ -239,15 +235,9 @@ def test_tiny_cascade_compiles_sharded_with_seconds_per_image(tmp_path):
   assert data["fid30k_chip_hours"] == pytest.approx(30_000 * data["s_per_image"] * 4 / 3600)
   assert "aot_cascade: topology=v5e-4 chips=4" in proc.stdout
   # The README's sampling table is made from the same report.
-  table = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "launch", "scale_table.py"), str(report)],
-      capture_output=True,
-      text=True,
-      env=env,
-      cwd=ROOT,
-      timeout=120,
-      check=True,
-  ).stdout.splitlines()
+  table = run_tool("scale_table.py", report, timeout=120)
+  assert table.returncode == 0, table.stderr
+  table = table.stdout.splitlines()
   assert table[0].startswith("| slice (chips) |") and len(table) == 3, table
   assert table[2].startswith(
       "| v5e-4 (4) | 1 x 4 x 1 | 8, sr256 4 | base64 ddim x 25, w=3, sr256 "
@@ -270,16 +260,9 @@ def test_scale_table_shows_new_columns_and_na_for_old_reports(tmp_path):
   for name, r in (("old", old), ("new", new)):
     paths.append(tmp_path / f"{name}.json")
     paths[-1].write_text(json.dumps(r))
-  env = dict(os.environ, PYTHONPATH=ROOT)
-  out = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "launch", "scale_table.py"), *map(str, paths)],
-      capture_output=True,
-      text=True,
-      env=env,
-      cwd=ROOT,
-      timeout=120,
-      check=True,
-  ).stdout.splitlines()
+  out = run_tool("scale_table.py", *paths, timeout=120)
+  assert out.returncode == 0, out.stderr
+  out = out.stdout.splitlines()
   header = [c.strip() for c in out[0].strip("|").split("|")]
   rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in out[2:]]
   by_slice = {r["slice (chips)"]: r for r in rows}
@@ -297,20 +280,11 @@ def test_scale_table_shows_new_columns_and_na_for_old_reports(tmp_path):
 
 
 def test_proxy_needs_block_counts_with_a_common_divisor(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  env.pop("XLA_FLAGS", None)
-  proc = subprocess.run(
-      [
-          sys.executable,
-          os.path.join(ROOT, "launch", "aot_proxy.py"),
-          "--config=configs/sr256.py:tiny",
-          "--topology=v5e-4",
-          "--config.model.num_res_blocks=(2,4)",  # gcd 2: only (1, 2) keeps a block per level
-      ],
-      capture_output=True,
-      text=True,
-      env=env,
-      cwd=ROOT,
+  proc = run_tool(
+      "aot_proxy.py",
+      "--config=configs/sr256.py:tiny",
+      "--topology=v5e-4",
+      "--config.model.num_res_blocks=(2,4)",  # gcd 2: only (1, 2) keeps a block per level
       timeout=300,
   )
   assert proc.returncode == 2, proc.stdout + proc.stderr
@@ -322,22 +296,13 @@ def test_proxy_extrapolates_two_smaller_compiles_to_the_full_block_count(tmp_pat
   """Tiny base with 3 blocks per level: compiled at 1 and 2 blocks, each per-chip figure is
   taken linearly to 3 (docs/results/scale.md compares it with the compile at 3: within 2.4%)."""
   report = tmp_path / "proxy.json"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  env.pop("XLA_FLAGS", None)
-  proc = subprocess.run(
-      [
-          sys.executable,
-          os.path.join(ROOT, "launch", "aot_proxy.py"),
-          "--config=configs/base64.py:tiny",
-          "--topology=v5e-4",
-          "--text=cache",
-          "--config.model.num_res_blocks=3",
-          f"--report_json={report}",
-      ],
-      capture_output=True,
-      text=True,
-      env=env,
-      cwd=ROOT,
+  proc = run_tool(
+      "aot_proxy.py",
+      "--config=configs/base64.py:tiny",
+      "--topology=v5e-4",
+      "--text=cache",
+      "--config.model.num_res_blocks=3",
+      f"--report_json={report}",
       timeout=900,
   )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -375,59 +340,28 @@ def test_gradient_accumulation_is_reported_and_holds_one_microbatch(tmp_path):
 def test_if_cascade_compiles_from_config_json_alone(tmp_path):
   # IF stages from their U-Net folders' config.json (no weights), IF's DDPM loop reading the
   # unconditional text as `Cascade` does; reduced IF configs of the published block types.
-  base = dict(
-      _class_name="UNet2DConditionModel",
-      act_fn="gelu",
-      time_embedding_act_fn="gelu",
-      resnet_time_scale_shift="scale_shift",
-      resnet_skip_time_act=True,
-      mid_block_type="UNetMidBlock2DSimpleCrossAttn",
-      encoder_hid_dim=256,  # byt5-tiny-random's width (IF: T5-XXL's 4096)
-      encoder_hid_dim_type="text_proj",
-      cross_attention_dim=8,
-      addition_embed_type="text",
-      addition_embed_type_num_heads=4,
-      norm_num_groups=4,
-      block_out_channels=[4, 8],
-      layers_per_block=1,
-      down_block_types=["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"],
-      up_block_types=["SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"],
-      attention_head_dim=4,
-      out_channels=6,
-  )
   folders = []
-  for name, extra in (
-      ("IF-I", dict(in_channels=3, sample_size=16)),
-      ("IF-II", dict(in_channels=6, sample_size=32, class_embed_type="timestep")),
-  ):
+  for name, config in (("IF-I", IF_I), ("IF-II", IF_II)):
     folder = tmp_path / name / "unet"
     folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps({**base, **extra}))
+    (folder / "config.json").write_text(
+        json.dumps(dict(config, _class_name="UNet2DConditionModel"))
+    )
     folders.append(str(folder))
   report = tmp_path / "if.json"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-  env.pop("XLA_FLAGS", None)
-  proc = subprocess.run(
-      [
-          sys.executable,
-          os.path.join(ROOT, "launch", "aot_cascade.py"),
-          "--topology=v5e-4",
-          "--cascade=configs/cascade.py:if_xl",
-          f"--cascade.stage1.workdir={folders[0]}",
-          f"--cascade.stage2.workdir={folders[1]}",
-          "--cascade.stage1.num_steps=4",
-          "--cascade.stage2.num_steps=2",
-          "--cascade.deepfloyd.text_name=byt5-tiny-random",
-          "--cascade.deepfloyd.text_max_length=16",
-          "--cascade.deepfloyd.lowres_size=16",
-          "--batch=8",
-          f"--report_json={report}",
-      ],
-      capture_output=True,
-      text=True,
-      env=env,
-      cwd=ROOT,
-      timeout=600,
+  proc = run_tool(
+      "aot_cascade.py",
+      "--topology=v5e-4",
+      "--cascade=configs/cascade.py:if_xl",
+      f"--cascade.stage1.workdir={folders[0]}",
+      f"--cascade.stage2.workdir={folders[1]}",
+      "--cascade.stage1.num_steps=4",
+      "--cascade.stage2.num_steps=2",
+      "--cascade.deepfloyd.text_name=byt5-tiny-random",
+      "--cascade.deepfloyd.text_max_length=16",
+      "--cascade.deepfloyd.lowres_size=16",
+      "--batch=8",
+      f"--report_json={report}",
   )
   assert proc.returncode == 0, proc.stdout + proc.stderr
   data = json.loads(report.read_text())
@@ -439,18 +373,11 @@ def test_if_cascade_compiles_from_config_json_alone(tmp_path):
   assert data["if_ii_settings"]["network_calls"] == 2 and data["if_ii_settings"]["w"] == 4.0
   assert data["s_per_image"] >= data["if_i_s_per_image"] + data["if_ii_s_per_image"] > 0
   # An IF entry without the cascade's deepfloyd block is one clear line.
-  bad = subprocess.run(
-      [
-          sys.executable,
-          os.path.join(ROOT, "launch", "aot_cascade.py"),
-          "--topology=v5e-4",
-          f"--stages=if:{folders[0]}",
-          "--cascade=configs/cascade.py:shapes",
-      ],
-      capture_output=True,
-      text=True,
-      env=env,
-      cwd=ROOT,
+  bad = run_tool(
+      "aot_cascade.py",
+      "--topology=v5e-4",
+      f"--stages=if:{folders[0]}",
+      "--cascade=configs/cascade.py:shapes",
       timeout=300,
   )
   assert bad.returncode == 2 and "deepfloyd block" in bad.stderr, bad.stderr[-2000:]
