@@ -28,24 +28,16 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from imagen_jax import cli
+from imagen_jax.evals import coco
 from imagen_jax.parallel import hosts
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/cascade.py:paper", "cascade sampling settings"
 )
 _WORKDIRS = flags.DEFINE_list("workdirs", None, "stage workdirs; default: the config's")
-_COCO = flags.DEFINE_string("coco_dir", None, "folder with annotations/ and val2014/")
-_CAPTIONS = flags.DEFINE_string("captions_json", None, "captions_val2014.json")
-_IMAGES = flags.DEFINE_string("images_dir", None, "the val2014/ image folder")
-_PROTOCOL = flags.DEFINE_enum("protocol", "paper", ["paper", "pairs"], "see evals/coco.py")
+_COCO = coco.define_flags()  # --coco_dir, ..., --protocol, --inception, --fid_mode
 _NUM = flags.DEFINE_integer("num_samples", 30000, "generated images (FID-30K: 30000)")
 _SEED = flags.DEFINE_integer("seed", 0, "seed of the caption draw and of the sampler")
-_INCEPTION = flags.DEFINE_string(
-    "inception",
-    None,
-    "FID InceptionV3 safetensors (made by " "python -m imagen_jax.evals.convert_weights)",
-)
-_MODE = flags.DEFINE_string("fid_mode", "tf", "FID preprocessing: tf | pytorch_fid | clean")
 _BATCH = flags.DEFINE_integer(
     "batch_size", None, "sampling and FID batch size; default: the cascade config's batch_size"
 )
@@ -59,13 +51,13 @@ def main(argv):
   del argv
   hosts.initialize_from_flags()  # before anything touches the jax backend
   from imagen_jax import atomic, cascade, paths
-  from imagen_jax.evals import coco, fid
+  from imagen_jax.evals import fid
 
-  if not _INCEPTION.value:
+  if not _COCO.inception.value:
     raise app.UsageError("--inception is required (FID needs the InceptionV3 weights)")
-  cli.require_file("inception", _INCEPTION.value, "Inception weights file")
+  cli.require_file("inception", _COCO.inception.value, "Inception weights file")
   try:
-    captions, images_dir = coco.locate(_COCO.value, _CAPTIONS.value, _IMAGES.value)
+    captions, images_dir = _COCO.locate()
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   cfg = _CONFIG.value
@@ -77,15 +69,15 @@ def main(argv):
     paths.makedirs(_OUTDIR.value)
 
   anns, files = coco.load_captions(captions)
-  prompts, ref_names = coco.draw(anns, files, _PROTOCOL.value, _NUM.value, _SEED.value)
+  prompts, ref_names = coco.draw(anns, files, _COCO.protocol.value, _NUM.value, _SEED.value)
   model = cascade.Cascade.from_workdirs(workdirs, deepfloyd=cfg.get("deepfloyd", None))
   try:  # the cascade config's batch_size unless --batch_size; refused unless it divides
     batch = hosts.application_batch_size(model, _BATCH.value, cfg)
   except ValueError as e:
     raise cli.UserError(str(e)) from None
-  computer = fid.FIDComputer(_INCEPTION.value, mode=_MODE.value, batch_size=batch)
+  computer = fid.FIDComputer(_COCO.inception.value, mode=_COCO.fid_mode.value, batch_size=batch)
   ref_path = coco.reference_stats_path(
-      _OUTDIR.value, _PROTOCOL.value, _MODE.value, len(ref_names), _SEED.value
+      _OUTDIR.value, _COCO.protocol.value, _COCO.fid_mode.value, len(ref_names), _SEED.value
   )
   ref = coco.reference_statistics(computer, images_dir, ref_names, ref_path)
   chunks = coco.sample_chunks(
@@ -101,10 +93,10 @@ def main(argv):
   score = computer.fid(coco.iter_chunks(chunks, total=len(prompts)), ref, total=len(prompts))
   report = {
       "fid": score,
-      "protocol": _PROTOCOL.value,
+      "protocol": _COCO.protocol.value,
       "num_samples": len(prompts),
       "num_reference": ref.n,
-      "fid_mode": _MODE.value,
+      "fid_mode": _COCO.fid_mode.value,
       "seed": _SEED.value,
       "negative_prompt": _NEGATIVE.value,
       "reference_size": coco.REFERENCE_SIZE,
@@ -119,7 +111,7 @@ def main(argv):
     return
   atomic.write_json(os.path.join(_OUTDIR.value, "fid.json"), report)
   print(
-      f"FID-{len(prompts)} ({_PROTOCOL.value} protocol, {_MODE.value} preprocessing, "
+      f"FID-{len(prompts)} ({_COCO.protocol.value} protocol, {_COCO.fid_mode.value} preprocessing, "
       f"{ref.n} reference images): {score:.3f}"
   )
 

@@ -31,16 +31,14 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from imagen_jax import cli
+from imagen_jax.evals import coco
 from imagen_jax.parallel import hosts
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/cascade.py:paper", "cascade sampling settings (the non-swept stages')"
 )
 _WORKDIRS = flags.DEFINE_list("workdirs", None, "stage workdirs; default: the config's")
-_COCO = flags.DEFINE_string("coco_dir", None, "folder with annotations/ and val2014/")
-_CAPTIONS = flags.DEFINE_string("captions_json", None, "captions_val2014.json")
-_IMAGES = flags.DEFINE_string("images_dir", None, "the val2014/ image folder")
-_PROTOCOL = flags.DEFINE_enum("protocol", "paper", ["paper", "pairs"], "see evals/coco.py")
+_COCO = coco.define_flags()  # --coco_dir, ..., --protocol, --inception, --fid_mode
 _NUM = flags.DEFINE_integer("num_prompts", 10_000, "captions (samples) per point; paper: FID-10K")
 _SWEEP_STAGE = flags.DEFINE_integer("sweep_stage", 1, "which stage's w is swept (1-based)")
 _WEIGHTS = flags.DEFINE_list(
@@ -51,10 +49,6 @@ _AUG_LEVELS = flags.DEFINE_list(
     "aug_levels", None, "aug levels of the swept SR stage (one curve each); default: the config's"
 )
 _SEED = flags.DEFINE_integer("seed", 0, "seed of the caption draw and of the sampler")
-_INCEPTION = flags.DEFINE_string(
-    "inception", None, "FID InceptionV3 safetensors (python -m imagen_jax.evals.convert_weights)"
-)
-_MODE = flags.DEFINE_string("fid_mode", "tf", "FID preprocessing: tf | pytorch_fid | clean")
 _CLIP = flags.DEFINE_string("clip_path", None, "local Hugging Face CLIP folder (CLIP score)")
 _BATCH = flags.DEFINE_integer(
     "batch_size",
@@ -73,14 +67,14 @@ def main(argv):
 
   from imagen_jax import cascade
   from imagen_jax.evals import clip as clip_lib
-  from imagen_jax.evals import coco, features, fid, sweep, sweep_report
+  from imagen_jax.evals import features, fid, sweep, sweep_report
 
-  if not _INCEPTION.value or not _CLIP.value:
+  if not _COCO.inception.value or not _CLIP.value:
     raise app.UsageError("--inception and --clip_path are required (FID and CLIP score)")
-  cli.require_file("inception", _INCEPTION.value, "Inception weights file")
+  cli.require_file("inception", _COCO.inception.value, "Inception weights file")
   cli.require_file("clip_path", _CLIP.value, "CLIP folder")
   try:
-    captions, images_dir = coco.locate(_COCO.value, _CAPTIONS.value, _IMAGES.value)
+    captions, images_dir = _COCO.locate()
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   cfg = _CONFIG.value
@@ -90,15 +84,15 @@ def main(argv):
     outdir.mkdir(parents=True, exist_ok=True)
 
   anns, files = coco.load_captions(captions)
-  prompts, ref_names = coco.draw(anns, files, _PROTOCOL.value, _NUM.value, _SEED.value)
+  prompts, ref_names = coco.draw(anns, files, _COCO.protocol.value, _NUM.value, _SEED.value)
   model = cascade.Cascade.from_workdirs(workdirs, deepfloyd=cfg.get("deepfloyd", None))
   try:  # the cascade config's batch_size unless --batch_size; refused unless it divides
     batch = hosts.application_batch_size(model, _BATCH.value, cfg)
   except ValueError as e:
     raise cli.UserError(str(e)) from None
-  computer = fid.FIDComputer(_INCEPTION.value, mode=_MODE.value, batch_size=batch)
+  computer = fid.FIDComputer(_COCO.inception.value, mode=_COCO.fid_mode.value, batch_size=batch)
   ref_path = coco.reference_stats_path(
-      str(outdir), _PROTOCOL.value, _MODE.value, len(ref_names), _SEED.value
+      str(outdir), _COCO.protocol.value, _COCO.fid_mode.value, len(ref_names), _SEED.value
   )
   reference = sweep.ReferenceStats(
       coco.reference_statistics(computer, images_dir, ref_names, ref_path),
@@ -130,7 +124,7 @@ def main(argv):
   )
   sizes = " -> ".join(str(s.image_size) for s in model.stages)
   title = (
-      f"COCO val2014 ({_PROTOCOL.value} protocol): stage {stage + 1} guidance sweep, "
+      f"COCO val2014 ({_COCO.protocol.value} protocol): stage {stage + 1} guidance sweep, "
       f"FID-{len(prompts)} vs {reference.stats.n} reference images, {sizes}px"
   )
   if not hosts.is_writer():

@@ -37,6 +37,7 @@ import os
 from typing import Iterator, Sequence
 
 import numpy as np
+from absl import flags
 
 from imagen_jax import images
 from imagen_jax import paths as paths_lib
@@ -61,6 +62,39 @@ def locate(
   if not captions or not images_dir:
     raise ValueError("give coco_dir, or captions_json and images_dir")
   return paths_lib.local_file(captions), paths_lib.local_copy(images_dir)
+
+
+@dataclasses.dataclass(frozen=True)
+class InputFlags:
+  """The COCO experiments' input flags (`define_flags`), read after absl parsed them."""
+
+  coco_dir: flags.FlagHolder
+  captions_json: flags.FlagHolder
+  images_dir: flags.FlagHolder
+  protocol: flags.FlagHolder
+  inception: flags.FlagHolder
+  fid_mode: flags.FlagHolder
+
+  def locate(self) -> tuple[str, str]:
+    """`locate` from the flags."""
+    return locate(self.coco_dir.value, self.captions_json.value, self.images_dir.value)
+
+
+def define_flags() -> InputFlags:
+  """Adds the flags every COCO experiment reads (`experiments/coco_fid30k.py`,
+  `coco_guidance_sweep.py`): where COCO is, the caption protocol and the FID network."""
+  return InputFlags(
+      coco_dir=flags.DEFINE_string("coco_dir", None, "folder with annotations/ and val2014/"),
+      captions_json=flags.DEFINE_string("captions_json", None, "captions_val2014.json"),
+      images_dir=flags.DEFINE_string("images_dir", None, "the val2014/ image folder"),
+      protocol=flags.DEFINE_enum("protocol", "paper", ["paper", "pairs"], "see evals/coco.py"),
+      inception=flags.DEFINE_string(
+          "inception",
+          None,
+          "FID InceptionV3 safetensors (made by python -m imagen_jax.evals.convert_weights)",
+      ),
+      fid_mode=flags.DEFINE_string("fid_mode", "tf", "FID preprocessing: tf | pytorch_fid | clean"),
+  )
 
 
 def reference_stats_path(outdir: str, protocol: str, mode: str, num: int, seed: int) -> str:
