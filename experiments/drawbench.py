@@ -50,7 +50,7 @@ def _model(cfg, workdirs, cache):
   workdirs = workdirs or [cfg[f"stage{k + 1}"].workdir for k in range(int(cfg.num_stages))]
   key = tuple(os.path.abspath(w) for w in workdirs)
   if key not in cache:  # two settings of one cascade load it once
-    cache[key] = cascade.Cascade.from_workdirs(workdirs)
+    cache[key] = cascade.Cascade.from_workdirs(workdirs, deepfloyd=cfg.get("deepfloyd", None))
   settings = [
       cascade.SamplingSettings.from_config(cfg[f"stage{k + 1}"]) for k in range(len(workdirs))
   ]
