@@ -153,6 +153,21 @@ def masked_attention(
   return jax.lax.map(body, (q, k, v, mask))
 
 
+def learned_null_kv(
+    module: nn.Module, batch: int, heads: int, head_dim: int
+) -> tuple[jax.Array, jax.Array]:
+  """The learned null key and value (imagen-pytorch's `null_kv`), the param `null_kv` [2, N, D]
+  of `module`, in its compute dtype, broadcast over the batch: k_null, v_null [B, 1, N, D]."""
+  null_kv = module.param(
+      "null_kv",
+      nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, "heads", "kv")),
+      (2, heads, head_dim),
+      module.param_dtype,
+  )
+  null_kv = jnp.broadcast_to(null_kv.astype(module.dtype)[None], (batch, 2, heads, head_dim))
+  return null_kv[:, 0:1], null_kv[:, 1:2]
+
+
 class Attention(nn.Module):
   """Self-attention (optional) + text keys/values (optional) + a learned null key/value.
 
@@ -182,16 +197,9 @@ class Attention(nn.Module):
     h = h.reshape(b, hgt * wid, c)
 
     ks, vs, masks = [], [], []
-    # Learned null key/value: always attendable.
-    null_kv = self.param(
-        "null_kv",
-        nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, "heads", "kv")),
-        (2, heads, hd),
-        self.param_dtype,
-    )
-    null_kv = jnp.broadcast_to(null_kv.astype(self.dtype)[None], (b, 2, heads, hd))
-    ks.append(null_kv[:, 0:1])
-    vs.append(null_kv[:, 1:2])
+    k_null, v_null = learned_null_kv(self, b, heads, hd)  # always attendable
+    ks.append(k_null)
+    vs.append(v_null)
     masks.append(jnp.ones((b, 1), bool))
 
     if self.self_attention:

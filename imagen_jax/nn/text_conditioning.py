@@ -76,15 +76,9 @@ class AttentionPool(nn.Module):
     kv = layers.DenseGeneral((2, heads, hd), ("text_embed", None, "heads", "kv"), name="kv", **kw)(
         tokens
     )
-    null_kv = self.param(
-        "null_kv",
-        nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, "heads", "kv")),
-        (2, heads, hd),
-        self.param_dtype,
-    )
-    null_kv = jnp.broadcast_to(null_kv.astype(self.dtype)[None], (b, 2, heads, hd))
-    k = jnp.concatenate([null_kv[:, 0:1], kv[:, :, 0]], axis=1)
-    v = jnp.concatenate([null_kv[:, 1:2], kv[:, :, 1]], axis=1)
+    k_null, v_null = attention.learned_null_kv(self, b, heads, hd)
+    k = jnp.concatenate([k_null, kv[:, :, 0]], axis=1)
+    v = jnp.concatenate([v_null, kv[:, :, 1]], axis=1)
     full_mask = jnp.concatenate([jnp.ones((b, 1), bool), mask.astype(bool)], axis=1)
     pooled = attention.masked_attention(q[:, None], k, v, full_mask, self.dtype)[:, 0]
     return layers.DenseGeneral(
