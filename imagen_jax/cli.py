@@ -116,6 +116,33 @@ def define_negative_prompt() -> flags.FlagHolder:
   )
 
 
+def define_process_flags() -> Callable[[], tuple[int, int]]:
+  """`--process_index`, `--process_count`, `--distributed`: where this process stands among
+  those sharing a preparation job's shards (no collectives: each writes its own shards).
+
+  Returns a function, called after the flags are parsed, giving (index, count); with
+  `--distributed`, jax.distributed.initialize() (auto-detected on TPU pods and SLURM) gives them:
+  one command for every host."""
+  index = flags.DEFINE_integer("process_index", 0, "this process (0 .. process_count - 1)")
+  count = flags.DEFINE_integer("process_count", 1, "processes sharing the shards")
+  distributed = flags.DEFINE_bool(
+      "distributed",
+      False,
+      "take process_index / process_count from jax.distributed.initialize() (auto-detected on TPU "
+      "pods and SLURM): one command for every host",
+  )
+
+  def placement() -> tuple[int, int]:
+    if not distributed.value:  # the library checks 0 <= index < count
+      return index.value, count.value
+    import jax  # only to learn this host's place in the job
+
+    jax.distributed.initialize()
+    return jax.process_index(), jax.process_count()
+
+  return placement
+
+
 class _LibraryInfoFilter(logging.Filter):
   """Keeps WARNING and worse, and INFO / DEBUG logged from the given folders (ours)."""
 

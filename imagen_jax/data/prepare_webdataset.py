@@ -22,14 +22,7 @@ _SHARDS = flags.DEFINE_string(
     "shards", None, "tar shards: comma-separated paths, globs or {00000..00099} ranges"
 )
 _OUT = flags.DEFINE_string("out", None, "the prepared dataset's folder (local or gs://)")
-_INDEX = flags.DEFINE_integer("process_index", 0, "this process (0 .. process_count - 1)")
-_COUNT = flags.DEFINE_integer("process_count", 1, "processes sharing the shards")
-_DISTRIBUTED = flags.DEFINE_bool(
-    "distributed",
-    False,
-    "take process_index / process_count from jax.distributed.initialize() (auto-detected on TPU "
-    "pods and SLURM): one command for every host",
-)
+_PLACEMENT = cli.define_process_flags()  # --process_index, --process_count, --distributed
 _MIN_SIZE = flags.DEFINE_integer("min_size", 64, "skip images whose shorter side is below this")
 
 
@@ -38,12 +31,7 @@ def main(argv):
   if not _SHARDS.value or not _OUT.value:
     raise app.UsageError("--shards and --out are required")
   logging.getLogger().setLevel(logging.WARNING)
-  index, count = _INDEX.value, _COUNT.value
-  if _DISTRIBUTED.value:
-    import jax  # only to learn this host's place in the job
-
-    jax.distributed.initialize()
-    index, count = jax.process_index(), jax.process_count()
+  index, count = _PLACEMENT()
   shards = webdataset.list_shards(_SHARDS.value)
   manifest = webdataset.prepare(
       shards, _OUT.value, process_index=index, process_count=count, min_size=_MIN_SIZE.value

@@ -25,14 +25,7 @@ from imagen_jax import (
 _CONFIG = config_flags.DEFINE_config_file("config", None, "the stage config (its text block)")
 _DATA = flags.DEFINE_string("data", None, "the prepared dataset (prepare_webdataset --out)")
 _OUT = flags.DEFINE_string("out", None, "the embeddings folder (local or gs://)")
-_INDEX = flags.DEFINE_integer("process_index", 0, "this process (0 .. process_count - 1)")
-_COUNT = flags.DEFINE_integer("process_count", 1, "processes sharing the shards")
-_DISTRIBUTED = flags.DEFINE_bool(
-    "distributed",
-    False,
-    "take process_index / process_count from jax.distributed.initialize() (auto-detected on TPU "
-    "pods and SLURM): one command for every host",
-)
+_PLACEMENT = cli.define_process_flags()  # --process_index, --process_count, --distributed
 _BATCH = flags.DEFINE_integer("batch_size", 64, "captions per encoder call (x local devices)")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "storage dtype")
 flags.mark_flags_as_required(["config", "data", "out"])
@@ -46,10 +39,7 @@ def main(argv):
   from imagen_jax.text import registry, shards
 
   config = _CONFIG.value
-  index, count = _INDEX.value, _COUNT.value
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize()
-    index, count = jax.process_index(), jax.process_count()
+  index, count = _PLACEMENT()
   paths.check_access(_DATA.value)
   paths.check_access(_OUT.value)
   n = jax.local_device_count()
