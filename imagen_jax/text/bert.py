@@ -33,7 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from imagen_jax.text.t5 import _HEAD_AXES, _MASK_VALUE, _MLP_AXES, _TOKEN_AXES, _constrain
+from imagen_jax.text.t5 import HEAD_AXES, MASK_VALUE, MLP_AXES, TOKEN_AXES, constrain
 
 ACTIVATIONS = ("gelu", "gelu_new", "relu")
 # Checkpoint tensors that are not part of the encoder: skipped by name, never read (the pooler
@@ -216,7 +216,7 @@ class SelfAttention(_Params):
       w = self.kernel(name, (d, h, k), ("embed", "heads", "kv"))
       b = self.bias(f"{name}_bias", (h, k), ("heads", "kv"))
       y = einsum("bld,dhk->blhk", x, w, preferred_element_type=jnp.float32) + b[None, None]
-      return _constrain(y.astype(c.dtype), _HEAD_AXES)
+      return constrain(y.astype(c.dtype), HEAD_AXES)
 
     q, kk, v = proj("query"), proj("key"), proj("value")
     logits = einsum("bqhk,bshk->bhqs", q, kk, preferred_element_type=jnp.float32)
@@ -242,7 +242,7 @@ class FeedForward(_Params):
     dot = functools.partial(jnp.matmul, precision=c.matmul_precision)
     u = dot(x.astype(c.dtype), self.kernel("wi", (d, f), ("embed", "mlp"))).astype(jnp.float32)
     hidden = act(u + _broadcast_last(self.bias("wi_bias", (f,), ("mlp",)), 3))
-    hidden = _constrain(hidden.astype(c.dtype), _MLP_AXES)
+    hidden = constrain(hidden.astype(c.dtype), MLP_AXES)
     y = dot(hidden, self.kernel("wo", (f, d), ("mlp", "embed"))).astype(jnp.float32)
     return y + _broadcast_last(self.bias("wo_bias", (d,), ("embed",)), 3)
 
@@ -261,7 +261,7 @@ class EncoderLayer(nn.Module):
     h = LayerNorm(c.layer_norm_eps, c.param_dtype, name="mlp_norm")(
         h + FeedForward(c, name="mlp")(h)
     )
-    return _constrain(h, _TOKEN_AXES)
+    return constrain(h, TOKEN_AXES)
 
 
 class BertEncoder(nn.Module):
@@ -296,8 +296,8 @@ class BertEncoder(nn.Module):
     types = table("token_type_embeddings", c.type_vocab_size, (None, "embed"))
     h = jnp.take(words, ids, axis=0) + positions[None, :length] + types[None, :1]
     h = LayerNorm(c.layer_norm_eps, c.param_dtype, name="embeddings_norm")(h)
-    h = _constrain(h, _TOKEN_AXES)
-    mask_bias = jnp.where(mask.astype(bool), 0.0, _MASK_VALUE).astype(jnp.float32)
+    h = constrain(h, TOKEN_AXES)
+    mask_bias = jnp.where(mask.astype(bool), 0.0, MASK_VALUE).astype(jnp.float32)
     mask_bias = mask_bias[:, None, None, :]  # [B, 1, 1, L]: keys at padding get -1e9
     for i in range(c.num_hidden_layers):
       h = EncoderLayer(c, name=f"layers_{i}")(h, mask_bias)

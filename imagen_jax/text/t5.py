@@ -38,7 +38,7 @@ import numpy as np
 
 # A large finite negative for masked attention logits: -inf would give NaN for a fully
 # masked row (a dropped text has an all-False mask), and exp(-1e9 - max) underflows to exactly 0.
-_MASK_VALUE = -1e9
+MASK_VALUE = -1e9
 
 ACTIVATIONS = ("relu", "gelu_new", "gelu", "silu")
 
@@ -179,12 +179,13 @@ def _broadcast_last(v: jax.Array, ndim: int) -> jax.Array:
 # batch stays split over the mesh's batch axes. Without them XLA lays the token activations out
 # like the embedding table (d_model split over fsdp, the batch whole), and inside a train step
 # T5-XXL then holds [global batch, L, d_ff] activations on every chip.
-_TOKEN_AXES = ("activation_batch", "activation_length", "activation_text_embed")
-_HEAD_AXES = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
-_MLP_AXES = ("activation_batch", "activation_length", "activation_mlp")
+TOKEN_AXES = ("activation_batch", "activation_length", "activation_text_embed")
+HEAD_AXES = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+MLP_AXES = ("activation_batch", "activation_length", "activation_mlp")
 
 
-def _constrain(x: jax.Array, names: tuple[str, ...]) -> jax.Array:
+def constrain(x: jax.Array, names: tuple[str, ...]) -> jax.Array:
+  """`x` under the logical activation axes `names` (the text encoders: T5, BERT)."""
   return nn.with_logical_constraint(x, names)
 
 
@@ -261,9 +262,9 @@ class SelfAttention(nn.Module):
     wo = self._proj("out", (h, k, d), ("heads", "kv", "embed"))
     x = x.astype(c.dtype)
     einsum = functools.partial(jnp.einsum, precision=c.matmul_precision)
-    q = _constrain(einsum("bld,dhk->blhk", x, wq.astype(c.dtype)), _HEAD_AXES)
-    kk = _constrain(einsum("bld,dhk->blhk", x, wk.astype(c.dtype)), _HEAD_AXES)
-    v = _constrain(einsum("bld,dhk->blhk", x, wv.astype(c.dtype)), _HEAD_AXES)
+    q = constrain(einsum("bld,dhk->blhk", x, wq.astype(c.dtype)), HEAD_AXES)
+    kk = constrain(einsum("bld,dhk->blhk", x, wk.astype(c.dtype)), HEAD_AXES)
+    v = constrain(einsum("bld,dhk->blhk", x, wv.astype(c.dtype)), HEAD_AXES)
     logits = einsum("bqhk,bshk->bhqs", q, kk, preferred_element_type=jnp.float32)
     probs = jax.nn.softmax(logits + bias, axis=-1)  # float32 softmax (HF: .float())
     out = einsum("bhqs,bshk->bqhk", probs.astype(c.dtype), v)
@@ -298,7 +299,7 @@ class FeedForward(nn.Module):
       hidden = act(gate) * lin
     else:
       hidden = act(dot(x, kernel("wi", (c.d_model, c.d_ff), ("embed", "mlp"))))
-    hidden = _constrain(hidden, _MLP_AXES)
+    hidden = constrain(hidden, MLP_AXES)
     return dot(hidden, kernel("wo", (c.d_ff, c.d_model), ("mlp", "embed")))
 
 
@@ -318,7 +319,7 @@ class EncoderLayer(nn.Module):
     # compute in c.dtype and their outputs are added in float32.
     h = h + SelfAttention(c, name="attention")(norm("pre_attention_layer_norm")(h), bias)
     h = h + FeedForward(c, name="mlp")(norm("pre_mlp_layer_norm")(h))
-    return _constrain(h, _TOKEN_AXES)
+    return constrain(h, TOKEN_AXES)
 
 
 class T5Encoder(nn.Module):
@@ -343,7 +344,7 @@ class T5Encoder(nn.Module):
         c.param_dtype,
     )
     h = jnp.take(embedding, ids, axis=0).astype(jnp.float32)  # residual stream in float32
-    h = _constrain(h, _TOKEN_AXES)
+    h = constrain(h, TOKEN_AXES)
 
     # Relative position bias: computed once (in HF it lives in layer 0) and shared by layers.
     rel_table = self.param(
@@ -358,7 +359,7 @@ class T5Encoder(nn.Module):
     )
     bias = jnp.take(rel_table.astype(jnp.float32), jnp.asarray(buckets), axis=0)  # [L, L, H]
     bias = jnp.transpose(bias, (2, 0, 1))[None]  # [1, H, L, L]
-    mask_bias = jnp.where(mask.astype(bool), 0.0, _MASK_VALUE).astype(jnp.float32)
+    mask_bias = jnp.where(mask.astype(bool), 0.0, MASK_VALUE).astype(jnp.float32)
     bias = bias + mask_bias[:, None, None, :]  # [B, H, L, L]; keys at padding get -1e9
 
     for i in range(c.num_layers):
