@@ -369,9 +369,6 @@ def test_bucket_train_kill_resume_sample(emulator, tmp_path):
   env = {
       "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
       "JAX_PLATFORMS": "cpu",
-      "JAX_COMPILATION_CACHE_DIR": os.environ.get(
-          "JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax_cache")
-      ),
       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
       "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
   }

@@ -193,14 +193,13 @@ def _stub_bin(tmp_path):
 
 
 @pytest.fixture
-def cluster(tmp_path, tmp_path_factory):
+def cluster(tmp_path):
   """(env for the launcher, stub state folder); kills whatever a failed test left running."""
   state = tmp_path / "cluster"
   state.mkdir()
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  cache = tmp_path_factory.getbasetemp() / "launcher_jax_cache"  # shared by both tests
   env = dict(
       os.environ,
       PATH=f"{_stub_bin(tmp_path)}:{os.environ['PATH']}",
@@ -208,7 +207,6 @@ def cluster(tmp_path, tmp_path_factory):
       STUB_WORKERS="2",
       STUB_PORT=str(port),
       PYTHON=sys.executable,
-      JAX_COMPILATION_CACHE_DIR=os.environ.get("JAX_COMPILATION_CACHE_DIR", str(cache)),
       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
   )
   env.pop("PYTHONPATH", None)  # the workers import the code they were given, from their cwd

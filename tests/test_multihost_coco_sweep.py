@@ -57,7 +57,7 @@ def test_distributed_coco_sweep_matches_one_process(tmp_path):
   def start(outdir, dist, devices):
     return subprocess.Popen(
         [sys.executable, str(script), str(outdir), str(root), json.dumps(dist)],
-        env=_env(tmp_path / f"jax_cache{devices}", devices),
+        env=_env(devices),
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

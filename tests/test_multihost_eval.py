@@ -91,14 +91,13 @@ def _fake_coco(root, n=4):
   )
 
 
-def _env(cache, devices):
-  """The test run's compilation cache (tests/conftest.py) if there is one, else `cache`: the
-  multi-host tests compile the same tiny cascade's programs, for 8 and for 4 devices."""
+def _env(devices):
+  """A child's environment: `devices` fake CPU devices; the test run's compilation cache
+  (tests/conftest.py) is inherited, so the multi-host tests share the tiny cascade's programs."""
   return dict(
       os.environ,
       XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
       JAX_PLATFORMS="cpu",
-      JAX_COMPILATION_CACHE_DIR=os.environ.get("JAX_COMPILATION_CACHE_DIR", str(cache)),
       PYTHONPATH=ROOT,
   )
 
@@ -132,7 +131,7 @@ def test_multihost_sampling_sweep_and_fid_match_one_process(tmp_path):
   def start(outdir, dist, devices):
     return subprocess.Popen(
         [sys.executable, str(script), str(outdir), str(root), json.dumps(dist)],
-        env=_env(tmp_path / f"jax_cache{devices}", devices),
+        env=_env(devices),
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

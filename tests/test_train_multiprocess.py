@@ -71,12 +71,11 @@ def base_overrides(data_dir, **extra):
   return o
 
 
-def env(cache_dir, devices):
+def env(devices):
   e = dict(os.environ)
   e.update(
       XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
       JAX_PLATFORMS="cpu",
-      JAX_COMPILATION_CACHE_DIR=os.environ.get("JAX_COMPILATION_CACHE_DIR", str(cache_dir)),
       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
       JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
       PYTHONPATH=ROOT,
@@ -97,7 +96,7 @@ def run(tmp_path, workdir, overrides, *, kill_at=0, kill_after_ckpt=0, devices=8
           str(kill_after_ckpt),
           ROOT,
       ],
-      env=process_env or env(tmp_path / "jax_cache", devices),
+      env=process_env or env(devices),
       capture_output=True,
       text=True,
       timeout=900,
@@ -162,7 +161,7 @@ def test_two_processes_match_one(tmp_path, data_dir):
     procs.append(
         subprocess.Popen(
             [sys.executable, str(script), str(tmp_path / "multi"), json.dumps(o), "0", "0", ROOT],
-            env=env(tmp_path / "jax_cache4", 4),
+            env=env(4),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
