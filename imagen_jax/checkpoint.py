@@ -44,6 +44,7 @@ import errno
 import json
 import logging
 import os
+import threading
 from typing import Any, Sequence
 
 import jax
@@ -311,6 +312,11 @@ class Checkpointer:
 
   def _save_error(self, step: int | None, e: OSError) -> CheckpointSaveError:
     self._save_failed = True
+    # Orbax makes a save's temporary directory in a thread that a failed save does not wait
+    # for: joined, so the directory exists before the next start's clean-up looks for it.
+    for t in threading.enumerate():
+      if type(t).__module__.startswith("orbax.") and type(t).__name__ == "_SignalingThread":
+        t.join(timeout=60)
     self._mngr.reload()
     last = self._mngr.latest_step()
     why = "the disk is full" if e.errno == errno.ENOSPC else f"{type(e).__name__}: {e}"

@@ -282,7 +282,7 @@ def launch(tmp_path, workdir, o, *, processes, term_at=None):
       )
     cmd = [sys.executable, str(script), str(workdir), json.dumps(oi)]
     cmd.append(str((term_at or {}).get(i, 0)))
-    e = env(tmp_path.parent / f"jax_cache_elastic{processes}", 8 // processes)
+    e = env(8 // processes)
     procs.append(
         subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     )
