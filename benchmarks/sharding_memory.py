@@ -40,7 +40,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   c, devices = _CONFIG.value, _DEVICES.value
-  rules = tuple(tuple(r) for r in c.mesh.logical_axis_rules)
+  rules = sharding_lib.rules_from_config(c)
   stage = Stage.from_config(c)  # network + abstract params at the train sizes
   tx, _ = optim.make_optimizer(c.optim, c.train.num_steps)
   print(
@@ -54,7 +54,7 @@ def main(argv):
     shape = {"data": devices // fsdp, "fsdp": fsdp, "tensor": 1}
     mesh = mesh_lib.abstract_mesh(shape, devices)
     abstract, specs = state_lib.state_specs(
-        stage, tx, mesh, rules, fsdp_min_size=int(c.mesh.fsdp_min_size)
+        stage, tx, mesh, rules, fsdp_min_size=sharding_lib.fsdp_min_size_from_config(c)
     )
     if first:
       n = state_lib.param_count(abstract.params)

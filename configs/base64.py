@@ -1,6 +1,6 @@
 """Base 64x64 text-to-image stage (Imagen App. F.1): U-Net, Adafactor, cosine schedule.
 
-Usage: `python -m imagen_jax.main --config=configs/base64.py:VARIANT[,key=value,...]
+Usage: `python -m imagen_jax.train --config=configs/base64.py:VARIANT[,key=value,...]
 --workdir=DIR [--config.section.field=value ...]`, or in Python
 `from configs import base64; base64.get_config("paper,batch=256")`. Variants `paper`, `tiny` (CPU
 tests, the default), `shapes` (offline demo); keys: the knobs of `common.KNOBS` (batch,

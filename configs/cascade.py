@@ -1,6 +1,6 @@
 """Cascade sampling settings (Imagen §2.2-§2.4): one block per stage, any prefix runs.
 
-Usage: `python -m imagen_jax.sample --config=configs/cascade.py:shapes --prompt="a red circle
+Usage: `python -m imagen_jax.sampling --config=configs/cascade.py:shapes --prompt="a red circle
 in the center"`; variants:
 * `shapes`: the built-in demo's cascade (32x32 base -> 64x64 SR), reading the workdirs that
   `make demo` writes (`demo_out/base`, `demo_out/sr`).

@@ -9,7 +9,7 @@ Each stage module has `get_config(arg)`, where `arg` is "VARIANT[,key=value,...]
 or on the command line (ml_collections.config_flags passes the text after ':' to get_config,
 then applies `--config.section.field=value` flags to the locked result):
 
-    python -m imagen_jax.main --config=configs/base64.py:paper,batch=256 \
+    python -m imagen_jax.train --config=configs/base64.py:paper,batch=256 \
         --config.train.num_steps=5 --workdir=DIR
 
 A key is a short knob of `KNOBS` (batch, num_steps, lr, text_name, max_length, ...) or the

@@ -1,7 +1,7 @@
 """256->1024 super-resolution stage (Imagen App. F.3): Efficient U-Net trained on 64->256 crops,
 Adam, 1000-step linear-beta schedule in continuous time.
 
-Usage: `python -m imagen_jax.main --config=configs/sr1024.py:VARIANT[,key=value,...]
+Usage: `python -m imagen_jax.train --config=configs/sr1024.py:VARIANT[,key=value,...]
 --workdir=DIR [--config.section.field=value ...]`, or in Python
 `from configs import sr1024; sr1024.get_config("paper,batch=256")`. Variants `paper`, `tiny` (CPU
 tests, the default), `shapes` (offline demo); keys: the knobs of `common.KNOBS` (batch,

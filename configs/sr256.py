@@ -1,6 +1,6 @@
 """64->256 super-resolution stage (Imagen App. F.2): Efficient U-Net, Adam, cosine schedule.
 
-Usage: `python -m imagen_jax.main --config=configs/sr256.py:VARIANT[,key=value,...]
+Usage: `python -m imagen_jax.train --config=configs/sr256.py:VARIANT[,key=value,...]
 --workdir=DIR [--config.section.field=value ...]`, or in Python
 `from configs import sr256; sr256.get_config("paper,batch=256")`. Variants `paper`, `tiny` (CPU
 tests, the default), `shapes` (offline demo); keys: the knobs of `common.KNOBS` (batch,

@@ -29,7 +29,7 @@ from ml_collections import config_flags
 
 from imagen_jax import cli
 from imagen_jax.evals import coco
-from imagen_jax.parallel import hosts
+from imagen_jax.sampling import hosts
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/cascade.py:paper", "cascade sampling settings"
@@ -43,15 +43,16 @@ _BATCH = flags.DEFINE_integer(
 )
 _CHUNK = flags.DEFINE_integer("chunk", 1024, "prompts per saved sample chunk")
 _OUTDIR = flags.DEFINE_string("outdir", "coco_fid30k", "output folder")
-_NEGATIVE = cli.define_negative_prompt()  # as imagen_jax.sample's
+_NEGATIVE = cli.define_negative_prompt()  # as imagen_jax.sampling's
 hosts.define_flags()
 
 
 def main(argv):
   del argv
   hosts.initialize_from_flags()  # before anything touches the jax backend
-  from imagen_jax import atomic, cascade, paths
+  from imagen_jax import atomic, paths
   from imagen_jax.evals import fid
+  from imagen_jax.sampling import cascade
 
   if not _COCO.inception.value:
     raise app.UsageError("--inception is required (FID needs the InceptionV3 weights)")

@@ -32,7 +32,7 @@ from ml_collections import config_flags
 
 from imagen_jax import cli
 from imagen_jax.evals import coco
-from imagen_jax.parallel import hosts
+from imagen_jax.sampling import hosts
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/cascade.py:paper", "cascade sampling settings (the non-swept stages')"
@@ -56,7 +56,7 @@ _BATCH = flags.DEFINE_integer(
     "sampling, FID and CLIP batch size; default: the cascade config's batch_size",
 )
 _OUTDIR = flags.DEFINE_string("outdir", "coco_guidance_sweep", "output folder")
-_NEGATIVE = cli.define_negative_prompt()  # as imagen_jax.sample's
+_NEGATIVE = cli.define_negative_prompt()  # as imagen_jax.sampling's
 hosts.define_flags()
 
 
@@ -65,9 +65,9 @@ def main(argv):
   hosts.initialize_from_flags()  # before anything touches the jax backend
   from etils import epath
 
-  from imagen_jax import cascade
   from imagen_jax.evals import clip as clip_lib
   from imagen_jax.evals import features, fid, sweep, sweep_report
+  from imagen_jax.sampling import cascade
 
   if not _COCO.inception.value or not _CLIP.value:
     raise app.UsageError("--inception and --clip_path are required (FID and CLIP score)")

@@ -6,7 +6,7 @@
 2. Trains the `shapes` base stage (configs/base64.py:shapes, 32x32 text->image) and the
    `shapes` SR stage (configs/sr256.py:shapes, 32->64, text-conditioned, with noise
    conditioning augmentation) for fixed step budgets, each with the trainer's command line
-   (`python -m imagen_jax.main`) in a child process.
+   (`python -m imagen_jax.train`) in a child process.
 3. Samples the held-out test prompts through the cascade at the demo's guidance weight and at
    w = 1 (no guidance), scores every image with the exact shapes alignment metric
    (imagen_jax.evals.shapes_metric), separately on colour+kind combinations never seen in
@@ -97,9 +97,10 @@ def evaluate(
 
   import numpy as np
 
-  from imagen_jax import atomic, cascade, images
+  from imagen_jax import atomic, images
   from imagen_jax.data import preprocess, shapes
   from imagen_jax.evals import image_metrics, shapes_metric
+  from imagen_jax.sampling import cascade
 
   t0 = time.time()
   test = shapes.read_examples(builder64, "test", limit=num_test)

@@ -21,7 +21,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from imagen_jax import cli
-from imagen_jax.parallel import hosts
+from imagen_jax.sampling import hosts
 
 _DEFAULT_CFG = "configs/cascade.py:shapes"
 _CONFIG_A = config_flags.DEFINE_config_file("config_a", _DEFAULT_CFG, "model A's settings")
@@ -41,11 +41,11 @@ _BATCH = flags.DEFINE_integer(
     "batch_size", None, "sampling batch size; default: the cascade config's batch_size"
 )
 _OUTDIR = flags.DEFINE_string("outdir", "drawbench", "output folder")
-_NEGATIVE = cli.define_negative_prompt()  # both models, as imagen_jax.sample's
+_NEGATIVE = cli.define_negative_prompt()  # both models, as imagen_jax.sampling's
 
 
 def _model(cfg, workdirs, cache):
-  from imagen_jax import cascade
+  from imagen_jax.sampling import cascade
 
   workdirs = workdirs or [cfg[f"stage{k + 1}"].workdir for k in range(int(cfg.num_stages))]
   key = tuple(os.path.abspath(w) for w in workdirs)

@@ -1,7 +1,7 @@
 """How much classifier-free guidance (Imagen §2.2) adds over w = 1, as the base stage trains.
 
 Trains a base stage (configs/base64.py:shapes, or any config and `--config.*` overrides) with
-the real trainer, `python -m imagen_jax.main` in a child process, keeping a checkpoint at every
+the real trainer, `python -m imagen_jax.train` in a child process, keeping a checkpoint at every
 --eval_steps step. Then, for each eval step, loads that checkpoint's EMA params
 (`cascade.load_stage(workdir, step=s)`), samples the shapes test prompts through
 `cascade.Cascade` at every --weights value (DDIM, dynamic thresholding, as the demo's stage 1)
@@ -67,8 +67,9 @@ def checkpoint_plan(eval_steps, num_steps: int) -> dict:
 
 def evaluate(stage, test: list, weights, sample_steps: int) -> list[dict]:
   """One row per guidance weight: the shapes metric of a loaded stage's samples."""
-  from imagen_jax import cascade, images
+  from imagen_jax import images
   from imagen_jax.evals import shapes_metric
+  from imagen_jax.sampling import cascade
 
   model = cascade.Cascade([stage])
   prompts = [e["caption"] for e in test]
@@ -124,8 +125,9 @@ def gap_table(rows, weights, overrides=()) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from imagen_jax import atomic, cascade, cli_runner
+  from imagen_jax import atomic, cli_runner
   from imagen_jax.data import shapes
+  from imagen_jax.sampling import cascade
 
   c = _CONFIG.value
   config_flag = flags.FLAGS["config"]

@@ -24,7 +24,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from imagen_jax import cli
-from imagen_jax.parallel import hosts
+from imagen_jax.sampling import hosts
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -68,7 +68,7 @@ _REFERENCE = flags.DEFINE_string(
     "uint8 reference images (key " "`images`) for the distance when prompts come from a file",
 )
 _OUTDIR = flags.DEFINE_string("outdir", "guidance_sweep", "output folder")
-_NEGATIVE = cli.define_negative_prompt()  # as imagen_jax.sample's
+_NEGATIVE = cli.define_negative_prompt()  # as imagen_jax.sampling's
 hosts.define_flags()
 
 
@@ -76,11 +76,11 @@ def main(argv):
   del argv
   hosts.initialize_from_flags()  # before anything touches the jax backend
 
-  from imagen_jax import cascade
   from imagen_jax import paths as paths_lib
   from imagen_jax.evals import features as features_lib
   from imagen_jax.evals import prompts as prompts_lib
   from imagen_jax.evals import shapes_metric, sweep, sweep_report
+  from imagen_jax.sampling import cascade
 
   for flag, value, what in [
       (_CLIP, _CLIP.value, "CLIP folder"),

@@ -1,6 +1,6 @@
 """The command line around every entry point: quiet library logs, one-line user errors.
 
-Every command of the project (`python -m imagen_jax.main` / `.sample`, `experiments/*.py`,
+Every command of the project (`python -m imagen_jax.train` / `.sample`, `experiments/*.py`,
 `launch/*.py`, `benchmarks/*.py`, `python -m imagen_jax.evals.convert_weights`) starts with
 `cli.run(main)` in place of `absl.app.run(main)` (the argparse ones use `cli.ArgumentParser`):
 
@@ -38,7 +38,7 @@ USER_ERRORS = frozenset(
         "absl.app.UsageError",
         "imagen_jax.cli.UserError",
         "imagen_jax.paths.AccessError",
-        "imagen_jax.cascade.StageLoadError",
+        "imagen_jax.sampling.cascade.StageLoadError",
         "imagen_jax.checkpoint.CheckpointMismatchError",
         "imagen_jax.train.workdir.WorkdirMismatchError",
         "imagen_jax.train.warm_start.WarmStartError",
@@ -82,10 +82,10 @@ def one_line(message: str) -> str:
 
 
 def command_name() -> str:
-  """How the user called this command: `imagen_jax.main` (for `-m`) or the script's name."""
+  """How the user called this command: `imagen_jax.train` (for `-m`) or the script's name."""
   spec = getattr(sys.modules.get("__main__"), "__spec__", None)
   if spec is not None and spec.name:
-    return spec.name
+    return spec.name.removesuffix(".__main__")
   return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "command"
 
 

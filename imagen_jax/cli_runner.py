@@ -1,4 +1,4 @@
-"""Run the real trainer from an application: `python -m imagen_jax.main` in a child process.
+"""Run the real trainer from an application: `python -m imagen_jax.train` in a child process.
 
 Applications (the demo, experiments) train stages exactly as a user does from the command line,
 with `--config.section.field=value` overrides, and never import `imagen_jax.train`: sampling
@@ -42,7 +42,7 @@ def main_command(config: str, workdir: str, overrides: Mapping[str, Any] = ()) -
   return [
       sys.executable,
       "-m",
-      "imagen_jax.main",
+      "imagen_jax.train",
       f"--config={config}",
       f"--workdir={workdir}",
       *(override_flag(k, v) for k, v in dict(overrides).items()),

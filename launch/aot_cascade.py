@@ -4,10 +4,10 @@ r"""Compiles the paper cascade's sampling for a TPU slice on this machine: memor
     python launch/aot_cascade.py --topology=v5e-8 --batch=16 --cascade=configs/cascade.py:paper
     python launch/aot_cascade.py --topology=v5e-8 --cascade.stage3.batch_size=16
 
-The programs are the cascade's own (`imagen_jax.sharded_sampling`, what `cascade.Cascade`
+The programs are the cascade's own (`imagen_jax.sampling.stage_sampler`, what `cascade.Cascade`
 runs): the frozen T5 encode, then per stage one guided denoiser evaluation (§2.2: the network
 on the conditional + null batch) and the whole sampler loop, each with params and T5 sharded
-over the slice's mesh (`--mesh`, default `sharded_sampling.DEFAULT_MESH_SHAPE`: every param
+over the slice's mesh (`--mesh`, default `stage_sampler.DEFAULT_MESH_SHAPE`: every param
 stored once, ZeRO-3 style) and the batch split over its batch axes. No TPU is needed
 (`imagen_jax.parallel.aot`). Each stage compiles at its own batch (`--cascade.stageK.batch_size`,
 0 = the cascade's `--batch`), as `Cascade` samples it; T5 encodes at the largest.
@@ -47,7 +47,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from imagen_jax import cli
-from imagen_jax.parallel import cascade_report
+from imagen_jax.sampling import cascade_report
 
 _CASCADE = config_flags.DEFINE_config_file(
     "cascade", "configs/cascade.py:paper", "sampler settings per stage"
@@ -97,7 +97,7 @@ def build_stages(text: str | None, dtype: str, cascade) -> list:
   block, compute dtype `dtype`."""
   import ml_collections
 
-  from imagen_jax import deepfloyd_stage
+  from imagen_jax.sampling import deepfloyd_stage
   from imagen_jax.stage import Stage
 
   block = cascade.get("deepfloyd", None)
@@ -135,13 +135,15 @@ def main(argv):
   if _TOPOLOGY.value is None:
     raise app.UsageError("--topology is required")
   from imagen_jax.parallel import aot
+  from imagen_jax.parallel import sharding as sharding_lib
 
   try:
     topology = aot.parse_topology(_TOPOLOGY.value)
   except ValueError as e:
     fail(str(e))
-  from imagen_jax import sharded_sampling as ss
+  from imagen_jax.sampling import stage_sampler as ss
   from imagen_jax.stage import SamplingSettings
+  from imagen_jax.text import registry
 
   cascade = _CASCADE.value
   stages = build_stages(_STAGES.value, _DTYPE.value, cascade)
@@ -152,7 +154,7 @@ def main(argv):
     mesh = aot.make_mesh(parse_mesh(_MESH.value) or dict(ss.DEFAULT_MESH_SHAPE), devices)
   except ValueError as e:
     fail(f"--topology={topology.name} has {len(devices)} chips: {e}")
-  rules = ss.stage_rules(configs[0])
+  rules = sharding_lib.rules_from_config(configs[0])
   batch = cascade.batch_size if _BATCH.value is None else _BATCH.value
   multiple = ss.batch_size_multiple(mesh, ss.rules_for_mesh(rules, mesh))
   if batch < 1 or batch % multiple:
@@ -197,7 +199,7 @@ def main(argv):
     return r
 
   text = configs[0].text.copy_and_resolve_references()
-  encoder = aot.abstract_text_encoder(text)
+  encoder = registry.abstract_text_encoder(text)
   enc = ss.make_encode(encoder.config, mesh, rules)
   enc_batch = max(batches)  # Cascade encodes once per distinct stage batch
   enc_inputs = ss.abstract_encode_inputs(encoder.config, enc_batch, encoder.max_length, mesh, rules)
@@ -212,7 +214,7 @@ def main(argv):
     guided = settings.guidance_weight != 1.0
     # `Cascade` always gives IF stages the unconditional text ("" or a negative prompt).
     negative = stage.is_deepfloyd
-    m = ss.stage_fsdp_min_size(config)
+    m = sharding_lib.fsdp_min_size_from_config(config)
     step = ss.make_denoise_step(stage, mesh, rules, guided=guided, fsdp_min_size=m)
     step_inputs = ss.abstract_denoise_inputs(stage, stage_batch, mesh, rules, fsdp_min_size=m)
     resident[config.stage] = aot.per_chip_bytes(step_inputs[0])

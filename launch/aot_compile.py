@@ -9,7 +9,7 @@ No TPU is needed: libtpu (`pip install -e ".[tpu]"`) describes the slice
 the same jitted function, shardings and donation) for it. `--text=step` puts the frozen text
 encoder (T5-XXL for `paper`) inside the step, as the trainer does without an embedding cache;
 `--text=cache` compiles the cached-embedding variant. Config overrides as in
-`imagen_jax.main` (`--config.section.field=value`, or `:VARIANT,key=value` after the path).
+`imagen_jax.train` (`--config.section.field=value`, or `:VARIANT,key=value` after the path).
 
 The attention layers compile to what the target runs (`nn.attention`: Pallas' flash kernel
 on TPU); a program with a CPU-only attention path (`per_example`) is refused, and so is a
@@ -79,6 +79,7 @@ def main(argv):
     ).strip()
   from imagen_jax.nn import attention, flops
   from imagen_jax.parallel import aot, hlo_breakdown
+  from imagen_jax.text import registry
 
   c = _CONFIG.value
   try:
@@ -95,7 +96,7 @@ def main(argv):
   except ValueError as e:
     fail(f"--topology={topology.name} has {len(devices)} chips: {e}")
   use_cache = (_TEXT.value or ("cache" if c.text.get("embedding_cache") else "step")) == "cache"
-  encoder = aot.abstract_text_encoder(c.text)
+  encoder = registry.abstract_text_encoder(c.text)
   try:
     program = program_lib.build(c, mesh, encoder, use_cache=use_cache)
   except ValueError as e:

@@ -93,7 +93,7 @@ _job() {
   JAX_LOCAL_DEVICE_IDS=$(seq -s, 0 $((${GPUS_PER_NODE:-8} - 1)))
   export JAX_LOCAL_DEVICE_IDS
   srun --open-mode=append --output="$LOG_DIR/job_%j.task_%t.log" --kill-on-bad-exit=1 \
-    "${PYTHON:-python3}" -m imagen_jax.main --config="$config" --workdir="$WORKDIR" \
+    "${PYTHON:-python3}" -m imagen_jax.train --config="$config" --workdir="$WORKDIR" \
     --config.distributed.initialize=True --config.model.dtype=bfloat16 "$@"
 }
 

@@ -21,7 +21,7 @@ mkdir -p "$WORKDIR/logs"
 pids=()
 for ((i = 0; i < N; i++)); do
   XLA_FLAGS="--xla_force_host_platform_device_count=$K ${XLA_FLAGS:-}" JAX_PLATFORMS=cpu \
-    "$PY" -m imagen_jax.main --config="$CONFIG" --workdir="$WORKDIR" \
+    "$PY" -m imagen_jax.train --config="$CONFIG" --workdir="$WORKDIR" \
       --config.distributed.initialize=True \
       --config.distributed.coordinator_address="127.0.0.1:$PORT" \
       --config.distributed.num_processes="$N" \

@@ -114,7 +114,7 @@ start() {
   [[ $# -ge 2 ]] || die "start needs TPU ZONE WORKDIR CONFIG [--config.x=y ...] (see --help)"
   local workdir=$1 config=$2
   shift 2
-  LOG_DEST=${workdir%/}/logs launch_detached -m imagen_jax.main --config="$config" \
+  LOG_DEST=${workdir%/}/logs launch_detached -m imagen_jax.train --config="$config" \
     --workdir="$workdir" --config.distributed.initialize=True "$@"
 }
 

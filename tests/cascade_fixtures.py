@@ -94,14 +94,14 @@ def shared_tiny_cascade():
 
 
 def run_sample_cli(*flags, batch_size):
-  """`python -m imagen_jax.sample` on the shared tiny cascade (2 steps per stage) with `flags`,
+  """`python -m imagen_jax.sampling` on the shared tiny cascade (2 steps per stage) with `flags`,
   in a child process (absl flags are per process); returns the finished process."""
   workdirs = shared_tiny_cascade()
   return subprocess.run(
       [
           sys.executable,
           "-m",
-          "imagen_jax.sample",
+          "imagen_jax.sampling",
           "--config=configs/cascade.py:shapes",
           f"--config.stage1.workdir={workdirs[0]}",
           f"--config.stage2.workdir={workdirs[1]}",

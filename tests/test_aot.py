@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from imagen_jax.parallel import aot, cascade_report
+from imagen_jax.parallel import aot
+from imagen_jax.sampling import cascade_report
 from tests.test_deepfloyd_cascade import IF_I, IF_II
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -308,12 +308,12 @@ def cli(args, env, timeout=900):
 
 
 def test_bucket_bad_input_cli_fails_fast_in_one_line(emulator, tmp_path):
-  base = ["imagen_jax.main", "--config=configs/base64.py:tiny"]
+  base = ["imagen_jax.train", "--config=configs/base64.py:tiny"]
   start = time.time()
   out = cli(base + ["--workdir=gs://nobucket/run"], {})
   assert out.returncode == 2, out.stderr[-2000:]
   assert out.stderr.strip().splitlines()[-1] == (
-      f"imagen_jax.main: error: gs://nobucket/run: bucket 'nobucket' does not exist at {emulator}"
+      f"imagen_jax.train: error: gs://nobucket/run: bucket 'nobucket' does not exist at {emulator}"
   )
   # No emulator and no credentials anywhere (the metadata server unreachable too): fail fast,
   # not after the storage client's minutes of retries.
@@ -328,7 +328,7 @@ def test_bucket_bad_input_cli_fails_fast_in_one_line(emulator, tmp_path):
   out = cli(base + ["--workdir=gs://bucket/run"], no_creds)
   assert out.returncode == 2, out.stderr[-2000:]
   last = out.stderr.strip().splitlines()[-1]
-  assert last.startswith("imagen_jax.main: error: gs://bucket/run: no usable Google Cloud"), last
+  assert last.startswith("imagen_jax.train: error: gs://bucket/run: no usable Google Cloud"), last
   assert time.time() - start < 120
   assert not os.path.exists(os.path.join(ROOT, "gs:"))
 
@@ -398,7 +398,7 @@ def test_bucket_train_kill_resume_sample(emulator, tmp_path):
 
   flags = [f"--config.{k}={tuple(v) if isinstance(v, list) else v}" for k, v in overrides.items()]
   resumed = cli(
-      ["imagen_jax.main", "--config=configs/base64.py:tiny", f"--workdir={run}", *flags], env
+      ["imagen_jax.train", "--config=configs/base64.py:tiny", f"--workdir={run}", *flags], env
   )
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "resumed from" in resumed.stderr
@@ -409,7 +409,7 @@ def test_bucket_train_kill_resume_sample(emulator, tmp_path):
   outdir = "gs://bucket/e2e/samples"
   sampled = cli(
       [
-          "imagen_jax.sample",
+          "imagen_jax.sampling",
           "--config=configs/cascade.py:shapes,num_stages=1,batch_size=8",
           f"--config.stage1.workdir={run}",
           "--config.stage1.num_steps=2",

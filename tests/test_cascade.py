@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from imagen_jax import cascade, sharded_sampling
 from imagen_jax import checkpoint as ckpt_lib
+from imagen_jax.sampling import cascade, stage_sampler
 from tests import cascade_fixtures
 
 
@@ -132,9 +132,9 @@ def test_old_layout_checkpoint_is_refused_for_sampling(workdirs, tmp_path):
 
 
 def test_guided_denoise_fn_is_one_batched_pass_of_cfg(loaded):
-  # The cascade's jitted denoiser step (sharded_sampling.make_denoise_step) on its mesh.
+  # The cascade's jitted denoiser step (stage_sampler.make_denoise_step) on its mesh.
   stage = loaded.stages[0]
-  denoise = sharded_sampling.make_denoise_step(
+  denoise = stage_sampler.make_denoise_step(
       stage.stage, loaded.mesh, loaded.rules, guided=True, fsdp_min_size=loaded.fsdp_min_sizes[0]
   )
   z = jax.random.normal(jax.random.key(0), (8, 16, 16, 3))

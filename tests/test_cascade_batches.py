@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 from configs import cascade as cascade_config
-from imagen_jax import cascade
-from imagen_jax.parallel import cascade_report, hosts
+from imagen_jax.sampling import cascade, cascade_report, hosts
 from tests import cascade_fixtures
 
 # Stochastic samplers (tests/test_cascade.py's: their programs are compiled once per run): each

@@ -1,6 +1,6 @@
 """The EDM samplers, the Karras grid, CFG rescale, the guidance schedule and the DeepFloyd IF
 threshold cap reach the sharded cascade sampler from the cascade config and the sample CLI's
-flags (configs/cascade.py -> stage.SamplingSettings -> sharded_sampling.make_stage_sampler)."""
+flags (configs/cascade.py -> stage.SamplingSettings -> stage_sampler.make_stage_sampler)."""
 
 import dataclasses
 
@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from configs import cascade as cascade_config
-from imagen_jax import cascade, denoiser, stage
+from imagen_jax import denoiser, stage
 from imagen_jax.diffusion import samplers
+from imagen_jax.sampling import cascade
 from tests import cascade_fixtures
 
 
@@ -29,7 +30,7 @@ def test_cascade_config_and_cli_flags_set_karras_heun_rescale():
   )
   ss = s1.sampler_settings()
   assert (ss.sampler, ss.time_grid, ss.max_scale, ss.network_calls) == ("heun", "karras", 1.5, 49)
-  # The CLI's flags (imagen_jax.sample) override every stage, checked here, naming the value.
+  # The CLI's flags (imagen_jax.sampling) override every stage, checked here, naming the value.
   out = stage.override_settings([s1, s2], {"sampler": "euler_ancestral", "guidance_rescale": 0.5})
   assert [(s.sampler, s.guidance_rescale) for s in out] == [("euler_ancestral", 0.5)] * 2
   assert out[0].time_grid == "karras" and out[1].aug_level == s2.aug_level

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from imagen_jax import cascade
-from imagen_jax import sharded_sampling as ss
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.parallel import sharding as sharding_lib
+from imagen_jax.sampling import cascade
+from imagen_jax.sampling import stage_sampler as ss
 from imagen_jax.text import registry
 from tests import cascade_fixtures
 
@@ -99,7 +99,7 @@ def test_cascade_data_fsdp_mesh_matches_one_device(workdirs, one_device):
 def test_stage_params_restore_straight_into_their_shards(workdirs):
   mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   stage = cascade.load_stage(workdirs[1], mesh=mesh, fsdp_min_size=FSDP_MIN_SIZE)
-  rules = ss.stage_rules(stage.config)
+  rules = sharding_lib.rules_from_config(stage.config)
   want = ss.stage_param_shardings(stage.stage, mesh, rules, FSDP_MIN_SIZE)
   jax.tree.map(lambda a, s: _assert_sharding(a, s), stage.params, want)
   check_sharded(stage.params, mesh, "sr")
@@ -189,7 +189,7 @@ def test_bad_meshes_and_batches_fail_clearly(workdirs):
   stage = cascade.load_stage(workdirs[0], mesh=mesh)
   with pytest.raises(ValueError, match="pass mesh, or devices / mesh_shape, not both"):
     cascade.Cascade([stage], mesh=mesh, devices=jax.devices())
-  rules = ss.stage_rules(stage.config)
+  rules = sharding_lib.rules_from_config(stage.config)
   with pytest.raises(
       ValueError, match=r"batch 6 does not divide .*allowed: a positive multiple of 4"
   ):
@@ -200,7 +200,7 @@ def test_bad_meshes_and_batches_fail_clearly(workdirs):
   with pytest.raises(ValueError, match="devices are not divisible"):
     cascade.Cascade([stage], mesh_shape={"data": 3, "fsdp": -1})
   with pytest.raises(ValueError, match="'base64' has no mesh.logical_axis_rules"):
-    ss.stage_rules({"stage": "base64"})
+    sharding_lib.rules_from_config({"stage": "base64"})
 
 
 def test_rules_saved_before_activation_names_still_split_the_batch():
@@ -215,7 +215,7 @@ def test_rules_saved_before_activation_names_still_split_the_batch():
           },
       }
   )
-  rules = ss.stage_rules(old)
+  rules = sharding_lib.rules_from_config(old)
   mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
   assert sharding_lib.batch_axes(rules, mesh) == ("data", "fsdp")
   assert ss.batch_size_multiple(mesh, rules) == 8

@@ -22,7 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(command, *args, cwd=REPO, timeout=300):
-  """`command` is a module (`imagen_jax.main`) or a script path (`experiments/x.py`)."""
+  """`command` is a module (`imagen_jax.train`) or a script path (`experiments/x.py`)."""
   head = [sys.executable, command] if command.endswith(".py") else [sys.executable, "-m", command]
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
   return subprocess.run(
@@ -44,28 +44,31 @@ SAMPLE = ["--config=configs/cascade.py:shapes", "--prompt=a red circle", "--outd
 
 # (command, args, what the one line must contain); "{base}" is a base64 run's workdir.
 CASES = [
-    ("imagen_jax.main", ["--config=configs/base64.py:huge", TRAIN[1]], "unknown variant 'huge'"),
-    ("imagen_jax.main", ["--config=configs/nope.py:tiny", TRAIN[1]], "'configs/nope.py'"),
-    ("imagen_jax.main", TRAIN + ["--config.train.num_steps=many"], "num_steps=many"),
-    ("imagen_jax.main", TRAIN + ["--config.train.num_stepz=3"], 'did you mean "num_steps"'),
-    ("imagen_jax.main", TRAIN[:1], "--workdir"),
-    ("imagen_jax.main", TRAIN + [f"--config.train.init_from={MISSING}"], MISSING),
-    ("imagen_jax.main", TRAIN + ["--config.train.freeze=("], "train.freeze='('"),
-    ("imagen_jax.main", TRAIN + ["--config.train.grad_accum_steps=3"], "allowed: 1, 2, 4, 8"),
+    ("imagen_jax.train", ["--config=configs/base64.py:huge", TRAIN[1]], "unknown variant 'huge'"),
+    ("imagen_jax.train", ["--config=configs/nope.py:tiny", TRAIN[1]], "'configs/nope.py'"),
+    ("imagen_jax.train", TRAIN + ["--config.train.num_steps=many"], "num_steps=many"),
+    ("imagen_jax.train", TRAIN + ["--config.train.num_stepz=3"], 'did you mean "num_steps"'),
+    ("imagen_jax.train", TRAIN[:1], "--workdir"),
+    ("imagen_jax.train", TRAIN + [f"--config.train.init_from={MISSING}"], MISSING),
+    ("imagen_jax.train", TRAIN + ["--config.train.freeze=("], "train.freeze='('"),
+    ("imagen_jax.train", TRAIN + ["--config.train.grad_accum_steps=3"], "allowed: 1, 2, 4, 8"),
     (
-        "imagen_jax.main",
+        "imagen_jax.train",
         ["--config=configs/sr256.py:tiny", "--workdir={base}"],
         "holds another run ('base64' stage)",
     ),
-    ("imagen_jax.sample", ["--config=configs/cascade.py:tiny", "--prompt=a"], "'tiny'"),
-    ("imagen_jax.sample", SAMPLE + ["--sampler=bogus"], "'bogus'"),
-    ("imagen_jax.sample", SAMPLE + ["--num_per_prompt=two"], "--num_per_prompt=two"),
+    ("imagen_jax.sampling", ["--config=configs/cascade.py:tiny", "--prompt=a"], "'tiny'"),
+    ("imagen_jax.sampling", SAMPLE + ["--sampler=bogus"], "'bogus'"),
+    ("imagen_jax.sampling", SAMPLE + ["--num_per_prompt=two"], "--num_per_prompt=two"),
     (
-        "imagen_jax.sample",
+        "imagen_jax.sampling",
         SAMPLE + ["--config.num_stages=1", f"--config.stage1.workdir={MISSING}"],
         f"no trained stage in '{MISSING}'",
     ),
-    ("imagen_jax.sample", SAMPLE + [f"--prompt_file={MISSING}.txt"], f"{MISSING}.txt"),
+    ("imagen_jax.sampling", SAMPLE + [f"--prompt_file={MISSING}.txt"], f"{MISSING}.txt"),
+    # The CLIs' earlier names run the same commands.
+    ("imagen_jax.main", ["--config=configs/base64.py:huge", TRAIN[1]], "unknown variant 'huge'"),
+    ("imagen_jax.sample", ["--config=configs/cascade.py:tiny", "--prompt=a"], "'tiny'"),
     ("experiments/drawbench.py", [f"--prompts={MISSING}.tsv"], f"{MISSING}.tsv"),
     ("experiments/drawbench_score.py", [f"--sheets={MISSING}.csv"], f"{MISSING}.csv"),
     (
@@ -212,7 +215,7 @@ def test_filter_keeps_warnings_and_our_info(tmp_path):
 
 
 def test_batch_not_dividing_the_devices_is_refused_with_the_sizes_that_do():
-  from imagen_jax.parallel import hosts
+  from imagen_jax.sampling import hosts
 
   class Model:
     batch_multiple = 4

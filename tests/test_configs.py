@@ -217,9 +217,9 @@ def test_command_line_overrides_and_typos(monkeypatch):
 
 
 def test_main_takes_config_arg_and_overrides():
-  # imagen_jax.main's own flags, parsed in a fresh process from the repo root.
+  # imagen_jax.train's own flags, parsed in a fresh process from the repo root.
   code = (
-      "import sys; from absl import flags; from imagen_jax import main; "
+      "import sys; from absl import flags; from imagen_jax.train import main; "
       "flags.FLAGS(sys.argv); c = main._CONFIG.value; "
       "print(c.stage, c.train.global_batch_size, c.train.num_steps, c.is_locked)"
   )

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from configs import common
-from imagen_jax import cascade, deepfloyd_stage
 from imagen_jax.nn import deepfloyd, deepfloyd_checkpoint
 from imagen_jax.nn.deepfloyd_config import IFConfig
+from imagen_jax.sampling import cascade, deepfloyd_stage
 from imagen_jax.stage import SamplingSettings
 
 BASE = dict(

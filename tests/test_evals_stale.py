@@ -14,8 +14,8 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from imagen_jax import cascade
 from imagen_jax.evals import coco, features, frechet, provenance, sweep
+from imagen_jax.sampling import cascade
 from tests import cascade_fixtures
 
 SETTINGS = [

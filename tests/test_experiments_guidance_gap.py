@@ -37,7 +37,7 @@ def test_overrides_become_config_flags():
           "optim.learning_rate": 1e-3,
       },
   )
-  assert cmd[1:5] == ["-m", "imagen_jax.main", "--config=configs/base64.py:tiny", "--workdir=/w"]
+  assert cmd[1:5] == ["-m", "imagen_jax.train", "--config=configs/base64.py:tiny", "--workdir=/w"]
   assert cmd[5:] == [
       "--config.train.num_steps=4",
       "--config.model.channel_mult=(1, 2)",

@@ -1,4 +1,4 @@
-"""The sampling CLI (`python -m imagen_jax.sample`) on tiny random stages, and the trainer
+"""The sampling CLI (`python -m imagen_jax.sampling`) on tiny random stages, and the trainer
 runner the applications use (`imagen_jax.cli_runner`)."""
 
 import json

@@ -9,8 +9,8 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from imagen_jax import cascade
 from imagen_jax.evals import features, frechet, prompts, sweep, sweep_report
+from imagen_jax.sampling import cascade
 from tests import cascade_fixtures
 
 STEPS = 2

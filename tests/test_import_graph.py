@@ -5,11 +5,13 @@ is an edge; edges are followed transitively through our packages (`imagen_jax`, 
 `configs`), with each imported module's parent packages (their `__init__` runs too). So a local
 import inside a function counts, which a `sys.modules` check after importing would miss.
 
-  * sampling never imports training: cascade, sample, evals/, stage, denoiser, experiments/
-    reach no `imagen_jax.train` module;
+  * sampling never imports training: sampling/, evals/, stage, denoiser, experiments/ reach no
+    `imagen_jax.train` module;
   * `imagen_jax/diffusion` imports nothing of ours but itself;
   * `nn/` and `text/` reach no training code;
-  * training does not reach the cascade (both stand on `stage`).
+  * training reaches nothing of `imagen_jax/sampling` (both stand on `stage`).
+  * `imagen_jax/parallel` reaches no domain code (diffusion, nn, text, data, stage, sampling,
+    train, evals).
 """
 
 import ast
@@ -97,7 +99,7 @@ def _training_reached(name: str) -> list[str]:
 
 
 SAMPLING = modules_under(
-    "imagen_jax/cascade.py",
+    "imagen_jax/sampling",
     "imagen_jax/sample.py",
     "imagen_jax/evals",
     "imagen_jax/stage.py",
@@ -107,11 +109,11 @@ SAMPLING = modules_under(
 
 
 def test_the_walker_sees_local_imports():
-  # imagen_jax.main imports the trainer inside a function: the walk must find it, or the
+  # imagen_jax.train.main imports the trainer inside a function: the walk must find it, or the
   # checks below would pass vacuously.
-  assert any(c.endswith(f"{TRAIN}.trainer") for c in _training_reached("imagen_jax.main"))
+  assert any(c.endswith(f"{TRAIN}.trainer") for c in _training_reached("imagen_jax.train.main"))
   assert {"imagen_jax.stage", "imagen_jax.diffusion.samplers"} <= set(
-      reachable("imagen_jax.cascade")
+      reachable("imagen_jax.sampling.cascade")
   )
   assert "experiments.demo" in SAMPLING or not (ROOT / "experiments" / "demo.py").exists()
 
@@ -139,7 +141,26 @@ def test_networks_and_text_import_no_training_code(name):
 
 
 @pytest.mark.parametrize("name", modules_under("imagen_jax/train"))
-def test_training_does_not_import_the_cascade(name):
-  # train/ and cascade both stand on the stage layer; neither imports the other.
-  chain = reachable(name).get("imagen_jax.cascade")
-  assert chain is None, f"{name} imports the cascade: {' -> '.join(chain)}"
+def test_training_does_not_import_sampling(name):
+  # train/ and sampling/ both stand on the stage layer; neither imports the other.
+  chains = [
+      " -> ".join(chain)
+      for dep, chain in sorted(reachable(name).items())
+      if dep.startswith("imagen_jax.sampling")
+  ]
+  assert not chains, f"{name} imports sampling code: " + "; ".join(chains)
+
+
+HIGHER = ("diffusion", "nn", "text", "data", "stage", "denoiser", "sampling", "train", "evals")
+
+
+@pytest.mark.parametrize("name", modules_under("imagen_jax/parallel"))
+def test_parallel_is_ground_floor(name):
+  # parallel/ (mesh, shardings, AOT topologies) serves training, sampling and the AOT tools: it
+  # reaches no domain code.
+  chains = [
+      " -> ".join(chain)
+      for dep, chain in sorted(reachable(name).items())
+      if any(dep == f"imagen_jax.{h}" or dep.startswith(f"imagen_jax.{h}.") for h in HIGHER)
+  ]
+  assert not chains, f"{name} imports domain code: " + "; ".join(chains)

@@ -28,10 +28,11 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from imagen_jax import cascade, images, sharded_sampling
+from imagen_jax import images
 from imagen_jax.diffusion import editing
 from imagen_jax.diffusion import samplers as SM
 from imagen_jax.diffusion.schedules import alpha_sigma
+from imagen_jax.sampling import cascade, stage_sampler
 from tests import cascade_fixtures
 
 S, RHO, MU = 0.25, 0.6, 0.1
@@ -288,7 +289,7 @@ def test_cascade_inpaint_keeps_the_known_region_at_every_stage(tiny_cascade):
   assert np.abs(a[0][:, :, 6:] - x16[:, :, 6:]).mean() > 0.1  # regenerated, not copied
   assert np.abs(a[1][:, :, 13:] - x[:, :, 13:]).mean() > 0.1
   # The AOT path: the editing program lowers from sharded abstract inputs alone.
-  abstract = sharded_sampling.abstract_sampler_inputs(
+  abstract = stage_sampler.abstract_sampler_inputs(
       tiny_cascade.stages[1].stage,
       8,
       tiny_cascade.mesh,
@@ -322,7 +323,7 @@ def test_cascade_img2img_small_strength_stays_near_the_init_image(tiny_cascade):
 
 
 def test_sample_cli_inpaint_reads_pngs_of_the_last_stage_size(tmp_path):
-  # In a child process: imagen_jax.sample defines absl flags that other test modules define too.
+  # In a child process: imagen_jax.sampling defines absl flags that other test modules define too.
   mask = np.zeros((16, 32), np.uint8)
   PIL.Image.fromarray(mask).save(tmp_path / "mask.png")
   square = np.tril(np.full((32, 32), 255, np.uint8))
@@ -330,7 +331,7 @@ def test_sample_cli_inpaint_reads_pngs_of_the_last_stage_size(tmp_path):
   script = f"""
 import numpy as np
 from absl import app
-from imagen_jax import sample
+from imagen_jax.sampling import main as sample
 for path, flag in (("mask.png", "mask"), ("nowhere.png", "init_image")):
   try:
     sample.read_png({str(tmp_path)!r} + "/" + path, 32, flag, "L")

@@ -15,7 +15,7 @@ import PIL.Image
 import pytest
 
 from imagen_jax.evals import convert_weights
-from imagen_jax.parallel import hosts
+from imagen_jax.sampling import hosts
 from tests import cascade_fixtures
 
 ROOT = cascade_fixtures.REPO
@@ -41,9 +41,9 @@ except SystemExit as e:
   assert not e.code, e.code
 
 import jax, numpy as np
-from imagen_jax import cascade
+from imagen_jax.sampling import cascade
 from imagen_jax.evals import clip, features, prompts, sweep
-from imagen_jax.parallel import hosts
+from imagen_jax.sampling import hosts
 
 model = cascade.Cascade.from_workdirs([os.path.join(root, "base"), os.path.join(root, "sr")])
 calls = []  # prompts this process sampled itself

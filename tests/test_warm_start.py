@@ -12,11 +12,11 @@ import numpy as np
 import optax
 import pytest
 
-from imagen_jax import cascade
 from imagen_jax import checkpoint as ckpt_lib
 from imagen_jax.data import pipeline
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.parallel import sharding as sharding_lib
+from imagen_jax.sampling import cascade
 from imagen_jax.stage import Stage
 from imagen_jax.text import registry
 from imagen_jax.train import optim, trainer, warm_start

@@ -298,7 +298,7 @@ def test_webdataset_paper_config_without_a_dataset_stops_naming_the_flag(tmp_pat
   """The paper variants name no dataset (toy shapes would train silently): one line names the
   flags, before any work."""
   out = subprocess.run(
-      [sys.executable, "-m", "imagen_jax.main", "--config=configs/sr256.py:paper"]
+      [sys.executable, "-m", "imagen_jax.train", "--config=configs/sr256.py:paper"]
       + [f"--workdir={tmp_path / 'run'}"],
       env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"},
       cwd=ROOT,
@@ -308,7 +308,7 @@ def test_webdataset_paper_config_without_a_dataset_stops_naming_the_flag(tmp_pat
   )
   assert out.returncode == 2, out.stderr[-2000:]  # a user error (imagen_jax.cli)
   last = out.stderr.strip().splitlines()[-1]
-  assert last.startswith("imagen_jax.main: error: no dataset named") and (
+  assert last.startswith("imagen_jax.train: error: no dataset named") and (
       "--config.data.name=records --config.data.data_dir=" in last
   ), last
   assert not (tmp_path / "run").exists()

@@ -163,13 +163,21 @@ def draw_layers(ax):
       "experiments/: demo.py, guidance sweeps, COCO FID-30K, DrawBench\nlaunch/: TPU pod, SLURM, local processes      benchmarks/",
       color=APP,
   )
-  # evals on cascade.
+  # evals on sampling.
   half = (width - 0.4) / 2
   cas_x = left + half + 0.4
   box(ax, cas_x, 9.9, half, 1.9, "evals", "FID, CLIP score, shapes metric, sweeps")
-  # train and cascade side by side on the stage layer.
+  # train and sampling side by side on the stage layer.
   box(ax, left, 6.6, half, 2.1, "train", "train step, optimizers, EMA,\ntrainer (hooks, resume)")
-  box(ax, cas_x, 6.6, half, 2.1, "cascade", "guided denoiser per stage,\nsampling, sample CLI")
+  box(
+      ax,
+      cas_x,
+      6.6,
+      half,
+      2.1,
+      "sampling",
+      "cascade, sharded stage sampler,\nmulti-host, sample CLI",
+  )
   mid = left + half + 0.2
   ax.text(mid, 7.65, "X", ha="center", va="center", fontsize=16, color="#b22222", fontweight="bold")
   ax.text(
@@ -204,9 +212,9 @@ def draw_layers(ax):
   apps_y, evals_top = 13.0, 9.9 + 1.9
   arrow(ax, (left + half / 2, apps_y), (left + half / 2, 6.6 + 2.1))  # apps -> train
   arrow(ax, (cas_x + half / 2, apps_y), (cas_x + half / 2, evals_top))  # apps -> evals
-  arrow(ax, (cas_x + half / 2, 9.9), (cas_x + half / 2, 6.6 + 2.1))  # evals -> cascade
+  arrow(ax, (cas_x + half / 2, 9.9), (cas_x + half / 2, 6.6 + 2.1))  # evals -> sampling
   arrow(ax, (left + half / 2, 6.6), (left + half / 2, 3.4 + 2.0))  # train -> stage
-  arrow(ax, (cas_x + half / 2, 6.6), (cas_x + half / 2, 3.4 + 2.0))  # cascade -> stage
+  arrow(ax, (cas_x + half / 2, 6.6), (cas_x + half / 2, 3.4 + 2.0))  # sampling -> stage
   for i in range(1, 5):  # stage -> diffusion, nn, text, parallel
     x = left + i * (bw + gap) + bw / 2
     arrow(ax, (x, 3.4), (x, 0.4 + 1.9))

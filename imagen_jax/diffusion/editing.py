@@ -301,3 +301,44 @@ def check_edit(
         f"({sampler!r}) cannot; allowed: a one-step sampler, or resample_steps=1"
     )
   return edit
+
+
+def prepare_edit(init_image, mask, edit, n: int, sizes):
+  """A cascade's edit inputs for `n` prompts, checked: `(init_image [N, S, S, 3] | None,
+  mask [N, S, S, 1] | None, edits)` (float32 numpy; one `EditSettings` per stage), with
+  S = `sizes[-1]`, the last stage's size (`sizes`: each stage's image size)."""
+  n_stages, s = len(sizes), sizes[-1]
+  if init_image is None:
+    if mask is not None or edit is not None:
+      raise ValueError("an edit (mask / edit settings) needs init_image")
+    return None, None, [None] * n_stages
+  per_image, per_mask = per_sample(init_image, mask)
+  x = np.asarray(init_image, np.float32)
+  x = x if per_image else np.broadcast_to(x, (n,) + x.shape)
+  if x.shape[1:] != (s, s, 3) or x.shape[0] != n:
+    raise ValueError(
+        f"init_image has shape {np.shape(init_image)}; allowed: [{s}, {s}, 3] or "
+        f"[{n}, {s}, {s}, 3] (the last stage's {s}x{s} images, one or one per prompt)"
+    )
+  x = np.asarray(check_init_image(x, (n, s, s, 3)))
+  m = None
+  if mask is not None:
+    m = np.asarray(mask, np.float32)
+    if m.ndim == 2 or (per_mask and m.ndim == 3):  # [S, S] or [N, S, S]: add C = 1
+      m = m[..., None]
+    if not per_mask:  # one [S, S, 1] mask for every prompt
+      m = np.broadcast_to(m, (n,) + m.shape)
+    if m.shape != (n, s, s, 1):
+      raise ValueError(
+          f"mask has shape {np.shape(mask)}; allowed: [{s}, {s}], [{s}, {s}, 1], [{n}, {s}, {s}] "
+          f"or [{n}, {s}, {s}, 1] (the last stage's size; 1 = known, kept; 0 = regenerated)"
+      )
+    m = np.asarray(check_mask(m, (n, s, s, 3)))
+  edits = [EditSettings() if edit is None else edit] * n_stages
+  if edit is not None and not isinstance(edit, EditSettings):
+    edits = list(edit)
+    if len(edits) != n_stages or not all(isinstance(e, EditSettings) for e in edits):
+      raise ValueError(
+          f"edit must be an EditSettings or {n_stages} of them (one per stage), got {edit!r}"
+      )
+  return x, m, edits

@@ -21,7 +21,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from imagen_jax.parallel import hosts
+from imagen_jax.sampling import hosts
 
 
 def rebatch(

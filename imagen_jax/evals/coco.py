@@ -42,7 +42,7 @@ from absl import flags
 from imagen_jax import images
 from imagen_jax import paths as paths_lib
 from imagen_jax.evals import provenance
-from imagen_jax.parallel import hosts
+from imagen_jax.sampling import hosts
 
 PROTOCOLS = ("paper", "pairs")
 REFERENCE_SIZE = 256

@@ -210,7 +210,7 @@ class FrechetStats:
     """The statistics stored at `path` when they were produced by `identity`; otherwise
     `compute()` (absent, or a mismatch: warned and recomputed, never reused), saved there.
     Multi-host: the processes decide together and compute together; process 0 saves."""
-    from imagen_jax.parallel import hosts
+    from imagen_jax.sampling import hosts
 
     arrays = provenance.load_if_matches(path, identity)
     if hosts.agree(arrays is not None, f"the statistics {path}"):

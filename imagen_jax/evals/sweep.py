@@ -59,10 +59,10 @@ from typing import Sequence
 import numpy as np
 
 from imagen_jax import atomic, images, paths
-from imagen_jax import cascade as cascade_lib
 from imagen_jax.evals import coco, frechet, provenance, shapes_metric
 from imagen_jax.evals import features as features_lib
-from imagen_jax.parallel import hosts
+from imagen_jax.sampling import cascade as cascade_lib
+from imagen_jax.sampling import hosts
 
 # The paper's guidance grids (App. D: Fig. A.8 base 64x64; Fig. A.11 SR 64->256).
 BASE_WEIGHTS = (1.0, 1.25, 1.5, 1.75, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0)

@@ -345,26 +345,3 @@ def compile_or_explain(lowered, options: dict | None = None):
     if len(sizes) >= 2:
       needed, available = (float(v) * scale[u] for v, u in sizes[:2])
     raise DoesNotFitError(text, needed, available) from e
-
-
-def abstract_text_encoder(text_config):
-  """The frozen encoder `text_config` names, with abstract params (no weights are read): what
-  the train step needs to be compiled with T5 inside it."""
-  import flax.linen as nn
-
-  from imagen_jax import dtypes
-  from imagen_jax.text import registry, t5
-
-  if text_config.name not in t5.PRESETS:
-    raise ValueError(
-        f"text.name={text_config.name!r}: compiling ahead of time needs a preset encoder size; "
-        f"allowed: {', '.join(sorted(t5.PRESETS))}"
-    )
-  config = t5.preset_config(
-      text_config.name,
-      dtype=dtypes.get_dtype(text_config.get("dtype", None), "text.dtype"),
-      param_dtype=dtypes.get_dtype(text_config.get("param_dtype", None), "text.param_dtype"),
-      precision=text_config.get("precision", None),
-  )
-  params = nn.unbox(t5.abstract_params(config))
-  return registry.TextEncoder(text_config.name, config, params, None, int(text_config.max_length))

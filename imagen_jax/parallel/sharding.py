@@ -9,6 +9,7 @@ memory, and the same code feeds ``jax.jit(init, out_shardings=...)`` and the mem
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Mapping, Sequence
 
@@ -16,6 +17,8 @@ import flax.linen as nn
 import jax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from imagen_jax.parallel import ready
 
 Rules = Sequence[tuple[str, Any]]
 
@@ -38,6 +41,75 @@ def _used_axes(spec: P) -> set[str]:
       continue
     used.update((entry,) if isinstance(entry, str) else entry)
   return used
+
+
+def rules_from_config(config) -> tuple[tuple[str, Any], ...]:
+  """A stage config's `mesh.logical_axis_rules` as hashable tuples (JSON gives lists): read here
+  for training, sampling and the AOT tools alike."""
+  mesh_cfg = config.get("mesh", None)
+  rules = None if mesh_cfg is None else mesh_cfg.get("logical_axis_rules", None)
+  if rules is None:
+    raise ValueError(
+        f"stage {config.get('stage', '?')!r} has no mesh.logical_axis_rules in its config; "
+        "pass rules= explicitly"
+    )
+  norm = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+  rules = tuple((str(name), norm(axes)) for name, axes in rules)
+  names = dict(rules)
+  if "activation_batch" not in names and "batch" in names:
+    # A workdir written before activations had their own logical names: its `batch` rule is
+    # the batch split (sampling is then data-parallel; the networks' constraints are unnamed).
+    logging.warning(
+        "stage %r: its saved rules predate the activation_* names; splitting the batch as its "
+        "'batch' rule says (%s)",
+        config.get("stage", "?"),
+        names["batch"],
+    )
+    rules += (("activation_batch", names["batch"]),)
+  return rules
+
+
+def fsdp_min_size_from_config(config) -> int:
+  """A stage config's `mesh.fsdp_min_size` (0 when absent: only the rules split params)."""
+  mesh_cfg = config.get("mesh", None)
+  return int(0 if mesh_cfg is None else mesh_cfg.get("fsdp_min_size", 0) or 0)
+
+
+def mesh_jit(
+    fn,
+    mesh,
+    rules: Rules,
+    *,
+    name: str,
+    in_shardings: Any,
+    out_shardings: Any,
+    donate_argnums: tuple[int, ...] = (),
+    constrain_activations: bool = True,
+) -> ready.ReadyJit:
+  """`jax.jit(fn)` traced inside `jax.set_mesh(mesh)` and, with `constrain_activations`,
+  `nn.logical_axis_rules(rules)`, so the networks' activation constraints (`activation_batch ->
+  (data, fsdp)`, `activation_embed -> tensor`, ...; configs/common.py) pin the layout of every
+  feature map, attention head and text sequence; without, XLA propagates layouts from the
+  in/out shardings. Rules naming mesh axes that `mesh` lacks are restricted (`rules_for_mesh`).
+
+  The rules are entered inside the traced function (flax's rules context is not part of jit's
+  cache key), so `.lower(...)` of the returned `ReadyJit` (ahead-of-time compiles) builds the
+  same program as calling it. With several processes a new program is compiled on every process
+  before any runs it (`parallel.ready`). The one jit-under-a-mesh of the train step, the
+  samplers and the AOT tools."""
+  active_rules = rules_for_mesh(rules, mesh) if constrain_activations else ()
+
+  def traced(*args):
+    with nn.logical_axis_rules(active_rules):
+      return fn(*args)
+
+  jitted = jax.jit(
+      traced,
+      in_shardings=in_shardings,
+      out_shardings=out_shardings,
+      donate_argnums=donate_argnums,
+  )
+  return ready.ReadyJit(jitted, name, context=lambda: jax.set_mesh(mesh))
 
 
 def check_rules(rules: Rules) -> None:

@@ -36,6 +36,7 @@ def main(argv):
   import jax
 
   from imagen_jax.parallel import mesh as mesh_lib
+  from imagen_jax.parallel import sharding as sharding_lib
   from imagen_jax.text import registry, shards
 
   config = _CONFIG.value
@@ -46,7 +47,7 @@ def main(argv):
   if _BATCH.value % n:
     raise app.UsageError(f"--batch_size={_BATCH.value} must divide over the {n} local devices")
   mesh = mesh_lib.make_mesh({"data": 1, "fsdp": n, "tensor": 1}, jax.local_devices())
-  rules = tuple(tuple(r) for r in config.mesh.logical_axis_rules)
+  rules = sharding_lib.rules_from_config(config)
   encoder = registry.get_text_encoder(config.text, mesh=mesh, rules=rules, progress=False)
   manifest = shards.precompute(
       encoder,

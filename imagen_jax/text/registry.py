@@ -391,6 +391,24 @@ def get_text_encoder(
   return TextEncoder(name, config, params, tok, max_length, mesh=mesh, rules=rules)
 
 
+def abstract_text_encoder(text_config) -> TextEncoder:
+  """The frozen encoder `text_config` names, with abstract params (no weights are read): what
+  the train step needs to be compiled with T5 inside it."""
+  if text_config.name not in t5.PRESETS:
+    raise ValueError(
+        f"text.name={text_config.name!r}: compiling ahead of time needs a preset encoder size; "
+        f"allowed: {', '.join(sorted(t5.PRESETS))}"
+    )
+  config = t5.preset_config(
+      text_config.name,
+      dtype=dtypes.get_dtype(text_config.get("dtype", None), "text.dtype"),
+      param_dtype=dtypes.get_dtype(text_config.get("param_dtype", None), "text.param_dtype"),
+      precision=text_config.get("precision", None),
+  )
+  params = nn.unbox(t5.abstract_params(config))
+  return TextEncoder(text_config.name, config, params, None, int(text_config.max_length))
+
+
 def text_dim(text_cfg) -> int:
   """d_model of the encoder `text_cfg` names: the preset table, else its checkpoint's config.
 

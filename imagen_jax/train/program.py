@@ -129,7 +129,7 @@ def build(config, mesh, encoder, *, use_cache: bool) -> TrainProgram:
       embeddings are not what the stage's network reads.
   """
   c = config
-  rules = tuple(tuple(r) for r in c.mesh.logical_axis_rules)
+  rules = sharding_lib.rules_from_config(c)
   axes = check_batch(c, rules, mesh)
   stage = Stage.from_config(c)
   if (stage.text_dim, stage.text_len) != (encoder.dim, encoder.max_length):
@@ -142,7 +142,7 @@ def build(config, mesh, encoder, *, use_cache: bool) -> TrainProgram:
       c.optim, c.train.num_steps, freeze=str(c.train.get("freeze", ""))
   )
   abstract, specs = state_lib.state_specs(
-      stage, tx, mesh, rules, fsdp_min_size=int(c.mesh.fsdp_min_size)
+      stage, tx, mesh, rules, fsdp_min_size=sharding_lib.fsdp_min_size_from_config(c)
   )
   shardings = sharding_lib.to_named(specs, mesh)
   text_shardings = encoder.param_shardings(mesh, rules)

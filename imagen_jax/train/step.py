@@ -229,33 +229,20 @@ def jit_train_step(
     text_shardings: Any,
     constrain_activations: bool = False,
 ) -> ready.ReadyJit:
-  """`jax.jit` with explicit in/out shardings and the state donated (updated in place).
-
-  Tracing happens inside `jax.set_mesh(mesh)`. With `constrain_activations`, also inside
-  `nn.logical_axis_rules(rules)`, so the networks' activation constraints (`activation_batch ->
-  (data, fsdp)`, `activation_embed -> tensor`, ...; configs/common.py) pin the layout of every
-  feature map, attention head and text sequence; without, XLA propagates layouts from the in/out
+  """The train step jitted on `mesh` (`parallel.sharding.mesh_jit`) with explicit in/out
+  shardings and the state donated (updated in place). With `constrain_activations` the
+  networks' activation constraints apply; without, XLA propagates layouts from the in/out
   shardings (params on fsdp / tensor, batch on (data, fsdp)). Both compile and train on any
   data x fsdp x tensor mesh (tests/test_tensor_parallel.py).
-
-  Rules naming mesh axes that `mesh` lacks are restricted to its axes
-  (`parallel.sharding.rules_for_mesh`). The rules are entered inside the traced function (flax's rules context is not part of jit's
-  cache key), so `.lower(...)` of the returned `parallel.ready.ReadyJit` (ahead-of-time compiles)
-  builds the same program as calling it.
   """
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  active_rules = sharding_lib.rules_for_mesh(rules, mesh) if constrain_activations else ()
-
-  def train_step(state, batch, rng, text_params):
-    with nn.logical_axis_rules(active_rules):
-      return step_fn(state, batch, rng, text_params)
-
-  jitted = jax.jit(
-      train_step,
+  return sharding_lib.mesh_jit(
+      step_fn,
+      mesh,
+      rules,
+      name="train_step",
       in_shardings=(state_shardings, batch_shardings, replicated, text_shardings),
       out_shardings=(state_shardings, replicated),
       donate_argnums=(0,),
+      constrain_activations=constrain_activations,
   )
-
-  # With several processes, each new program is compiled on every process before any runs it.
-  return ready.ReadyJit(jitted, "train_step", context=lambda: jax.set_mesh(mesh))

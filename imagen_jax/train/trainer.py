@@ -53,6 +53,7 @@ from imagen_jax import metrics as metrics_lib
 from imagen_jax.data import pipeline, records
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.parallel import ready
+from imagen_jax.parallel import sharding as sharding_lib
 from imagen_jax.stage import SamplingSettings, Stage
 from imagen_jax.text import cache as text_cache_lib
 from imagen_jax.text import registry
@@ -232,7 +233,7 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> d
   ckpt_lib.check_resume_meaning(os.path.join(workdir, "checkpoints"), config_dict)
 
   mesh = mesh_lib.make_mesh(dict(c.mesh.shape))
-  rules = tuple(tuple(r) for r in c.mesh.logical_axis_rules)
+  rules = sharding_lib.rules_from_config(c)
   # Before the encoder loads (minutes for T5-XXL): a batch the mesh cannot split fails at once.
   batch_axes = program_lib.check_batch(c, rules, mesh)
   logging.info("mesh %s on %d processes", dict(mesh.shape), jax.process_count())

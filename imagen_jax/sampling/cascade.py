@@ -5,7 +5,7 @@ models, each sampled with its own sampler, number of steps, guidance weight (§2
 thresholding (§2.3), and each SR stage conditioned on the previous stage's output, upsampled
 and noise-augmented at a chosen `aug_level` (noise conditioning augmentation, §2.4, App. D.2).
 
-Stages train as independent jobs (`imagen_jax.main`); the cascade exists only here. Each stage
+Stages train as independent jobs (`imagen_jax.train`); the cascade exists only here. Each stage
 is loaded from its training workdir: the config recorded in its checkpoint must agree with the
 workdir's `config.json` on every field that defines the stage's meaning
 (`checkpoint.MEANING_FIELDS`: network, diffusion schedule / target, text encoder, sizes), the
@@ -18,12 +18,12 @@ Determinism: sample i of a call draws its initial noise (and, for stochastic sam
 per-step noise) from `fold_in(stage_key, i)`, so the images do not depend on the batch they are
 drawn in or on the number of devices, and the same seed gives the same images.
 
-Devices: the cascade samples on a (data, fsdp, tensor) mesh (`sharded_sampling`): each stage's
+Devices: the cascade samples on a (data, fsdp, tensor) mesh (`stage_sampler`): each stage's
 EMA params are restored straight into their shards (`Stage.param_specs`, ZeRO-3 style; no
 replicated copies, nothing whole on one device), the frozen T5 encoder's params are sharded by
 their logical specs and it encodes on the mesh, and each batch of prompts is split over the
 mesh axes that the logical `batch` axis maps to. The jitted samplers are the building blocks of
-`sharded_sampling`, so what is compiled ahead of time for a TPU slice is what runs here. The
+`stage_sampler`, so what is compiled ahead of time for a TPU slice is what runs here. The
 mesh holds this process's devices: a multi-host job gives each process its own prompts (e.g.
 `first_index` = the process's offset).
 
@@ -45,10 +45,13 @@ import ml_collections
 import numpy as np
 
 from imagen_jax import checkpoint as ckpt_lib
-from imagen_jax import deepfloyd_stage, paths
-from imagen_jax import sharded_sampling as ss
+from imagen_jax import paths
 from imagen_jax.diffusion import editing
-from imagen_jax.sharded_sampling import initial_noise  # noqa: F401  (public here too)
+from imagen_jax.parallel import ready
+from imagen_jax.parallel import sharding as sharding_lib
+from imagen_jax.sampling import deepfloyd_stage
+from imagen_jax.sampling import stage_sampler as ss
+from imagen_jax.sampling.stage_sampler import initial_noise  # noqa: F401  (public here too)
 from imagen_jax.stage import SamplingSettings, Stage
 from imagen_jax.text import registry
 
@@ -91,7 +94,7 @@ def read_stage_config(workdir: str) -> ml_collections.ConfigDict:
   if not paths.path(path).exists():
     raise StageLoadError(
         f"no trained stage in {workdir!r}: {path} does not exist (train it "
-        "with `python -m imagen_jax.main --config=... --workdir=...`)"
+        "with `python -m imagen_jax.train --config=... --workdir=...`)"
     )
   return ml_collections.ConfigDict(json.loads(paths.path(path).read_text()))
 
@@ -120,7 +123,7 @@ def load_stage(
   optimizer is built and no optimizer state is read.
 
   The params are restored straight into their shards on `mesh` (default
-  `sharded_sampling.default_mesh()`), laid out by `rules` and `fsdp_min_size` (default: the
+  `stage_sampler.default_mesh()`), laid out by `rules` and `fsdp_min_size` (default: the
   stage config's `mesh.logical_axis_rules` / `mesh.fsdp_min_size`); the Orbax restore target
   carries the `NamedSharding`s, so no device ever holds a whole copy of a sharded param.
 
@@ -170,8 +173,8 @@ def load_stage(
     target = ss.abstract_stage_params(
         stage,
         ss.default_mesh() if mesh is None else mesh,
-        ss.stage_rules(config) if rules is None else rules,
-        ss.stage_fsdp_min_size(config) if fsdp_min_size is None else fsdp_min_size,
+        sharding_lib.rules_from_config(config) if rules is None else rules,
+        sharding_lib.fsdp_min_size_from_config(config) if fsdp_min_size is None else fsdp_min_size,
     )
     params = ckpt.restore_ema(step, target, config_dict=config.to_dict())
   finally:
@@ -247,7 +250,7 @@ class Cascade:
 
     Args:
       mesh: the (data, fsdp, tensor) mesh to sample on; default: `devices` (default: this
-        process's devices) shaped `mesh_shape` (default `sharded_sampling.DEFAULT_MESH_SHAPE`:
+        process's devices) shaped `mesh_shape` (default `stage_sampler.DEFAULT_MESH_SHAPE`:
         all on fsdp, see there why).
       rules: logical axis rules of params, activations and the batch; default stage 1's config
         `mesh.logical_axis_rules` (one layout for the whole cascade).
@@ -258,10 +261,12 @@ class Cascade:
     if mesh is not None and (devices is not None or mesh_shape is not None):
       raise ValueError("Cascade: pass mesh, or devices / mesh_shape, not both")
     self.mesh = ss.default_mesh(devices, mesh_shape) if mesh is None else mesh
-    rules = ss.stage_rules(stages[0].config) if rules is None else tuple(rules)
+    rules = sharding_lib.rules_from_config(stages[0].config) if rules is None else tuple(rules)
     self.rules = ss.rules_for_mesh(rules, self.mesh)
     self.fsdp_min_sizes = [
-        ss.stage_fsdp_min_size(s.config) if fsdp_min_size is None else int(fsdp_min_size)
+        sharding_lib.fsdp_min_size_from_config(s.config)
+        if fsdp_min_size is None
+        else int(fsdp_min_size)
         for s in stages
     ]
     # A no-op for params load_stage restored onto this layout; otherwise a reshard.
@@ -273,7 +278,7 @@ class Cascade:
         self.stages[0].config.text, mesh=self.mesh, rules=self.rules
     )
     check_text_encoder(self.stages, self.encoder)
-    self._samplers: dict[tuple, ss.MeshJit] = {}
+    self._samplers: dict[tuple, ready.ReadyJit] = {}
     # Per stage: prompts per jitted call on this mesh, None = the call's batch_size.
     self.stage_batch_sizes: tuple[int | None, ...] = (None,) * len(self.stages)
 
@@ -295,9 +300,9 @@ class Cascade:
       raise ValueError("Cascade: pass mesh, or devices / mesh_shape, not both")
     mesh = ss.default_mesh(devices, mesh_shape) if mesh is None else mesh
     if rules is None and workdirs and deepfloyd_stage.is_diffusers_unet(workdirs[0]):
-      rules = ss.stage_rules(ml_collections.ConfigDict({"mesh": deepfloyd or {}}))
+      rules = sharding_lib.rules_from_config(ml_collections.ConfigDict({"mesh": deepfloyd or {}}))
     elif rules is None:
-      rules = ss.stage_rules(read_stage_config(workdirs[0])) if workdirs else ()
+      rules = sharding_lib.rules_from_config(read_stage_config(workdirs[0])) if workdirs else ()
     stages = [
         load_stage(w, mesh=mesh, rules=rules, fsdp_min_size=fsdp_min_size, deepfloyd=deepfloyd)
         for w in workdirs
@@ -360,10 +365,10 @@ class Cascade:
       settings: SamplingSettings,
       edit: editing.EditSettings | None = None,
       negative: bool = False,
-  ) -> ss.MeshJit:
+  ) -> ready.ReadyJit:
     """Stage k's (0-based) jitted sampler for `settings` (built once per static setting); with
     `edit`, the editing sampler; with `negative`, the one reading negative prompts
-    (`sharded_sampling.make_stage_sampler`)."""
+    (`stage_sampler.make_stage_sampler`)."""
     guided = settings.guidance_weight != 1.0
     static = dataclasses.replace(settings, guidance_weight=0.0)  # w is traced, not static
     key = (k, static, guided, edit, negative)
@@ -482,7 +487,7 @@ class Cascade:
           f"{len(negative_prompts)} negative prompts for {len(prompts)} prompts; give one each"
       )
     sizes = [self.stages[k + offset].image_size for k in range(n_stages)]
-    init_image, mask, edits = prepare_edit(init_image, mask, edit, len(prompts), sizes)
+    init_image, mask, edits = editing.prepare_edit(init_image, mask, edit, len(prompts), sizes)
     m = self.batch_multiple
     batch_size = -(-batch_size // m) * m
     # Stage k's sub-batch: its own batch size (at most the call's), a multiple of m.
@@ -555,43 +560,3 @@ def _pad_rows(x: np.ndarray, pad: int, value: float) -> np.ndarray:
   """`x [n, ...]` with `pad` rows of `value` appended (float32)."""
   x = np.asarray(x, np.float32)
   return np.concatenate([x, np.full((pad,) + x.shape[1:], value, np.float32)])
-
-
-def prepare_edit(init_image, mask, edit, n: int, sizes: Sequence[int]):
-  """The cascade's edit inputs, checked: `(init_image [N, S, S, 3] | None, mask [N, S, S, 1] |
-  None, edits)` (float32; one `EditSettings` per stage), S = `sizes[-1]`, the last stage's."""
-  n_stages, s = len(sizes), sizes[-1]
-  if init_image is None:
-    if mask is not None or edit is not None:
-      raise ValueError("an edit (mask / edit settings) needs init_image")
-    return None, None, [None] * n_stages
-  per_image, per_mask = editing.per_sample(init_image, mask)
-  x = np.asarray(init_image, np.float32)
-  x = x if per_image else np.broadcast_to(x, (n,) + x.shape)
-  if x.shape[1:] != (s, s, 3) or x.shape[0] != n:
-    raise ValueError(
-        f"init_image has shape {np.shape(init_image)}; allowed: [{s}, {s}, 3] or "
-        f"[{n}, {s}, {s}, 3] (the last stage's {s}x{s} images, one or one per prompt)"
-    )
-  x = np.asarray(editing.check_init_image(x, (n, s, s, 3)))
-  m = None
-  if mask is not None:
-    m = np.asarray(mask, np.float32)
-    if m.ndim == 2 or (per_mask and m.ndim == 3):  # [S, S] or [N, S, S]: add C = 1
-      m = m[..., None]
-    if not per_mask:  # one [S, S, 1] mask for every prompt
-      m = np.broadcast_to(m, (n,) + m.shape)
-    if m.shape != (n, s, s, 1):
-      raise ValueError(
-          f"mask has shape {np.shape(mask)}; allowed: [{s}, {s}], [{s}, {s}, 1], [{n}, {s}, {s}] "
-          f"or [{n}, {s}, {s}, 1] (the last stage's size; 1 = known, kept; 0 = regenerated)"
-      )
-    m = np.asarray(editing.check_mask(m, (n, s, s, 3)))
-  edits = [editing.EditSettings() if edit is None else edit] * n_stages
-  if edit is not None and not isinstance(edit, editing.EditSettings):
-    edits = list(edit)
-    if len(edits) != n_stages or not all(isinstance(e, editing.EditSettings) for e in edits):
-      raise ValueError(
-          f"edit must be an EditSettings or {n_stages} of them (one per stage), got {edit!r}"
-      )
-  return x, m, edits

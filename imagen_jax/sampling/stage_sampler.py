@@ -25,9 +25,7 @@ depend neither on the batch nor on the mesh.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import logging
 import math
 from typing import Any, Mapping, Sequence
 
@@ -48,7 +46,6 @@ from imagen_jax.text import registry
 __all__ = [
     "DEFAULT_MESH_SHAPE",
     "PARAM_DTYPE",
-    "MeshJit",
     "abstract_denoise_inputs",
     "abstract_encode_inputs",
     "abstract_sampler_inputs",
@@ -62,7 +59,6 @@ __all__ = [
     "make_stage_sampler",
     "rules_for_mesh",
     "stage_param_shardings",
-    "stage_rules",
 ]
 
 Array = jax.Array
@@ -86,37 +82,6 @@ def default_mesh(
   its own prompts) of `shape` (default `DEFAULT_MESH_SHAPE`)."""
   devices = list(jax.local_devices() if devices is None else devices)
   return mesh_lib.make_mesh(DEFAULT_MESH_SHAPE if shape is None else shape, devices=devices)
-
-
-def stage_rules(config) -> tuple[tuple[str, Any], ...]:
-  """A stage config's `mesh.logical_axis_rules` as hashable tuples (JSON gives lists)."""
-  mesh_cfg = config.get("mesh", None)
-  rules = None if mesh_cfg is None else mesh_cfg.get("logical_axis_rules", None)
-  if rules is None:
-    raise ValueError(
-        f"stage {config.get('stage', '?')!r} has no mesh.logical_axis_rules in its config; "
-        "pass rules= explicitly"
-    )
-  norm = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
-  rules = tuple((str(name), norm(axes)) for name, axes in rules)
-  names = dict(rules)
-  if "activation_batch" not in names and "batch" in names:
-    # A workdir written before activations had their own logical names: its `batch` rule is
-    # the batch split (sampling is then data-parallel; the networks' constraints are unnamed).
-    logging.warning(
-        "stage %r: its saved rules predate the activation_* names; splitting the batch as its "
-        "'batch' rule says (%s)",
-        config.get("stage", "?"),
-        names["batch"],
-    )
-    rules += (("activation_batch", names["batch"]),)
-  return rules
-
-
-def stage_fsdp_min_size(config) -> int:
-  """A stage config's `mesh.fsdp_min_size` (0 when absent: only the rules split params)."""
-  mesh_cfg = config.get("mesh", None)
-  return int(0 if mesh_cfg is None else mesh_cfg.get("fsdp_min_size", 0) or 0)
 
 
 def batch_sharding(mesh, rules: Rules, ndim: int) -> NamedSharding:
@@ -156,22 +121,6 @@ def abstract_stage_params(
   )
 
 
-class MeshJit(ready.ReadyJit):
-  """A `jax.jit` function traced inside `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`
-  (so the networks' activation constraints apply); call it, or `.lower(*args)` it with
-  concrete arrays or sharded `ShapeDtypeStruct`s. With several processes a new program is
-  compiled on every process before any runs it (`parallel.ready`)."""
-
-  def __init__(self, jitted: Any, mesh, rules: Rules, name: str = "sampler"):
-    self.mesh, self.rules = mesh, rules
-    super().__init__(jitted, name, context=self._mesh_and_rules)
-
-  @contextlib.contextmanager
-  def _mesh_and_rules(self):
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(rules_for_mesh(self.rules, self.mesh)):
-      yield
-
-
 def make_encode(encoder, mesh, rules: Rules):
   """The frozen T5 encode jitted on `mesh` (`text.registry.make_encode`, §2.1): `fn(params,
   ids [B, L] int32, mask [B, L] bool) -> emb float32 [B, L, D]`, params sharded by their logical
@@ -194,7 +143,7 @@ def make_stage_sampler(
     fsdp_min_size: int = 0,
     edit: editing.EditSettings | None = None,
     negative: bool = False,
-) -> MeshJit:
+) -> ready.ReadyJit:
   """The whole sampler of one stage, jitted on `mesh` (App. A reverse process, §2.2-§2.4).
 
   Returns `fn(params, text_emb [B, L, D], text_mask [B, L], lowres [B, s, s, 3] | None,
@@ -259,13 +208,14 @@ def make_stage_sampler(
     in_shardings += (batch(3), batch(2))  # uncond_emb, uncond_mask
   if edit is not None:
     in_shardings += (batch(4), batch(4))  # init_image, mask (a None mask is an empty tree)
-  jitted = jax.jit(sample, in_shardings=in_shardings, out_shardings=batch(4))
-  return MeshJit(jitted, mesh, tuple(rules))
+  return sharding_lib.mesh_jit(
+      sample, mesh, rules, name="sampler", in_shardings=in_shardings, out_shardings=batch(4)
+  )
 
 
 def make_denoise_step(
     stage: Stage, mesh, rules: Rules, *, guided: bool, fsdp_min_size: int = 0
-) -> MeshJit:
+) -> ready.ReadyJit:
   """One guided denoiser evaluation on `mesh` (§2.2, `Stage.denoise_fn`).
 
   Returns `fn(params, z_t [B, S, S, 3], logsnr [B], cond, guidance_weight []) -> eps [B, S, S, 3]`
@@ -282,18 +232,16 @@ def make_denoise_step(
   def denoise(params, z_t, logsnr, cond, guidance_weight):
     return stage.denoise_fn(params, guidance_weight if guided else 1.0)(z_t, logsnr, cond)
 
-  jitted = jax.jit(
-      denoise,
-      in_shardings=(
-          stage_param_shardings(stage, mesh, rules, fsdp_min_size),
-          batch(4),
-          batch(1),
-          cond_shardings,
-          NamedSharding(mesh, P()),
-      ),
-      out_shardings=batch(4),
+  in_shardings = (
+      stage_param_shardings(stage, mesh, rules, fsdp_min_size),
+      batch(4),
+      batch(1),
+      cond_shardings,
+      NamedSharding(mesh, P()),
   )
-  return MeshJit(jitted, mesh, tuple(rules))
+  return sharding_lib.mesh_jit(
+      denoise, mesh, rules, name="sampler", in_shardings=in_shardings, out_shardings=batch(4)
+  )
 
 
 def _sds(shape, dtype, sharding) -> jax.ShapeDtypeStruct:

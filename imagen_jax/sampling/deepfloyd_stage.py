@@ -17,9 +17,10 @@ import os
 import ml_collections
 
 from imagen_jax import paths
-from imagen_jax import sharded_sampling as ss
 from imagen_jax.nn import deepfloyd, deepfloyd_checkpoint
 from imagen_jax.nn.deepfloyd_config import IFConfig
+from imagen_jax.parallel import sharding as sharding_lib
+from imagen_jax.sampling import stage_sampler as ss
 from imagen_jax.stage import Stage
 
 TEXT_ENCODER = "t5-v1_1-xxl"
@@ -108,13 +109,13 @@ def load_stage(
     unet_dir: str, deepfloyd_block, *, mesh=None, rules=None, fsdp_min_size: int | None = None
 ) -> tuple[Stage, dict]:
   """`(stage, params)` of an IF U-Net folder: its weights read into their shards on `mesh`
-  (default `sharded_sampling.default_mesh()`), laid out by `rules` (default the block's)."""
+  (default `stage_sampler.default_mesh()`), laid out by `rules` (default the block's)."""
   local = paths.local_copy(unet_dir) if paths.is_remote(unet_dir) else unet_dir
   stage = build_stage(unet_dir, deepfloyd_block, local=local)
   config = stage.config
   mesh = ss.default_mesh() if mesh is None else mesh
-  rules = ss.stage_rules(config) if rules is None else rules
-  fsdp = ss.stage_fsdp_min_size(config) if fsdp_min_size is None else fsdp_min_size
+  rules = sharding_lib.rules_from_config(config) if rules is None else rules
+  fsdp = sharding_lib.fsdp_min_size_from_config(config) if fsdp_min_size is None else fsdp_min_size
   shardings = ss.stage_param_shardings(stage, mesh, rules, fsdp)
   unet = deepfloyd.IFUNet(stage.model.config)
   params = deepfloyd_checkpoint.load_params(

@@ -2,7 +2,7 @@
 
 In a multi-controller JAX job (one process per host, `jax.distributed.initialize`) every process
 runs the same program. Cascade sampling and the evaluation networks (Inception, CLIP, random-conv
-features) run on each process's own devices (`sharded_sampling.default_mesh`,
+features) run on each process's own devices (`stage_sampler.default_mesh`,
 `evals.batched.BatchRunner`), so the split across hosts is plain data parallelism over rows:
 process p takes the contiguous block p of the N rows (`block_bounds`), computes it, and
 `allgather_rows` concatenates the blocks in process order, so every process ends with all N
@@ -29,7 +29,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from imagen_jax.diffusion import editing
-from imagen_jax.parallel import cascade_report, ready
+from imagen_jax.parallel import ready
+from imagen_jax.sampling import cascade_report
 
 
 def is_writer() -> bool:
