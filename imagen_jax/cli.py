@@ -43,7 +43,7 @@ USER_ERRORS = frozenset(
         "imagen_jax.train.workdir.WorkdirMismatchError",
         "imagen_jax.train.warm_start.WarmStartError",
         "imagen_jax.text.cache_read.CacheError",
-        "imagen_jax.text.checkpoint.CheckpointError",
+        "imagen_jax.text.hf_weights.CheckpointError",
     }
 )
 # What the flags parser can raise for a bad value: absl's flags.Error, and config_flags' errors

@@ -15,7 +15,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from imagen_jax import atomic, metrics, paths
+from imagen_jax import atomic, metric_writers, paths
 from imagen_jax.train import workdir as workdir_lib
 from tests.test_train_step import load_config
 
@@ -137,7 +137,7 @@ def test_bucket_atomic_writes(emulator):
 
 def test_bucket_metric_writer_resumes_without_duplicate_rows(emulator):
   run = "gs://bucket/metrics_run"
-  w = metrics.MetricWriter(run, enabled=True, start_step=0)
+  w = metric_writers.MetricWriter(run, enabled=True, start_step=0)
   for step in (5, 10):
     w.write_scalars(step, {"loss": 1.0 / step})
   paths_ = w.write_images(10, {"grid": np.zeros((2, 4, 4, 3), np.float32)})
@@ -148,7 +148,9 @@ def test_bucket_metric_writer_resumes_without_duplicate_rows(emulator):
   assert paths.path(paths_[0]).read_bytes()[:4] == b"\x89PNG"
   events = list(paths.path(f"{run}/tensorboard").glob("events.out.tfevents.*"))
   assert len(events) == 1 and events[0].stat().length > 0
-  w = metrics.MetricWriter(run, enabled=True, start_step=5)  # resumed from the step-5 checkpoint
+  w = metric_writers.MetricWriter(
+      run, enabled=True, start_step=5
+  )  # resumed from the step-5 checkpoint
   w.write_scalars(10, {"loss": 0.5})
   w.close()
   rows = [json.loads(r) for r in paths.path(f"{run}/metrics.jsonl").read_text().splitlines()]

@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import base64, sr256, sr1024
 from imagen_jax.stage import Stage
-from imagen_jax.text import bert, cache, checkpoint, registry
+from imagen_jax.text import bert, cache, hf_weights, registry
 from imagen_jax.text.tokenizer import TruncationWarning, WordPieceTokenizer
 
 GOLDENS = os.path.join(os.path.dirname(__file__), "goldens")
@@ -47,8 +47,8 @@ def _goldens_module():
 
 
 def encode_dir(path, ids, mask):
-  config = checkpoint.read_config(path)
-  params = checkpoint.load_params(path, config, progress=False)
+  config = hf_weights.read_config(path)
+  params = hf_weights.load_params(path, config, progress=False)
   out = jax.jit(bert.BertEncoder(config).apply)({"params": params}, ids, mask)
   return config, np.asarray(out)
 
@@ -94,12 +94,12 @@ def test_checkpoint_errors(tmp_path):
     hf = json.load(f)
   hf["num_hidden_layers"] = 1  # the weights hold 2 layers
   (bad / "config.json").write_text(json.dumps(hf))
-  with pytest.raises(checkpoint.CheckpointError, match="unknown encoder tensor.*encoder.layer.1"):
-    checkpoint.load_params(str(bad), checkpoint.read_config(str(bad)), progress=False)
+  with pytest.raises(hf_weights.CheckpointError, match="unknown encoder tensor.*encoder.layer.1"):
+    hf_weights.load_params(str(bad), hf_weights.read_config(str(bad)), progress=False)
   hf.update(num_hidden_layers=2, position_embedding_type="relative_key")
   (bad / "config.json").write_text(json.dumps(hf))
   with pytest.raises(ValueError, match="position_embedding_type='relative_key'"):
-    checkpoint.read_config(str(bad))
+    hf_weights.read_config(str(bad))
   with pytest.raises(ValueError, match="hidden_size=30 is not a multiple"):
     bert.BertConfig(50, 30, 1, 4, 8)
 

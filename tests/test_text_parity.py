@@ -11,15 +11,15 @@ import jax
 import numpy as np
 import pytest
 
-from imagen_jax.text import checkpoint, t5
+from imagen_jax.text import hf_weights, t5
 
 GOLDENS = os.path.join(os.path.dirname(__file__), "goldens")
 TOL = 1e-4
 
 
 def encode_dir(path, ids, mask):
-  config = checkpoint.read_config(path)
-  params = checkpoint.load_params(path, config, progress=False)
+  config = hf_weights.read_config(path)
+  params = hf_weights.load_params(path, config, progress=False)
   out = jax.jit(t5.T5Encoder(config).apply)({"params": params}, ids, mask)
   return config, np.asarray(out)
 

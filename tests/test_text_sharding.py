@@ -8,7 +8,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from imagen_jax.text import checkpoint, registry, t5
+from imagen_jax.text import hf_weights, registry, t5
 
 # Rules for this test: fsdp over d_model, tensor parallel over heads and mlp.
 RULES = (("embed", "fsdp"), ("heads", "tensor"), ("mlp", "tensor"), ("vocab", None), ("kv", None))
@@ -45,10 +45,10 @@ def test_sharded_encoding_equals_single_device():
 
 def test_checkpoint_streams_into_shardings():
   mesh = make_mesh()
-  config = checkpoint.read_config(SHARDED)
+  config = hf_weights.read_config(SHARDED)
   shardings = nn.logical_to_mesh_sharding(t5.logical_specs(config), mesh, RULES)
-  params = checkpoint.load_params(SHARDED, config, shardings=shardings, progress=False)
-  ref = checkpoint.load_params(SHARDED, config, progress=False)
+  params = hf_weights.load_params(SHARDED, config, shardings=shardings, progress=False)
+  ref = hf_weights.load_params(SHARDED, config, progress=False)
   wi = params["layers_2"]["mlp"]["wi_0"]
   assert wi.sharding.spec == P("fsdp", "tensor")
   np.testing.assert_array_equal(np.asarray(wi), np.asarray(ref["layers_2"]["mlp"]["wi_0"]))

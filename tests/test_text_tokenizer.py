@@ -127,12 +127,12 @@ def _checkpoint_without_tokenizer(d):
 
 
 def test_missing_tokenizer_reported_before_weights_load(tmp_path, monkeypatch):
-  from imagen_jax.text import checkpoint, registry
+  from imagen_jax.text import hf_weights, registry
 
   def weights_must_not_load(*args, **kwargs):
     raise AssertionError("weights were read before the tokenizer files were checked")
 
-  monkeypatch.setattr(checkpoint, "load_params", weights_must_not_load)
+  monkeypatch.setattr(hf_weights, "load_params", weights_must_not_load)
   path = _checkpoint_without_tokenizer(tmp_path)
   cfg = registry.default_text_config("t5-v1_1-custom", path=path)
   with pytest.raises(FileNotFoundError, match=r"no T5 tokenizer files in .*tokenizer\.json or "):
@@ -142,7 +142,7 @@ def test_missing_tokenizer_reported_before_weights_load(tmp_path, monkeypatch):
 def test_tokenizer_loaded_before_weights(spiece_dir, tmp_path, monkeypatch):
   import shutil
 
-  from imagen_jax.text import checkpoint, registry
+  from imagen_jax.text import hf_weights, registry
 
   order = []
   real_make = tokenizer.make_tokenizer
@@ -159,7 +159,7 @@ def test_tokenizer_loaded_before_weights(spiece_dir, tmp_path, monkeypatch):
   shutil.copytree(spiece_dir, d)
   _checkpoint_without_tokenizer(d)
   monkeypatch.setattr(tokenizer, "make_tokenizer", make)
-  monkeypatch.setattr(checkpoint, "load_params", load_params)
+  monkeypatch.setattr(hf_weights, "load_params", load_params)
   enc = registry.get_text_encoder(registry.default_text_config("t5-v1_1-custom", path=str(d)))
   assert order == ["tokenizer", "weights"]
   assert enc.tokenize(["a red circle"])[0].shape == (1, 128)

@@ -184,9 +184,9 @@ def test_nonfinite_loss_stops_with_the_step(tmp_path, data_dir):
 
 
 def test_metric_writer_outputs(tmp_path):
-  from imagen_jax import metrics
+  from imagen_jax import metric_writers
 
-  w = metrics.MetricWriter(str(tmp_path))
+  w = metric_writers.MetricWriter(str(tmp_path))
   w.write_scalars(3, {"loss": 0.5, "grad_norm": float("nan")})
   paths = w.write_images(3, {"ema_samples": np.zeros((5, 4, 4, 3), np.float32)})
   w.write_text(3, "ema_samples_prompts", "a red circle\na blue square")

@@ -37,7 +37,7 @@ from ml_collections import config_dict
 from imagen_jax import dtypes, paths
 from imagen_jax.parallel import ready
 from imagen_jax.parallel import sharding as sharding_lib
-from imagen_jax.text import bert, checkpoint, t5, tokenizer
+from imagen_jax.text import bert, hf_weights, t5, tokenizer
 
 TINY_RANDOM = "byt5-tiny-random"
 # The constant seed of byt5-tiny-random's weights: changing it changes every demo result.
@@ -375,7 +375,7 @@ def get_text_encoder(
         "config.json, model.safetensors (or model.safetensors.index.json) and the "
         f"tokenizer files; nothing is downloaded. For an offline run use {TINY_RANDOM!r}."
     )
-  config = checkpoint.read_config(path, **precision)
+  config = hf_weights.read_config(path, **precision)
   _check_preset(name, config, path)
   if is_bert(name) and max_length > config.max_position_embeddings:
     raise ValueError(
@@ -387,7 +387,7 @@ def get_text_encoder(
   # after every weight has loaded (minutes for T5-XXL).
   kind = "wordpiece" if is_bert(name) else "byt5" if name.startswith("byt5") else "sentencepiece"
   tok = tokenizer.make_tokenizer(kind, max_length, path)
-  params = checkpoint.load_params(path, config, shardings=shardings_for(config), progress=progress)
+  params = hf_weights.load_params(path, config, shardings=shardings_for(config), progress=progress)
   return TextEncoder(name, config, params, tok, max_length, mesh=mesh, rules=rules)
 
 
@@ -424,4 +424,4 @@ def text_dim(text_cfg) -> int:
         f"text.name={text_cfg.name!r} is not a known preset "
         f"({sorted(t5.PRESETS) + sorted(bert.PRESETS)}); set text.path to its local checkpoint"
     )
-  return int(checkpoint.read_config(paths.local_copy(text_cfg.path)).d_model)
+  return int(hf_weights.read_config(paths.local_copy(text_cfg.path)).d_model)

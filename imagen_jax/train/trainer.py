@@ -47,9 +47,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from imagen_jax import atomic, paths, profiling
+from imagen_jax import atomic, metric_writers, paths, profiling
 from imagen_jax import checkpoint as ckpt_lib
-from imagen_jax import metrics as metrics_lib
 from imagen_jax.data import pipeline, records
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.parallel import ready
@@ -300,7 +299,7 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> d
   train_step = program.step
 
   # Rows past the start step were logged by a run that died before checkpointing them.
-  writer = metrics_lib.MetricWriter(workdir, start_step=step)
+  writer = metric_writers.MetricWriter(workdir, start_step=step)
   sampler = _Sampler(stage, encoder, mesh) if c.train.sample_every else None
 
   def save(step: int) -> None:

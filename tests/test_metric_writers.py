@@ -1,4 +1,4 @@
-"""imagen_jax.metrics: the writer interface, JSONL + PNG files, TensorBoard, process 0 only."""
+"""imagen_jax.metric_writers: the writer interface, JSONL + PNG files, TensorBoard, process 0 only."""
 
 import json
 import os
@@ -6,12 +6,12 @@ import os
 import numpy as np
 from PIL import Image
 
-from imagen_jax import metrics
+from imagen_jax import metric_writers
 
 
 def test_default_writer_outputs(tmp_path):
-  w = metrics.MetricWriter(str(tmp_path), enabled=True)
-  assert isinstance(w, metrics.Writer) and len(w.writers) == 2
+  w = metric_writers.MetricWriter(str(tmp_path), enabled=True)
+  assert isinstance(w, metric_writers.Writer) and len(w.writers) == 2
   w.write_scalars(3, {"loss": 0.5, "grad_norm": float("nan")})
   paths = w.write_images(3, {"ema_samples": np.zeros((5, 4, 4, 3), np.float32)})
   assert paths == [str(tmp_path / "samples" / "ema_samples_00000003.png")]
@@ -34,7 +34,7 @@ def test_default_writer_outputs(tmp_path):
 
 
 def test_disabled_writer_writes_nothing(tmp_path):
-  w = metrics.MetricWriter(str(tmp_path / "w"), enabled=False)
+  w = metric_writers.MetricWriter(str(tmp_path / "w"), enabled=False)
   w.write_scalars(1, {"loss": 1.0})
   assert w.write_images(1, {"x": np.zeros((1, 2, 2, 3), np.float32)}) == []
   w.write_texts(1, {"t": "x"})
@@ -66,7 +66,7 @@ def test_multi_writer_forwards_in_order():
     def close(self):
       calls.append((self.name, "close"))
 
-  w = metrics.MultiWriter([Recorder("a"), Recorder("b")])
+  w = metric_writers.MultiWriter([Recorder("a"), Recorder("b")])
   w.write_scalars(2, {"loss": 1.0})
   w.write_texts(2, {"p": "q"})
   w.close()
@@ -87,11 +87,11 @@ def test_resumed_writer_drops_rows_past_the_start_step(tmp_path):
       '{"step": 5, "loss": 1.0}\n{"step": 7, "loss": 0.9}\n{"step": 10, "loss": 0.8}\n'
       '{"step": 15, "loss": 0.7}\n{"step": 2'
   )
-  w = metrics.MetricWriter(str(tmp_path), enabled=True, tensorboard=False, start_step=7)
+  w = metric_writers.MetricWriter(str(tmp_path), enabled=True, tensorboard=False, start_step=7)
   w.write_scalars(10, {"loss": 0.5})
   w.close()
   rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert rows == [{"step": 5, "loss": 1.0}, {"step": 7, "loss": 0.9}, {"step": 10, "loss": 0.5}]
   # Without start_step (not a training run) the file is only appended to.
-  metrics.MetricWriter(str(tmp_path), enabled=True, tensorboard=False).close()
+  metric_writers.MetricWriter(str(tmp_path), enabled=True, tensorboard=False).close()
   assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3

@@ -9,7 +9,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from imagen_jax.text import checkpoint, registry
+from imagen_jax.text import hf_weights, registry
 
 GOLDENS = os.path.join(os.path.dirname(__file__), "goldens", "t5")
 FULL = os.path.join(GOLDENS, "t5_relu_full")
@@ -37,7 +37,7 @@ def write_dir(tmp_path, tensors, config_src=FULL, index=None):
 
 
 def load(path):
-  return checkpoint.load_params(path, checkpoint.read_config(path), progress=False)
+  return hf_weights.load_params(path, hf_weights.read_config(path), progress=False)
 
 
 class Spy:
@@ -45,7 +45,7 @@ class Spy:
 
   def __init__(self, monkeypatch):
     self.opened, self.read = [], []
-    real = checkpoint.safe_open
+    real = hf_weights.safe_open
     spy = self
 
     class Handle:
@@ -71,7 +71,7 @@ class Spy:
         spy.read.append(key)
         return self._h.get_tensor(key)
 
-    monkeypatch.setattr(checkpoint, "safe_open", Handle)
+    monkeypatch.setattr(hf_weights, "safe_open", Handle)
 
 
 def test_full_checkpoint_never_reads_decoder(tmp_path, monkeypatch):
@@ -111,7 +111,7 @@ def test_missing_key(tmp_path):
   tensors = read_all(FULL)
   del tensors["encoder.block.1.layer.0.SelfAttention.q.weight"]
   with pytest.raises(
-      checkpoint.CheckpointError,
+      hf_weights.CheckpointError,
       match=r"missing encoder tensor\(s\).*block\.1\.layer\.0\.SelfAttention\.q",
   ):
     load(write_dir(tmp_path, tensors))
@@ -120,21 +120,21 @@ def test_missing_key(tmp_path):
 def test_missing_embedding(tmp_path):
   tensors = read_all(FULL)
   del tensors["shared.weight"]
-  with pytest.raises(checkpoint.CheckpointError, match="shared.weight or encoder.embed_tokens"):
+  with pytest.raises(hf_weights.CheckpointError, match="shared.weight or encoder.embed_tokens"):
     load(write_dir(tmp_path, tensors))
 
 
 def test_unknown_key(tmp_path):
   tensors = read_all(FULL)
   tensors["encoder.block.0.layer.0.SelfAttention.extra.weight"] = np.zeros((2,), np.float32)
-  with pytest.raises(checkpoint.CheckpointError, match=r"unknown encoder tensor.*extra\.weight"):
+  with pytest.raises(hf_weights.CheckpointError, match=r"unknown encoder tensor.*extra\.weight"):
     load(write_dir(tmp_path, tensors))
 
 
 def test_family_mismatch_is_unknown_key(tmp_path):
   # ReLU (T5 1.0) weights with a gated (T5 1.1) config.json: 'wi' is unknown.
   with pytest.raises(
-      checkpoint.CheckpointError, match=r"unknown encoder tensor.*DenseReluDense\.wi"
+      hf_weights.CheckpointError, match=r"unknown encoder tensor.*DenseReluDense\.wi"
   ):
     load(write_dir(tmp_path, read_all(FULL), config_src=SHARDED))
 
@@ -143,7 +143,7 @@ def test_shape_mismatch(tmp_path):
   tensors = read_all(FULL)
   tensors["encoder.final_layer_norm.weight"] = np.ones((31,), np.float32)
   with pytest.raises(
-      checkpoint.CheckpointError,
+      hf_weights.CheckpointError,
       match=r"shape mismatch for 'encoder.final_layer_norm.weight'" r".*\(31,\).*\(32,\)",
   ):
     load(write_dir(tmp_path, tensors))
@@ -153,30 +153,30 @@ def test_bin_refused_with_conversion_hint(tmp_path):
   shutil.copy(os.path.join(FULL, "config.json"), tmp_path / "config.json")
   (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
   with pytest.raises(
-      checkpoint.CheckpointError,
+      hf_weights.CheckpointError,
       match=r"(?s)PyTorch \.bin.*save_pretrained\(DST, safe_serialization=True\)",
   ):
     load(str(tmp_path))
 
 
 def test_missing_files(tmp_path):
-  with pytest.raises(checkpoint.CheckpointError, match="no config.json"):
-    checkpoint.read_config(str(tmp_path))
+  with pytest.raises(hf_weights.CheckpointError, match="no config.json"):
+    hf_weights.read_config(str(tmp_path))
   shutil.copy(os.path.join(FULL, "config.json"), tmp_path / "config.json")
-  with pytest.raises(checkpoint.CheckpointError, match="no model.safetensors"):
+  with pytest.raises(hf_weights.CheckpointError, match="no model.safetensors"):
     load(str(tmp_path))
   (tmp_path / "model.safetensors.index.json").write_text(
       json.dumps({"weight_map": {"shared.weight": "gone.safetensors"}})
   )
-  with pytest.raises(checkpoint.CheckpointError, match="gone.safetensors"):
+  with pytest.raises(hf_weights.CheckpointError, match="gone.safetensors"):
     load(str(tmp_path))
 
 
 def test_param_dtype_bf16():
   import jax.numpy as jnp
 
-  config = checkpoint.read_config(FULL, param_dtype=jnp.bfloat16)
-  params = checkpoint.load_params(FULL, config, progress=False)
+  config = hf_weights.read_config(FULL, param_dtype=jnp.bfloat16)
+  params = hf_weights.load_params(FULL, config, progress=False)
   assert params["token_embedding"].dtype == jnp.bfloat16
 
 
