@@ -42,7 +42,7 @@ EXTRAS = {
     # What the test suite needs beyond the runtime (torch is deliberately not here: the
     # golden-file tests always run, the live parity tests run where torch is installed).
     # libtpu (from jax[tpu], a 137 MB wheel) lets tests compile for a TPU slice on the CPU
-    # (launch/aot_compile.py); without a TPU it only describes one.
+    # (aot/compile_stage.py); without a TPU it only describes one.
     "test": [
         "pytest==9.2.0",
         "pytest-xdist==3.8.0",

@@ -15,7 +15,6 @@ in the center"`; variants:
 """
 
 import ml_collections
-from ml_collections import config_dict
 
 from configs import common
 
@@ -23,22 +22,10 @@ VARIANTS = ("shapes", "paper", "if_xl")
 
 
 def _stage(workdir, *, w, steps, aug_level=0.0, sampler="ddim", threshold="dynamic"):
-  s = ml_collections.ConfigDict()
+  s = common.sampling_block(
+      w=w, steps=steps, aug_level=aug_level, sampler=sampler, threshold=threshold
+  )
   s.workdir = workdir
-  s.sampler = sampler  # ddpm | ddim | dpmpp_2m | heun | euler_ancestral (EDM, Karras et al.)
-  s.num_steps = steps  # the paper does not state steps per stage (a setting)
-  s.guidance_weight = w  # the paper's w; 1 = no guidance (§2.2)
-  s.threshold = threshold  # none | static | dynamic (§2.3)
-  s.percentile = 99.5  # dynamic thresholding percentile, 0-100 scale (Fig. A.31)
-  # DeepFloyd IF's cap c >= 1 on the dynamic-thresholding s (IF-I 1.5, IF-II 1.0); unset: none.
-  s.max_scale = config_dict.placeholder(float)
-  s.eta = 0.0  # DDIM stochasticity
-  s.aug_level = aug_level  # SR only: noise conditioning augmentation level (§2.4)
-  # Sampler time grid: uniform_t | logsnr_uniform | karras (EDM's rho = 7 grid; the paper is
-  # silent; see diffusion/samplers.py for which suits which schedule).
-  s.time_grid = "uniform_t"
-  s.guidance_schedule = "constant"  # w(t): constant (the paper) | linear (diffusion/guidance.py)
-  s.guidance_rescale = 0.0  # CFG rescale phi in [0, 1] (Lin et al. 2023 use 0.7); 0 = off
   s.batch_size = 0  # this stage's prompts per call, a divisor of c.batch_size; 0 = c.batch_size
   return s
 
@@ -88,7 +75,7 @@ def get_config(arg: str | None = None):
   # Prompts per jitted call (the whole cascade). The paper cascade at 32 fits a v4-8 slice
   # (18.9 of 32 GiB per chip, the SR 1024 loop); a v5e-8 needs 16 (docs/results/scale.md).
   c.batch_size = {"shapes": 64, "paper": 32, "if_xl": 16}[variant]
-  # AOT cascade reports of the slice (launch/aot_cascade.py --report_json; comma-separated):
+  # AOT cascade reports of the slice (aot/compile_cascade.py --report_json; comma-separated):
   # a stage batch none of them shows fitting is refused (parallel/cascade_report.py). '' = none.
   c.aot_report = ""
   common.apply_overrides(c, overrides)

@@ -36,11 +36,14 @@ Where the paper is silent we choose, and say so next to the value.
 from __future__ import annotations
 
 import ast
+import dataclasses
 from typing import Any, Sequence
 
 import ml_collections
+from ml_collections import config_dict
 
 from imagen_jax.nn import presets
+from imagen_jax.stage import SamplingSettings
 from imagen_jax.text import registry
 
 STAGES = ("base64", "sr256", "sr1024")
@@ -194,7 +197,7 @@ _SHAPES_COMMON = {"train.ema_decay": 0.995, "train.sample_every": 0, "optim.warm
 # What the paper's runs need to fit their pods (§4.1: batch 2048; 256 TPU-v4 chips for the base,
 # 128 per SR stage; 32 GiB of HBM per chip). The paper does not state numerics or partitioning;
 # these were chosen by compiling each stage's train step for its slice on a CPU
-# (launch/aot_compile.py; the table of what was tried is in docs/results/scale.md): bfloat16
+# (aot/compile_stage.py; the table of what was tried is in docs/results/scale.md): bfloat16
 # compute (params, EMA and optimizer state stay float32), every residual block and attention
 # layer rematerialised, the frozen T5-XXL stored and run in bfloat16.
 _PAPER_SCALE = {
@@ -420,16 +423,33 @@ def train_config(v: dict) -> ml_collections.ConfigDict:
   return c
 
 
+def sampling_block(
+    *, w: float, steps: int, aug_level: float = 0.0, sampler: str = "ddim", threshold="dynamic"
+) -> ml_collections.ConfigDict:
+  """One stage's sampling settings as a config block: every field of `stage.SamplingSettings`
+  (defined, with its defaults and meaning, there and only there), read back by
+  `SamplingSettings.from_config`. Used by the stage configs' `sample` section and by each stage
+  of configs/cascade.py.
+
+  w: the paper's guidance weight (§2.2; 1 = no guidance); steps: the sampler's steps (the paper
+  does not state them per stage); aug_level: SR only, the noise-conditioning-augmentation level
+  of the low-res input (§2.4); sampler: ddpm | ddim | dpmpp_2m | heun | euler_ancestral;
+  threshold: none | static | dynamic (§2.3).
+  """
+  c = ml_collections.ConfigDict()
+  for f in dataclasses.fields(SamplingSettings):
+    c[f.name] = f.default
+  c.max_scale = config_dict.placeholder(float)  # DeepFloyd IF's cap on s; unset: none
+  c.update(sampler=sampler, num_steps=steps, guidance_weight=w, threshold=threshold)
+  c.aug_level = aug_level
+  return c
+
+
 def sample_config(stage: str, v: dict) -> ml_collections.ConfigDict:
   """Periodic EMA sample grids written during training (not the paper's evaluation)."""
-  c = ml_collections.ConfigDict()
+  # COCO settings, §4.1 / App.: w = 1.35 for the base stage, 8 for the SR stages.
+  c = sampling_block(w=1.35 if stage == "base64" else 8.0, steps=v["sample_steps"])
   c.num_images = v["num_samples"]
-  c.sampler = "ddim"
-  c.num_steps = v["sample_steps"]
-  c.guidance_weight = 1.35 if stage == "base64" else 8.0  # COCO settings, §4.1 / App.
-  c.threshold = "dynamic"
-  c.percentile = 99.5
-  c.aug_level = 0.0  # SR stages: noise conditioning augmentation level at sampling (§2.4)
   return c
 
 

@@ -63,9 +63,7 @@ def main(argv):
     raise app.UsageError(str(e)) from None
   cfg = _CONFIG.value
   workdirs = _WORKDIRS.value or [cfg[f"stage{k + 1}"].workdir for k in range(int(cfg.num_stages))]
-  settings = [
-      cascade.SamplingSettings.from_config(cfg[f"stage{k + 1}"]) for k in range(len(workdirs))
-  ]
+  settings = cascade.stage_settings(cfg, len(workdirs))
   if hosts.is_writer():
     paths.makedirs(_OUTDIR.value)
 

@@ -112,8 +112,7 @@ def evaluate(
   real32 = np.stack([preprocess.resize(x, 32, 32) for x in real64])
 
   model = cascade.Cascade.from_workdirs([base_dir, sr_dir])
-  s1 = cascade.SamplingSettings.from_config(cascade_cfg.stage1)
-  s2 = cascade.SamplingSettings.from_config(cascade_cfg.stage2)
+  s1, s2 = cascade.stage_settings(cascade_cfg, 2)
   w = s1.guidance_weight
   print(f"\n== sampling {len(prompts)} held-out test prompts at w = {w} and w = 1", flush=True)
   guided = model.sample(prompts, [s1, s2], seed=0)

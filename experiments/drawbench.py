@@ -51,9 +51,7 @@ def _model(cfg, workdirs, cache):
   key = tuple(os.path.abspath(w) for w in workdirs)
   if key not in cache:  # two settings of one cascade load it once
     cache[key] = cascade.Cascade.from_workdirs(workdirs, deepfloyd=cfg.get("deepfloyd", None))
-  settings = [
-      cascade.SamplingSettings.from_config(cfg[f"stage{k + 1}"]) for k in range(len(workdirs))
-  ]
+  settings = cascade.stage_settings(cfg, len(workdirs))
   return cache[key], settings, workdirs
 
 

@@ -28,23 +28,16 @@
 #SBATCH --job-name=imagen-jax
 set -euo pipefail
 
-usage() {
-  awk 'NR > 1 && !/^#/ { exit } NR > 1 && !/^#SBATCH/' "$0" >&2 # the header above
-  exit 2
-}
-die() {
-  echo "gpu_slurm.sh: $*" >&2
-  exit 2
-}
+# The launcher's directory; a batch job (run from SLURM's copy of this script) gets it from
+# the environment `start` submits it with.
+HERE=${IMAGEN_LAUNCH_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)}
+# shellcheck source=launch/verbs.sh
+source "$HERE/verbs.sh"
 
 [[ $# -ge 1 ]] || usage
 VERB=$1
 shift
-case "$VERB" in
-  start | status | logs | stop | _job) ;;
-  -h | --help | help) usage ;;
-  *) die "unknown verb '$VERB'; allowed: start, status, logs, stop (see --help)" ;;
-esac
+check_verb "$VERB" start status logs stop _job
 [[ $# -ge 1 ]] || die "$VERB needs WORKDIR (see --help)"
 WORKDIR=$1
 shift
@@ -75,7 +68,7 @@ start() {
   read -r -a extra <<<"${SBATCH_FLAGS:-}"
   local id
   id=$(sbatch "${flags[@]}" "${extra[@]}" \
-    --export=ALL,LOG_DIR="$LOG_DIR",GPUS_PER_NODE="${GPUS_PER_NODE:-8}" \
+    --export=ALL,LOG_DIR="$LOG_DIR",GPUS_PER_NODE="${GPUS_PER_NODE:-8}",IMAGEN_LAUNCH_DIR="$HERE" \
     "$0" _job "$WORKDIR" "$@")
   id=${id%%;*} # --parsable prints "id" or "id;cluster"
   echo "$id" >"$LOG_DIR/job_id"

@@ -28,23 +28,13 @@
 #      GCLOUD_FLAGS (extra flags for every gcloud call, e.g. "--project=P --internal-ip").
 set -euo pipefail
 
-usage() {
-  awk 'NR > 1 && !/^#/ { exit } NR > 1 && !/^#SBATCH/' "$0" >&2 # the header above
-  exit 2
-}
-die() {
-  echo "tpu_pod.sh: $*" >&2
-  exit 2
-}
+# shellcheck source=launch/verbs.sh
+source "$(dirname "${BASH_SOURCE[0]}")/verbs.sh"
 
 [[ $# -ge 1 ]] || usage
 VERB=$1
 shift
-case "$VERB" in
-  start | run | status | logs | fetch | stop) ;;
-  -h | --help | help) usage ;;
-  *) die "unknown verb '$VERB'; allowed: start, run, status, logs, fetch, stop (see --help)" ;;
-esac
+check_verb "$VERB" start run status logs fetch stop
 [[ $# -ge 2 ]] || die "$VERB needs TPU and ZONE (see --help)"
 TPU=$1
 ZONE=$2

@@ -1,6 +1,6 @@
 """Ahead-of-time TPU compilation on this CPU machine (libtpu describes the slice).
 
-The script path (`launch/aot_compile.py`) compiles the trainer's own step for a small TPU
+The script path (`aot/compile_stage.py`) compiles the trainer's own step for a small TPU
 topology; the figures come from XLA's per-chip memory and cost analyses.
 """
 
@@ -77,12 +77,12 @@ def test_usable_hbm_is_xlas_limit(name, gib):
 
 
 def run_tool(script, *args, timeout=600):
-  """`python launch/<script> args` as a user runs it: on the CPU, without the tests' 8 fake
+  """`python aot/<script> args` as a user runs it: on the CPU, without the tests' 8 fake
   devices (a slice's devices come from its topology)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   env.pop("XLA_FLAGS", None)
   return subprocess.run(
-      [sys.executable, os.path.join(ROOT, "launch", script), *map(str, args)],
+      [sys.executable, os.path.join(ROOT, "aot", script), *map(str, args)],
       capture_output=True,
       text=True,
       env=env,
@@ -93,7 +93,7 @@ def run_tool(script, *args, timeout=600):
 
 def run_script(tmp_path, *args):
   report = tmp_path / "report.json"
-  proc = run_tool("aot_compile.py", *args, f"--report_json={report}")
+  proc = run_tool("compile_stage.py", *args, f"--report_json={report}")
   summary = [line for line in proc.stdout.splitlines() if line.startswith("aot: ")]
   data = json.loads(report.read_text()) if report.exists() else None
   return proc, summary, data
@@ -176,7 +176,9 @@ def test_sr_stage_with_cached_embeddings_fits(tmp_path):
 def test_bad_input_is_one_line(tmp_path, args, message):
   proc, _, _ = run_script(tmp_path, "--config=configs/base64.py:tiny", *args)
   assert proc.returncode == 2, proc.stdout + proc.stderr
-  errors = [line for line in proc.stderr.splitlines() if line.startswith("aot_compile.py: error: ")]
+  errors = [
+      line for line in proc.stderr.splitlines() if line.startswith("compile_stage.py: error: ")
+  ]
   assert len(errors) == 1 and message in errors[0], proc.stderr
 
 
@@ -184,7 +186,7 @@ def test_bad_input_is_one_line(tmp_path, args, message):
 def test_tiny_cascade_compiles_sharded_with_seconds_per_image(tmp_path):
   report = tmp_path / "cascade.json"
   proc = run_tool(
-      "aot_cascade.py",
+      "compile_cascade.py",
       "--topology=v5e-4",
       "--stages=base64:tiny;sr256:tiny",
       "--cascade=configs/cascade.py:shapes",
@@ -234,7 +236,7 @@ def test_tiny_cascade_compiles_sharded_with_seconds_per_image(tmp_path):
   per_image = data["base64_s_per_image"] + data["sr256_s_per_image"]
   assert data["s_per_image"] >= per_image > 0
   assert data["fid30k_chip_hours"] == pytest.approx(30_000 * data["s_per_image"] * 4 / 3600)
-  assert "aot_cascade: topology=v5e-4 chips=4" in proc.stdout
+  assert "compile_cascade: topology=v5e-4 chips=4" in proc.stdout
   # The README's sampling table is made from the same report.
   table = run_tool("scale_table.py", report, timeout=120)
   assert table.returncode == 0, table.stderr
@@ -282,7 +284,7 @@ def test_scale_table_shows_new_columns_and_na_for_old_reports(tmp_path):
 
 def test_proxy_needs_block_counts_with_a_common_divisor(tmp_path):
   proc = run_tool(
-      "aot_proxy.py",
+      "proxy.py",
       "--config=configs/sr256.py:tiny",
       "--topology=v5e-4",
       "--config.model.num_res_blocks=(2,4)",  # gcd 2: only (1, 2) keeps a block per level
@@ -298,7 +300,7 @@ def test_proxy_extrapolates_two_smaller_compiles_to_the_full_block_count(tmp_pat
   taken linearly to 3 (docs/results/scale.md compares it with the compile at 3: within 2.4%)."""
   report = tmp_path / "proxy.json"
   proc = run_tool(
-      "aot_proxy.py",
+      "proxy.py",
       "--config=configs/base64.py:tiny",
       "--topology=v5e-4",
       "--text=cache",
@@ -313,7 +315,7 @@ def test_proxy_extrapolates_two_smaller_compiles_to_the_full_block_count(tmp_pat
   for key in ("peak_gib", "tflop", "model_tflop", "gbytes_accessed", "argument_gib"):
     assert data[key] == pytest.approx(2 * b[key] - a[key]), key  # f(3) = f(2) + (f(2) - f(1))
     assert data[key] > b[key] > a[key] > 0, key
-  assert "aot_proxy: stage=base64 topology=v5e-4 blocks=1;2->3" in proc.stdout
+  assert "proxy: stage=base64 topology=v5e-4 blocks=1;2->3" in proc.stdout
 
 
 @pytest.mark.slow
@@ -351,7 +353,7 @@ def test_if_cascade_compiles_from_config_json_alone(tmp_path):
     folders.append(str(folder))
   report = tmp_path / "if.json"
   proc = run_tool(
-      "aot_cascade.py",
+      "compile_cascade.py",
       "--topology=v5e-4",
       "--cascade=configs/cascade.py:if_xl",
       f"--cascade.stage1.workdir={folders[0]}",
@@ -375,7 +377,7 @@ def test_if_cascade_compiles_from_config_json_alone(tmp_path):
   assert data["s_per_image"] >= data["if_i_s_per_image"] + data["if_ii_s_per_image"] > 0
   # An IF entry without the cascade's deepfloyd block is one clear line.
   bad = run_tool(
-      "aot_cascade.py",
+      "compile_cascade.py",
       "--topology=v5e-4",
       f"--stages=if:{folders[0]}",
       "--cascade=configs/cascade.py:shapes",

@@ -1,6 +1,6 @@
 """Per-stage batch sizes: the cascade config's `stageK.batch_size`, sampled in sub-batches with
 the samples of one batch for all stages, refused when they do not divide the devices or when an
-AOT cascade report (`launch/aot_cascade.py --report_json`) does not show them fitting."""
+AOT cascade report (`aot/compile_cascade.py --report_json`) does not show them fitting."""
 
 import ast
 import json
@@ -93,7 +93,7 @@ def test_stage_batches_come_from_the_config_and_bad_ones_are_refused(model):
 
 
 def aot_report(topology="v5e-8", chips=8, batch=32, stage_batches=None, sr_loop_peak=9.0):
-  """A report as launch/aot_cascade.py writes one (its fields, figures made up): T5 and two
+  """A report as aot/compile_cascade.py writes one (its fields, figures made up): T5 and two
   stages, each stage's step and loop with its peak per chip and the params resident."""
   stage_batches = stage_batches or {"base64": batch, "sr256": batch}
 
@@ -121,7 +121,7 @@ def test_stage_figures_add_the_other_programs_params():
   assert figures[0]["fits"] and figures[0]["peak_gib"] == pytest.approx(4.5 + 2.5)
   assert not figures[1]["fits"] and figures[1]["peak_gib"] == pytest.approx(16.0)
   assert "peak 16.00 GiB per chip (12.50 GiB + 3.50 GiB" in figures[1]["figure"]
-  # A report with its own `stages` (aot_cascade writes this function's result) reads as is.
+  # A report with its own `stages` (aot/compile_cascade.py writes this function's result) reads as is.
   report = aot_report(sr_loop_peak=12.5)
   assert cascade_report.stage_figures(dict(report, stages=figures)) == figures
 

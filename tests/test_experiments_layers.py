@@ -9,7 +9,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = sorted(glob.glob(os.path.join(REPO, "experiments", "*.py"))) + [
-    os.path.join(REPO, "imagen_jax", "sample.py")
+    os.path.join(REPO, "imagen_jax", "sampling", "main.py")
 ]
 
 

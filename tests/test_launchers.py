@@ -289,7 +289,7 @@ def test_multihost_launcher_tpu_pod_start_status_logs_stop(cluster, data_dir, tm
   assert out.stdout.count("started pid") == 2, out.stdout
   workers = [state / "my-tpu" / f"worker{w}" / "imagen-jax" for w in (0, 1)]
   for w in workers:  # the code was copied (untracked files included), then installed from it
-    assert (w / "src" / "imagen_jax" / "parallel" / "hosts.py").is_file()
+    assert (w / "src" / "imagen_jax" / "sampling" / "hosts.py").is_file()
     assert (w / "src" / "launch" / "tpu_pod.sh").is_file()
     assert (w.parent / "install.log").read_text().strip() == f"installed-in={w / 'src'}"
 

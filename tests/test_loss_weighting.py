@@ -11,8 +11,7 @@ import pytest
 from imagen_jax.diffusion import forward as F
 from imagen_jax.diffusion import losses as L
 from imagen_jax.diffusion import parameterization as P
-from imagen_jax.train import optim
-from imagen_jax.train import step as step_lib
+from imagen_jax.train import settings as settings_lib
 from tests import test_train_step as ts
 
 LOGSNR = np.linspace(-20.0, 20.0, 81)
@@ -67,17 +66,12 @@ def test_min_snr_bad_gamma_is_a_clear_error(gamma):
   config = ts.load_config("base64")
   config.train.min_snr_gamma = gamma
   config.train.loss_weighting = "min_snr"
-  tx, lr = optim.make_optimizer(config.optim, 10)
   with pytest.raises(ValueError, match=r"train.min_snr_gamma=.* must be > 0"):
-    step_lib.make_train_step(
-        stage=ts.toy_stage(config), tx=tx, lr_schedule=lr, encode_tokens=ts.toy_encode
-    )
+    settings_lib.StepSettings.from_config(config)
   config.train.min_snr_gamma = 5.0
   config.train.loss_weighting = "minsnr"
   with pytest.raises(ValueError, match="train.loss_weighting='minsnr' is not one of"):
-    step_lib.make_train_step(
-        stage=ts.toy_stage(config), tx=tx, lr_schedule=lr, encode_tokens=ts.toy_encode
-    )
+    settings_lib.StepSettings.from_config(config)
 
 
 def test_min_snr_weights_reach_the_train_step():

@@ -17,6 +17,7 @@ from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.parallel import sharding as sh
 from imagen_jax.stage import Stage
 from imagen_jax.train import optim
+from imagen_jax.train import settings as settings_lib
 from imagen_jax.train import state as state_lib
 from imagen_jax.train import step as step_lib
 
@@ -114,7 +115,13 @@ def setup(
   _, specs = state_lib.state_specs(st, tx, mesh, rules)
   shardings = sh.to_named(specs, mesh)
   state = state_lib.create_state(st, tx, shardings, jax.random.key(0))
-  fn = step_lib.make_train_step(stage=st, tx=tx, lr_schedule=lr, encode_tokens=encode)
+  fn = step_lib.make_train_step(
+      stage=st,
+      settings=settings_lib.StepSettings.from_config(config),
+      tx=tx,
+      lr_schedule=lr,
+      encode_tokens=encode,
+  )
   batch_sh = NamedSharding(mesh, P(sh.batch_axes(rules, mesh)))
   step = step_lib.jit_train_step(
       fn,
@@ -233,11 +240,9 @@ def test_bad_settings_are_clear_errors(stage, path, value, match):
   config = load_config(stage)
   section, field = path.split(".")
   config[section][field] = value
-  tx, lr = optim.make_optimizer(config.optim, 10)
   with pytest.raises(ValueError, match=match):
-    step_lib.make_train_step(
-        stage=toy_stage(config), tx=tx, lr_schedule=lr, encode_tokens=toy_encode
-    )
+    toy_stage(config)
+    settings_lib.StepSettings.from_config(config)
 
 
 def test_sharded_equals_unsharded():

@@ -212,13 +212,15 @@ def test_in_training_sample_grid_is_conditioned_like_the_cascade():
   (upsampled and noise-augmented at sample.aug_level by `Stage.condition`)."""
   import jax.numpy as jnp
 
+  from imagen_jax import stage as stage_lib
   from tests.test_train_step import make_batch, toy_encode, toy_stage, toy_text_params
 
   config = load_config("sr256")
   config.sample.num_steps = 2
   st = toy_stage(config)
   params = st.init_params(jax.random.key(0))
-  fn = jax.jit(trainer.make_sample_fn(st, toy_encode))
+  settings = stage_lib.SamplingSettings.from_config(config.sample)
+  fn = jax.jit(trainer.make_sample_fn(st, toy_encode, settings))
   batch = {k: jnp.asarray(v) for k, v in make_batch("sr256").items()}
   a = np.asarray(fn(params, toy_text_params(), batch, jax.random.key(1)))
   assert a.shape == batch["image"].shape

@@ -137,9 +137,7 @@ def plan(
   if not 1 <= sweep_stage <= n:
     raise ValueError(f"sweep_stage={sweep_stage} is not one of the stages 1..{n}")
   stage = sweep_stage - 1
-  base = [
-      cascade_lib.SamplingSettings.from_config(cascade_config[f"stage{k + 1}"]) for k in range(n)
-  ]
+  base = cascade_lib.stage_settings(cascade_config, n)
   weights = [float(w) for w in weights] if weights else default_weights(model, stage)
   augs = [float(a) for a in aug_levels] if aug_levels else None
   if augs and not model.stages[stage].is_sr:

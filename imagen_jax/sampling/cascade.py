@@ -182,6 +182,14 @@ def load_stage(
   return LoadedStage(workdir=workdir, stage=stage, params=params, step=step)
 
 
+def stage_settings(cascade_config, num_stages: int | None = None) -> list[SamplingSettings]:
+  """Each stage's `SamplingSettings` from a cascade config (configs/cascade.py): the blocks
+  `stage1` .. `stage{num_stages}` (default: the config's `num_stages`). The one place a
+  cascade config's sampling settings are read, for the CLI, the experiments and the AOT tools."""
+  n = int(cascade_config.num_stages) if num_stages is None else int(num_stages)
+  return [SamplingSettings.from_config(cascade_config[f"stage{k + 1}"]) for k in range(n)]
+
+
 def check_text_encoder(stages: Sequence[LoadedStage], encoder) -> None:
   """Every stage was trained with `encoder`'s weights (its recorded `text.fingerprint`, §2.1:
   the frozen encoder is part of the model); a stage recording none is let through with a

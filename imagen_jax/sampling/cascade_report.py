@@ -1,4 +1,4 @@
-"""The AOT cascade reports (`launch/aot_cascade.py --report_json`) as a check on sampling batches.
+"""The AOT cascade reports (`aot/compile_cascade.py --report_json`) as a check on sampling batches.
 
 A report holds, for one TPU slice, the cascade's programs compiled ahead of time: the T5 encode
 and, per stage, one guided denoiser step (`<stage>_step`) and the sampler loop (`<stage>_loop`),
@@ -39,7 +39,7 @@ def stage_figures(report: dict) -> list[dict]:
   """One dict per stage of `report`, in cascade order: `name`, `batch` (compiled), `peak_gib`
   (per chip, with the others' params resident when the report records them), `budget_gib`,
   `fits`, and `figure` (the sentence that decided). A report's own `stages` list is returned
-  as it is (aot_cascade writes this function's result there)."""
+  as it is (aot/compile_cascade.py writes this function's result there)."""
   if "stages" in report:
     return [dict(s) for s in report["stages"]]
   resident = report.get("resident_gib")
@@ -86,13 +86,13 @@ def read_report(path: str) -> dict:
   """A report's JSON, or a ValueError naming the file."""
   p = paths.path(path)
   if not p.exists():
-    raise ValueError(f"aot_report {path!r} does not exist (write one with launch/aot_cascade.py)")
+    raise ValueError(f"aot_report {path!r} does not exist (write one with aot/compile_cascade.py)")
   try:
     report = json.loads(p.read_text())
   except json.JSONDecodeError as e:
     raise ValueError(f"aot_report {path!r} is not JSON ({e})") from None
   if not isinstance(report, dict) or "batch" not in report:
-    raise ValueError(f"aot_report {path!r} is not a launch/aot_cascade.py report (no batch)")
+    raise ValueError(f"aot_report {path!r} is not an aot/compile_cascade.py report (no batch)")
   return report
 
 
@@ -143,6 +143,6 @@ def check_batches(
     raise ValueError(
         f"{setting}={b} (stage {k + 1}, {f['name']}): no AOT report shows a batch that fits; "
         f"{path} compiles {f['name']} at batch {f['batch']}, {f['figure']}; allowed: a batch a "
-        f"report shows fitting (compile a smaller one: launch/aot_cascade.py "
+        f"report shows fitting (compile a smaller one: aot/compile_cascade.py "
         f"--cascade.stage{k + 1}.batch_size=N --report_json=...)"
     )

@@ -94,7 +94,7 @@ def stage_config(
 
 def build_stage(unet_dir: str, deepfloyd_block, *, local: str | None = None) -> Stage:
   """The stage of an IF U-Net folder from its `config.json` alone (no weights are read; what
-  `launch/aot_cascade.py` compiles). `local`: a local copy of a `gs://` folder."""
+  `aot/compile_cascade.py` compiles). `local`: a local copy of a `gs://` folder."""
   local = local or unet_dir
   if not os.path.isdir(local):
     raise FileNotFoundError(f"no IF U-Net folder at {unet_dir!r}")

@@ -201,7 +201,7 @@ def application_batch_size(model, flag_value: int | None, config) -> int:
     cascade's batch (each batch of prompts splits into whole sub-batches);
   * each divides over the batch shards of all processes (`check_batch_size`);
   * when `config.aot_report` names AOT cascade reports of this slice (comma-separated paths,
-    `launch/aot_cascade.py --report_json`), each stage's batch is at most the largest that a
+    `aot/compile_cascade.py --report_json`), each stage's batch is at most the largest that a
     report shows fitting (`cascade_report.check_batches`).
 
   Raises ValueError, one line naming the setting, its value and what is allowed.

@@ -182,7 +182,7 @@ def main(argv):
   blocks = [c.stage1, c.stage2, c.stage3][: c.num_stages]
   # Settings and the edit's PNGs (at the last stage's size) first: a bad flag or file fails
   # before the checkpoints load.
-  settings = [cascade.SamplingSettings.from_config(b) for b in blocks]
+  settings = cascade.stage_settings(c)
   settings = apply_overrides(settings, stage_overrides())
   for p in [b.workdir for b in blocks] + [_OUTDIR.value]:  # an unusable bucket: one line
     paths.check_access(p)

@@ -1,7 +1,7 @@
 """The training program of one stage on one mesh: the jitted step and its argument layouts.
 
 Built in one place for the trainer (`train.trainer`) and the ahead-of-time compiler
-(`parallel.aot`, `launch/aot_compile.py`), so the program compiled for a TPU pod on a CPU
+(`parallel.aot`, `aot/compile_stage.py`), so the program compiled for a TPU pod on a CPU
 machine is the program that trains. `build(config, mesh, encoder, use_cache=...)` returns
 `TrainProgram`: the stage layer, optimizer, abstract train state and its `NamedSharding`s,
 the batch and text-param shardings and the jitted step
@@ -29,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 from imagen_jax.parallel import sharding as sharding_lib
 from imagen_jax.stage import Stage
 from imagen_jax.train import optim
+from imagen_jax.train import settings as settings_lib
 from imagen_jax.train import state as state_lib
 from imagen_jax.train import step as step_lib
 
@@ -148,6 +149,7 @@ def build(config, mesh, encoder, *, use_cache: bool) -> TrainProgram:
   text_shardings = encoder.param_shardings(mesh, rules)
   step_fn = step_lib.make_train_step(
       stage=stage,
+      settings=settings_lib.StepSettings.from_config(c),
       tx=tx,
       lr_schedule=lr_schedule,
       encode_tokens=None if use_cache else encoder.encode_tokens,

@@ -22,10 +22,12 @@ minutes of a compile (e.g. an interval of 0 taken modulo). Intervals count steps
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
 from imagen_jax import profiling
+from imagen_jax.diffusion import losses
 
 NONFINITE = ("stop", "skip")
 
@@ -80,3 +82,55 @@ def check(config) -> None:
           f"sample.num_images={n!r}; allowed: 1..train.global_batch_size={batch} (the grid's "
           "prompts are the first examples of a batch), or train.sample_every=0"
       )
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+  """What the train step reads of the config, read and checked once (`from_config`), so the
+  step receives these rather than the ConfigDict.
+
+  ema_decay: `train.ema_decay` (App. F: 0.9999).
+  loss_weighting, min_snr_gamma: `train.*` (`diffusion.losses.loss_weights`).
+  grad_accum_steps: `train.grad_accum_steps`, microbatches per optimizer step.
+  drop_prob: `text.drop_prob`, the classifier-free guidance text dropout (§2.2: 10%).
+  aug_range: `diffusion.aug_level` (lo, hi), the training range of the SR stages' noise
+    conditioning augmentation (§2.4); (0, 0) for a base stage.
+  """
+
+  ema_decay: float
+  loss_weighting: str
+  min_snr_gamma: float
+  grad_accum_steps: int
+  drop_prob: float
+  aug_range: tuple[float, float]
+
+  @classmethod
+  def from_config(cls, config) -> "StepSettings":
+    """Raises ValueError naming the field, its value and what is allowed."""
+    t = config.train
+    is_sr = int(config.get("lowres_size", 0) or 0) > 0
+    aug_lo, aug_hi = (float(a) for a in config.diffusion.aug_level)
+    if is_sr and not 0.0 <= aug_lo <= aug_hi <= 1.0:
+      raise ValueError(
+          f"diffusion.aug_level={tuple(config.diffusion.aug_level)} must be a "
+          "range (lo, hi) with 0 <= lo <= hi <= 1"
+      )
+    drop_prob = float(config.text.drop_prob)
+    if not 0.0 <= drop_prob <= 1.0:
+      raise ValueError(f"text.drop_prob={drop_prob} must be in [0, 1]")
+    weighting, gamma = str(t.loss_weighting), float(t.min_snr_gamma)
+    if weighting not in losses.LOSS_WEIGHTINGS:
+      raise ValueError(f"train.loss_weighting={weighting!r} is not one of {losses.LOSS_WEIGHTINGS}")
+    if not gamma > 0.0:
+      raise ValueError(f"train.min_snr_gamma={gamma!r} must be > 0 (the paper uses 5)")
+    accum = t.get("grad_accum_steps", 1)
+    if isinstance(accum, bool) or int(accum) < 1:
+      raise ValueError(f"train.grad_accum_steps={accum!r}; allowed: an int >= 1")
+    return cls(
+        ema_decay=float(t.ema_decay),
+        loss_weighting=weighting,
+        min_snr_gamma=gamma,
+        grad_accum_steps=int(accum),
+        drop_prob=drop_prob,
+        aug_range=(aug_lo, aug_hi),
+    )

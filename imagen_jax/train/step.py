@@ -43,6 +43,7 @@ from imagen_jax.diffusion import forward, losses
 from imagen_jax.parallel import ready
 from imagen_jax.parallel import sharding as sharding_lib
 from imagen_jax.stage import Stage
+from imagen_jax.train.settings import StepSettings
 from imagen_jax.train.state import TrainState
 
 
@@ -100,6 +101,7 @@ def accumulate_grads(
 def make_train_step(
     *,
     stage: Stage,
+    settings: StepSettings,
     tx: optax.GradientTransformation,
     lr_schedule: optax.Schedule,
     encode_tokens: Callable | None,
@@ -107,33 +109,18 @@ def make_train_step(
   """Builds the pure step for `stage` (not jitted; see `jit_train_step`).
 
   Args:
-    stage: the stage layer (network, schedule, target, conditioning); its config gives
-      `diffusion.aug_level` (the training range), `text.drop_prob` and `train.ema_decay`.
+    stage: the stage layer (network, schedule, target, conditioning).
+    settings: the step's settings, read from the config once (`StepSettings.from_config`):
+      the SR augmentation range, text dropout, EMA decay, loss weighting, accumulation.
     tx, lr_schedule: from `train.optim.make_optimizer`.
     encode_tokens: `(params, ids [B, L], mask [B, L]) -> emb [B, L, D]`, the frozen encoder;
       None when batches carry cached `text_emb`.
   """
-  config = stage.config
-  aug_lo, aug_hi = (float(a) for a in config.diffusion.aug_level)
-  if stage.is_sr and not 0.0 <= aug_lo <= aug_hi <= 1.0:
-    raise ValueError(
-        f"diffusion.aug_level={tuple(config.diffusion.aug_level)} must be a "
-        "range (lo, hi) with 0 <= lo <= hi <= 1"
-    )
-  drop_prob = float(config.text.drop_prob)
-  if not 0.0 <= drop_prob <= 1.0:
-    raise ValueError(f"text.drop_prob={drop_prob} must be in [0, 1]")
-  decay = float(config.train.ema_decay)
-  weighting = str(config.train.loss_weighting)
-  gamma = float(config.train.min_snr_gamma)
-  if weighting not in losses.LOSS_WEIGHTINGS:
-    raise ValueError(f"train.loss_weighting={weighting!r} is not one of {losses.LOSS_WEIGHTINGS}")
-  if not gamma > 0.0:
-    raise ValueError(f"train.min_snr_gamma={gamma!r} must be > 0 (the paper uses 5)")
-
-  accum = int(config.train.get("grad_accum_steps", 1))
-  if isinstance(config.train.get("grad_accum_steps", 1), bool) or accum < 1:
-    raise ValueError(f"train.grad_accum_steps={accum!r}; allowed: an int >= 1")
+  aug_lo, aug_hi = settings.aug_range
+  drop_prob = settings.drop_prob
+  decay = settings.ema_decay
+  weighting, gamma = settings.loss_weighting, settings.min_snr_gamma
+  accum = settings.grad_accum_steps
 
   def micro_loss(params, mb: dict, dropout_key, text_params) -> jax.Array:
     """The mean loss of one (micro)batch whose random draws are already in `mb`."""

@@ -300,7 +300,7 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> d
 
   # Rows past the start step were logged by a run that died before checkpointing them.
   writer = metric_writers.MetricWriter(workdir, start_step=step)
-  sampler = _Sampler(stage, encoder, mesh) if c.train.sample_every else None
+  sampler = _Sampler(stage, encoder, mesh, c.sample) if c.train.sample_every else None
 
   def save(step: int) -> None:
     train_state, ema = state.checkpoint_items()
@@ -443,15 +443,17 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> d
   }
 
 
-def make_sample_fn(stage: Stage, encode_tokens: Callable | None) -> Callable:
+def make_sample_fn(
+    stage: Stage, encode_tokens: Callable | None, settings: SamplingSettings
+) -> Callable:
   """`sample(ema_params, text_params, batch, rng) -> images [N, H, W, C]` (pure; jit it).
 
-  Periodic EMA sample grids (a progress check, not the paper's evaluation) with the stage's
-  `sample` settings: prompts are the text of real training examples (`batch`: `text_ids` /
-  `text_mask` or `text_emb`, `image` for the size), SR stages condition on those examples' real
-  low-res images at `sample.aug_level` (§2.4), guided by `sample.guidance_weight` (§2.2).
+  Periodic EMA sample grids (a progress check, not the paper's evaluation) with `settings`
+  (the config's `sample` section): prompts are the text of real training examples (`batch`:
+  `text_ids` / `text_mask` or `text_emb`, `image` for the size), SR stages condition on those
+  examples' real low-res images at `settings.aug_level` (§2.4), guided by
+  `settings.guidance_weight` (§2.2).
   """
-  settings = SamplingSettings.from_config(stage.config.sample)
 
   def sample(ema_params, text_params, batch, rng):
     emb, mask = stage.text_embeddings(batch, encode_tokens, text_params)
@@ -472,13 +474,14 @@ def make_sample_fn(stage: Stage, encode_tokens: Callable | None) -> Callable:
 class _Sampler:
   """EMA sample grids of `sample.num_images` training examples (prompts + SR low-res)."""
 
-  def __init__(self, stage: Stage, encoder, mesh):
-    self.n = int(stage.config.sample.num_images)
+  def __init__(self, stage: Stage, encoder, mesh, sample_config):
+    self.n = int(sample_config.num_images)
     self.mesh = mesh
     self.batch = None
     self.captions: list[str] = []
     replicated = NamedSharding(mesh, P())
-    fn = make_sample_fn(stage, encoder.encode_tokens)
+    settings = SamplingSettings.from_config(sample_config)
+    fn = make_sample_fn(stage, encoder.encode_tokens, settings)
     self._sample = ready.ReadyJit(
         jax.jit(fn, out_shardings=replicated), "ema_samples", context=lambda: jax.set_mesh(mesh)
     )

@@ -1,6 +1,6 @@
 r"""A stage's per-chip AOT figures from two smaller compiles: the network with fewer blocks.
 
-    python launch/aot_proxy.py --config=configs/base64.py:paper --topology=v4-512 --text=cache
+    python aot/proxy.py --config=configs/base64.py:paper --topology=v4-512 --text=cache
 
 Compiling a paper stage takes 10 to 75 minutes on a CPU machine; a network with a fraction of
 its residual blocks compiles in a fraction of that. The per-chip figures of the step are
@@ -18,10 +18,10 @@ figure f at the full count by
 
 on the same slice, mesh, batch and text (the same per-chip program apart from the blocks).
 The roofline, `fits` (against XLA's usable HBM) and the MFU bound follow from the
-extrapolated figures. Each proxy is `launch/aot_compile.py` in a child process; their reports
+extrapolated figures. Each proxy is `aot/compile_stage.py` in a child process; their reports
 and the extrapolation go to `--report_json`. One line for scripts:
 
-    aot_proxy: stage=base64 topology=v4-512 blocks=1,2->3 peak_gib=.. usable_gib=.. fits=..
+    proxy: stage=base64 topology=v4-512 blocks=1,2->3 peak_gib=.. usable_gib=.. fits=..
     model_tflop=.. step_tflop=.. roofline_s=.. mfu_bound=..
 
 Exit status: 0 fits, 1 does not fit, 2 bad input or a proxy that did not compile.
@@ -42,7 +42,7 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "stage config", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v4-512")
-_TEXT = flags.DEFINE_enum("text", None, ["step", "cache"], "as launch/aot_compile.py")
+_TEXT = flags.DEFINE_enum("text", None, ["step", "cache"], "as aot/compile_stage.py")
 _REPORT = flags.DEFINE_string("report_json", None, "also write the figures to this JSON file")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,7 +60,7 @@ LINEAR = (
 
 
 def fail(message: str, status: int = 2):
-  print(f"aot_proxy: {message}", file=sys.stderr)
+  print(f"proxy: {message}", file=sys.stderr)
   sys.exit(status)
 
 
@@ -87,7 +87,7 @@ def run_proxy(blocks, extra: list[str], report: str) -> dict:
   value = str(blocks[0]) if len(blocks) == 1 else "(" + ",".join(map(str, blocks)) + ",)"
   cmd = [
       sys.executable,
-      os.path.join(ROOT, "launch", "aot_compile.py"),
+      os.path.join(ROOT, "aot", "compile_stage.py"),
       *extra,
       f"--config.model.num_res_blocks={value}",
       f"--report_json={report}",
@@ -150,7 +150,7 @@ def main(argv):
   low = ",".join(str(int(x * s_a)) for x in blocks)
   high = ",".join(str(int(x * s_b)) for x in blocks)
   print(
-      f"aot_proxy: stage={c.stage} topology={_TOPOLOGY.value} blocks={low};{high}->"
+      f"proxy: stage={c.stage} topology={_TOPOLOGY.value} blocks={low};{high}->"
       f"{','.join(map(str, blocks))} attn={b['attn']} peak_gib={full['peak_gib']:.2f} "
       f"usable_gib={usable:.2f} fits={'yes' if full['fits'] else 'no'} "
       f"model_tflop={full['model_tflop']:.3f} step_tflop={full['tflop']:.3f} "

@@ -1,9 +1,9 @@
 r"""Markdown tables of the AOT reports (the README's "Scale" tables).
 
-    python launch/scale_table.py docs/results/scale/*.json [--steps=2500000]
+    python aot/scale_table.py docs/results/scale/*.json [--steps=2500000]
 
-Reports of `launch/aot_compile.py --report_json` make the training table; reports of
-`launch/aot_cascade.py --report_json` (recognised by their "encode" entry) make the sampling
+Reports of `aot/compile_stage.py --report_json` make the training table; reports of
+`aot/compile_cascade.py --report_json` (recognised by their "encode" entry) make the sampling
 table: per slice, the peak per chip, seconds per image at the sampler settings, and the
 chip-hours of a COCO FID-30K run.
 
@@ -13,7 +13,7 @@ peak memory per chip against the HBM XLA lets a program use and whether it fits,
 TFLOP (3 x forward, no remat, no T5) and XLA's TFLOP per step per chip, the roofline step
 time, the MFU bound (model FLOPs / (roofline x peak)) and the chip-days of `--steps` training
 steps at the roofline (a lower bound: the roofline leaves out inter-chip communication and is
-reached by no real program). A `launch/aot_proxy.py` report is marked "(proxy)". Reports
+reached by no real program). A `aot/proxy.py` report is marked "(proxy)". Reports
 written before these figures existed show "n/a" for what they lack (their peak is the buffer
 sum, marked so; their FLOPs bound counted XLA's FLOPs, remat and T5 included, and is not shown
 as an MFU bound).
@@ -61,7 +61,7 @@ def row(r: dict, steps: int) -> str:
   usable = _num(r, "usable_gib", ".2f")
   # `fits` against the usable HBM only where the report judged it so.
   fits = NA if "usable_gib" not in r else ("yes" if r.get("fits") else "no")
-  stage = r["stage"] + (" (proxy)" if r.get("proxy") else "")  # launch/aot_proxy.py
+  stage = r["stage"] + (" (proxy)" if r.get("proxy") else "")  # aot/proxy.py
   head = (
       f"| {stage} | {slice_} | {mesh} | {batch} | {setup} | {r.get('attn', NA)} | "
       f"{_peak(r)} | {usable} | {fits} | {_num(r, 'model_tflop', '.1f')} |"
@@ -117,10 +117,10 @@ def table(header: str, rows: list[str]) -> list[str]:
 def main(argv):
   paths = argv[1:]
   if not paths:
-    raise app.UsageError("give one or more --report_json files of launch/aot_compile.py")
+    raise app.UsageError("give one or more --report_json files of aot/compile_stage.py")
   reports = []
   for p in paths:
-    cli.require_file("report_json", p, "report (a file that launch/aot_compile.py wrote)")
+    cli.require_file("report_json", p, "report (a file that aot/compile_stage.py wrote)")
     with open(p) as f:
       reports.append(json.load(f))
   reports.sort(key=order)

@@ -1,8 +1,8 @@
 r"""Compiles the paper cascade's sampling for a TPU slice on this machine: memory, s / image.
 
-    python launch/aot_cascade.py --topology=v4-8
-    python launch/aot_cascade.py --topology=v5e-8 --batch=16 --cascade=configs/cascade.py:paper
-    python launch/aot_cascade.py --topology=v5e-8 --cascade.stage3.batch_size=16
+    python aot/compile_cascade.py --topology=v4-8
+    python aot/compile_cascade.py --topology=v5e-8 --batch=16 --cascade=configs/cascade.py:paper
+    python aot/compile_cascade.py --topology=v5e-8 --cascade.stage3.batch_size=16
 
 The programs are the cascade's own (`imagen_jax.sampling.stage_sampler`, what `cascade.Cascade`
 runs): the frozen T5 encode, then per stage one guided denoiser evaluation (§2.2: the network
@@ -22,7 +22,7 @@ arguments), judged against XLA's usable HBM (`aot.usable_hbm_bytes`). The report
 list gives each stage's batch, peak and fit (`parallel.cascade_report`): a cascade config naming
 the report (`aot_report`) has its batches checked against it. One line for scripts:
 
-    aot_cascade: topology=v4-8 chips=4 peak_gib=.. usable_gib=.. fits=.. s_per_image=..
+    compile_cascade: topology=v4-8 chips=4 peak_gib=.. usable_gib=.. fits=.. s_per_image=..
     fid30k_chip_hours=..
 
 Stage networks: `--stages` (default the three paper stage configs); sampler settings:
@@ -34,7 +34,7 @@ folders (`stageK.workdir`; only their `config.json` is read, no weights), T5 is 
 block's encoder at 77 tokens, and each stage's loop is IF's sampler (`discrete.sample` for
 `ddpm`) reading the unconditional text as `Cascade` does (the "" or negative prompt embedding):
 
-    python launch/aot_cascade.py --topology=v4-8 --cascade=configs/cascade.py:if_xl
+    python aot/compile_cascade.py --topology=v4-8 --cascade=configs/cascade.py:if_xl
 """
 
 from __future__ import annotations
@@ -286,7 +286,7 @@ def main(argv):
     print(f"  {f['name']} at batch {f['batch']}: {f['figure']}")
   aot.write_report(_REPORT.value, result)
   print(
-      f"aot_cascade: topology={topology.name} chips={topology.num_chips} "
+      f"compile_cascade: topology={topology.name} chips={topology.num_chips} "
       f"peak_gib={peak / aot.GIB:.2f} usable_gib={usable / aot.GIB:.2f} "
       f"fits={'yes' if fits else 'no'} "
       f"s_per_image={total_s:.3f} fid30k_chip_hours={chip_hours:.1f}"

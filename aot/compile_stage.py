@@ -1,7 +1,7 @@
 r"""Compiles a stage's train step for a TPU slice on this machine; per-chip memory and roofline.
 
-    python launch/aot_compile.py --config=configs/base64.py:paper --topology=v4-512
-    python launch/aot_compile.py --config=configs/sr256.py:paper --topology=v5p-256 \
+    python aot/compile_stage.py --config=configs/base64.py:paper --topology=v4-512
+    python aot/compile_stage.py --config=configs/sr256.py:paper --topology=v5p-256 \
         --config.mesh.shape.fsdp=32 --text=cache
 
 No TPU is needed: libtpu (`pip install -e ".[tpu]"`) describes the slice
