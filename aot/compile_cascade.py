@@ -43,11 +43,17 @@ import importlib
 import os
 import sys
 
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
 from imagen_jax import cli
-from imagen_jax.sampling import cascade_report
+from imagen_jax.parallel import aot
+from imagen_jax.parallel import sharding as sharding_lib
+from imagen_jax.sampling import cascade_report, deepfloyd_stage
+from imagen_jax.sampling import stage_sampler as ss
+from imagen_jax.stage import SamplingSettings, Stage
+from imagen_jax.text import registry
 
 _CASCADE = config_flags.DEFINE_config_file(
     "cascade", "configs/cascade.py:paper", "sampler settings per stage"
@@ -95,11 +101,6 @@ def parse_mesh(text: str | None) -> dict[str, int] | None:
 def build_stages(text: str | None, dtype: str, cascade) -> list:
   """The `Stage`s of `--stages` (see its help); IF folders with the cascade's `deepfloyd`
   block, compute dtype `dtype`."""
-  import ml_collections
-
-  from imagen_jax.sampling import deepfloyd_stage
-  from imagen_jax.stage import Stage
-
   block = cascade.get("deepfloyd", None)
   if text is None:
     n = int(cascade.num_stages)
@@ -134,17 +135,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _TOPOLOGY.value is None:
     raise app.UsageError("--topology is required")
-  from imagen_jax.parallel import aot
-  from imagen_jax.parallel import sharding as sharding_lib
-
   try:
     topology = aot.parse_topology(_TOPOLOGY.value)
   except ValueError as e:
     fail(str(e))
-  from imagen_jax.sampling import stage_sampler as ss
-  from imagen_jax.stage import SamplingSettings
-  from imagen_jax.text import registry
-
   cascade = _CASCADE.value
   stages = build_stages(_STAGES.value, _DTYPE.value, cascade)
   configs = [s.config for s in stages]

@@ -37,10 +37,15 @@ import os
 import sys
 import time
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from imagen_jax import cli
+from imagen_jax.nn import attention, flops
+from imagen_jax.parallel import aot, hlo_breakdown
+from imagen_jax.text import registry
+from imagen_jax.train import program as program_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "stage config", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v4-512, v5p-256, v5e-256")
@@ -77,19 +82,11 @@ def main(argv):
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={_DUMP.value}"
     ).strip()
-  from imagen_jax.nn import attention, flops
-  from imagen_jax.parallel import aot, hlo_breakdown
-  from imagen_jax.text import registry
-
   c = _CONFIG.value
   try:
     topology = aot.parse_topology(_TOPOLOGY.value)
   except ValueError as e:
     fail(str(e))
-  import jax
-
-  from imagen_jax.train import program as program_lib
-
   devices = aot.topology_devices(topology)
   try:
     mesh = aot.make_mesh(dict(c.mesh.shape), devices)

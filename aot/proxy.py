@@ -40,6 +40,8 @@ import tempfile
 from absl import app, flags
 from ml_collections import config_flags
 
+from imagen_jax.parallel import aot
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "stage config", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v4-512")
 _TEXT = flags.DEFINE_enum("text", None, ["step", "cache"], "as aot/compile_stage.py")
@@ -108,8 +110,6 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None or _TOPOLOGY.value is None:
     raise app.UsageError("--config and --topology are required")
-  from imagen_jax.parallel import aot
-
   c = _CONFIG.value
   n = c.model.num_res_blocks
   blocks = (int(n),) if isinstance(n, int) else tuple(int(x) for x in n)

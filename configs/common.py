@@ -42,6 +42,7 @@ from typing import Any, Sequence
 import ml_collections
 from ml_collections import config_dict
 
+from imagen_jax.data import pipeline
 from imagen_jax.nn import presets
 from imagen_jax.stage import SamplingSettings
 from imagen_jax.text import registry
@@ -366,8 +367,6 @@ def text_config(variant: str) -> ml_collections.ConfigDict:
 
 def data_config(stage: str, variant: str) -> ml_collections.ConfigDict:
   """Dataset settings read by `imagen_jax.data.pipeline.make_loader` (its own defaults)."""
-  from imagen_jax.data import pipeline  # the data package owns the fields
-
   image_size, lowres_size, crop = _SIZES[variant][stage]
   return pipeline.default_data_config(
       # the paper's data (§4.1) is not public: a paper run names its own (--config.data.name)

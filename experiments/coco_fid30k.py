@@ -27,9 +27,9 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from imagen_jax import cli
-from imagen_jax.evals import coco
-from imagen_jax.sampling import hosts
+from imagen_jax import atomic, cli, paths
+from imagen_jax.evals import coco, fid
+from imagen_jax.sampling import cascade, hosts
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/cascade.py:paper", "cascade sampling settings"
@@ -50,10 +50,6 @@ hosts.define_flags()
 def main(argv):
   del argv
   hosts.initialize_from_flags()  # before anything touches the jax backend
-  from imagen_jax import atomic, paths
-  from imagen_jax.evals import fid
-  from imagen_jax.sampling import cascade
-
   if not _COCO.inception.value:
     raise app.UsageError("--inception is required (FID needs the InceptionV3 weights)")
   cli.require_file("inception", _COCO.inception.value, "Inception weights file")

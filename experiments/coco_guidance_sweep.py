@@ -28,11 +28,13 @@ CLIP weights) has another key and is recomputed.
 from __future__ import annotations
 
 from absl import app, flags
+from etils import epath
 from ml_collections import config_flags
 
 from imagen_jax import cli
-from imagen_jax.evals import coco
-from imagen_jax.sampling import hosts
+from imagen_jax.evals import clip as clip_lib
+from imagen_jax.evals import coco, features, fid, sweep, sweep_report
+from imagen_jax.sampling import cascade, hosts
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/cascade.py:paper", "cascade sampling settings (the non-swept stages')"
@@ -63,12 +65,6 @@ hosts.define_flags()
 def main(argv):
   del argv
   hosts.initialize_from_flags()  # before anything touches the jax backend
-  from etils import epath
-
-  from imagen_jax.evals import clip as clip_lib
-  from imagen_jax.evals import features, fid, sweep, sweep_report
-  from imagen_jax.sampling import cascade
-
   if not _COCO.inception.value or not _CLIP.value:
     raise app.UsageError("--inception and --clip_path are required (FID and CLIP score)")
   cli.require_file("inception", _COCO.inception.value, "Inception weights file")

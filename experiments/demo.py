@@ -20,15 +20,20 @@ Run from the repository root: `make demo` (or `python experiments/demo.py --work
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
+import numpy as np
 from absl import flags
 
 from configs import base64 as base64_config
 from configs import cascade as cascade_config
 from configs import sr256 as sr256_config
-from imagen_jax import cli
+from imagen_jax import atomic, cli, cli_runner, images
+from imagen_jax.data import preprocess, shapes
+from imagen_jax.evals import image_metrics, shapes_metric
+from imagen_jax.sampling import cascade
 
 _WORKDIR = flags.DEFINE_string("workdir", "demo_out", "where data, checkpoints and results go")
 _BASE_STEPS = flags.DEFINE_integer("base_steps", None, "override the base stage's steps")
@@ -43,8 +48,6 @@ VARIANT = "shapes"
 
 
 def _scores(images, attributes, held_out):
-  from imagen_jax.evals import shapes_metric
-
   s = shapes_metric.score_images(list(images), attributes, held_out)
   r = lambda d: {k: round(v, 4) for k, v in d.items()}  # noqa: E731
   return {
@@ -58,8 +61,6 @@ def _scores(images, attributes, held_out):
 
 def train_stage(name: str, config_module, overrides: dict, workdir: str, timings: dict) -> None:
   """Trains (or resumes) one stage with the trainer's command line in a child process."""
-  from imagen_jax import cli_runner
-
   t0 = time.time()
   print(
       f"\n== training the {name} stage: {overrides['train.num_steps']} steps -> {workdir}",
@@ -93,15 +94,6 @@ def evaluate(
   guidance weight and at w = 1, on all / held-out / seen combinations; the SR stage alone on
   real low-res inputs: PSNR and edge sharpness beside bicubic upsampling and the real images).
   """
-  import dataclasses
-
-  import numpy as np
-
-  from imagen_jax import atomic, images
-  from imagen_jax.data import preprocess, shapes
-  from imagen_jax.evals import image_metrics, shapes_metric
-  from imagen_jax.sampling import cascade
-
   t0 = time.time()
   test = shapes.read_examples(builder64, "test", limit=num_test)
   prompts = [ex["caption"] for ex in test]
@@ -177,9 +169,6 @@ def main(argv):
       f"stage, a third the SR stage; more on a loaded host). Output: {workdir}",
       flush=True,
   )
-
-  from imagen_jax import atomic
-  from imagen_jax.data import shapes
 
   timings = {}
   data_dir = os.path.join(workdir, "data")

@@ -20,8 +20,9 @@ import os
 from absl import flags
 from ml_collections import config_flags
 
-from imagen_jax import cli
-from imagen_jax.sampling import hosts
+from imagen_jax import cli, paths
+from imagen_jax.evals import drawbench
+from imagen_jax.sampling import cascade, hosts
 
 _DEFAULT_CFG = "configs/cascade.py:shapes"
 _CONFIG_A = config_flags.DEFINE_config_file("config_a", _DEFAULT_CFG, "model A's settings")
@@ -45,8 +46,6 @@ _NEGATIVE = cli.define_negative_prompt()  # both models, as imagen_jax.sampling'
 
 
 def _model(cfg, workdirs, cache):
-  from imagen_jax.sampling import cascade
-
   workdirs = workdirs or [cfg[f"stage{k + 1}"].workdir for k in range(int(cfg.num_stages))]
   key = tuple(os.path.abspath(w) for w in workdirs)
   if key not in cache:  # two settings of one cascade load it once
@@ -57,9 +56,6 @@ def _model(cfg, workdirs, cache):
 
 def main(argv):
   del argv
-  from imagen_jax import paths
-  from imagen_jax.evals import drawbench
-
   items = drawbench.read_prompts(cli.require_file("prompts", _PROMPTS.value, "prompt file"))[
       : _LIMIT.value
   ]

@@ -15,7 +15,8 @@ import os
 
 from absl import flags
 
-from imagen_jax import cli
+from imagen_jax import atomic, cli, paths
+from imagen_jax.evals import drawbench_score as score
 
 _SHEETS = flags.DEFINE_list("sheets", None, "the raters' exported CSVs", required=True)
 _MODEL_A = flags.DEFINE_string("model_a", None, "the model whose preference is reported")
@@ -27,9 +28,6 @@ _OUTDIR = flags.DEFINE_string("outdir", "drawbench_scores", "output folder")
 def main(argv):
   if len(argv) > 1:
     raise cli.UserError(f"unexpected arguments: {argv[1:]}")
-  from imagen_jax import atomic, paths
-  from imagen_jax.evals import drawbench_score as score
-
   sheets = [cli.require_file("sheets", s, "rating sheet CSV") for s in _SHEETS.value]
   if _BOOT.value < 100:
     raise cli.UserError(f"--num_boot={_BOOT.value}; allowed: >= 100 (the interval's tails)")

@@ -28,7 +28,10 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-from imagen_jax import cli
+from imagen_jax import atomic, cli, cli_runner, images
+from imagen_jax.data import shapes
+from imagen_jax.evals import shapes_metric
+from imagen_jax.sampling import cascade
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/base64.py:shapes", "base stage config; --config.a.b=v overrides"
@@ -67,10 +70,6 @@ def checkpoint_plan(eval_steps, num_steps: int) -> dict:
 
 def evaluate(stage, test: list, weights, sample_steps: int) -> list[dict]:
   """One row per guidance weight: the shapes metric of a loaded stage's samples."""
-  from imagen_jax import images
-  from imagen_jax.evals import shapes_metric
-  from imagen_jax.sampling import cascade
-
   model = cascade.Cascade([stage])
   prompts = [e["caption"] for e in test]
   rows = []
@@ -125,10 +124,6 @@ def gap_table(rows, weights, overrides=()) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from imagen_jax import atomic, cli_runner
-  from imagen_jax.data import shapes
-  from imagen_jax.sampling import cascade
-
   c = _CONFIG.value
   config_flag = flags.FLAGS["config"]
   user = config_flags.get_override_values(config_flag)

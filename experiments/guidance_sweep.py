@@ -24,7 +24,12 @@ from absl import flags
 from ml_collections import config_flags
 
 from imagen_jax import cli
-from imagen_jax.sampling import hosts
+from imagen_jax import paths as paths_lib
+from imagen_jax.evals import clip as clip_lib
+from imagen_jax.evals import features as features_lib
+from imagen_jax.evals import fid, shapes_metric, sweep, sweep_report
+from imagen_jax.evals import prompts as prompts_lib
+from imagen_jax.sampling import cascade, hosts
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -76,12 +81,6 @@ def main(argv):
   del argv
   hosts.initialize_from_flags()  # before anything touches the jax backend
 
-  from imagen_jax import paths as paths_lib
-  from imagen_jax.evals import features as features_lib
-  from imagen_jax.evals import prompts as prompts_lib
-  from imagen_jax.evals import shapes_metric, sweep, sweep_report
-  from imagen_jax.sampling import cascade
-
   for flag, value, what in [
       (_CLIP, _CLIP.value, "CLIP folder"),
       (_INCEPTION, _INCEPTION.value, "file"),
@@ -126,15 +125,11 @@ def main(argv):
       reference = paths_lib.load_npz(_REFERENCE.value)["images"]
   features = None
   if _INCEPTION.value:
-    from imagen_jax.evals import fid
-
     features = features_lib.InceptionFeatures(
         fid.FIDComputer(_INCEPTION.value, mode=_FID_MODE.value)
     )
   clip = None
   if _CLIP.value:
-    from imagen_jax.evals import clip as clip_lib
-
     clip = clip_lib.CLIPScorer(_CLIP.value)
 
   result = sweep.run_sweep(

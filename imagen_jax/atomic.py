@@ -37,6 +37,7 @@ import tempfile
 from typing import Any, Callable, Iterator
 
 import numpy as np
+import PIL.Image
 
 from imagen_jax import paths
 
@@ -120,8 +121,6 @@ def save_npz(path: str, *, compressed: bool = False, **arrays: np.ndarray) -> st
 
 def save_png(path: str, image) -> str:
   """A PIL image, or a uint8 array `[H, W]` / `[H, W, C]`, as PNG."""
-  import PIL.Image
-
   if not isinstance(image, PIL.Image.Image):
     image = np.asarray(image)
     if image.dtype != np.uint8:

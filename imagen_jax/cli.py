@@ -26,8 +26,11 @@ import os
 import sys
 from typing import Callable, Iterable
 
+import jax
 from absl import app, flags
 from absl import logging as absl_logging
+
+from imagen_jax import paths
 
 USER_ERROR_STATUS = 2
 
@@ -98,8 +101,6 @@ def fail(message: str) -> None:
 
 def require_file(flag: str, path: str | None, what: str = "file") -> str:
   """`path` (the value of `--flag`) if it exists, else a `UserError` naming it."""
-  from imagen_jax import paths  # local: gcsfs is only needed once a path is checked
-
   if not path:
     raise UserError(f"--{flag} is required (a {what})")
   if not paths.path(path).exists():
@@ -135,8 +136,6 @@ def define_process_flags() -> Callable[[], tuple[int, int]]:
   def placement() -> tuple[int, int]:
     if not distributed.value:  # the library checks 0 <= index < count
       return index.value, count.value
-    import jax  # only to learn this host's place in the job
-
     jax.distributed.initialize()
     return jax.process_index(), jax.process_count()
 

@@ -15,6 +15,8 @@ import PIL.Image
 import PIL.ImageDraw
 import PIL.ImageFont
 
+from imagen_jax import atomic
+
 
 def to_uint8(images) -> np.ndarray:
   """Float images in [-1, 1] (any shape) -> uint8, `floor((x + 1) * 127.5 + 0.5)` clipped to
@@ -69,8 +71,6 @@ def save_grid(images, path: str, ncols: int | None = None) -> str:
   images: `[N, H, W, C]` float in [-1, 1] or uint8 (e.g. one stage's output of
   `cascade.Cascade.sample`).
   """
-  from imagen_jax import atomic
-
   return atomic.save_png(path, image_grid(images, ncols))
 
 

@@ -31,6 +31,7 @@ import math
 import os
 from typing import Mapping, Protocol, Sequence, runtime_checkable
 
+import jax
 import numpy as np
 
 from imagen_jax import atomic, images, paths
@@ -169,10 +170,10 @@ class TensorBoardWriter:
   """tensorboardX event files under `logdir` (scalars, image grids, texts)."""
 
   def __init__(self, logdir: str):
-    from tensorboardX import SummaryWriter  # only process 0 needs it
+    from tensorboardX import SummaryWriter  # deferred: 0.7 s; only process 0 writes
 
     if paths.is_remote(logdir):
-      from tensorboardX import record_writer
+      from tensorboardX import record_writer  # deferred with SummaryWriter
 
       for scheme in paths.REMOTE_SCHEMES:
         record_writer.register_writer_factory(scheme.split(":")[0], _BucketEventFiles())
@@ -242,8 +243,6 @@ class MetricWriter(MultiWriter):
       start_step: int | None = None,
   ):
     if enabled is None:
-      import jax
-
       enabled = jax.process_index() == 0
     writers: list[Writer] = []
     if enabled:

@@ -24,6 +24,7 @@ unless those are set already. Set them before the first bucket access of the pro
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import urllib.error
@@ -31,6 +32,9 @@ import urllib.parse
 import urllib.request
 from typing import Union
 
+import fsspec.config
+import fsspec.core
+import numpy as np
 from etils import epath
 
 PathLike = Union[str, os.PathLike]
@@ -56,8 +60,6 @@ def configure_environment() -> None:
   if host in ("", "default"):
     return
   url = host if host.startswith(("http://", "https://")) else f"http://{host}"
-  import fsspec.config
-
   fsspec.config.conf.setdefault("gcs", {}).setdefault("token", "anon")  # an emulator: no auth
   os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", url)
   os.environ.setdefault("TENSORSTORE_GCS_HTTP_VERSION", "1.1")  # plain http: no HTTP/2 upgrade
@@ -90,10 +92,6 @@ def join(base: PathLike, *parts: str) -> str:
 
 def load_npz(p: PathLike) -> dict:
   """Every array of the `.npz` file `p` (local or bucket), read whole; no pickle."""
-  import io
-
-  import numpy as np
-
   with np.load(io.BytesIO(path(p).read_bytes()), allow_pickle=False) as z:
     return {k: z[k] for k in z.files}
 
@@ -124,6 +122,7 @@ def _access_token(p: str) -> str | None:
   """An OAuth token from Application Default Credentials (None for an emulator)."""
   if os.environ.get(EMULATOR_ENV, "") not in ("", "default"):
     return None
+  # Deferred: google.auth costs 0.3 s to import; only a bucket's credentials check needs it.
   import google.auth
   import google.auth.exceptions
   import google.auth.transport.requests
@@ -208,8 +207,6 @@ def local_copy(p: PathLike, *, missing_ok: bool = False) -> str:
   p = os.fspath(p)
   if not is_remote(p):
     return p
-  import fsspec.core
-
   local = local_path(p)
   fs, root = fsspec.core.url_to_fs(p)
   listing = fs.find(root, detail=True)
@@ -246,8 +243,6 @@ def local_file(p: PathLike) -> str:
   p = os.fspath(p)
   if not is_remote(p):
     return p
-  import fsspec.core
-
   fs, name = fsspec.core.url_to_fs(p)
   try:
     info = fs.info(name)

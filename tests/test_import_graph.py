@@ -11,7 +11,9 @@ import inside a function counts, which a `sys.modules` check after importing wou
   * `nn/` and `text/` reach no training code;
   * training reaches nothing of `imagen_jax/sampling` (both stand on `stage`).
   * `imagen_jax/parallel` reaches no domain code (diffusion, nn, text, data, stage, sampling,
-    train, evals).
+    train, evals);
+  * imports sit at the top of a module; one inside a function says why in a comment (an
+    optional dependency, or a heavy library only one path needs).
 """
 
 import ast
@@ -43,15 +45,10 @@ def _with_parents(name: str) -> set[str]:
   return {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
 
 
-@functools.lru_cache(maxsize=None)
-def direct_imports(name: str) -> frozenset[str]:
-  """Our modules that module `name` imports anywhere in its source (with their parents)."""
-  path = module_file(name)
-  if path is None:
-    return frozenset()
-  is_package = path.name == "__init__.py"
+def imports_in_source(source: str, name: str, is_package: bool = False) -> set[str]:
+  """Our modules that the source of module `name` imports anywhere (with their parents)."""
   out = set()
-  for node in ast.walk(ast.parse(path.read_text(), str(path))):
+  for node in ast.walk(ast.parse(source)):
     if isinstance(node, ast.Import):
       out.update(a.name for a in node.names)
     elif isinstance(node, ast.ImportFrom):
@@ -65,7 +62,16 @@ def direct_imports(name: str) -> frozenset[str]:
         sub = f"{base}.{a.name}"
         out.add(sub if module_file(sub) else base)
   ours = {m for m in out if m.split(".")[0] in OURS}
-  return frozenset(set().union(*(_with_parents(m) for m in ours)) if ours else set())
+  return set().union(*(_with_parents(m) for m in ours)) if ours else set()
+
+
+@functools.lru_cache(maxsize=None)
+def direct_imports(name: str) -> frozenset[str]:
+  """Our modules that module `name` imports anywhere in its source (with their parents)."""
+  path = module_file(name)
+  if path is None:
+    return frozenset()
+  return frozenset(imports_in_source(path.read_text(), name, path.name == "__init__.py"))
 
 
 def reachable(name: str) -> dict[str, list[str]]:
@@ -109,8 +115,9 @@ SAMPLING = modules_under(
 
 
 def test_the_walker_sees_local_imports():
-  # imagen_jax.train.main imports the trainer inside a function: the walk must find it, or the
-  # checks below would pass vacuously.
+  # An import inside a function is an edge too, or the checks below could pass vacuously.
+  source = "import os\n\ndef f():\n  from imagen_jax.train import trainer\n  return trainer\n"
+  assert "imagen_jax.train.trainer" in imports_in_source(source, "experiments.x")
   assert any(c.endswith(f"{TRAIN}.trainer") for c in _training_reached("imagen_jax.train.main"))
   assert {"imagen_jax.stage", "imagen_jax.diffusion.samplers"} <= set(
       reachable("imagen_jax.sampling.cascade")
@@ -164,3 +171,33 @@ def test_parallel_is_ground_floor(name):
       if any(dep == f"imagen_jax.{h}" or dep.startswith(f"imagen_jax.{h}.") for h in HIGHER)
   ]
   assert not chains, f"{name} imports domain code: " + "; ".join(chains)
+
+
+def _deferred_imports(path: pathlib.Path):
+  """(line number, source line, previous line) of each import inside a function of `path`."""
+  lines = path.read_text().splitlines()
+  tree = ast.parse("\n".join(lines))
+  for fn in ast.walk(tree):
+    if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+      for node in ast.walk(fn):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+          yield node.lineno, lines[node.lineno - 1], lines[node.lineno - 2]
+
+
+DEFERRED_CHECKED = sorted(
+    f for d in ("imagen_jax", "experiments", "aot", "configs") for f in (ROOT / d).rglob("*.py")
+)
+
+
+@pytest.mark.parametrize("path", DEFERRED_CHECKED, ids=lambda p: str(p.relative_to(ROOT)))
+def test_imports_at_the_top_or_say_why(path):
+  # An import inside a function hides an edge (and its cost); one that has a reason says it in
+  # a comment on its line, or on the line above the group it starts.
+  bad = []
+  for lineno, line, prev in _deferred_imports(path):
+    said = "#" in line or prev.strip().startswith("#")
+    if not said and prev.strip().startswith(("import ", "from ")):
+      continue  # the next import of a group whose first line says why
+    if not said:
+      bad.append(f"{lineno}: {line.strip()}")
+  assert not bad, f"{path.relative_to(ROOT)}: imports inside functions, with no reason: {bad}"

@@ -38,7 +38,7 @@ from absl import flags as absl_flags
 from jax.sharding import NamedSharding, PartitionSpec
 
 from imagen_jax import paths
-from imagen_jax.data import preprocess, records
+from imagen_jax.data import image_text, preprocess, records
 from imagen_jax.data import shapes as shapes_lib
 
 BUILT_HERE = ("shapes", "image_text")  # datasets this library builds (small; copied to a host)
@@ -150,8 +150,6 @@ def open_data_source(data_config: ml_collections.ConfigDict, *, build: bool = Tr
     )
     return builder.as_data_source(split=data_config.split)
   if name == "image_text":
-    from imagen_jax.data import image_text  # local import: only this source needs it
-
     if not data_config.image_dir:
       raise ValueError("data_config.image_dir must name the image folder for 'image_text'")
     builder = image_text.build_image_text(

@@ -34,6 +34,9 @@ import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
 
+from imagen_jax.text import cache as text_cache
+from imagen_jax.text import registry
+
 COLOR_NAMES = ("red", "yellow", "green", "cyan", "blue", "purple")
 PALETTE = np.array(
     [
@@ -370,9 +373,6 @@ def build_text_cache(config, data_dir: str) -> str:
 
   The text encoder is frozen (Imagen §2.1), so each caption is encoded once, not every step.
   """
-  from imagen_jax.text import cache as text_cache
-  from imagen_jax.text import registry
-
   d, t = config.data, config.text
   if d.name != "shapes":
     raise ValueError(f"build_text_cache is for the shapes dataset, got data.name={d.name!r}")

@@ -33,6 +33,8 @@ from typing import Sequence
 
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
 
 from imagen_jax import paths
 from imagen_jax.evals import batched, clip_model
@@ -90,8 +92,6 @@ class ImagePreprocessConfig:
 
 def preprocess_images(images: np.ndarray, cfg: ImagePreprocessConfig) -> np.ndarray:
   """uint8 `[N, H, W, 3]` -> float32 `[N, crop_h, crop_w, 3]` CLIP pixels (NHWC), on the host."""
-  from PIL import Image
-
   images = np.asarray(images)
   if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(
@@ -125,7 +125,7 @@ def preprocess_images(images: np.ndarray, cfg: ImagePreprocessConfig) -> np.ndar
 
 def load_tokenizer(path: str):
   """The checkpoint's own tokenizer from `path` (no network): fast if possible, else slow."""
-  import transformers
+  import transformers  # deferred: a 1.3 s import that only the CLIP tokenizer needs
 
   fast = getattr(transformers, "CLIPTokenizerFast", None)  # transformers 5 has only one class
   if fast is not None:
@@ -205,8 +205,6 @@ class CLIPScorer:
 
   def embeddings(self, images: np.ndarray, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """L2-normalised image and text embeddings, each float32 `[N, projection_dim]`."""
-    from tqdm.auto import tqdm
-
     images = np.asarray(images)
     if len(texts) == 0:
       raise ValueError("CLIP score of zero pairs is undefined")

@@ -34,6 +34,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import load_file
+
+from imagen_jax.evals.inception import flax_flatten, flax_unflatten
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -280,8 +283,6 @@ class CLIPModel(nn.Module):
 
 def param_shapes(config: CLIPConfig) -> dict[str, tuple[int, ...]]:
   """Flat `{"text_model/encoder/layers_0/self_attn/q_proj/kernel": shape, ...}` (no compute)."""
-  from imagen_jax.evals.inception import flax_flatten
-
   v = config.vision
   shapes = jax.eval_shape(
       CLIPModel(config).init,
@@ -318,10 +319,6 @@ def hf_key_to_flax(key: str, expected: dict[str, tuple[int, ...]]) -> str | None
 
 def load_clip_params(path: str, config: CLIPConfig) -> dict[str, Any]:
   """HF `model.safetensors` -> Flax params (float32); strict about names and shapes."""
-  from safetensors.numpy import load_file
-
-  from imagen_jax.evals.inception import flax_unflatten
-
   tensors = load_file(path)
   expected = param_shapes(config)
   out: dict[str, np.ndarray] = {}

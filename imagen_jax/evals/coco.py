@@ -37,11 +37,13 @@ import os
 from typing import Iterator, Sequence
 
 import numpy as np
+import PIL.Image
 from absl import flags
+from tqdm import tqdm
 
 from imagen_jax import images
 from imagen_jax import paths as paths_lib
-from imagen_jax.evals import provenance
+from imagen_jax.evals import frechet, provenance
 from imagen_jax.sampling import hosts
 
 PROTOCOLS = ("paper", "pairs")
@@ -152,8 +154,6 @@ def draw(
 
 def load_reference_image(path: str, size: int = REFERENCE_SIZE) -> np.ndarray:
   """RGB, centre crop to the shorter side, PIL bicubic resize to `size` -> uint8 [size, size, 3]."""
-  import PIL.Image
-
   with PIL.Image.open(path) as im:
     im = im.convert("RGB")
     w, h = im.size
@@ -165,8 +165,6 @@ def load_reference_image(path: str, size: int = REFERENCE_SIZE) -> np.ndarray:
 
 def resize_generated(images: np.ndarray, size: int = REFERENCE_SIZE) -> np.ndarray:
   """uint8 [N, S, S, 3] -> [N, size, size, 3] with PIL bicubic (identity when S == size)."""
-  import PIL.Image
-
   images = np.asarray(images, np.uint8)
   if images.shape[1:3] == (size, size):
     return images
@@ -205,8 +203,6 @@ def reference_statistics(
   """FID statistics of the reference images, cached in `path` (npz with mode, feature and the
   provenance key of `reference_identity`); a file of other features or another reference set
   is recomputed, never reused."""
-  from imagen_jax.evals import frechet
-
   return frechet.FrechetStats.cached(
       path,
       reference_identity(computer, images_dir, names, size),
@@ -265,8 +261,6 @@ def sample_chunks(
   (per-sample seeds). `negative_prompt`: the unconditional half of guidance's text for every
   prompt (None: the null text; `Cascade.sample`).
   """
-  from tqdm import tqdm
-
   if chunk < 1:
     raise ValueError(f"chunk must be >= 1, got {chunk}")
   prompts = list(prompts)

@@ -27,8 +27,9 @@ import os
 from typing import Mapping
 
 import numpy as np
+from safetensors.numpy import save_file
 
-from imagen_jax import cli
+from imagen_jax import atomic, cli
 from imagen_jax.evals import inception
 
 
@@ -157,10 +158,6 @@ def random_torch_state_dict(seed: int) -> dict[str, np.ndarray]:
 
 
 def save_flax_weights(flat: Mapping[str, np.ndarray], path: str) -> None:
-  from safetensors.numpy import save_file
-
-  from imagen_jax import atomic
-
   metadata = {"format": "imagen_jax.evals.inception", "graph": "inception-2015-12-05 (pytorch-fid)"}
   atomic.write_with(path, lambda tmp: save_file(dict(flat), tmp, metadata=metadata))
 
@@ -168,7 +165,7 @@ def save_flax_weights(flat: Mapping[str, np.ndarray], path: str) -> None:
 def convert_pth(pth_path: str, out_path: str) -> None:
   """Read a pytorch-fid .pth with `torch.load(weights_only=True)` and write safetensors."""
   try:
-    import torch
+    import torch  # optional dependency: only converting the .pth needs it
   except ImportError as e:  # torch is optional for the project; only this step needs it
     raise ImportError(
         "converting a .pth needs torch (pip install torch); loading the "

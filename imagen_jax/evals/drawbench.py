@@ -21,6 +21,7 @@ import os
 from typing import Sequence
 
 import numpy as np
+import PIL.Image
 
 from imagen_jax import atomic, images
 from imagen_jax import paths as paths_lib
@@ -46,8 +47,6 @@ def assign_sides(num: int, seed: int) -> np.ndarray:
 
 
 def png_data_uri(image: np.ndarray) -> str:
-  import PIL.Image
-
   buf = io.BytesIO()
   PIL.Image.fromarray(np.asarray(image, np.uint8)).save(buf, format="PNG")
   return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")

@@ -173,10 +173,10 @@ def table_csv(prefs: Sequence[Preference]) -> str:
 def plot(prefs: Sequence[Preference], a: str, b: str, path: str) -> None:
   """Fig. 3's layout: per question, horizontal bars of A's preference per category with the
   95% interval, and the 50% line (no preference)."""
-  import matplotlib  # local: plotting is the only user of matplotlib here
+  import matplotlib  # deferred: a 1 s import that only the plot needs
 
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt  # after use("Agg"): no display needed
 
   cats = [c for c in dict.fromkeys(p.category for p in prefs) if c != ALL] + [ALL]
   fig, axes = plt.subplots(1, 2, figsize=(10, 0.45 * len(cats) + 1.5), sharey=True)

@@ -22,9 +22,10 @@ from typing import Iterable, Iterator
 
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from imagen_jax import paths
-from imagen_jax.evals import batched, fid_preprocess, inception, provenance
+from imagen_jax.evals import batched, convert_weights, fid_preprocess, inception, provenance
 from imagen_jax.evals.frechet import (
     INCEPTION_FEATURE,
     FrechetStats,
@@ -94,8 +95,6 @@ class FIDComputer:
     return np.concatenate(out)
 
   def _iter_features(self, images: ImageSource, total: int | None) -> Iterator[np.ndarray]:
-    from tqdm.auto import tqdm
-
     if total is None and isinstance(images, np.ndarray):
       total = len(images)
     bar = tqdm(
@@ -127,7 +126,5 @@ class FIDComputer:
 
 def random_variables(seed: int = 0) -> dict:
   """Deterministic random weights of the FID network (for tests and smoke runs, never FID)."""
-  from imagen_jax.evals import convert_weights
-
   flat = convert_weights.convert_state_dict(convert_weights.random_torch_state_dict(seed))
   return inception.flax_unflatten({k: jnp.asarray(v) for k, v in flat.items()})

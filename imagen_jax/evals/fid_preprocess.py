@@ -27,6 +27,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
 from imagen_jax.evals.inception import INCEPTION_SIZE
 
@@ -101,8 +102,6 @@ def device_preprocess(images: jax.Array, mode: str, size: int = INCEPTION_SIZE) 
 
 def clean_resize(images: np.ndarray, size: int = INCEPTION_SIZE) -> np.ndarray:
   """clean-fid's resize: uint8 [N,H,W,3] -> float32 [N,size,size,3] in [0, 255] (PIL, host)."""
-  from PIL import Image
-
   images = check_images(images)
   n, h, w, c = images.shape
   out = np.empty((n, size, size, c), np.float32)

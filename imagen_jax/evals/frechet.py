@@ -29,6 +29,7 @@ import numpy as np
 
 from imagen_jax import atomic, paths
 from imagen_jax.evals import provenance
+from imagen_jax.sampling import hosts
 
 STATS_FORMAT = "imagen_jax.frechet_stats.v1"
 # Features of the FID network; other extractors must use another name so their Frechet
@@ -210,8 +211,6 @@ class FrechetStats:
     """The statistics stored at `path` when they were produced by `identity`; otherwise
     `compute()` (absent, or a mismatch: warned and recomputed, never reused), saved there.
     Multi-host: the processes decide together and compute together; process 0 saves."""
-    from imagen_jax.sampling import hosts
-
     arrays = provenance.load_if_matches(path, identity)
     if hosts.agree(arrays is not None, f"the statistics {path}"):
       return cls.from_arrays(arrays, path)

@@ -34,6 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import load_file
 
 from imagen_jax import paths
 
@@ -270,8 +271,6 @@ def load_inception_variables(path: str) -> dict[str, Any]:
   partial or foreign file fails here, naming the first offending keys, not later as a bad FID.
   A bucket path (`gs://`) is read from its local copy (`paths.local_file`).
   """
-  from safetensors.numpy import load_file
-
   flat = load_file(paths.local_file(path))
   expected = variable_shapes()
   missing = sorted(set(expected) - set(flat))

@@ -13,6 +13,8 @@ import os
 
 import numpy as np
 
+from imagen_jax.data import shapes
+
 
 @dataclasses.dataclass(frozen=True)
 class Prompt:
@@ -55,8 +57,6 @@ def shapes_test_prompts(
     data_dir: str, resolution: int, *, num_train: int, num_test: int, seed: int, limit: int
 ) -> tuple[list[str], list[dict], np.ndarray]:
   """The shapes test split (built or reused in data_dir): prompts, attributes, real images."""
-  from imagen_jax.data import shapes
-
   if limit > num_test:
     raise ValueError(f"num_prompts={limit} exceeds the shapes test split ({num_test})")
   builder = shapes.build_shapes(

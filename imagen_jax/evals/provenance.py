@@ -26,6 +26,7 @@ import warnings
 import zipfile
 from typing import Any, Mapping, Sequence
 
+import jax
 import numpy as np
 
 from imagen_jax import atomic, paths
@@ -81,8 +82,6 @@ def array_digest(a: np.ndarray) -> str:
 
 def tree_digest(tree: Any) -> str:
   """sha256 hex over the leaves of a params tree (paths, dtypes, shapes, bytes), host side."""
-  import jax
-
   h = hashlib.sha256()
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     h.update(jax.tree_util.keystr(path).encode())

@@ -57,8 +57,10 @@ import time
 from typing import Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from imagen_jax import atomic, images, paths
+from imagen_jax.diffusion.guidance import THRESHOLD_MODES
 from imagen_jax.evals import coco, frechet, provenance, shapes_metric
 from imagen_jax.evals import features as features_lib
 from imagen_jax.sampling import cascade as cascade_lib
@@ -96,8 +98,6 @@ class SweepPoint:
 def make_points(
     weights: Sequence[float], thresholds: Sequence[str], aug_levels: Sequence[float] | None = None
 ) -> list[SweepPoint]:
-  from imagen_jax.diffusion.guidance import THRESHOLD_MODES
-
   for t in thresholds:
     if t not in THRESHOLD_MODES:
       raise ValueError(f"threshold mode {t!r} is not one of {THRESHOLD_MODES}")
@@ -234,8 +234,6 @@ def run_sweep(
       (`Cascade.sample`'s `negative_prompts`), or None (the null text). Part of every point's
       key and row.
   """
-  from tqdm import tqdm
-
   prompts = list(prompts)
   if not prompts:
     raise ValueError("a sweep needs at least one prompt")

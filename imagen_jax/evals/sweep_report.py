@@ -126,10 +126,10 @@ def plot_pareto(
 ) -> None:
   """Alignment (x) vs Frechet distance (y), one curve per setting, points labelled with w
   (the layout of Imagen Figs. A.8 / A.11). Falls back to saturation on y without an FD."""
-  import matplotlib
+  import matplotlib  # deferred: a 1 s import that only the plots need
 
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  import matplotlib.pyplot as plt  # after use("Agg"): no display needed
 
   y_metric = "fd" if any("fd" in r for r in rows) else "saturation_final"
   x_metric = x_metric or "weight"

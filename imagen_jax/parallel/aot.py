@@ -27,6 +27,10 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils, topologies
+
+from imagen_jax import atomic
+from imagen_jax.parallel import mesh as mesh_lib
 
 GIB = 2**30
 
@@ -125,8 +129,6 @@ def quiet_libtpu(topology: Topology) -> None:
 
 def topology_devices(topology: Topology) -> list:
   """The slice's devices (no hardware needed: libtpu describes them)."""
-  from jax.experimental import topologies
-
   quiet_libtpu(topology)
   kw = {"chip_config_name": "megacore"} if topology.generation == "v4" else {}
   desc = topologies.get_topology_desc(platform="tpu", topology_name=topology.libtpu_name, **kw)
@@ -135,10 +137,6 @@ def topology_devices(topology: Topology) -> list:
 
 def make_mesh(shape: dict[str, int], devices: Sequence[Any]) -> jax.sharding.Mesh:
   """A mesh of `devices` (a TPU topology's) laid out for its interconnect (`mesh_utils`)."""
-  from jax.experimental import mesh_utils
-
-  from imagen_jax.parallel import mesh as mesh_lib
-
   resolved = mesh_lib.resolve_mesh_shape(shape, len(devices))
   shape = tuple(resolved.values())
   try:
@@ -314,8 +312,6 @@ def write_report(path: str | None, data: dict) -> None:
   """Writes a script's figures as JSON at `path` (None: nothing), atomically: an interrupted
   compile never leaves a half-written report."""
   if path:
-    from imagen_jax import atomic
-
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic.write_json(path, data)
 

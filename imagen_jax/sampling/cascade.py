@@ -43,6 +43,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import ml_collections
 import numpy as np
+from tqdm import tqdm
 
 from imagen_jax import checkpoint as ckpt_lib
 from imagen_jax import paths
@@ -479,8 +480,6 @@ class Cascade:
         embeddings instead of the null text. DeepFloyd IF stages always read a prompt's
         embedding there (their pipeline's: "" when none is given).
     """
-    from tqdm import tqdm
-
     offset = 1 if lowres is not None else 0
     n_stages = len(settings)
     if not 1 <= n_stages + offset <= len(self.stages):

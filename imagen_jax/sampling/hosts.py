@@ -25,10 +25,13 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import jax
+import ml_collections
 import numpy as np
+from absl import flags
 from jax.experimental import multihost_utils
 
 from imagen_jax.diffusion import editing
+from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.parallel import ready
 from imagen_jax.sampling import cascade_report
 
@@ -238,8 +241,6 @@ def application_batch_size(model, flag_value: int | None, config) -> int:
 def define_flags() -> None:
   """Adds `--distributed` (+ `--coordinator_address`, `--num_processes`, `--process_id`) to a
   script, for `initialize_from_flags`."""
-  from absl import flags
-
   flags.DEFINE_bool(
       "distributed",
       False,
@@ -254,11 +255,6 @@ def define_flags() -> None:
 def initialize_from_flags() -> None:
   """`jax.distributed.initialize` from the `define_flags` flags when `--distributed` is set;
   must run before anything touches the jax backend."""
-  import ml_collections
-  from absl import flags
-
-  from imagen_jax.parallel import mesh as mesh_lib
-
   f = flags.FLAGS
   mesh_lib.maybe_initialize_distributed(
       ml_collections.ConfigDict(

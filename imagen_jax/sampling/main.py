@@ -23,11 +23,14 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import PIL.Image
 from absl import app, flags
 from ml_collections import config_flags
 
-from imagen_jax import cli, profiling
-from imagen_jax.sampling import hosts
+from imagen_jax import atomic, cli, images, paths, profiling, stage
+from imagen_jax.diffusion import editing
+from imagen_jax.evals import prompts as prompts_lib
+from imagen_jax.sampling import cascade, hosts
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/cascade.py:shapes", "cascade config (configs/cascade.py:VARIANT)"
@@ -83,8 +86,6 @@ def stage_overrides() -> dict:
 def apply_overrides(settings, overrides: dict) -> list:
   """Every stage's `SamplingSettings` with `overrides` set (validated there: a bad name or
   range, e.g. --guidance_rescale=1.5, is a UsageError naming the value and what is allowed)."""
-  from imagen_jax import stage
-
   try:
     return stage.override_settings(settings, overrides)
   except (TypeError, ValueError) as e:
@@ -118,8 +119,6 @@ def parse_mesh_shape(text: str) -> dict[str, int] | None:
 
 def read_prompts(prompts, prompt_file) -> list[str]:
   """The --prompt values, then the --prompt_file's (`evals.prompts` format)."""
-  from imagen_jax.evals import prompts as prompts_lib
-
   if prompt_file:
     cli.require_file("prompt_file", prompt_file, "prompt file")
   out = list(prompts) + (prompts_lib.read_texts(prompt_file) if prompt_file else [])
@@ -130,10 +129,6 @@ def read_prompts(prompts, prompt_file) -> list[str]:
 
 def read_png(path: str, size: int, flag: str, mode: str):
   """A PNG as a uint8 array (PIL `mode`: "RGB" or "L"), or a usage error naming the size."""
-  import PIL.Image
-
-  from imagen_jax import paths
-
   if not paths.path(path).exists():
     raise app.UsageError(f"--{flag}={path!r} does not exist")
   with paths.path(path).open("rb") as f, PIL.Image.open(f) as im:
@@ -148,9 +143,6 @@ def read_png(path: str, size: int, flag: str, mode: str):
 def read_edit(size: int):
   """`(init_image [S, S, 3] in [-1, 1] | None, mask [S, S] in [0, 1] | None, EditSettings |
   None)` from the editing flags."""
-  from imagen_jax import images
-  from imagen_jax.diffusion import editing
-
   if _INIT_IMAGE.value is None:
     if _MASK.value is not None or flags.FLAGS["strength"].present:
       raise app.UsageError("--mask and --strength edit an image: give --init_image")
@@ -172,9 +164,6 @@ def read_edit(size: int):
 def main(argv):
   del argv
   hosts.initialize_from_flags()  # before anything touches the jax backend
-  from imagen_jax import atomic, images, paths
-  from imagen_jax.sampling import cascade
-
   c = _CONFIG.value
   prompts = read_prompts(_PROMPTS.value, _PROMPT_FILE.value)
   if c.num_stages not in (1, 2, 3):

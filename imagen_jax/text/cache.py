@@ -58,8 +58,11 @@ import tempfile
 import uuid
 from typing import Hashable, Iterable, Sequence
 
+import jax
 import msgpack
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
+from tqdm.auto import tqdm
 
 from imagen_jax import atomic, paths
 
@@ -279,9 +282,6 @@ def _write_records(
     encoder, examples, tmp: str, *, name, dtype, batch_size, records_per_shard, progress, content
 ) -> dict:
   """Encodes every example and writes the records, ids.json and the manifest into `tmp`."""
-  import jax
-  from array_record.python.array_record_module import ArrayRecordWriter
-
   store = _np_dtype(dtype)
   token = uuid.uuid4().hex  # ties every record to this writer's manifest
   encode = jax.jit(encoder.encode_tokens)
@@ -291,8 +291,6 @@ def _write_records(
   truncated = 0
   bar = None
   if progress:
-    from tqdm.auto import tqdm
-
     bar = tqdm(desc=f"text cache -> {name}", unit="caption", total=len(examples))
 
   def flush(batch):

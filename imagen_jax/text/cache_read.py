@@ -15,8 +15,10 @@ import os
 import threading
 from typing import Sequence
 
+import ml_dtypes
 import msgpack
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordReader
 
 from imagen_jax import atomic, paths
 
@@ -35,8 +37,6 @@ def _np_dtype(name: str):
   if name not in _DTYPES:
     raise ValueError(f"cache dtype {name!r}; allowed: {_DTYPES}")
   if name == "bfloat16":
-    import ml_dtypes  # ships with jax
-
     return np.dtype(ml_dtypes.bfloat16)
   return np.dtype(np.float32)
 
@@ -97,8 +97,6 @@ def verify_records(path: str) -> dict:
   """Reads every record of the cache folder `path` and checks its id, in order, against
   ``ids.json`` and its size against the manifest; returns the manifest or raises CacheError.
   Writers run it before publishing; readers may run it on a copied cache."""
-  from array_record.python.array_record_module import ArrayRecordReader
-
   manifest, ids, _ = _read_manifest_and_ids(path)
   row_bytes = int(manifest["dim"]) * _np_dtype(manifest["dtype"]).itemsize
   pos = 0
@@ -187,8 +185,6 @@ class TextEmbeddingCache:
   def _open(self, path: str) -> bytes:
     """Reads the manifest and ids, opens the shards and checks them; returns the manifest's
     bytes."""
-    from array_record.python.array_record_module import ArrayRecordReader
-
     self.manifest, self.ids, raw = _read_manifest_and_ids(path)
     _np_dtype(self.manifest["dtype"])
     self._readers, self._where = [], {}

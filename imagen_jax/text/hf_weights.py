@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
+from tqdm.auto import tqdm
 
 from imagen_jax.text import bert
 from imagen_jax.text.t5 import T5Config
@@ -225,8 +226,6 @@ def load_params(path: str, config, *, shardings=None, progress: bool = True):
   params: dict = {}
   iterator = plan
   if progress:
-    from tqdm.auto import tqdm
-
     iterator = tqdm(
         plan, desc=f"text encoder <- {os.path.basename(os.path.normpath(path))}", unit="tensor"
     )

@@ -14,6 +14,7 @@ all shards are finished; train with `--config.text.embedding_cache=<out>
 
 import json
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -21,6 +22,9 @@ from imagen_jax import (
     cli,
     paths,  # first: it points the storage clients at an emulator, if any
 )
+from imagen_jax.parallel import mesh as mesh_lib
+from imagen_jax.parallel import sharding as sharding_lib
+from imagen_jax.text import registry, shards
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "the stage config (its text block)")
 _DATA = flags.DEFINE_string("data", None, "the prepared dataset (prepare_webdataset --out)")
@@ -33,12 +37,6 @@ flags.mark_flags_as_required(["config", "data", "out"])
 
 def main(argv):
   del argv
-  import jax
-
-  from imagen_jax.parallel import mesh as mesh_lib
-  from imagen_jax.parallel import sharding as sharding_lib
-  from imagen_jax.text import registry, shards
-
   config = _CONFIG.value
   index, count = _PLACEMENT()
   paths.check_access(_DATA.value)

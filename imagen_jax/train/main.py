@@ -20,6 +20,7 @@ variant or field, or workdir ends in one line and exit status 2.
 
 from __future__ import annotations
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -27,6 +28,10 @@ from imagen_jax import (
     cli,
     paths,  # first: it points the storage clients at an emulator, if any
 )
+from imagen_jax.data import pipeline
+from imagen_jax.parallel import mesh as mesh_lib
+from imagen_jax.train import settings, trainer
+from imagen_jax.train import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -42,10 +47,6 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
-  from imagen_jax.data import pipeline
-  from imagen_jax.train import settings
-  from imagen_jax.train import workdir as workdir_lib
-
   try:  # a bad train.* value, or a paper variant naming no dataset: one line, nothing built
     settings.check(config)
     pipeline.check_named(config.data)
@@ -56,13 +57,7 @@ def main(argv):
     raise cli.UserError(f"--config.train.init_from={source!r}: no such workdir or folder")
   workdir_lib.check_workdir(config, _WORKDIR.value)  # user errors: one line (imagen_jax.cli)
   # Must precede any use of the jax backend.
-  from imagen_jax.parallel import mesh as mesh_lib
-
   mesh_lib.maybe_initialize_distributed(config.distributed)
-  import jax
-
-  from imagen_jax.train import trainer
-
   logging.info(
       "process %d/%d, %d local / %d global devices",
       jax.process_index(),

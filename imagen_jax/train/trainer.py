@@ -43,9 +43,11 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax._src import distributed
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
 
 from imagen_jax import atomic, metric_writers, paths, profiling
 from imagen_jax import checkpoint as ckpt_lib
@@ -129,8 +131,6 @@ class _Preemption:
 def _preemption_service_running() -> bool:
   """Whether jax.distributed runs a preemption sync manager (on unless the jax flag
   `jax_enable_preemption_service` was turned off before `jax.distributed.initialize`)."""
-  from jax._src import distributed  # the manager is not exposed publicly
-
   state = distributed.global_state
   return state.client is not None and state.preemption_sync_manager is not None
 
@@ -326,8 +326,6 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> d
   checked = 0  # entries of `pending` whose `finite` flag has been read
   in_a_row = 0  # non-finite steps in a row
   max_in_a_row = int(c.train.max_nonfinite_steps)
-  from tqdm import tqdm  # local: only the loop needs it
-
   bar = tqdm(
       total=int(c.train.num_steps),
       initial=step,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+from imagen_jax import checkpoint as ckpt_lib
 from imagen_jax import paths
 
 
@@ -20,8 +21,6 @@ def check_workdir(config, workdir: str) -> None:
   `text.embedding_cache`, and `WorkdirMismatchError` when `workdir/config.json` records another
   run (its `checkpoint.MEANING_FIELDS` differ from `config`'s; the text fingerprint, known only
   once the encoder is loaded, is left to the resume check)."""
-  from imagen_jax import checkpoint as ckpt_lib
-
   for p in (workdir, config.data.get("data_dir", ""), config.text.get("embedding_cache", "")):
     if p:
       paths.check_access(p)
