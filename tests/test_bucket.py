@@ -240,7 +240,7 @@ def test_bucket_weights_and_coco_read_from_local_copies(emulator, tmp_path, monk
 
   from imagen_jax.evals import clip, coco, fid, inception
   from imagen_jax.text import registry
-  from tests.test_text_checkpoint import make_t5_dir
+  from tests.test_text_hf_weights import make_t5_dir
 
   monkeypatch.setenv("IMAGEN_JAX_CACHE", str(tmp_path / "cache"))
   t5_dir = make_t5_dir(tmp_path)

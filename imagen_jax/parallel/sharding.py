@@ -81,8 +81,8 @@ def mesh_jit(
     rules: Rules,
     *,
     name: str,
-    in_shardings: Any,
-    out_shardings: Any,
+    in_shardings: Any = None,
+    out_shardings: Any = None,
     donate_argnums: tuple[int, ...] = (),
     constrain_activations: bool = True,
 ) -> ready.ReadyJit:
@@ -90,24 +90,23 @@ def mesh_jit(
   `nn.logical_axis_rules(rules)`, so the networks' activation constraints (`activation_batch ->
   (data, fsdp)`, `activation_embed -> tensor`, ...; configs/common.py) pin the layout of every
   feature map, attention head and text sequence; without, XLA propagates layouts from the
-  in/out shardings. Rules naming mesh axes that `mesh` lacks are restricted (`rules_for_mesh`).
+  in/out shardings (None: left to XLA). Rules naming mesh axes that `mesh` lacks are
+  restricted (`rules_for_mesh`).
 
   The rules are entered inside the traced function (flax's rules context is not part of jit's
   cache key), so `.lower(...)` of the returned `ReadyJit` (ahead-of-time compiles) builds the
   same program as calling it. With several processes a new program is compiled on every process
   before any runs it (`parallel.ready`). The one jit-under-a-mesh of the train step, the
-  samplers and the AOT tools."""
+  samplers, the trainer's sample grids and the AOT tools."""
   active_rules = rules_for_mesh(rules, mesh) if constrain_activations else ()
 
   def traced(*args):
     with nn.logical_axis_rules(active_rules):
       return fn(*args)
 
+  given = {"in_shardings": in_shardings, "out_shardings": out_shardings}
   jitted = jax.jit(
-      traced,
-      in_shardings=in_shardings,
-      out_shardings=out_shardings,
-      donate_argnums=donate_argnums,
+      traced, donate_argnums=donate_argnums, **{k: v for k, v in given.items() if v is not None}
   )
   return ready.ReadyJit(jitted, name, context=lambda: jax.set_mesh(mesh))
 

@@ -480,8 +480,9 @@ class _Sampler:
     replicated = NamedSharding(mesh, P())
     settings = SamplingSettings.from_config(sample_config)
     fn = make_sample_fn(stage, encoder.encode_tokens, settings)
-    self._sample = ready.ReadyJit(
-        jax.jit(fn, out_shardings=replicated), "ema_samples", context=lambda: jax.set_mesh(mesh)
+    # The grid program takes the layouts of its inputs (no activation constraints).
+    self._sample = sharding_lib.mesh_jit(
+        fn, mesh, (), name="ema_samples", out_shardings=replicated, constrain_activations=False
     )
     self._take = ready.ReadyJit(
         jax.jit(lambda b: jax.tree.map(lambda x: x[: self.n], b), out_shardings=replicated),
