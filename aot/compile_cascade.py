@@ -99,8 +99,8 @@ def parse_mesh(text: str | None) -> dict[str, int] | None:
 
 
 def build_stages(text: str | None, dtype: str, cascade) -> list:
-  """The `Stage`s of `--stages` (see its help); IF folders with the cascade's `deepfloyd`
-  block, compute dtype `dtype`."""
+  """`(stage config, Stage)` of each `--stages` entry (see its help); IF folders with the
+  cascade's `deepfloyd` block, compute dtype `dtype`."""
   block = cascade.get("deepfloyd", None)
   if text is None:
     n = int(cascade.num_stages)
@@ -126,7 +126,7 @@ def build_stages(text: str | None, dtype: str, cascade) -> list:
     except ValueError as e:
       fail(f"--stages entry {entry!r}: {e}")
     config.model.dtype = dtype
-    out.append(Stage.from_config(config))
+    out.append((config, Stage.from_config(config)))
   return out
 
 
@@ -140,8 +140,7 @@ def main(argv):
   except ValueError as e:
     fail(str(e))
   cascade = _CASCADE.value
-  stages = build_stages(_STAGES.value, _DTYPE.value, cascade)
-  configs = [s.config for s in stages]
+  configs, stages = zip(*build_stages(_STAGES.value, _DTYPE.value, cascade))
   blocks = [cascade[f"stage{k + 1}"] for k in range(len(configs))]
   devices = aot.topology_devices(topology)
   try:
@@ -202,8 +201,7 @@ def main(argv):
   encode_s = r.roofline_s / enc_batch * len(set(batches))
   rows.append(("T5 encode", r, encode_s))
   total_s = encode_s
-  for stage, block, stage_batch in zip(stages, blocks, batches):
-    config = stage.config
+  for config, stage, block, stage_batch in zip(configs, stages, blocks, batches):
     settings = SamplingSettings.from_config(block)
     guided = settings.guidance_weight != 1.0
     # `Cascade` always gives IF stages the unconditional text ("" or a negative prompt).

@@ -36,7 +36,6 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from imagen_jax import denoiser
 from imagen_jax.diffusion import (
@@ -174,9 +173,17 @@ def override_settings(settings, overrides: dict) -> list[SamplingSettings]:
 # eq=False: hashed by identity, so a Stage can be a static argument of jitted functions.
 @dataclasses.dataclass(frozen=True, eq=False)
 class Stage:
-  """One stage's network, schedule, target, kind, sizes and text input (see module doc)."""
+  """One stage's network, schedule, target, kind, sizes and text input (see module doc).
 
-  config: ml_collections.ConfigDict
+  Typed fields only: `from_config` is the one place a stage config is read; the ConfigDict
+  itself stays with whoever read it (the trainer, `sampling.cascade.LoadedStage`, the AOT
+  tools). `name`: `config.stage`; `is_deepfloyd`: a published DeepFloyd IF U-Net
+  (`model.kind == "deepfloyd"`: IF's lowres conditioning, and "ddpm" is IF's own DDPM with its
+  learned variance, `diffusion.discrete`); `schedule_steps`: the discrete schedule's length
+  (`diffusion.num_timesteps`, IF's 1000); `text_name`: the frozen encoder's registry name.
+  """
+
+  name: str
   model: nn.Module
   schedule: schedules.Schedule
   target: str
@@ -187,6 +194,9 @@ class Stage:
   train_lowres_size: int
   text_dim: int
   text_len: int
+  text_name: str = ""
+  is_deepfloyd: bool = False
+  schedule_steps: int = discrete.NUM_TRAIN_TIMESTEPS
 
   @classmethod
   def from_config(cls, config, *, model: nn.Module | None = None) -> "Stage":
@@ -198,7 +208,7 @@ class Stage:
       )
     image, lowres = train_sizes(config)
     return cls(
-        config=config,
+        name=str(config.stage),
         model=unet.build_model(config.model) if model is None else model,
         schedule=make_schedule(config.diffusion),
         target=target,
@@ -209,17 +219,10 @@ class Stage:
         train_lowres_size=lowres,
         text_dim=registry.text_dim(config.text),
         text_len=int(config.text.max_length),
+        text_name=str(config.text.name),
+        is_deepfloyd=str(config.model.kind) == "deepfloyd",
+        schedule_steps=int(config.diffusion.get("num_timesteps", discrete.NUM_TRAIN_TIMESTEPS)),
     )
-
-  @property
-  def name(self) -> str:
-    return str(self.config.stage)
-
-  @property
-  def is_deepfloyd(self) -> bool:
-    """A published DeepFloyd IF U-Net (`model.kind == "deepfloyd"`): IF's lowres conditioning,
-    and "ddpm" is IF's own DDPM with its learned variance (`diffusion.discrete`)."""
-    return str(self.config.model.kind) == "deepfloyd"
 
   # ----- conditioning (Imagen §2.2, §2.4, App. D.2) -----
 
@@ -242,7 +245,7 @@ class Stage:
     if emb.shape[-1] != self.text_dim:
       raise ValueError(
           f"text embeddings of width D={emb.shape[-1]} for stage {self.name}, whose network "
-          f"reads D={self.text_dim} (text.registry.text_dim of text.name={self.config.text.name!r})"
+          f"reads D={self.text_dim} (text.registry.text_dim of text.name={self.text_name!r})"
       )
     return jax.lax.stop_gradient(emb.astype(jnp.float32)), mask
 
@@ -385,10 +388,6 @@ class Stage:
         sample_max_value=settings.max_scale,
         clip_sample=thr == "static",
     )
-
-  @property
-  def schedule_steps(self) -> int:
-    return int(self.config.diffusion.get("num_timesteps", discrete.NUM_TRAIN_TIMESTEPS))
 
   # ----- the abstract param tree -----
 

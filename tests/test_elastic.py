@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 from imagen_jax import checkpoint as ckpt_lib
 from imagen_jax.data import pipeline, shapes
 from imagen_jax.parallel import mesh as mesh_lib
-from imagen_jax.train import trainer
+from imagen_jax.train import settings, trainer
 from tests.test_checkpoint import CONFIG, abstract_of, position, toy_items
 from tests.test_train_multiprocess import env, free_port
 from tests.test_train_trainer import CUT, losses, tiny_config
@@ -208,7 +208,9 @@ def test_elastic_per_process_iterator_checkpoint_is_refused_or_restarted_from_it
   assert ck.data_position(3, from_step=True) is None
   ck.close()
   config = tiny_config("base64", tmp_path / "data", **{"train.global_batch_size": 8})
-  assert trainer.data_start(config, None, 3) == 24  # step x global batch
+  assert (
+      trainer.data_start(settings.LoaderSettings.from_config(config), None, 3) == 24
+  )  # step x global batch
 
 
 # --- 2 local processes (slow) ------------------------------------------------------------------

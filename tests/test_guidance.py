@@ -232,7 +232,7 @@ def test_guidance_schedule_denoiser_sees_w_of_t_at_each_step(schedule, sampler):
   from imagen_jax.stage import SamplingSettings, Stage
 
   stage = Stage(
-      config=None,
+      name="test",
       model=_CondIsOne(),
       schedule=get_schedule("cosine"),
       target="eps",

@@ -145,7 +145,7 @@ def test_abstract_params_match_the_init_and_carry_their_shardings():
     assert (a.shape, a.dtype) == (p.shape, p.dtype)
   assert "aug" in params  # the SR path (aug_level) is part of the tree
   mesh = mesh_lib.make_mesh({"data": 4, "fsdp": 2, "tensor": 1})
-  rules = tuple(tuple(r) for r in st.config.mesh.logical_axis_rules)
+  rules = tuple(tuple(r) for r in load_config("sr256").mesh.logical_axis_rules)
   specs = st.param_specs(mesh, rules)
   assert specs["conv_in"]["kernel"] == jax.sharding.PartitionSpec(None, None, None, "fsdp")
 

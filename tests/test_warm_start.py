@@ -19,7 +19,7 @@ from imagen_jax.parallel import sharding as sharding_lib
 from imagen_jax.sampling import cascade
 from imagen_jax.stage import Stage
 from imagen_jax.text import registry
-from imagen_jax.train import optim, trainer, warm_start
+from imagen_jax.train import optim, settings, trainer, warm_start
 from imagen_jax.train import program as program_lib
 from imagen_jax.train import state as state_lib
 from tests.test_train_trainer import CUT, tiny_config
@@ -61,7 +61,7 @@ def test_first_loss_is_the_source_loss_on_the_same_batch(runs):
   loaded = cascade.load_stage(source, mesh=mesh, rules=rules)
   state = state_lib.create_state(program.stage, program.tx, program.shardings, jax.random.key(9))
   state = state.replace(params=jax.device_put(loaded.params, program.shardings.params))
-  loader = trainer.make_train_loader(c, encoder.tokenize, 0)
+  loader = trainer.make_train_loader(settings.LoaderSettings.from_config(c), encoder.tokenize, 0)
   batch = pipeline.to_global_batch(next(loader), mesh, sharding_lib.batch_axes(rules, mesh))
   step_rng = jax.random.split(jax.random.key(int(c.train.seed)), 3)[1]
   _, metrics = program.step(state, batch, step_rng, encoder.params)

@@ -65,16 +65,14 @@ class StageLoadError(ValueError):
 
 @dataclasses.dataclass
 class LoadedStage:
-  """One trained stage: its stage layer (`imagen_jax.stage.Stage`) and EMA params."""
+  """One trained stage: the config it was trained with (read once, here, at load time), its
+  stage layer (`imagen_jax.stage.Stage`, built from that config) and EMA params."""
 
   workdir: str
+  config: ml_collections.ConfigDict
   stage: Stage
   params: Any
   step: int
-
-  @property
-  def config(self) -> ml_collections.ConfigDict:
-    return self.stage.config
 
   @property
   def is_sr(self) -> bool:
@@ -137,10 +135,10 @@ def load_stage(
   when it was written by an older layout).
   """
   if deepfloyd_stage.is_diffusers_unet(workdir):  # a published IF U-Net (`deepfloyd` block)
-    stage, params = deepfloyd_stage.load_stage(
+    config, stage, params = deepfloyd_stage.load_stage(
         workdir, deepfloyd, mesh=mesh, rules=rules, fsdp_min_size=fsdp_min_size
     )
-    return LoadedStage(workdir=workdir, stage=stage, params=params, step=0)
+    return LoadedStage(workdir=workdir, config=config, stage=stage, params=params, step=0)
   json_path = paths.join(workdir, "config.json")
   ckpt_dir = paths.join(workdir, "checkpoints")
   json_exists, ckpt_exists = paths.path(json_path).exists(), paths.path(ckpt_dir).is_dir()
@@ -180,7 +178,7 @@ def load_stage(
     params = ckpt.restore_ema(step, target, config_dict=config.to_dict())
   finally:
     ckpt.close()
-  return LoadedStage(workdir=workdir, stage=stage, params=params, step=step)
+  return LoadedStage(workdir=workdir, config=config, stage=stage, params=params, step=step)
 
 
 def stage_settings(cascade_config, num_stages: int | None = None) -> list[SamplingSettings]:
@@ -421,11 +419,11 @@ class Cascade:
     stage = self.stages[k]
     if stage.is_sr != (lowres is not None):
       raise ValueError(
-          f"stage {stage.config.stage} {'needs' if stage.is_sr else 'takes no'} low-res input"
+          f"stage {stage.stage.name} {'needs' if stage.is_sr else 'takes no'} low-res input"
       )
     if lowres is not None and lowres.shape[1] != stage.lowres_size:
       raise ValueError(
-          f"stage {stage.config.stage} expects {stage.lowres_size}px low-res "
+          f"stage {stage.stage.name} expects {stage.lowres_size}px low-res "
           f"inputs, got {lowres.shape}"
       )
     w = np.float32(settings.guidance_weight)

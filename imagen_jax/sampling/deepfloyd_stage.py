@@ -92,9 +92,12 @@ def stage_config(
   return c
 
 
-def build_stage(unet_dir: str, deepfloyd_block, *, local: str | None = None) -> Stage:
-  """The stage of an IF U-Net folder from its `config.json` alone (no weights are read; what
-  `aot/compile_cascade.py` compiles). `local`: a local copy of a `gs://` folder."""
+def build_stage(
+    unet_dir: str, deepfloyd_block, *, local: str | None = None
+) -> tuple[ml_collections.ConfigDict, Stage]:
+  """`(stage config, stage)` of an IF U-Net folder from its `config.json` alone (no weights
+  are read; what `aot/compile_cascade.py` compiles). `local`: a local copy of a `gs://`
+  folder."""
   local = local or unet_dir
   if not os.path.isdir(local):
     raise FileNotFoundError(f"no IF U-Net folder at {unet_dir!r}")
@@ -102,17 +105,19 @@ def build_stage(unet_dir: str, deepfloyd_block, *, local: str | None = None) -> 
       ml_collections.ConfigDict(dict(kind="deepfloyd", path=local)), None
   )
   config = stage_config(unet_dir, model.config, deepfloyd_block)
-  return Stage.from_config(config, model=deepfloyd.build_denoiser(config.model, model.config))
+  return config, Stage.from_config(
+      config, model=deepfloyd.build_denoiser(config.model, model.config)
+  )
 
 
 def load_stage(
     unet_dir: str, deepfloyd_block, *, mesh=None, rules=None, fsdp_min_size: int | None = None
-) -> tuple[Stage, dict]:
-  """`(stage, params)` of an IF U-Net folder: its weights read into their shards on `mesh`
-  (default `stage_sampler.default_mesh()`), laid out by `rules` (default the block's)."""
+) -> tuple[ml_collections.ConfigDict, Stage, dict]:
+  """`(stage config, stage, params)` of an IF U-Net folder: its weights read into their shards
+  on `mesh` (default `stage_sampler.default_mesh()`), laid out by `rules` (default the
+  block's)."""
   local = paths.local_copy(unet_dir) if paths.is_remote(unet_dir) else unet_dir
-  stage = build_stage(unet_dir, deepfloyd_block, local=local)
-  config = stage.config
+  config, stage = build_stage(unet_dir, deepfloyd_block, local=local)
   mesh = ss.default_mesh() if mesh is None else mesh
   rules = sharding_lib.rules_from_config(config) if rules is None else rules
   fsdp = sharding_lib.fsdp_min_size_from_config(config) if fsdp_min_size is None else fsdp_min_size
@@ -124,7 +129,7 @@ def load_stage(
       shardings=shardings["unet"],
       param_dtype=stage.model.param_dtype,
   )
-  return stage, {"unet": params}
+  return config, stage, {"unet": params}
 
 
 def image_size(unet_dir: str) -> int:

@@ -38,7 +38,7 @@ from imagen_jax.train import step as step_lib
 class TrainProgram:
   """One stage's jitted train step on `mesh`, with the layouts of its arguments."""
 
-  config: Any
+  global_batch: int  # train.global_batch_size: the examples of one optimizer step
   mesh: jax.sharding.Mesh
   rules: tuple
   stage: Stage
@@ -51,10 +51,6 @@ class TrainProgram:
   text_abstract: Any  # the frozen encoder's param shapes
   use_cache: bool
   step: Callable
-
-  @property
-  def global_batch(self) -> int:
-    return int(self.config.train.global_batch_size)
 
   def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
     """The global batch's shapes, dtypes and shardings (see the module docstring)."""
@@ -167,7 +163,7 @@ def build(config, mesh, encoder, *, use_cache: bool) -> TrainProgram:
   # The trainer passes the encoder's params either way (its sample grids encode prompts).
   text_abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), encoder.params)
   return TrainProgram(
-      config=c,
+      global_batch=int(c.train.global_batch_size),
       mesh=mesh,
       rules=rules,
       stage=stage,

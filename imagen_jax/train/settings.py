@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from typing import Any
 
 from imagen_jax import profiling
 from imagen_jax.diffusion import losses
@@ -133,4 +134,33 @@ class StepSettings:
         grad_accum_steps=int(accum),
         drop_prob=drop_prob,
         aug_range=(aug_lo, aug_hi),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class LoaderSettings:
+  """What the training loader and its resume position read of the config (`from_config`).
+
+  data: the `data` section, the pipeline's own settings (`data.pipeline.make_loader`).
+  image_size, lowres_size: the stage's sides (`lowres_size` None for a base stage).
+  global_batch_size, seed: `train.*`; shuffle: `data.shuffle` (with the seed, the data order
+    a checkpoint's saved position refers to).
+  """
+
+  data: Any
+  image_size: int
+  lowres_size: int | None
+  global_batch_size: int
+  seed: int
+  shuffle: bool
+
+  @classmethod
+  def from_config(cls, config) -> "LoaderSettings":
+    return cls(
+        data=config.data,
+        image_size=int(config.image_size),
+        lowres_size=int(config.lowres_size or 0) or None,
+        global_batch_size=int(config.train.global_batch_size),
+        seed=int(config.train.seed),
+        shuffle=bool(config.data.shuffle),
     )

@@ -135,32 +135,33 @@ def _preemption_service_running() -> bool:
   return state.client is not None and state.preemption_sync_manager is not None
 
 
-def make_train_loader(config, tokenizer, start_index: int, embedding_lookup=None):
+def make_train_loader(
+    settings: settings_lib.LoaderSettings, tokenizer, start_index: int, embedding_lookup=None
+):
   """This process's loader of its slice of the global batches, from global example
   `start_index` (`data.pipeline` module doc: the batches are the same for any process count)."""
-  lowres = int(config.lowres_size or 0) or None
   return pipeline.make_loader(
-      config.data,
-      image_size=int(config.image_size),
-      lowres_size=lowres,
-      global_batch_size=int(config.train.global_batch_size),
+      settings.data,
+      image_size=settings.image_size,
+      lowres_size=settings.lowres_size,
+      global_batch_size=settings.global_batch_size,
       tokenizer=None if embedding_lookup else tokenizer,
       embedding_lookup=embedding_lookup,
-      seed=int(config.train.seed),
+      seed=settings.seed,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
       start_index=start_index,
   )
 
 
-def data_start(config, saved: dict | None, step: int) -> int:
+def data_start(settings: settings_lib.LoaderSettings, saved: dict | None, step: int) -> int:
   """The global example index a run resuming at `step` reads next: the checkpoint's saved
   position, else step x global batch (a fresh run: 0)."""
   if saved is None:
-    return step * int(config.train.global_batch_size)
+    return step * settings.global_batch_size
   changed = [
       f"{k}: {saved.get(k)!r} saved, {now!r} now"
-      for k, now in (("seed", int(config.train.seed)), ("shuffle", bool(config.data.shuffle)))
+      for k, now in (("seed", settings.seed), ("shuffle", settings.shuffle))
       if saved.get(k) != now
   ]
   if changed:
@@ -289,10 +290,11 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> d
     )
   step = int(jax.device_get(state.step))
   logging.info("%d params", state_lib.param_count(abstract.params))
+  loader_settings = settings_lib.LoaderSettings.from_config(c)
   loader = make_train_loader(
-      c,
+      loader_settings,
       encoder.tokenize,
-      data_start(c, saved_position, step),
+      data_start(loader_settings, saved_position, step),
       embedding_lookup=text_cache.get_batch if text_cache else None,
   )
 
