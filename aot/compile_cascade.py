@@ -50,7 +50,7 @@ from ml_collections import config_flags
 from imagen_jax import cli
 from imagen_jax.parallel import aot
 from imagen_jax.parallel import sharding as sharding_lib
-from imagen_jax.sampling import cascade_report, deepfloyd_stage
+from imagen_jax.sampling import cascade_report, deepfloyd_stage, hosts
 from imagen_jax.sampling import stage_sampler as ss
 from imagen_jax.stage import SamplingSettings, Stage
 from imagen_jax.text import registry
@@ -149,19 +149,25 @@ def main(argv):
     fail(f"--topology={topology.name} has {len(devices)} chips: {e}")
   rules = sharding_lib.rules_from_config(configs[0])
   batch = cascade.batch_size if _BATCH.value is None else _BATCH.value
-  multiple = ss.batch_size_multiple(mesh, ss.rules_for_mesh(rules, mesh))
+  multiple = ss.batch_size_multiple(mesh, sharding_lib.rules_for_mesh(rules, mesh))
   if batch < 1 or batch % multiple:
     fail(
         f"--batch={batch} does not divide over the mesh's batch axes; allowed: a multiple of {multiple}"
     )
-  batches = [int(block.get("batch_size", 0)) or batch for block in blocks]
-  for k, b in enumerate(batches, start=1):
-    if b < 1 or b % multiple or batch % b:
-      fail(
-          f"--cascade.stage{k}.batch_size={b} is not a divisor of the cascade's batch {batch} that "
-          f"divides over the mesh's {multiple} batch shards; allowed: 0 or one of "
-          f"{[d for d in range(multiple, batch + 1, multiple) if batch % d == 0]}"
+  batches = []
+  for k, block in enumerate(blocks, start=1):
+    try:
+      batches.append(
+          hosts.stage_batch(
+              f"--cascade.stage{k}.batch_size",
+              block.get("batch_size", 0),
+              "--cascade.batch_size" if _BATCH.value is None else "--batch",
+              batch,
+              multiple,
+          )
       )
+    except ValueError as e:
+      fail(str(e))
   usable = aot.usable_hbm_bytes(devices[0]) if _HBM.value is None else _HBM.value * aot.GIB
   print(
       f"cascade on {topology.chip.name} x {topology.num_chips} ({topology.libtpu_name}), mesh "

@@ -23,6 +23,7 @@ import io
 import json
 import os
 import subprocess
+import tarfile
 import time
 import urllib.request
 
@@ -30,7 +31,8 @@ import numpy as np
 import PIL.Image
 from absl import flags
 
-from imagen_jax import cli  # imports nothing that reads the emulator's env
+from imagen_jax import cli, paths
+from imagen_jax.data import pipeline, webdataset
 
 _DATA = flags.DEFINE_string("data", "", "a prepared dataset (else synthetic, in the emulator)")
 _NUM = flags.DEFINE_integer("num_images", 256, "synthetic images per source resolution")
@@ -79,11 +81,6 @@ def start_emulator() -> subprocess.Popen:
 
 def synthetic(size: int, n: int, prefix: str) -> str:
   """n random JPEGs at size x size in webdataset shards of 64, prepared; returns the folder."""
-  import tarfile
-
-  from imagen_jax import paths
-  from imagen_jax.data import webdataset
-
   rng = np.random.default_rng(size)
   urls = []
   for s in range(0, n, 64):
@@ -109,11 +106,7 @@ def synthetic(size: int, n: int, prefix: str) -> str:
 def main(argv):
   del argv
   proc = None if _DATA.value else start_emulator()
-  from imagen_jax import paths  # after the emulator's env is set
-
-  paths.configure_environment()
-  from imagen_jax.data import pipeline
-
+  paths.configure_environment()  # the storage clients read the emulator's env, set just now
   try:
     sources = {}
     results = {}

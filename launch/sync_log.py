@@ -33,7 +33,7 @@ def main(argv: list[str]) -> int:
     return 2
   pid, log, dest = int(args[0]), args[1], args[2]
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
-  from imagen_jax import atomic
+  from imagen_jax import atomic  # importable once the checkout is on sys.path (above)
 
   copied = -1.0
 

@@ -84,8 +84,8 @@ def test_sampling_is_sharded_over_devices_and_does_not_depend_on_them(loaded):
 
 def test_per_sample_noise_does_not_depend_on_the_batch():
   key = jax.random.key(0)
-  full = cascade.initial_noise(key, jnp.arange(4), (4, 4, 3))
-  part = cascade.initial_noise(key, jnp.arange(2, 4), (4, 4, 3))
+  full = stage_sampler.initial_noise(key, jnp.arange(4), (4, 4, 3))
+  part = stage_sampler.initial_noise(key, jnp.arange(2, 4), (4, 4, 3))
   np.testing.assert_array_equal(full[2:], part)
 
 

@@ -84,8 +84,9 @@ CASES = [
     (
         "aot/compile_cascade.py",
         ["--topology=v4-8", "--cascade.stage3.batch_size=12"],
-        "stage3.batch_size=12 is not a divisor of the cascade's batch 32 that divides over the "
-        "mesh's 4 batch shards; allowed: 0 or one of [4, 8, 16, 32]",
+        "--cascade.stage3.batch_size=12 is not a divisor of the cascade's batch "
+        "--cascade.batch_size=32 that divides over its 4 batch shards; allowed: 0 (the cascade's "
+        "batch) or one of [4, 8, 16, 32]",
     ),
     ("aot/scale_table.py", [f"{MISSING}.json"], f"{MISSING}.json"),
     ("benchmarks/unet_step.py", ["--batch=eight"], "--batch=eight"),

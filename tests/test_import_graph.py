@@ -185,7 +185,9 @@ def _deferred_imports(path: pathlib.Path):
 
 
 DEFERRED_CHECKED = sorted(
-    f for d in ("imagen_jax", "experiments", "aot", "configs") for f in (ROOT / d).rglob("*.py")
+    f
+    for d in ("imagen_jax", "experiments", "aot", "configs", "benchmarks", "launch")
+    for f in (ROOT / d).rglob("*.py")
 )
 
 

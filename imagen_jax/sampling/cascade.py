@@ -52,7 +52,6 @@ from imagen_jax.parallel import ready
 from imagen_jax.parallel import sharding as sharding_lib
 from imagen_jax.sampling import deepfloyd_stage
 from imagen_jax.sampling import stage_sampler as ss
-from imagen_jax.sampling.stage_sampler import initial_noise  # noqa: F401  (public here too)
 from imagen_jax.stage import SamplingSettings, Stage
 from imagen_jax.text import registry
 
@@ -269,7 +268,7 @@ class Cascade:
       raise ValueError("Cascade: pass mesh, or devices / mesh_shape, not both")
     self.mesh = ss.default_mesh(devices, mesh_shape) if mesh is None else mesh
     rules = sharding_lib.rules_from_config(stages[0].config) if rules is None else tuple(rules)
-    self.rules = ss.rules_for_mesh(rules, self.mesh)
+    self.rules = sharding_lib.rules_for_mesh(rules, self.mesh)
     self.fsdp_min_sizes = [
         sharding_lib.fsdp_min_size_from_config(s.config)
         if fsdp_min_size is None

@@ -195,6 +195,23 @@ def check_batch_size(model, batch_size: int, flag: str = "--config.batch_size") 
   return batch_size
 
 
+def stage_batch(setting: str, value, batch_setting: str, batch: int, shards: int) -> int:
+  """A cascade stage's batch from its `setting` (`stageK.batch_size` = `value`): 0 = the
+  cascade's `batch`; else a divisor of it (each batch of prompts splits into whole sub-batches)
+  that divides over the `shards` batch shards. Raises ValueError naming the setting, its value
+  and what is allowed. The one check of a stage batch, for the applications and the AOT tool."""
+  if type(value) is int and value == 0:
+    return batch
+  divisors = [d for d in range(shards, batch + 1, shards) if batch % d == 0]
+  if type(value) is not int or value not in divisors:
+    raise ValueError(
+        f"{setting}={value!r} is not a divisor of the cascade's batch {batch_setting}={batch} "
+        f"that divides over its {shards} batch shards; allowed: 0 (the cascade's batch) or one "
+        f"of {divisors}"
+    )
+  return value
+
+
 def application_batch_size(model, flag_value: int | None, config) -> int:
   """An application's batches, all from the cascade config (the one place they are set); returns
   the cascade's batch and sets the model's per-stage ones (`Cascade.set_stage_batch_sizes`).
@@ -218,17 +235,8 @@ def application_batch_size(model, flag_value: int | None, config) -> int:
     own = f"--config.stage{k + 1}.batch_size"
     block = config.get(f"stage{k + 1}", None)
     value = 0 if block is None else block.get("batch_size", 0)
-    if type(value) is int and value == 0:
-      batches.append((flag, batch, own))
-      continue
-    divisors = [d for d in range(m, batch + 1, m) if batch % d == 0]
-    if type(value) is not int or value not in divisors:
-      raise ValueError(
-          f"{own}={value!r} is not a batch for stage {k + 1} of a cascade batch {flag}={batch} "
-          f"over {m} batch shards; allowed: 0 (the cascade's batch) or one of {divisors} "
-          f"(the divisors of {batch} that divide over the shards)"
-      )
-    batches.append((own, value, own))
+    inherited = type(value) is int and value == 0
+    batches.append((flag if inherited else own, stage_batch(own, value, flag, batch, m), own))
   reports = [p.strip() for p in str(config.get("aot_report", "") or "").split(",") if p.strip()]
   if reports:
     cascade_report.check_batches(reports, batches, jax.device_count())

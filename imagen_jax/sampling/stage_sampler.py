@@ -39,7 +39,6 @@ from imagen_jax.diffusion import editing
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.parallel import ready
 from imagen_jax.parallel import sharding as sharding_lib
-from imagen_jax.parallel.sharding import rules_for_mesh
 from imagen_jax.stage import SamplingSettings, Stage
 from imagen_jax.text import registry
 
@@ -57,7 +56,6 @@ __all__ = [
     "make_denoise_step",
     "make_encode",
     "make_stage_sampler",
-    "rules_for_mesh",
     "stage_param_shardings",
 ]
 
@@ -125,7 +123,7 @@ def make_encode(encoder, mesh, rules: Rules):
   """The frozen T5 encode jitted on `mesh` (`text.registry.make_encode`, §2.1): `fn(params,
   ids [B, L] int32, mask [B, L] bool) -> emb float32 [B, L, D]`, params sharded by their logical
   specs, the batch over the batch axes; `rules` naming axes the mesh lacks are restricted."""
-  return registry.make_encode(encoder, mesh, rules_for_mesh(rules, mesh))
+  return registry.make_encode(encoder, mesh, sharding_lib.rules_for_mesh(rules, mesh))
 
 
 def initial_noise(key: Array, indices: Array, shape: tuple[int, ...]) -> Array:
@@ -310,7 +308,7 @@ def abstract_encode_inputs(config, batch: int, max_length: int, mesh, rules: Rul
   `config`: a `t5.T5Config` or `bert.BertConfig`."""
   _check_batch(batch, mesh, rules)
   shardings = nn.logical_to_mesh_sharding(
-      registry.logical_specs(config), mesh, rules_for_mesh(rules, mesh)
+      registry.logical_specs(config), mesh, sharding_lib.rules_for_mesh(rules, mesh)
   )
   params = jax.tree.map(
       lambda a, s: _sds(a.shape, a.dtype, s), nn.unbox(registry.abstract_params(config)), shardings

@@ -160,18 +160,22 @@ def make_encode(encoder, mesh: jax.sharding.Mesh, rules):
   ``encoder``: a ``TextEncoder`` or an encoder config (``t5.T5Config`` / ``bert.BertConfig``).
   Params sharded by their logical specs under ``rules`` (as ``get_text_encoder`` places them),
   ids / mask / emb split over the mesh axes of the logical ``batch`` axis (B must divide over
-  them). Takes concrete arrays or sharded ``jax.ShapeDtypeStruct``s (ahead-of-time lowering).
+  them); traced under the mesh and ``rules`` (``parallel.sharding.mesh_jit``), so the encoder's
+  activation constraints lay out its hidden states as in the train step. Takes concrete arrays
+  or sharded ``jax.ShapeDtypeStruct``s (ahead-of-time lowering).
   """
   config = encoder.config if isinstance(encoder, TextEncoder) else encoder
   module = encoder_module(config)
   tokens, emb = _batch_sharding(mesh, rules, 2), _batch_sharding(mesh, rules, 3)
   params = nn.logical_to_mesh_sharding(logical_specs(config), mesh, rules)
-  jitted = jax.jit(
+  return sharding_lib.mesh_jit(
       functools.partial(encode_tokens, module),
+      mesh,
+      rules,
+      name="text_encode",
       in_shardings=(params, tokens, tokens),
       out_shardings=emb,
   )
-  return ready.ReadyJit(jitted, "text_encode")
 
 
 @dataclasses.dataclass(eq=False)
