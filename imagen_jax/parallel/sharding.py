@@ -104,6 +104,8 @@ def mesh_jit(
     with nn.logical_axis_rules(active_rules):
       return fn(*args)
 
+  traced.__name__ = traced.__qualname__ = name  # the program's name in HLO dumps and profiles
+
   given = {"in_shardings": in_shardings, "out_shardings": out_shardings}
   jitted = jax.jit(
       traced, donate_argnums=donate_argnums, **{k: v for k, v in given.items() if v is not None}

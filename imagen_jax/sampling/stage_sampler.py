@@ -207,7 +207,7 @@ def make_stage_sampler(
   if edit is not None:
     in_shardings += (batch(4), batch(4))  # init_image, mask (a None mask is an empty tree)
   return sharding_lib.mesh_jit(
-      sample, mesh, rules, name="sampler", in_shardings=in_shardings, out_shardings=batch(4)
+      sample, mesh, rules, name="sample", in_shardings=in_shardings, out_shardings=batch(4)
   )
 
 
@@ -238,7 +238,7 @@ def make_denoise_step(
       NamedSharding(mesh, P()),
   )
   return sharding_lib.mesh_jit(
-      denoise, mesh, rules, name="sampler", in_shardings=in_shardings, out_shardings=batch(4)
+      denoise, mesh, rules, name="denoise_step", in_shardings=in_shardings, out_shardings=batch(4)
   )
 
 
