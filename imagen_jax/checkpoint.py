@@ -225,8 +225,8 @@ _READ_ONLY_NOTICE = _ReadOnlyNotice()
 @functools.cache  # once per process
 def _whole_array_writes_on_cpu():
   """On CPU the devices are this host's memory: Orbax's replica-parallel writes (each replica
-  writes a slice) only add a compile per array shape (~15 s at a tiny net's first save on 8
-  devices). There each array is written whole by its first replica."""
+  writes a slice) only add a compile per array shape at a process's first save, seconds for a
+  few hundred arrays. There each array is written whole by its first replica."""
   if jax.default_backend() == "cpu":
     absl_logger, level = logging.getLogger("absl"), logging.getLogger("absl").level
     absl_logger.setLevel(logging.ERROR)  # Orbax warns of the override, expected here
