@@ -41,6 +41,7 @@ Retention: the newest `max_to_keep` steps plus every step divisible by `keep_per
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import os
@@ -221,6 +222,21 @@ class _ReadOnlyNotice(logging.Filter):
 _READ_ONLY_NOTICE = _ReadOnlyNotice()
 
 
+@functools.cache  # once per process
+def _whole_array_writes_on_cpu():
+  """On CPU the devices are this host's memory: Orbax's replica-parallel writes (each replica
+  writes a slice) only add a compile per array shape at a process's first save, seconds for a
+  few hundred arrays. There each array is written whole by its first replica."""
+  if jax.default_backend() == "cpu":
+    absl_logger, level = logging.getLogger("absl"), logging.getLogger("absl").level
+    absl_logger.setLevel(logging.ERROR)  # Orbax warns of the override, expected here
+    try:
+      handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=False)
+      ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    finally:
+      absl_logger.setLevel(level)
+
+
 class Checkpointer:
   """Thin wrapper of `ocp.CheckpointManager` for the items of the module doc."""
 
@@ -264,6 +280,7 @@ class Checkpointer:
           # A save cut short (SIGKILL, full disk) leaves a temporary directory: removed at start.
           cleanup_tmp_directories=True,
       )
+      _whole_array_writes_on_cpu()
     handlers = {
         TRAIN_STATE: ocp.StandardCheckpointHandler(),
         EMA: ocp.StandardCheckpointHandler(),

@@ -40,7 +40,9 @@ def runs(tmp_path_factory):
   config = tiny_config(
       "base64",
       data,
-      **{**BASE, "train.num_steps": 1, "train.init_from": source, "optim.learning_rate": 1e-3},
+      # The source's optimizer and EMA settings: the same step program, loaded from the run's
+      # compilation cache instead of compiled again (the first loss is taken before any update).
+      **{**BASE, "train.num_steps": 1, "train.init_from": source, "train.ema_decay": 0.5},
   )
   target = str(root / "target")
   trainer.train_and_evaluate(config, target)
