@@ -31,6 +31,7 @@ directly in its shard.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -433,6 +434,12 @@ class Stage:
 
   def abstract_boxed_params(self) -> Any:
     """`jax.eval_shape` of the init: shapes + logical names, no memory."""
+    return self._abstract_boxed_params
+
+  # Traced once per stage: loading a cascade asks for the shapes and the specs several times,
+  # and each trace of a network costs about a second on a CPU. The tree is immutable.
+  @functools.cached_property
+  def _abstract_boxed_params(self) -> Any:
     return jax.eval_shape(self.init_boxed_params, jax.random.key(0))
 
   def abstract_params(self) -> Any:

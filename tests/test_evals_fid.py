@@ -68,6 +68,22 @@ def test_fd_matches_pytorch_fid_golden(case):
   assert got == pytest.approx(float(z[f"fd_{case}_value"]), rel=1e-7)
 
 
+def test_fd_reuses_the_references_square_root():
+  # tr((S1 S2)^1/2) through the reference's S2^1/2 (computed once, kept on its statistics)
+  # equals the S1^1/2 route; each point of a sweep then costs one eigvalsh, not two eigh.
+  rng = np.random.default_rng(4)
+  (mu1, s1), (mu2, s2), (mu3, s3) = (_random_stats(rng, 32, n) for n in (200, 20, 300))
+  ref = FrechetStats(mu3, s3, 300, "clean")
+  assert "sigma_sqrt" not in ref.__dict__
+  for mu, s in ((mu1, s1), (mu2, s2)):
+    plain = frechet_distance(mu, s, mu3, s3, sigma2_sqrt=None)
+    other_route = frechet_distance(mu3, s3, mu, s)  # the square root of the other side
+    got = fid_from_statistics(FrechetStats(mu, s, 10, "clean"), ref)
+    assert got == pytest.approx(plain, rel=1e-12)
+    assert got == pytest.approx(other_route, rel=1e-7)  # rank-deficient S1 (20 < 32): rounding
+  np.testing.assert_allclose(ref.sigma_sqrt @ ref.sigma_sqrt, s3, atol=1e-9 * np.abs(s3).max())
+
+
 def test_fd_matches_pytorch_fid_live():
   ref = _reference_module()
   rng = np.random.default_rng(3)
