@@ -203,9 +203,11 @@ def main(argv):
   print("per chip:")
   for k, v in rows:
     print(f"  {k:<44} {v}")
-  print("compiled HLO by kind (instructions, GB read + written, an estimate):")
+  print("compiled HLO by kind (instructions, HBM GB read + written, an estimate):")
   for kind in hlo_breakdown.KINDS:
     print(f"  {kind:<12} {parts[kind]['count']:7d} {parts[kind]['gb']:12.3f} GB")
+  print(f"  {'HBM total':<12} {'':7} {parts['hbm_gb']:12.3f} GB")
+  print(f"  on-chip buffers written (VMEM / CMEM prefetches) {parts['onchip_gb']:.3f} GB")
   print(f"  collective results (inter-chip estimate) {parts['collective_gb']:.3f} GB")
   over = (r.peak_bytes - r.hbm_bytes) / aot.GIB
   print(

@@ -13,10 +13,15 @@ JAX / Flax scope in its `op_name` metadata:
   conv          convolutions and the fusions built around one
   other         normalisation, elementwise, copies, layout changes and the rest
 
-Per kind: the instruction count and bytes = the bytes of its result plus those of its operands
-(each buffer read or written once: an estimate of HBM traffic that ignores caching in VMEM and
-fusion-internal reuse); for collectives, `collective_gb` is the bytes of their results (the data
-each chip gathers or keeps), an estimate of inter-chip traffic per step.
+Per kind: the instruction count and `gb` = the HBM bytes of its result plus those of its
+operands, each buffer read or written once (an estimate of HBM traffic: fusion-internal reuse and
+re-reads of tiles are not in it). Only buffers in HBM count: XLA's memory-space assignment puts
+prefetched slices and small values in on-chip memory (a layout's `S(k)`, k > 0: VMEM, v4's CMEM,
+SMEM), and the compiled program copies them there with asynchronous `copy-start` / slice
+`async-start` instructions; the HBM read of such a copy is counted once, at its start (its
+`-done` moves nothing more), and the on-chip bytes are summed apart (`onchip_gb`). For
+collectives, `collective_gb` is the bytes of their results (the data each chip gathers or keeps),
+an estimate of inter-chip traffic per step.
 """
 
 from __future__ import annotations
@@ -39,17 +44,28 @@ _BYTES = {
     "pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
     "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1,
 }  # fmt: skip
-_SHAPE = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([0-9,]*)\]")
+# A shape, its layout when printed: `bf16[8,64]{1,0:T(8,128)(2,1)S(3)}`; `S(k)`: memory space k.
+_SHAPE = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([0-9,]*)\](\{[^}]*\})?")
+_SPACE = re.compile(r"S\((\d+)\)")
 _HEADER = re.compile(r"^(?:ENTRY )?%([\w.\-]+) .*\{\s*$")
 _INSTR = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([\w\-]+)\((.*)$")
 _ATTENTION = re.compile(r"(^|/)(\w*Attention(_\d+)?)(/|$)")
 
 
-def _shape_bytes(text: str) -> int:
-  return sum(
-      _BYTES[t] * math.prod(int(d) for d in dims.split(",") if d)
-      for t, dims in _SHAPE.findall(text)
-  )
+def _arrays(text: str) -> list[tuple[int, bool]]:
+  """(bytes, on chip) of each array shape in `text` (a result shape or a tuple of them)."""
+  out = []
+  for t, dims, layout in _SHAPE.findall(text):
+    space = _SPACE.search(layout)
+    size = _BYTES[t] * math.prod(int(d) for d in dims.split(",") if d)
+    out.append((size, bool(space and space.group(1) != "0")))
+  return out
+
+
+def _shape_bytes(text: str) -> tuple[int, int]:
+  """(HBM bytes, on-chip bytes) of the shapes in `text`."""
+  arrays = _arrays(text)
+  return sum(b for b, on in arrays if not on), sum(b for b, on in arrays if on)
 
 
 def _computations(hlo: str) -> dict[str, list[str]]:
@@ -83,12 +99,13 @@ def _kind(opcode: str, op_name: str, has_conv: bool) -> str:
 
 
 def breakdown(hlo: str) -> dict[str, dict[str, float]]:
-  """{kind: {count, gb}} of an optimized HLO module's text, plus `collective_gb`."""
+  """{kind: {count, gb}} of an optimized HLO module's text, plus `collective_gb`, `hbm_gb` (the
+  kinds' sum) and `onchip_gb`."""
   comps = _computations(hlo)
   called = set(re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", hlo))
   conv_comps = {n for n, lines in comps.items() if any(" convolution(" in x for x in lines)}
   out = {k: {"count": 0, "gb": 0.0} for k in KINDS}
-  collective_bytes = 0
+  collective_bytes = onchip_bytes = 0
   for name, lines in comps.items():
     if name in called:
       continue
@@ -98,17 +115,26 @@ def breakdown(hlo: str) -> dict[str, dict[str, float]]:
       if not m:
         continue
       instr, shape, opcode, rest = m.groups()
-      result_bytes[instr] = _shape_bytes(shape)
+      hbm, onchip = _shape_bytes(shape)
+      result_bytes[instr] = hbm
       if opcode in ("parameter", "constant", "get-tuple-element", "tuple", "bitcast"):
         continue
+      if opcode.endswith("-done"):  # its `-start` counted the move
+        continue
+      onchip_bytes += onchip
       operands = re.findall(r"%([\w.\-]+)", rest.split("), ")[0])
-      moved = result_bytes[instr] + sum(result_bytes.get(o, 0) for o in operands)
+      # A `-start`'s result tuple holds its source (an alias of the operand) and destination.
+      moved = hbm + (
+          0 if opcode.endswith("-start") else sum(result_bytes.get(o, 0) for o in operands)
+      )
       op_name = (re.search(r'op_name="([^"]*)"', rest) or [None, ""])[1]
       callee = re.search(r"calls=%([\w.\-]+)", rest)
       kind = _kind(opcode, op_name, bool(callee and callee.group(1) in conv_comps))
       out[kind]["count"] += 1
       out[kind]["gb"] += moved / 1e9
-      if kind == "collectives":
-        collective_bytes += result_bytes[instr]
+      if kind == "collectives":  # a `-start` tuple also holds its operand: count the largest
+        collective_bytes += max((b for b, _ in _arrays(shape)), default=0)
   out["collective_gb"] = collective_bytes / 1e9
+  out["hbm_gb"] = sum(out[k]["gb"] for k in KINDS)
+  out["onchip_gb"] = onchip_bytes / 1e9
   return out
