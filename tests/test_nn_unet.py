@@ -128,12 +128,12 @@ def test_sr_requires_lowres_and_aug_level():
     jax.eval_shape(lambda: model.init(jax.random.key(0), **{**batch, "aug_level": None}))
 
 
-def _loss_and_grad(stage, remat):
+def _loss_and_grad(stage, remat, policy="nothing", lower_only=False):
   cfg = presets.get_model_config(stage, "tiny")
   if stage == "sr1024":  # one block only: a cheap compile that still remats every kind
     cfg.channels, cfg.num_res_blocks, cfg.strides = (8,), (1,), (2,)
     cfg.self_attention, cfg.text_cross_attention = (True,), (True,)
-  cfg.remat = remat
+  cfg.remat, cfg.remat_policy = remat, policy
   cfg.dropout = 0.1  # exercise the dropout rng through remat as well
   model = unet.build_model(cfg)
   _, batch = _variants(cfg)
@@ -143,26 +143,50 @@ def _loss_and_grad(stage, remat):
     out = model.apply(p, **batch, train=True, rngs={"dropout": jax.random.key(3)})
     return jnp.mean(out**2), out
 
-  (_, out), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  step = jax.jit(jax.value_and_grad(loss, has_aux=True))
+  if lower_only:
+    return step.lower(params).as_text()
+  (_, out), g = step(params)
   return out, g
 
 
 @pytest.mark.parametrize(
-    "stage",
+    "stage, policy",
     [
-        "sr1024",
-        pytest.param("base64", marks=pytest.mark.slow),
-        pytest.param("sr256", marks=pytest.mark.slow),
+        ("sr1024", "nothing"),
+        ("sr1024", "conv_outputs"),
+        pytest.param("base64", "nothing", marks=pytest.mark.slow),
+        pytest.param("sr256", "nothing", marks=pytest.mark.slow),
     ],
 )
-def test_remat_matches_no_remat(stage):
+def test_remat_matches_no_remat(stage, policy):
   out0, g0 = _loss_and_grad(stage, remat=False)
-  out1, g1 = _loss_and_grad(stage, remat=True)
+  out1, g1 = _loss_and_grad(stage, remat=True, policy=policy)
   np.testing.assert_allclose(out1, out0, rtol=1e-5, atol=1e-5)
   # Same param tree (remat must not rename anything), same gradients.
   assert jax.tree.structure(g0) == jax.tree.structure(g1)
   for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("stage", ["base64", "sr1024"])
+def test_remat_policy_keeps_the_conv_outputs(stage):
+  # The lowered step (before XLA's passes): remat's backward recomputes each block's forward
+  # convs; keeping their outputs recomputes none of them, so it has the no-remat count.
+  convs = {
+      (remat, policy): _loss_and_grad(stage, remat, policy, lower_only=True).count(
+          "stablehlo.convolution"
+      )
+      for remat, policy in [(False, "nothing"), (True, "nothing"), (True, "conv_outputs")]
+  }
+  assert convs[(True, "conv_outputs")] == convs[(False, "nothing")] < convs[(True, "nothing")]
+
+
+def test_unknown_remat_policy_is_one_clear_error():
+  cfg = presets.get_model_config("base64", "tiny")
+  cfg.remat_policy = "everything"
+  with pytest.raises(ValueError, match=r"model.remat_policy='everything'; allowed: nothing, conv"):
+    unet.build_model(cfg)
 
 
 @pytest.mark.parametrize("stage", STAGES)

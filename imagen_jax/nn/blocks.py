@@ -18,7 +18,8 @@ Efficient U-Net (Imagen App. B.1, Figs. A.27-A.30):
     attention -> upsample (nearest) + conv3x3 (upsample LAST).
 
 Every block takes `dtype`/`param_dtype`; norms run in float32. `remat=True` wraps each residual
-block and attention layer in `nn.remat` (gradient checkpointing), recomputing it on backward.
+block and attention layer in `nn.remat` (gradient checkpointing), recomputing it on backward;
+`remat_policy` says what of its forward is kept (`REMAT_POLICIES`).
 """
 
 from __future__ import annotations
@@ -35,9 +36,33 @@ from imagen_jax.nn import attention, layers
 Dtype = Any
 
 
-def maybe_remat(module_cls, remat: bool, static_argnums: tuple[int, ...] = ()):
-  """`nn.remat(module_cls)` when `remat`; static_argnums count `self` as 0 (Flax convention)."""
-  return nn.remat(module_cls, static_argnums=static_argnums) if remat else module_cls
+# What a rematerialised block keeps from its forward for the backward pass (the paper is silent):
+#   nothing        only the block's inputs; the backward recomputes the whole block (4 forward
+#                  passes of work per step instead of 3, the least memory)
+#   conv_outputs   also every conv's output (`layers.CONV_OUTPUT`): the backward recomputes
+#                  only the norms, activations and attention around them; more memory
+REMAT_POLICIES = {
+    "nothing": None,
+    "conv_outputs": jax.checkpoint_policies.save_only_these_names(layers.CONV_OUTPUT),
+}
+
+
+def check_remat_policy(policy: str) -> str:
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f"model.remat_policy={policy!r}; allowed: {', '.join(REMAT_POLICIES)}")
+  return policy
+
+
+def maybe_remat(
+    module_cls, remat: bool, static_argnums: tuple[int, ...] = (), policy: str = "nothing"
+):
+  """`nn.remat(module_cls)` when `remat`, keeping what `policy` names (`REMAT_POLICIES`);
+  static_argnums count `self` as 0 (Flax convention)."""
+  if not remat:
+    return module_cls
+  return nn.remat(
+      module_cls, static_argnums=static_argnums, policy=REMAT_POLICIES[check_remat_policy(policy)]
+  )
 
 
 class ResBlock(nn.Module):
@@ -137,18 +162,19 @@ class _EfficientStage(nn.Module):
   norm_groups: int = 32
   attn_impl: str = "auto"
   remat: bool = False
+  remat_policy: str = "nothing"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   def body(self, h, emb, text, text_mask, train):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = CombineEmbs(**kw)(h, emb)
-    block = maybe_remat(ResNetBlock, self.remat, static_argnums=(2,))
+    block = maybe_remat(ResNetBlock, self.remat, static_argnums=(2,), policy=self.remat_policy)
     for i in range(self.num_res_blocks):  # explicit names: independent of remat
       h = block(self.channels, self.dropout, self.norm_groups, name=f"ResNetBlock_{i}", **kw)(
           h, train
       )
-    attn = maybe_remat(attention.Attention, self.remat)
+    attn = maybe_remat(attention.Attention, self.remat, policy=self.remat_policy)
     heads = dict(
         num_heads=self.num_heads,
         head_dim=self.head_dim,

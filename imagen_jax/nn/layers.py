@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any
 
@@ -35,6 +36,8 @@ HEAD_AXES = ("activation_batch", None, "activation_heads", "activation_kv")
 TEXT_AXES = ("activation_batch", "activation_length", "activation_text_embed")
 # The conditioning vector [B, E] (logSNR + aug_level + pooled text): small, whole per example.
 COND_AXES = ("activation_batch", None)
+# The name of every conv's output, for remat policies that keep it (blocks.REMAT_POLICIES).
+CONV_OUTPUT = "conv_output"
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
@@ -53,13 +56,15 @@ class Conv(nn.Conv):
   all-gathering the activations over the batch (the whole batch, 1/fsdp of the output
   channels, on every device) instead of all-gathering the kernel: at 256 devices that is a
   256x larger input per device. Pinned on both sides, the kernel is what moves (ZeRO-3).
-  Same class name as flax's, so the param tree (`Conv_0/kernel`) is unchanged.
+  Same class name as flax's, so the param tree (`Conv_0/kernel`) is unchanged. The output is
+  named `CONV_OUTPUT` for remat policies (`blocks.REMAT_POLICIES`); outside remat the name is
+  a no-op.
   """
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
     y = super().__call__(constrain(inputs, FEATURE_AXES))
-    return constrain(y, FEATURE_AXES)
+    return constrain(checkpoint_name(y, CONV_OUTPUT), FEATURE_AXES)
 
 
 def conv(

@@ -76,6 +76,7 @@ class UNet(nn.Module):
   norm_groups: int = 32
   attn_impl: str = "auto"
   remat: bool = False
+  remat_policy: str = "nothing"  # blocks.REMAT_POLICIES
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -97,8 +98,9 @@ class UNet(nn.Module):
     )(logsnr, text_emb, text_mask, aug_level)
     text_kv = (text, mask) if self.text_cross_attention else (None, None)
 
-    res_block = blocks.maybe_remat(blocks.ResBlock, self.remat, static_argnums=(3,))
-    attn = blocks.maybe_remat(attention.Attention, self.remat)
+    policy = self.remat_policy
+    res_block = blocks.maybe_remat(blocks.ResBlock, self.remat, static_argnums=(3,), policy=policy)
+    attn = blocks.maybe_remat(attention.Attention, self.remat, policy=policy)
 
     # Explicit names: nn.remat would otherwise rename the submodules (CheckpointResBlock_0),
     # and the param tree must not depend on the remat setting.
@@ -187,6 +189,7 @@ class EfficientUNet(nn.Module):
   norm_groups: int = 32
   attn_impl: str = "auto"
   remat: bool = False
+  remat_policy: str = "nothing"  # blocks.REMAT_POLICIES
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -224,6 +227,7 @@ class EfficientUNet(nn.Module):
         norm_groups=self.norm_groups,
         attn_impl=self.attn_impl,
         remat=self.remat,
+        remat_policy=self.remat_policy,
         **kw,
     )
     h = layers.conv(self.stem_channels, 3, name="stem", **kw)(x.astype(self.dtype))
@@ -276,6 +280,8 @@ def build_model(model_config: ml_collections.ConfigDict) -> nn.Module:
       norm_groups=c.norm_groups,
       attn_impl=c.attn_impl,
       remat=c.remat,
+      # .get: a saved config may lack the field; absent means the full recompute.
+      remat_policy=blocks.check_remat_policy(c.get("remat_policy", "nothing")),
       dtype=dtypes.get_dtype(c.dtype, "model.dtype"),
       param_dtype=dtypes.get_dtype(c.param_dtype, "model.param_dtype"),
   )
