@@ -18,8 +18,9 @@ flash program whose compiled HLO lacks the kernel (`tpu_custom_call`).
 Prints per chip: argument / output / alias / temporary bytes, XLA's peak memory and the HBM
 XLA lets a program use (`aot.usable_hbm_bytes`), the generated code, XLA's FLOPs and bytes
 accessed per step, the model FLOPs (`nn.flops`: the network's convs and matmuls, 3 x forward,
-no remat, no frozen encoder), the roofline step time max(XLA FLOPs / peak, bytes / HBM
-bandwidth), MFU bound = model FLOPs / (roofline x peak) and the compiled HLO's work by kind
+no remat, no frozen encoder), the FLOPs of the flash kernel's backward (which XLA's cost
+analysis does not see; `nn.flops.kernel_train_flops`), the roofline step time max((XLA FLOPs + kernel
+FLOPs) / peak, bytes / HBM bandwidth), MFU bound = model FLOPs / (roofline x peak) and the compiled HLO's work by kind
 (`parallel.hlo_breakdown`: convs, attention, T5, optimizer, EMA, collectives, the rest); then
 one line for scripts:
 
@@ -105,7 +106,7 @@ def main(argv):
       f"stage {c.stage} ({c.variant}): {n_params / 1e9:.3f}B params, "
       f"{topology.chip.name} x {topology.num_chips} ({topology.libtpu_name}), mesh "
       f"{dict(mesh.shape)}, batch {program.global_batch}{accum_text}, compute {c.model.dtype}, "
-      f"remat {c.model.remat}, text {'cache' if use_cache else c.text.name + ' in the step'}"
+      f"remat {c.model.remat} ({c.model.get('remat_policy', 'nothing')} kept), text {'cache' if use_cache else c.text.name + ' in the step'}"
   )
   t0 = time.time()
   with attention.recording() as seen:
@@ -122,7 +123,10 @@ def main(argv):
   attn = "+".join(impls) or "none"
   # Model FLOPs per chip and step: 3 x forward per image x the global batch / chips.
   forward = flops.network_forward_flops(c.model, program.stage.model_inputs(1))
-  model_flops = forward.total * flops.TRAIN_FACTOR * program.global_batch / topology.num_chips
+  per_chip = program.global_batch / topology.num_chips
+  model_flops = forward.total * flops.TRAIN_FACTOR * per_chip
+  # The flash kernel's backward, which XLA's cost analysis does not count.
+  kernel_flops = flops.kernel_train_flops(forward) * per_chip if "flash" in impls else 0.0
   summary = dict(
       stage=c.stage,
       variant=c.variant,
@@ -135,6 +139,7 @@ def main(argv):
       microbatch=program.global_batch // accum,
       dtype=str(c.model.dtype),
       remat=bool(c.model.remat),
+      remat_policy=str(c.model.get("remat_policy", "nothing")),
       text="cache" if use_cache else "step",
       params_b=n_params / 1e9,
       attn=attn,
@@ -166,7 +171,9 @@ def main(argv):
   hlo = compiled.as_text()
   if "flash" in impls and "tpu_custom_call" not in hlo:
     fail("attention resolved to the flash kernel but the compiled program has no tpu_custom_call")
-  r = aot.report(compiled, topology.chip, _HBM.value, model_flops=model_flops)
+  r = aot.report(
+      compiled, topology.chip, _HBM.value, model_flops=model_flops, kernel_flops=kernel_flops
+  )
   d = r.as_dict()
   parts = hlo_breakdown.breakdown(hlo)
   summary.update(d, compile_s=compile_s, hlo_breakdown=parts)
@@ -188,6 +195,7 @@ def main(argv):
       (f"attention ({c.model.attn_impl})", f"{attn:>9}"),
       ("model FLOPs per step (3 x forward)", f"{model_flops / 1e12:9.2f} TFLOP"),
       ("XLA FLOPs per step (remat, T5 included)", f"{r.flops / 1e12:9.2f} TFLOP"),
+      ("+ the flash kernel's backward (not in XLA's)", f"{r.kernel_flops / 1e12:9.2f} TFLOP"),
       ("XLA bytes accessed per step", f"{r.bytes_accessed / 1e9:9.2f} GB"),
       (f"compute time at {topology.chip.peak_tflops:g} TFLOP/s", f"{r.compute_s:9.3f} s"),
       (f"memory time at {topology.chip.hbm_tbps:g} TB/s", f"{r.memory_s:9.3f} s"),

@@ -56,6 +56,7 @@ LINEAR = (
     "temp_gib",
     "peak_gib",
     "tflop",
+    "kernel_tflop",
     "model_tflop",
     "gbytes_accessed",
 )
@@ -128,7 +129,7 @@ def main(argv):
   a, b = reports
   full = extrapolate(a, b, float(s_a), float(s_b))
   chip = aot.CHIPS[aot.parse_topology(_TOPOLOGY.value).generation]
-  compute_s = full["tflop"] * 1e12 / (chip.peak_tflops * 1e12)
+  compute_s = (full["tflop"] + full["kernel_tflop"]) * 1e12 / (chip.peak_tflops * 1e12)
   memory_s = full["gbytes_accessed"] * 1e9 / (chip.hbm_tbps * 1e12)
   roofline_s = max(compute_s, memory_s)
   usable = b["usable_gib"]
@@ -139,7 +140,18 @@ def main(argv):
       mfu_bound=full["model_tflop"] * 1e12 / (roofline_s * chip.peak_tflops * 1e12),
       fits=full["peak_gib"] <= usable,
   )
-  keep = ("stage", "variant", "topology", "chips", "chip", "mesh", "batch", "dtype", "remat")
+  keep = (
+      "stage",
+      "variant",
+      "topology",
+      "chips",
+      "chip",
+      "mesh",
+      "batch",
+      "dtype",
+      "remat",
+      "remat_policy",
+  )
   summary = {k: b[k] for k in (*keep, "text", "attn", "usable_gib", "hbm_gib", "xla_peak")}
   summary.update(
       full, proxy=True, proxy_blocks=[list(map(int, (x * s_a, x * s_b))) for x in blocks]

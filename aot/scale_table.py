@@ -54,7 +54,9 @@ def _peak(r: dict) -> str:
 def row(r: dict, steps: int) -> str:
   mesh = " x ".join(str(r["mesh"].get(a, 1)) for a in ("data", "fsdp", "tensor"))
   text = "T5 in the step" if r["text"] == "step" else "cached T5"
-  setup = f"{r['dtype']}, {'remat' if r['remat'] else 'no remat'}, {text}"
+  kept = r.get("remat_policy", "nothing")
+  remat = ("remat" if kept == "nothing" else f"remat ({kept} kept)") if r["remat"] else "no remat"
+  setup = f"{r['dtype']}, {remat}, {text}"
   slice_ = f"{r['topology']} ({r['chips']})"
   accum = int(r.get("grad_accum_steps", 1))
   batch = f"{r['batch']}" + (f" ({accum} x {r['batch'] // accum})" if accum > 1 else "")

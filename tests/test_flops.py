@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import pytest
 
 from configs import base64
-from imagen_jax.nn import flops
+from imagen_jax.nn import attention, flops
 from imagen_jax.stage import Stage
 
 
@@ -66,6 +66,18 @@ def test_attention_matmuls_are_told_apart_by_their_module():
   assert (c.attention, c.dense, c.conv) == (2 * 2 * 16 * 8, 2 * 2 * 8 * 4, 0)
 
 
+def test_attention_core_is_what_a_kernel_computes():
+  # softmax(q k^T) v: 2 matmuls of 2 * B * N * T * S * D FLOPs each, counted apart as the
+  # core (its kind follows the enclosing module: none here, so dense).
+  b, t, s, n, d = 2, 16, 24, 3, 8
+  q, kv = jnp.zeros((b, t, n, d)), jnp.zeros((b, s, n, d))
+  mask = jnp.ones((b, s), bool)
+  c = flops.count(lambda q, k, v: attention.masked_attention(q, k, v, mask, jnp.float32), q, kv, kv)
+  assert c.attention_core == c.dense == 2 * (2 * b * n * t * s * d)
+  # The flash kernel's backward (XLA counts its forward): 7 matmuls of the forward's 2.
+  assert flops.kernel_train_flops(c) == 3.5 * c.attention_core
+
+
 def test_tiny_network_forward_and_train_step_against_xla():
   """A small dense configuration without remat: the count is XLA's conv + matmul work, up to
   the border taps XLA does not count (4x4 to 16x16 feature maps here: a few percent) and the
@@ -76,6 +88,7 @@ def test_tiny_network_forward_and_train_step_against_xla():
   inputs = stage.model_inputs(1)
   count = flops.network_forward_flops(config.model, inputs)
   assert count.conv > 0 and count.attention > 0 and count.dense > 0
+  assert 0 < count.attention_core < count.attention  # the projections are the rest
   params = stage.abstract_params()
 
   def forward(p, i):

@@ -17,6 +17,11 @@ remat, grouped by kind through the Flax module path of each operation:
              `TextCrossAttention`): q / k / v / out projections, text keys, logits, values
   conv       every convolution
   dense      the other matmuls (timestep and text conditioning, pooling, FiLM)
+
+and, apart, `attention_core`: the part of `attention` a fused kernel computes (q k^T and the
+weighted values, `nn.attention.CORE_SCOPE`). XLA's cost analysis sees the Pallas flash kernel's
+forward (its cost estimate) but not its backward, so `kernel_train_flops` gives that work, to
+add to XLA's count for a roofline.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import jax
 import ml_collections
 from jax.extend import core as jex_core
 
-from imagen_jax.nn import unet
+from imagen_jax.nn import attention, unet
 
 _ATTENTION_SCOPE = re.compile(r"\w*Attention(_\d+)?")
 
@@ -42,6 +47,7 @@ class FlopCount:
   conv: float = 0.0
   attention: float = 0.0
   dense: float = 0.0
+  attention_core: float = 0.0  # part of `attention`: q k^T and the weighted values
 
   @property
   def total(self) -> float:
@@ -53,11 +59,17 @@ class FlopCount:
   def scale(self, factor: float) -> "FlopCount":
     return FlopCount(*(a * factor for a in self.astuple()))
 
-  def astuple(self) -> tuple[float, float, float]:
-    return (self.conv, self.attention, self.dense)
+  def astuple(self) -> tuple[float, float, float, float]:
+    return (self.conv, self.attention, self.dense, self.attention_core)
 
   def as_dict(self) -> dict[str, float]:
-    return dict(conv=self.conv, attention=self.attention, dense=self.dense, total=self.total)
+    return dict(
+        conv=self.conv,
+        attention=self.attention,
+        dense=self.dense,
+        total=self.total,
+        attention_core=self.attention_core,
+    )
 
 
 def _kind(eqn) -> str:
@@ -97,6 +109,8 @@ def count_jaxpr(jaxpr) -> FlopCount:
     flops = _eqn_flops(eqn)
     if flops:
       total += FlopCount(**{_kind(eqn): flops})
+      if attention.CORE_SCOPE in str(eqn.source_info.name_stack).split("/"):
+        total += FlopCount(attention_core=flops)
     subs = [count_jaxpr(j) for j in jex_core.jaxprs_in_params(eqn.params)]
     sub = sum(subs, FlopCount())
     total += sub.scale(eqn.params["length"]) if name == "scan" else sub
@@ -135,3 +149,15 @@ def network_forward_flops(
 
 
 TRAIN_FACTOR = 3  # forward + backward (activation and weight gradients)
+
+# The Pallas TPU flash kernel's backward, in forwards of the attention core (q k^T, then p v: 2
+# matmuls): 7 matmuls of that size (its dK / dV kernel recomputes the logits and forms dV, dP and
+# dK; its dQ kernel the logits, dP and dQ). XLA's cost analysis counts the forward kernel (the
+# Pallas call carries a cost estimate, also when remat runs it again) but not the backward's.
+FLASH_BACKWARD_PASSES = 7 / 2
+
+
+def kernel_train_flops(forward: FlopCount) -> float:
+  """FLOPs per example of a training step that run inside the flash kernel's backward, unseen
+  by XLA's cost analysis: the attention core's forward x FLASH_BACKWARD_PASSES."""
+  return forward.attention_core * FLASH_BACKWARD_PASSES

@@ -186,7 +186,10 @@ class Report:
   `xla_peak_bytes` is XLA's own peak (`memory_analysis().peak_memory_in_bytes`: the live
   buffers at the worst point of its schedule); `hbm_bytes` the budget `fits` is judged
   against (XLA's usable HBM, `usable_hbm_bytes`, unless overridden). `model_flops` are the
-  useful FLOPs per chip (`nn.flops`: no remat, no frozen text encoder), None when not counted.
+  useful FLOPs per chip (`nn.flops`: no remat, no frozen text encoder), None when not counted;
+  `kernel_flops` the FLOPs inside custom kernels that XLA's cost analysis does not see (the
+  Pallas flash kernel's backward): counted analytically (`nn.flops.kernel_train_flops`) and
+  added to XLA's for the compute time.
   """
 
   argument_bytes: int
@@ -201,6 +204,7 @@ class Report:
   generated_code_bytes: int = 0
   optimal_seconds: float | None = None
   model_flops: float | None = None
+  kernel_flops: float = 0.0
 
   @property
   def buffer_bytes(self) -> int:
@@ -218,7 +222,7 @@ class Report:
 
   @property
   def compute_s(self) -> float:
-    return self.flops / (self.chip.peak_tflops * 1e12)
+    return (self.flops + self.kernel_flops) / (self.chip.peak_tflops * 1e12)
 
   @property
   def memory_s(self) -> float:
@@ -230,7 +234,7 @@ class Report:
 
   @property
   def xla_flops_bound(self) -> float:
-    """XLA's FLOPs (remat and the text encoder included) / (roofline x peak)."""
+    """XLA's FLOPs (remat and the text encoder included) + the kernels' / (roofline x peak)."""
     return self.compute_s / self.roofline_s if self.roofline_s else 0.0
 
   @property
@@ -254,6 +258,7 @@ class Report:
         generated_code_mib=self.generated_code_bytes / 2**20,
         fits=self.fits,
         tflop=self.flops / 1e12,
+        kernel_tflop=self.kernel_flops / 1e12,
         model_tflop=None if self.model_flops is None else self.model_flops / 1e12,
         gbytes_accessed=self.bytes_accessed / 1e9,
         compute_s=self.compute_s,
@@ -266,7 +271,12 @@ class Report:
 
 
 def report(
-    compiled, chip: Chip, hbm_gib: float | None = None, *, model_flops: float | None = None
+    compiled,
+    chip: Chip,
+    hbm_gib: float | None = None,
+    *,
+    model_flops: float | None = None,
+    kernel_flops: float = 0.0,
 ) -> Report:
   """Reads `compiled.memory_analysis()` / `cost_analysis()` (per chip). `hbm_gib`: the budget
   (default: XLA's usable HBM of the compiled program's devices)."""
@@ -292,6 +302,7 @@ def report(
       generated_code_bytes=int(getattr(mem, "generated_code_size_in_bytes", 0)),
       optimal_seconds=None if optimal is None or optimal < 0 else float(optimal),
       model_flops=model_flops,
+      kernel_flops=kernel_flops,
   )
 
 
