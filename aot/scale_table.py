@@ -10,7 +10,8 @@ chip-hours of a COCO FID-30K run.
 One row per report, in cascade order (base64, sr256, sr1024), then by chip and slice: stage,
 slice, mesh, global batch, compute dtype / remat / text, the attention the chip runs, XLA's
 peak memory per chip against the HBM XLA lets a program use and whether it fits, the model
-TFLOP (3 x forward, no remat, no T5) and XLA's TFLOP per step per chip, the roofline step
+TFLOP (3 x forward, no remat, no T5) and XLA's TFLOP per step per chip (+ the flash kernel's
+backward, which XLA does not count), the roofline step
 time, the MFU bound (model FLOPs / (roofline x peak)) and the chip-days of `--steps` training
 steps at the roofline (a lower bound: the roofline leaves out inter-chip communication and is
 reached by no real program). A `aot/proxy.py` report is marked "(proxy)". Reports
@@ -33,7 +34,7 @@ NA = "n/a"
 
 HEADER = (
     "| stage | slice (chips) | mesh data x fsdp x tensor | batch | dtype, remat, text | attn | "
-    "peak GiB / chip | usable GiB | fits | model TFLOP / step / chip | XLA TFLOP / step / chip | "
+    "peak GiB / chip | usable GiB | fits | model TFLOP / step / chip | XLA (+ kernel) TFLOP / step / chip | "
     "roofline step | MFU bound | chip-days |"
 )
 
@@ -72,7 +73,9 @@ def row(r: dict, steps: int) -> str:
     return head + " | | | |"
   days = r["roofline_s"] * steps * r["chips"] / 86400
   mfu = NA if "usable_gib" not in r else _num(r, "mfu_bound", ".0%")
-  return head + f" {r['tflop']:.1f} | {r['roofline_s']:.2f} s | {mfu} | {days:,.0f} |"
+  # The flash kernel's backward, which XLA does not count, shown beside XLA's figure.
+  kernel = f" + {r['kernel_tflop']:.1f}" if r.get("kernel_tflop") else ""
+  return head + f" {r['tflop']:.1f}{kernel} | {r['roofline_s']:.2f} s | {mfu} | {days:,.0f} |"
 
 
 CASCADE_HEADER = (

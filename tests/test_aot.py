@@ -258,6 +258,7 @@ def test_scale_table_shows_new_columns_and_na_for_old_reports(tmp_path):
   old.update(tflop=51.5, roofline_s=1.52, mfu_bound=0.12)
   new = dict(common, topology="v5p-512", text="cache", attn="flash", peak_gib=20.0)
   new.update(xla_peak=True, usable_gib=95.74, fits=True, model_tflop=30.0, tflop=40.0)
+  new.update(kernel_tflop=1.5, remat_policy="conv_outputs")
   new.update(roofline_s=0.5, mfu_bound=30e12 / (0.5 * 459e12))
   paths = []
   for name, r in (("old", old), ("new", new)):
@@ -272,7 +273,7 @@ def test_scale_table_shows_new_columns_and_na_for_old_reports(tmp_path):
   o, n = by_slice["v4-512 (256)"], by_slice["v5p-512 (256)"]
   assert (o["attn"], o["usable GiB"], o["fits"], o["model TFLOP / step / chip"]) == ("n/a",) * 4
   assert o["MFU bound"] == "n/a" and o["peak GiB / chip"] == "27.6 (buffer sum)"
-  assert o["XLA TFLOP / step / chip"] == "51.5"
+  assert o["XLA (+ kernel) TFLOP / step / chip"] == "51.5"
   assert (n["attn"], n["peak GiB / chip"], n["usable GiB"], n["fits"]) == (
       "flash",
       "20.0",
@@ -280,6 +281,10 @@ def test_scale_table_shows_new_columns_and_na_for_old_reports(tmp_path):
       "yes",
   )
   assert n["model TFLOP / step / chip"] == "30.0" and n["MFU bound"] == "13%"
+  # The flash kernel's backward beside XLA's count; what remat keeps, when not the default.
+  assert n["XLA (+ kernel) TFLOP / step / chip"] == "40.0 + 1.5"
+  assert n["dtype, remat, text"] == "bfloat16, remat (conv_outputs kept), cached T5"
+  assert o["dtype, remat, text"] == "bfloat16, remat, T5 in the step"
 
 
 def test_proxy_needs_block_counts_with_a_common_divisor(tmp_path):
