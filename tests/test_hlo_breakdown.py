@@ -16,11 +16,18 @@ HLO = """HloModule jit_train_step
   ROOT %c = bf16[2,4,4,8]{3,2,1,0} convolution(%p0, %p1), window={size=3x3 pad=1_1x1_1}
 }
 
+%slice_rows (p: f32[8,128]) -> f32[2,128] {
+  %p = f32[8,128]{1,0} parameter(0)
+  ROOT %r = f32[2,128]{1,0:S(1)} slice(%p), slice={[0:2], [0:128]}
+}
+
 ENTRY %main (a: bf16[2,4,4,8], w: bf16[3,3,8,8], s: f32[8,128]) -> (bf16[4,4,4,8], f32[8,128]) {
   %a = bf16[2,4,4,8]{3,2,1,0} parameter(0)
   %w = bf16[3,3,8,8]{3,2,1,0} parameter(1)
   %s = f32[8,128]{1,0} parameter(2)
   %copy-start = (bf16[3,3,8,8]{3,2,1,0:S(1)}, bf16[3,3,8,8]{3,2,1,0}, u32[]{:S(2)}) copy-start(%w)
+  %slice-start = ((f32[8,128]{1,0}), f32[2,128]{1,0:S(1)}, s32[]{:S(2)}) async-start(%s), calls=%slice_rows
+  %slice-done = f32[2,128]{1,0:S(1)} async-done(%slice-start)
   %copy-done = bf16[3,3,8,8]{3,2,1,0:S(1)} copy-done(%copy-start)
   %fusion = bf16[2,4,4,8]{3,2,1,0} fusion(%a, %copy-done), kind=kOutput, calls=%fused_conv, metadata={op_name="jit(train_step)/jvp(UNet)/Conv_0/conv_general_dilated"}
   %ag-start = (bf16[2,4,4,8]{3,2,1,0}, bf16[4,4,4,8]{3,2,1,0}) all-gather-start(%fusion), dimensions={0}
@@ -35,8 +42,9 @@ ENTRY %main (a: bf16[2,4,4,8], w: bf16[3,3,8,8], s: f32[8,128]) -> (bf16[4,4,4,8
 def test_each_kind_is_the_sum_of_its_hbm_buffers():
   parts = hlo_breakdown.breakdown(HLO)
   gb = lambda n: pytest.approx(n / 1e9)  # noqa: E731
-  # The prefetch into on-chip memory: the HBM read of w, once (its -done adds nothing).
-  assert parts["other"] == {"count": 1, "gb": gb(1152)}
+  # The prefetches into on-chip memory: the HBM read of w, once (its -done adds nothing), and
+  # the rows an asynchronous slice reads (1024 of the 4096 B of s).
+  assert parts["other"] == {"count": 2, "gb": gb(1152 + 1024)}
   # The conv fusion reads a from HBM and w from on-chip memory, writes 512 B.
   assert parts["conv"] == {"count": 1, "gb": gb(512 + 512)}
   # The all-gather reads its operand and writes the gathered result; 1024 B cross chips.
@@ -45,6 +53,6 @@ def test_each_kind_is_the_sum_of_its_hbm_buffers():
   assert parts["t5"] == {"count": 1, "gb": gb(3 * 4096)}
   assert parts["optimizer"] == {"count": 1, "gb": gb(3 * 4096)}
   assert parts["attention"] == parts["ema"] == {"count": 0, "gb": 0.0}
-  assert parts["hbm_gb"] == gb(1152 + 1024 + 1536 + 2 * 3 * 4096)
-  # On chip: the copy's destination (1152 B) and its 4-byte sync flag.
-  assert parts["onchip_gb"] == gb(1152 + 4)
+  assert parts["hbm_gb"] == gb(1152 + 1024 + 1024 + 1536 + 2 * 3 * 4096)
+  # On chip: the destinations (1152 and 1024 B) and their 4-byte sync flags.
+  assert parts["onchip_gb"] == gb(1152 + 4 + 1024 + 4)

@@ -19,7 +19,8 @@ re-reads of tiles are not in it). Only buffers in HBM count: XLA's memory-space 
 prefetched slices and small values in on-chip memory (a layout's `S(k)`, k > 0: VMEM, v4's CMEM,
 SMEM), and the compiled program copies them there with asynchronous `copy-start` / slice
 `async-start` instructions; the HBM read of such a copy is counted once, at its start (its
-`-done` moves nothing more), and the on-chip bytes are summed apart (`onchip_gb`). For
+`-done` moves nothing more; an asynchronous slice reads only the part it writes), and the
+on-chip bytes are summed apart (`onchip_gb`). For
 collectives, `collective_gb` is the bytes of their results (the data each chip gathers or keeps),
 an estimate of inter-chip traffic per step.
 """
@@ -52,20 +53,20 @@ _INSTR = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*?) ([\w\-]+)\((.*)$")
 _ATTENTION = re.compile(r"(^|/)(\w*Attention(_\d+)?)(/|$)")
 
 
-def _arrays(text: str) -> list[tuple[int, bool]]:
-  """(bytes, on chip) of each array shape in `text` (a result shape or a tuple of them)."""
+def _arrays(text: str) -> list[tuple[int, bool, bool]]:
+  """(bytes, on chip, scalar) of each array shape in `text` (a result shape or a tuple)."""
   out = []
   for t, dims, layout in _SHAPE.findall(text):
     space = _SPACE.search(layout)
     size = _BYTES[t] * math.prod(int(d) for d in dims.split(",") if d)
-    out.append((size, bool(space and space.group(1) != "0")))
+    out.append((size, bool(space and space.group(1) != "0"), not dims))
   return out
 
 
 def _shape_bytes(text: str) -> tuple[int, int]:
   """(HBM bytes, on-chip bytes) of the shapes in `text`."""
   arrays = _arrays(text)
-  return sum(b for b, on in arrays if not on), sum(b for b, on in arrays if on)
+  return sum(b for b, on, _ in arrays if not on), sum(b for b, on, _ in arrays if on)
 
 
 def _computations(hlo: str) -> dict[str, list[str]]:
@@ -123,17 +124,23 @@ def breakdown(hlo: str) -> dict[str, dict[str, float]]:
         continue
       onchip_bytes += onchip
       operands = re.findall(r"%([\w.\-]+)", rest.split("), ")[0])
-      # A `-start`'s result tuple holds its source (an alias of the operand) and destination.
-      moved = hbm + (
-          0 if opcode.endswith("-start") else sum(result_bytes.get(o, 0) for o in operands)
-      )
+      if opcode == "async-start":  # ((operands), destination, context): e.g. a slice, which
+        # reads from its operand only the bytes it writes
+        arrays = _arrays(shape)
+        dest = [a for a in arrays[len(operands) :] if not a[2]]  # not the scalar context
+        source_in_hbm = any(not on for _, on, _ in arrays[: len(operands)])
+        moved = sum(b for b, on, _ in dest if not on) + source_in_hbm * sum(b for b, *_ in dest)
+      elif opcode.endswith("-start"):  # the tuple holds the source (the operand) and destination
+        moved = hbm
+      else:
+        moved = hbm + sum(result_bytes.get(o, 0) for o in operands)
       op_name = (re.search(r'op_name="([^"]*)"', rest) or [None, ""])[1]
       callee = re.search(r"calls=%([\w.\-]+)", rest)
       kind = _kind(opcode, op_name, bool(callee and callee.group(1) in conv_comps))
       out[kind]["count"] += 1
       out[kind]["gb"] += moved / 1e9
       if kind == "collectives":  # a `-start` tuple also holds its operand: count the largest
-        collective_bytes += max((b for b, _ in _arrays(shape)), default=0)
+        collective_bytes += max((b for b, *_ in _arrays(shape)), default=0)
   out["collective_gb"] = collective_bytes / 1e9
   out["hbm_gb"] = sum(out[k]["gb"] for k in KINDS)
   out["onchip_gb"] = onchip_bytes / 1e9
