@@ -64,6 +64,12 @@ _REPORT = flags.DEFINE_string("report_json", None, "also write the figures to th
 _MESSAGE_LINES = flags.DEFINE_integer(
     "message_lines", 40, "lines of XLA's out-of-memory message to print (its largest buffers)"
 )
+_HLO_OUT = flags.DEFINE_string(
+    "hlo_out",
+    None,
+    "also write the compiled HLO text here, gzipped (for `python -m "
+    "imagen_jax.parallel.hlo_breakdown FILE` without compiling again)",
+)
 _DUMP = flags.DEFINE_string(
     "dump_dir", None, "XLA dump directory (the buffer assignment shows where memory goes)"
 )
@@ -169,6 +175,8 @@ def main(argv):
     sys.exit(1)
   compile_s = time.time() - t1
   hlo = compiled.as_text()
+  if _HLO_OUT.value:
+    hlo_breakdown.write_hlo(_HLO_OUT.value, hlo)
   if "flash" in impls and "tpu_custom_call" not in hlo:
     fail("attention resolved to the flash kernel but the compiled program has no tpu_custom_call")
   r = aot.report(

@@ -27,8 +27,13 @@ an estimate of inter-chip traffic per step.
 
 from __future__ import annotations
 
+import gzip
+import json
 import math
 import re
+import sys
+
+from imagen_jax import atomic
 
 KINDS = ("collectives", "t5", "optimizer", "ema", "attention", "conv", "other")
 _COLLECTIVES = (
@@ -124,8 +129,9 @@ def breakdown(hlo: str) -> dict[str, dict[str, float]]:
         continue
       onchip_bytes += onchip
       operands = re.findall(r"%([\w.\-]+)", rest.split("), ")[0])
-      if opcode == "async-start":  # ((operands), destination, context): e.g. a slice, which
-        # reads from its operand only the bytes it writes
+      if opcode.endswith("-start") and opcode not in _COLLECTIVES and opcode != "copy-start":
+        # An asynchronous op, `async-start` or its printed form (`slice-start`, ...):
+        # ((operands), destination, context); a slice reads only the bytes it writes.
         arrays = _arrays(shape)
         dest = [a for a in arrays[len(operands) :] if not a[2]]  # not the scalar context
         source_in_hbm = any(not on for _, on, _ in arrays[: len(operands)])
@@ -145,3 +151,20 @@ def breakdown(hlo: str) -> dict[str, dict[str, float]]:
   out["hbm_gb"] = sum(out[k]["gb"] for k in KINDS)
   out["onchip_gb"] = onchip_bytes / 1e9
   return out
+
+
+def write_hlo(path: str, hlo: str) -> None:
+  """The compiled HLO text at `path`, gzipped, written atomically."""
+  atomic.write_bytes(path, gzip.compress(hlo.encode()))
+
+
+def read_hlo(path: str) -> str:
+  """HLO text from `path`, gzipped (`write_hlo`) or plain (an XLA dump's module)."""
+  with open(path, "rb") as f:
+    data = f.read()
+  return (gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data).decode()
+
+
+if __name__ == "__main__":  # python -m imagen_jax.parallel.hlo_breakdown HLO[.gz] ...
+  for arg in sys.argv[1:]:
+    print(json.dumps({"hlo": arg, **breakdown(read_hlo(arg))}))
