@@ -52,9 +52,8 @@ def _common(**overrides) -> ml_collections.ConfigDict:
   c.dtype = "float32"  # compute; use "bfloat16" on accelerators
   c.param_dtype = "float32"  # storage
   c.remat = False
-  c.remat_policy = (
-      "nothing"  # with remat: what a block keeps for its backward (blocks.REMAT_POLICIES)
-  )
+  # With remat: what a block keeps for its backward (blocks.REMAT_POLICIES).
+  c.remat_policy = "nothing"
   c.update(overrides)
   return c
 
