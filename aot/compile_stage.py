@@ -19,10 +19,10 @@ Prints per chip: argument / output / alias / temporary bytes, XLA's peak memory 
 XLA lets a program use (`aot.usable_hbm_bytes`), the generated code, XLA's FLOPs and bytes
 accessed per step, the model FLOPs (`nn.flops`: the network's convs and matmuls, 3 x forward,
 no remat, no frozen encoder), the FLOPs of the flash kernel's backward (which XLA's cost
-analysis does not see; `nn.flops.kernel_train_flops`), the roofline step time max((XLA FLOPs + kernel
-FLOPs) / peak, bytes / HBM bandwidth), MFU bound = model FLOPs / (roofline x peak) and the compiled HLO's work by kind
-(`parallel.hlo_breakdown`: convs, attention, T5, optimizer, EMA, collectives, the rest); then
-one line for scripts:
+analysis does not see; `nn.flops.kernel_train_flops`), the roofline step time
+max((XLA FLOPs + kernel FLOPs) / peak, bytes / HBM bandwidth), MFU bound = model FLOPs /
+(roofline x peak) and the compiled HLO's HBM traffic by kind (`parallel.hlo_breakdown`:
+convs, attention, T5, optimizer, EMA, collectives, the rest); then one line for scripts:
 
     aot: stage=base64 topology=v4-512 chips=256 attn=flash peak_gib=.. usable_gib=.. fits=yes
     model_tflop=.. step_tflop=.. roofline_s=.. mfu_bound=..
@@ -108,11 +108,13 @@ def main(argv):
   n_params = sum(x.size for x in jax.tree.leaves(program.abstract.params))
   accum = int(c.train.get("grad_accum_steps", 1))
   accum_text = f" ({accum} microbatches of {program.global_batch // accum})" if accum > 1 else ""
+  kept = str(c.model.get("remat_policy", "nothing"))
+  text_desc = "cache" if use_cache else c.text.name + " in the step"
   print(
       f"stage {c.stage} ({c.variant}): {n_params / 1e9:.3f}B params, "
       f"{topology.chip.name} x {topology.num_chips} ({topology.libtpu_name}), mesh "
       f"{dict(mesh.shape)}, batch {program.global_batch}{accum_text}, compute {c.model.dtype}, "
-      f"remat {c.model.remat} ({c.model.get('remat_policy', 'nothing')} kept), text {'cache' if use_cache else c.text.name + ' in the step'}"
+      f"remat {c.model.remat} ({kept} kept), text {text_desc}"
   )
   t0 = time.time()
   with attention.recording() as seen:
@@ -145,7 +147,7 @@ def main(argv):
       microbatch=program.global_batch // accum,
       dtype=str(c.model.dtype),
       remat=bool(c.model.remat),
-      remat_policy=str(c.model.get("remat_policy", "nothing")),
+      remat_policy=kept,
       text="cache" if use_cache else "step",
       params_b=n_params / 1e9,
       attn=attn,

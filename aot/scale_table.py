@@ -34,8 +34,8 @@ NA = "n/a"
 
 HEADER = (
     "| stage | slice (chips) | mesh data x fsdp x tensor | batch | dtype, remat, text | attn | "
-    "peak GiB / chip | usable GiB | fits | model TFLOP / step / chip | XLA (+ kernel) TFLOP / step / chip | "
-    "roofline step | MFU bound | chip-days |"
+    "peak GiB / chip | usable GiB | fits | model TFLOP / step / chip | "
+    "XLA (+ kernel) TFLOP / step / chip | roofline step | MFU bound | chip-days |"
 )
 
 
