@@ -17,6 +17,10 @@ from imagen_jax.nn.deepfloyd_config import IFConfig
 from imagen_jax.sampling import cascade, deepfloyd_stage
 from imagen_jax.stage import SamplingSettings
 
+# One worker takes the module, so its module fixtures (the cascade's compiled samplers) are
+# built once, not once per xdist worker.
+pytestmark = pytest.mark.xdist_group("deepfloyd_cascade")
+
 BASE = dict(
     act_fn="gelu",
     time_embedding_act_fn="gelu",
@@ -45,11 +49,23 @@ def _write(folder, cfg, seed):
   c = model.config
   x = jnp.zeros((1, 8, 8, c.in_channels))
   noise = jnp.zeros((1,)) if c.is_sr else None
-  params = model.init(jax.random.key(seed), x, jnp.zeros((1,)), jnp.zeros((1, 3, 256)), None, noise)
-  params = jax.tree.map(
-      lambda p: p + 0.1 * jax.random.normal(jax.random.key(seed + 1), p.shape),
-      nn.unbox(params["params"]),
+
+  # Shapes from a trace, values from numpy: run op by op, Flax's init compiles hundreds of tiny
+  # programs. Every weight is random (a dropped bias or a swapped norm would show): a unit
+  # scale or fan-in-scaled kernel plus 0.1 noise.
+  shapes = jax.eval_shape(
+      model.init, jax.random.key(seed), x, jnp.zeros((1,)), jnp.zeros((1, 3, 256)), None, noise
   )
+  rng = np.random.default_rng(seed)
+
+  def value(path, leaf):
+    name = jax.tree_util.keystr(path)
+    base = np.ones(leaf.shape) if "scale" in name else np.zeros(leaf.shape)
+    if leaf.ndim >= 2:  # kernels and embeddings, fan-in scaled
+      base = rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
+    return jnp.asarray(base + 0.1 * rng.normal(size=leaf.shape), leaf.dtype)
+
+  params = jax.tree_util.tree_map_with_path(value, nn.unbox(shapes["params"]))
   deepfloyd_checkpoint.save_params(str(folder), cfg, params)
   return params
 
