@@ -143,8 +143,8 @@ def config_differences(a: dict, b: dict) -> list[str]:
   """Where two SR stages' recorded configs differ on what the comparison holds fixed:
   "field: a vs b" for the network, sizes, text encoder, diffusion (but its aug range) and the
   training budget / seed / batch / EMA."""
-  diffusion = sorted(set(a.get("diffusion", {})) | set(b.get("diffusion", {})) - {"aug_level"})
-  fields = _SAME_FIELDS + tuple(f"diffusion.{k}" for k in diffusion if k != "aug_level")
+  diffusion = (set(a.get("diffusion", {})) | set(b.get("diffusion", {}))) - {"aug_level"}
+  fields = _SAME_FIELDS + tuple(f"diffusion.{k}" for k in sorted(diffusion))
   return [
       f"{f}: {_get(a, f)!r} vs {_get(b, f)!r}"
       for f in fields + _SAME_TRAIN
@@ -184,11 +184,13 @@ def _scores(images_u8, test) -> dict:
   s = shapes_metric.score_images(
       list(images_u8), [e["attributes"] for e in test], [e["held_out"] for e in test]
   )
+  held = s["held_out"]["exact"]
   return {
       "colour": round(s["mean"]["color"], 4),
       "shape": round(s["mean"]["shape"], 4),
       "exact": round(s["mean"]["exact"], 4),
-      "held_exact": round(s["held_out"]["exact"], 4),
+      # None when no prompt has a never-seen colour+kind pair (JSON has no NaN).
+      "held_exact": None if np.isnan(held) else round(held, 4),
   }
 
 
@@ -229,6 +231,10 @@ def references(base_samples, real_u8, lowres_size: int, test) -> dict:
   }
 
 
+def _fmt(x) -> str:
+  return "-" if x is None else f"{x:.3f}"
+
+
 def table(rows, refs: dict, settings: dict) -> str:
   """Markdown: one line per (SR stage, aug level), then the references and the settings."""
   lines = [
@@ -242,7 +248,7 @@ def table(rows, refs: dict, settings: dict) -> str:
   for r in rows:
     lines.append(
         f"| {r['stage'].replace('_', ' ')} | {r['aug']:g} | {r['exact']:.3f} | {r['colour']:.3f} "
-        f"| {r['shape']:.3f} | {r['held_exact']:.3f} | {r['edge_p99']:.1f} | "
+        f"| {r['shape']:.3f} | {_fmt(r['held_exact'])} | {r['edge_p99']:.1f} | "
         f"{r['real_psnr_db']:.2f} | {r['real_edge_p99']:.1f} |"
     )
   b, bb, real, rb = (
@@ -264,7 +270,7 @@ def table(rows, refs: dict, settings: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def plot(rows, refs: dict, path: str) -> None:
+def plot(rows, refs: dict, path: str, sizes: tuple[int, int]) -> None:
   """aug_sweep.png: exact match, edge sharpness (base samples) and PSNR (real low-res) against
   the sampling aug level, one line per SR stage; dotted: the references."""
   import matplotlib  # deferred: a 1 s import that only the plot needs
@@ -288,7 +294,9 @@ def plot(rows, refs: dict, path: str) -> None:
     ax.set_xlabel("sampling aug level")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
-  fig.suptitle("Noise conditioning augmentation (Imagen §2.4), shapes cascade 32 -> 64")
+  fig.suptitle(
+      f"Noise conditioning augmentation (Imagen §2.4), shapes cascade {sizes[0]} -> {sizes[1]}"
+  )
   fig.tight_layout()
   atomic.save_figure(path, fig, dpi=100)
   plt.close(fig)
@@ -395,10 +403,12 @@ def main(argv):
         f"the SR stage in {dirs[WITH]} was trained without augmentation "
         f"(diffusion.aug_level={aug_ranges[WITH]}); the comparison needs one trained with it"
     )
+  steps = {k: trained_step(dirs[k]) for k in ("base", WITH, WITHOUT)}
   differences = config_differences(configs[WITH], configs[WITHOUT])
+  if steps[WITH] != steps[WITHOUT]:
+    differences.append(f"checkpoint step: {steps[WITH]} vs {steps[WITHOUT]}")
   for d in differences:
     print(f"warning: the two SR stages differ beyond their aug range: {d}", flush=True)
-  steps = {k: trained_step(dirs[k]) for k in ("base", WITH, WITHOUT)}
 
   test = shapes.read_examples(dirs["data"], "test", limit=_NUM_PROMPTS.value)
   prompts = [e["caption"] for e in test]
@@ -498,7 +508,7 @@ def main(argv):
   }
   atomic.write_text(os.path.join(outdir, "table.md"), table(rows, refs, settings))
   atomic.write_json(os.path.join(outdir, "references.json"), refs)
-  plot(rows, refs, os.path.join(outdir, "aug_sweep.png"))
+  plot(rows, refs, os.path.join(outdir, "aug_sweep.png"), (lowres_size, real_u8.shape[1]))
   print(table(rows, refs, settings))
   print(
       f"computed {counter['sample_sets']} sample sets and {counter['rows']} rows (the rest "

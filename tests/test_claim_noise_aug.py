@@ -68,6 +68,40 @@ def test_config_differences_ignore_the_aug_range_only():
   ]
 
 
+def test_cached_sample_sets_are_reused_only_under_their_key(tmp_path):
+  path, counter = str(tmp_path / "s.npz"), {"sample_sets": 0}
+  calls = []
+
+  def compute(value):
+    calls.append(value)
+    return np.full((2, 4, 4, 3), value, np.uint8)
+
+  a = claim_noise_aug.cached_npz(path, "k1", lambda: compute(1), counter)
+  b = claim_noise_aug.cached_npz(path, "k1", lambda: compute(2), counter)
+  assert calls == [1] and np.array_equal(a, b) and counter["sample_sets"] == 1
+  c = claim_noise_aug.cached_npz(path, "k2", lambda: compute(3), counter)  # other settings
+  assert calls == [1, 3] and c.max() == 3 and counter["sample_sets"] == 2
+
+
+def test_table_has_a_line_per_stage_and_level_and_the_references():
+  row = dict(colour=0.9, shape=0.8, exact=0.5, edge_p99=80.0, real_psnr_db=25.0, real_edge_p99=75)
+  rows = [
+      dict(row, stage="with_aug", aug=0.0, held_exact=0.25),
+      dict(row, stage="without_aug", aug=0.3, held_exact=None),
+  ]
+  scores = dict(colour=1.0, shape=1.0, exact=1.0, held_exact=1.0)
+  refs = {
+      "base_samples": scores,
+      "base_samples_bicubic": dict(scores, edge_p99=60.0),
+      "real": dict(scores, edge_p99=99.5),
+      "real_lowres_bicubic": {"psnr_db": 31.0, "edge_p99": 59.0},
+  }
+  table = claim_noise_aug.table(rows, refs, {"num_prompts": 2})
+  assert "| with aug | 0 | 0.500 | 0.900 | 0.800 | 0.250 | 80.0 | 25.00 | 75.0 |" in table
+  assert "| without aug | 0.3 | 0.500 | 0.900 | 0.800 | - | 80.0 | 25.00 | 75.0 |" in table
+  assert "PSNR 31.00 dB" in table and '"num_prompts": 2' in table
+
+
 def test_a_bad_aug_level_on_the_command_line_is_a_one_line_error(tmp_path):
   proc = subprocess.run(
       [
