@@ -329,6 +329,28 @@ def _train(config_flag, config, workdir: str, overrides: dict, name: str) -> Non
     ) from e
 
 
+def check_demo_sr(recorded: dict, sr_config: dict, sr_steps: int) -> None:
+  """Before training: the demo's SR stage was trained with augmentation, and the without-aug
+  stage about to be trained (`sr_config` at `sr_steps`, aug range (0, 0)) is the same stage
+  otherwise (network, sizes, text encoder, diffusion); raises UsageError naming a difference
+  (e.g. configs changed since the demo ran). Training-budget differences are only reported."""
+  aug = tuple(recorded["diffusion"]["aug_level"])
+  if aug[1] <= 0.0:
+    raise app.UsageError(
+        f"the demo's SR stage was trained without augmentation (diffusion.aug_level={aug}); "
+        "the comparison needs one trained with it"
+    )
+  planned = json.loads(json.dumps(sr_config))
+  planned["train"]["num_steps"], planned["diffusion"]["aug_level"] = sr_steps, list(NO_AUG)
+  meaning = [d for d in config_differences(recorded, planned) if not d.startswith("train.")]
+  if meaning:
+    raise app.UsageError(
+        "the SR stage to train without augmentation would differ from the demo's beyond its aug "
+        f"range ({'; '.join(meaning)}; demo's first): set those with --sr_config.<field>=..., or "
+        "rerun the demo with the current configs"
+    )
+
+
 def prepare_stages(outdir: str, demo_dir: str, data_dir: str) -> dict:
   """The three stage workdirs (base, SR with aug, SR without), training what is missing; returns
   {"base": dir, WITH: dir, WITHOUT: dir, "data": builder at the SR resolution}."""
@@ -339,8 +361,8 @@ def prepare_stages(outdir: str, demo_dir: str, data_dir: str) -> dict:
       cfg.data.data_dir = data_dir
   demo = {n: os.path.join(os.path.abspath(demo_dir), n) for n in ("base", "sr")}
   dirs = {
-      "base": demo["base"] if trained_step(demo["base"]) else os.path.join(outdir, "base"),
-      WITH: demo["sr"] if trained_step(demo["sr"]) else os.path.join(outdir, "sr_aug"),
+      "base": demo["base"] if trained_step(demo["base"]) is not None else f"{outdir}/base",
+      WITH: demo["sr"] if trained_step(demo["sr"]) is not None else f"{outdir}/sr_aug",
       WITHOUT: os.path.join(outdir, "sr_noaug"),
   }
   # The same scenes at both sizes (seeded per example); the base size only to train it here.
@@ -357,6 +379,8 @@ def prepare_stages(outdir: str, demo_dir: str, data_dir: str) -> dict:
   if sr_steps is None and dirs[WITH] == demo["sr"]:
     sr_steps = int(cascade.read_stage_config(demo["sr"]).train.num_steps)
   sr_steps = int(sr_cfg.train.num_steps) if sr_steps is None else sr_steps
+  if dirs[WITH] == demo["sr"]:
+    check_demo_sr(cascade.read_stage_config(demo["sr"]).to_dict(), sr_cfg.to_dict(), sr_steps)
   base_steps = int(base_cfg.train.num_steps) if _BASE_STEPS.value is None else _BASE_STEPS.value
   common = {"data.data_dir": data_dir}
   if dirs["base"] != demo["base"]:

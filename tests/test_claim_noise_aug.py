@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from absl import app
 
 from experiments import claim_noise_aug
 from imagen_jax import cli_runner
@@ -66,6 +67,23 @@ def test_config_differences_ignore_the_aug_range_only():
       "diffusion.target: 'x0' vs 'eps'",
       "train.num_steps: 2000 vs 100",
   ]
+
+
+def test_the_demo_sr_stage_is_checked_before_training_the_no_aug_one():
+  demo = {
+      "model": {"channels": [96, 128]},
+      "diffusion": {"aug_level": [0.0, 0.5], "target": "x0"},
+      "train": {"num_steps": 2000},
+  }
+  config = json.loads(json.dumps(demo))
+  claim_noise_aug.check_demo_sr(demo, config, 2000)
+  claim_noise_aug.check_demo_sr(demo, config, 500)  # a budget difference is only reported
+  config["model"]["channels"] = [64, 128]
+  with pytest.raises(app.UsageError, match=r"model: \{'channels': \[96, 128\]\} vs"):
+    claim_noise_aug.check_demo_sr(demo, config, 2000)
+  demo["diffusion"]["aug_level"] = [0.0, 0.0]
+  with pytest.raises(app.UsageError, match=r"trained without augmentation"):
+    claim_noise_aug.check_demo_sr(demo, demo, 2000)
 
 
 def test_cached_sample_sets_are_reused_only_under_their_key(tmp_path):
