@@ -41,8 +41,9 @@ checkpoint step, settings, prompts) is unchanged are reused.
 
   python experiments/claim_noise_aug.py --outdir=claims_out/noise_aug --demo_dir=demo_out
 
-Test-size runs override the configs: `--base_config=configs/base64.py:tiny
---sr_config=configs/sr256.py:tiny --sr_config.train.num_steps=4 --cascade.stage1.num_steps=2`.
+Smaller runs: --num_prompts, --aug_levels, --sr_steps; the stage configs and the sampling
+settings take `--base_config.*`, `--sr_config.*` and `--cascade.*` overrides (a tiny cascade:
+tests/test_claim_noise_aug.py).
 """
 
 from __future__ import annotations
