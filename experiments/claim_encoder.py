@@ -54,7 +54,15 @@ WIDTHS = {
     "half": {"model.channels": (64, 96), "model.stem_channels": 32},
     "full": {"model.channels": (128, 192), "model.stem_channels": 64},
 }
-METRICS = ("colour", "shape", "position", "exact", "binding", "never_seen_colour")
+METRICS = (
+    "colour",
+    "shape",
+    "position",
+    "exact",
+    "binding",
+    "never_seen_colour",
+    "never_seen_exact",
+)
 
 _OUTDIR = flags.DEFINE_string(
     "outdir", None, "where runs, rows.jsonl and table.md go", required=True
