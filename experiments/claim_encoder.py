@@ -206,10 +206,8 @@ def plot(rows: list[dict], path: str) -> None:
     ax.set_title(f"{metric} at w = {w:g}")
   fig.suptitle("random vs pretrained frozen encoder, two U-Net widths (dots: seeds)")
   fig.tight_layout()
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=110)
+  atomic.save_figure(path, fig, dpi=110)
   plt.close(fig)
-  os.replace(tmp, path)
 
 
 def read_rows(path: str) -> list[dict]:
