@@ -167,6 +167,11 @@ def benchmark(outdir: str, steps: int) -> dict:
     return dict(zip(NETWORKS, json.load(f)))
 
 
+def _finite(x: float) -> float | None:
+  """None for NaN (no row logged by then): rows.jsonl stays valid JSON."""
+  return None if x != x else x
+
+
 def result_rows(
     curves: dict, done: dict, bench: dict, config_args: dict, window_s: float
 ) -> list[dict]:
@@ -192,9 +197,9 @@ def result_rows(
             train_steps_per_s=float(np.median(sps)) if len(sps) else None,
             steps=done[name]["step"],
             loop_s=end,
-            final_loss=smoothed_loss(curve, end, window_s),
+            final_loss=_finite(smoothed_loss(curve, end, window_s)),
             equal_time_s=t_equal,
-            loss_at_equal_time=smoothed_loss(curve, t_equal, window_s),
+            loss_at_equal_time=_finite(smoothed_loss(curve, t_equal, window_s)),
             window_s=window_s,
             budget_s=done[name]["budget_s"],
         )
@@ -203,7 +208,7 @@ def result_rows(
 
 
 def _fmt(value, spec: str) -> str:
-  return "-" if value is None or value != value else format(value, spec)
+  return "-" if value is None else format(value, spec)
 
 
 def table(rows: list[dict]) -> str:

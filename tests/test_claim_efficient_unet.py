@@ -98,6 +98,12 @@ def test_curve_wall_time_smoothing_and_table(tmp_path):
   table = claim.table(out)
   assert "| efficient_unet | 8.05M | - | 9.00 / 10.00 | 1 |" in table
   assert "loss at 15 s" in table and "`configs/base64.py:shapes,model=shapes_unet`" in table
+  # A run whose first row (its compile) comes after the equal time has no loss there.
+  _write_metrics(tmp_path / "c", [dict(step=10, loss=0.5, steps_per_sec=0.5)])
+  late = dict(curves, unet=claim.read_curve(str(tmp_path / "c")))
+  late_rows = claim.result_rows(late, done, bench, args, 2.5)
+  assert late_rows[1]["loss_at_equal_time"] is None and late_rows[1]["final_loss"] == 0.5
+  assert claim.table(late_rows).splitlines()[5].endswith("| 0.5000 | - |")
   claim.plot(curves, out, str(tmp_path / "plot.png"), 2.5)
   assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
