@@ -30,8 +30,14 @@ loss reported is smoothed: the mean of the rows logged in the last --window_s se
 the time it is read at. "Loss at equal wall time" is read at T = the shorter of the two runs'
 loop times (both trained at least that long).
 
+At the end each network's final EMA params sample --eval_prompts shapes test prompts
+(experiments/guidance_sweep.py at one point: DDIM, w = --eval_w, dynamic thresholding, a child
+process), scored with the exact shapes metric (colour, shape, exact match): how far each got in
+the same wall time.
+
 Writes into --outdir: bench.json (the benchmark), rows.jsonl (one row per network), table.md,
-loss_vs_time.png, and per network `<name>/train` (the trainer's workdir) and `<name>/done.json`.
+loss_vs_time.png, and per network `<name>/train` (the trainer's workdir), `<name>/done.json`
+and `<name>/eval` (the scored samples: results.md, samples.png).
 Resumable: a run whose done.json records a budget >= --budget_s is not trained again (written
 atomically once the trainer exits at its budget); an interrupted run resumes from its last
 checkpoint for the rest of its budget (the budget minus the loop time already logged).
@@ -39,6 +45,7 @@ checkpoint for the rest of its budget (the budget minus the loop time already lo
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -53,6 +60,7 @@ from imagen_jax.data import shapes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARK = os.path.join(REPO, "benchmarks", "efficient_vs_unet.py")
+SWEEP = os.path.join(REPO, "experiments", "guidance_sweep.py")
 
 _OUTDIR = flags.DEFINE_string("outdir", None, "where the results go", required=True)
 _BUDGET = flags.DEFINE_float("budget_s", 1200.0, "training wall-time budget of each network (s)")
@@ -71,6 +79,13 @@ _DATA_DIR = flags.DEFINE_string(
 )
 _BENCH_STEPS = flags.DEFINE_integer("bench_steps", 20, "timed benchmark steps (0: no benchmark)")
 _WINDOW = flags.DEFINE_float("window_s", 120.0, "the loss smoothing window (s of training)")
+_EVAL_PROMPTS = flags.DEFINE_integer(
+    "eval_prompts", 64, "shapes test prompts sampled and scored per network (0: no scoring)"
+)
+_EVAL_W = flags.DEFINE_float("eval_w", 3.0, "the guidance weight of the scored samples")
+_EVAL_SAMPLE_STEPS = flags.DEFINE_integer(
+    "eval_sample_steps", 0, "DDIM steps of the scored samples (0: configs/cascade.py:shapes')"
+)
 
 # Names in the outputs -> the flag that holds the network's config argument.
 NETWORKS = {"efficient_unet": _EFFICIENT, "unet": _UNET}
@@ -167,17 +182,46 @@ def benchmark(outdir: str, steps: int) -> dict:
     return dict(zip(NETWORKS, json.load(f)))
 
 
+def evaluate(name: str, outdir: str, data_dir: str) -> dict:
+  """The shapes metric of the network's final EMA params: experiments/guidance_sweep.py (a
+  child process) at one point, w = --eval_w with dynamic thresholding on --eval_prompts test
+  prompts (its points are cached per checkpoint, so a rerun reads them); {} when turned off."""
+  n = _EVAL_PROMPTS.value
+  if n <= 0:
+    return {}
+  out = os.path.join(outdir, name, "eval")
+  print(f"== scoring {name}'s samples ({n} test prompts, w = {_EVAL_W.value:g})", flush=True)
+  command = [
+      sys.executable,
+      SWEEP,
+      f"--workdirs={os.path.join(outdir, name, 'train')}",
+      f"--weights={_EVAL_W.value}",
+      "--thresholds=dynamic",
+      f"--num_prompts={n}",
+      f"--batch_size={n}",
+      f"--data_dir={data_dir}",
+      f"--outdir={out}",
+  ]
+  if _EVAL_SAMPLE_STEPS.value:
+    command.append(f"--config.stage1.num_steps={_EVAL_SAMPLE_STEPS.value}")
+  subprocess.run(command, check=True)
+  with open(os.path.join(out, "results.csv"), newline="") as f:
+    (row,) = list(csv.DictReader(f))
+  keys = ("shapes_color", "shapes_shape", "shapes_exact", "fd")
+  return {k: float(row[k]) for k in keys if row.get(k)} | {"eval_w": _EVAL_W.value, "eval_n": n}
+
+
 def _finite(x: float) -> float | None:
   """None for NaN (no row logged by then): rows.jsonl stays valid JSON."""
   return None if x != x else x
 
 
 def result_rows(
-    curves: dict, done: dict, bench: dict, config_args: dict, window_s: float
+    curves: dict, done: dict, bench: dict, config_args: dict, window_s: float, scores=None
 ) -> list[dict]:
   """One row per network (the keys of `curves`): the benchmark's figures, the run's steps,
   steps/s (median logged, the first row with its compile left out), the smoothed final loss and
-  the smoothed loss at T = the shorter run's loop time."""
+  the smoothed loss at T = the shorter run's loop time; `scores[name]`: `evaluate`'s."""
   t_equal = min(float(c["wall_s"][-1]) if len(c["wall_s"]) else 0.0 for c in curves.values())
   rows = []
   for name, curve in curves.items():
@@ -202,6 +246,7 @@ def result_rows(
             loss_at_equal_time=_finite(smoothed_loss(curve, t_equal, window_s)),
             window_s=window_s,
             budget_s=done[name]["budget_s"],
+            **(scores or {}).get(name, {}),
         )
     )
   return rows
@@ -212,8 +257,8 @@ def _fmt(value, spec: str) -> str:
 
 
 def table(rows: list[dict]) -> str:
-  """Markdown: network | params | GFLOP/step | steps/s | memory | compile | steps | losses,
-  then the config argument of each network."""
+  """Markdown: network | params | GFLOP/step | steps/s | memory | compile | steps | losses |
+  shapes metric, then the config argument of each network."""
   t, w = rows[0]["equal_time_s"], rows[0]["window_s"]
   lines = [
       f"budget {rows[0]['budget_s']:g} s of training per network; wall time: the training "
@@ -221,8 +266,9 @@ def table(rows: list[dict]) -> str:
       f"{w:g} s of training (the logged loss is per-batch noisy)",
       "",
       "| network | params | GFLOP/step | steps/s (benchmark / training) | temp memory MiB "
-      f"| peak RSS MiB | compile s | steps reached | final loss | loss at {t:.0f} s |",
-      "|---|---|---|---|---|---|---|---|---|---|",
+      f"| peak RSS MiB | compile s | steps reached | final loss | loss at {t:.0f} s "
+      f"| colour / shape / exact at the end (w = {rows[0].get('eval_w', '-')}) |",
+      "|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in rows:
     params = "-" if r["params"] is None else f"{r['params'] / 1e6:.2f}M"
@@ -231,7 +277,9 @@ def table(rows: list[dict]) -> str:
         f"{_fmt(r['bench_steps_per_s'], '.2f')} / {_fmt(r['train_steps_per_s'], '.2f')} | "
         f"{_fmt(r['temp_mib'], '.0f')} | {_fmt(r['peak_rss_mib'], '.0f')} | "
         f"{_fmt(r['compile_s'], '.0f')} | {r['steps']} | {_fmt(r['final_loss'], '.4f')} | "
-        f"{_fmt(r['loss_at_equal_time'], '.4f')} |"
+        f"{_fmt(r['loss_at_equal_time'], '.4f')} | "
+        + " / ".join(_fmt(r.get(f"shapes_{a}"), ".3f") for a in ("color", "shape", "exact"))
+        + " |"
     )
   lines += ["", *(f"- {r['network']}: `configs/base64.py:{r['config']}`" for r in rows)]
   return "\n".join(lines) + "\n"
@@ -265,11 +313,12 @@ def main(argv):
     raise cli.UserError(f"unexpected arguments: {argv[1:]}")
   if not _BUDGET.value > 0:
     raise cli.UserError(f"--budget_s={_BUDGET.value}: allowed: a number of seconds > 0")
-  if _WINDOW.value <= 0 or _BENCH_STEPS.value < 0 or _MAX_STEPS.value < 1:
-    raise cli.UserError(
-        f"--window_s={_WINDOW.value} --bench_steps={_BENCH_STEPS.value} "
-        f"--max_steps={_MAX_STEPS.value}: allowed: window_s > 0, bench_steps >= 0, max_steps >= 1"
-    )
+  bad = [f"--window_s={_WINDOW.value}: allowed: > 0"] if _WINDOW.value <= 0 else []
+  bad += [f"--max_steps={_MAX_STEPS.value}: allowed: >= 1"] if _MAX_STEPS.value < 1 else []
+  for f in (_BENCH_STEPS, _EVAL_PROMPTS, _EVAL_SAMPLE_STEPS):
+    bad += [f"--{f.name}={f.value}: allowed: >= 0"] if f.value < 0 else []
+  if bad:
+    raise cli.UserError("; ".join(bad))
   configs = {name: build_config(name) for name in NETWORKS}
   kinds = {name: c.model.kind for name, c in configs.items()}
   if kinds != {"efficient_unet": "efficient_unet", "unet": "unet"}:
@@ -302,7 +351,8 @@ def main(argv):
   done = {name: train(name, overrides, outdir, _BUDGET.value) for name in NETWORKS}
   curves = {name: read_curve(os.path.join(outdir, name, "train")) for name in NETWORKS}
   args = {name: config_arg(name) for name in NETWORKS}
-  rows = result_rows(curves, done, bench, args, _WINDOW.value)
+  scores = {name: evaluate(name, outdir, data_dir) for name in NETWORKS}
+  rows = result_rows(curves, done, bench, args, _WINDOW.value, scores)
   atomic.write_text(os.path.join(outdir, "rows.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
   text = table(rows)
   atomic.write_text(os.path.join(outdir, "table.md"), text)

@@ -103,7 +103,7 @@ def test_curve_wall_time_smoothing_and_table(tmp_path):
   late = dict(curves, unet=claim.read_curve(str(tmp_path / "c")))
   late_rows = claim.result_rows(late, done, bench, args, 2.5)
   assert late_rows[1]["loss_at_equal_time"] is None and late_rows[1]["final_loss"] == 0.5
-  assert claim.table(late_rows).splitlines()[5].endswith("| 0.5000 | - |")
+  assert claim.table(late_rows).splitlines()[5].endswith("| 0.5000 | - | - / - / - |")
   claim.plot(curves, out, str(tmp_path / "plot.png"), 2.5)
   assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -124,6 +124,7 @@ def _run(*args, timeout=900):
     [
         (["--budget_s=0"], "--budget_s=0.0: allowed: a number of seconds > 0"),
         (["--unet=shapes"], "and --unet a unet"),
+        (["--eval_prompts=-1"], "--eval_prompts=-1: allowed: >= 0"),
         (["--unet=shapes,model=huge"], "--unet: unknown size 'huge'"),
     ],
 )
@@ -145,6 +146,8 @@ TINY = [
     "--bench_steps=1",
     "--budget_s=600",
     "--window_s=30",
+    "--eval_prompts=8",
+    "--eval_sample_steps=2",
 ]
 
 
@@ -159,8 +162,10 @@ def test_tiny_run_writes_the_table_and_a_rerun_trains_nothing(tmp_path):
     assert r["steps"] == 6 and r["params"] > 0 and r["temp_mib"] > 0
     assert r["bench_steps_per_s"] > 0 and r["train_steps_per_s"] > 0
     assert np.isfinite(r["final_loss"])
+    assert 0 <= r["shapes_color"] <= 1 and r["eval_n"] == 8  # the shapes metric of samples
   assert rows[0]["model_gflop_per_step"] < rows[1]["model_gflop_per_step"]
   assert "| efficient_unet |" in (out / "table.md").read_text()
+  assert (out / "unet" / "eval" / "samples.png").exists()
   assert (out / "loss_vs_time.png").stat().st_size > 0
   for name in ("efficient_unet", "unet"):
     done = json.loads((out / name / "done.json").read_text())
