@@ -1,4 +1,4 @@
-"""Claim 4 (Efficient U-Net vs the plain U-Net, Imagen §3 / App. B): the plain U-Net preset and
+"""Claim 4 (Efficient U-Net vs the plain U-Net, Imagen §2.5 / App. B.1): the plain U-Net preset and
 its config path, the loss-curve arithmetic of experiments/claim_efficient_unet.py, its bad flags,
 and a tiny end-to-end run (benchmark + both trainings) that a rerun does not train again."""
 

@@ -11,7 +11,7 @@ Stages: "base64" (64x64 text->image, UNet), "sr256" (64->256, EfficientUNet),
           64x64, width 64, mult (1,2,3,4), 2 res blocks, self+text attention at 32/16/8,
           4 heads x 32.
   shapes_unet  (base64 only) the plain U-Net (App. F.1's block) at the shapes base's size
-          and parameter count, for the Efficient U-Net comparison (§3, App. B;
+          and parameter count, for the Efficient U-Net comparison (§2.5, App. B.1;
           benchmarks/efficient_vs_unet.py, experiments/claim_efficient_unet.py). Selected by
           the stage config's `model=` key: `configs/base64.py:shapes,model=shapes_unet`.
 
