@@ -178,7 +178,7 @@ def benchmark(outdir: str, steps: int) -> dict:
     print("== benchmark of the two training steps", flush=True)
     command = [sys.executable, BENCHMARK, f"--steps={steps}", f"--json_out={path}"]
     command += [f"--arg={config_arg(name)}" for name in NETWORKS]
-    subprocess.run(command, check=True)
+    subprocess.run(command, check=True, cwd=REPO)
   with open(path) as f:
     return dict(zip(NETWORKS, json.load(f)))
 
@@ -205,7 +205,7 @@ def evaluate(name: str, outdir: str, data_dir: str) -> dict:
   ]
   if _EVAL_SAMPLE_STEPS.value:
     command.append(f"--config.stage1.num_steps={_EVAL_SAMPLE_STEPS.value}")
-  subprocess.run(command, check=True)
+  subprocess.run(command, check=True, cwd=REPO)  # its default --config path is relative
   with open(os.path.join(out, "results.csv"), newline="") as f:
     (row,) = list(csv.DictReader(f))
   keys = ("shapes_color", "shapes_shape", "shapes_exact", "fd")
