@@ -38,7 +38,7 @@ the same wall time.
 
 Writes into --outdir: bench.json (the benchmark), rows.jsonl (one row per network), table.md,
 loss_vs_time.png, and per network `<name>/train` (the trainer's workdir), `<name>/done.json`
-and `<name>/eval` (the scored samples: results.md, samples.png).
+and `<name>/eval` (the scored samples: results.md, samples.png; scores.json, which a rerun reuses).
 Resumable: a run whose done.json records a budget >= --budget_s is not trained again (written
 atomically once the trainer exits at its budget); an interrupted run resumes from its last
 checkpoint for the rest of its budget (the budget minus the loop time already logged).
@@ -183,14 +183,22 @@ def benchmark(outdir: str, steps: int) -> dict:
     return dict(zip(NETWORKS, json.load(f)))
 
 
-def evaluate(name: str, outdir: str, data_dir: str) -> dict:
-  """The shapes metric of the network's final EMA params: experiments/guidance_sweep.py (a
-  child process) at one point, w = --eval_w with dynamic thresholding on --eval_prompts test
-  prompts (its points are cached per checkpoint, so a rerun reads them); {} when turned off."""
+def evaluate(name: str, outdir: str, data_dir: str, step: int) -> dict:
+  """The shapes metric of the network's final EMA params (checkpoint `step`):
+  experiments/guidance_sweep.py (a child process) at one point, w = --eval_w with dynamic
+  thresholding on --eval_prompts test prompts; {} when turned off. The scores are kept in
+  `<name>/eval/scores.json` with what they were computed from, and reused while that matches."""
   n = _EVAL_PROMPTS.value
   if n <= 0:
     return {}
   out = os.path.join(outdir, name, "eval")
+  key = dict(step=step, eval_n=n, eval_w=_EVAL_W.value, eval_sample_steps=_EVAL_SAMPLE_STEPS.value)
+  path = os.path.join(out, "scores.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      kept = json.load(f)
+    if kept["key"] == key:
+      return kept["scores"]
   print(f"== scoring {name}'s samples ({n} test prompts, w = {_EVAL_W.value:g})", flush=True)
   command = [
       sys.executable,
@@ -208,8 +216,10 @@ def evaluate(name: str, outdir: str, data_dir: str) -> dict:
   subprocess.run(command, check=True, cwd=REPO)  # its default --config path is relative
   with open(os.path.join(out, "results.csv"), newline="") as f:
     (row,) = list(csv.DictReader(f))
-  keys = ("shapes_color", "shapes_shape", "shapes_exact", "fd")
-  return {k: float(row[k]) for k in keys if row.get(k)} | {"eval_w": _EVAL_W.value, "eval_n": n}
+  names = ("shapes_color", "shapes_shape", "shapes_exact", "fd")
+  scores = {k: float(row[k]) for k in names if row.get(k)} | {"eval_w": _EVAL_W.value, "eval_n": n}
+  atomic.write_json(path, {"key": key, "scores": scores})
+  return scores
 
 
 def _finite(x: float) -> float | None:
@@ -352,7 +362,7 @@ def main(argv):
   done = {name: train(name, overrides, outdir, _BUDGET.value) for name in NETWORKS}
   curves = {name: read_curve(os.path.join(outdir, name, "train")) for name in NETWORKS}
   args = {name: config_arg(name) for name in NETWORKS}
-  scores = {name: evaluate(name, outdir, data_dir) for name in NETWORKS}
+  scores = {name: evaluate(name, outdir, data_dir, done[name]["step"]) for name in NETWORKS}
   rows = result_rows(curves, done, bench, args, _WINDOW.value, scores)
   atomic.write_text(os.path.join(outdir, "rows.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
   text = table(rows)

@@ -170,11 +170,12 @@ def test_tiny_run_writes_the_table_and_a_rerun_trains_nothing(tmp_path):
   for name in ("efficient_unet", "unet"):
     done = json.loads((out / name / "done.json").read_text())
     assert done["reached_num_steps"] and done["step"] == 6
-  # The rerun resumes: no benchmark, no training, the same rows.
+  # The rerun resumes: no benchmark, no training, no scoring, the same rows.
   metrics = (out / "unet" / "train" / "metrics.jsonl").read_text()
   proc = _run(f"--outdir={out}", *TINY, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.count("not trained again") == 2, proc.stdout
   assert "== training" not in proc.stdout and "== benchmark" not in proc.stdout
+  assert "== scoring" not in proc.stdout
   assert (out / "unet" / "train" / "metrics.jsonl").read_text() == metrics
   assert [json.loads(line) for line in open(out / "rows.jsonl")] == rows
