@@ -3,7 +3,8 @@ training step (Imagen §2.5, App. B.1, D.3.2: the paper reports the Efficient U-
 efficient and 2-3x faster in steps per second than the standard U-Net).
 
   python benchmarks/efficient_vs_unet.py --steps=20 [--batch=16] [--json_out=bench.json]
-  python benchmarks/efficient_vs_unet.py --arg=shapes --arg="shapes,model=shapes_unet,model.base_channels=48"
+  python benchmarks/efficient_vs_unet.py --arg=shapes \
+      --arg="shapes,model=shapes_unet,model.base_channels=48"
 
 Each `--arg` is a stage config argument of configs/base64.py (`VARIANT[,key=value,...]`, as
 after the ':' of `--config=configs/base64.py:...`); the default pair is the demo's 32x32 base

@@ -17,8 +17,8 @@ dotted path of any config field (`diffusion.aug_level=(0.0, 0.5)`, `text.path=/c
 Values are Python literals (`ast.literal_eval`; true / false too), else strings. An unknown key
 is a ValueError naming it and what is allowed. The key `model=SIZE` builds the network from
 another preset size of the stage (`imagen_jax.nn.presets`, e.g. `shapes,model=shapes_unet`: the
-plain U-Net beside the shapes Efficient U-Net); its fields then take `--config.model.*` flags. `stage_config(stage, arg)` assembles one locked
-`ml_collections.ConfigDict` with the sections
+plain U-Net beside the shapes Efficient U-Net); its fields then take `--config.model.*` flags.
+`stage_config(stage, arg)` assembles one locked `ml_collections.ConfigDict` with the sections
 `stage, model, diffusion, text, data, optim, train, sample, mesh, distributed`. Building it reads
 no files: the network's text width is `imagen_jax.text.registry.text_dim(config.text)` and its
 text length `config.text.max_length`, both resolved where the encoder is used. Variants:
