@@ -13,35 +13,41 @@ line (`imagen_jax.cli_runner.train_stage`, a child process) for the SAME wall-ti
 * `efficient_unet`: `--efficient` (default `shapes`, the demo's network, 8.1M params);
 * `unet`: `--unet` (default `shapes,model=shapes_unet`: App. F.1's block sized to 7.8M params,
   `imagen_jax.nn.presets` says how), i.e. `--config=configs/base64.py:shapes,model=shapes_unet`
-  for the trainer, which then takes `--config.model.*` flags like any config.
+  for the trainer, which then takes `--config.model.*` flags like any config;
+* `efficient_paper` (only when --networks names it): `--efficient_paper` (default
+  `shapes,model.space_to_depth=1`): the demo's Efficient U-Net without the pixel-unshuffle by 2
+  that it adds to App. B.1 (our extension, `nn.unet.EfficientUNet`): the same parameters, the
+  network at full resolution. It separates what App. B.1's design gives from what the
+  unshuffle gives.
 
-`--common` (e.g. `batch=32,data.num_train=2000`) is appended to both config arguments. The
-learning-rate schedule decays over `train.num_steps` = --max_steps, far beyond what either run
-reaches, so both train at an (almost) constant rate and neither run's schedule depends on its
-speed.
+`--common` (e.g. `batch=32,data.num_train=2000`) is appended to every config argument. The
+learning-rate schedule decays over `train.num_steps` = --max_steps, far beyond what any run
+reaches, so all train at an (almost) constant rate and no run's schedule depends on its speed.
 
-Before training, benchmarks/efficient_vs_unet.py measures each network's training step in a
-child process (params, model FLOPs, median steps/s, XLA's temporary memory, peak RSS).
+Before training, benchmarks/efficient_vs_unet.py measures each network's training step in its
+own child process (params, model FLOPs, median steps/s, XLA's temporary memory, peak RSS).
 
 Then each run's `metrics.jsonl` (one row per `train.log_every` steps: the mean loss of those
 steps and the steps/s since the previous row) gives the loss against wall-clock seconds of the
 training loop (sum of the rows' intervals; the first includes the step's compile, a trainer
 restart's start-up is not counted). The logged loss is noisy (per-batch t and eps), so every
 loss reported is smoothed: the mean of the rows logged in the last --window_s seconds before
-the time it is read at. "Loss at equal wall time" is read at T = the shorter of the two runs'
-loop times (both trained at least that long).
+the time it is read at. "Loss at equal wall time" is read at T = the shortest of the runs'
+loop times (all trained at least that long).
 
 At the end each network's final EMA params sample --eval_prompts shapes test prompts
 (experiments/guidance_sweep.py at one point: DDIM, w = --eval_w, dynamic thresholding, a child
 process), scored with the exact shapes metric (colour, shape, exact match): how far each got in
 the same wall time.
 
-Writes into --outdir: bench.json (the benchmark), rows.jsonl (one row per network), table.md,
-loss_vs_time.png, and per network `<name>/train` (the trainer's workdir), `<name>/done.json`
+Writes into --outdir: rows.jsonl (one row per network), table.md, loss_vs_time.png, and per
+network `<name>/bench.json` (the benchmark), `<name>/train` (the trainer's workdir), `done.json`
 and `<name>/eval` (the scored samples: results.md, samples.png; scores.json, which a rerun reuses).
 Resumable: a run whose done.json records a budget >= --budget_s is not trained again (written
 atomically once the trainer exits at its budget); an interrupted run resumes from its last
-checkpoint for the rest of its budget (the budget minus the loop time already logged).
+checkpoint for the rest of its budget (the budget minus the loop time already logged). So a
+network can join a finished comparison: the same command with `--networks=efficient_unet,unet,
+efficient_paper` benchmarks, trains and scores only efficient_paper, then tabulates all three.
 """
 
 from __future__ import annotations
@@ -71,7 +77,15 @@ _EFFICIENT = flags.DEFINE_string(
 _UNET = flags.DEFINE_string(
     "unet", "shapes,model=shapes_unet", "configs/base64.py argument of the plain U-Net run"
 )
-_COMMON = flags.DEFINE_string("common", "", "key=value,... appended to both config arguments")
+_EFFICIENT_PAPER = flags.DEFINE_string(
+    "efficient_paper",
+    "shapes,model.space_to_depth=1",
+    "configs/base64.py argument of the Efficient U-Net without our pixel-unshuffle",
+)
+_NETWORKS = flags.DEFINE_list(
+    "networks", ["efficient_unet", "unet"], "two or three of efficient_unet, unet, efficient_paper"
+)
+_COMMON = flags.DEFINE_string("common", "", "key=value,... appended to every config argument")
 _MAX_STEPS = flags.DEFINE_integer(
     "max_steps", 100_000, "train.num_steps (the schedule's length; runs stop at the budget)"
 )
@@ -88,22 +102,34 @@ _EVAL_SAMPLE_STEPS = flags.DEFINE_integer(
     "eval_sample_steps", 0, "DDIM steps of the scored samples (0: configs/cascade.py:shapes')"
 )
 
-# Names in the outputs -> the flag that holds the network's config argument.
-NETWORKS = {"efficient_unet": _EFFICIENT, "unet": _UNET}
+# Names in the outputs -> (the flag that holds the network's config argument, its model kind).
+NETWORKS = {
+    "efficient_unet": (_EFFICIENT, "efficient_unet"),
+    "unet": (_UNET, "unet"),
+    "efficient_paper": (_EFFICIENT_PAPER, "efficient_unet"),
+}
 MIB = 2**20
 
 
 def config_arg(name: str) -> str:
   """The full configs/base64.py argument of a network: its flag, then --common."""
-  arg, common = NETWORKS[name].value, _COMMON.value.strip(", ")
+  arg, common = NETWORKS[name][0].value, _COMMON.value.strip(", ")
   return f"{arg},{common}" if common else arg
 
 
 def build_config(name: str):
+  """The network's stage config; a bad argument or a wrong kind is a `cli.UserError`."""
+  flag, kind = NETWORKS[name]
   try:
-    return base64_config.get_config(config_arg(name))
+    c = base64_config.get_config(config_arg(name))
   except ValueError as e:
-    raise cli.UserError(f"--{'efficient' if name == 'efficient_unet' else 'unet'}: {e}") from None
+    raise cli.UserError(f"--{flag.name}: {e}") from None
+  if c.model.kind != kind:
+    raise cli.UserError(
+        f"--{flag.name}={flag.value} builds a {c.model.kind}; the {name} run needs kind {kind} "
+        "(the plain U-Net: --unet=shapes,model=shapes_unet)"
+    )
+  return c
 
 
 def read_curve(workdir: str) -> dict:
@@ -168,19 +194,18 @@ def train(name: str, overrides: dict, outdir: str, budget_s: float) -> dict:
   return done
 
 
-def benchmark(outdir: str, steps: int) -> dict:
-  """benchmarks/efficient_vs_unet.py on both networks (bench.json; reused when there): its
-  rows by network name, or {} with steps = 0."""
+def benchmark(name: str, outdir: str, steps: int) -> dict:
+  """benchmarks/efficient_vs_unet.py on one network in its own process (`<name>/bench.json`,
+  reused when there): its row, or {} with steps = 0."""
   if steps <= 0:
     return {}
-  path = os.path.join(outdir, "bench.json")
+  path = os.path.join(outdir, name, "bench.json")
   if not os.path.exists(path):
-    print("== benchmark of the two training steps", flush=True)
+    print(f"== benchmark of {name}'s training step", flush=True)
     command = [sys.executable, BENCHMARK, f"--steps={steps}", f"--json_out={path}"]
-    command += [f"--arg={config_arg(name)}" for name in NETWORKS]
-    subprocess.run(command, check=True, cwd=REPO)
+    subprocess.run([*command, f"--arg={config_arg(name)}"], check=True, cwd=REPO)
   with open(path) as f:
-    return dict(zip(NETWORKS, json.load(f)))
+    return json.load(f)[0]
 
 
 def evaluate(name: str, outdir: str, data_dir: str, step: int) -> dict:
@@ -304,7 +329,7 @@ def plot(curves: dict, rows: list[dict], path: str, window_s: float) -> None:
   import matplotlib.pyplot as plt  # after use("Agg"): no display needed
 
   fig, ax = plt.subplots(figsize=(7, 4.2))
-  for (name, curve), colour in zip(curves.items(), ("tab:blue", "tab:orange")):
+  for (name, curve), colour in zip(curves.items(), ("tab:blue", "tab:orange", "tab:green")):
     wall = curve["wall_s"]
     ax.plot(wall, curve["loss"], color=colour, alpha=0.25, lw=0.8)
     smooth = [smoothed_loss(curve, t, window_s) for t in wall]
@@ -330,17 +355,16 @@ def main(argv):
     bad += [f"--{f.name}={f.value}: allowed: >= 0"] if f.value < 0 else []
   if bad:
     raise cli.UserError("; ".join(bad))
-  configs = {name: build_config(name) for name in NETWORKS}
-  kinds = {name: c.model.kind for name, c in configs.items()}
-  if kinds != {"efficient_unet": "efficient_unet", "unet": "unet"}:
+  names = list(_NETWORKS.value)
+  if len(set(names)) != len(names) or len(names) < 2 or not set(names) <= set(NETWORKS):
     raise cli.UserError(
-        f"the networks' kinds are {kinds}: --efficient must build an efficient_unet and --unet "
-        "a unet (e.g. --unet=shapes,model=shapes_unet)"
+        f"--networks={','.join(names)}: allowed: two or three different of {', '.join(NETWORKS)}"
     )
-  c = configs["efficient_unet"]
+  configs = {name: build_config(name) for name in names}
+  c = configs[names[0]]
   for section in ("data", "text"):
-    if configs["unet"][section].to_dict() != c[section].to_dict():
-      raise cli.UserError(f"--efficient and --unet set different {section} sections: use --common")
+    if any(configs[n][section].to_dict() != c[section].to_dict() for n in names):
+      raise cli.UserError(f"the networks' config arguments set different {section}: use --common")
   outdir = os.path.abspath(_OUTDIR.value)
   os.makedirs(outdir, exist_ok=True)
   data_dir = os.path.abspath(_DATA_DIR.value or os.path.join(outdir, "data"))
@@ -358,11 +382,11 @@ def main(argv):
       "train.num_steps": _MAX_STEPS.value,
       "train.progress_bar": False,
   }
-  bench = benchmark(outdir, _BENCH_STEPS.value)
-  done = {name: train(name, overrides, outdir, _BUDGET.value) for name in NETWORKS}
-  curves = {name: read_curve(os.path.join(outdir, name, "train")) for name in NETWORKS}
-  args = {name: config_arg(name) for name in NETWORKS}
-  scores = {name: evaluate(name, outdir, data_dir, done[name]["step"]) for name in NETWORKS}
+  bench = {name: benchmark(name, outdir, _BENCH_STEPS.value) for name in names}
+  done = {name: train(name, overrides, outdir, _BUDGET.value) for name in names}
+  curves = {name: read_curve(os.path.join(outdir, name, "train")) for name in names}
+  args = {name: config_arg(name) for name in names}
+  scores = {name: evaluate(name, outdir, data_dir, done[name]["step"]) for name in names}
   rows = result_rows(curves, done, bench, args, _WINDOW.value, scores)
   atomic.write_text(os.path.join(outdir, "rows.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
   text = table(rows)

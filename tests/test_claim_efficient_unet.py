@@ -123,7 +123,8 @@ def _run(*args, timeout=900):
     "args, expected",
     [
         (["--budget_s=0"], "--budget_s=0.0: allowed: a number of seconds > 0"),
-        (["--unet=shapes"], "and --unet a unet"),
+        (["--unet=shapes"], "--unet=shapes builds a efficient_unet; the unet run needs kind unet"),
+        (["--networks=unet,unet"], "--networks=unet,unet: allowed: two or three different of"),
         (["--eval_prompts=-1"], "--eval_prompts=-1: allowed: >= 0"),
         (["--unet=shapes,model=huge"], "--unet: unknown size 'huge'"),
     ],
@@ -168,6 +169,7 @@ def test_tiny_run_writes_the_table_and_a_rerun_trains_nothing(tmp_path):
   assert (out / "unet" / "eval" / "samples.png").exists()
   assert (out / "loss_vs_time.png").stat().st_size > 0
   for name in ("efficient_unet", "unet"):
+    assert json.loads((out / name / "bench.json").read_text())[0]["batch"] == 8
     done = json.loads((out / name / "done.json").read_text())
     assert done["reached_num_steps"] and done["step"] == 6
   # The rerun resumes: no benchmark, no training, no scoring, the same rows.
