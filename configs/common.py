@@ -15,8 +15,10 @@ then applies `--config.section.field=value` flags to the locked result):
 A key is a short knob of `KNOBS` (batch, num_steps, lr, text_name, max_length, ...) or the
 dotted path of any config field (`diffusion.aug_level=(0.0, 0.5)`, `text.path=/ckpt/t5`).
 Values are Python literals (`ast.literal_eval`; true / false too), else strings. An unknown key
-is a ValueError naming it and what is allowed. `stage_config(stage, arg)` assembles one locked
-`ml_collections.ConfigDict` with the sections
+is a ValueError naming it and what is allowed. The key `model=SIZE` builds the network from
+another preset size of the stage (`imagen_jax.nn.presets`, e.g. `shapes,model=shapes_unet`: the
+plain U-Net beside the shapes Efficient U-Net); its fields then take `--config.model.*` flags.
+`stage_config(stage, arg)` assembles one locked `ml_collections.ConfigDict` with the sections
 `stage, model, diffusion, text, data, optim, train, sample, mesh, distributed`. Building it reads
 no files: the network's text width is `imagen_jax.text.registry.text_dim(config.text)` and its
 text length `config.text.max_length`, both resolved where the encoder is used. Variants:
@@ -482,11 +484,14 @@ def stage_config(stage: str, arg: str | None = None) -> ml_collections.ConfigDic
   """The full, locked config of one cascade stage; `arg`: "VARIANT[,key=value,...]"."""
   _check("stage", stage, STAGES)
   variant, overrides = parse_arg(arg, VARIANTS, default="tiny")
+  # `model=SIZE`: another network preset (its own fields, so not a field override).
+  model_size = dict(overrides).get("model", variant)
+  overrides = [(k, v) for k, v in overrides if k != "model"]
   v = _VARIANTS[variant]
   c = ml_collections.ConfigDict()
   c.stage = stage
   c.variant = variant
-  c.model = presets.get_model_config(stage, variant)
+  c.model = presets.get_model_config(stage, str(model_size))
   # The stage's output / input resolutions (the network trains on data.sr_crop_size crops
   # when that is set, App. F.3); lowres_size 0 = base stage.
   c.image_size, c.lowres_size, crop = _SIZES[variant][stage]

@@ -10,6 +10,10 @@ Stages: "base64" (64x64 text->image, UNet), "sr256" (64->256, EfficientUNet),
   bench   (base64 only) a mid-size network for speed comparisons (benchmarks/unet_step.py):
           64x64, width 64, mult (1,2,3,4), 2 res blocks, self+text attention at 32/16/8,
           4 heads x 32.
+  shapes_unet  (base64 only) the plain U-Net (App. F.1's block) at the shapes base's size
+          and parameter count, for the Efficient U-Net comparison (§2.5, App. B.1;
+          benchmarks/efficient_vs_unet.py, experiments/claim_efficient_unet.py). Selected by
+          the stage config's `model=` key: `configs/base64.py:shapes,model=shapes_unet`.
 
 The text input `text_emb [B, L, D]` is not part of the network config: D is the encoder's
 width, `imagen_jax.text.registry.text_dim(config.text)`, and L = `config.text.max_length`
@@ -29,7 +33,7 @@ from __future__ import annotations
 import ml_collections
 
 STAGES = ("base64", "sr256", "sr1024")
-SIZES = ("paper", "tiny", "shapes", "bench")
+SIZES = ("paper", "tiny", "shapes", "bench", "shapes_unet")
 
 
 def _common(**overrides) -> ml_collections.ConfigDict:
@@ -128,6 +132,27 @@ def _base64(size: str) -> ml_collections.ConfigDict:
         stem_channels=64,
         space_to_depth=2,
         num_heads=4,
+        embed_dim=256,
+        text_proj_dim=128,
+        pool_heads=4,
+        text_positions=_SHAPES_TEXT_POSITIONS,
+    )
+  if size == "shapes_unet":
+    # (ours) The plain U-Net beside the `shapes` Efficient U-Net at a similar parameter count
+    # (7.8M vs 8.1M) and the same conditioning (embedding, text projection, heads, token
+    # positions). Widths 32/64/128/160 at 32/16/8/4: the Efficient U-Net's 64 (stem) / 128 / 192
+    # at 16/8/4, with a full-resolution level where it pixel-unshuffles. Self + text attention
+    # at 8 and 4 (and the middle block): where the Efficient U-Net attends to the text (8, 4)
+    # and to itself (4); the plain block cannot attend to the text without self-attention.
+    # One res block per level (the up path has two): two cost 10.9M params.
+    return _unet(
+        image_size=32,
+        base_channels=32,
+        channel_mult=(1, 2, 4, 5),
+        num_res_blocks=1,
+        attn_resolutions=(8, 4),
+        num_heads=4,
+        head_dim=None,
         embed_dim=256,
         text_proj_dim=128,
         pool_heads=4,
