@@ -131,3 +131,31 @@ def test_grey_background_needs_the_background():
   assert sm.score_example(img, attrs)["exact"] == 0.0
   with pytest.raises(ValueError, match="'corner'"):
     sm.score_example(img, attrs, background="corner")
+
+
+def test_noise_read_off_a_grey_border_scores_below_chance():
+  # Off black, almost every noise pixel lies near some palette line: only one-colour
+  # components count, so noise does not merge into a detected blob.
+  _, attrs, _, _ = dataset(32, n=80)
+  rng = np.random.default_rng(1)
+  noise = np.clip(rng.normal(size=(80, 32, 32, 3)), -1, 1).astype(np.float32)
+  mean = sm.score_images(list(noise), attrs, background="border")["mean"]
+  for attr, chance in sm.CHANCE.items():
+    assert mean[attr] <= chance, (attr, mean[attr], chance)
+  assert mean["exact"] == 0.0
+
+
+@pytest.mark.parametrize("background", ["grey", "texture"])
+def test_blurred_noisy_images_off_black_still_score_high(background):
+  import scipy.ndimage
+
+  rng = np.random.default_rng(0)
+  images, attrs = [], []
+  for i in range(60):
+    objs, relation, _ = shapes.scene(11, "test", i)
+    x = shapes.render(objs, 32, background) / 127.5 - 1.0
+    x = scipy.ndimage.gaussian_filter(x, (0.5, 0.5, 0)) + 0.05 * rng.normal(size=x.shape)
+    images.append(np.clip(x, -1, 1).astype(np.float32))
+    attrs.append(sm.parse_caption(shapes.caption_for(objs, relation)))
+  mean = sm.score_images(images, attrs, background="border")["mean"]
+  assert mean["color"] >= 0.95 and mean["shape"] >= 0.9 and mean["exact"] >= 0.8, mean

@@ -10,7 +10,8 @@ attributes behind the caption. The recovery inverts the renderer of `imagen_jax.
    background is black unless given (`background`: an RGB colour, or "border": per image, the
    per-channel median of its outermost pixel ring, which no shape of the layout reaches; it
    follows a grey or faintly textured background, and a generated image's shifted one).
-2. connected components (8-connected) of the foreground; tiny ones (< 1/4 of the smallest
+2. connected components (8-connected) of the foreground (with a given background: of each
+   colour's foreground separately, so noise does not merge into one blob); tiny ones (< 1/4 of the smallest
    shape's area) are noise. A component's colour = alpha-weighted vote of its pixels; its soft
    area and centroid use alpha over the component grown by one pixel (the anti-aliased rim).
 3. kind: for each kind, render the template of the same area, centred at the same centroid
@@ -141,7 +142,18 @@ def detect(image: Any, *, max_objects: int = 4, background: Background = None) -
   if pixels.shape[1] != res:
     raise ValueError(f"shapes images are square, got {pixels.shape[:2]}")
   best, alpha, fg = classify_pixels(pixels, background_color(pixels, background))
-  labels, num = scipy.ndimage.label(fg, structure=np.ones((3, 3), bool))
+  eight = np.ones((3, 3), bool)
+  if background is None:
+    labels, num = scipy.ndimage.label(fg, structure=eight)
+  else:
+    # Components of one colour each: off black, noise is foreground almost everywhere (every
+    # direction from grey is near some palette line) and would merge into one blob, while a
+    # shape's pixels, rim included, all lie on its colour's line.
+    labels, num = np.zeros(fg.shape, np.int32), 0
+    for k in range(len(shapes.COLOR_NAMES)):
+      lab, n = scipy.ndimage.label(fg & (best == k), structure=eight)
+      labels = np.where(lab > 0, lab + num, labels)
+      num += n
   if num == 0:
     return []
   counts = np.bincount(labels.ravel())[1:]
@@ -153,7 +165,7 @@ def detect(image: Any, *, max_objects: int = 4, background: Background = None) -
   out = []
   for lab in order:
     core = labels == lab
-    region = scipy.ndimage.binary_dilation(core, structure=np.ones((3, 3), bool))
+    region = scipy.ndimage.binary_dilation(core, structure=eight)
     region &= (labels == 0) | core  # the rim, but not another shape's pixels
     color = int(
         np.argmax(
