@@ -83,7 +83,9 @@ _BACKGROUND = flags.DEFINE_string(
 _DATA_DIR = flags.DEFINE_string("data_dir", "", "shapes dataset and text cache; '' = <outdir>/data")
 _NUM_STEPS = flags.DEFINE_integer("num_steps", 2500, "base stage training steps (the demo's)")
 _WEIGHTS = flags.DEFINE_list("weights", ["1", "3", "5", "8", "12"], "guidance weights w >= 1")
-_NUM_PROMPTS = flags.DEFINE_integer("num_prompts", 128, "held-out test prompts per point")
+_NUM_PROMPTS = flags.DEFINE_integer(
+    "num_prompts", 192, "held-out test prompts per point (the demo's)"
+)
 _SEED = flags.DEFINE_integer("seed", 0, "sampling seed (prompt i draws the same noise per point)")
 _BATCH = flags.DEFINE_integer("batch_size", None, "sampling batch; default: the cascade config's")
 _GRID_PROMPTS = flags.DEFINE_integer("grid_prompts", 4, "prompts shown in sweep/samples.png")
