@@ -133,12 +133,16 @@ def test_grey_background_needs_the_background():
     sm.score_example(img, attrs, background="corner")
 
 
-def test_noise_read_off_a_grey_border_scores_below_chance():
+@pytest.mark.parametrize("kind", ["normal", "sign"])
+def test_noise_read_off_the_border_scores_below_chance(kind):
   # Off black, almost every noise pixel lies near some palette line: only one-colour
-  # components count, so noise does not merge into a detected blob.
+  # components that look like a shape count, so noise is no blob. "sign": every channel at
+  # -1 or +1, what static clipping of garbage gives.
   _, attrs, _, _ = dataset(32, n=80)
   rng = np.random.default_rng(1)
   noise = np.clip(rng.normal(size=(80, 32, 32, 3)), -1, 1).astype(np.float32)
+  if kind == "sign":
+    noise = np.sign(noise)
   mean = sm.score_images(list(noise), attrs, background="border")["mean"]
   for attr, chance in sm.CHANCE.items():
     assert mean[attr] <= chance, (attr, mean[attr], chance)
