@@ -103,7 +103,7 @@ def main(argv):
       aug_levels=_AUG_LEVELS.value,
   )
 
-  reference, attributes = None, None
+  reference, attributes, metric_background = None, None, None
   last = model.stages[len(workdirs) - 1].config
   if _PROMPTS_FROM.value == "shapes":
     d = last.data
@@ -114,7 +114,10 @@ def main(argv):
         num_test=int(d.num_test),
         seed=int(d.shapes_seed),
         limit=_NUM_PROMPTS.value,
+        background=d.get("shapes_background", "black"),  # configs saved before it: black
     )
+    if d.get("shapes_background", "black") != "black":  # the metric reads it off the border
+      metric_background = "border"
   else:
     prompts = prompts_lib.read_texts(_PROMPTS_FROM.value)[: _NUM_PROMPTS.value]
     try:  # shapes captions in a file still get the exact alignment metric
@@ -146,6 +149,7 @@ def main(argv):
       seed=_SEED.value,
       batch_size=batch,
       negative_prompt=_NEGATIVE.value,
+      metric_background=metric_background,
   )
   title = (
       f"stage {stage + 1} guidance sweep, {len(prompts)} prompts, "

@@ -1,12 +1,13 @@
 """The offline shapes dataset: builds without TensorFlow, deterministic, captions = attributes."""
 
+import hashlib
 import os
 import sys
 
 import numpy as np
 import pytest
 
-from imagen_jax.data import shapes
+from imagen_jax.data import pipeline, shapes
 
 
 @pytest.fixture(scope="module")
@@ -138,3 +139,65 @@ def test_captions_without_rendering_match_the_built_splits(built):
     assert shapes.captions(3, split, n) == [r["caption"] for r in rows]
   # the scene does not depend on the resolution: an SR stage's captions are the base's
   assert shapes.make_example(3, "train", 5, 64)["caption"] == shapes.captions(3, "train", 6)[5]
+
+
+def test_black_default_renders_byte_for_byte_as_before():
+  # sha256 of the default (black) images of examples 0..15 of both splits at 32 and 64, as
+  # rendered before the background became a setting: a built black dataset's directory keeps
+  # matching what a fresh build draws. Regenerate only on a deliberate data change (and a new
+  # TFDS version).
+  h = hashlib.sha256()
+  for split in ("train", "test"):
+    for i in range(16):
+      for r in (32, 64):
+        h.update(np.asarray(shapes.make_example(0, split, i, r)["image"]).tobytes())
+  assert h.hexdigest() == "844d45fe0aaa88cfec59fb37c924db53a247c3fad0fc6b1d15c52aec1947be69"
+  objs = shapes.scene(0, "train", 3)[0]
+  np.testing.assert_array_equal(shapes.render(objs, 32), shapes.render(objs, 32, "black"))
+
+
+def test_grey_and_texture_backgrounds_sit_away_from_the_bounds():
+  objs = shapes.scene(0, "test", 2)[0]
+  grey = shapes.render(objs, 64, "grey")
+  tex = shapes.render(objs, 64, "texture")
+  assert np.all(grey[0] == 128) and np.all(grey[:, -1] == 128)
+  empty = shapes.render([], 64, "texture").astype(int)
+  assert np.all(empty[..., 0] == empty[..., 1]) and np.all(empty[..., 1] == empty[..., 2])
+  assert 128 - 16 <= empty.min() < 118 and 138 < empty.max() <= 128 + 16  # faint grey texture
+  # inside a shape (alpha = 1) every background shows the same palette colour
+  cx, cy = shapes.POSITION_CENTERS[objs[0]["position"]]
+  y, x = int((cy + 0.05) * 64), int(cx * 64)
+  for img in (grey, tex, shapes.render(objs, 64)):
+    np.testing.assert_allclose(img[y, x], shapes.PALETTE[objs[0]["color"]], atol=1)
+
+
+def test_each_background_is_its_own_dataset_directory(tmp_path):
+  kw = dict(num_train=3, num_test=2, seed=0)
+  black = shapes.build_shapes(tmp_path, 32, **kw)
+  grey = shapes.build_shapes(tmp_path, 32, background="grey", **kw)
+  assert black.data_dir != grey.data_dir
+  assert grey.builder_config.background == "grey" and "grey" in grey.builder_config.name
+  assert shapes.config_name(64, 20000, 500, 0, "texture") == "r64_texture"
+  assert shapes.config_name(64, 20000, 500, 0) == "r64"
+  a = black.as_data_source()["train"][0]["image"]
+  b = grey.as_data_source()["train"][0]["image"]
+  assert np.all(a[0, 0] == 0) and np.all(b[0, 0] == 128)
+  # the pipeline's data config reaches the builder
+  src = pipeline.open_data_source(
+      pipeline.default_data_config(
+          "shapes",
+          data_dir=str(tmp_path),
+          resolution=32,
+          shapes_background="grey",
+          **{"num_train": 3, "num_test": 2},
+      )
+  )
+  np.testing.assert_array_equal(src[0]["image"], b)
+  assert pipeline.default_data_config().shapes_background == "black"
+
+
+def test_bad_background_names_the_allowed_values(tmp_path):
+  with pytest.raises(ValueError, match=r"background 'white' is not one of \('black', 'grey'"):
+    shapes.shapes_builder(tmp_path, 32, background="white")
+  with pytest.raises(ValueError, match="'gray'"):
+    shapes.render([], 32, "gray")

@@ -103,3 +103,63 @@ def test_parse_caption_inverts_the_grammar():
     sm.parse_caption("a dog on a skateboard")
   with pytest.raises(ValueError, match="'pink'"):
     sm.parse_caption("a small pink circle on the left")
+
+
+@pytest.mark.parametrize("background", ["grey", "texture", "black"])
+def test_every_background_scores_exact_on_its_own_captions(background):
+  # A few hundred ground-truth images per background, the background read from the border.
+  images, attrs = [], []
+  for i in range(300):
+    objs, relation, _ = shapes.scene(5, "test", i)
+    images.append(shapes.render(objs, 32, background))
+    attrs.append(sm.parse_caption(shapes.caption_for(objs, relation)))
+  result = sm.score_images(images, attrs, background="border")
+  assert result["mean"]["exact"] == 1.0, result["mean"]
+  # a wrong caption (every colour moved to the next palette colour) scores lower
+  wrong = [dict(a, color=[(c + 1) % len(shapes.COLOR_NAMES) for c in a["color"]]) for a in attrs]
+  bad = sm.score_images(images, wrong, background="border")["mean"]
+  assert bad["exact"] == 0.0 and bad["color"] < 0.05, bad  # > 0: a shifted colour of one
+  # object can be the other object's true colour
+
+
+def test_grey_background_needs_the_background():
+  objs, relation, _ = shapes.scene(5, "test", 0)
+  img = shapes.render(objs, 32, "grey")
+  attrs = sm.parse_caption(shapes.caption_for(objs, relation))
+  assert sm.score_example(img, attrs, background=(128, 128, 128))["exact"] == 1.0
+  # read as black, the whole grey image is one blob of no palette colour: nothing matches
+  assert sm.score_example(img, attrs)["exact"] == 0.0
+  with pytest.raises(ValueError, match="'corner'"):
+    sm.score_example(img, attrs, background="corner")
+
+
+@pytest.mark.parametrize("kind", ["normal", "sign"])
+def test_noise_read_off_the_border_scores_below_chance(kind):
+  # Off black, almost every noise pixel lies near some palette line: only one-colour
+  # components that look like a shape count, so noise is no blob. "sign": every channel at
+  # -1 or +1, what static clipping of garbage gives.
+  _, attrs, _, _ = dataset(32, n=80)
+  rng = np.random.default_rng(1)
+  noise = np.clip(rng.normal(size=(80, 32, 32, 3)), -1, 1).astype(np.float32)
+  if kind == "sign":
+    noise = np.sign(noise)
+  mean = sm.score_images(list(noise), attrs, background="border")["mean"]
+  for attr, chance in sm.CHANCE.items():
+    assert mean[attr] <= chance, (attr, mean[attr], chance)
+  assert mean["exact"] == 0.0
+
+
+@pytest.mark.parametrize("background", ["grey", "texture"])
+def test_blurred_noisy_images_off_black_still_score_high(background):
+  import scipy.ndimage
+
+  rng = np.random.default_rng(0)
+  images, attrs = [], []
+  for i in range(60):
+    objs, relation, _ = shapes.scene(11, "test", i)
+    x = shapes.render(objs, 32, background) / 127.5 - 1.0
+    x = scipy.ndimage.gaussian_filter(x, (0.5, 0.5, 0)) + 0.05 * rng.normal(size=x.shape)
+    images.append(np.clip(x, -1, 1).astype(np.float32))
+    attrs.append(sm.parse_caption(shapes.caption_for(objs, relation)))
+  mean = sm.score_images(images, attrs, background="border")["mean"]
+  assert mean["color"] >= 0.95 and mean["shape"] >= 0.9 and mean["exact"] >= 0.8, mean

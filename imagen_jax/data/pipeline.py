@@ -62,6 +62,7 @@ def default_data_config(name: str = "shapes", **overrides: Any) -> ml_collection
   c.num_train = shapes_lib.ShapesConfig.num_train
   c.num_test = shapes_lib.ShapesConfig.num_test
   c.shapes_seed = 0
+  c.shapes_background = "black"  # 'black' | 'grey' | 'texture' (shapes.BACKGROUNDS)
   # image_text only: the folder of images (+ manifest.jsonl or .txt captions).
   c.image_dir = ""
   # image_text only: the RGB colour under transparent pixels (alpha is composited on it).
@@ -147,6 +148,8 @@ def open_data_source(data_config: ml_collections.ConfigDict, *, build: bool = Tr
         num_train=data_config.num_train,
         num_test=data_config.num_test,
         seed=data_config.shapes_seed,
+        # .get: configs saved before the field existed hold black data
+        background=data_config.get("shapes_background", "black"),
     )
     return builder.as_data_source(split=data_config.split)
   if name == "image_text":

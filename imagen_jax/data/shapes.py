@@ -1,7 +1,8 @@
 """The offline `shapes` dataset: procedurally drawn coloured shapes with captions.
 
 A TFDS `GeneratorBasedBuilder` (array_record files, readable with `tfds.data_source` and no
-TensorFlow). Each image holds one or two anti-aliased shapes on a black background; the caption
+TensorFlow). Each image holds one or two anti-aliased shapes on a background (`BACKGROUNDS`:
+black by default, or mid-grey, or mid-grey with a faint texture); the caption
 comes from a small grammar and the structured attributes behind it are stored beside it, so that
 `imagen_jax.evals.shapes_metric` can score generated images exactly.
 
@@ -21,7 +22,17 @@ Design (kept small so that a tiny CPU-trained cascade learns it in minutes):
 
 Rendering: coverage of each shape is computed on a 4x supersampled grid and box-averaged
 (the same anti-aliasing as drawing at 4x and box-downsampling), then alpha-composited.
-Every example is a pure function of (seed, split, index), so builds are reproducible.
+Every example is a pure function of (seed, split, index, background), so builds are
+reproducible.
+
+Backgrounds (a config of the dataset, `data.shapes_background`; each its own directory):
+- black (default): every background pixel sits at the lower pixel bound (-1 in [-1, 1]).
+- grey: uniform mid-grey (128, i.e. ~0 in [-1, 1]), far from both bounds, so that sampling
+  artefacts at the bounds (static thresholding's clipping at high guidance weights, Imagen §2.3)
+  show, and dynamic thresholding's rescaling does not move a background that sits at a bound.
+- texture: mid-grey plus a low-amplitude deterministic grey pattern
+  (128 + 16 sin(8 pi u) sin(8 pi v), u, v in [0, 1] across the image), a less flat world.
+Shapes are alpha-composited on the background, so each pixel is bg (1 - alpha) + alpha colour.
 """
 
 from __future__ import annotations
@@ -50,6 +61,10 @@ PALETTE = np.array(
     dtype=np.float32,
 )
 BACKGROUND = np.zeros(3, np.float32)  # black: blends with it keep each colour's direction
+BACKGROUNDS = ("black", "grey", "texture")
+GREY_LEVEL = 128.0
+TEXTURE_AMPLITUDE = 16.0  # pixel levels; well inside [0, 255] and below any palette contrast
+TEXTURE_PERIODS = 4  # pattern periods across the image side
 SHAPE_NAMES = ("circle", "square", "triangle")
 SIZE_NAMES = ("small", "large")
 # Bounding-box side of a shape as a fraction of the image side, per size id.
@@ -112,9 +127,35 @@ def shape_coverage(
   return inside.reshape(height, s, width, s).mean(axis=(1, 3), dtype=np.float32)
 
 
-def render(objects: list[dict], resolution: int) -> np.ndarray:
-  """Draws objects (dicts with `color`, `shape`, `size`, `position` ids) -> uint8 [R, R, 3]."""
-  image = np.broadcast_to(BACKGROUND, (resolution, resolution, 3)).astype(np.float32)
+def check_background(background: str) -> str:
+  """Returns `background` when it names one of `BACKGROUNDS`; raises a ValueError otherwise."""
+  if background not in BACKGROUNDS:
+    raise ValueError(f"shapes background {background!r} is not one of {BACKGROUNDS}")
+  return background
+
+
+def background_image(background: str, resolution: int) -> np.ndarray:
+  """The background before any shape, float32 [R, R, 3] in [0, 255] (see the module docstring).
+
+  texture: 128 + A sin(2 pi P u) sin(2 pi P v) on every channel, u = (j + 0.5) / R and
+  v = (i + 0.5) / R, A = `TEXTURE_AMPLITUDE`, P = `TEXTURE_PERIODS` (the same pattern at
+  every resolution).
+  """
+  check_background(background)
+  if background == "black":
+    return np.broadcast_to(BACKGROUND, (resolution, resolution, 3)).astype(np.float32)
+  image = np.full((resolution, resolution, 3), GREY_LEVEL, np.float32)
+  if background == "texture":
+    u = (np.arange(resolution, dtype=np.float32) + 0.5) / resolution
+    wave = np.sin(2.0 * np.pi * TEXTURE_PERIODS * u)
+    image += TEXTURE_AMPLITUDE * (wave[:, None] * wave[None, :])[..., None]
+  return image
+
+
+def render(objects: list[dict], resolution: int, background: str = "black") -> np.ndarray:
+  """Draws objects (dicts with `color`, `shape`, `size`, `position` ids) -> uint8 [R, R, 3]
+  on `background` (one of `BACKGROUNDS`): pixel = bg (1 - alpha) + alpha colour per shape."""
+  image = background_image(background, resolution)
   for obj in objects:
     cx, cy = POSITION_CENTERS[obj["position"]]
     cx, cy, box = cx * resolution, cy * resolution, SIZE_FRACTIONS[obj["size"]] * resolution
@@ -198,13 +239,15 @@ def captions(seed: int, split: str, num: int) -> list[str]:
   return [caption_for(*scene(seed, split, i)[:2]) for i in range(num)]
 
 
-def make_example(seed: int, split: str, index: int, resolution: int) -> dict:
+def make_example(
+    seed: int, split: str, index: int, resolution: int, background: str = "black"
+) -> dict:
   """One example as a dict of features (image as a PIL image, for TFDS's PNG encoder)."""
   objects, relation, held = scene(seed, split, index)
   pad = MAX_OBJECTS - len(objects)
   field = lambda k: np.array([o[k] for o in objects] + [-1] * pad, np.int32)  # noqa: E731
   return {
-      "image": PIL.Image.fromarray(render(objects, resolution)),
+      "image": PIL.Image.fromarray(render(objects, resolution, background)),
       "caption": caption_for(objects, relation),
       "num_objects": np.int32(len(objects)),
       "color": field("color"),
@@ -255,19 +298,25 @@ def read_examples(
 
 @dataclasses.dataclass
 class ShapesConfig(tfds.core.BuilderConfig):
-  """resolution: image side in pixels; num_train / num_test: split sizes; seed: base seed."""
+  """resolution: image side in pixels; num_train / num_test: split sizes; seed: base seed;
+  background: one of `BACKGROUNDS`."""
 
   resolution: int = 64
   num_train: int = 20000
   num_test: int = 500
   seed: int = 0
+  background: str = "black"
 
 
-def config_name(resolution: int, num_train: int, num_test: int, seed: int) -> str:
-  """Default configs are `r{R}`; other sizes/seeds get their own name (own directory)."""
+def config_name(
+    resolution: int, num_train: int, num_test: int, seed: int, background: str = "black"
+) -> str:
+  """Default configs are `r{R}`; other sizes/seeds/backgrounds get their own name (own
+  directory): a black dataset is never read as a grey one, nor the reverse."""
+  bg = "" if check_background(background) == "black" else f"_{background}"
   if (num_train, num_test, seed) == (ShapesConfig.num_train, ShapesConfig.num_test, 0):
-    return f"r{resolution}"
-  return f"r{resolution}_train{num_train}_test{num_test}_seed{seed}"
+    return f"r{resolution}{bg}"
+  return f"r{resolution}_train{num_train}_test{num_test}_seed{seed}{bg}"
 
 
 class Shapes(tfds.core.GeneratorBasedBuilder):
@@ -315,7 +364,7 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, split: str, num: int) -> Iterator[tuple[int, dict]]:
     cfg = self.builder_config
     for i in range(num):
-      yield i, make_example(cfg.seed, split, i, cfg.resolution)
+      yield i, make_example(cfg.seed, split, i, cfg.resolution, cfg.background)
 
 
 def shapes_builder(
@@ -325,13 +374,14 @@ def shapes_builder(
     num_train: int = ShapesConfig.num_train,
     num_test: int = ShapesConfig.num_test,
     seed: int = 0,
+    background: str = "black",
 ) -> Shapes:
   """The builder for these settings (not built). Names the config after the settings."""
   if int(resolution) < 16:
     raise ValueError(f"resolution {resolution!r} is too small; use >= 16 (e.g. 32, 64, 256)")
   if num_train < 1 or num_test < 1:
     raise ValueError(f"num_train={num_train} and num_test={num_test} must both be >= 1")
-  name = config_name(resolution, num_train, num_test, seed)
+  name = config_name(resolution, num_train, num_test, seed, background)
   if name in Shapes.builder_configs:  # a predefined config: pass its name (no TFDS warning)
     return Shapes(config=name, data_dir=os.fspath(data_dir), file_format="array_record")
   cfg = ShapesConfig(
@@ -340,7 +390,11 @@ def shapes_builder(
       num_train=int(num_train),
       num_test=int(num_test),
       seed=int(seed),
-      description=f"{resolution}x{resolution} images, {num_train}/{num_test}, seed {seed}",
+      background=background,
+      description=(
+          f"{resolution}x{resolution} images, {num_train}/{num_test}, seed {seed}, "
+          f"{background} background"
+      ),
   )
   return Shapes(config=cfg, data_dir=os.fspath(data_dir), file_format="array_record")
 
@@ -352,6 +406,7 @@ def build_shapes(
     num_train: int = ShapesConfig.num_train,
     num_test: int = ShapesConfig.num_test,
     seed: int = 0,
+    background: str = "black",
 ) -> Shapes:
   """Builds (or reuses, when already complete) the shapes dataset; returns the builder.
 
@@ -359,7 +414,9 @@ def build_shapes(
   build is never read as a finished one; calling again rebuilds it.
   Read it with `builder.as_data_source()[split]` (no TensorFlow needed).
   """
-  builder = shapes_builder(data_dir, resolution, num_train=num_train, num_test=num_test, seed=seed)
+  builder = shapes_builder(
+      data_dir, resolution, num_train=num_train, num_test=num_test, seed=seed, background=background
+  )
   builder.download_and_prepare()
   return builder
 

@@ -54,13 +54,20 @@ def read_texts(path: str) -> list[str]:
 
 
 def shapes_test_prompts(
-    data_dir: str, resolution: int, *, num_train: int, num_test: int, seed: int, limit: int
+    data_dir: str,
+    resolution: int,
+    *,
+    num_train: int,
+    num_test: int,
+    seed: int,
+    limit: int,
+    background: str = "black",
 ) -> tuple[list[str], list[dict], np.ndarray]:
   """The shapes test split (built or reused in data_dir): prompts, attributes, real images."""
   if limit > num_test:
     raise ValueError(f"num_prompts={limit} exceeds the shapes test split ({num_test})")
   builder = shapes.build_shapes(
-      data_dir, resolution, num_train=num_train, num_test=num_test, seed=seed
+      data_dir, resolution, num_train=num_train, num_test=num_test, seed=seed, background=background
   )
   test = shapes.read_examples(builder, "test")
   return (

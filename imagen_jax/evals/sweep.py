@@ -217,6 +217,7 @@ def run_sweep(
     batch_size: int = 64,
     progress: bool = True,
     negative_prompt: str | None = None,
+    metric_background: shapes_metric.Background = None,
 ) -> SweepResult:
   """Samples and scores every point (skipping finished ones); returns one row per point.
 
@@ -233,6 +234,9 @@ def run_sweep(
     negative_prompt: the text the unconditional half of guidance reads for every prompt
       (`Cascade.sample`'s `negative_prompts`), or None (the null text). Part of every point's
       key and row.
+    metric_background: the shapes metric's background (`shapes_metric.background_color`):
+      None (black, the default data) or "border" (grey or textured shapes data). Part of every
+      point's key when given.
   """
   prompts = list(prompts)
   if not prompts:
@@ -279,6 +283,7 @@ def run_sweep(
       **({"fd_image_size": fd_size} if fd_size else {}),
       # Only when given, so the points of a sweep without one keep their keys.
       **({"negative_prompt": negative_prompt} if negative_prompt is not None else {}),
+      **({"metric_background": metric_background} if metric_background is not None else {}),
       "clip": None if clip_scorer is None else provenance.file_identity(clip_scorer.path),
   }
   padded = _pad(prompts, batch_size)
@@ -323,7 +328,9 @@ def run_sweep(
         "saturation_upper_final": saturation_fraction(outs[-1], upper_only=True),
     }
     if attributes is not None:
-      s = shapes_metric.score_images(list(final), list(attributes))["mean"]
+      s = shapes_metric.score_images(list(final), list(attributes), background=metric_background)[
+          "mean"
+      ]
       row.update({f"shapes_{a}": s[a] for a in shapes_metric.ATTRIBUTES})
       row["alignment_color_shape"] = 0.5 * (s["color"] + s["shape"])
     if clip_scorer is not None:
