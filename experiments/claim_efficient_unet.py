@@ -69,57 +69,67 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARK = os.path.join(REPO, "benchmarks", "efficient_vs_unet.py")
 SWEEP = os.path.join(REPO, "experiments", "guidance_sweep.py")
 
-_OUTDIR = flags.DEFINE_string("outdir", None, "where the results go", required=True)
-_BUDGET = flags.DEFINE_float("budget_s", 1200.0, "training wall-time budget of each network (s)")
-_EFFICIENT = flags.DEFINE_string(
-    "efficient", "shapes", "configs/base64.py argument of the Efficient U-Net run"
-)
-_UNET = flags.DEFINE_string(
-    "unet", "shapes,model=shapes_unet", "configs/base64.py argument of the plain U-Net run"
-)
-_EFFICIENT_PAPER = flags.DEFINE_string(
-    "efficient_paper",
-    "shapes,model.space_to_depth=1",
-    "configs/base64.py argument of the Efficient U-Net without our pixel-unshuffle",
-)
-_NETWORKS = flags.DEFINE_list(
-    "networks", ["efficient_unet", "unet"], "two or three of efficient_unet, unet, efficient_paper"
-)
-_COMMON = flags.DEFINE_string("common", "", "key=value,... appended to every config argument")
-_MAX_STEPS = flags.DEFINE_integer(
-    "max_steps", 100_000, "train.num_steps (the schedule's length; runs stop at the budget)"
-)
-_DATA_DIR = flags.DEFINE_string(
-    "data_dir", "", "the shapes dataset and text cache (default <outdir>/data; the demo's works)"
-)
-_BENCH_STEPS = flags.DEFINE_integer("bench_steps", 20, "timed benchmark steps (0: no benchmark)")
-_WINDOW = flags.DEFINE_float("window_s", 120.0, "the loss smoothing window (s of training)")
-_EVAL_PROMPTS = flags.DEFINE_integer(
-    "eval_prompts", 64, "shapes test prompts sampled and scored per network (0: no scoring)"
-)
-_EVAL_W = flags.DEFINE_float("eval_w", 3.0, "the guidance weight of the scored samples")
-_EVAL_SAMPLE_STEPS = flags.DEFINE_integer(
-    "eval_sample_steps", 0, "DDIM steps of the scored samples (0: configs/cascade.py:shapes')"
-)
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command line; defined when run as a script (tests import the module's functions,
+  and several scripts' flags share names)."""
+  flags.DEFINE_string("outdir", None, "where the results go", required=True)
+  flags.DEFINE_float("budget_s", 1200.0, "training wall-time budget of each network (s)")
+  flags.DEFINE_string(
+      "efficient", "shapes", "configs/base64.py argument of the Efficient U-Net run"
+  )
+  flags.DEFINE_string(
+      "unet", "shapes,model=shapes_unet", "configs/base64.py argument of the plain U-Net run"
+  )
+  flags.DEFINE_string(
+      "efficient_paper",
+      "shapes,model.space_to_depth=1",
+      "configs/base64.py argument of the Efficient U-Net without our pixel-unshuffle",
+  )
+  flags.DEFINE_list(
+      "networks",
+      ["efficient_unet", "unet"],
+      "two or three of efficient_unet, unet, efficient_paper",
+  )
+  flags.DEFINE_string("common", "", "key=value,... appended to every config argument")
+  flags.DEFINE_integer(
+      "max_steps", 100_000, "train.num_steps (the schedule's length; runs stop at the budget)"
+  )
+  flags.DEFINE_string(
+      "data_dir", "", "the shapes dataset and text cache (default <outdir>/data; the demo's works)"
+  )
+  flags.DEFINE_integer("bench_steps", 20, "timed benchmark steps (0: no benchmark)")
+  flags.DEFINE_float("window_s", 120.0, "the loss smoothing window (s of training)")
+  flags.DEFINE_integer(
+      "eval_prompts", 64, "shapes test prompts sampled and scored per network (0: no scoring)"
+  )
+  flags.DEFINE_float("eval_w", 3.0, "the guidance weight of the scored samples")
+  flags.DEFINE_integer(
+      "eval_sample_steps", 0, "DDIM steps of the scored samples (0: configs/cascade.py:shapes')"
+  )
+
 
 # Names in the outputs -> (the flag that holds the network's config argument, its model kind).
 NETWORKS = {
-    "efficient_unet": (_EFFICIENT, "efficient_unet"),
-    "unet": (_UNET, "unet"),
-    "efficient_paper": (_EFFICIENT_PAPER, "efficient_unet"),
+    "efficient_unet": ("efficient", "efficient_unet"),
+    "unet": ("unet", "unet"),
+    "efficient_paper": ("efficient_paper", "efficient_unet"),
 }
 MIB = 2**20
 
 
 def config_arg(name: str) -> str:
   """The full configs/base64.py argument of a network: its flag, then --common."""
-  arg, common = NETWORKS[name][0].value, _COMMON.value.strip(", ")
+  arg, common = FLAGS[NETWORKS[name][0]].value, FLAGS.common.strip(", ")
   return f"{arg},{common}" if common else arg
 
 
 def build_config(name: str):
   """The network's stage config; a bad argument or a wrong kind is a `cli.UserError`."""
-  flag, kind = NETWORKS[name]
+  flag_name, kind = NETWORKS[name]
+  flag = FLAGS[flag_name]
   try:
     c = base64_config.get_config(config_arg(name))
   except ValueError as e:
@@ -213,36 +223,36 @@ def evaluate(name: str, outdir: str, data_dir: str, step: int) -> dict:
   experiments/guidance_sweep.py (a child process) at one point, w = --eval_w with dynamic
   thresholding on --eval_prompts test prompts; {} when turned off. The scores are kept in
   `<name>/eval/scores.json` with what they were computed from, and reused while that matches."""
-  n = _EVAL_PROMPTS.value
+  n = FLAGS.eval_prompts
   if n <= 0:
     return {}
   out = os.path.join(outdir, name, "eval")
-  key = dict(step=step, eval_n=n, eval_w=_EVAL_W.value, eval_sample_steps=_EVAL_SAMPLE_STEPS.value)
+  key = dict(step=step, eval_n=n, eval_w=FLAGS.eval_w, eval_sample_steps=FLAGS.eval_sample_steps)
   path = os.path.join(out, "scores.json")
   if os.path.exists(path):
     with open(path) as f:
       kept = json.load(f)
     if kept["key"] == key:
       return kept["scores"]
-  print(f"== scoring {name}'s samples ({n} test prompts, w = {_EVAL_W.value:g})", flush=True)
+  print(f"== scoring {name}'s samples ({n} test prompts, w = {FLAGS.eval_w:g})", flush=True)
   command = [
       sys.executable,
       SWEEP,
       f"--workdirs={os.path.join(outdir, name, 'train')}",
-      f"--weights={_EVAL_W.value}",
+      f"--weights={FLAGS.eval_w}",
       "--thresholds=dynamic",
       f"--num_prompts={n}",
       f"--batch_size={n}",
       f"--data_dir={data_dir}",
       f"--outdir={out}",
   ]
-  if _EVAL_SAMPLE_STEPS.value:
-    command.append(f"--config.stage1.num_steps={_EVAL_SAMPLE_STEPS.value}")
+  if FLAGS.eval_sample_steps:
+    command.append(f"--config.stage1.num_steps={FLAGS.eval_sample_steps}")
   subprocess.run(command, check=True, cwd=REPO)  # its default --config path is relative
   with open(os.path.join(out, "results.csv"), newline="") as f:
     (row,) = list(csv.DictReader(f))
   names = ("shapes_color", "shapes_shape", "shapes_exact", "fd")
-  scores = {k: float(row[k]) for k in names if row.get(k)} | {"eval_w": _EVAL_W.value, "eval_n": n}
+  scores = {k: float(row[k]) for k in names if row.get(k)} | {"eval_w": FLAGS.eval_w, "eval_n": n}
   atomic.write_json(path, {"key": key, "scores": scores})
   return scores
 
@@ -347,15 +357,15 @@ def plot(curves: dict, rows: list[dict], path: str, window_s: float) -> None:
 def main(argv):
   if len(argv) > 1:
     raise cli.UserError(f"unexpected arguments: {argv[1:]}")
-  if not _BUDGET.value > 0:
-    raise cli.UserError(f"--budget_s={_BUDGET.value}: allowed: a number of seconds > 0")
-  bad = [f"--window_s={_WINDOW.value}: allowed: > 0"] if _WINDOW.value <= 0 else []
-  bad += [f"--max_steps={_MAX_STEPS.value}: allowed: >= 1"] if _MAX_STEPS.value < 1 else []
-  for f in (_BENCH_STEPS, _EVAL_PROMPTS, _EVAL_SAMPLE_STEPS):
+  if not FLAGS.budget_s > 0:
+    raise cli.UserError(f"--budget_s={FLAGS.budget_s}: allowed: a number of seconds > 0")
+  bad = [f"--window_s={FLAGS.window_s}: allowed: > 0"] if FLAGS.window_s <= 0 else []
+  bad += [f"--max_steps={FLAGS.max_steps}: allowed: >= 1"] if FLAGS.max_steps < 1 else []
+  for f in (FLAGS[n] for n in ("bench_steps", "eval_prompts", "eval_sample_steps")):
     bad += [f"--{f.name}={f.value}: allowed: >= 0"] if f.value < 0 else []
   if bad:
     raise cli.UserError("; ".join(bad))
-  names = list(_NETWORKS.value)
+  names = list(FLAGS.networks)
   if len(set(names)) != len(names) or len(names) < 2 or not set(names) <= set(NETWORKS):
     raise cli.UserError(
         f"--networks={','.join(names)}: allowed: two or three different of {', '.join(NETWORKS)}"
@@ -365,9 +375,9 @@ def main(argv):
   for section in ("data", "text"):
     if any(configs[n][section].to_dict() != c[section].to_dict() for n in names):
       raise cli.UserError(f"the networks' config arguments set different {section}: use --common")
-  outdir = os.path.abspath(_OUTDIR.value)
+  outdir = os.path.abspath(FLAGS.outdir)
   os.makedirs(outdir, exist_ok=True)
-  data_dir = os.path.abspath(_DATA_DIR.value or os.path.join(outdir, "data"))
+  data_dir = os.path.abspath(FLAGS.data_dir or os.path.join(outdir, "data"))
   d = c.data
   shapes.build_shapes(
       data_dir,
@@ -379,22 +389,23 @@ def main(argv):
   overrides = {
       "data.data_dir": data_dir,
       "text.embedding_cache": c.text.embedding_cache or shapes.build_text_cache(c, data_dir),
-      "train.num_steps": _MAX_STEPS.value,
+      "train.num_steps": FLAGS.max_steps,
       "train.progress_bar": False,
   }
-  bench = {name: benchmark(name, outdir, _BENCH_STEPS.value) for name in names}
-  done = {name: train(name, overrides, outdir, _BUDGET.value) for name in names}
+  bench = {name: benchmark(name, outdir, FLAGS.bench_steps) for name in names}
+  done = {name: train(name, overrides, outdir, FLAGS.budget_s) for name in names}
   curves = {name: read_curve(os.path.join(outdir, name, "train")) for name in names}
   args = {name: config_arg(name) for name in names}
   scores = {name: evaluate(name, outdir, data_dir, done[name]["step"]) for name in names}
-  rows = result_rows(curves, done, bench, args, _WINDOW.value, scores)
+  rows = result_rows(curves, done, bench, args, FLAGS.window_s, scores)
   atomic.write_text(os.path.join(outdir, "rows.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
   text = table(rows)
   atomic.write_text(os.path.join(outdir, "table.md"), text)
-  plot(curves, rows, os.path.join(outdir, "loss_vs_time.png"), _WINDOW.value)
+  plot(curves, rows, os.path.join(outdir, "loss_vs_time.png"), FLAGS.window_s)
   print(text)
   print(f"wrote {outdir}/rows.jsonl, table.md, loss_vs_time.png")
 
 
 if __name__ == "__main__":
+  define_flags()
   cli.run(main)

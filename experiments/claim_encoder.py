@@ -64,22 +64,26 @@ METRICS = (
     "never_seen_exact",
 )
 
-_OUTDIR = flags.DEFINE_string(
-    "outdir", None, "where runs, rows.jsonl and table.md go", required=True
-)
-_ENCODERS = flags.DEFINE_list("encoders", [RANDOM, PRETRAINED], "text encoders (registry names)")
-_WIDTHS = flags.DEFINE_list("widths", list(WIDTHS), f"U-Net widths, of {list(WIDTHS)}")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "train.seed of each run")
-_NUM_STEPS = flags.DEFINE_integer("num_steps", 1500, "training steps of every run")
-_WEIGHTS = flags.DEFINE_list("weights", ["3"], "guidance weights to sample at (1 = none)")
-_NUM_PROMPTS = flags.DEFINE_integer("num_prompts", 192, "held-out test prompts per evaluation")
-_SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", 25, "DDIM steps")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "shapes data (default <outdir>/data)")
-_OVERRIDES = flags.DEFINE_multi_string(
-    "override",
-    [],
-    "extra config override for every run, field.path=value without commas (tiny runs, tests)",
-)
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command line; defined when run as a script (tests import the module's functions,
+  and several scripts' flags share names)."""
+  flags.DEFINE_string("outdir", None, "where runs, rows.jsonl and table.md go", required=True)
+  flags.DEFINE_list("encoders", [RANDOM, PRETRAINED], "text encoders (registry names)")
+  flags.DEFINE_list("widths", list(WIDTHS), f"U-Net widths, of {list(WIDTHS)}")
+  flags.DEFINE_list("seeds", ["0", "1"], "train.seed of each run")
+  flags.DEFINE_integer("num_steps", 1500, "training steps of every run")
+  flags.DEFINE_list("weights", ["3"], "guidance weights to sample at (1 = none)")
+  flags.DEFINE_integer("num_prompts", 192, "held-out test prompts per evaluation")
+  flags.DEFINE_integer("sample_steps", 25, "DDIM steps")
+  flags.DEFINE_string("data_dir", None, "shapes data (default <outdir>/data)")
+  flags.DEFINE_multi_string(
+      "override",
+      [],
+      "extra config override for every run, field.path=value without commas (tiny runs, tests)",
+  )
 
 
 def run_name(encoder: str, width: str, seed: int) -> str:
@@ -220,14 +224,14 @@ def read_rows(path: str) -> list[dict]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  encoders, widths = _ENCODERS.value, _WIDTHS.value
-  seeds = [int(s) for s in _SEEDS.value]
-  weights = [float(w) for w in _WEIGHTS.value]
+  encoders, widths = FLAGS.encoders, FLAGS.widths
+  seeds = [int(s) for s in FLAGS.seeds]
+  weights = [float(w) for w in FLAGS.weights]
   check_choices(encoders, widths, seeds)
-  extra = list(_OVERRIDES.value)
-  outdir = os.path.abspath(_OUTDIR.value)
+  extra = list(FLAGS.override)
+  outdir = os.path.abspath(FLAGS.outdir)
   os.makedirs(outdir, exist_ok=True)
-  data_dir = os.path.abspath(_DATA_DIR.value or os.path.join(outdir, "data"))
+  data_dir = os.path.abspath(FLAGS.data_dir or os.path.join(outdir, "data"))
   rows_path = os.path.join(outdir, "rows.jsonl")
   rows = read_rows(rows_path)
   done = {r["run"] for r in rows}
@@ -240,7 +244,7 @@ def main(argv):
       num_test=int(d.num_test),
       seed=int(d.shapes_seed),
   )
-  test = shapes.read_examples(builder, "test", limit=_NUM_PROMPTS.value)
+  test = shapes.read_examples(builder, "test", limit=FLAGS.num_prompts)
   caches = {}
   runs = list(itertools.product(encoders, widths, seeds))
   for i, (encoder, width, seed) in enumerate(runs):
@@ -258,30 +262,31 @@ def main(argv):
         "text.embedding_cache": caches[encoder],
         "data.data_dir": data_dir,
         "train.seed": seed,
-        "train.num_steps": _NUM_STEPS.value,
-        "train.ckpt_every": _NUM_STEPS.value,
+        "train.num_steps": FLAGS.num_steps,
+        "train.ckpt_every": FLAGS.num_steps,
         "train.max_to_keep": 1,
         **WIDTHS[width],
         **dict(o.split("=", 1) for o in extra),
     }
-    print(f"\n[{i + 1}/{len(runs)}] {name}: training {_NUM_STEPS.value} steps", flush=True)
+    print(f"\n[{i + 1}/{len(runs)}] {name}: training {FLAGS.num_steps} steps", flush=True)
     workdir = os.path.join(outdir, "runs", name)
     t0 = time.time()
     cli_runner.train_stage(CONFIG, workdir, overrides)
     train_s = round(time.time() - t0, 1)
     stage = cascade.load_stage(workdir)
     for w in weights:
-      r = score(stage, test, w, _SAMPLE_STEPS.value)
+      r = score(stage, test, w, FLAGS.sample_steps)
       row = dict(run=name, encoder=encoder, width=width, seed=seed, w=w, step=stage.step)
       rows.append(dict(row, **r, train_s=train_s))
       print(json.dumps(rows[-1]), flush=True)
     # A run counts as done only once every w is scored: rows are written per run, atomically.
     atomic.write_text(rows_path, "".join(json.dumps(r) + "\n" for r in rows))
-  text = table(rows, _NUM_STEPS.value)
+  text = table(rows, FLAGS.num_steps)
   atomic.write_text(os.path.join(outdir, "table.md"), text)
   plot(rows, os.path.join(outdir, "binding.png"))
   print("\n" + text)
 
 
 if __name__ == "__main__":
+  define_flags()
   cli.run(main)

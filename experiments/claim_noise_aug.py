@@ -64,33 +64,38 @@ from imagen_jax.data import preprocess, shapes
 from imagen_jax.evals import image_metrics, shapes_metric
 from imagen_jax.sampling import cascade
 
-_BASE_CONFIG = config_flags.DEFINE_config_file(
-    "base_config", "configs/base64.py:shapes", "base stage config (when trained here)"
-)
-_SR_CONFIG = config_flags.DEFINE_config_file(
-    "sr_config", "configs/sr256.py:shapes", "SR stage config, with its training aug range"
-)
-_CASCADE = config_flags.DEFINE_config_file(
-    "cascade", "configs/cascade.py:shapes", "sampling settings: stage1 (base), stage2 (SR)"
-)
-_OUTDIR = flags.DEFINE_string(
-    "outdir", None, "where workdirs, samples and results go", required=True
-)
-_DEMO_DIR = flags.DEFINE_string(
-    "demo_dir", "demo_out", "read-only: the demo's trained base/ and sr/ stages, if present"
-)
-_DATA_DIR = flags.DEFINE_string("data_dir", "", "shapes dataset and text cache; '' = <outdir>/data")
-_AUG_LEVELS = flags.DEFINE_list(
-    "aug_levels", ["0", "0.1", "0.2", "0.3", "0.5"], "sampling aug levels in [0, 1] (§2.4)"
-)
-_NUM_PROMPTS = flags.DEFINE_integer("num_prompts", 192, "held-out test prompts")
-_BASE_STEPS = flags.DEFINE_integer("base_steps", None, "base training steps (when trained here)")
-_SR_STEPS = flags.DEFINE_integer(
-    "sr_steps",
-    None,
-    "SR training steps; default: the with-aug stage's (the config's if trained here)",
-)
-_GRID_ROWS = flags.DEFINE_integer("grid_rows", 6, "prompts shown in each grid_<stage>.png")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command line; defined when run as a script (tests import the module's functions,
+  and several scripts' flags share names)."""
+  config_flags.DEFINE_config_file(
+      "base_config", "configs/base64.py:shapes", "base stage config (when trained here)"
+  )
+  config_flags.DEFINE_config_file(
+      "sr_config", "configs/sr256.py:shapes", "SR stage config, with its training aug range"
+  )
+  config_flags.DEFINE_config_file(
+      "cascade", "configs/cascade.py:shapes", "sampling settings: stage1 (base), stage2 (SR)"
+  )
+  flags.DEFINE_string("outdir", None, "where workdirs, samples and results go", required=True)
+  flags.DEFINE_string(
+      "demo_dir", "demo_out", "read-only: the demo's trained base/ and sr/ stages, if present"
+  )
+  flags.DEFINE_string("data_dir", "", "shapes dataset and text cache; '' = <outdir>/data")
+  flags.DEFINE_list(
+      "aug_levels", ["0", "0.1", "0.2", "0.3", "0.5"], "sampling aug levels in [0, 1] (§2.4)"
+  )
+  flags.DEFINE_integer("num_prompts", 192, "held-out test prompts")
+  flags.DEFINE_integer("base_steps", None, "base training steps (when trained here)")
+  flags.DEFINE_integer(
+      "sr_steps",
+      None,
+      "SR training steps; default: the with-aug stage's (the config's if trained here)",
+  )
+  flags.DEFINE_integer("grid_rows", 6, "prompts shown in each grid_<stage>.png")
+
 
 # The two SR stages compared: the one trained with augmentation, the one trained without.
 WITH, WITHOUT = "with_aug", "without_aug"
@@ -355,7 +360,7 @@ def check_demo_sr(recorded: dict, sr_config: dict, sr_steps: int) -> None:
 def prepare_stages(outdir: str, demo_dir: str, data_dir: str) -> dict:
   """The three stage workdirs (base, SR with aug, SR without), training what is missing; returns
   {"base": dir, WITH: dir, WITHOUT: dir, "data": builder at the SR resolution}."""
-  base_cfg, sr_cfg = _BASE_CONFIG.value, _SR_CONFIG.value
+  base_cfg, sr_cfg = FLAGS.base_config, FLAGS.sr_config
   user = {n: config_flags.get_override_values(flags.FLAGS[n]) for n in ("base_config", "sr_config")}
   for cfg in (base_cfg, sr_cfg):
     with cfg.unlocked():
@@ -376,13 +381,13 @@ def prepare_stages(outdir: str, demo_dir: str, data_dir: str) -> dict:
         num_test=int(d.num_test),
         seed=int(d.shapes_seed),
     )
-  sr_steps = _SR_STEPS.value
+  sr_steps = FLAGS.sr_steps
   if sr_steps is None and dirs[WITH] == demo["sr"]:
     sr_steps = int(cascade.read_stage_config(demo["sr"]).train.num_steps)
   sr_steps = int(sr_cfg.train.num_steps) if sr_steps is None else sr_steps
   if dirs[WITH] == demo["sr"]:
     check_demo_sr(cascade.read_stage_config(demo["sr"]).to_dict(), sr_cfg.to_dict(), sr_steps)
-  base_steps = int(base_cfg.train.num_steps) if _BASE_STEPS.value is None else _BASE_STEPS.value
+  base_steps = int(base_cfg.train.num_steps) if FLAGS.base_steps is None else FLAGS.base_steps
   common = {"data.data_dir": data_dir}
   if dirs["base"] != demo["base"]:
     overrides = {
@@ -409,16 +414,16 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
-    levels = parse_aug_levels(_AUG_LEVELS.value)
+    levels = parse_aug_levels(FLAGS.aug_levels)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  if _NUM_PROMPTS.value < 1:
-    raise app.UsageError(f"--num_prompts={_NUM_PROMPTS.value}; allowed: >= 1")
+  if FLAGS.num_prompts < 1:
+    raise app.UsageError(f"--num_prompts={FLAGS.num_prompts}; allowed: >= 1")
   start = time.time()
-  outdir = os.path.abspath(_OUTDIR.value)
-  data_dir = os.path.abspath(_DATA_DIR.value or os.path.join(outdir, "data"))
+  outdir = os.path.abspath(FLAGS.outdir)
+  data_dir = os.path.abspath(FLAGS.data_dir or os.path.join(outdir, "data"))
   os.makedirs(os.path.join(outdir, "samples"), exist_ok=True)
-  dirs = prepare_stages(outdir, _DEMO_DIR.value, data_dir)
+  dirs = prepare_stages(outdir, FLAGS.demo_dir, data_dir)
   train_s = round(time.time() - start, 1)
 
   configs = {k: cascade.read_stage_config(dirs[k]).to_dict() for k in ("base", WITH, WITHOUT)}
@@ -435,7 +440,7 @@ def main(argv):
   for d in differences:
     print(f"warning: the two SR stages differ beyond their aug range: {d}", flush=True)
 
-  test = shapes.read_examples(dirs["data"], "test", limit=_NUM_PROMPTS.value)
+  test = shapes.read_examples(dirs["data"], "test", limit=FLAGS.num_prompts)
   prompts = [e["caption"] for e in test]
   real_u8 = np.stack([e["image"] for e in test])
   lowres_size = int(configs[WITH]["lowres_size"])
@@ -448,7 +453,7 @@ def main(argv):
   real_lowres = np.stack(
       [preprocess.to_float(preprocess.resize(x, lowres_size, lowres_size)) for x in real_u8]
   )
-  c = _CASCADE.value
+  c = FLAGS.cascade
   s1, s2 = cascade.stage_settings(c, 2)
   seed, batch = int(c.seed), int(c.batch_size)
   counter = {"sample_sets": 0, "rows": 0}
@@ -515,7 +520,7 @@ def main(argv):
         # Kept as it comes (with the earlier run's rows still ahead), for an interrupted run.
         write_rows(rows + [row] + list(old.values()))
       rows.append(row)
-    sheet = grid(images.to_uint8(base_samples), by_level, real_u8, test, _GRID_ROWS.value)
+    sheet = grid(images.to_uint8(base_samples), by_level, real_u8, test, FLAGS.grid_rows)
     atomic.save_png(os.path.join(outdir, f"grid_{k}.png"), sheet)
     loaded.pop(k, None)  # one SR stage in memory at a time
     models.pop(k, None)
@@ -543,4 +548,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   cli.run(main)

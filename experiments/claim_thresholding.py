@@ -68,27 +68,28 @@ from imagen_jax.evals import prompts as prompts_lib
 from imagen_jax.evals import sweep, sweep_report
 from imagen_jax.sampling import cascade, hosts
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/base64.py:shapes", "base stage config; --config.a.b=v overrides"
-)
-_CASCADE = config_flags.DEFINE_config_file(
-    "cascade", "configs/cascade.py:shapes", "sampling settings of stage 1 (sampler, steps)"
-)
-_OUTDIR = flags.DEFINE_string(
-    "outdir", None, "where train/, sweep/ and the table go", required=True
-)
-_BACKGROUND = flags.DEFINE_string(
-    "background", "grey", f"shapes background, one of {shapes.BACKGROUNDS}"
-)
-_DATA_DIR = flags.DEFINE_string("data_dir", "", "shapes dataset and text cache; '' = <outdir>/data")
-_NUM_STEPS = flags.DEFINE_integer("num_steps", 2500, "base stage training steps (the demo's)")
-_WEIGHTS = flags.DEFINE_list("weights", ["1", "3", "5", "8", "12"], "guidance weights w >= 1")
-_NUM_PROMPTS = flags.DEFINE_integer(
-    "num_prompts", 192, "held-out test prompts per point (the demo's)"
-)
-_SEED = flags.DEFINE_integer("seed", 0, "sampling seed (prompt i draws the same noise per point)")
-_BATCH = flags.DEFINE_integer("batch_size", None, "sampling batch; default: the cascade config's")
-_GRID_PROMPTS = flags.DEFINE_integer("grid_prompts", 4, "prompts shown in sweep/samples.png")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command line; defined when run as a script (tests import the module's functions,
+  and several scripts' flags share names)."""
+  config_flags.DEFINE_config_file(
+      "config", "configs/base64.py:shapes", "base stage config; --config.a.b=v overrides"
+  )
+  config_flags.DEFINE_config_file(
+      "cascade", "configs/cascade.py:shapes", "sampling settings of stage 1 (sampler, steps)"
+  )
+  flags.DEFINE_string("outdir", None, "where train/, sweep/ and the table go", required=True)
+  flags.DEFINE_string("background", "grey", f"shapes background, one of {shapes.BACKGROUNDS}")
+  flags.DEFINE_string("data_dir", "", "shapes dataset and text cache; '' = <outdir>/data")
+  flags.DEFINE_integer("num_steps", 2500, "base stage training steps (the demo's)")
+  flags.DEFINE_list("weights", ["1", "3", "5", "8", "12"], "guidance weights w >= 1")
+  flags.DEFINE_integer("num_prompts", 192, "held-out test prompts per point (the demo's)")
+  flags.DEFINE_integer("seed", 0, "sampling seed (prompt i draws the same noise per point)")
+  flags.DEFINE_integer("batch_size", None, "sampling batch; default: the cascade config's")
+  flags.DEFINE_integer("grid_prompts", 4, "prompts shown in sweep/samples.png")
+
 
 MODES = ("static", "dynamic")
 # (row field, table header, lower is better?) of the claim table, per mode.
@@ -185,16 +186,16 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
-    background = shapes.check_background(_BACKGROUND.value)
-    weights = [float(w) for w in _WEIGHTS.value]
+    background = shapes.check_background(FLAGS.background)
+    weights = [float(w) for w in FLAGS.weights]
   except ValueError as e:
     raise cli.UserError(f"--background / --weights: {e}") from None
-  c = _CONFIG.value
+  c = FLAGS.config
   config_flag = flags.FLAGS["config"]
   user = config_flags.get_override_values(config_flag)
-  outdir = os.path.abspath(_OUTDIR.value)
+  outdir = os.path.abspath(FLAGS.outdir)
   os.makedirs(outdir, exist_ok=True)
-  data_dir = os.path.abspath(_DATA_DIR.value or os.path.join(outdir, "data"))
+  data_dir = os.path.abspath(FLAGS.data_dir or os.path.join(outdir, "data"))
 
   # 1. data with the background, text cache, training (resumed)
   d = c.data
@@ -212,7 +213,7 @@ def main(argv):
       **user,
       "data.data_dir": data_dir,
       "data.shapes_background": background,
-      "train.num_steps": _NUM_STEPS.value,
+      "train.num_steps": FLAGS.num_steps,
   }
   if not c.text.embedding_cache:  # the frozen encoder (§2.1): each caption encoded once
     overrides["text.embedding_cache"] = shapes.build_text_cache(c, data_dir)
@@ -222,9 +223,9 @@ def main(argv):
   # 2. the sweep: w x {static, dynamic} on the held-out test prompts
   model = cascade.Cascade.from_workdirs([workdir])
   try:
-    batch = hosts.application_batch_size(model, _BATCH.value, _CASCADE.value)
+    batch = hosts.application_batch_size(model, FLAGS.batch_size, FLAGS.cascade)
     base, stage, points = sweep.plan(
-        model, _CASCADE.value, sweep_stage=1, weights=weights, thresholds=MODES
+        model, FLAGS.cascade, sweep_stage=1, weights=weights, thresholds=MODES
     )
   except ValueError as e:
     raise cli.UserError(str(e)) from None
@@ -234,7 +235,7 @@ def main(argv):
       num_train=int(d.num_train),
       num_test=int(d.num_test),
       seed=int(d.shapes_seed),
-      limit=_NUM_PROMPTS.value,
+      limit=FLAGS.num_prompts,
       background=background,
   )
   sweep_dir = os.path.join(outdir, "sweep")
@@ -247,7 +248,7 @@ def main(argv):
       sweep_stage=stage,
       attributes=attributes,
       reference_images=reference,
-      seed=_SEED.value,
+      seed=FLAGS.seed,
       batch_size=batch,
       metric_background="border",
   )
@@ -259,7 +260,7 @@ def main(argv):
       f"background, {len(prompts)} prompts, {s1.sampler} {s1.num_steps} steps, "
       f"dynamic p={s1.percentile:g}"
   )
-  sweep_report.write_outputs(result, sweep_dir, title, grid_prompts=_GRID_PROMPTS.value)
+  sweep_report.write_outputs(result, sweep_dir, title, grid_prompts=FLAGS.grid_prompts)
   rows = claim_rows(result.rows)
   atomic.write_text(os.path.join(outdir, "rows.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
   table = claim_table(
@@ -275,4 +276,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   cli.run(main)

@@ -33,22 +33,26 @@ from imagen_jax.data import shapes
 from imagen_jax.evals import shapes_metric
 from imagen_jax.sampling import cascade
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/base64.py:shapes", "base stage config; --config.a.b=v overrides"
-)
-_OUTDIR = flags.DEFINE_string("outdir", None, "where rows.jsonl and table.md go", required=True)
-_EVAL_STEPS = flags.DEFINE_list("eval_steps", ["1500", "2000", "2500"], "steps to evaluate at")
-_WEIGHTS = flags.DEFINE_list("weights", ["1", "3"], "guidance weights (1 = no guidance)")
-_NUM_PROMPTS = flags.DEFINE_integer("num_prompts", 192, "test prompts per evaluation")
-_SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", 25, "DDIM steps")
-_TEXT_CACHE = flags.DEFINE_bool(
-    "text_cache", True, "encode the training captions once (text.embedding_cache)"
-)
-_DEADLINE = flags.DEFINE_float(
-    "deadline_s",
-    0.0,
-    "stop training after this many seconds (0 = never), evaluate the step reached",
-)
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command line; defined when run as a script (tests import the module's functions,
+  and several scripts' flags share names)."""
+  config_flags.DEFINE_config_file(
+      "config", "configs/base64.py:shapes", "base stage config; --config.a.b=v overrides"
+  )
+  flags.DEFINE_string("outdir", None, "where rows.jsonl and table.md go", required=True)
+  flags.DEFINE_list("eval_steps", ["1500", "2000", "2500"], "steps to evaluate at")
+  flags.DEFINE_list("weights", ["1", "3"], "guidance weights (1 = no guidance)")
+  flags.DEFINE_integer("num_prompts", 192, "test prompts per evaluation")
+  flags.DEFINE_integer("sample_steps", 25, "DDIM steps")
+  flags.DEFINE_bool("text_cache", True, "encode the training captions once (text.embedding_cache)")
+  flags.DEFINE_float(
+      "deadline_s",
+      0.0,
+      "stop training after this many seconds (0 = never), evaluate the step reached",
+  )
 
 
 def checkpoint_plan(eval_steps, num_steps: int) -> dict:
@@ -124,12 +128,12 @@ def gap_table(rows, weights, overrides=()) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  c = _CONFIG.value
+  c = FLAGS.config
   config_flag = flags.FLAGS["config"]
   user = config_flags.get_override_values(config_flag)
-  weights = [float(w) for w in _WEIGHTS.value]
-  plan = checkpoint_plan(_EVAL_STEPS.value, int(c.train.num_steps))
-  outdir = os.path.abspath(_OUTDIR.value)
+  weights = [float(w) for w in FLAGS.weights]
+  plan = checkpoint_plan(FLAGS.eval_steps, int(c.train.num_steps))
+  outdir = os.path.abspath(FLAGS.outdir)
   workdir = os.path.join(outdir, "train")
   os.makedirs(outdir, exist_ok=True)
 
@@ -143,7 +147,7 @@ def main(argv):
       seed=int(d.shapes_seed),
   )
   overrides = {**user, **plan, "data.data_dir": data_dir}
-  if _TEXT_CACHE.value and not c.text.embedding_cache:
+  if FLAGS.text_cache and not c.text.embedding_cache:
     with c.unlocked():
       c.data.data_dir = data_dir
     overrides["text.embedding_cache"] = shapes.build_text_cache(c, data_dir)
@@ -153,19 +157,19 @@ def main(argv):
       config_flags.get_config_filename(config_flag),
       workdir,
       overrides,
-      deadline_s=_DEADLINE.value or None,
+      deadline_s=FLAGS.deadline_s or None,
   )
   train_s = round(time.time() - t0, 1)  # this call's training time (0 + startup when resumed)
-  steps = sorted({int(s) for s in _EVAL_STEPS.value})
+  steps = sorted({int(s) for s in FLAGS.eval_steps})
   if not finished:  # stopped by the deadline: the eval steps reached, then the step reached
     reached = cascade.load_stage(workdir).step
     steps = [s for s in steps if s < reached] + [reached]
 
-  test = shapes.read_examples(builder, "test", limit=_NUM_PROMPTS.value)
+  test = shapes.read_examples(builder, "test", limit=FLAGS.num_prompts)
   rows = []
   for step in steps:
     stage = cascade.load_stage(workdir, step=step)  # that checkpoint's EMA params
-    rows += [dict(r, train_s=train_s) for r in evaluate(stage, test, weights, _SAMPLE_STEPS.value)]
+    rows += [dict(r, train_s=train_s) for r in evaluate(stage, test, weights, FLAGS.sample_steps)]
     atomic.write_text(
         os.path.join(outdir, "rows.jsonl"), "".join(json.dumps(r) + "\n" for r in rows)
     )
@@ -175,4 +179,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   cli.run(main)
