@@ -52,6 +52,19 @@ def _upload(path: str, local_file: str) -> None:
   paths.path(path).write_bytes(data)
 
 
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+# The modes `open()` / `os.makedirs` give under this process's umask (0o644 / 0o755 under 022):
+# mkstemp / mkdtemp create 0o600 / 0o700, and a result renamed from one would be unreadable to
+# the group. Read once: setting the umask to read it is not thread-safe.
+FILE_MODE = 0o666 & ~_umask()
+DIR_MODE = 0o777 & ~_umask()
+
+
 def _tmp_name(path: str, suffix: str = "") -> str:
   """A fresh, unused file name next to `path` (created empty, so no other writer gets it)."""
   folder = os.path.dirname(os.path.abspath(path))
@@ -59,6 +72,7 @@ def _tmp_name(path: str, suffix: str = "") -> str:
   fd, tmp = tempfile.mkstemp(
       prefix=f"{TMP_PREFIX}{os.path.basename(path)}-{os.getpid()}-", suffix=suffix, dir=folder
   )
+  os.fchmod(fd, FILE_MODE)
   os.close(fd)
   return tmp
 

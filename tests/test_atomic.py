@@ -63,6 +63,11 @@ def test_npz_png_and_text(tmp_path):
   assert atomic.write_text(str(tmp_path / "sub" / "t.txt"), "é") and (
       (tmp_path / "sub" / "t.txt").read_text(encoding="utf-8") == "é"
   )
+  # The files get the mode a plain open() would give (not mkstemp's 0o600).
+  plain = tmp_path / "plain.txt"
+  plain.write_text("x")
+  for name in ("a.npz", "b.png", "sub/t.txt"):
+    assert os.stat(tmp_path / name).st_mode & 0o777 == plain.stat().st_mode & 0o777, name
 
 
 def test_publish_dir(tmp_path):

@@ -34,6 +34,14 @@ def test_roundtrip_float32(encoder, tmp_path):
   assert manifest["num_examples"] == 13 and len(manifest["shards"]) == 3
   assert manifest["num_truncated"] == 4  # captions 7..10 exceed 23 bytes + EOS
   assert cache._temporaries(out) == []  # the writer's folder became the cache
+  # with the mode of a makedirs folder (not mkdtemp's 0o700), its files an open() file's
+  plain = tmp_path / "plain"
+  plain.mkdir()
+  (plain / "f").write_text("x")
+  assert os.stat(out).st_mode & 0o777 == plain.stat().st_mode & 0o777
+  assert os.stat(os.path.join(out, "manifest.json")).st_mode & 0o777 == (
+      (plain / "f").stat().st_mode & 0o777
+  )
   c = cache.TextEmbeddingCache(out)
   assert len(c) == 13 and 14 in c and "y" in c and "nope" not in c
   with pytest.warns(TruncationWarning):

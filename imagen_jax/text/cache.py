@@ -157,6 +157,7 @@ def _new_temporary(out_dir: str, lock_held: bool) -> tuple[str, int]:
   with _locked(out_dir, lock_held):
     _remove_dead_temporaries(out_dir)
     tmp = tempfile.mkdtemp(prefix=base + TMP_INFIX, dir=parent or ".")
+    os.chmod(tmp, atomic.DIR_MODE)  # the published cache: readable as a makedirs folder is
     fd = os.open(os.path.join(tmp, WRITER_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh file: never contended
   return tmp, fd
