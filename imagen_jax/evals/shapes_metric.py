@@ -11,9 +11,10 @@ attributes behind the caption. The recovery inverts the renderer of `imagen_jax.
    per-channel median of its outermost pixel ring, which no shape of the layout reaches; it
    follows a grey or faintly textured background, and a generated image's shifted one).
 2. connected components (8-connected) of the foreground (with a given background: of each
-   colour's foreground separately, so noise does not merge into one blob); tiny ones (< 1/4 of the smallest
-   shape's area) are noise. A component's colour = alpha-weighted vote of its pixels; its soft
-   area and centroid use alpha over the component grown by one pixel (the anti-aliased rim).
+   colour's foreground separately, so noise does not merge into one blob); tiny ones (< 1/4 of
+   the smallest shape's area) are noise. A component's colour = alpha-weighted vote of its
+   pixels; its soft area and centroid use alpha over the component grown by one pixel (the
+   anti-aliased rim).
 3. kind: for each kind, render the template of the same area, centred at the same centroid
    (the triangle's centroid sits d/6 below its box centre), and take the best soft IoU.
    Size: the template's box side against the geometric mean of the two sizes.
