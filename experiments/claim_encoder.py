@@ -205,7 +205,8 @@ def plot(rows: list[dict], path: str) -> None:
       ax.bar(x, np.mean(v), color=colour, alpha=0.5)
       ax.plot([x] * len(v), v, "k.", ms=8)
     ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels([f"{e.split('-')[0]}\n{s}" for e, s in groups], fontsize=8)
+    names = {RANDOM: "random", PRETRAINED: "pretrained"}
+    ax.set_xticklabels([f"{names.get(e, e)}\n{s}" for e, s in groups], fontsize=8)
     ax.set_ylim(0, 1)
     ax.set_title(f"{metric} at w = {w:g}")
   fig.suptitle("random vs pretrained frozen encoder, two U-Net widths (dots: seeds)")
