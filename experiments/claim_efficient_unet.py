@@ -378,14 +378,7 @@ def main(argv):
   outdir = os.path.abspath(FLAGS.outdir)
   os.makedirs(outdir, exist_ok=True)
   data_dir = os.path.abspath(FLAGS.data_dir or os.path.join(outdir, "data"))
-  d = c.data
-  shapes.build_shapes(
-      data_dir,
-      int(d.resolution),
-      num_train=int(d.num_train),
-      num_test=int(d.num_test),
-      seed=int(d.shapes_seed),
-  )
+  shapes.build_from_config(c.data, data_dir)
   overrides = {
       "data.data_dir": data_dir,
       "text.embedding_cache": c.text.embedding_cache or shapes.build_text_cache(c, data_dir),

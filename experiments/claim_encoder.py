@@ -237,14 +237,7 @@ def main(argv):
   rows = read_rows(rows_path)
   done = {r["run"] for r in rows}
 
-  d = stage_config(encoders[0], extra).data
-  builder = shapes.build_shapes(
-      data_dir,
-      int(d.resolution),
-      num_train=int(d.num_train),
-      num_test=int(d.num_test),
-      seed=int(d.shapes_seed),
-  )
+  builder = shapes.build_from_config(stage_config(encoders[0], extra).data, data_dir)
   test = shapes.read_examples(builder, "test", limit=FLAGS.num_prompts)
   caches = {}
   runs = list(itertools.product(encoders, widths, seeds))

@@ -373,14 +373,7 @@ def prepare_stages(outdir: str, demo_dir: str, data_dir: str) -> dict:
   }
   # The same scenes at both sizes (seeded per example); the base size only to train it here.
   for cfg in (sr_cfg,) if dirs["base"] == demo["base"] else (base_cfg, sr_cfg):
-    d = cfg.data
-    dirs["data"] = shapes.build_shapes(
-        data_dir,
-        int(d.resolution),
-        num_train=int(d.num_train),
-        num_test=int(d.num_test),
-        seed=int(d.shapes_seed),
-    )
+    dirs["data"] = shapes.build_from_config(cfg.data, data_dir)
   sr_steps = FLAGS.sr_steps
   if sr_steps is None and dirs[WITH] == demo["sr"]:
     sr_steps = int(cascade.read_stage_config(demo["sr"]).train.num_steps)

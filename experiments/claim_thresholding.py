@@ -199,16 +199,10 @@ def main(argv):
 
   # 1. data with the background, text cache, training (resumed)
   d = c.data
-  shapes.build_shapes(
-      data_dir,
-      int(d.resolution),
-      num_train=int(d.num_train),
-      num_test=int(d.num_test),
-      seed=int(d.shapes_seed),
-      background=background,
-  )
   with c.unlocked():
     c.data.data_dir = data_dir
+    c.data.shapes_background = background
+  shapes.build_from_config(c.data, data_dir)
   overrides = {
       **user,
       "data.data_dir": data_dir,

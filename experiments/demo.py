@@ -189,14 +189,7 @@ def main(argv):
   print("\n== building the shapes dataset (32x32 and 64x64)", flush=True)
   builders = {}
   for cfg in (base_cfg, sr_cfg):
-    d = cfg.data
-    builders[int(d.resolution)] = shapes.build_shapes(
-        data_dir,
-        int(d.resolution),
-        num_train=int(d.num_train),
-        num_test=int(d.num_test),
-        seed=int(d.shapes_seed),
-    )
+    builders[int(cfg.data.resolution)] = shapes.build_from_config(cfg.data, data_dir)
   timings["dataset_s"] = round(time.time() - t0, 1)
   # 1b. The text encoder is frozen: encode each distinct training caption once.
   t0 = time.time()

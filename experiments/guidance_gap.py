@@ -139,13 +139,7 @@ def main(argv):
 
   d = c.data
   data_dir = d.data_dir or os.path.join(outdir, "data")
-  builder = shapes.build_shapes(
-      data_dir,
-      int(d.resolution),
-      num_train=int(d.num_train),
-      num_test=int(d.num_test),
-      seed=int(d.shapes_seed),
-  )
+  builder = shapes.build_from_config(d, data_dir)
   overrides = {**user, **plan, "data.data_dir": data_dir}
   if FLAGS.text_cache and not c.text.embedding_cache:
     with c.unlocked():

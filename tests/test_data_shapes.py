@@ -183,16 +183,17 @@ def test_each_background_is_its_own_dataset_directory(tmp_path):
   b = grey.as_data_source()["train"][0]["image"]
   assert np.all(a[0, 0] == 0) and np.all(b[0, 0] == 128)
   # the pipeline's data config reaches the builder
-  src = pipeline.open_data_source(
-      pipeline.default_data_config(
-          "shapes",
-          data_dir=str(tmp_path),
-          resolution=32,
-          shapes_background="grey",
-          **{"num_train": 3, "num_test": 2},
-      )
+  data_config = pipeline.default_data_config(
+      "shapes",
+      data_dir=str(tmp_path),
+      resolution=32,
+      shapes_background="grey",
+      **{"num_train": 3, "num_test": 2},
   )
+  src = pipeline.open_data_source(data_config)
   np.testing.assert_array_equal(src[0]["image"], b)
+  # and the applications' builder reads the same config into the same dataset
+  assert shapes.build_from_config(data_config, tmp_path).data_dir == grey.data_dir
   assert pipeline.default_data_config().shapes_background == "black"
 
 

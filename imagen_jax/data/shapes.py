@@ -421,6 +421,20 @@ def build_shapes(
   return builder
 
 
+def build_from_config(data_config, data_dir: str | os.PathLike) -> Shapes:
+  """`build_shapes` with a stage config's `data` block (resolution, sizes, seed, background):
+  what the trainer's pipeline reads, so an application builds the same dataset."""
+  d = data_config
+  return build_shapes(
+      data_dir,
+      int(d.resolution),
+      num_train=int(d.num_train),
+      num_test=int(d.num_test),
+      seed=int(d.shapes_seed),
+      background=d.get("shapes_background", "black"),
+  )
+
+
 def build_text_cache(config, data_dir: str) -> str:
   """The text-embedding cache of a shapes stage's distinct training captions, keyed by the
   caption text (for `config.text.embedding_cache`); written once, reused while the encoder's
