@@ -34,12 +34,21 @@ from imagen_jax import atomic, cli, cli_runner, images
 from imagen_jax.data import preprocess, shapes
 from imagen_jax.evals import image_metrics, shapes_metric
 from imagen_jax.sampling import cascade
+from imagen_jax.text import registry
 
 _WORKDIR = flags.DEFINE_string("workdir", "demo_out", "where data, checkpoints and results go")
 _BASE_STEPS = flags.DEFINE_integer("base_steps", None, "override the base stage's steps")
 _SR_STEPS = flags.DEFINE_integer("sr_steps", None, "override the SR stage's steps")
 _NUM_TEST = flags.DEFINE_integer("num_test", 192, "test prompts to sample and score")
 _GRID_ROWS = flags.DEFINE_integer("grid_rows", 16, "prompts shown in samples.png")
+# The pretrained encoder binds colours to kinds better than the random one at the same budget
+# (docs/results/paper_claims.md, claim 1); `make demo` fetches it (`make minilm`), offline after.
+_TEXT_NAME = flags.DEFINE_string(
+    "text_name",
+    "all-minilm-l6-v2",
+    "frozen text encoder of both stages (text.registry): all-minilm-l6-v2 (pretrained BERT, "
+    "read from .venv/models) or byt5-tiny-random (random T5, nothing to fetch)",
+)
 
 # Wall time on a 2-core CPU after the install, which depends on the machine and its load
 # (docs/results/demo.md logs the runs): the base stage is about half of it, the SR stage a third.
@@ -59,6 +68,11 @@ def _scores(images, attributes, held_out):
   }
 
 
+def _stage_arg() -> str:
+  """The stage configs' argument: the `shapes` variant with the demo's text encoder."""
+  return f"{VARIANT},text_name={_TEXT_NAME.value}"
+
+
 def train_stage(name: str, config_module, overrides: dict, workdir: str, timings: dict) -> None:
   """Trains (or resumes) one stage with the trainer's command line in a child process."""
   t0 = time.time()
@@ -67,7 +81,7 @@ def train_stage(name: str, config_module, overrides: dict, workdir: str, timings
       flush=True,
   )
   try:
-    cli_runner.train_stage(f"{config_module.__file__}:{VARIANT}", workdir, overrides)
+    cli_runner.train_stage(f"{config_module.__file__}:{_stage_arg()}", workdir, overrides)
   except cli_runner.TrainingFailed as e:
     # A workdir trained with another stage network is refused by the checkpoint check.
     raise SystemExit(
@@ -170,10 +184,19 @@ def main(argv):
       flush=True,
   )
 
+  # Checked before any work: the pretrained encoder's files come from `make minilm`.
+  weights = registry.default_path(_TEXT_NAME.value)
+  if weights and not os.path.exists(os.path.join(weights, "model.safetensors")):
+    raise SystemExit(
+        f"--text_name={_TEXT_NAME.value} reads {weights}/model.safetensors, which is missing: "
+        "run `make minilm` (or `make demo`, which fetches it), or pass "
+        "--text_name=byt5-tiny-random (nothing to fetch)."
+    )
+
   timings = {}
   data_dir = os.path.join(workdir, "data")
-  base_cfg = base64_config.get_config(VARIANT)
-  sr_cfg = sr256_config.get_config(VARIANT)
+  base_cfg = base64_config.get_config(_stage_arg())
+  sr_cfg = sr256_config.get_config(_stage_arg())
   cascade_cfg = cascade_config.get_config(VARIANT)
   # What the demo sets on the stage configs, as the trainer's --config.* flags.
   overrides = {}
