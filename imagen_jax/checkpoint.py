@@ -18,16 +18,16 @@ copied off the devices, then written by a background thread while training conti
 restore into the target's shardings, whatever mesh wrote them (a run saved on fsdp=4 resumes on
 fsdp=2).
 
-The config item records what the run *means* (`MEANING_FIELDS`: stage, network, diffusion
-schedule / target / aug range / logSNR range, text encoder name, max_length and weights
-fingerprint, image sizes and crop, a warm start's source). `check_compatible` compares them and the array shapes with the
-current run before anything is loaded, so resuming (or sampling) under another meaning fails
-naming each field, its saved and its current value, instead of training or sampling on silently;
-every other setting (`train.*`, `optim.*`, `sample.*`, `mesh.*`, the data source, text.path /
-dtype / drop_prob / embedding_cache) may change on resume. A checkpoint of an older layout is
-refused naming what changed; one whose data position is per-process grain iterator state
-(`data_iter_<k>/process_<i>-of-<n>.json`) is refused by `data_position` unless the caller opts in
-to restarting the global stream at step x global batch (`train.data_position_from_step`).
+The config item records what the run *means* (`run_meaning.MEANING_FIELDS`: stage, network,
+diffusion schedule / target / aug range / logSNR range, text encoder name, max_length and weights
+fingerprint, image sizes and crop, a warm start's source). `check_compatible` compares them and the
+array shapes with the current run before anything is loaded, so resuming (or sampling) under another
+meaning fails naming each field, its saved and its current value, instead of training or sampling on
+silently; every other setting (`train.*`, `optim.*`, `sample.*`, `mesh.*`, the data source,
+text.path / dtype / drop_prob / embedding_cache) may change on resume. A checkpoint of an older
+layout is refused naming what changed; one whose data position is per-process grain iterator state
+(`data_iter_<k>/process_<i>-of-<n>.json`) is refused by `data_position` unless the caller opts in to
+restarting the global stream at step x global batch (`train.data_position_from_step`).
 
 Faults: a latest step that fails to load (a truncated array file, a corrupt item) is moved aside
 to `<step>.corrupt` and the previous complete step is restored, with a loud warning naming the
@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import json
 import logging
 import os
 import threading
@@ -52,8 +51,9 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from imagen_jax import paths
+from imagen_jax import paths, run_meaning
 from imagen_jax.parallel import ready
+from imagen_jax.run_meaning import CheckpointMismatchError
 
 TRAIN_STATE, EMA, CONFIG = "train_state", "ema_params", "config"
 DATA_POSITION = "data_position"
@@ -61,10 +61,6 @@ DATA_POSITION = "data_position"
 PER_PROCESS_DATA_PREFIX = "data_iter_"
 # Items of the older layout (one `state` item holding the EMA params with the optimizer).
 OLD_LAYOUT_ITEMS = ("state", "data_iter")
-
-
-class CheckpointMismatchError(ValueError):
-  """A checkpoint does not match the model / train state it is being restored into."""
 
 
 class CheckpointLayoutError(CheckpointMismatchError):
@@ -77,127 +73,6 @@ class CheckpointSaveError(OSError):
 
 class CheckpointCorruptError(RuntimeError):
   """No complete step of a checkpoint directory could be restored."""
-
-
-# The config fields that define what a run means: a checkpoint resumes, and a stage samples, only
-# under the same values (dotted paths into the config; a section compares all its fields).
-# Everything else may change on resume: train.* but the warm start's source (num_steps, log_every, ckpt_every, sample_every,
-# global_batch_size, ema_decay, seed, ...), optim.* (a different optimizer state is caught by
-# the array shapes), sample.*, mesh.*, data.* other than the SR crop, and text.path / dtype /
-# param_dtype / drop_prob / embedding_cache (the weights themselves are `text.fingerprint`).
-MEANING_FIELDS = (
-    "stage",
-    "model",
-    "diffusion",
-    "image_size",
-    "lowres_size",
-    "data.sr_crop_size",
-    "text.name",
-    "text.max_length",
-    "text.fingerprint",
-    "train.init_from",  # a warm start's source (train.warm_start)
-)
-# Meaning fields added after checkpoints were written, with the value that reproduces them: a
-# config without the field compares as if it had that value.
-FIELDS_ADDED = {"train.init_from": ""}
-# Where the trainer records `TextEncoder.fingerprint` in the run's config dict (config.json and
-# the checkpoint's config item): the frozen encoder's weights are part of the meaning (§2.1).
-TEXT_FINGERPRINT = "text.fingerprint"
-
-
-def _json_normal(x: Any) -> Any:
-  """Round-trips through JSON so tuples/lists and ConfigDicts compare like saved JSON."""
-  return json.loads(
-      json.dumps(x, default=lambda o: o.to_dict() if hasattr(o, "to_dict") else str(o))
-  )
-
-
-# Model fields added after checkpoints were written, with the value that reproduces what those
-# checkpoints were trained with: a config without the field (an older checkpoint's, or a
-# hand-written one) compares as if it had that value.
-MODEL_FIELDS_ADDED = {"text_positions": False}
-_ABSENT = object()
-
-
-def with_text_fingerprint(config_dict: dict, fingerprint: str) -> dict:
-  """`config_dict` with the frozen encoder's weights fingerprint at `TEXT_FINGERPRINT`."""
-  return {**config_dict, "text": {**config_dict.get("text", {}), "fingerprint": fingerprint}}
-
-
-def _with_added_fields(config: dict) -> dict:
-  model = config.get("model")
-  if not isinstance(model, dict):
-    return config
-  return {**config, "model": {**MODEL_FIELDS_ADDED, **model}}
-
-
-def _get(config: dict, path: str) -> Any:
-  node = config
-  for key in path.split("."):
-    if not isinstance(node, dict) or key not in node:
-      return _ABSENT
-    node = node[key]
-  return node
-
-
-def _diff(saved: Any, current: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
-  """(dotted field, saved value, current value) of every leaf that differs (`_ABSENT` when a
-  side lacks it)."""
-  if isinstance(saved, dict) and isinstance(current, dict):
-    out = []
-    for k in sorted(set(saved) | set(current), key=str):
-      where = f"{prefix}.{k}" if prefix else str(k)
-      out.extend(_diff(saved.get(k, _ABSENT), current.get(k, _ABSENT), where))
-    return out
-  return [] if saved == current else [(prefix, saved, current)]
-
-
-def meaning_diff(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
-  """The `MEANING_FIELDS` differences between two config dicts, as `_diff` tuples.
-
-  The text fingerprint is compared when both record one (`check_compatible` warns when the
-  checkpoint has none); a field absent from both is equal.
-  """
-  saved = _with_added_fields(_json_normal(saved))
-  current = _with_added_fields(_json_normal(current))
-  out = []
-  for field in MEANING_FIELDS:
-    a, b = _get(saved, field), _get(current, field)
-    a, b = (FIELDS_ADDED.get(field, _ABSENT) if x is _ABSENT else x for x in (a, b))
-    if field == TEXT_FINGERPRINT and _ABSENT in (a, b):
-      continue
-    out.extend(_diff(a, b, field))
-  return out
-
-
-def _show(value: Any) -> str:
-  return "absent" if value is _ABSENT else repr(value)
-
-
-def format_meaning_diff(diffs, old: str = "in checkpoint", new: str = "now") -> str:
-  """'field: <old> in checkpoint, now <new>; ...' and the flags that restore the old values."""
-  parts = [f"{f}: {_show(a)} {old}, {new} {_show(b)}" for f, a, b in diffs[:12]]
-  flags = [
-      f"--config.{f}={a if isinstance(a, str) else json.dumps(a)}"
-      for f, a, _ in diffs
-      if f != TEXT_FINGERPRINT and a is not _ABSENT
-  ]
-  text = "; ".join(parts) + (" ..." if len(diffs) > 12 else "")
-  if any(f == TEXT_FINGERPRINT for f, _, _ in diffs):
-    text += (
-        " (text.fingerprint: the text encoder's weights differ from those the stage was trained "
-        "with: point text.path at those weights)"
-    )
-  return text + (f". The checkpoint's values: {' '.join(flags[:12])}" if flags else "")
-
-
-def meaning_error(where: Any, diffs) -> CheckpointMismatchError:
-  """The refusal of a resume (or restore) of checkpoint `where` under other meaning fields."""
-  return CheckpointMismatchError(
-      f"checkpoint {where} was written for a different run (model, diffusion, text encoder or "
-      f"sizes); {len(diffs)} difference(s): {format_meaning_diff(diffs)}. Resume with the "
-      "checkpoint's values, or train in a fresh workdir."
-  )
 
 
 def shapes_by_path(tree: Any) -> dict[str, tuple]:
@@ -317,10 +192,10 @@ class Checkpointer:
     args = {
         TRAIN_STATE: ocp.args.StandardSave(train_state),
         EMA: ocp.args.StandardSave(ema_params),
-        CONFIG: ocp.args.JsonSave(_json_normal(config_dict)),
+        CONFIG: ocp.args.JsonSave(run_meaning.json_normal(config_dict)),
     }
     if data_position is not None:
-      args[DATA_POSITION] = ocp.args.JsonSave(_json_normal(data_position))
+      args[DATA_POSITION] = ocp.args.JsonSave(run_meaning.json_normal(data_position))
     try:
       # Also waits for the previous async save, so its failure surfaces here.
       return self._mngr.save(step, args=ocp.args.Composite(**args), force=force)
@@ -433,12 +308,13 @@ class Checkpointer:
     """
     where = self.directory / str(step)
     saved = self.saved_config(step)
-    diffs = meaning_diff(saved, config_dict)
+    diffs = run_meaning.meaning_diff(saved, config_dict)
     if diffs:
-      raise meaning_error(where, diffs)
+      raise run_meaning.meaning_error(where, diffs)
     if (
-        _get(saved, TEXT_FINGERPRINT) is _ABSENT
-        and _get(config_dict, TEXT_FINGERPRINT) is not _ABSENT
+        run_meaning.field_value(saved, run_meaning.TEXT_FINGERPRINT) is run_meaning.ABSENT
+        and run_meaning.field_value(config_dict, run_meaning.TEXT_FINGERPRINT)
+        is not run_meaning.ABSENT
     ):
       logging.warning(
           "checkpoint %s records no text encoder fingerprint: the encoder's weights cannot be "
@@ -604,9 +480,13 @@ def check_resume_meaning(directory: str | os.PathLike, config_dict: dict) -> int
         saved = ck.saved_config(step)
       except Exception:  # noqa: BLE001 - unreadable: restore_latest reports and falls back
         continue
-      diffs = [d for d in meaning_diff(saved, config_dict) if d[0] != TEXT_FINGERPRINT]
+      diffs = [
+          d
+          for d in run_meaning.meaning_diff(saved, config_dict)
+          if d[0] != run_meaning.TEXT_FINGERPRINT
+      ]
       if diffs:
-        raise meaning_error(ck.directory / str(step), diffs)
+        raise run_meaning.meaning_error(ck.directory / str(step), diffs)
       return step
     return None
   finally:

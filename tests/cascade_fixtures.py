@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from imagen_jax import checkpoint as ckpt_lib
+from imagen_jax import run_meaning
 from imagen_jax.stage import Stage
 from imagen_jax.text import registry
 from imagen_jax.train import optim, trainer
@@ -67,7 +68,7 @@ def write_stage(workdir, config, seed=0, step=7, fingerprint=None):
   os.makedirs(workdir, exist_ok=True)
   if fingerprint is None:
     fingerprint = registry.get_text_encoder(config.text).fingerprint
-  config_dict = ckpt_lib.with_text_fingerprint(trainer.config_to_dict(config), fingerprint)
+  config_dict = run_meaning.with_text_fingerprint(trainer.config_to_dict(config), fingerprint)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     json.dump(config_dict, f)
   ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)

@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from imagen_jax import checkpoint as ckpt_lib
+from imagen_jax import run_meaning
 from imagen_jax.parallel import mesh as mesh_lib
 
 
@@ -296,7 +297,7 @@ def test_resume_allows_settings_that_keep_the_meaning(tmp_path, mesh):
   )
   assert int(got["step"]) == 3
   # Training settings are not the meaning; a warm start's source is (train.warm_start).
-  fields = set(ckpt_lib.MEANING_FIELDS) - {"train.init_from"}
+  fields = set(run_meaning.MEANING_FIELDS) - {"train.init_from"}
   assert {"train", "optim"}.isdisjoint(f.split(".")[0] for f in fields)
   ck.close()
 

@@ -13,6 +13,7 @@ import optax
 import pytest
 
 from imagen_jax import checkpoint as ckpt_lib
+from imagen_jax import run_meaning
 from imagen_jax.data import pipeline
 from imagen_jax.parallel import mesh as mesh_lib
 from imagen_jax.parallel import sharding as sharding_lib
@@ -90,7 +91,9 @@ def test_source_and_fingerprint_are_recorded_and_part_of_the_meaning(runs):
     ckpt_lib.check_resume_meaning(os.path.join(target, "checkpoints"), other)
   # A run without a warm start (and one written before the field existed) compares equal.
   plain = {**saved, "train": {k: v for k, v in saved["train"].items() if k != "init_from"}}
-  assert not ckpt_lib.meaning_diff(plain, {**plain, "train": {**plain["train"], "init_from": ""}})
+  assert not run_meaning.meaning_diff(
+      plain, {**plain, "train": {**plain["train"], "init_from": ""}}
+  )
 
 
 def test_params_that_do_not_fit_are_refused_by_name(runs, tmp_path):

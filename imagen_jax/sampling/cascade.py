@@ -8,7 +8,7 @@ and noise-augmented at a chosen `aug_level` (noise conditioning augmentation, §
 Stages train as independent jobs (`imagen_jax.train`); the cascade exists only here. Each stage
 is loaded from its training workdir: the config recorded in its checkpoint must agree with the
 workdir's `config.json` on every field that defines the stage's meaning
-(`checkpoint.MEANING_FIELDS`: network, diffusion schedule / target, text encoder, sizes), the
+(`run_meaning.MEANING_FIELDS`: network, diffusion schedule / target, text encoder, sizes), the
 network is rebuilt from it, and the EMA params of the latest complete checkpoint are restored.
 The cascade's text encoder must have the weights the stages were trained with (their recorded
 `text.fingerprint`). Any prefix of the cascade runs (only stage 1, stages 1-2, ...), so a partly
@@ -46,7 +46,7 @@ import numpy as np
 from tqdm import tqdm
 
 from imagen_jax import checkpoint as ckpt_lib
-from imagen_jax import paths
+from imagen_jax import paths, run_meaning
 from imagen_jax.diffusion import editing
 from imagen_jax.parallel import ready
 from imagen_jax.parallel import sharding as sharding_lib
@@ -116,7 +116,7 @@ def load_stage(
   """Rebuilds a stage from its recorded config and restores the EMA params alone.
 
   The config is the checkpoint's (what the weights were trained with); the workdir's
-  `config.json` must agree with it on `checkpoint.MEANING_FIELDS` and then supplies the other
+  `config.json` must agree with it on `run_meaning.MEANING_FIELDS` and then supplies the other
   settings (e.g. a moved `text.path`). The params' abstract tree comes from the stage layer; no
   optimizer is built and no optimizer state is read.
 
@@ -156,11 +156,11 @@ def load_stage(
     recorded = ckpt.saved_config(step)
     if json_exists:
       config = read_stage_config(workdir)
-      diffs = ckpt_lib.meaning_diff(recorded, config.to_dict())
+      diffs = run_meaning.meaning_diff(recorded, config.to_dict())
       if diffs:
         raise ckpt_lib.CheckpointMismatchError(
             f"{json_path} and checkpoint step {step} disagree on what the stage is: "
-            + ckpt_lib.format_meaning_diff(diffs, "in the checkpoint", "config.json has")
+            + run_meaning.format_meaning_diff(diffs, "in the checkpoint", "config.json has")
             + ". The checkpoint's config is what the weights were trained with: restore "
             "config.json from it (or remove config.json to use it as is)."
         )

@@ -12,7 +12,7 @@ first.
 `--workdir`, `data.data_dir` and `text.embedding_cache` may be bucket paths (`gs://bucket/run`,
 `imagen_jax.paths`). Before anything starts (the distributed job, the mesh, the encoder) each
 bucket is probed once, and a workdir whose `config.json` records another run (another stage,
-model, diffusion or text encoder: `checkpoint.MEANING_FIELDS`) is refused
+model, diffusion or text encoder: `run_meaning.MEANING_FIELDS`) is refused
 (`train.workdir.check_workdir`): the error is one line and nothing in the workdir is touched.
 Library INFO logging is off unless `--verbosity=0` (`imagen_jax.cli`); a bad flag, config
 variant or field, or workdir ends in one line and exit status 2.

@@ -17,7 +17,7 @@ One run:
 
 Faults: the settings are checked before anything is built (`train.settings.check`); a resume
 under another meaning (model, diffusion, text encoder name / max_length / weights fingerprint,
-sizes: `checkpoint.MEANING_FIELDS`) is refused before the encoder loads, and the workdir's
+sizes: `run_meaning.MEANING_FIELDS`) is refused before the encoder loads, and the workdir's
 config.json is only written once the run is known to fit its checkpoints; a latest checkpoint
 that does not load falls back to the previous one (`Checkpointer.restore_latest`); a failed save
 (full disk) is one `CheckpointSaveError`; metric rows past the resumed step (a run killed after
@@ -49,7 +49,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from imagen_jax import atomic, metric_writers, paths, profiling
+from imagen_jax import atomic, metric_writers, paths, profiling, run_meaning
 from imagen_jax import checkpoint as ckpt_lib
 from imagen_jax.data import pipeline, records
 from imagen_jax.parallel import mesh as mesh_lib
@@ -239,7 +239,7 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Hook] = ()) -> d
   logging.info("mesh %s on %d processes", dict(mesh.shape), jax.process_count())
 
   encoder = registry.get_text_encoder(c.text, mesh=mesh, rules=rules)
-  config_dict = ckpt_lib.with_text_fingerprint(config_dict, encoder.fingerprint)
+  config_dict = run_meaning.with_text_fingerprint(config_dict, encoder.fingerprint)
   text_cache = open_text_cache(c.text, encoder, c.data)
   program = program_lib.build(c, mesh, encoder, use_cache=text_cache is not None)
   stage, abstract, shardings = program.stage, program.abstract, program.shardings

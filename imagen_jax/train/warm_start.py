@@ -8,7 +8,7 @@ workdir holds no checkpoint; once it does, the run resumes from its own.
 * Params are matched by name (the `/`-joined path of the param tree). A missing, unexpected or
   differently shaped name is refused, listing them, before anything is loaded.
 * The source is part of the new run's meaning: `train.init_from` is compared on resume like the
-  network (`checkpoint.MEANING_FIELDS`), and the run's config.json / checkpoints record
+  network (`run_meaning.MEANING_FIELDS`), and the run's config.json / checkpoints record
   `train.init_step` and `train.init_fingerprint` (`fingerprint`: a hash of every param's name,
   shape and bits, computed on the mesh without gathering anything, the same for any layout).
 * `train.freeze = <regex>`: params whose name matches (`re.search`) get no updates

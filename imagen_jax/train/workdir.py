@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import json
 
-from imagen_jax import checkpoint as ckpt_lib
-from imagen_jax import paths
+from imagen_jax import paths, run_meaning
 
 
 class WorkdirMismatchError(ValueError):
@@ -19,7 +18,7 @@ class WorkdirMismatchError(ValueError):
 def check_workdir(config, workdir: str) -> None:
   """Raises `paths.AccessError` for an unusable bucket among the workdir, `data.data_dir` and
   `text.embedding_cache`, and `WorkdirMismatchError` when `workdir/config.json` records another
-  run (its `checkpoint.MEANING_FIELDS` differ from `config`'s; the text fingerprint, known only
+  run (its `run_meaning.MEANING_FIELDS` differ from `config`'s; the text fingerprint, known only
   once the encoder is loaded, is left to the resume check)."""
   for p in (workdir, config.data.get("data_dir", ""), config.text.get("embedding_cache", "")):
     if p:
@@ -34,10 +33,12 @@ def check_workdir(config, workdir: str) -> None:
         f"{saved_path} is not valid JSON ({e}); is it a run's workdir?"
     ) from None
   current = json.loads(config.to_json_best_effort())
-  diffs = [d for d in ckpt_lib.meaning_diff(saved, current) if d[0] != ckpt_lib.TEXT_FINGERPRINT]
+  diffs = [
+      d for d in run_meaning.meaning_diff(saved, current) if d[0] != run_meaning.TEXT_FINGERPRINT
+  ]
   if diffs:
     raise WorkdirMismatchError(
         f"--workdir={workdir} holds another run ({saved.get('stage')!r} stage): "
-        + ckpt_lib.format_meaning_diff(diffs, "in its config.json", "this config has")
+        + run_meaning.format_meaning_diff(diffs, "in its config.json", "this config has")
         + ". Use a fresh workdir, or resume with the workdir's values"
     )
