@@ -143,6 +143,7 @@ TINY = [
     "--common=batch=8,data.num_train=64,data.num_test=16,log_every=2,ckpt_every=4",
     f"--efficient=shapes,model.channels=(32,),{ONE_LEVEL},model.text_cross_attention=(True,)",
     "--unet=shapes,model=shapes_unet,model.channel_mult=(1,),model.attn_resolutions=(16,)",
+    "--networks=efficient_unet,unet",
     "--max_steps=6",
     "--bench_steps=1",
     "--budget_s=600",
