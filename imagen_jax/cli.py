@@ -42,7 +42,7 @@ USER_ERRORS = frozenset(
         "imagen_jax.cli.UserError",
         "imagen_jax.paths.AccessError",
         "imagen_jax.sampling.cascade.StageLoadError",
-        "imagen_jax.checkpoint.CheckpointMismatchError",
+        "imagen_jax.run_meaning.CheckpointMismatchError",
         "imagen_jax.train.workdir.WorkdirMismatchError",
         "imagen_jax.train.warm_start.WarmStartError",
         "imagen_jax.text.cache_read.CacheError",
