@@ -30,7 +30,8 @@ $(MINILM)/model.safetensors: | $(STAMP)
 minilm: $(MINILM)/model.safetensors
 
 # Main job on the built-in default: build the offline shapes dataset, train a small cascade
-# on the CPU with the pretrained MiniLM as its frozen text encoder, sample held-out prompts, write demo_out/samples.png and demo_out/report.json.
+# on the CPU with the pretrained MiniLM as its frozen text encoder, sample held-out prompts,
+# write demo_out/samples.png and demo_out/report.json.
 # The demo is sized for a CPU (the test extra's libtpu would otherwise look for a TPU);
 # `JAX_PLATFORMS=cuda make demo` runs it on a GPU.
 demo: $(STAMP) minilm

@@ -24,10 +24,11 @@ class CheckpointMismatchError(ValueError):
 
 # The config fields that define what a run means: a checkpoint resumes, and a stage samples, only
 # under the same values (dotted paths into the config; a section compares all its fields).
-# Everything else may change on resume: train.* but the warm start's source (num_steps, log_every, ckpt_every, sample_every,
-# global_batch_size, ema_decay, seed, ...), optim.* (a different optimizer state is caught by
-# the array shapes), sample.*, mesh.*, data.* other than the SR crop, and text.path / dtype /
-# param_dtype / drop_prob / embedding_cache (the weights themselves are `text.fingerprint`).
+# Everything else may change on resume: train.* but the warm start's source (num_steps,
+# log_every, ckpt_every, sample_every, global_batch_size, ema_decay, seed, ...), optim.* (a
+# different optimizer state is caught by the array shapes), sample.*, mesh.*, data.* other than
+# the SR crop, and text.path / dtype / param_dtype / drop_prob / embedding_cache (the weights
+# themselves are `text.fingerprint`).
 MEANING_FIELDS = (
     "stage",
     "model",
@@ -99,8 +100,8 @@ def _diff(saved: Any, current: Any, prefix: str = "") -> list[tuple[str, Any, An
 def meaning_diff(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
   """The `MEANING_FIELDS` differences between two config dicts, as `_diff` tuples.
 
-  The text fingerprint is compared when both record one (`checkpoint.Checkpointer.check_compatible` warns when the
-  checkpoint has none); a field absent from both is equal.
+  The text fingerprint is compared when both record one (`checkpoint.Checkpointer.
+  check_compatible` warns when the checkpoint has none); a field absent from both is equal.
   """
   saved = _with_added_fields(json_normal(saved))
   current = _with_added_fields(json_normal(current))
