@@ -41,6 +41,10 @@ checkpoint step, settings, prompts) is unchanged are reused.
 
   python experiments/claim_noise_aug.py --outdir=claims_out/noise_aug --demo_dir=demo_out
 
+The stage configs default to the random encoder (byt5-tiny-random): on a demo trained with
+another (`make demo` uses all-minilm-l6-v2) add `--sr_config.text.name=all-minilm-l6-v2`, or
+run the demo with `--text_name=byt5-tiny-random` (the results in docs/results/paper_claims.md).
+
 Smaller runs: --num_prompts, --aug_levels, --sr_steps; the stage configs and the sampling
 settings take `--base_config.*`, `--sr_config.*` and `--cascade.*` overrides (a tiny cascade:
 tests/test_claim_noise_aug.py).
