@@ -185,12 +185,11 @@ def main(argv):
   )
 
   # Checked before any work: the pretrained encoder's files come from `make minilm`.
-  weights = registry.default_path(_TEXT_NAME.value)
-  if weights and not os.path.exists(os.path.join(weights, "model.safetensors")):
+  missing = registry.missing_default_weights(_TEXT_NAME.value)
+  if missing:
     raise SystemExit(
-        f"--text_name={_TEXT_NAME.value} reads {weights}/model.safetensors, which is missing: "
-        "run `make minilm` (or `make demo`, which fetches it), or pass "
-        "--text_name=byt5-tiny-random (nothing to fetch)."
+        f"--text_name: {missing}; `make demo` fetches it, or pass --text_name="
+        f"{registry.TINY_RANDOM} (nothing to fetch)."
     )
 
   timings = {}

@@ -23,8 +23,6 @@ attribute's pairs) and writes it to --out when given. all-minilm-l6-v2 reads the
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 from absl import flags
 
@@ -113,9 +111,9 @@ def main(argv):
     raise cli.UserError(f"unexpected arguments: {argv[1:]}")
   results = {}
   for name in flags.FLAGS.encoders:
-    weights = registry.default_path(name)
-    if weights and not os.path.exists(os.path.join(weights, "model.safetensors")):
-      raise cli.UserError(f"--encoders: {name} reads {weights}, which is missing: `make minilm`")
+    missing = registry.missing_default_weights(name)
+    if missing:
+      raise cli.UserError(f"--encoders: {missing}")
     text = base64_config.get_config(f"shapes,text_name={name}").text
     results[name] = probe(registry.get_text_encoder(text, progress=False))
   text = table(results)

@@ -480,11 +480,7 @@ def check_resume_meaning(directory: str | os.PathLike, config_dict: dict) -> int
         saved = ck.saved_config(step)
       except Exception:  # noqa: BLE001 - unreadable: restore_latest reports and falls back
         continue
-      diffs = [
-          d
-          for d in run_meaning.meaning_diff(saved, config_dict)
-          if d[0] != run_meaning.TEXT_FINGERPRINT
-      ]
+      diffs = run_meaning.meaning_diff(saved, config_dict, fingerprint=False)
       if diffs:
         raise run_meaning.meaning_error(ck.directory / str(step), diffs)
       return step

@@ -97,11 +97,15 @@ def _diff(saved: Any, current: Any, prefix: str = "") -> list[tuple[str, Any, An
   return [] if saved == current else [(prefix, saved, current)]
 
 
-def meaning_diff(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
+def meaning_diff(
+    saved: dict, current: dict, fingerprint: bool = True
+) -> list[tuple[str, Any, Any]]:
   """The `MEANING_FIELDS` differences between two config dicts, as `_diff` tuples.
 
   The text fingerprint is compared when both record one (`checkpoint.Checkpointer.
-  check_compatible` warns when the checkpoint has none); a field absent from both is equal.
+  check_compatible` warns when the checkpoint has none) and `fingerprint` is set (a check made
+  before the encoder loads has no current fingerprint to compare); a field absent from both is
+  equal.
   """
   saved = _with_added_fields(json_normal(saved))
   current = _with_added_fields(json_normal(current))
@@ -109,7 +113,7 @@ def meaning_diff(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
   for field in MEANING_FIELDS:
     a, b = field_value(saved, field), field_value(current, field)
     a, b = (FIELDS_ADDED.get(field, ABSENT) if x is ABSENT else x for x in (a, b))
-    if field == TEXT_FINGERPRINT and ABSENT in (a, b):
+    if field == TEXT_FINGERPRINT and (not fingerprint or ABSENT in (a, b)):
       continue
     out.extend(_diff(a, b, field))
   return out

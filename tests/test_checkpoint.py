@@ -302,6 +302,17 @@ def test_resume_allows_settings_that_keep_the_meaning(tmp_path, mesh):
   ck.close()
 
 
+def test_meaning_diff_compares_the_fingerprint_only_when_asked_and_both_have_one():
+  a = run_meaning.with_text_fingerprint({"stage": "base64"}, "aaa")
+  b = run_meaning.with_text_fingerprint({"stage": "base64"}, "bbb")
+  assert run_meaning.meaning_diff(a, b) == [(run_meaning.TEXT_FINGERPRINT, "aaa", "bbb")]
+  assert run_meaning.meaning_diff(a, b, fingerprint=False) == []
+  assert run_meaning.meaning_diff(a, {"stage": "base64"}) == []  # one side has none
+  assert run_meaning.meaning_diff(a, {**b, "stage": "sr256"}, fingerprint=False) == [
+      ("stage", "base64", "sr256")
+  ]
+
+
 def _truncate_arrays(step_dir, item):
   files = [p for p in (step_dir / item).rglob("*") if p.is_file() and "/d/" in str(p)]
   assert files

@@ -236,6 +236,11 @@ def test_minilm_without_weights_names_the_make_step(monkeypatch, tmp_path):
   assert registry.default_path("bert-base-uncased") is None
   with pytest.raises(FileNotFoundError, match="make minilm"):
     registry.get_text_encoder(registry.default_text_config("all-minilm-l6-v2"))
+  # The same check, before any work, for the entry points (the demo, the encoder probe).
+  assert str(tmp_path) in registry.missing_default_weights("all-minilm-l6-v2")
+  assert registry.missing_default_weights(registry.TINY_RANDOM) is None
+  (tmp_path / "model.safetensors").write_bytes(b"")
+  assert registry.missing_default_weights("all-minilm-l6-v2") is None
 
 
 def test_minilm_real_weights_parity():

@@ -74,6 +74,18 @@ def default_path(name: str) -> str | None:
   return os.environ.get(MINILM_ENV) or os.path.join(checkout, ".venv", "models", MINILM)
 
 
+def missing_default_weights(name: str) -> str | None:
+  """Why ``name``'s weights cannot be read from ``default_path`` (a message naming the folder and
+  ``make minilm``), or None when they are there or ``name`` has no default folder."""
+  path = default_path(name)
+  if path is None or os.path.isfile(os.path.join(path, "model.safetensors")):
+    return None
+  return (
+      f"{name} reads {path}, which holds no model.safetensors: run `make minilm` (or set "
+      f"${MINILM_ENV} or text_config.path)"
+  )
+
+
 def is_bert(name: str) -> bool:
   """Whether ``name`` names a BERT-family encoder (``bert.BertEncoder``) rather than a T5."""
   return name in bert.PRESETS or any(re.fullmatch(p, name) for p in _BERT_PATTERNS)
@@ -368,11 +380,9 @@ def get_text_encoder(
 
   if not path and default_path(name):
     path = default_path(name)
-    if not os.path.isfile(os.path.join(path, "model.safetensors")):
-      raise FileNotFoundError(
-          f"text_config.name={name!r} with no text_config.path reads {path}, which holds no "
-          f"model.safetensors: run `make minilm` (or set ${MINILM_ENV} or text_config.path)"
-      )
+    missing = missing_default_weights(name)
+    if missing:
+      raise FileNotFoundError(f"text_config.name={name!r} with no text_config.path: {missing}")
   if not path:
     raise ValueError(
         f"text_config.path is required for {name!r}: a local Hugging Face directory with "

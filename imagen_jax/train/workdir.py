@@ -33,9 +33,7 @@ def check_workdir(config, workdir: str) -> None:
         f"{saved_path} is not valid JSON ({e}); is it a run's workdir?"
     ) from None
   current = json.loads(config.to_json_best_effort())
-  diffs = [
-      d for d in run_meaning.meaning_diff(saved, current) if d[0] != run_meaning.TEXT_FINGERPRINT
-  ]
+  diffs = run_meaning.meaning_diff(saved, current, fingerprint=False)
   if diffs:
     raise WorkdirMismatchError(
         f"--workdir={workdir} holds another run ({saved.get('stage')!r} stage): "
